@@ -1,0 +1,1 @@
+# Payload validator (compiled twin of gridgate/_payload_py.py).

@@ -1,0 +1,1 @@
+"""Payload validator, pure-Python reference implementation."""

@@ -1,0 +1,37 @@
+"""The exceptions that escape gridgate's codecs.
+
+Both the compiled hot path (gridgate._fastparse) and the pure-Python twins
+import these classes from here, so callers catch one class whichever
+implementation is loaded (the httptools pattern).
+"""
+from __future__ import annotations
+
+__all__ = ["MQTTProtocolError"]
+
+
+class MQTTProtocolError(Exception):
+    """A client broke MQTT 3.1.1: the connection must be closed.
+
+    Attributes:
+        reason: a short machine-readable code (see ``MQTT_ERROR_REASONS``).
+        return_code: the CONNACK return code to send before closing, or None
+            when the spec says to close without a CONNACK.
+    """
+
+    def __init__(self, reason: str, detail: str = "", return_code: int | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.return_code = return_code
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+    def __eq__(self, other: object) -> bool:
+        # Differential tests compare errors raised by the two implementations.
+        if not isinstance(other, MQTTProtocolError):
+            return NotImplemented
+        return (self.reason, self.return_code) == (other.reason, other.return_code)
+
+    def __hash__(self) -> int:
+        return hash((self.reason, self.return_code))
+
+    def __reduce__(self):  # keep picklable with the extra constructor args
+        return (type(self), (self.reason, self.detail, self.return_code))

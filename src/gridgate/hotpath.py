@@ -1,0 +1,45 @@
+"""Chooses the compiled hot path or its pure-Python twin (the yarl pattern).
+
+``GRIDGATE_PURE_PYTHON=1`` forces the twins. Otherwise the compiled
+extension is used; if it cannot be imported (not built), gridgate falls back
+to the twins and says so in ``gridgate --version`` and in the start-up log,
+so a slow install is never silent. Tests never import through here for the
+compiled variant: they import ``gridgate._fastparse`` directly and fail
+loudly if it is missing.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from gridgate import _mqtt_py, _payload_py
+
+__all__ = ["mqtt", "payload", "COMPILED", "COMPILED_PATH", "IMPORT_ERROR", "describe"]
+
+FORCED_PURE = os.environ.get("GRIDGATE_PURE_PYTHON", "") not in ("", "0")
+
+COMPILED: bool = False
+COMPILED_PATH: str | None = None
+IMPORT_ERROR: str | None = None
+
+mqtt: ModuleType = _mqtt_py
+payload: ModuleType = _payload_py
+
+if not FORCED_PURE:
+    try:
+        from gridgate import _fastparse
+    except ImportError as exc:  # not built: run on the twins, loudly
+        IMPORT_ERROR = str(exc)
+    else:
+        mqtt = payload = _fastparse
+        COMPILED = True
+        COMPILED_PATH = _fastparse.__file__
+
+
+def describe() -> str:
+    """One line saying which hot path is loaded, for --version and logs."""
+    if COMPILED:
+        return f"hot path: compiled ({COMPILED_PATH})"
+    if FORCED_PURE:
+        return "hot path: pure Python (forced by GRIDGATE_PURE_PYTHON)"
+    return f"hot path: pure Python (compiled extension not importable: {IMPORT_ERROR})"

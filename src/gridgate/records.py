@@ -1,0 +1,36 @@
+"""What the payload validator produces and every sink consumes."""
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["Record", "Rejection", "REASONS"]
+
+# Reason codes for rejected input (DESIGN section 3). Public surface.
+REASONS: tuple[str, ...] = (
+    "malformed", "not_object", "missing_device_id", "bad_device_id",
+    "identity_mismatch", "bad_timestamp", "future_timestamp", "bad_unit",
+    "bad_type", "out_of_range", "bad_tag", "too_many_fields", "too_large",
+    "bad_topic",
+)
+
+
+class Record(msgspec.Struct, kw_only=True):
+    """One normalized reading, as sinks receive it."""
+
+    device_id: str
+    ts_ns: int                      # reading time, ns since the epoch (UTC)
+    received_ns: int                # when gridgate received it
+    protocol: str                   # "mqtt", "http", "ws", "mqtt-ws"
+    fields: dict[str, int | float]
+    tags: dict[str, str]
+
+
+class Rejection(msgspec.Struct, kw_only=True):
+    """One rejected reading (or whole payload), bound for the dead-letter store."""
+
+    reason: str                     # one of REASONS
+    field: str | None = None        # the offending field, when one is to blame
+    index: int | None = None        # position in the batch; None = the whole payload
+    device_id: str | None = None    # as far as it could be told
+    raw: bytes = b""                # the raw bytes of the item (or of the whole payload)
+    detail: str = ""                # human-readable explanation
