@@ -1,10 +1,15 @@
-"""The ``gridgate`` command line."""
+"""The ``gridgate`` command line (DESIGN section 2)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+from typing import Any
 
 from gridgate import __version__
+
+EXIT_CONFIG = 2
 
 
 def _version_text() -> str:
@@ -14,18 +19,151 @@ def _version_text() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gridgate", description=__doc__)
-    parser.add_argument("--version", action="store_true", help="print the version and which hot path is loaded")
+    parser = argparse.ArgumentParser(
+        prog="gridgate",
+        description="Ingest front end for energy-fleet telemetry (MQTT, HTTP, WebSocket).",
+    )
+    parser.add_argument("--version", action="store_true",
+                        help="print the version and whether the compiled hot path is in use")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", metavar="FILE", help="TOML config file (default: the embedded default)")
+    serve.add_argument("--mqtt", metavar="HOST:PORT", help='MQTT listener ("" disables it; port 0 = ephemeral)')
+    serve.add_argument("--data-dir", metavar="DIR", help="spool directory (default ./gridgate-data)")
+    serve.add_argument("--idle-timeout", metavar="SECONDS", type=float,
+                       help="drop connections silent this long (default 300)")
+    serve.add_argument("--sink", choices=["spool"], help="where readings go (default spool)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    check = sub.add_parser("check-config", help="validate and print the effective config")
+    check.add_argument("--config", metavar="FILE")
+
+    spool = sub.add_parser("spool", help="inspect the spool")
+    spool_sub = spool.add_subparsers(dest="spool_command", metavar="SUBCOMMAND", required=True)
+    stats = spool_sub.add_parser("stats", help="counts as one JSON object")
+    stats.add_argument("--data-dir", metavar="DIR", default=None)
+    export = spool_sub.add_parser("export", help="records (or rejections) as JSON Lines")
+    export.add_argument("--data-dir", metavar="DIR", default=None)
+    export.add_argument("--rejected", action="store_true", help="export the dead-letter store")
+    export.add_argument("--limit", type=int, metavar="N", default=None)
     return parser
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    return {
+        "mqtt": {"listen": args.mqtt},
+        "spool": {"data_dir": args.data_dir},
+        "connections": {"idle_timeout_s": args.idle_timeout},
+        "sink": {"kind": args.sink},
+        "service": {"log_level": args.log_level},
+    }
+
+
+def _load_config(path: str | None, overrides: dict[str, dict[str, Any]] | None = None):
+    from gridgate.config import Config, ConfigError
+
+    try:
+        return Config.load(path, overrides=overrides)
+    except ConfigError as exc:
+        print(f"gridgate: {exc}", file=sys.stderr)
+        return None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    config = _load_config(args.config, _overrides(args))
+    if config is None:
+        return EXIT_CONFIG
+    _setup_logging(config.service.log_level)
+    log = logging.getLogger("gridgate")
+    log.info("gridgate %s starting: environment=%s service=%s", __version__, config.service.environment,
+             config.service.service_name)
+
+    failed: list[BaseException] = []
+    try:
+        trio.run(_serve_until_stopped, config, log)
+    except* OSError as group:  # a listener could not bind, the data dir is unusable, ...
+        failed.extend(group.exceptions)
+    if failed:
+        log.error("cannot start: %s", "; ".join(str(e) for e in failed))
+        return 1
+    return 0
+
+
+async def _serve_until_stopped(config, log: logging.Logger) -> None:
+    import trio
+
+    from gridgate.gateway import serve
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run_gateway(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+                await serve(config, task_status=task_status)
+                nursery.cancel_scope.cancel()  # stopped: end the signal watcher too
+
+            gateway = await nursery.start(run_gateway)
+            count = 0
+            async for signum in signals:
+                count += 1
+                name = signal.Signals(signum).name
+                if count == 1:
+                    log.info("received %s: stopping gracefully (send it again to stop at once)", name)
+                    gateway.stop()
+                else:
+                    log.warning("received %s again: stopping now", name)
+                    nursery.cancel_scope.cancel()
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    print(config.to_toml(), end="")
+    return 0
+
+
+def _data_dir(arg: str | None) -> str:
+    if arg is not None:
+        return arg
+    import os
+
+    return os.environ.get("GRIDGATE_SPOOL_DATA_DIR", "./gridgate-data")
+
+
+def _cmd_spool(args: argparse.Namespace) -> int:
+    from gridgate import spool_cli
+
+    data_dir = _data_dir(args.data_dir)
+    if args.spool_command == "stats":
+        return spool_cli.stats_command(data_dir)
+    return spool_cli.export_command(data_dir, rejected=args.rejected, limit=args.limit)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.version:
         print(_version_text())
         return 0
-    build_parser().print_help()
-    return 2
+    if args.command == "serve":
+        return _cmd_serve(args)
+    if args.command == "check-config":
+        return _cmd_check_config(args)
+    if args.command == "spool":
+        return _cmd_spool(args)
+    parser.print_help()
+    return EXIT_CONFIG
 
 
 if __name__ == "__main__":

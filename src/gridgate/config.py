@@ -1,0 +1,353 @@
+"""Configuration: TOML file, then ``GRIDGATE_<SECTION>_<KEY>`` environment
+variables, then command-line flags (DESIGN section 2).
+
+Every problem is collected and reported at once (``ConfigError.problems``):
+a operator fixing a config file should not have to rerun the gateway once per
+mistake. ``ENVIRONMENT`` and ``SERVICE_NAME`` (or ``[service]`` keys) are
+required, as in the platform this gateway fronts: a process that does not
+know which environment it serves must not start.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from gridgate.rules import DEFAULT_FIELD_RULES, FieldRule, PayloadRules
+
+__all__ = [
+    "Config", "ConfigError", "ServiceConfig", "MQTTConfig", "ConnectionsConfig",
+    "PipelineConfig", "PayloadConfig", "SinkConfig", "SpoolConfig", "parse_address",
+]
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class ServiceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    environment: str = ""
+    service_name: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    summary_interval_s: PositiveFloat = 60.0
+
+
+class MQTTConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:1883"
+    max_packet_bytes: Annotated[int, Meta(ge=64, le=268_435_460)] = 1_048_576
+    receive_bytes: Annotated[int, Meta(ge=512, le=16_777_216)] = 65_536
+    # Unacknowledged outgoing bytes per connection before we stop reading it.
+    max_outgoing_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
+
+
+class ConnectionsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    idle_timeout_s: PositiveFloat = 300.0
+    reap_interval_s: PositiveFloat = 30.0
+    # 0 = as many as the open-file limit allows (with room for the spool
+    # and the listeners); larger values are capped to that.
+    max_connections: NonNegInt = 0
+
+
+class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    batch_max_records: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    batch_max_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 2.0
+    ack: Literal["durable", "received"] = "durable"
+    # Bound of the channel between sessions and the batcher, in work items
+    # (one item = what one socket read produced). A full channel stops readers.
+    queue_max_items: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+
+
+class PayloadConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    location_levels: list[str] = msgspec.field(default_factory=lambda: ["region", "site", "zone"])
+    max_future_skew_s: NonNegInt = 300
+    max_fields: PositiveInt = 64
+    max_tags: PositiveInt = 32
+    max_tag_key_length: PositiveInt = 64
+    max_tag_value_length: PositiveInt = 256
+    max_payload_bytes: PositiveInt = 1_048_576
+    max_batch_items: PositiveInt = 10_000
+
+
+class SinkConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    kind: Literal["spool"] = "spool"
+
+
+class SpoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    data_dir: str = "./gridgate-data"
+    max_bytes: NonNegInt = 0          # 0 = unlimited
+    fsync: bool = False
+
+
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "service": ServiceConfig,
+    "mqtt": MQTTConfig,
+    "connections": ConnectionsConfig,
+    "pipeline": PipelineConfig,
+    "payload": PayloadConfig,
+    "sink": SinkConfig,
+    "spool": SpoolConfig,
+}
+
+
+class Config(msgspec.Struct, kw_only=True):
+    """The whole effective configuration. ``Config()`` is the embedded default
+    (service identity still has to come from somewhere: see ``validate``)."""
+
+    service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
+    mqtt: MQTTConfig = msgspec.field(default_factory=MQTTConfig)
+    connections: ConnectionsConfig = msgspec.field(default_factory=ConnectionsConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    payload: PayloadConfig = msgspec.field(default_factory=PayloadConfig)
+    fields: dict[str, FieldRule] = msgspec.field(default_factory=lambda: dict(DEFAULT_FIELD_RULES))
+    sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
+    spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+
+    # -- construction -----------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> "Config":
+        """Build the effective config from a TOML file (optional), the
+        environment (``os.environ`` by default) and overrides (the CLI flags,
+        as ``{"section": {"key": value}}``), then validate it.
+
+        Raises:
+            ConfigError: listing every problem found.
+        """
+        env = os.environ if env is None else env
+        problems: list[str] = []
+        raw: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    raw = tomllib.load(f)
+            except FileNotFoundError:
+                raise ConfigError([f"config file {os.fspath(path)!r} does not exist"]) from None
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError([f"config file {os.fspath(path)!r}: {exc}"]) from None
+
+        sections: dict[str, dict[str, Any]] = {}
+        field_rules = dict(DEFAULT_FIELD_RULES)
+        for name, value in raw.items():
+            if name == "fields":
+                _merge_field_rules(value, field_rules, problems)
+            elif name not in _SECTIONS:
+                problems.append(f"[{name}]: unknown section (known: {', '.join(sorted([*_SECTIONS, 'fields']))})")
+            elif not isinstance(value, dict):
+                problems.append(f"{name}: must be a table ([{name}])")
+            else:
+                sections[name] = dict(value)
+
+        # ENVIRONMENT / SERVICE_NAME are the platform-wide names (the seed's
+        # services read exactly these); GRIDGATE_SERVICE_* below wins over them.
+        svc = sections.setdefault("service", {})
+        if "ENVIRONMENT" in env:
+            svc["environment"] = env["ENVIRONMENT"]
+        if "SERVICE_NAME" in env:
+            svc["service_name"] = env["SERVICE_NAME"]
+
+        for key, value in env.items():
+            if not key.startswith("GRIDGATE_"):
+                continue
+            rest = key[len("GRIDGATE_"):].lower()
+            section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+            if section is None:
+                if rest.startswith("fields_") or key in _NON_CONFIG_ENV:
+                    continue
+                problems.append(f"environment {key}: no such config section")
+                continue
+            sections.setdefault(section, {})[rest[len(section) + 1:]] = _EnvValue(key, value)
+
+        for section, values in (overrides or {}).items():
+            for k, v in values.items():
+                if v is not None:
+                    sections.setdefault(section, {})[k] = v
+
+        built: dict[str, Any] = {}
+        for name, struct_type in _SECTIONS.items():
+            built[name] = _build_section(name, struct_type, sections.get(name, {}), problems)
+        # Keys that failed to convert were left at their defaults, so the
+        # semantic checks still run and the operator sees every problem.
+        config = cls(fields=field_rules, **built)
+        problems.extend(config.problems())
+        if problems:
+            raise ConfigError(problems)
+        return config
+
+    # -- checks -----------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        """Every semantic problem of this config (types were checked on load)."""
+        out: list[str] = []
+        if not self.service.environment:
+            out.append("service.environment is not set (set ENVIRONMENT, GRIDGATE_SERVICE_ENVIRONMENT or [service] environment)")
+        if not self.service.service_name:
+            out.append("service.service_name is not set (set SERVICE_NAME, GRIDGATE_SERVICE_SERVICE_NAME or [service] service_name)")
+        for section, key in (("mqtt", "listen"),):
+            value = getattr(getattr(self, section), key)
+            try:
+                parse_address(value)
+            except ValueError as exc:
+                out.append(f"{section}.{key}: {exc}")
+        if self.connections.reap_interval_s > self.connections.idle_timeout_s:
+            out.append("connections.reap_interval_s must not exceed connections.idle_timeout_s")
+        if not self.payload.location_levels or any(not lvl for lvl in self.payload.location_levels):
+            out.append("payload.location_levels must be a non-empty list of non-empty names")
+        for name, rule in self.fields.items():
+            if rule.min is not None and rule.max is not None and rule.min > rule.max:
+                out.append(f"fields.{name}: min {rule.min} is greater than max {rule.max}")
+        return out
+
+    def validate(self) -> None:
+        """Raise ConfigError if ``problems()`` finds any."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def payload_rules(self) -> PayloadRules:
+        p = self.payload
+        return PayloadRules(
+            fields=dict(self.fields),
+            location_levels=tuple(p.location_levels),
+            max_future_skew_s=p.max_future_skew_s,
+            max_fields=p.max_fields,
+            max_tags=p.max_tags,
+            max_tag_key_length=p.max_tag_key_length,
+            max_tag_value_length=p.max_tag_value_length,
+            max_payload_bytes=p.max_payload_bytes,
+            max_batch_items=p.max_batch_items,
+        )
+
+    def to_toml(self) -> str:
+        """The effective config as TOML (for ``gridgate check-config``)."""
+        lines: list[str] = []
+        for name in _SECTIONS:
+            lines.append(f"[{name}]")
+            for key, value in msgspec.to_builtins(getattr(self, name)).items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        for name, rule in self.fields.items():
+            lines.append(f"[fields.{_toml_key(name)}]")
+            for key, value in msgspec.to_builtins(rule).items():
+                if value is None:
+                    continue
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+# Environment variables gridgate reads that are not config keys.
+_NON_CONFIG_ENV = {"GRIDGATE_PURE_PYTHON"}
+
+
+class _EnvValue:
+    """A string from the environment: converted leniently to the key's type."""
+
+    __slots__ = ("name", "text")
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        self.text = text
+
+
+def _build_section(name: str, struct_type: type[msgspec.Struct], values: dict[str, Any], problems: list[str]) -> Any:
+    known = {f.name: f for f in msgspec.structs.fields(struct_type)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        where = f"{name}.{key}"
+        if isinstance(value, _EnvValue):
+            where = f"{name}.{key} (from {value.name})"
+        if key not in known:
+            problems.append(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+            continue
+        ftype = known[key].type
+        try:
+            if isinstance(value, _EnvValue):
+                text = value.text
+                if _is_list_type(ftype):
+                    parsed: Any = [s.strip() for s in text.split(",") if s.strip()]
+                else:
+                    parsed = text
+                kwargs[key] = msgspec.convert(parsed, ftype, strict=False)
+            else:
+                kwargs[key] = msgspec.convert(value, ftype)
+        except msgspec.ValidationError as exc:
+            problems.append(f"{where}: {exc} (got {_show(value)})")
+    try:
+        return struct_type(**kwargs)
+    except (TypeError, msgspec.ValidationError) as exc:  # pragma: no cover - all keys were checked above
+        problems.append(f"{name}: {exc}")
+        return struct_type()
+
+
+def _merge_field_rules(value: Any, rules: dict[str, FieldRule], problems: list[str]) -> None:
+    if not isinstance(value, dict):
+        problems.append("fields: must be tables [fields.<name>]")
+        return
+    for name, spec in value.items():
+        try:
+            rules[name] = msgspec.convert(spec, FieldRule)
+        except msgspec.ValidationError as exc:
+            problems.append(f"fields.{name}: {exc}")
+
+
+def _is_list_type(tp: Any) -> bool:
+    return getattr(tp, "__origin__", None) is list
+
+
+def _show(value: Any) -> str:
+    return repr(value.text if isinstance(value, _EnvValue) else value)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else msgspec.json.encode(key).decode()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return msgspec.json.encode(value).decode()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def parse_address(text: str) -> tuple[str, int] | None:
+    """``"HOST:PORT"`` -> (host, port); ``""`` -> None (listener disabled).
+
+    IPv6 hosts go in brackets: ``"[::1]:1883"``. Port 0 binds an ephemeral port.
+    """
+    if text == "":
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range 0..65535")
+    return host, port

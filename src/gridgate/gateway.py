@@ -1,0 +1,314 @@
+"""The gateway: listeners, sessions, pipeline and sink wired together.
+
+``serve(config)`` is the whole gateway as one Trio task (DESIGN section 7):
+it binds every listener, reports ``task_status.started(gateway)`` only once
+all of them accept, and runs until ``gateway.stop()`` (graceful: stop
+accepting, stop reading, write what is queued, deliver owed acks, close) or
+until cancelled (hard: whatever was accepted but not yet written is still
+written before returning - acknowledged or not, nothing is dropped).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+from gridgate import hotpath
+from gridgate.config import Config, parse_address
+from gridgate.connmanager import ConnManager, Session
+from gridgate.metrics import Metrics
+from gridgate.mqtt_session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection
+from gridgate.pipeline import Pipeline
+from gridgate.records import Record, Rejection
+from gridgate.sinks.base import Sink
+from gridgate.spool import SpoolSink
+
+__all__ = ["Gateway", "serve", "raise_open_file_limit"]
+
+log = logging.getLogger("gridgate")
+
+# File descriptors kept free for the spool (db, WAL, shm, journal), the
+# listeners, the log and the odd file a thread opens.
+FD_RESERVE = 64
+
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+# How long a graceful stop waits for queued batches and owed acks.
+DRAIN_TIMEOUT_S = 10.0
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # pragma: no cover - depends on the host
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft, hard
+
+
+def effective_max_connections(configured: int, fd_limit: int) -> int:
+    cap = max(1, fd_limit - FD_RESERVE)
+    if configured == 0:
+        return cap
+    if configured > cap:
+        log.warning("connections.max_connections=%d exceeds what %d open files allow; capping at %d",
+                    configured, fd_limit, cap)
+        return cap
+    return configured
+
+
+class Gateway:
+    """A running gateway. Created by ``serve``; read ``addresses`` for the
+    bound listeners, call ``stop()`` for a graceful shutdown."""
+
+    def __init__(self, config: Config, spool: SpoolSink, sink: Sink | None, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.spool = spool
+        self.sink = sink
+        self.addresses: dict[str, tuple[str, int]] = {}
+        _, fd_limit = raise_open_file_limit()
+        self.max_connections = effective_max_connections(config.connections.max_connections, fd_limit)
+        self.conns = ConnManager(
+            idle_timeout_s=config.connections.idle_timeout_s,
+            reap_interval_s=config.connections.reap_interval_s,
+            max_connections=self.max_connections,
+            metrics=metrics,
+        )
+        self.validator = hotpath.payload.Validator(config.payload_rules())
+        self.validate = self.validator.validate
+        self.pipeline = Pipeline(
+            self._write,
+            batch_max_records=config.pipeline.batch_max_records,
+            batch_max_delay_s=config.pipeline.batch_max_delay_ms / 1000.0,
+            queue_max_items=config.pipeline.queue_max_items,
+            metrics=metrics,
+        )
+        self._stop = trio.Event()
+        self._listeners: list[trio.SocketListener] = []
+        self._accept_scope = trio.CancelScope()
+        self._conn_nursery: trio.Nursery | None = None
+
+    # -- sink composition ---------------------------------------------------
+
+    async def _write(self, records: list[Record], dead: list[tuple[str, int, Rejection]]) -> None:
+        if self.sink is None:
+            await self.spool.write_batch(records, dead)
+            return
+        # A custom sink takes the records; dead letters stay in the spool.
+        if dead:
+            await self.spool.write_batch([], dead)
+        if records:
+            await self.sink.write(records)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown; ``serve`` returns once it is done."""
+        self._stop.set()
+
+    async def _run(self, task_status: trio.TaskStatus["Gateway"]) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.conns.run_reaper)
+            await nursery.start(self.pipeline.run)
+            nursery.start_soon(self._summary_loop)
+            conn_nursery = await nursery.start(_nursery_holder)
+            self._conn_nursery = conn_nursery
+            await self._listen("mqtt", self.config.mqtt.listen, self.handle_mqtt, nursery)
+            log.info("listening %s", " ".join(f"{k}={_fmt_addr(v)}" for k, v in self.addresses.items()))
+            log.info("%s; max_connections=%d; data_dir=%s", hotpath.describe(), self.max_connections,
+                     self.config.spool.data_dir)
+            task_status.started(self)
+            await self._stop.wait()
+            await self._graceful_stop()
+            nursery.cancel_scope.cancel()
+
+    async def _graceful_stop(self) -> None:
+        log.info("stopping: no new connections; draining %d connections", len(self.conns))
+        self._accept_scope.cancel()
+        for listener in self._listeners:
+            await listener.aclose()
+        with trio.move_on_after(DRAIN_TIMEOUT_S) as drain:
+            for session in self.conns:
+                session.read_scope.cancel()
+            # Sessions finish once their owed acks are out; then the queue is
+            # closed and the batcher writes the rest.
+            await self.conns.wait_empty()
+            await self.pipeline.close_input()
+            await self.pipeline.wait_finished()
+        if drain.cancelled_caught:
+            log.warning("drain did not finish within %.0fs; closing the remaining %d connections",
+                        DRAIN_TIMEOUT_S, len(self.conns))
+
+    async def _flush_unwritten(self) -> None:
+        items = self.pipeline.take_unwritten()
+        if not items:
+            return
+        records = [r for item in items for r in item.records]
+        dead = [(item.protocol, item.received_ns, r) for item in items for r in item.rejections]
+        log.info("writing %d records and %d rejections still queued at shutdown", len(records), len(dead))
+        with trio.move_on_after(DRAIN_TIMEOUT_S):
+            await self.pipeline.write_with_retry(records, dead)
+
+    # -- listeners --------------------------------------------------------------
+
+    async def _listen(self, name: str, address: str, handler: Callable[[trio.SocketStream], Awaitable[None]],
+                      nursery: trio.Nursery) -> None:
+        parsed = parse_address(address)
+        if parsed is None:
+            return
+        host, port = parsed
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+        self._listeners.extend(listeners)
+        sockname = listeners[0].socket.getsockname()
+        self.addresses[name] = (sockname[0], sockname[1])
+        for listener in listeners:
+            nursery.start_soon(self._accept_loop, listener, name, handler)
+
+    async def _accept_loop(self, listener: trio.SocketListener, name: str,
+                           handler: Callable[[trio.SocketStream], Awaitable[None]]) -> None:
+        backoff = 0.01
+        failing = False
+        assert self._conn_nursery is not None
+        conn_nursery = self._conn_nursery
+        with self._accept_scope:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except trio.ClosedResourceError:
+                    return
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    self.metrics.accept_errors.labels(errno.errorcode.get(exc.errno, str(exc.errno))).inc()
+                    if not failing:
+                        failing = True
+                        log.error("%s accept failed: %s; backing off and serving the %d open connections",
+                                  name, exc, len(self.conns))
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                if failing:
+                    failing = False
+                    backoff = 0.01
+                    log.warning("%s accept recovered", name)
+                conn_nursery.start_soon(handler, stream)
+
+    # -- per-connection wrapper ---------------------------------------------------
+
+    async def handle_mqtt(self, stream: trio.abc.Stream) -> None:
+        """Serve one MQTT connection on any Trio stream (TCP, WebSocket, in-memory)."""
+        if self.conns.full():
+            await self._refuse(stream, "mqtt", b"\x20\x02\x00" + bytes([CONNACK_SERVER_UNAVAILABLE]))
+            return
+        await self._serve_connection(stream, "mqtt", lambda s: MQTTConnection(stream, self, s).run())
+
+    async def _refuse(self, stream: trio.abc.Stream, protocol: str, answer: bytes) -> None:
+        self.metrics.connections_refused.labels(protocol).inc()
+        try:
+            with trio.move_on_after(1.0):
+                await stream.send_all(answer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.abc.Stream, protocol: str,
+                                run: Callable[[Session], Awaitable[None]]) -> None:
+        remote = _peer(stream)
+        scope = trio.CancelScope()
+        session = Session(protocol, remote, scope)
+        self.conns.register(session)
+        try:
+            with scope:
+                await run(session)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            session.close_reason = session.close_reason or "connection lost"
+        except* Exception as group:
+            # A bug in a session must never take the server down: log it with
+            # the peer and close just this connection.
+            session.close_reason = "internal error"
+            log.error("error on %s connection from %s (%s)", protocol, remote, session.device_id or "-",
+                      exc_info=group)
+        finally:
+            self.conns.unregister(session)
+            await trio.aclose_forcefully(stream)
+
+    # -- logs ----------------------------------------------------------------------
+
+    async def _summary_loop(self) -> None:
+        interval = self.config.service.summary_interval_s
+        last_accepted = self.pipeline.accepted
+        while True:
+            await trio.sleep(interval)
+            p = self.pipeline
+            rate = (p.accepted - last_accepted) / interval
+            last_accepted = p.accepted
+            log.info("summary connections=%d readings=%d (%.0f/s) rejected=%d batches=%d queued=%d "
+                     "reaped=%d taken_over=%d", len(self.conns), p.accepted, rate, p.rejected, p.batches,
+                     p.queued(), self.conns.reaped, self.conns.taken_over)
+
+
+async def _nursery_holder(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        return _fmt_addr(sock.getpeername()) if sock is not None else type(stream).__name__
+    except OSError:
+        return "?"
+
+
+def _fmt_addr(addr: Sequence[Any]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(config: Config, sink: Sink | None = None, *,
+                task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a gateway until ``gateway.stop()`` or cancellation.
+
+    Args:
+        config: the effective configuration (``Config.load(...)`` or ``Config(...)``).
+        sink: a custom sink (``write(batch)`` / ``aclose()``); None = the spool.
+
+    Returns once the gateway stopped. ``task_status.started(gateway)`` is
+    called when every listener is bound, so ``await nursery.start(serve,
+    config)`` returns the Gateway with its ``addresses``.
+
+    Error handling: raises ConfigError for an invalid config and OSError if a
+    listener cannot bind; nothing a client sends can make it raise.
+
+    Resource handling: on any exit, queued readings are written, then the
+    sink and the spool are closed.
+    """
+    config.validate()
+    metrics = Metrics()
+    spool = await SpoolSink.open(config.spool.data_dir, fsync=config.spool.fsync,
+                                 max_bytes=config.spool.max_bytes)
+    gateway = Gateway(config, spool, sink, metrics)
+    try:
+        await gateway._run(task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            await gateway._flush_unwritten()
+            if sink is not None:
+                try:
+                    await sink.aclose()
+                except Exception:
+                    log.exception("closing the sink failed")
+            await spool.aclose()
+            log.info("stopped: %d readings written, %d rejected", gateway.pipeline.accepted,
+                     gateway.pipeline.rejected)

@@ -1,0 +1,51 @@
+"""Prometheus metrics of one gateway.
+
+Each Gateway owns its own CollectorRegistry, so several gateways can live in
+one process (tests, embedding) without their counters colliding. Hot paths
+increment once per socket read or per batch, never per byte.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge(
+            "gridgate_connections", "Live device connections", ["protocol"], registry=r)
+        self.connections_opened = Counter(
+            "gridgate_connections_opened", "Connections accepted", ["protocol"], registry=r)
+        self.connections_refused = Counter(
+            "gridgate_connections_refused", "Connections refused (max_connections reached)", ["protocol"], registry=r)
+        self.connections_reaped = Counter(
+            "gridgate_connections_reaped", "Connections dropped for silence", ["why"], registry=r)
+        self.connections_taken_over = Counter(
+            "gridgate_connections_taken_over", "Older connections closed by a new one with the same device id",
+            ["protocol"], registry=r)
+        self.protocol_errors = Counter(
+            "gridgate_protocol_errors", "Connections closed for a protocol violation", ["protocol", "reason"],
+            registry=r)
+        self.accept_errors = Counter(
+            "gridgate_accept_errors", "accept() failures (e.g. EMFILE)", ["errno"], registry=r)
+        self.readings_accepted = Counter(
+            "gridgate_readings_accepted", "Readings accepted and written", ["protocol"], registry=r)
+        self.readings_rejected = Counter(
+            "gridgate_readings_rejected", "Readings rejected and dead-lettered", ["protocol", "reason"], registry=r)
+        self.batches = Counter(
+            "gridgate_batches", "Batches written to the sink", registry=r)
+        self.batch_records = Histogram(
+            "gridgate_batch_records", "Records per written batch", registry=r,
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
+        self.sink_write_seconds = Histogram(
+            "gridgate_sink_write_seconds", "Sink write latency per batch", registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.sink_write_errors = Counter(
+            "gridgate_sink_write_errors", "Failed sink writes (retried; nothing is dropped)", ["error"], registry=r)
+        self.pipeline_queue = Gauge(
+            "gridgate_pipeline_queue_items", "Work items waiting for the batcher", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

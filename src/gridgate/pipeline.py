@@ -1,0 +1,190 @@
+"""The batcher between protocol sessions and the sink.
+
+Sessions submit one WorkItem per socket read (all readings and rejections of
+that read, plus what to do once they are durable) into a bounded Trio memory
+channel: a full channel blocks the submitting reader, which stops reading its
+socket (backpressure) instead of growing memory. The batcher takes items,
+writes them as one batch (group commit: everything already queued goes in,
+then it waits at most ``batch_max_delay_ms`` for more up to
+``batch_max_records``), and only after the write returned calls each item's
+``on_durable`` - which is where MQTT PUBACKs and HTTP 202s come from.
+
+A failed write is retried with backoff, never dropped: while it fails, the
+channel fills and every reader is held back.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from gridgate.records import Record, Rejection
+
+if TYPE_CHECKING:
+    from gridgate.metrics import Metrics
+
+__all__ = ["WorkItem", "Pipeline", "WriteFn"]
+
+log = logging.getLogger("gridgate.pipeline")
+
+# write(records, dead_letters) must return only once both are durable.
+# dead_letters: (protocol, received_ns, rejection) triples.
+WriteFn = Callable[[list[Record], list[tuple[str, int, Rejection]]], Awaitable[None]]
+
+
+class WorkItem:
+    __slots__ = ("records", "rejections", "protocol", "received_ns", "on_durable")
+
+    def __init__(self, records: Sequence[Record], rejections: Sequence[Rejection], protocol: str,
+                 received_ns: int, on_durable: Callable[[], None] | None = None) -> None:
+        self.records = records
+        self.rejections = rejections
+        self.protocol = protocol
+        self.received_ns = received_ns
+        self.on_durable = on_durable
+
+    @property
+    def size(self) -> int:
+        return len(self.records) + len(self.rejections)
+
+
+class Pipeline:
+    def __init__(self, write: WriteFn, *, batch_max_records: int, batch_max_delay_s: float,
+                 queue_max_items: int, metrics: "Metrics") -> None:
+        self._write = write
+        self.batch_max_records = batch_max_records
+        self.batch_max_delay_s = batch_max_delay_s
+        self.metrics = metrics
+        self._send, self._recv = trio.open_memory_channel[WorkItem](queue_max_items)
+        # Items taken from the channel but not yet durable: on a hard stop the
+        # gateway writes these (and whatever is still queued) before closing.
+        self._current: list[WorkItem] = []
+        self._finished = trio.Event()
+        # plain counters for the summary log line
+        self.accepted = 0
+        self.rejected = 0
+        self.batches = 0
+
+    # -- producer side ------------------------------------------------------
+
+    def try_submit(self, item: WorkItem) -> bool:
+        """Queue without waiting; False when the channel is full."""
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            return False
+        return True
+
+    async def submit(self, item: WorkItem) -> None:
+        """Queue, waiting while the channel is full (backpressure)."""
+        await self._send.send(item)
+
+    def queued(self) -> int:
+        return self._recv.statistics().current_buffer_used
+
+    async def close_input(self) -> None:
+        """No more items: the batcher writes what is queued, then ends."""
+        await self._send.aclose()
+
+    async def wait_finished(self) -> None:
+        await self._finished.wait()
+
+    def take_unwritten(self) -> list[WorkItem]:
+        """Everything accepted but not yet written (for a hard stop)."""
+        items, self._current = self._current, []
+        while True:
+            try:
+                items.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return items
+
+    # -- the batcher --------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        recv = self._recv
+        limit = self.batch_max_records
+        try:
+            while True:
+                try:
+                    first = await recv.receive()
+                except trio.EndOfChannel:
+                    return
+                items = self._current = [first]
+                size = first.size
+                ended = False
+                while size < limit:
+                    try:
+                        item = recv.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    except trio.EndOfChannel:
+                        ended = True
+                        break
+                    items.append(item)
+                    size += item.size
+                if size < limit and not ended and self.batch_max_delay_s > 0:
+                    with trio.move_on_after(self.batch_max_delay_s):
+                        while size < limit:
+                            try:
+                                item = await recv.receive()
+                            except trio.EndOfChannel:
+                                break
+                            items.append(item)
+                            size += item.size
+                await self._flush(items)
+        finally:
+            self._finished.set()
+
+    async def _flush(self, items: list[WorkItem]) -> None:
+        records: list[Record] = []
+        dead: list[tuple[str, int, Rejection]] = []
+        for item in items:
+            if item.records:
+                records.extend(item.records)
+            if item.rejections:
+                protocol, received_ns = item.protocol, item.received_ns
+                dead.extend([(protocol, received_ns, r) for r in item.rejections])
+        if records or dead:
+            await self.write_with_retry(records, dead)
+        self._current = []
+        m = self.metrics
+        for item in items:
+            if item.records:
+                m.readings_accepted.labels(item.protocol).inc(len(item.records))
+            for r in item.rejections:
+                m.readings_rejected.labels(item.protocol, r.reason).inc()
+            if item.on_durable is not None:
+                item.on_durable()
+        self.accepted += len(records)
+        self.rejected += len(dead)
+        if records or dead:
+            self.batches += 1
+            m.batches.inc()
+            m.batch_records.observe(len(records) + len(dead))
+
+    async def write_with_retry(self, records: list[Record], dead: list[tuple[str, int, Rejection]]) -> None:
+        """Write until it succeeds. Nothing acknowledged may be lost, so a
+        failing sink holds the pipeline (and, through it, every reader)."""
+        delay = 0.05
+        failures = 0
+        while True:
+            started = trio.current_time()
+            try:
+                await self._write(records, dead)
+            except Exception as exc:  # any sink failure: retry; Cancelled is not an Exception
+                failures += 1
+                self.metrics.sink_write_errors.labels(type(exc).__name__).inc()
+                if failures == 1 or math.log2(failures).is_integer():
+                    log.error("sink write of %d records failed (attempt %d), retrying in %.2fs: %s",
+                              len(records) + len(dead), failures, delay, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.metrics.sink_write_seconds.observe(trio.current_time() - started)
+            if failures:
+                log.warning("sink write succeeded after %d failed attempts", failures)
+            return

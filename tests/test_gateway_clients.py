@@ -1,0 +1,109 @@
+"""The gateway as a user runs it: a real ``gridgate serve`` process, driven by
+real MQTT clients (the Debian mosquitto-clients and paho-mqtt)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+
+import paho.mqtt.client as paho
+import pytest
+
+from gatewayproc import GatewayProcess, spool_export, spool_stats
+
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto_pub") is None,
+                                reason="mosquitto-clients is not installed (.ci/run installs it)")
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    gw = GatewayProcess(tmp_path / "data")
+    yield gw
+    code = gw.stop()
+    assert code == 0, gw.log()
+
+
+def mosquitto_pub(addr, *args: str) -> subprocess.CompletedProcess:
+    host, port = addr
+    return subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_mosquitto_pub_fahrenheit_reading_is_normalized(gateway):
+    out = mosquitto_pub(gateway.mqtt, "-q", "1", "-t", "telemetry", "-i", "meter-1",
+                        "-m", '{"temperature": 77, "temperature_unit": "F"}')
+    assert out.returncode == 0, out.stderr
+    assert gateway.stop() == 0
+    records = spool_export(gateway.data_dir)
+    assert len(records) == 1
+    rec = records[0]
+    assert rec["device_id"] == "meter-1"
+    assert rec["protocol"] == "mqtt"
+    assert rec["fields"] == {"temperature_mc": 25000}
+
+
+def test_device_topic_and_bad_topic_are_both_acknowledged(gateway):
+    ok = mosquitto_pub(gateway.mqtt, "-q", "1", "-t", "devices/meter-2/telemetry", "-i", "meter-2",
+                       "-m", '{"battery_mv": 3700}')
+    other = mosquitto_pub(gateway.mqtt, "-q", "1", "-t", "devices/meter-9/telemetry", "-i", "meter-2",
+                          "-m", '{"battery_mv": 3700}')
+    assert ok.returncode == 0 and other.returncode == 0, (ok.stderr, other.stderr)
+    gateway.stop()
+    assert spool_stats(gateway.data_dir)["records"] == 1
+    (rej,) = spool_export(gateway.data_dir, rejected=True)
+    assert rej["reason"] == "bad_topic"
+    assert rej["device_id"] == "meter-2"
+
+
+def test_qos1_from_100_paho_clients_stores_exactly_10000(gateway):
+    host, port = gateway.mqtt
+    clients, failures = 100, []
+    per_client = 100
+
+    def run(i: int) -> None:
+        cid = f"meter-{i:04d}"
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid)
+        try:
+            client.connect(host, port, keepalive=30)
+            client.loop_start()
+            infos = []
+            for n in range(per_client):
+                body = json.dumps({"temperature": 20 + n % 10, "battery_mv": 3000 + n, "seq": n})
+                infos.append(client.publish(f"devices/{cid}/telemetry", body, qos=1))
+            for info in infos:
+                info.wait_for_publish(timeout=60)
+                if not info.is_published():
+                    failures.append((cid, info.mid))
+            client.disconnect()
+            client.loop_stop()
+        except Exception as exc:  # collected and asserted below
+            failures.append((cid, repr(exc)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert failures == []
+    assert gateway.stop() == 0
+    stats = spool_stats(gateway.data_dir)
+    assert stats["records"] == clients * per_client
+    assert stats["rejected"] == 0
+
+
+def test_invalid_payloads_are_dead_lettered_with_their_reason(gateway):
+    cases = {
+        "not json at all": "malformed",
+        '{"temperature": 500}': "out_of_range",
+        '{"temperature": 20, "temperature_unit": "X"}': "bad_unit",
+        '{"device_id": "meter-other", "temperature": 20}': "identity_mismatch",
+        '"just a string"': "not_object",
+    }
+    for payload in cases:
+        out = mosquitto_pub(gateway.mqtt, "-q", "1", "-t", "telemetry", "-i", "meter-3", "-m", payload)
+        assert out.returncode == 0, out.stderr
+    gateway.stop()
+    rejected = spool_export(gateway.data_dir, rejected=True)
+    assert sorted(r["reason"] for r in rejected) == sorted(cases.values())
+    assert spool_stats(gateway.data_dir)["records"] == 0
