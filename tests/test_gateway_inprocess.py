@@ -1,0 +1,258 @@
+"""The gateway embedded in a Trio program: reaper, keepalive and takeover under
+the autojump MockClock (in-memory streams, no real I/O on the timed path),
+and the embedding API with a custom sink over real loopback TCP."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+import trio
+import trio.testing
+
+import gridgate
+from gridgate.config import Config, ConnectionsConfig, MQTTConfig, ServiceConfig, SpoolConfig
+from gridgate.records import Record
+from mqtt_frames import gen_connack, gen_connect, gen_pingreq, gen_pingresp, gen_publish, gen_puback
+
+
+def make_config(tmp_path, **sections) -> Config:
+    return Config(
+        service=ServiceConfig(environment="test", service_name="gg"),
+        mqtt=sections.pop("mqtt", MQTTConfig(listen="")),
+        spool=SpoolConfig(data_dir=str(tmp_path / "data")),
+        **sections,
+    )
+
+
+class MemorySink:
+    """A custom sink (DESIGN section 7) that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Record]] = []
+        self.closed = False
+
+    async def write(self, batch: Sequence[Record]) -> None:
+        self.batches.append(list(batch))
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def read_exactly(stream: trio.abc.Stream, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise EOFError(f"closed after {buf!r}")
+        buf += chunk
+    return buf
+
+
+async def wait_closed(stream: trio.abc.Stream) -> None:
+    """Return when the server closed its end."""
+    while await stream.receive_some(1024):
+        pass
+
+
+async def connect_memory(gateway, nursery, client_id: str, keepalive: int = 0):
+    client, server = trio.testing.memory_stream_pair()
+    nursery.start_soon(gateway.handle_mqtt, server)
+    await client.send_all(gen_connect(client_id, keepalive=keepalive))
+    assert await read_exactly(client, 4) == gen_connack(0)
+    return client
+
+
+def run_with_clock(main) -> None:
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_silent_connection_is_reaped_after_300s_not_before(tmp_path):
+    config = make_config(tmp_path)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, MemorySink())
+            client = await connect_memory(gateway, nursery, "meter-1")
+            connected = trio.current_time()
+            with trio.move_on_at(connected + 299.999):
+                await wait_closed(client)
+                pytest.fail("reaped before 300 s")
+            assert len(gateway.conns) == 1
+            await wait_closed(client)
+            assert trio.current_time() - connected == pytest.approx(300.0)
+            assert gateway.conns.reaped == 1
+            assert len(gateway.conns) == 0
+            gateway.stop()
+
+    run_with_clock(main)
+
+
+def test_pingreq_every_60s_keeps_a_connection_for_an_hour(tmp_path):
+    config = make_config(tmp_path)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, MemorySink())
+            client = await connect_memory(gateway, nursery, "meter-2", keepalive=60)
+            start = trio.current_time()
+            while trio.current_time() - start < 3600:
+                await trio.sleep(60)
+                await client.send_all(gen_pingreq())
+                assert await read_exactly(client, 2) == gen_pingresp()
+            assert trio.current_time() - start == pytest.approx(3600.0)
+            assert len(gateway.conns) == 1 and gateway.conns.reaped == 0
+            gateway.stop()
+
+    run_with_clock(main)
+
+
+def test_keepalive_10_closes_after_15s_of_silence(tmp_path):
+    config = make_config(tmp_path)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, MemorySink())
+            client = await connect_memory(gateway, nursery, "meter-3", keepalive=10)
+            # traffic inside the window moves the deadline
+            await trio.sleep(14)
+            await client.send_all(gen_pingreq())
+            assert await read_exactly(client, 2) == gen_pingresp()
+            last = trio.current_time()
+            await wait_closed(client)
+            assert trio.current_time() - last == pytest.approx(15.0)
+            gateway.stop()
+
+    run_with_clock(main)
+
+
+def test_takeover_closes_the_older_connection(tmp_path):
+    config = make_config(tmp_path)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, MemorySink())
+            old = await connect_memory(gateway, nursery, "meter-4")
+            new = await connect_memory(gateway, nursery, "meter-4")
+            with trio.fail_after(1):
+                await wait_closed(old)
+            assert gateway.conns.taken_over == 1
+            assert gateway.conns.get_device("meter-4") is not None
+            assert len(gateway.conns) == 1
+            await new.send_all(gen_pingreq())
+            assert await read_exactly(new, 2) == gen_pingresp()
+            gateway.stop()
+
+    run_with_clock(main)
+
+
+def test_embedded_gateway_delivers_normalized_batches_to_a_custom_sink(tmp_path):
+    config = make_config(tmp_path, mqtt=MQTTConfig(listen="127.0.0.1:0"))
+    sink = MemorySink()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, sink)
+            host, port = gateway.addresses["mqtt"]
+            assert host == "127.0.0.1" and port > 0
+            stream = await trio.open_tcp_stream(host, port)
+            await stream.send_all(gen_connect("inverter-7"))
+            assert await read_exactly(stream, 4) == gen_connack(0)
+            readings = [{"temperature": 77, "temperature_unit": "F", "location": "shanghai/factory-a"},
+                        {"battery_mv": 3700, "tags": {"vendor": "huawei"}}]
+            for mid, reading in enumerate(readings, 1):
+                await stream.send_all(gen_publish("telemetry", qos=1, mid=mid,
+                                                  payload=json.dumps(reading).encode()))
+            assert await read_exactly(stream, 8) == gen_puback(1) + gen_puback(2)
+            await stream.aclose()
+            gateway.stop()
+        records = [r for batch in sink.batches for r in batch]
+        assert [r.fields for r in records] == [{"temperature_mc": 25000}, {"battery_mv": 3700}]
+        assert records[0].tags == {"region": "shanghai", "site": "factory-a"}
+        assert records[1].tags == {"vendor": "huawei"}
+        assert {r.device_id for r in records} == {"inverter-7"}
+        assert {r.protocol for r in records} == {"mqtt"}
+        assert sink.closed
+
+    trio.run(main)
+
+
+def test_failing_sink_holds_acks_until_a_write_succeeds(tmp_path):
+    config = make_config(tmp_path)
+
+    class FlakySink(MemorySink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.failures_left = 3
+
+        async def write(self, batch):
+            if self.failures_left:
+                self.failures_left -= 1
+                raise OSError("sink down")
+            await super().write(batch)
+
+    sink = FlakySink()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, sink)
+            client = await connect_memory(gateway, nursery, "meter-5")
+            await client.send_all(gen_publish("telemetry", qos=1, mid=9, payload=b'{"humidity": 40}'))
+            sent = trio.current_time()
+            assert await read_exactly(client, 4) == gen_puback(9)
+            # the 2 ms batch delay, then three failed attempts with backoff
+            # 0.05 + 0.1 + 0.2 s before the attempt that worked
+            assert trio.current_time() - sent == pytest.approx(0.002 + 0.05 + 0.1 + 0.2)
+            assert sink.failures_left == 0 and len(sink.batches) == 1
+            gateway.stop()
+
+    run_with_clock(main)
+
+
+def test_accept_survives_emfile_logging_once(tmp_path, caplog):
+    import errno
+    import logging
+
+    config = make_config(tmp_path)
+
+    class ExhaustedListener:
+        """accept() fails with EMFILE a few times, then yields one stream, then closes."""
+
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+            self.served = False
+
+        async def accept(self):
+            await trio.lowlevel.checkpoint()
+            if self.failures:
+                self.failures -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            if not self.served:
+                self.served = True
+                client, server = trio.testing.memory_stream_pair()
+                self.client = client
+                return server
+            raise trio.ClosedResourceError
+
+    handled = []
+
+    async def handler(stream):
+        handled.append(stream)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, MemorySink())
+            listener = ExhaustedListener(failures=5)
+            with caplog.at_level(logging.ERROR, logger="gridgate"):
+                start = trio.current_time()
+                await gateway._accept_loop(listener, "mqtt", handler)
+            # backoff 0.01, 0.02, 0.04, 0.08, 0.16 s
+            assert trio.current_time() - start == pytest.approx(0.31)
+            gateway.stop()
+        assert len(handled) == 1
+        errors = [r for r in caplog.records if "accept failed" in r.getMessage()]
+        assert len(errors) == 1
+        sample = gateway.metrics.accept_errors.labels("EMFILE")._value.get()
+        assert sample == 5
+
+    run_with_clock(main)
