@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent / "gridgate"
 
 
 def gridgate_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDGATE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDGATE_") or k == "GRIDGATE_PURE_PYTHON"}
     env.update(ENVIRONMENT="test", SERVICE_NAME="gridgate-test")
     env.update(extra)
     return env

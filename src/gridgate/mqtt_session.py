@@ -42,9 +42,11 @@ CONNACK_ACCEPTED = 0
 CONNACK_IDENTIFIER_REJECTED = 2
 CONNACK_SERVER_UNAVAILABLE = 3
 
-# First payload byte of a JSON document (after optional whitespace); anything
-# else is taken as MessagePack.
-_JSON_FIRST = frozenset(b"{[ \t\r\n")
+# Bytes a JSON document can start with (whitespace or the first byte of a
+# value); anything else is taken as MessagePack. A MessagePack payload that
+# starts with one of these is a bare positive integer, not a reading, so
+# nothing valid is misjudged.
+_JSON_FIRST = frozenset(b'{["-0123456789tfn \t\r\n')
 
 _mqtt = hotpath.mqtt
 
