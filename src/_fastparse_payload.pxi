@@ -1,1 +1,412 @@
-# Payload validator (compiled twin of gridgate/_payload_py.py).
+# Payload validator: the compiled twin of gridgate/_payload_py.py (the
+# reference; docs/payload.md is the contract). Both must give identical
+# records and rejections on every input.
+#
+# Why compiled: every reading of every protocol is judged here. msgspec
+# decodes (in C) into dicts, and the walk over the reading's keys, the type
+# and range checks and the unit conversion run as C over typed locals instead
+# of interpreter steps.
+
+from libc.math cimport floor, isfinite
+from cpython.dict cimport PyDict_GetItem, PyDict_Next
+from cpython.object cimport PyObject
+
+import math as _pl_math
+
+import msgspec as _pl_msgspec
+
+from gridgate.records import Record as _pl_Record, Rejection as _pl_Rejection
+
+_pl_json_any = _pl_msgspec.json.Decoder()
+_pl_json_raw_list = _pl_msgspec.json.Decoder(list[_pl_msgspec.Raw])
+_pl_msgpack_any = _pl_msgspec.msgpack.Decoder()
+_pl_msgpack_raw_list = _pl_msgspec.msgpack.Decoder(list[_pl_msgspec.Raw])
+_pl_DecodeError = _pl_msgspec.DecodeError
+
+cdef frozenset _pl_RESERVED = frozenset(("device_id", "timestamp_ms", "timestamp_ns", "temperature_unit",
+                                         "location", "tags", "metrics"))
+cdef object _pl_INT64_MIN = -(2 ** 63)
+cdef object _pl_INT64_MAX = 2 ** 63 - 1
+cdef int _pl_MAX_DEPTH = 64
+cdef dict _pl_FORMAT_NAMES = {"json": "JSON", "msgpack": "MessagePack"}
+
+
+class _pl_Malformed(Exception):
+    pass
+
+
+class _pl_Reject(Exception):
+    def __init__(self, reason, field, detail):
+        self.reason = reason
+        self.field = field
+        self.detail = detail
+
+
+# Character classes by hand instead of re: a regex call costs more than the
+# whole check for these short ASCII names.
+cdef inline bint _pl_alnum(Py_UCS4 c):
+    return (c >= 48 and c <= 57) or (c >= 65 and c <= 90) or (c >= 97 and c <= 122)
+
+
+cdef bint _pl_device_id_ok(str s):
+    # [A-Za-z0-9][A-Za-z0-9._:-]{0,127}
+    cdef Py_ssize_t n = len(s), i
+    cdef Py_UCS4 c
+    if n == 0 or n > 128 or not _pl_alnum(s[0]):
+        return False
+    for i in range(1, n):
+        c = s[i]
+        if not (_pl_alnum(c) or c == 46 or c == 95 or c == 58 or c == 45):
+            return False
+    return True
+
+
+cdef bint _pl_name_ok(str s, Py_ssize_t max_len):
+    # [A-Za-z_][A-Za-z0-9_.-]{0,max_len-1}  (max_len < 0: unlimited)
+    cdef Py_ssize_t n = len(s), i
+    cdef Py_UCS4 c
+    if n == 0 or (max_len >= 0 and n > max_len):
+        return False
+    c = s[0]
+    if not ((c >= 65 and c <= 90) or (c >= 97 and c <= 122) or c == 95):
+        return False
+    for i in range(1, n):
+        c = s[i]
+        if not (_pl_alnum(c) or c == 95 or c == 46 or c == 45):
+            return False
+    return True
+
+
+cdef bint _pl_tag_value_ok(object value, Py_ssize_t max_len):
+    cdef Py_ssize_t n, i
+    cdef Py_UCS4 c
+    if type(value) is not str:
+        return False
+    n = len(<str>value)
+    if n == 0 or n > max_len:
+        return False
+    for i in range(n):
+        c = (<str>value)[i]
+        if c < 0x20 or c == 0x7f:
+            return False
+    return True
+
+
+cdef int _pl_check_depth(object obj, int depth) except -1:
+    cdef object v
+    if depth > _pl_MAX_DEPTH:
+        raise _pl_Malformed("nested too deeply")
+    if type(obj) is dict:
+        for v in (<dict>obj).values():
+            if type(v) is dict or type(v) is list:
+                _pl_check_depth(v, depth + 1)
+    elif type(obj) is list:
+        for v in <list>obj:
+            if type(v) is dict or type(v) is list:
+                _pl_check_depth(v, depth + 1)
+    return 0
+
+
+cdef inline bint _pl_starts_array(bytes raw):
+    cdef Py_ssize_t i, n = len(raw)
+    cdef unsigned char c
+    for i in range(n):
+        c = raw[i]
+        if c == 32 or c == 9 or c == 10 or c == 13:
+            continue
+        return c == 91  # '['
+    return False
+
+
+cdef class Validator:
+    """Judges payloads against PayloadRules; never raises for bad input."""
+
+    cdef readonly object rules
+    cdef dict field_rules
+    cdef tuple levels
+    cdef object skew_ns
+    cdef long long max_payload_bytes
+    cdef Py_ssize_t max_batch_items, max_fields, max_tags, max_tag_key_length, max_tag_value_length
+    cdef object temp_rule
+    cdef double temp_min, temp_max
+    cdef bint temp_has_min, temp_has_max
+
+    def __init__(self, rules):
+        self.rules = rules
+        self.field_rules = dict(rules.fields)
+        self.levels = tuple(rules.location_levels)
+        self.skew_ns = rules.max_future_skew_s * 1_000_000_000
+        self.max_payload_bytes = rules.max_payload_bytes
+        self.max_batch_items = rules.max_batch_items
+        self.max_fields = rules.max_fields
+        self.max_tags = rules.max_tags
+        self.max_tag_key_length = rules.max_tag_key_length
+        self.max_tag_value_length = rules.max_tag_value_length
+        self.temp_rule = self.field_rules.get("temperature")
+        self.temp_has_min = self.temp_rule is not None and self.temp_rule.min is not None
+        self.temp_has_max = self.temp_rule is not None and self.temp_rule.max is not None
+        self.temp_min = self.temp_rule.min if self.temp_has_min else 0.0
+        self.temp_max = self.temp_rule.max if self.temp_has_max else 0.0
+
+    def validate(self, payload, str fmt, str protocol, device_id, received_ns):
+        cdef bytes raw = payload if type(payload) is bytes else bytes(payload)
+        cdef list raws = None
+        cdef object obj
+        if len(raw) > self.max_payload_bytes:
+            return [], [_pl_Rejection(reason="too_large", device_id=device_id, raw=raw,
+                                      detail=f"payload of {len(raw)} bytes exceeds max_payload_bytes "
+                                             f"{self.max_payload_bytes}")]
+        if fmt == "ndjson":
+            return self._ndjson(raw, protocol, device_id, received_ns)
+        try:
+            if fmt == "json":
+                if _pl_starts_array(raw):
+                    raws = _pl_json_raw_list.decode(raw)
+                    obj = [_pl_json_any.decode(r) for r in raws]
+                else:
+                    obj = _pl_json_any.decode(raw)
+            elif fmt == "msgpack":
+                obj = _pl_msgpack_any.decode(raw)
+                if type(obj) is list:
+                    raws = _pl_msgpack_raw_list.decode(raw)
+            else:
+                raise ValueError(f"unknown payload format {fmt!r}")
+            if type(obj) is dict or type(obj) is list:
+                _pl_check_depth(obj, 1)
+        except (_pl_DecodeError, _pl_Malformed, RecursionError):
+            return [], [_pl_Rejection(reason="malformed", device_id=device_id, raw=raw,
+                                      detail=f"payload is not valid {_pl_FORMAT_NAMES[fmt]}")]
+        if raws is None:
+            if type(obj) is not dict:
+                return [], [_pl_Rejection(reason="not_object", device_id=device_id, raw=raw,
+                                          detail="payload must be an object or an array of objects")]
+            records = []
+            rejections = []
+            self._judge_one(obj, raw, 0, protocol, device_id, received_ns, records, rejections)
+            return records, rejections
+        if len(obj) > self.max_batch_items:
+            return [], [_pl_Rejection(reason="too_large", device_id=device_id, raw=raw,
+                                      detail=f"batch of {len(obj)} readings exceeds max_batch_items "
+                                             f"{self.max_batch_items}")]
+        records = []
+        rejections = []
+        for index in range(len(<list>obj)):
+            self._judge_one((<list>obj)[index], bytes(raws[index]), index, protocol, device_id, received_ns,
+                            records, rejections)
+        return records, rejections
+
+    cdef tuple _ndjson(self, bytes raw, str protocol, device_id, received_ns):
+        cdef list records = [], rejections = []
+        cdef Py_ssize_t index = 0
+        cdef bytes line
+        for line in raw.split(b"\n"):
+            if line.endswith(b"\r"):
+                line = line[:len(line) - 1]
+            if not line.strip(b" \t\r"):
+                continue
+            if index >= self.max_batch_items:
+                return [], [_pl_Rejection(reason="too_large", device_id=device_id, raw=raw,
+                                          detail=f"more than max_batch_items {self.max_batch_items} lines")]
+            try:
+                obj = _pl_json_any.decode(line)
+                if type(obj) is dict or type(obj) is list:
+                    _pl_check_depth(obj, 1)
+            except (_pl_DecodeError, _pl_Malformed, RecursionError):
+                rejections.append(_pl_Rejection(reason="malformed", index=index, device_id=device_id, raw=line,
+                                                detail="line is not valid JSON"))
+            else:
+                self._judge_one(obj, line, index, protocol, device_id, received_ns, records, rejections)
+            index += 1
+        return records, rejections
+
+    cdef _judge_one(self, object item, bytes raw, Py_ssize_t index, str protocol, object conn_id,
+                    object received_ns, list records, list rejections):
+        cdef object device = conn_id
+        try:
+            if type(item) is not dict:
+                raise _pl_Reject("not_object", None, "reading must be an object")
+            device = self._device(<dict>item, conn_id)
+            ts_ns = self._timestamp(<dict>item, received_ns)
+            fields = self._fields(<dict>item)
+            tags = self._tags(<dict>item)
+        except _pl_Reject as rej:
+            rejections.append(_pl_Rejection(reason=rej.reason, field=rej.field, index=index, device_id=device,
+                                            raw=raw, detail=rej.detail))
+            return
+        records.append(_pl_Record(device_id=device, ts_ns=ts_ns, received_ns=received_ns, protocol=protocol,
+                                  fields=fields, tags=tags))
+
+    cdef object _device(self, dict item, object conn_id):
+        cdef PyObject* found = PyDict_GetItem(item, "device_id")
+        cdef object value
+        if found != NULL:
+            value = <object>found
+            if type(value) is not str or not _pl_device_id_ok(<str>value):
+                raise _pl_Reject("bad_device_id", "device_id",
+                                 "device_id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+            if conn_id is not None and value != conn_id:
+                raise _pl_Reject("identity_mismatch", "device_id", "device_id differs from the connection's device")
+            return value
+        if conn_id is None:
+            raise _pl_Reject("missing_device_id", "device_id", "device_id is required")
+        return conn_id
+
+    cdef object _timestamp(self, dict item, object received_ns):
+        cdef PyObject* ms = PyDict_GetItem(item, "timestamp_ms")
+        cdef PyObject* ns = PyDict_GetItem(item, "timestamp_ns")
+        cdef object value, scale
+        cdef str key
+        if ms != NULL and ns != NULL:
+            raise _pl_Reject("bad_timestamp", "timestamp_ms", "give timestamp_ms or timestamp_ns, not both")
+        if ms != NULL:
+            value, key, scale = <object>ms, "timestamp_ms", 1_000_000
+        elif ns != NULL:
+            value, key, scale = <object>ns, "timestamp_ns", 1
+        else:
+            return received_ns
+        if type(value) is not int:
+            raise _pl_Reject("bad_timestamp", key, f"{key} must be an integer")
+        if value < 0 or value > _pl_INT64_MAX // scale:
+            raise _pl_Reject("bad_timestamp", key, f"{key} is out of range")
+        ts_ns = value * scale
+        if ts_ns > received_ns + self.skew_ns:
+            raise _pl_Reject("future_timestamp", key,
+                             f"{key} is more than {self.rules.max_future_skew_s} s in the future")
+        return ts_ns
+
+    cdef dict _fields(self, dict item):
+        cdef PyObject* found = PyDict_GetItem(item, "metrics")
+        cdef object metrics = None
+        cdef Py_ssize_t count = 0
+        cdef bint seen_temperature = False
+        cdef dict fields = {}
+        cdef set top_names = None
+        if found != NULL:
+            metrics = <object>found
+            if type(metrics) is not dict:
+                raise _pl_Reject("bad_type", "metrics", "metrics must be an object")
+        for key in item:
+            if key not in _pl_RESERVED:
+                count += 1
+        if metrics is not None:
+            count += len(<dict>metrics)
+        if count > self.max_fields:
+            raise _pl_Reject("too_many_fields", None, f"{count} metrics exceed max_fields {self.max_fields}")
+        if metrics:
+            top_names = set()
+        for key, value in item.items():
+            if key in _pl_RESERVED:
+                continue
+            if top_names is not None:
+                top_names.add(key)
+            if self._metric(key, value, key, item, fields):
+                seen_temperature = True
+        if metrics:
+            for key, value in (<dict>metrics).items():
+                label = f"metrics.{key}"
+                if key in top_names:
+                    raise _pl_Reject("bad_type", label, "field given both at top level and in metrics")
+                if self._metric(key, value, label, item, fields):
+                    seen_temperature = True
+        if not seen_temperature and PyDict_GetItem(item, "temperature_unit") != NULL:
+            raise _pl_Reject("bad_unit", "temperature_unit", "temperature_unit given without temperature")
+        if not fields:
+            raise _pl_Reject("malformed", None, "no metrics")
+        return fields
+
+    cdef bint _metric(self, object name, object value, object label, dict item, dict fields) except -1:
+        cdef object vtype = type(value)
+        cdef double t, c, x, mc
+        cdef object unit, rule
+        cdef PyObject* found
+        if type(name) is not str or not _pl_name_ok(<str>name, 64):
+            raise _pl_Reject("bad_type", label, "invalid field name")
+        if vtype is int:
+            if value < _pl_INT64_MIN or value > _pl_INT64_MAX:
+                raise _pl_Reject("out_of_range", label, "integer outside the 64-bit range")
+        elif vtype is float:
+            if not isfinite(<double>value):
+                raise _pl_Reject("bad_type", label, "value must be a finite number")
+        else:
+            raise _pl_Reject("bad_type", label, "value must be a number")
+        if name == "temperature":
+            found = PyDict_GetItem(item, "temperature_unit")
+            unit = "C" if found == NULL else <object>found
+            t = <double>value
+            if unit == "C":
+                c = t
+            elif unit == "F":
+                c = (t - 32.0) * 5.0 / 9.0
+            elif unit == "K":
+                c = t - 273.15
+            else:
+                raise _pl_Reject("bad_unit", "temperature_unit", "temperature_unit must be C, F or K")
+            if (self.temp_has_min and c < self.temp_min) or (self.temp_has_max and c > self.temp_max):
+                raise _pl_Reject("out_of_range", label, "temperature outside the allowed range")
+            x = c * 1000.0
+            mc = floor(x + 0.5) if x >= 0 else -floor(-x + 0.5)
+            self._put(fields, "temperature_mc", int(mc), label)
+            return True
+        found = PyDict_GetItem(self.field_rules, name)
+        if found != NULL:
+            rule = <object>found
+            if rule.integer:
+                if vtype is float:
+                    if not (<double>value == floor(<double>value)):
+                        raise _pl_Reject("bad_type", label, "value must be an integer")
+                    value = int(value)
+            else:
+                value = float(value)
+            if (rule.min is not None and value < rule.min) or (rule.max is not None and value > rule.max):
+                raise _pl_Reject("out_of_range", label, "value outside the allowed range")
+        else:
+            value = float(value)
+        self._put(fields, name, value, label)
+        return False
+
+    cdef int _put(self, dict fields, str name, object value, object label) except -1:
+        if name in fields:
+            raise _pl_Reject("bad_type", label, "field given twice")
+        fields[name] = value
+        return 0
+
+    cdef dict _tags(self, dict item):
+        cdef dict tags = {}
+        cdef PyObject* found = PyDict_GetItem(item, "location")
+        cdef object location, given
+        cdef list parts
+        cdef Py_ssize_t i
+        if found != NULL:
+            location = <object>found
+            parts = (<str>location).split("/") if type(location) is str else None
+            ok = parts is not None and len(parts) <= len(self.levels)
+            if ok:
+                for part in parts:
+                    if not _pl_tag_value_ok(part, self.max_tag_value_length):
+                        ok = False
+                        break
+            if not ok:
+                raise _pl_Reject("bad_tag", "location",
+                                 f"location must be 1 to {len(self.levels)} non-empty '/'-separated names")
+            for i in range(len(parts)):
+                tags[self.levels[i]] = parts[i]
+        found = PyDict_GetItem(item, "tags")
+        if found != NULL:
+            given = <object>found
+            if type(given) is not dict:
+                raise _pl_Reject("bad_tag", "tags", "tags must be an object of strings")
+            for key, value in (<dict>given).items():
+                label = f"tags.{key}"
+                if type(key) is not str or not _pl_name_ok(<str>key, self.max_tag_key_length):
+                    raise _pl_Reject("bad_tag", label, "invalid tag name")
+                if key == "device_id":
+                    raise _pl_Reject("bad_tag", label, "device_id is not a tag")
+                if not _pl_tag_value_ok(value, self.max_tag_value_length):
+                    raise _pl_Reject("bad_tag", label,
+                                     "tag value must be a non-empty string without control characters")
+                if key in tags and tags[key] != value:
+                    raise _pl_Reject("bad_tag", label, "tag conflicts with location")
+                tags[key] = value
+        if len(tags) > self.max_tags:
+            raise _pl_Reject("bad_tag", "tags", f"more than max_tags {self.max_tags} tags")
+        return tags

@@ -66,7 +66,8 @@ _json = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constants
 
 
 def _check_depth_and_surrogates(obj: Any, depth: int, check_strings: bool) -> None:
-    if depth > MAX_DEPTH:
+    """Containers nested deeper than MAX_DEPTH (the outermost is depth 1) are malformed."""
+    if depth > MAX_DEPTH and (type(obj) is dict or type(obj) is list):
         raise _Malformed("nested too deeply")
     if type(obj) is dict:
         for k, v in obj.items():
