@@ -21,7 +21,6 @@ _pl_json_any = _pl_msgspec.json.Decoder()
 _pl_json_raw_list = _pl_msgspec.json.Decoder(list[_pl_msgspec.Raw])
 _pl_msgpack_any = _pl_msgspec.msgpack.Decoder()
 _pl_msgpack_raw_list = _pl_msgspec.msgpack.Decoder(list[_pl_msgspec.Raw])
-_pl_DecodeError = _pl_msgspec.DecodeError
 
 cdef frozenset _pl_RESERVED = frozenset(("device_id", "timestamp_ms", "timestamp_ns", "temperature_unit",
                                          "location", "tags", "metrics"))
@@ -158,6 +157,8 @@ cdef class Validator:
                                              f"{self.max_payload_bytes}")]
         if fmt == "ndjson":
             return self._ndjson(raw, protocol, device_id, received_ns)
+        if fmt != "json" and fmt != "msgpack":
+            raise ValueError(f"unknown payload format {fmt!r}")
         try:
             if fmt == "json":
                 if _pl_starts_array(raw):
@@ -165,15 +166,13 @@ cdef class Validator:
                     obj = [_pl_json_any.decode(r) for r in raws]
                 else:
                     obj = _pl_json_any.decode(raw)
-            elif fmt == "msgpack":
+            else:
                 obj = _pl_msgpack_any.decode(raw)
                 if type(obj) is list:
                     raws = _pl_msgpack_raw_list.decode(raw)
-            else:
-                raise ValueError(f"unknown payload format {fmt!r}")
             if type(obj) is dict or type(obj) is list:
                 _pl_check_depth(obj, 1)
-        except (_pl_DecodeError, _pl_Malformed, RecursionError):
+        except (ValueError, _pl_Malformed, RecursionError):  # DecodeError is a ValueError; so is UnicodeDecodeError
             return [], [_pl_Rejection(reason="malformed", device_id=device_id, raw=raw,
                                       detail=f"payload is not valid {_pl_FORMAT_NAMES[fmt]}")]
         if raws is None:
@@ -211,7 +210,7 @@ cdef class Validator:
                 obj = _pl_json_any.decode(line)
                 if type(obj) is dict or type(obj) is list:
                     _pl_check_depth(obj, 1)
-            except (_pl_DecodeError, _pl_Malformed, RecursionError):
+            except (ValueError, _pl_Malformed, RecursionError):  # DecodeError is a ValueError; so is UnicodeDecodeError
                 rejections.append(_pl_Rejection(reason="malformed", index=index, device_id=device_id, raw=line,
                                                 detail="line is not valid JSON"))
             else:

@@ -128,7 +128,7 @@ def _decode_json(payload: bytes) -> tuple[Any, list[bytes] | None]:
 def _decode_msgpack(payload: bytes) -> tuple[Any, list[bytes] | None]:
     try:
         obj = _msgpack_any.decode(payload)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # DecodeError, and UnicodeDecodeError for bad str bytes
         raise _Malformed(str(exc)) from None
     _check_depth_and_surrogates(obj, 1, False)
     if type(obj) is not list:

@@ -1,0 +1,263 @@
+"""The payload validator (DESIGN section 3), run against both implementations."""
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from gridgate.records import REASONS, Record, Rejection
+from gridgate.rules import FieldRule, PayloadRules
+
+NOW = 1_732_406_400_000_000_000          # received_ns used throughout
+SAMPLE = {"device_id": "meter-0001", "timestamp_ms": 1732406400123, "temperature": 23.5,
+          "temperature_unit": "C", "battery_mv": 3700, "location": "shanghai/factory-a",
+          "tags": {"vendor": "huawei"}}
+
+
+@pytest.fixture
+def v(payload_impl):
+    return payload_impl.Validator(PayloadRules())
+
+
+def judge(v, obj, device_id=None, fmt="json", protocol="http"):
+    raw = json.dumps(obj).encode() if fmt == "json" else msgspec.msgpack.encode(obj)
+    return v.validate(raw, fmt, protocol, device_id, NOW)
+
+
+def one_rejection(v, obj, device_id=None) -> Rejection:
+    records, rejections = judge(v, obj, device_id)
+    assert records == []
+    (rej,) = rejections
+    return rej
+
+
+def test_the_design_sample_reading(v):
+    records, rejections = judge(v, SAMPLE)
+    assert rejections == []
+    assert records == [Record(
+        device_id="meter-0001", ts_ns=1732406400123_000_000, received_ns=NOW, protocol="http",
+        fields={"temperature_mc": 23500, "battery_mv": 3700},
+        tags={"region": "shanghai", "site": "factory-a", "vendor": "huawei"})]
+    assert type(records[0].fields["battery_mv"]) is int
+
+
+def test_same_reading_as_msgpack_gives_the_same_record(v):
+    assert judge(v, SAMPLE, fmt="msgpack") == judge(v, SAMPLE)
+
+
+@pytest.mark.parametrize("reading, mc", [
+    ({"temperature": 77, "temperature_unit": "F"}, 25000),
+    ({"temperature": 298.15, "temperature_unit": "K"}, 25000),
+    ({"temperature": 21.5}, 21500),
+    ({"temperature": -40}, -40000),
+    ({"temperature": 125}, 125000),
+    ({"temperature": 0.0005}, 1),            # half away from zero
+    ({"temperature": -0.0005}, -1),
+    ({"temperature": 23.4567}, 23457),
+    ({"temperature": -40, "temperature_unit": "F"}, -40000),
+    ({"temperature": 257, "temperature_unit": "F"}, 125000),
+])
+def test_temperature_units_become_integer_milli_celsius(v, reading, mc):
+    (record,), _ = judge(v, reading, device_id="m")
+    assert record.fields == {"temperature_mc": mc}
+    assert type(record.fields["temperature_mc"]) is int
+
+
+@pytest.mark.parametrize("temperature", [-40.001, 125.001, 1000])
+def test_temperature_outside_range_is_rejected(v, temperature):
+    rej = one_rejection(v, {"temperature": temperature}, "m")
+    assert rej == Rejection(reason="out_of_range", field="temperature", index=0, device_id="m",
+                            raw=json.dumps({"temperature": temperature}).encode(),
+                            detail="temperature outside the allowed range")
+
+
+def test_metrics_object_and_float_storage(v):
+    (record,), _ = judge(v, {"device_id": "inv-1", "metrics": {"voltage": 230, "battery_mv": 3600.0},
+                             "humidity": 40})
+    assert record.fields == {"humidity": 40.0, "voltage": 230.0, "battery_mv": 3600}
+    assert type(record.fields["voltage"]) is float and type(record.fields["battery_mv"]) is int
+
+
+def test_timestamps(v):
+    (a,), _ = judge(v, {"device_id": "d", "timestamp_ms": 1000, "x": 1})
+    (b,), _ = judge(v, {"device_id": "d", "timestamp_ns": 1234, "x": 1})
+    (c,), _ = judge(v, {"device_id": "d", "x": 1})
+    old = NOW - 86400 * 365 * 10**9
+    (d,), _ = judge(v, {"device_id": "d", "timestamp_ns": old, "x": 1})
+    edge = NOW + 300 * 10**9
+    (e,), _ = judge(v, {"device_id": "d", "timestamp_ns": edge, "x": 1})
+    assert [r.ts_ns for r in (a, b, c, d, e)] == [1_000_000_000, 1234, NOW, old, edge]
+
+
+def _rej(reason, field, detail, raw_obj, device_id=None, index=0):
+    return Rejection(reason=reason, field=field, index=index, device_id=device_id,
+                     raw=json.dumps(raw_obj).encode(), detail=detail)
+
+
+REJECTIONS = [
+    # (reading, connection device id, reason, field, detail, rejection device id)
+    ([1], None, "not_object", None, "reading must be an object", None),
+    ({"x": 1}, None, "missing_device_id", "device_id", "device_id is required", None),
+    ({"device_id": "bad id", "x": 1}, None, "bad_device_id", "device_id",
+     "device_id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}", None),
+    ({"device_id": 5, "x": 1}, None, "bad_device_id", "device_id",
+     "device_id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}", None),
+    ({"device_id": "a" * 129, "x": 1}, None, "bad_device_id", "device_id",
+     "device_id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}", None),
+    ({"device_id": "other", "x": 1}, "meter-1", "identity_mismatch", "device_id",
+     "device_id differs from the connection's device", "meter-1"),
+    ({"timestamp_ms": 1.5, "x": 1}, "m", "bad_timestamp", "timestamp_ms", "timestamp_ms must be an integer", "m"),
+    ({"timestamp_ms": True, "x": 1}, "m", "bad_timestamp", "timestamp_ms", "timestamp_ms must be an integer", "m"),
+    ({"timestamp_ns": -1, "x": 1}, "m", "bad_timestamp", "timestamp_ns", "timestamp_ns is out of range", "m"),
+    ({"timestamp_ms": 2**63, "x": 1}, "m", "bad_timestamp", "timestamp_ms", "timestamp_ms is out of range", "m"),
+    ({"timestamp_ms": 1, "timestamp_ns": 1, "x": 1}, "m", "bad_timestamp", "timestamp_ms",
+     "give timestamp_ms or timestamp_ns, not both", "m"),
+    ({"timestamp_ns": NOW + 300 * 10**9 + 1, "x": 1}, "m", "future_timestamp", "timestamp_ns",
+     "timestamp_ns is more than 300 s in the future", "m"),
+    ({"temperature": 20, "temperature_unit": "X"}, "m", "bad_unit", "temperature_unit",
+     "temperature_unit must be C, F or K", "m"),
+    ({"temperature_unit": "C", "x": 1}, "m", "bad_unit", "temperature_unit",
+     "temperature_unit given without temperature", "m"),
+    ({"x": "1"}, "m", "bad_type", "x", "value must be a number", "m"),
+    ({"x": True}, "m", "bad_type", "x", "value must be a number", "m"),
+    ({"x": None}, "m", "bad_type", "x", "value must be a number", "m"),
+    ({"bad name": 1}, "m", "bad_type", "bad name", "invalid field name", "m"),
+    ({"metrics": [1]}, "m", "bad_type", "metrics", "metrics must be an object", "m"),
+    ({"x": 1, "metrics": {"x": 2}}, "m", "bad_type", "metrics.x", "field given both at top level and in metrics",
+     "m"),
+    ({"battery_mv": 3700.5}, "m", "bad_type", "battery_mv", "value must be an integer", "m"),
+    ({"battery_mv": 70000}, "m", "out_of_range", "battery_mv", "value outside the allowed range", "m"),
+    ({"humidity": -0.1}, "m", "out_of_range", "humidity", "value outside the allowed range", "m"),
+    ({"x": 2**63}, "m", "out_of_range", "x", "integer outside the 64-bit range", "m"),
+    ({"x": 1, "location": "a/b/c/d"}, "m", "bad_tag", "location",
+     "location must be 1 to 3 non-empty '/'-separated names", "m"),
+    ({"x": 1, "location": "a//c"}, "m", "bad_tag", "location",
+     "location must be 1 to 3 non-empty '/'-separated names", "m"),
+    ({"x": 1, "location": 7}, "m", "bad_tag", "location",
+     "location must be 1 to 3 non-empty '/'-separated names", "m"),
+    ({"x": 1, "tags": ["a"]}, "m", "bad_tag", "tags", "tags must be an object of strings", "m"),
+    ({"x": 1, "tags": {"9lives": "x"}}, "m", "bad_tag", "tags.9lives", "invalid tag name", "m"),
+    ({"x": 1, "tags": {"v": 3}}, "m", "bad_tag", "tags.v",
+     "tag value must be a non-empty string without control characters", "m"),
+    ({"x": 1, "tags": {"v": "a\nb"}}, "m", "bad_tag", "tags.v",
+     "tag value must be a non-empty string without control characters", "m"),
+    ({"x": 1, "tags": {"device_id": "m"}}, "m", "bad_tag", "tags.device_id", "device_id is not a tag", "m"),
+    ({"x": 1, "location": "sh", "tags": {"region": "bj"}}, "m", "bad_tag", "tags.region",
+     "tag conflicts with location", "m"),
+    ({"x": 1, "tags": {f"t{i}": "v" for i in range(33)}}, "m", "bad_tag", "tags", "more than max_tags 32 tags",
+     "m"),
+    ({f"f{i}": 1 for i in range(65)}, "m", "too_many_fields", None, "65 metrics exceed max_fields 64", "m"),
+    ({"device_id": "m"}, None, "malformed", None, "no metrics", "m"),
+]
+
+
+@pytest.mark.parametrize("reading, conn, reason, field, detail, dev", REJECTIONS,
+                         ids=[f"{r[2]}-{i}" for i, r in enumerate(REJECTIONS)])
+def test_each_reason_code(v, reading, conn, reason, field, detail, dev):
+    if isinstance(reading, list):  # a non-object inside a batch
+        records, rejections = v.validate(json.dumps(reading).encode(), "json", "http", conn, NOW)
+        assert records == [] and rejections == [_rej(reason, field, detail, reading[0], dev)]
+        return
+    assert one_rejection(v, reading, conn) == _rej(reason, field, detail, reading, dev)
+
+
+def test_every_reason_code_is_covered():
+    covered = {r[2] for r in REJECTIONS} | {"too_large", "bad_topic"}  # whole-payload / MQTT-session codes
+    assert covered == set(REASONS)
+
+
+def test_non_finite_numbers_from_msgpack_are_rejected(v):
+    for value in (float("nan"), float("inf"), float("-inf")):
+        raw = msgspec.msgpack.encode({"x": value})
+        assert v.validate(raw, "msgpack", "mqtt", "m", NOW) == ([], [Rejection(
+            reason="bad_type", field="x", index=0, device_id="m", raw=raw, detail="value must be a finite number")])
+
+
+@pytest.mark.parametrize("raw", [b"NaN", b'{"x": NaN}', b'{"x": Infinity}', b'{"x": 1e400}', b"{", b"",
+                                 b'"\\ud800"', b"\xef\xbb\xbf{}", b'{"x": 1}x', b"\xff"])
+def test_undecodable_json_is_malformed(v, raw):
+    assert v.validate(raw, "json", "http", None, NOW) == ([], [Rejection(
+        reason="malformed", raw=raw, detail="payload is not valid JSON")])
+
+
+def test_undecodable_msgpack_is_malformed(v):
+    raw = b"\xc1"
+    assert v.validate(raw, "msgpack", "mqtt", "m", NOW) == ([], [Rejection(
+        reason="malformed", device_id="m", raw=raw, detail="payload is not valid MessagePack")])
+
+
+def test_top_level_scalar_is_not_object(v):
+    assert v.validate(b' "hi" ', "json", "http", None, NOW) == ([], [Rejection(
+        reason="not_object", raw=b' "hi" ', detail="payload must be an object or an array of objects")])
+
+
+def test_too_deep_nesting_is_malformed(v):
+    raw = b'{"x": 1, "tags": ' + b"[" * 70 + b"]" * 70 + b"}"
+    (rej,) = v.validate(raw, "json", "http", "m", NOW)[1]
+    assert rej.reason == "malformed"
+
+
+def test_batch_judges_each_item_alone_with_its_own_raw_bytes(v):
+    raw = b'[{"humidity": 5}, 3 , {"temperature": 900},{"battery_mv": 1}]'
+    records, rejections = v.validate(raw, "json", "http", "m", NOW)
+    assert [r.fields for r in records] == [{"humidity": 5.0}, {"battery_mv": 1}]
+    assert rejections == [
+        Rejection(reason="not_object", index=1, device_id="m", raw=b"3", detail="reading must be an object"),
+        Rejection(reason="out_of_range", field="temperature", index=2, device_id="m",
+                  raw=b'{"temperature": 900}', detail="temperature outside the allowed range"),
+    ]
+
+
+def test_msgpack_batch_raw_bytes_are_the_items(v):
+    items = [{"x": 1}, {"x": "no"}]
+    raw = msgspec.msgpack.encode(items)
+    records, rejections = v.validate(raw, "msgpack", "mqtt", "m", NOW)
+    assert len(records) == 1
+    assert rejections[0].raw == msgspec.msgpack.encode(items[1]) and rejections[0].index == 1
+
+
+def test_ndjson_lines(v):
+    raw = b'{"device_id":"a","x":1}\r\n\n  \nnot json\n{"x":2}\n[1]\n'
+    records, rejections = v.validate(raw, "ndjson", "http", None, NOW)
+    assert [r.device_id for r in records] == ["a"]
+    assert [(r.index, r.reason, r.raw) for r in rejections] == [
+        (1, "malformed", b"not json"), (2, "missing_device_id", b'{"x":2}'), (3, "not_object", b"[1]")]
+
+
+def test_empty_batch_is_nothing(v):
+    assert v.validate(b" [ ] ", "json", "http", None, NOW) == ([], [])
+
+
+def test_payload_and_batch_limits(payload_impl):
+    v = payload_impl.Validator(PayloadRules(max_payload_bytes=100, max_batch_items=2))
+    big = b'{"x": 1, "pad": "' + b"p" * 100 + b'"}'
+    assert v.validate(big, "json", "http", "m", NOW)[1] == [Rejection(
+        reason="too_large", device_id="m", raw=big, detail=f"payload of {len(big)} bytes exceeds max_payload_bytes 100")]
+    batch = b'[{"x":1},{"x":2},{"x":3}]'
+    assert v.validate(batch, "json", "http", "m", NOW)[1] == [Rejection(
+        reason="too_large", device_id="m", raw=batch, detail="batch of 3 readings exceeds max_batch_items 2")]
+
+
+def test_configured_field_rules_and_levels(payload_impl):
+    rules = PayloadRules(fields={"temperature": FieldRule(min=0, max=50), "voltage": FieldRule(min=0, max=480)},
+                         location_levels=("country", "city"))
+    v = payload_impl.Validator(rules)
+    (rec,), _ = v.validate(b'{"voltage": 230, "location": "cn/sh", "temperature": 10}', "json", "mqtt", "m", NOW)
+    assert rec.fields == {"voltage": 230.0, "temperature_mc": 10000}
+    assert rec.tags == {"country": "cn", "city": "sh"}
+    assert v.validate(b'{"voltage": 500}', "json", "mqtt", "m", NOW)[1][0].reason == "out_of_range"
+    assert v.validate(b'{"temperature": -5}', "json", "mqtt", "m", NOW)[1][0].reason == "out_of_range"
+
+
+def test_memoryview_input(v):
+    data = b'xx{"x": 1}'
+    (rec,), _ = v.validate(memoryview(data)[2:], "json", "mqtt", "m", NOW)
+    assert rec.fields == {"x": 1.0}
+
+
+def test_msgpack_string_that_is_not_utf8_is_malformed(v):
+    # found by hypothesis: msgspec raises UnicodeDecodeError, not DecodeError, here
+    raw = b"\xa4\x00\x00\x00\x80"
+    assert v.validate(raw, "msgpack", "mqtt", None, NOW) == ([], [Rejection(
+        reason="malformed", raw=raw, detail="payload is not valid MessagePack")])
