@@ -2,6 +2,8 @@
 arbitrary input, and only MQTTProtocolError ever escapes."""
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -11,7 +13,8 @@ from gridgate.mqtt_events import PUBACK, PUBCOMP, PUBREC, PUBREL, Publish, Subsc
 from mqtt_frames import gen_connect, gen_publish, gen_subscribe
 
 # HYPOTHESIS_MAX_EXAMPLES=5000 for a longer differential run
-SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 CONNECT = gen_connect("meter-1")
 
 

@@ -2,8 +2,8 @@
 exactly on arbitrary input, in every format, and never raise."""
 from __future__ import annotations
 
-import os
 import json
+import os
 
 import msgspec
 from hypothesis import HealthCheck, assume, given, settings
@@ -13,7 +13,8 @@ from gridgate import _fastparse, _payload_py
 from gridgate.rules import PayloadRules
 
 # HYPOTHESIS_MAX_EXAMPLES=5000 for a longer differential run
-SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 NOW = 1_732_406_400_000_000_000
 RULES = PayloadRules(max_fields=6, max_tags=4)
 C = _fastparse.Validator(RULES)
