@@ -106,6 +106,31 @@ cdef int _pl_check_depth(object obj, int depth) except -1:
     return 0
 
 
+cdef class _pl_Rule:
+    """A FieldRule unpacked into C fields, built once per Validator."""
+    cdef bint integer, has_min, has_max
+    cdef double min, max
+    cdef object min_obj, max_obj
+
+    def __init__(self, rule):
+        self.integer = rule.integer
+        self.has_min = rule.min is not None
+        self.has_max = rule.max is not None
+        self.min_obj = rule.min
+        self.max_obj = rule.max
+        self.min = rule.min if self.has_min else 0.0
+        self.max = rule.max if self.has_max else 0.0
+
+    cdef bint outside(self, object value):
+        # Doubles when the comparison is exact in double precision, else
+        # Python's exact int/float comparison (what the twin does).
+        cdef double d
+        if type(value) is float or -9007199254740992 <= value <= 9007199254740992:
+            d = value
+            return (self.has_min and d < self.min) or (self.has_max and d > self.max)
+        return (self.has_min and value < self.min_obj) or (self.has_max and value > self.max_obj)
+
+
 cdef inline bint _pl_starts_array(bytes raw):
     cdef Py_ssize_t i, n = len(raw)
     cdef unsigned char c
@@ -121,9 +146,9 @@ cdef class Validator:
     """Judges payloads against PayloadRules; never raises for bad input."""
 
     cdef readonly object rules
-    cdef dict field_rules
+    cdef dict field_rules          # name -> _pl_Rule
     cdef tuple levels
-    cdef object skew_ns
+    cdef long long skew_ns
     cdef long long max_payload_bytes
     cdef Py_ssize_t max_batch_items, max_fields, max_tags, max_tag_key_length, max_tag_value_length
     cdef object temp_rule
@@ -132,7 +157,7 @@ cdef class Validator:
 
     def __init__(self, rules):
         self.rules = rules
-        self.field_rules = dict(rules.fields)
+        self.field_rules = {name: _pl_Rule(rule) for name, rule in rules.fields.items()}
         self.levels = tuple(rules.location_levels)
         self.skew_ns = rules.max_future_skew_s * 1_000_000_000
         self.max_payload_bytes = rules.max_payload_bytes
@@ -141,7 +166,7 @@ cdef class Validator:
         self.max_tags = rules.max_tags
         self.max_tag_key_length = rules.max_tag_key_length
         self.max_tag_value_length = rules.max_tag_value_length
-        self.temp_rule = self.field_rules.get("temperature")
+        self.temp_rule = rules.fields.get("temperature")
         self.temp_has_min = self.temp_rule is not None and self.temp_rule.min is not None
         self.temp_has_max = self.temp_rule is not None and self.temp_rule.max is not None
         self.temp_min = self.temp_rule.min if self.temp_has_min else 0.0
@@ -253,22 +278,26 @@ cdef class Validator:
     cdef object _timestamp(self, dict item, object received_ns):
         cdef PyObject* ms = PyDict_GetItem(item, "timestamp_ms")
         cdef PyObject* ns = PyDict_GetItem(item, "timestamp_ns")
-        cdef object value, scale
+        cdef object value
+        cdef long long v, scale, limit, ts_ns, received
         cdef str key
         if ms != NULL and ns != NULL:
             raise _pl_Reject("bad_timestamp", "timestamp_ms", "give timestamp_ms or timestamp_ns, not both")
         if ms != NULL:
-            value, key, scale = <object>ms, "timestamp_ms", 1_000_000
+            value, key, scale = <object>ms, "timestamp_ms", 1000000
         elif ns != NULL:
             value, key, scale = <object>ns, "timestamp_ns", 1
         else:
             return received_ns
         if type(value) is not int:
             raise _pl_Reject("bad_timestamp", key, f"{key} must be an integer")
-        if value < 0 or value > _pl_INT64_MAX // scale:
+        limit = 9223372036854775807 // scale
+        if value < 0 or value > limit:
             raise _pl_Reject("bad_timestamp", key, f"{key} is out of range")
-        ts_ns = value * scale
-        if ts_ns > received_ns + self.skew_ns:
+        v = value
+        ts_ns = v * scale
+        received = received_ns
+        if received <= 9223372036854775807 - self.skew_ns and ts_ns > received + self.skew_ns:
             raise _pl_Reject("future_timestamp", key,
                              f"{key} is more than {self.rules.max_future_skew_s} s in the future")
         return ts_ns
@@ -316,7 +345,8 @@ cdef class Validator:
     cdef bint _metric(self, object name, object value, object label, dict item, dict fields) except -1:
         cdef object vtype = type(value)
         cdef double t, c, x, mc
-        cdef object unit, rule
+        cdef object unit
+        cdef _pl_Rule rule
         cdef PyObject* found
         if type(name) is not str or not _pl_name_ok(<str>name, 64):
             raise _pl_Reject("bad_type", label, "invalid field name")
@@ -348,7 +378,7 @@ cdef class Validator:
             return True
         found = PyDict_GetItem(self.field_rules, name)
         if found != NULL:
-            rule = <object>found
+            rule = <_pl_Rule>found
             if rule.integer:
                 if vtype is float:
                     if not (<double>value == floor(<double>value)):
@@ -356,7 +386,7 @@ cdef class Validator:
                     value = int(value)
             else:
                 value = float(value)
-            if (rule.min is not None and value < rule.min) or (rule.max is not None and value > rule.max):
+            if rule.outside(value):
                 raise _pl_Reject("out_of_range", label, "value outside the allowed range")
         else:
             value = float(value)
