@@ -256,3 +256,67 @@ def test_accept_survives_emfile_logging_once(tmp_path, caplog):
         assert sample == 5
 
     run_with_clock(main)
+
+
+class GatedSink(MemorySink):
+    """A sink whose writes wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.waiting = 0
+
+    async def write(self, batch):
+        self.waiting += 1
+        await self.gate.wait()
+        await super().write(batch)
+
+
+def test_backpressure_pauses_the_reader_and_is_not_silence(tmp_path):
+    from gridgate.config import PipelineConfig
+
+    config = make_config(tmp_path, pipeline=PipelineConfig(queue_max_items=1, batch_max_records=1,
+                                                           batch_max_delay_ms=0))
+    sink = GatedSink()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, sink)
+            client = await connect_memory(gateway, nursery, "meter-6")
+            (session,) = list(gateway.conns)
+            # one read per publish: the first is being written, the second
+            # waits in the channel, the third cannot be queued
+            for mid in (1, 2, 3):
+                await client.send_all(gen_publish("telemetry", qos=1, mid=mid, payload=b'{"x": 1}'))
+                await trio.testing.wait_all_tasks_blocked()
+            assert session.paused and sink.waiting == 1
+            await trio.sleep(3600)   # far past idle_timeout_s: held back, not silent
+            assert len(gateway.conns) == 1 and gateway.conns.reaped == 0
+            sink.gate.set()
+            assert await read_exactly(client, 12) == gen_puback(1) + gen_puback(2) + gen_puback(3)
+            assert not session.paused
+            gateway.stop()
+        assert sum(len(b) for b in sink.batches) == 3
+
+    run_with_clock(main)
+
+
+def test_ack_received_acknowledges_before_the_sink_returns(tmp_path):
+    from gridgate.config import PipelineConfig
+
+    config = make_config(tmp_path, pipeline=PipelineConfig(ack="received"))
+    sink = GatedSink()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, sink)
+            client = await connect_memory(gateway, nursery, "meter-7")
+            await client.send_all(gen_publish("telemetry", qos=1, mid=4, payload=b'{"x": 1}'))
+            assert await read_exactly(client, 4) == gen_puback(4)
+            await trio.sleep(1)  # mock time: the batch delay has long passed
+            assert sink.batches == [] and sink.waiting == 1
+            sink.gate.set()
+            gateway.stop()
+        assert sum(len(b) for b in sink.batches) == 1
+
+    run_with_clock(main)
