@@ -222,18 +222,10 @@ class Config(msgspec.Struct, kw_only=True):
             raise ConfigError(problems)
 
     def payload_rules(self) -> PayloadRules:
-        p = self.payload
-        return PayloadRules(
-            fields=dict(self.fields),
-            location_levels=tuple(p.location_levels),
-            max_future_skew_s=p.max_future_skew_s,
-            max_fields=p.max_fields,
-            max_tags=p.max_tags,
-            max_tag_key_length=p.max_tag_key_length,
-            max_tag_value_length=p.max_tag_value_length,
-            max_payload_bytes=p.max_payload_bytes,
-            max_batch_items=p.max_batch_items,
-        )
+        """The validator's rules: ``[payload]`` limits plus ``[fields.*]``."""
+        limits = msgspec.structs.asdict(self.payload)
+        limits["location_levels"] = tuple(limits["location_levels"])
+        return PayloadRules(fields=dict(self.fields), **limits)
 
     def to_toml(self) -> str:
         """The effective config as TOML (for ``gridgate check-config``)."""
