@@ -1,0 +1,1 @@
+"""gridgate-loadgen: a fleet simulator that measures honestly (DESIGN section 8)."""

@@ -1,0 +1,226 @@
+"""``gridgate-loadgen``: simulate a fleet of devices and measure the server.
+
+    gridgate-loadgen mqtt --target HOST:PORT --devices N --duration S [--rate R] [--qos 0|1]
+        [--inflight W] [--batch K] [--procs P] [--source-ips A-B] [--payload json|msgpack]
+        [--idle] [--connect-rate C] [--keepalive K] [--json FILE]
+
+``--rate 0`` (the default) is closed loop: each device keeps ``--inflight``
+readings unacknowledged and sends more as acks arrive. ``--rate R`` is open
+loop: R readings/s over the whole fleet on a fixed schedule, latency measured
+from each reading's intended send time, so a stalled server shows in the
+percentiles instead of slowing the load down. Works against any MQTT 3.1.1
+broker.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import trio
+
+from loadgen.limits import check_capacity, parse_ip_range, raise_open_file_limit
+from loadgen.mqtt_device import DeviceOptions
+from loadgen.runner import RunPlan, SelfCheck, run_share
+from loadgen.stats import Stats
+
+EXIT_USAGE = 2
+
+
+def _target(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gridgate-loadgen", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
+    m = sub.add_parser("mqtt", help="MQTT 3.1.1 devices (gridgate, mosquitto, any broker)")
+    m.add_argument("--target", type=_target, required=True, metavar="HOST:PORT")
+    m.add_argument("--devices", type=_positive_int, required=True, metavar="N")
+    m.add_argument("--duration", type=_positive_float, required=True, metavar="S")
+    m.add_argument("--rate", type=_non_negative_float, default=0.0, metavar="R",
+                   help="readings/s over the whole fleet; 0 = closed loop, as fast as acks allow")
+    m.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    m.add_argument("--inflight", type=_positive_int, default=10, metavar="W",
+                   help="unacknowledged messages per device (QoS 0: messages per send)")
+    m.add_argument("--batch", type=_positive_int, default=1, metavar="K", help="readings per message")
+    m.add_argument("--procs", type=_positive_int, default=1, metavar="P", help="worker processes")
+    m.add_argument("--source-ips", metavar="A-B", help="spread connections over these loopback addresses")
+    m.add_argument("--payload", choices=("json", "msgpack"), default="json")
+    m.add_argument("--idle", action="store_true", help="connect and send keepalives only")
+    m.add_argument("--connect-rate", type=_non_negative_float, default=0.0, metavar="C",
+                   help="new connections per second over the fleet (with jitter); 0 = all at once")
+    m.add_argument("--keepalive", type=int, default=60, metavar="K", help="MQTT keepalive, seconds")
+    m.add_argument("--client-prefix", default="loadgen", help="client ids are PREFIX-000000 ...")
+    m.add_argument("--json", metavar="FILE", help="write the results (and the merged histogram) as JSON")
+    return parser
+
+
+def _plans(args: argparse.Namespace, sources: tuple[str, ...]) -> list[RunPlan]:
+    host, port = args.target
+    device = DeviceOptions(
+        host=host, port=port, qos=args.qos, inflight=args.inflight, batch=args.batch,
+        rate_per_device=args.rate / args.devices, payload=args.payload, idle=args.idle,
+        keepalive=args.keepalive, client_prefix=args.client_prefix)
+    plans, first = [], 0
+    for p in range(args.procs):
+        count = args.devices // args.procs + (1 if p < args.devices % args.procs else 0)
+        plans.append(RunPlan(device=device, first=first, count=count, duration=args.duration,
+                             connect_rate=args.connect_rate / args.procs, source_ips=sources, seed=p + 1))
+        first += count
+    return plans
+
+
+class Progress:
+    def __init__(self, out=sys.stderr) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.last_sent = self.last_acked = 0
+        self.seconds = 0
+
+    def show(self, stats: Stats, cpu: float | None) -> None:
+        self.seconds += 1
+        p99 = stats.latency_ms()["p99"]
+        line = (f"t={self.seconds}s connected={stats.connected}/{stats.devices} "
+                f"sent/s={stats.sent - self.last_sent} acked/s={stats.acked - self.last_acked} "
+                f"p99={'-' if p99 is None else f'{p99:.1f}ms'} errors={stats.errors}"
+                + ("" if cpu is None else f" loadgen-cpu={cpu:.0%}"))
+        self.last_sent, self.last_acked = stats.sent, stats.acked
+        if self.tty:
+            self.out.write("\r" + line.ljust(100))
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+
+
+async def _run_local(plan: RunPlan, progress: Progress) -> tuple[Stats, list[str]]:
+    stats, check = Stats(), SelfCheck()
+    await run_share(plan, stats, check, lambda: progress.show(stats, check.cpu))
+    return stats, check.warnings()
+
+
+async def _run_workers(plans: list[RunPlan], progress: Progress) -> tuple[Stats, list[str]]:
+    latest: list[Stats] = [Stats() for _ in plans]
+    final: list[Stats | None] = [None] * len(plans)
+    warnings: list[str] = []
+
+    async def worker(i: int, plan: RunPlan) -> None:
+        payload = json.dumps(dataclasses.asdict(plan))
+        proc = await trio.lowlevel.open_process([sys.executable, "-m", "loadgen.worker", payload],
+                                                stdout=subprocess.PIPE)
+        buf = b""
+        try:
+            assert proc.stdout is not None
+            while True:
+                chunk = await proc.stdout.receive_some(1 << 20)
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    kind, _, body = line.decode().partition(" ")
+                    if kind == "S":
+                        latest[i] = Stats.from_wire(body)
+                    elif kind == "F":
+                        final[i] = Stats.from_wire(body)
+                    elif kind == "W":
+                        warnings.extend(f"worker {i}: {w}" for w in json.loads(body))
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+        if proc.returncode != 0 or final[i] is None:
+            raise RuntimeError(f"loadgen worker {i} failed (exit code {proc.returncode})")
+
+    async def show() -> None:
+        while True:
+            await trio.sleep(1)
+            merged = Stats()
+            for s in latest:
+                merged.merge(s)
+            progress.show(merged, None)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(show)
+        async with trio.open_nursery() as workers:
+            for i, plan in enumerate(plans):
+                workers.start_soon(worker, i, plan)
+        nursery.cancel_scope.cancel()
+    total = Stats()
+    for s in final:
+        assert s is not None
+        total.merge(s)
+    return total, warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        sources = parse_ip_range(args.source_ips) if args.source_ips else ()
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.procs > args.devices:
+        parser.error(f"--procs {args.procs} is more than --devices {args.devices}")
+    fd_limit = raise_open_file_limit()
+    problems = check_capacity(args.devices, args.procs, fd_limit, len(sources))
+    if problems:
+        for p in problems:
+            print(f"gridgate-loadgen: {p}", file=sys.stderr)
+        return EXIT_USAGE
+    plans = _plans(args, sources)
+    progress = Progress()
+    if args.procs == 1:
+        stats, warnings = trio.run(_run_local, plans[0], progress)
+    else:
+        stats, warnings = trio.run(_run_workers, plans, progress)
+    progress.end()
+    print(stats.table())
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if args.json:
+        result = {"protocol": args.protocol, "target": f"{args.target[0]}:{args.target[1]}",
+                  "options": {k: v for k, v in vars(args).items() if k not in ("target", "json")},
+                  **stats.summary(), "warnings": warnings,
+                  "histogram": stats.histogram.encode().decode("ascii")}
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

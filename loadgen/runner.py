@@ -1,0 +1,98 @@
+"""Run a share of the fleet in this process, and watch the load generator
+itself: a loop that lags its schedule, or a process at 100% CPU, means the
+numbers describe the load generator rather than the server."""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from loadgen.mqtt_device import DeviceOptions, run_device
+from loadgen.stats import Stats
+
+__all__ = ["RunPlan", "run_share", "SelfCheck"]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    device: DeviceOptions
+    first: int                      # index of this share's first device
+    count: int
+    duration: float
+    connect_rate: float = 0.0       # new connections per second in this share; 0 = all at once
+    source_ips: tuple[str, ...] = ()
+    seed: int = 1
+
+
+@dataclass
+class SelfCheck:
+    seconds: int = 0
+    cpu_saturated: int = 0          # seconds at >= 95% of one core
+    lagging: int = 0                # seconds whose loop lag exceeded 100 ms
+    max_lag_ms: float = 0.0
+    cpu: float = 0.0                # last second's CPU share
+    _last_cpu: float = field(default=0.0, repr=False)
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.cpu_saturated:
+            out.append(f"load generator at 100% CPU in {self.cpu_saturated} of {self.seconds} s: "
+                       f"it is (part of) the bottleneck; use --procs or fewer devices")
+        if self.lagging:
+            out.append(f"load generator loop lagged its schedule by up to {self.max_lag_ms:.0f} ms in "
+                       f"{self.lagging} of {self.seconds} s: its timings are not the server's")
+        return out
+
+
+async def _monitor(check: SelfCheck, tick: Callable[[], None] | None) -> None:
+    check._last_cpu = time.process_time()
+    while True:
+        worst = 0.0
+        for _ in range(10):
+            before = trio.current_time()
+            await trio.sleep(0.1)
+            worst = max(worst, trio.current_time() - before - 0.1)
+        cpu_now = time.process_time()
+        check.cpu = cpu_now - check._last_cpu
+        check._last_cpu = cpu_now
+        check.seconds += 1
+        check.max_lag_ms = max(check.max_lag_ms, worst * 1000)
+        if check.cpu >= 0.95:
+            check.cpu_saturated += 1
+        if worst > 0.1:
+            check.lagging += 1
+        if tick is not None:
+            tick()
+
+
+async def run_share(plan: RunPlan, stats: Stats, check: SelfCheck,
+                    tick: Callable[[], None] | None = None) -> None:
+    """Run devices ``plan.first .. plan.first + plan.count - 1`` for ``plan.duration`` s."""
+    stats.devices += plan.count
+    start = trio.current_time()
+    deadline = start + plan.duration
+    rng = random.Random(plan.seed)
+    async with trio.open_nursery() as nursery:
+        monitor = trio.CancelScope()
+
+        async def run_monitor() -> None:
+            with monitor:
+                await _monitor(check, tick)
+
+        nursery.start_soon(run_monitor)
+        async with trio.open_nursery() as devices:
+            for n in range(plan.count):
+                index = plan.first + n
+                local = plan.source_ips[index % len(plan.source_ips)] if plan.source_ips else None
+                devices.start_soon(run_device, index, plan.device, stats, start, deadline, local,
+                                   random.Random(rng.random()))
+                if plan.connect_rate > 0:
+                    # Ramp on an absolute timetable with +-50% jitter (no
+                    # lockstep storms); a busy loop catches up instead of
+                    # drifting further behind with every sleep.
+                    await trio.sleep_until(start + (n + rng.uniform(0.5, 1.5)) / plan.connect_rate)
+        stats.elapsed_s = trio.current_time() - start
+        monitor.cancel()

@@ -1,0 +1,107 @@
+"""Counters and latency histograms of a load run, mergeable across processes.
+
+Latency is recorded in microseconds in an HdrHistogram (1 us .. 60 s, 3
+significant digits). Worker processes ship their histogram encoded; the
+parent adds them, which is exact: percentiles of the merge are those of one
+histogram that had seen every sample.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from hdrh.histogram import HdrHistogram
+
+__all__ = ["Stats", "new_histogram", "PERCENTILES"]
+
+LOWEST_US = 1
+HIGHEST_US = 60_000_000
+SIGNIFICANT = 3
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT)
+
+
+@dataclass
+class Stats:
+    devices: int = 0
+    connected: int = 0          # devices connected now
+    peak_connected: int = 0     # most devices connected at once (summed over workers)
+    connects: int = 0           # successful connects, reconnects included
+    reconnects: int = 0
+    sent: int = 0               # readings sent
+    acked: int = 0              # readings acknowledged (QoS 1)
+    errors: int = 0             # failed connects, drops, refusals
+    replayed: int = 0           # readings sent late from the offline buffer
+    dropped: int = 0            # readings lost because the offline buffer was full
+    behind: int = 0             # readings sent later than scheduled (open loop)
+    elapsed_s: float = 0.0
+    histogram: HdrHistogram = field(default_factory=new_histogram, repr=False)
+
+    def record_latency_us(self, value: int) -> None:
+        self.histogram.record_value(min(max(value, LOWEST_US), HIGHEST_US))
+
+    def merge(self, other: "Stats") -> None:
+        for name in ("devices", "connected", "peak_connected", "connects", "reconnects", "sent", "acked", "errors", "replayed",
+                     "dropped", "behind"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
+        self.histogram.add(other.histogram)
+
+    # -- wire format between worker and parent --------------------------------
+
+    def to_wire(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if k != "histogram"}
+        data["histogram"] = self.histogram.encode().decode("ascii")
+        return json.dumps(data)
+
+    @classmethod
+    def from_wire(cls, text: str) -> "Stats":
+        data = json.loads(text)
+        hist = HdrHistogram.decode(data.pop("histogram").encode("ascii"))
+        stats = cls(**data)
+        stats.histogram = new_histogram()
+        stats.histogram.add(hist)
+        return stats
+
+    # -- reporting --------------------------------------------------------------
+
+    def latency_ms(self) -> dict[str, float | None]:
+        h = self.histogram
+        if h.get_total_count() == 0:
+            return {**{f"p{p:g}": None for p in PERCENTILES}, "max": None}
+        out: dict[str, float | None] = {f"p{p:g}": h.get_value_at_percentile(p) / 1000.0 for p in PERCENTILES}
+        out["max"] = h.get_max_value() / 1000.0
+        return out
+
+    def summary(self) -> dict:
+        rate = self.acked if self.acked else self.sent
+        return {
+            "devices": self.devices, "connected": self.connected, "peak_connected": self.peak_connected,
+            "connects": self.connects,
+            "reconnects": self.reconnects, "sent": self.sent, "acked": self.acked, "errors": self.errors,
+            "replayed": self.replayed, "dropped": self.dropped, "behind_schedule": self.behind,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "readings_per_s": round(rate / self.elapsed_s, 1) if self.elapsed_s else 0.0,
+            "latency_ms": self.latency_ms(),
+            "latency_samples": self.histogram.get_total_count(),
+        }
+
+    def table(self) -> str:
+        s = self.summary()
+        lat = s["latency_ms"]
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        rows = [
+            ("connected", f"{s['peak_connected']} of {s['devices']} devices at peak ({s['connects']} connects, "
+                          f"{s['reconnects']} reconnects)"),
+            ("sent", f"{s['sent']}"), ("acked", f"{s['acked']}"), ("errors", f"{s['errors']}"),
+            ("replayed / dropped", f"{s['replayed']} / {s['dropped']}"),
+            ("readings/s", f"{s['readings_per_s']:.0f} ({'acked' if self.acked else 'sent'}, "
+                           f"over {s['elapsed_s']:.1f} s)"),
+            ("ack latency ms", " ".join(f"{k}={fmt(v)}" for k, v in lat.items())
+             + f" ({s['latency_samples']} samples)"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,204 @@
+"""gridgate-loadgen: schedule and latency accounting, exact histogram merge,
+argument errors, and runs against gridgate and mosquitto."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from gatewayproc import GatewayProcess, spool_stats
+from loadgen.limits import check_capacity, parse_ip_range
+from loadgen.mqtt_device import DeviceOptions
+from loadgen.runner import RunPlan, SelfCheck, run_share
+from loadgen.schedule import Schedule, intended_time
+from loadgen.stats import Stats, new_histogram
+
+LOADGEN = [sys.executable, "-m", "loadgen.cli"]
+
+
+def test_open_loop_schedule_is_fixed_in_advance():
+    s = Schedule(start=100.0, rate_per_device=4.0, offset=0.1)
+    assert [s.advance() for _ in range(4)] == [100.1, 100.35, 100.6, 100.85]
+    assert intended_time(0.0, 10.0, 25) == 2.5
+
+
+def test_histogram_merge_across_processes_is_exact():
+    rng = random.Random(5)
+    samples = [[rng.randint(1, 5_000_000) for _ in range(5000)] for _ in range(3)]
+    parts = []
+    for chunk in samples:
+        st = Stats(sent=len(chunk), acked=len(chunk))
+        for v in chunk:
+            st.record_latency_us(v)
+        parts.append(Stats.from_wire(st.to_wire()))   # as a worker ships it
+    merged = Stats()
+    for p in parts:
+        merged.merge(p)
+    whole = new_histogram()
+    for v in (v for chunk in samples for v in chunk):
+        whole.record_value(v)
+    assert merged.acked == 15000
+    assert merged.histogram.get_total_count() == whole.get_total_count()
+    for pct in (50, 90, 99, 99.9, 100):
+        assert merged.histogram.get_value_at_percentile(pct) == whole.get_value_at_percentile(pct)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--devices", "0"], "0 is not a positive integer"),
+    (["--target", "nohost"], "'nohost' is not HOST:PORT"),
+    (["--duration", "-1"], "-1 is not a number >= 0"),
+    (["--qos", "2"], "invalid choice: 2"),
+    (["--procs", "20"], "--procs 20 is more than --devices 10"),
+    (["--source-ips", "10.0.0.1-10.0.0.5"], "only loopback addresses (127.0.0.0/8) are allowed"),
+    (["--source-ips", "127.0.0.9-127.0.0.2"], "the range ends before it starts"),
+])
+def test_argument_errors_are_clear(args, message):
+    base = {"--target": "127.0.0.1:1", "--devices": "10", "--duration": "1"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    argv = [x for kv in base.items() for x in kv]
+    out = subprocess.run(LOADGEN + ["mqtt", *argv], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
+def test_capacity_is_checked_before_connecting():
+    assert check_capacity(15000, 2, 20000, 19) == []
+    (fds,) = check_capacity(30000, 1, 20000, 2)
+    assert fds == ("30000 devices over 1 process(es) is 30000 sockets per process, but one process may open "
+                   "20000 files (19936 after a reserve of 64): use --procs 2 or more")
+    (ports,) = check_capacity(30000, 2, 20000, 1)
+    assert ports.startswith("30000 connections to one target need more than 28000 source ports")
+    assert parse_ip_range("127.0.0.2-127.0.0.4") == ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+
+def test_too_many_devices_for_one_process_is_refused_with_advice():
+    out = subprocess.run(LOADGEN + ["mqtt", "--target", "127.0.0.1:1", "--devices", "50000", "--duration", "1"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "use --procs" in out.stderr and "--source-ips" in out.stderr
+
+
+async def stalling_broker(task_status=trio.TASK_STATUS_IGNORED, *, stall_after: float, stall_for: float):
+    """A minimal MQTT acker that stops reading for ``stall_for`` seconds once."""
+    start = trio.current_time()
+    stalled = False
+
+    async def handle(stream):
+        nonlocal stalled
+        buf = b""
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            if not stalled and trio.current_time() - start >= stall_after:
+                stalled = True
+                await trio.sleep(stall_for)
+            buf += data
+            acks = []
+            while len(buf) >= 2:
+                length, mult, i = 0, 1, 1
+                while True:
+                    byte = buf[i]
+                    length += (byte & 0x7F) * mult
+                    i += 1
+                    if not byte & 0x80:
+                        break
+                    mult *= 128
+                if len(buf) < i + length:
+                    break
+                first = buf[0]
+                if first == 0x10:
+                    acks.append(b"\x20\x02\x00\x00")
+                elif first & 0xF0 == 0x30 and first & 0x06:
+                    topic_len = (buf[i] << 8) | buf[i + 1]
+                    pid = buf[i + 2 + topic_len:i + 4 + topic_len]
+                    acks.append(b"\x40\x02" + pid)
+                buf = buf[i + length:]
+            if acks:
+                await stream.send_all(b"".join(acks))
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
+
+
+def test_a_stalled_server_shows_in_the_open_loop_percentiles():
+    stats, check = Stats(), SelfCheck()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(lambda task_status: stalling_broker(task_status, stall_after=1.0,
+                                                                           stall_for=1.0))
+            opts = DeviceOptions(host="127.0.0.1", port=port, qos=1, inflight=1000, rate_per_device=50.0)
+            await run_share(RunPlan(device=opts, first=0, count=4, duration=3.0), stats, check)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    lat = stats.latency_ms()
+    assert stats.acked == stats.sent > 0
+    # readings scheduled during the 1 s stall waited for it: latency is measured
+    # from their intended send time, so the stall cannot hide
+    assert lat["max"] >= 900
+    assert lat["p99"] >= 800
+    assert lat["p50"] < lat["p99"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_loadgen(port: int, tmp_path, name: str, *extra: str) -> dict:
+    out_json = tmp_path / f"{name}.json"
+    out = subprocess.run(LOADGEN + ["mqtt", "--target", f"127.0.0.1:{port}", "--devices", "1000", "--qos", "1",
+                                    "--duration", "10", "--json", str(out_json), *extra],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "readings/s" in out.stdout and "p99.9=" in out.stdout
+    return json.loads(out_json.read_text())
+
+
+def test_1000_devices_against_gridgate_acked_equals_spool(tmp_path):
+    gw = GatewayProcess(tmp_path / "data")
+    try:
+        result = run_loadgen(gw.mqtt[1], tmp_path, "gridgate")
+    finally:
+        assert gw.stop() == 0
+    assert result["peak_connected"] == 1000 and result["errors"] == 0
+    assert result["acked"] == result["sent"] > 0
+    assert result["latency_ms"]["p99"] is not None
+    assert spool_stats(tmp_path / "data")["records"] == result["acked"]
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is not installed (.ci/run installs it)")
+def test_1000_devices_against_mosquitto(tmp_path):
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    log = open(tmp_path / "mosquitto.log", "wb")  # a pipe nobody reads would fill and block the broker
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)
+    try:
+        for _ in range(100):   # wait until it accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if broker.poll() is not None:
+                    pytest.fail((tmp_path / "mosquitto.log").read_text())
+                trio.run(trio.sleep, 0.05)
+        result = run_loadgen(port, tmp_path, "mosquitto")
+    finally:
+        broker.terminate()
+        broker.wait(10)
+        log.close()
+    assert result["peak_connected"] == 1000 and result["errors"] == 0
+    assert result["acked"] == result["sent"] > 0
+    assert result["readings_per_s"] > 0 and result["latency_ms"]["p50"] is not None
