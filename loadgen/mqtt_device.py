@@ -255,6 +255,7 @@ async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float
         if clean:
             return
         # dropped: what was in flight is owed again (a real device resends QoS 1)
+        stats.unacked_at_drop += len(dev.inflight) * opts.batch
         dev.replay = sorted(dev.replay + list(dev.inflight.values()))[-OFFLINE_BUFFER:]
         dev.inflight.clear()
         delay = min(opts.backoff_max, opts.backoff_base) * rng.uniform(0.5, 1.5)

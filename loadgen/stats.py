@@ -36,6 +36,7 @@ class Stats:
     errors: int = 0             # failed connects, drops, refusals
     replayed: int = 0           # readings sent late from the offline buffer
     dropped: int = 0            # readings lost because the offline buffer was full
+    unacked_at_drop: int = 0    # readings in flight when a connection dropped (resent later)
     behind: int = 0             # readings sent later than scheduled (open loop)
     elapsed_s: float = 0.0
     histogram: HdrHistogram = field(default_factory=new_histogram, repr=False)
@@ -44,8 +45,8 @@ class Stats:
         self.histogram.record_value(min(max(value, LOWEST_US), HIGHEST_US))
 
     def merge(self, other: "Stats") -> None:
-        for name in ("devices", "connected", "peak_connected", "connects", "reconnects", "sent", "acked", "errors", "replayed",
-                     "dropped", "behind"):
+        for name in ("devices", "connected", "peak_connected", "connects", "reconnects", "sent", "acked",
+                     "errors", "replayed", "dropped", "unacked_at_drop", "behind"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
         self.histogram.add(other.histogram)
@@ -82,7 +83,8 @@ class Stats:
             "devices": self.devices, "connected": self.connected, "peak_connected": self.peak_connected,
             "connects": self.connects,
             "reconnects": self.reconnects, "sent": self.sent, "acked": self.acked, "errors": self.errors,
-            "replayed": self.replayed, "dropped": self.dropped, "behind_schedule": self.behind,
+            "replayed": self.replayed, "dropped": self.dropped, "unacked_at_drop": self.unacked_at_drop,
+            "behind_schedule": self.behind,
             "elapsed_s": round(self.elapsed_s, 3),
             "readings_per_s": round(rate / self.elapsed_s, 1) if self.elapsed_s else 0.0,
             "latency_ms": self.latency_ms(),
