@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import shutil
 import socket
 import subprocess
@@ -234,3 +235,21 @@ def test_devices_reconnect_and_replay_after_the_server_restarts(tmp_path):
     assert stats.acked == stats.sent - stats.unacked_at_drop
     # acknowledged readings are durable (resent ones may be stored twice, never lost)
     assert spool_stats(data)["records"] >= stats.acked
+
+
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 16_000,
+                    reason="needs a hard open-file limit of at least 16,000 (these machines have 20,000)")
+def test_15000_idle_connections_over_two_processes(tmp_path):
+    gw = GatewayProcess(tmp_path / "data")
+    out_json = tmp_path / "idle.json"
+    try:
+        out = subprocess.run(LOADGEN + ["mqtt", "--target", f"127.0.0.1:{gw.mqtt[1]}", "--idle", "--devices", "15000",
+                                        "--procs", "2", "--source-ips", "127.0.0.2-127.0.0.20", "--duration", "15",
+                                        "--json", str(out_json)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert gw.alive()
+    finally:
+        assert gw.stop() == 0
+    result = json.loads(out_json.read_text())
+    # every device connected once and none was dropped for the whole run
+    assert (result["peak_connected"], result["connects"], result["reconnects"], result["errors"]) == (15000, 15000, 0, 0)
