@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from gridgate.records import Record, Rejection
+from gridgate.records import DEVICE_ID_PATTERN, Record, Rejection
 from gridgate.rules import PayloadRules
 
 __all__ = ["Validator", "RESERVED_KEYS", "MAX_DEPTH"]
@@ -30,7 +30,7 @@ INT64_MAX = 2 ** 63 - 1
 # reading needs; both implementations cut at this one so they agree.
 MAX_DEPTH = 64
 
-_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
+_DEVICE_ID = re.compile(DEVICE_ID_PATTERN + r"\Z")
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}\Z")
 _TAG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -25,7 +25,7 @@ from gridgate.mqtt_events import (
     Subscribe, Unsubscribe,
 )
 from gridgate.pipeline import WorkItem
-from gridgate.records import Rejection
+from gridgate.records import DEVICE_ID_PATTERN, Rejection
 
 if TYPE_CHECKING:
     from gridgate.connmanager import Session
@@ -35,7 +35,7 @@ __all__ = ["MQTTConnection", "DEVICE_ID_RE"]
 
 log = logging.getLogger("gridgate.mqtt")
 
-DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
+DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN + r"\Z")
 
 # CONNACK return codes, MQTT 3.1.1 section 3.2.2.3.
 CONNACK_ACCEPTED = 0

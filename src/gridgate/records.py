@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["Record", "Rejection", "REASONS"]
+__all__ = ["Record", "Rejection", "REASONS", "DEVICE_ID_PATTERN"]
+
+# What a device id may be (DESIGN section 3), wherever it comes from: an MQTT
+# client id, a WebSocket ?device_id=, or a payload's device_id.
+DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 
 # Reason codes for rejected input (DESIGN section 3). Public surface.
 REASONS: tuple[str, ...] = (
