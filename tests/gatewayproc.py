@@ -45,7 +45,7 @@ class GatewayProcess:
     def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None,
                  start_timeout: float = 30.0) -> None:
         self.data_dir = data_dir
-        cmd = [str(BIN), "serve", "--mqtt", "127.0.0.1:0", "--data-dir", str(data_dir), *args]
+        cmd = [str(BIN), "serve", "--mqtt", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir", str(data_dir), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env=env if env is not None else gridgate_env())
         self.lines: list[str] = []
@@ -70,6 +70,10 @@ class GatewayProcess:
         if not ready.wait(start_timeout) or not self.addresses:
             self.kill()
             raise RuntimeError("gridgate did not start:\n" + "\n".join(self.lines))
+
+    @property
+    def http(self) -> tuple[str, int]:
+        return self.addresses["http"]
 
     @property
     def mqtt(self) -> tuple[str, int]:

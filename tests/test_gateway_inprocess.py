@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 import gridgate
-from gridgate.config import Config, ConnectionsConfig, MQTTConfig, ServiceConfig, SpoolConfig
+from gridgate.config import Config, HTTPConfig, MQTTConfig, ServiceConfig, SpoolConfig
 from gridgate.records import Record
 from mqtt_frames import gen_connack, gen_connect, gen_pingreq, gen_pingresp, gen_publish, gen_puback
 
@@ -20,6 +20,7 @@ def make_config(tmp_path, **sections) -> Config:
     return Config(
         service=ServiceConfig(environment="test", service_name="gg"),
         mqtt=sections.pop("mqtt", MQTTConfig(listen="")),
+        http=sections.pop("http", HTTPConfig(listen="")),
         spool=SpoolConfig(data_dir=str(tmp_path / "data")),
         **sections,
     )

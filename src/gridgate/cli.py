@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", metavar="FILE", help="TOML config file (default: the embedded default)")
     serve.add_argument("--mqtt", metavar="HOST:PORT", help='MQTT listener ("" disables it; port 0 = ephemeral)')
+    serve.add_argument("--http", metavar="HOST:PORT", help='HTTP listener ("" disables it; port 0 = ephemeral)')
+    serve.add_argument("--http-engine", choices=["std"],
+                       help="HTTP engine (the fast Cython engine is not built yet)")
     serve.add_argument("--data-dir", metavar="DIR", help="spool directory (default ./gridgate-data)")
     serve.add_argument("--idle-timeout", metavar="SECONDS", type=float,
                        help="drop connections silent this long (default 300)")
@@ -53,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {
         "mqtt": {"listen": args.mqtt},
+        "http": {"listen": args.http, "engine": args.http_engine},
         "spool": {"data_dir": args.data_dir},
         "connections": {"idle_timeout_s": args.idle_timeout},
         "sink": {"kind": args.sink},

@@ -20,7 +20,7 @@ from msgspec import Meta
 from gridgate.rules import DEFAULT_FIELD_RULES, FieldRule, PayloadRules
 
 __all__ = [
-    "Config", "ConfigError", "ServiceConfig", "MQTTConfig", "ConnectionsConfig",
+    "Config", "ConfigError", "ServiceConfig", "MQTTConfig", "HTTPConfig", "ConnectionsConfig",
     "PipelineConfig", "PayloadConfig", "SinkConfig", "SpoolConfig", "parse_address",
 ]
 
@@ -50,6 +50,17 @@ class MQTTConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     receive_bytes: Annotated[int, Meta(ge=512, le=16_777_216)] = 65_536
     # Unacknowledged outgoing bytes per connection before we stop reading it.
     max_outgoing_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
+
+
+class HTTPConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:8080"
+    # "fast" (the Cython engine, DESIGN section 5) is not built yet.
+    engine: Literal["std"] = "std"
+    header_timeout_s: PositiveFloat = 10.0
+    body_timeout_s: PositiveFloat = 30.0
+    max_body_bytes: PositiveInt = 1_048_576          # also the limit after gzip decompression
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 16_384
+    durable_timeout_s: PositiveFloat = 30.0          # longest wait for the sink before 503
 
 
 class ConnectionsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -93,6 +104,7 @@ class SpoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "service": ServiceConfig,
     "mqtt": MQTTConfig,
+    "http": HTTPConfig,
     "connections": ConnectionsConfig,
     "pipeline": PipelineConfig,
     "payload": PayloadConfig,
@@ -107,6 +119,7 @@ class Config(msgspec.Struct, kw_only=True):
 
     service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
     mqtt: MQTTConfig = msgspec.field(default_factory=MQTTConfig)
+    http: HTTPConfig = msgspec.field(default_factory=HTTPConfig)
     connections: ConnectionsConfig = msgspec.field(default_factory=ConnectionsConfig)
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     payload: PayloadConfig = msgspec.field(default_factory=PayloadConfig)
@@ -200,7 +213,7 @@ class Config(msgspec.Struct, kw_only=True):
             out.append("service.environment is not set (set ENVIRONMENT, GRIDGATE_SERVICE_ENVIRONMENT or [service] environment)")
         if not self.service.service_name:
             out.append("service.service_name is not set (set SERVICE_NAME, GRIDGATE_SERVICE_SERVICE_NAME or [service] service_name)")
-        for section, key in (("mqtt", "listen"),):
+        for section, key in (("mqtt", "listen"), ("http", "listen")):
             value = getattr(getattr(self, section), key)
             try:
                 parse_address(value)

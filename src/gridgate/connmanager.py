@@ -13,6 +13,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -83,6 +84,9 @@ class ConnManager:
         self._by_device: dict[str, Session] = {}
         self._by_protocol: dict[str, int] = {}
         self._heap: list[tuple[float, int, Session]] = []
+        # Devices seen since start (for GET /v1/devices/{id}), most recent last;
+        # bounded so a churn of device ids cannot grow memory.
+        self._seen: OrderedDict[str, dict] = OrderedDict()
         self._wakeup = trio.Event()
         self._empty = trio.Event()
         self._next_reap: float | None = None
@@ -121,10 +125,36 @@ class ConnManager:
         self.metrics.connections.labels(session.protocol).dec()
         if session.device_id is not None and self._by_device.get(session.device_id) is session:
             del self._by_device[session.device_id]
+            self._remember(session)
         if not self._sessions:
             self._empty.set()
         log.debug("disconnect %s %s from %s (%s)", session.protocol, session.device_id or "-",
                   session.remote, session.close_reason or "closed")
+
+    SEEN_MAX = 100_000
+
+    def _remember(self, session: Session) -> None:
+        assert session.device_id is not None
+        self._seen[session.device_id] = self._describe(session)
+        self._seen.move_to_end(session.device_id)
+        while len(self._seen) > self.SEEN_MAX:
+            self._seen.popitem(last=False)
+
+    @staticmethod
+    def _describe(session: Session) -> dict:
+        wall_now = time.time()
+        now = trio.current_time()
+        return {"device_id": session.device_id, "protocol": session.protocol,
+                "connected_at": round(session.connected_wall, 3),
+                "last_seen": round(wall_now - (now - session.last_seen), 3), "remote": session.remote}
+
+    def device_info(self, device_id: str) -> dict | None:
+        """``online`` plus what is known of the device's latest connection; None if never seen."""
+        session = self._by_device.get(device_id)
+        if session is not None:
+            return {"online": True, **self._describe(session)}
+        seen = self._seen.get(device_id)
+        return None if seen is None else {"online": False, **seen}
 
     async def wait_empty(self) -> None:
         """Return once no session is left."""

@@ -18,9 +18,10 @@ from typing import Any
 
 import trio
 
-from gridgate import hotpath
+from gridgate import _payload_py, hotpath
 from gridgate.config import Config, parse_address
 from gridgate.connmanager import ConnManager, Session
+from gridgate.http_std import serve_std_http
 from gridgate.metrics import Metrics
 from gridgate.mqtt_session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection
 from gridgate.pipeline import Pipeline
@@ -83,8 +84,12 @@ class Gateway:
             max_connections=self.max_connections,
             metrics=metrics,
         )
-        self.validator = hotpath.payload.Validator(config.payload_rules())
+        rules = config.payload_rules()
+        self.validator = hotpath.payload.Validator(rules)
         self.validate = self.validator.validate
+        # the std HTTP engine's validator: always the pure-Python reference
+        self.std_validator = _payload_py.Validator(rules)
+        self.ready = False
         self.pipeline = Pipeline(
             self._write,
             batch_max_records=config.pipeline.batch_max_records,
@@ -94,7 +99,7 @@ class Gateway:
         )
         self._stop = trio.Event()
         self._listeners: list[trio.SocketListener] = []
-        self._accept_scope = trio.CancelScope()
+        self._accept_scopes: list[trio.CancelScope] = []
         self._conn_nursery: trio.Nursery | None = None
 
     # -- sink composition ---------------------------------------------------
@@ -123,6 +128,8 @@ class Gateway:
             conn_nursery = await nursery.start(_nursery_holder)
             self._conn_nursery = conn_nursery
             await self._listen("mqtt", self.config.mqtt.listen, self.handle_mqtt, nursery)
+            await self._listen("http", self.config.http.listen, self.handle_http, nursery)
+            self.ready = True
             log.info("listening %s", " ".join(f"{k}={_fmt_addr(v)}" for k, v in self.addresses.items()))
             log.info("%s; max_connections=%d; data_dir=%s", hotpath.describe(), self.max_connections,
                      self.config.spool.data_dir)
@@ -132,8 +139,10 @@ class Gateway:
             nursery.cancel_scope.cancel()
 
     async def _graceful_stop(self) -> None:
+        self.ready = False
         log.info("stopping: no new connections; draining %d connections", len(self.conns))
-        self._accept_scope.cancel()
+        for scope in self._accept_scopes:
+            scope.cancel()
         for listener in self._listeners:
             await listener.aclose()
         with trio.move_on_after(DRAIN_TIMEOUT_S) as drain:
@@ -179,7 +188,9 @@ class Gateway:
         failing = False
         assert self._conn_nursery is not None
         conn_nursery = self._conn_nursery
-        with self._accept_scope:
+        scope = trio.CancelScope()
+        self._accept_scopes.append(scope)
+        with scope:
             while True:
                 try:
                     stream = await listener.accept()
@@ -210,6 +221,25 @@ class Gateway:
             await self._refuse(stream, "mqtt", b"\x20\x02\x00" + bytes([CONNACK_SERVER_UNAVAILABLE]))
             return
         await self._serve_connection(stream, "mqtt", lambda s: MQTTConnection(stream, self, s).run())
+
+    async def handle_http(self, stream: trio.abc.Stream) -> None:
+        """Serve one HTTP/1.1 connection (keep-alive, pipelining) on any Trio stream."""
+        if self.conns.full():
+            body = b'{"error": "overloaded", "detail": "max_connections reached"}'
+            await self._refuse(stream, "http", b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                               b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+                               + str(len(body)).encode() + b"\r\n\r\n" + body)
+            return
+        await self._serve_connection(stream, "http", lambda s: serve_std_http(stream, self, s))
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why /readyz is 503; empty when listeners are up and the sink takes writes."""
+        reasons = []
+        if not self.ready:
+            reasons.append("listeners are not accepting")
+        if not self.spool.accepting_writes():
+            reasons.append("the spool refuses writes (max_bytes reached)")
+        return reasons
 
     async def _refuse(self, stream: trio.abc.Stream, protocol: str, answer: bytes) -> None:
         self.metrics.connections_refused.labels(protocol).inc()
