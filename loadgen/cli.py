@@ -38,14 +38,20 @@ def _target(text: str) -> tuple[str, int]:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
     return value
@@ -63,14 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
     m = sub.add_parser("mqtt", help="MQTT 3.1.1 devices (gridgate, mosquitto, any broker)")
+    h = sub.add_parser("http", help="devices posting to POST /v1/telemetry over HTTP/1.1 keep-alive")
+    for p in (m, h):
+        _common(p)
+    m.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    m.add_argument("--keepalive", type=int, default=60, metavar="K", help="MQTT keepalive, seconds")
+    return parser
+
+
+def _common(m: argparse.ArgumentParser) -> None:
     m.add_argument("--target", type=_target, required=True, metavar="HOST:PORT")
     m.add_argument("--devices", type=_positive_int, required=True, metavar="N")
     m.add_argument("--duration", type=_positive_float, required=True, metavar="S")
     m.add_argument("--rate", type=_non_negative_float, default=0.0, metavar="R",
                    help="readings/s over the whole fleet; 0 = closed loop, as fast as acks allow")
-    m.add_argument("--qos", type=int, choices=(0, 1), default=1)
     m.add_argument("--inflight", type=_positive_int, default=10, metavar="W",
-                   help="unacknowledged messages per device (QoS 0: messages per send)")
+                   help="unacknowledged messages (HTTP: pipelined requests) per device")
     m.add_argument("--batch", type=_positive_int, default=1, metavar="K", help="readings per message")
     m.add_argument("--procs", type=_positive_int, default=1, metavar="P", help="worker processes")
     m.add_argument("--source-ips", metavar="A-B", help="spread connections over these loopback addresses")
@@ -78,18 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--idle", action="store_true", help="connect and send keepalives only")
     m.add_argument("--connect-rate", type=_non_negative_float, default=0.0, metavar="C",
                    help="new connections per second over the fleet (with jitter); 0 = all at once")
-    m.add_argument("--keepalive", type=int, default=60, metavar="K", help="MQTT keepalive, seconds")
     m.add_argument("--client-prefix", default="loadgen", help="client ids are PREFIX-000000 ...")
     m.add_argument("--json", metavar="FILE", help="write the results (and the merged histogram) as JSON")
-    return parser
 
 
 def _plans(args: argparse.Namespace, sources: tuple[str, ...]) -> list[RunPlan]:
     host, port = args.target
     device = DeviceOptions(
-        host=host, port=port, qos=args.qos, inflight=args.inflight, batch=args.batch,
+        host=host, port=port, qos=getattr(args, "qos", 1), inflight=args.inflight, batch=args.batch,
         rate_per_device=args.rate / args.devices, payload=args.payload, idle=args.idle,
-        keepalive=args.keepalive, client_prefix=args.client_prefix)
+        keepalive=getattr(args, "keepalive", 60), client_prefix=args.client_prefix, protocol=args.protocol)
     plans, first = [], 0
     for p in range(args.procs):
         count = args.devices // args.procs + (1 if p < args.devices % args.procs else 0)

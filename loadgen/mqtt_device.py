@@ -39,6 +39,7 @@ class DeviceOptions:
     drain_timeout: float = 10.0
     backoff_base: float = 0.1
     backoff_max: float = 5.0
+    protocol: str = "mqtt"                # "mqtt" or "http"
 
 
 def build_connect(client_id: str, keepalive: int) -> bytes:
@@ -194,6 +195,12 @@ class _Device:
                 await stream.send_all(b"\xc0\x00")
                 self.last_send = trio.current_time()
 
+    def owed(self) -> list[float]:
+        """Intended times of what was sent and not acknowledged."""
+        return list(self.inflight.values())
+
+    goodbye = b"\xe0\x00"  # DISCONNECT
+
     async def drain(self) -> None:
         """Wait (bounded) for the acks still owed at the end of the run."""
         with trio.move_on_after(self.opts.drain_timeout):
@@ -207,7 +214,11 @@ async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float
     """Run one device until ``deadline``: connect (with backoff), publish, and
     after a drop reconnect and replay what it buffered."""
     rng = rng or random.Random(index)
-    dev = _Device(index, opts, stats, local_address)
+    if opts.protocol == "http":
+        from loadgen.http_device import HttpDevice
+        dev: _Device = HttpDevice(index, opts, stats, local_address)
+    else:
+        dev = _Device(index, opts, stats, local_address)
     schedule = None
     if opts.rate_per_device > 0 and not opts.idle:
         # spread devices over the first period so they do not all fire at once
@@ -244,8 +255,9 @@ async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float
                     await dev.drain()
                 nursery.cancel_scope.cancel()
             clean = True
-            with trio.move_on_after(2):
-                await stream.send_all(b"\xe0\x00")  # DISCONNECT
+            if dev.goodbye:
+                with trio.move_on_after(2):
+                    await stream.send_all(dev.goodbye)
         except* (OSError, ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
             if not clean:
                 stats.errors += 1
@@ -256,7 +268,7 @@ async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float
             return
         # dropped: what was in flight is owed again (a real device resends QoS 1)
         stats.unacked_at_drop += len(dev.inflight) * opts.batch
-        dev.replay = sorted(dev.replay + list(dev.inflight.values()))[-OFFLINE_BUFFER:]
+        dev.replay = sorted(dev.replay + dev.owed())[-OFFLINE_BUFFER:]
         dev.inflight.clear()
         delay = min(opts.backoff_max, opts.backoff_base) * rng.uniform(0.5, 1.5)
         await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))

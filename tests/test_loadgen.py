@@ -13,7 +13,7 @@ import sys
 import pytest
 import trio
 
-from gatewayproc import GatewayProcess, spool_stats
+from gatewayproc import GatewayProcess, gridgate_env, spool_stats
 from loadgen.limits import check_capacity, parse_ip_range
 from loadgen.mqtt_device import DeviceOptions
 from loadgen.runner import RunPlan, SelfCheck, run_share
@@ -55,6 +55,8 @@ def test_histogram_merge_across_processes_is_exact():
     (["--target", "nohost"], "'nohost' is not HOST:PORT"),
     (["--duration", "-1"], "-1 is not a number >= 0"),
     (["--qos", "2"], "invalid choice: 2"),
+    (["--rate", "x"], "'x' is not a number"),
+    (["--devices", "many"], "'many' is not an integer"),
     (["--procs", "20"], "--procs 20 is more than --devices 10"),
     (["--source-ips", "10.0.0.1-10.0.0.5"], "only loopback addresses (127.0.0.0/8) are allowed"),
     (["--source-ips", "127.0.0.9-127.0.0.2"], "the range ends before it starts"),
@@ -253,3 +255,32 @@ def test_15000_idle_connections_over_two_processes(tmp_path):
     result = json.loads(out_json.read_text())
     # every device connected once and none was dropped for the whole run
     assert (result["peak_connected"], result["connects"], result["reconnects"], result["errors"]) == (15000, 15000, 0, 0)
+
+
+def test_http_devices_against_gridgate_acked_equals_spool(tmp_path):
+    gw = GatewayProcess(tmp_path / "data")
+    out_json = tmp_path / "http.json"
+    try:
+        out = subprocess.run(LOADGEN + ["http", "--target", f"127.0.0.1:{gw.http[1]}", "--devices", "50",
+                                        "--inflight", "4", "--batch", "3", "--payload", "msgpack", "--duration", "3",
+                                        "--json", str(out_json)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+    finally:
+        assert gw.stop() == 0
+    result = json.loads(out_json.read_text())
+    assert result["errors"] == 0 and result["acked"] == result["sent"] > 0
+    assert result["acked"] % 3 == 0
+    assert spool_stats(tmp_path / "data")["records"] == result["acked"]
+
+
+def test_http_non_2xx_answers_are_errors(tmp_path):
+    # every request is over the gateway's body limit: 413, never an ack
+    gw = GatewayProcess(tmp_path / "data", env=gridgate_env(GRIDGATE_HTTP_MAX_BODY_BYTES="10"))
+    stats, check = Stats(), SelfCheck()
+    opts = DeviceOptions(host="127.0.0.1", port=gw.http[1], protocol="http", inflight=1, rate_per_device=10.0,
+                         backoff_base=0.05, backoff_max=0.2)
+    try:
+        trio.run(run_share, RunPlan(device=opts, first=0, count=2, duration=1.0), stats, check)
+    finally:
+        gw.stop()
+    assert stats.sent > 0 and stats.acked == 0 and stats.errors > 0
