@@ -1,0 +1,169 @@
+"""Micro-benchmark of the MQTT codec: compiled (gridgate._fastparse) against
+its pure-Python twin (gridgate._mqtt_py).
+
+    .venv/bin/python -m bench.micro_mqtt [--quick] [--json FILE]
+
+``run()`` returns one row per case, ``{"case", "py_ns", "c_ns", "ratio"}``,
+in nanoseconds per packet (per ack for encode_acks). Each number is the best
+of several repeats of a ``time.perf_counter_ns`` loop, both implementations
+in one process on one machine: compare the ratios, not the absolute numbers.
+The garbage collector stays on, as in the gateway. Nothing is asserted.
+
+The decode cases feed 64 KiB reads, as the gateway's ``receive_some(65536)``
+does: "aligned" reads hold whole packets only; "stream" cuts one long stream
+into 64 KiB reads, so one packet per read straddles two reads (the usual case
+on a busy connection). All packets of a case share one topic, as a device's
+do, except the "new topic" case, which defeats the compiled codec's cache of
+the last topic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+
+from gridgate import _fastparse, _mqtt_py
+from gridgate.mqtt_events import PUBACK
+
+READ_SIZE = 65536
+TOPIC = "devices/meter-0001/telemetry"
+# a typical reading, 120 bytes of JSON
+PAYLOAD = (b'{"device_id":"meter-0001","timestamp_ms":1732406400123,"temperature":23.5,'
+           b'"battery_mv":3700,"tags":{"vendor":"acme-01"}}')
+assert len(PAYLOAD) == 120
+
+
+def _string(raw: bytes) -> bytes:
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _connect() -> bytes:
+    body = _string(b"MQTT") + bytes((4, 0x02, 0, 60)) + _string(b"meter-0001")
+    return bytes((0x10, len(body))) + body
+
+
+def _publish(topic: bytes, qos: int, packet_id: int) -> bytes:
+    # built by hand (not with the code under test); remaining length < 16384
+    body = _string(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + PAYLOAD
+    n = len(body)
+    length = bytes((n,)) if n < 128 else bytes(((n & 0x7F) | 0x80, n >> 7))
+    return bytes((0x30 | (qos << 1),)) + length + body
+
+
+def _aligned_read(qos: int, new_topic: bool = False) -> tuple[bytes, int]:
+    """As many whole PUBLISH packets as fit in one 64 KiB read."""
+    packets, size, i = [], 0, 0
+    while True:
+        i += 1
+        topic = f"devices/meter-{i:04d}/telemetry".encode() if new_topic else TOPIC.encode()
+        p = _publish(topic, qos, i % 65535 + 1)
+        if size + len(p) > READ_SIZE:
+            return b"".join(packets), len(packets)
+        packets.append(p)
+        size += len(p)
+
+
+def _stream_reads(qos: int, reads: int = 16) -> tuple[list[bytes], int]:
+    """A stream of PUBLISH packets cut into 64 KiB reads regardless of packet boundaries."""
+    one = [_publish(TOPIC.encode(), qos, i % 65535 + 1) for i in range(1, reads * READ_SIZE // 100)]
+    stream = b"".join(one)
+    cut = reads * READ_SIZE
+    count = 0
+    total = 0
+    for p in one:  # packets wholly inside the first `cut` bytes
+        if total + len(p) > cut:
+            break
+        total += len(p)
+        count += 1
+    return [stream[i:i + READ_SIZE] for i in range(0, cut, READ_SIZE)], count
+
+
+def best_ns(fn: Callable[[], object], units: int, repeats: int, min_time: float) -> float:
+    """Best ns per unit over `repeats` timed loops of at least `min_time` seconds."""
+    loops = 1
+    while True:
+        t0 = time.perf_counter_ns()
+        for _ in range(loops):
+            fn()
+        if time.perf_counter_ns() - t0 >= min_time * 1e9:
+            break
+        loops *= 2
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        for _ in range(loops):
+            fn()
+        best = min(best, (time.perf_counter_ns() - t0) / (loops * units))
+    return best
+
+
+def _decode_aligned(read: bytes):
+    def make(impl):
+        codec = impl.MQTTCodec()
+        codec.feed(_connect())
+        feed = codec.feed
+        return lambda: feed(read)
+    return make
+
+
+def _decode_stream(reads: list[bytes]):
+    def make(impl):
+        connect = _connect()
+
+        def run():
+            codec = impl.MQTTCodec()
+            codec.feed(connect)
+            for r in reads:
+                codec.feed(r)
+        return run
+    return make
+
+
+def cases() -> list[tuple[str, int, Callable]]:
+    read1, n1 = _aligned_read(1)
+    read0, n0 = _aligned_read(0)
+    read_new, n_new = _aligned_read(1, new_topic=True)
+    stream, n_stream = _stream_reads(1)
+    ids = list(range(1, 101))
+    return [
+        (f"decode PUBLISH QoS 1, 120 B JSON, {n1} per aligned 64 KiB read", n1, _decode_aligned(read1)),
+        (f"decode PUBLISH QoS 0, 120 B JSON, {n0} per aligned 64 KiB read", n0, _decode_aligned(read0)),
+        (f"decode PUBLISH QoS 1, stream in 64 KiB reads ({len(stream)} reads)", n_stream, _decode_stream(stream)),
+        (f"decode PUBLISH QoS 1, a new topic each packet ({n_new} per read)", n_new, _decode_aligned(read_new)),
+        ("encode_acks of 100 PUBACKs, per ack", 100, lambda impl: (lambda: impl.encode_acks(PUBACK, ids))),
+    ]
+
+
+def run(quick: bool = False) -> list[dict]:
+    """One row per case: ns per packet (per ack) of each implementation and the ratio."""
+    repeats, min_time = (3, 0.05) if quick else (7, 0.2)
+    rows = []
+    for name, units, make in cases():
+        py_ns = best_ns(make(_mqtt_py), units, repeats, min_time)
+        c_ns = best_ns(make(_fastparse), units, repeats, min_time)
+        rows.append({"case": name, "py_ns": round(py_ns, 1), "c_ns": round(c_ns, 1),
+                     "ratio": round(py_ns / c_ns, 1)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter repeats (a smoke run)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args()
+    rows = run(args.quick)
+    print(f"# MQTT codec, {platform.python_implementation()} {platform.python_version()} {platform.machine()}; "
+          "ns per packet, best of repeats")
+    print("| case | pure Python ns | Cython ns | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['case']} | {r['py_ns']:,.1f} | {r['c_ns']:,.1f} | {r['ratio']}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
