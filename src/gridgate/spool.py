@@ -190,7 +190,8 @@ class SpoolSink:
         self._full = False
 
     def accepting_writes(self) -> bool:
-        return not self._full
+        """False after a refused write or while the spool is at max_bytes (for /readyz)."""
+        return not self._full and not self.spool.full()
 
     async def stats(self) -> dict[str, int]:
         return await self._run(self.spool.stats)
