@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from collections.abc import Callable
 
+from bench.micro import best_ns
 from gridgate import _fastparse, _mqtt_py
 from gridgate.mqtt_events import PUBACK
 
@@ -78,25 +78,6 @@ def _stream_reads(qos: int, reads: int = 16) -> tuple[list[bytes], int]:
         total += len(p)
         count += 1
     return [stream[i:i + READ_SIZE] for i in range(0, cut, READ_SIZE)], count
-
-
-def best_ns(fn: Callable[[], object], units: int, repeats: int, min_time: float) -> float:
-    """Best ns per unit over `repeats` timed loops of at least `min_time` seconds."""
-    loops = 1
-    while True:
-        t0 = time.perf_counter_ns()
-        for _ in range(loops):
-            fn()
-        if time.perf_counter_ns() - t0 >= min_time * 1e9:
-            break
-        loops *= 2
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter_ns()
-        for _ in range(loops):
-            fn()
-        best = min(best, (time.perf_counter_ns() - t0) / (loops * units))
-    return best
 
 
 def _decode_aligned(read: bytes):
