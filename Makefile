@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # One build at a time: the extension is one compilation unit written in place.
 LOCK   := flock /tmp/gridgate-build.lock
 
-.PHONY: run test build venv bench-micro clean
+.PHONY: run test build venv bench bench-micro clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: build
 
 bench-micro: build
 	$(PY) -m bench.micro
+
+# System benchmarks (DESIGN section 9): make bench ARGS="pipelines --duration 10"
+bench: build
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench $(or $(ARGS),all)
 
 clean:
 	rm -rf build src/_fastparse.c src/gridgate/_fastparse*.so

@@ -1,5 +1,6 @@
-"""HTTP ingest and admin endpoints (std engine, h11) against a real
-``gridgate serve``, with http.client, curl and raw sockets."""
+"""HTTP ingest and admin endpoints against a real ``gridgate serve``, with
+http.client, curl and raw sockets: every test runs against both engines
+(fast: the compiled parser; std: h11)."""
 from __future__ import annotations
 
 import gzip
@@ -18,9 +19,9 @@ from rawclient import RawClient
 READING = {"device_id": "meter-0001", "temperature": 77, "temperature_unit": "F", "location": "sh/fa"}
 
 
-@pytest.fixture
-def gateway(tmp_path):
-    gw = GatewayProcess(tmp_path / "data",
+@pytest.fixture(params=["fast", "std"])
+def gateway(request, tmp_path):
+    gw = GatewayProcess(tmp_path / "data", "--http-engine", request.param,
                         env=gridgate_env(GRIDGATE_HTTP_HEADER_TIMEOUT_S="1", GRIDGATE_HTTP_BODY_TIMEOUT_S="1",
                                          GRIDGATE_HTTP_MAX_BODY_BYTES="65536"))
     yield gw
@@ -143,7 +144,7 @@ def test_keep_alive_and_pipelining_answer_in_order(gateway):
     with socket.create_connection(gateway.http, timeout=10) as s:
         s.sendall(_post_bytes(one) + _post_bytes(two) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         responses = _read_responses(s, 3)
-    assert [r.split(b"\r\n", 1)[0] for r in responses] == [b"HTTP/1.1 202 ", b"HTTP/1.1 202 ", b"HTTP/1.1 200 "]
+    assert [r[:13] for r in responses] == [b"HTTP/1.1 202 ", b"HTTP/1.1 202 ", b"HTTP/1.1 200 "]
     assert b'"accepted":1' in responses[0] and b'"accepted":2' in responses[1]
 
 
@@ -157,23 +158,70 @@ def test_expect_100_continue(gateway):
         assert _read_responses(s, 1)[0].startswith(b"HTTP/1.1 202 ")
 
 
-@pytest.mark.parametrize("raw", [
-    b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
-    b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n0\r\n\r\n",
-    b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n",
-    b"GARBAGE\r\n\r\n",
-])
-def test_request_smuggling_shapes_are_refused(gateway, raw):
-    # Not yet refused by the std engine (h11 normalizes them before we see the
-    # head): identical duplicate Content-Length headers and obs-fold. Tracked
-    # in the HTTP issue.
-    with socket.create_connection(gateway.http, timeout=10) as s:
+def _exchange(gw, raw: bytes) -> bytes:
+    """Send raw bytes, read until the server closes."""
+    with socket.create_connection(gw.http, timeout=10) as s:
         s.sendall(raw)
         reply = b""
-        while chunk := s.recv(65536):   # the server answers, then closes
+        while chunk := s.recv(65536):
             reply += chunk
-    assert reply.startswith(b"HTTP/1.1 400 ")
-    assert b'"error":"bad_request"' in reply
+    return reply
+
+
+HEAD = b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("raw, status, error", [
+    (HEAD + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400, "bad_request"),
+    (HEAD + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}", 400, "bad_request"),
+    (HEAD + b"Content-Length: 2, 2\r\n\r\n{}", 400, "bad_request"),
+    (HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    (HEAD + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n", 400, "bad_request"),
+    (HEAD + b"X-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\n{}", 400, "bad_request"),
+    (HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501, "not_implemented"),
+    (HEAD + b"X-Big: " + b"a" * 20000 + b"\r\n\r\n", 431, "header_too_large"),
+    (b"POST /v1/telemetry HTTP/2.0\r\nHost: x\r\n\r\n", 505, "version_not_supported"),
+    (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+])
+def test_request_smuggling_and_bad_heads_are_refused(gateway, raw, status, error):
+    reply = _exchange(gateway, raw)             # the server answers, then closes
+    assert reply.startswith(b"HTTP/1.1 %d " % status)
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"] == error
+    assert spool_stats(gateway.data_dir)["records"] == 0
+
+
+def test_chunked_body_is_accepted(gateway):
+    body = json.dumps([READING, READING]).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10]) for i in range(0, len(body), 10))
+    reply = _exchange(gateway, HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                      + chunked + b"0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 202 ") and b'"accepted":2' in reply
+    assert spool_stats(gateway.data_dir)["records"] == 2
+
+
+def test_post_without_a_length_gets_411(gateway):
+    reply = _exchange(gateway, HEAD + b"Connection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 411 ")
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"] == "length_required"
+
+
+def test_http10_and_connection_close_are_answered_then_closed(gateway):
+    body = json.dumps(READING).encode()
+    for version, extra in ((b"HTTP/1.0", b""), (b"HTTP/1.1", b"Connection: close\r\n")):
+        raw = (b"POST /v1/telemetry " + version + b"\r\nHost: x\r\nContent-Type: application/json\r\n" + extra
+               + b"Content-Length: %d\r\n\r\n" % len(body) + body + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = _exchange(gateway, raw)         # returns: the server closed after one answer
+        assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 202 ")
+    assert spool_stats(gateway.data_dir)["records"] == 2
+
+
+def test_slow_body_gets_408(gateway):
+    with socket.create_connection(gateway.http, timeout=10) as s:
+        s.sendall(HEAD + b"Content-Length: 10\r\n\r\n{")       # body_timeout_s is 1 s
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408 ")
 
 
 def test_slow_request_head_is_closed(gateway):
@@ -190,3 +238,39 @@ def test_curl_posts_a_reading(gateway):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"accepted": 3, "rejected": 0, "errors": []}
+
+
+def test_metrics_parse_and_count_what_was_sent(gateway):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    post(gateway, json.dumps([READING] * 4))                                     # 4 accepted
+    post(gateway, json.dumps([READING, {"device_id": "m2", "humidity": 300}, {"humidity": 5}]))  # 1 + 2 rejected
+    post(gateway, b"{not json")                                                  # whole body malformed
+    _exchange(gateway, HEAD + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}")  # protocol error
+    status, _, text = request(gateway, "GET", "/metrics")                        # the 5th connection
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert samples[("gridgate_readings_accepted_total", (("protocol", "http"),))] == 5
+    rejected = {dict(k[1])["reason"]: v for k, v in samples.items() if k[0] == "gridgate_readings_rejected_total"}
+    assert rejected == {"out_of_range": 1, "missing_device_id": 1, "malformed": 1}
+    assert samples[("gridgate_protocol_errors_total", (("protocol", "http"), ("reason", "bad_request")))] == 1
+    assert samples[("gridgate_connections_opened_total", (("protocol", "http"),))] == 5
+    batches = samples[("gridgate_batches_total", ())]
+    assert 1 <= batches <= 3
+    assert samples[("gridgate_sink_write_seconds_count", ())] == batches
+    assert spool_stats(gateway.data_dir)["records"] == 5
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_large_body_with_expect_100_continue(gateway):
+    host, port = gateway.http
+    body = json.dumps([{**READING, "battery_mv": i} for i in range(500)])      # ~40 kB, under the 64 kB limit
+    out = subprocess.run(["curl", "-sS", "-v", "-H", "Content-Type: application/json", "-H", "Expect: 100-continue",
+                          "--data-binary", body, f"http://{host}:{port}/v1/telemetry"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "HTTP/1.1 100 Continue" in out.stderr
+    assert json.loads(out.stdout)["accepted"] == 500

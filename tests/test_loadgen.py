@@ -246,7 +246,9 @@ def test_15000_idle_connections_over_two_processes(tmp_path):
     out_json = tmp_path / "idle.json"
     try:
         out = subprocess.run(LOADGEN + ["mqtt", "--target", f"127.0.0.1:{gw.mqtt[1]}", "--idle", "--devices", "15000",
-                                        "--procs", "2", "--source-ips", "127.0.0.2-127.0.0.20", "--duration", "15",
+                                        "--procs", "2", "--source-ips", "127.0.0.2-127.0.0.20", "--duration", "20",
+                                        # a fleet ramps up: 15,000 SYNs at once overflow any accept queue
+                                        "--connect-rate", "2000",
                                         "--json", str(out_json)], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert gw.alive()

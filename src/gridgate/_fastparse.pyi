@@ -1,5 +1,6 @@
 """Type stub of the compiled hot path (src/_fastparse.pyx). The pure-Python
-twins gridgate._mqtt_py and gridgate._payload_py have the same API."""
+twins gridgate._mqtt_py, gridgate._payload_py and gridgate._http_py have the
+same API."""
 from collections.abc import Iterable
 
 from gridgate.mqtt_events import Event
@@ -35,3 +36,32 @@ class Validator:
     def __init__(self, rules: PayloadRules) -> None: ...
     def validate(self, payload: bytes | memoryview, fmt: str, protocol: str, device_id: str | None,
                  received_ns: int) -> tuple[list[Record], list[Rejection]]: ...
+
+
+NEED_DATA: int
+HEAD: int
+REQUEST: int
+
+class HTTPRequestParser:
+    """Per-connection HTTP/1.1 request parser and request context (sans-IO)."""
+    max_header_bytes: int
+    max_body_bytes: int
+    method: str
+    target: str
+    http_version: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes | memoryview
+    keep_alive: bool
+    expect_continue: bool
+    content_type: str
+    content_encoding: str
+    content_length: int
+    chunked: bool
+    has_length: bool
+    def __init__(self, max_header_bytes: int = 16384, max_body_bytes: int = 1048576) -> None: ...
+    def feed(self, data: bytes | bytearray | memoryview) -> None: ...
+    def next(self) -> int: ...
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def head_done(self) -> bool: ...

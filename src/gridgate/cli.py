@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML config file (default: the embedded default)")
     serve.add_argument("--mqtt", metavar="HOST:PORT", help='MQTT listener ("" disables it; port 0 = ephemeral)')
     serve.add_argument("--http", metavar="HOST:PORT", help='HTTP listener ("" disables it; port 0 = ephemeral)')
-    serve.add_argument("--http-engine", choices=["std"],
-                       help="HTTP engine (the fast Cython engine is not built yet)")
+    serve.add_argument("--http-engine", choices=["fast", "std"],
+                       help="HTTP engine: fast (compiled parser, the default) or std (h11)")
     serve.add_argument("--data-dir", metavar="DIR", help="spool directory (default ./gridgate-data)")
     serve.add_argument("--idle-timeout", metavar="SECONDS", type=float,
                        help="drop connections silent this long (default 300)")

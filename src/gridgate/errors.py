@@ -6,7 +6,7 @@ implementation is loaded (the httptools pattern).
 """
 from __future__ import annotations
 
-__all__ = ["MQTTProtocolError"]
+__all__ = ["MQTTProtocolError", "HTTPParseError"]
 
 
 class MQTTProtocolError(Exception):
@@ -35,3 +35,30 @@ class MQTTProtocolError(Exception):
 
     def __reduce__(self):  # keep picklable with the extra constructor args
         return (type(self), (self.reason, self.detail, self.return_code))
+
+
+class HTTPParseError(Exception):
+    """A request the HTTP parsers refuse: answer ``status`` and close.
+
+    Attributes:
+        status: the HTTP status to answer (400, 413, 431, 501 or 505).
+        error: the machine-readable ``error`` of the JSON body.
+        detail: what was wrong, for people.
+    """
+
+    def __init__(self, status: int, error: str, detail: str = "") -> None:
+        self.status = status
+        self.error = error
+        self.detail = detail
+        super().__init__(f"{status} {error}: {detail}" if detail else f"{status} {error}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HTTPParseError):
+            return NotImplemented
+        return (self.status, self.error) == (other.status, other.error)
+
+    def __hash__(self) -> int:
+        return hash((self.status, self.error))
+
+    def __reduce__(self):
+        return (type(self), (self.status, self.error, self.detail))

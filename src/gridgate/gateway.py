@@ -21,6 +21,7 @@ import trio
 from gridgate import _payload_py, hotpath
 from gridgate.config import Config, parse_address
 from gridgate.connmanager import ConnManager, Session
+from gridgate.http_fast import serve_fast_http
 from gridgate.http_std import serve_std_http
 from gridgate.metrics import Metrics
 from gridgate.mqtt_session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection
@@ -230,7 +231,8 @@ class Gateway:
                                b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
                                + str(len(body)).encode() + b"\r\n\r\n" + body)
             return
-        await self._serve_connection(stream, "http", lambda s: serve_std_http(stream, self, s))
+        serve = serve_fast_http if self.config.http.engine == "fast" else serve_std_http
+        await self._serve_connection(stream, "http", lambda s: serve(stream, self, s))
 
     def not_ready_reasons(self) -> list[str]:
         """Why /readyz is 503; empty when listeners are up and the sink takes writes."""

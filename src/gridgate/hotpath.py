@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-from gridgate import _mqtt_py, _payload_py
+from gridgate import _http_py, _mqtt_py, _payload_py
 
-__all__ = ["mqtt", "payload", "COMPILED", "COMPILED_PATH", "IMPORT_ERROR", "describe"]
+__all__ = ["mqtt", "payload", "http", "COMPILED", "COMPILED_PATH", "IMPORT_ERROR", "describe"]
 
 FORCED_PURE = os.environ.get("GRIDGATE_PURE_PYTHON", "") not in ("", "0")
 
@@ -24,6 +24,7 @@ IMPORT_ERROR: str | None = None
 
 mqtt: ModuleType = _mqtt_py
 payload: ModuleType = _payload_py
+http: ModuleType = _http_py
 
 if not FORCED_PURE:
     try:
@@ -31,7 +32,7 @@ if not FORCED_PURE:
     except ImportError as exc:  # not built: run on the twins, loudly
         IMPORT_ERROR = str(exc)
     else:
-        mqtt = payload = _fastparse
+        mqtt = payload = http = _fastparse
         COMPILED = True
         COMPILED_PATH = _fastparse.__file__
 

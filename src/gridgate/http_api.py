@@ -19,7 +19,7 @@ from gridgate.pipeline import WorkItem
 if TYPE_CHECKING:
     from gridgate.gateway import Gateway
 
-__all__ = ["Request", "HttpError", "handle_request"]
+__all__ = ["Request", "HttpError", "Pending", "begin_request", "handle_request"]
 
 _json = msgspec.json.Encoder()
 JSON = b"application/json"
@@ -34,10 +34,27 @@ _WHOLE_STATUS = {"malformed": 400, "not_object": 400, "too_large": 413}
 
 @dataclass
 class Request:
+    """The std engine's request: a fresh object and header dict per request.
+
+    The fast engine passes its per-connection parser instead; both offer
+    method, target, body, content_type, content_encoding and has_length.
+    """
     method: str
     target: str
     headers: dict[str, str]          # lower-case names
     body: bytes = b""
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+    @property
+    def content_encoding(self) -> str:
+        return self.headers.get("content-encoding", "")
+
+    @property
+    def has_length(self) -> bool:
+        return "content-length" in self.headers or "transfer-encoding" in self.headers
 
 
 @dataclass
@@ -58,18 +75,66 @@ def _ok(status: int, obj: object) -> Answer:
     return status, _json.encode(obj), JSON, []
 
 
+class Pending:
+    """A telemetry request handed to the pipeline, waiting to be durable.
+
+    The fast engine begins every request of a pipelined read before it
+    waits for the first, so their records share one group commit.
+    """
+    __slots__ = ("done", "records", "rejections", "timeout")
+
+    def __init__(self, done: trio.Event, records: list, rejections: list, timeout: float) -> None:
+        self.done = done
+        self.records = records
+        self.rejections = rejections
+        self.timeout = timeout
+
+    async def answer(self) -> Answer:
+        with trio.move_on_after(self.timeout):
+            await self.done.wait()
+        if not self.done.is_set():
+            return _error(HttpError(503, "sink_unavailable", "not yet durable; retry later (it may be stored twice)",
+                                    [(b"retry-after", b"5")]))
+        rejections = self.rejections
+        if len(rejections) == 1 and rejections[0].index is None:
+            whole = rejections[0]
+            return _error(HttpError(_WHOLE_STATUS.get(whole.reason, 400), whole.reason, whole.detail))
+        if not rejections:
+            return 202, b'{"accepted":%d,"rejected":0,"errors":[]}' % len(self.records), JSON, []
+        return _ok(202, {"accepted": len(self.records), "rejected": len(rejections),
+                         "errors": [{"index": r.index, "reason": r.reason, "field": r.field, "detail": r.detail}
+                                    for r in rejections]})
+
+
+def _error(err: HttpError) -> Answer:
+    return err.status, err.body(), JSON, err.extra
+
+
 async def handle_request(gateway: "Gateway", request: Request, engine: str) -> Answer:
+    """Route and answer one request (waits for durable on telemetry)."""
+    started = begin_request(gateway, request, engine)
+    if type(started) is Pending:
+        return await started.answer()
+    return started
+
+
+def begin_request(gateway: "Gateway", request, engine: str) -> "Answer | Pending":
+    """Route one request without waiting: an Answer, or a Pending telemetry write.
+
+    Everything the request holds (the body included) is used before this
+    returns, so the caller may reuse its buffers at once.
+    """
     try:
-        return await _route(gateway, request, engine)
+        return _route(gateway, request, engine)
     except HttpError as err:
-        return err.status, err.body(), JSON, err.extra
+        return _error(err)
 
 
-async def _route(gw: "Gateway", req: Request, engine: str) -> Answer:
+def _route(gw: "Gateway", req, engine: str) -> "Answer | Pending":
     path = req.target.split("?", 1)[0]
     if path == "/v1/telemetry":
         _allow(req, "POST")
-        return await _telemetry(gw, req, engine)
+        return _telemetry(gw, req, engine)
     if path == "/healthz":
         _allow(req, "GET")
         return _ok(200, {"status": "ok"})
@@ -116,14 +181,16 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-async def _telemetry(gw: "Gateway", req: Request, engine: str) -> Answer:
+def _telemetry(gw: "Gateway", req, engine: str) -> Pending:
     cfg = gw.config.http
-    ctype = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if not req.has_length:
+        raise HttpError(411, "length_required", "send Content-Length or Transfer-Encoding: chunked")
+    ctype = req.content_type.split(";", 1)[0].strip().lower()
     fmt = _FORMATS.get(ctype)
     if fmt is None:
         raise HttpError(415, "unsupported_media_type",
                         f"Content-Type {ctype!r}; use application/json, application/x-ndjson or application/msgpack")
-    body = _decompress(req.body, req.headers.get("content-encoding", "").strip().lower(), cfg.max_body_bytes)
+    body = _decompress(req.body, req.content_encoding.strip().lower(), cfg.max_body_bytes)
     received_ns = time.time_ns()
     validator = gw.std_validator if engine == "std" else gw.validator
     records, rejections = validator.validate(body, fmt, "http", None, received_ns)
@@ -131,14 +198,4 @@ async def _telemetry(gw: "Gateway", req: Request, engine: str) -> Answer:
     item = WorkItem(records, rejections, "http", received_ns, done.set)
     if not gw.pipeline.try_submit(item):
         raise HttpError(503, "overloaded", "the ingest pipeline is full; retry later", [(b"retry-after", b"1")])
-    with trio.move_on_after(cfg.durable_timeout_s):
-        await done.wait()
-    if not done.is_set():
-        raise HttpError(503, "sink_unavailable", "not yet durable; retry later (it may be stored twice)",
-                        [(b"retry-after", b"5")])
-    if len(rejections) == 1 and rejections[0].index is None:
-        whole = rejections[0]
-        raise HttpError(_WHOLE_STATUS.get(whole.reason, 400), whole.reason, whole.detail)
-    return _ok(202, {"accepted": len(records), "rejected": len(rejections),
-                     "errors": [{"index": r.index, "reason": r.reason, "field": r.field, "detail": r.detail}
-                                for r in rejections]})
+    return Pending(done, records, rejections, cfg.durable_timeout_s)

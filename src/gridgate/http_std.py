@@ -9,46 +9,157 @@ engines.
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 import h11
 import trio
 
+from gridgate.errors import HTTPParseError
 from gridgate.http_api import HttpError, Request, handle_request
 
 if TYPE_CHECKING:
     from gridgate.connmanager import Session
     from gridgate.gateway import Gateway
 
-__all__ = ["serve_std_http"]
+__all__ = ["serve_std_http", "StdRequestReader", "check_raw_head"]
 
 log = logging.getLogger("gridgate.http")
 
 _SERVER = b"gridgate"
 
 
+# h11 is lenient where request smuggling lives: it folds obs-fold lines,
+# collapses identical or comma-listed Content-Length values, accepts bare LF
+# line ends and control bytes in values, and parses any HTTP/d.d. It also
+# normalizes them away before we see the request, so the std engine checks
+# the raw head itself against the strict grammar that both engines share
+# (gridgate/_http_py.py). One C-level regex match per request: the price of
+# safety, kept cheap.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_VALUE_BYTE = rb"[\x21-\x7e\x80-\xff]"
+_STRICT_HEAD = re.compile(
+    _TOKEN + rb" [\x21-\x7e]+ HTTP/1\.[01]\r\n"
+    rb"(?:" + _TOKEN + rb":[ \t]*(?:" + _VALUE_BYTE + rb"(?:[ \t\x21-\x7e\x80-\xff]*" + _VALUE_BYTE
+    + rb")?)?[ \t]*\r\n)*\r\n")
+_OTHER_VERSION = re.compile(_TOKEN + rb" [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r\n")
+_CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r]*)", re.IGNORECASE)
+_TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding:", re.IGNORECASE)
+
+
+def check_raw_head(head: bytes | bytearray, max_header_bytes: int, max_body_bytes: int) -> None:
+    """Refuse what h11 would let through; raises HTTPParseError."""
+    if len(head) > max_header_bytes:
+        raise HTTPParseError(431, "header_too_large", "request head exceeds max_header_bytes")
+    line_end = head.find(b"\r\n")
+    version = head[line_end - 8:line_end] if line_end >= 8 else b""
+    if _STRICT_HEAD.fullmatch(head) is None:
+        if _OTHER_VERSION.match(head) and version not in (b"HTTP/1.0", b"HTTP/1.1"):
+            raise HTTPParseError(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+        if re.search(rb"\r\n[ \t]", head[:-2]):
+            raise HTTPParseError(400, "bad_request", "obs-fold (a header line starting with whitespace) is refused")
+        raise HTTPParseError(400, "bad_request", "malformed request head")
+    lengths = _CONTENT_LENGTH.findall(head)
+    if len(lengths) > 1:
+        raise HTTPParseError(400, "bad_request", "more than one Content-Length")
+    if lengths:
+        value = lengths[0].rstrip(b" \t")
+        if not value.isdigit():
+            raise HTTPParseError(400, "bad_request", "Content-Length is not a decimal number")
+        if len(value) > 18 or int(value) > max_body_bytes:
+            raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
+    if _TRANSFER_ENCODING.search(head):
+        if lengths:
+            raise HTTPParseError(400, "bad_request", "both Transfer-Encoding and Content-Length")
+        if version == b"HTTP/1.0":
+            raise HTTPParseError(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+
+
+def _h11_error(exc: h11.ProtocolError) -> HTTPParseError:
+    status = exc.error_status_hint
+    error = {431: "header_too_large", 501: "not_implemented"}.get(status, "bad_request")
+    return HTTPParseError(status, error, str(exc))
+
+
+class StdRequestReader:
+    """h11's server state machine plus the raw-head refusals above; sans-IO.
+
+    ``next_event()`` returns h11 events (Request, Data, EndOfMessage,
+    ConnectionClosed) or h11.NEED_DATA, and raises HTTPParseError for every
+    refusal, h11's own included. ``raw_buffered`` tells whether bytes of a
+    next request already wait (the header timeout starts with them).
+    """
+
+    def __init__(self, max_header_bytes: int = 16384, max_body_bytes: int = 1048576) -> None:
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self._raw = bytearray()          # bytes fed since the current request began
+        self._body_size = 0
+
+    @property
+    def raw_buffered(self) -> bool:
+        return bool(self._raw)
+
+    def receive_data(self, data: bytes) -> None:
+        self._raw += data
+        self.conn.receive_data(data)
+
+    def next_event(self):
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _h11_error(exc) from None
+        if type(event) is h11.Request:
+            unparsed = len(self.conn.trailing_data[0])
+            check_raw_head(self._raw[:len(self._raw) - unparsed], self.max_header_bytes, self.max_body_bytes)
+            self._body_size = 0
+        elif type(event) is h11.Data:
+            self._body_size += len(event.data)
+            if self._body_size > self.max_body_bytes:
+                raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
+        elif type(event) is h11.EndOfMessage and event.headers:
+            raise HTTPParseError(400, "bad_request", "trailer fields are not supported")
+        return event
+
+    def send(self, event) -> bytes:
+        return self.conn.send(event) or b""
+
+    def start_next_cycle(self) -> None:
+        self.conn.start_next_cycle()
+        self._raw = bytearray(self.conn.trailing_data[0])
+
+
 async def serve_std_http(stream: trio.abc.Stream, gateway: "Gateway", session: "Session") -> None:
     cfg = gateway.config.http
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.max_header_bytes)
+    reader = StdRequestReader(cfg.max_header_bytes, cfg.max_body_bytes)
+    conn = reader.conn
 
     async def send(event) -> None:
-        data = conn.send(event)
+        data = reader.send(event)
         if data:
             await stream.send_all(data)
 
-    async def next_event(timeout: float):
-        with trio.move_on_after(timeout) as scope:
-            while True:
-                event = conn.next_event()
-                if event is not h11.NEED_DATA:
-                    return event
-                if conn.they_are_waiting_for_100_continue:
-                    await send(h11.InformationalResponse(status_code=100, headers=[]))
+    async def next_event(timeout: float, idle_ok: bool = False):
+        # Between requests a keep-alive connection may sit idle (the reaper
+        # watches that); the header timeout runs from the first byte of a head.
+        deadline = trio.current_time() + timeout
+        if idle_ok and not reader.raw_buffered:
+            deadline = float("inf")
+        while True:
+            event = reader.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if conn.they_are_waiting_for_100_continue:
+                await send(h11.InformationalResponse(status_code=100, headers=[]))
+            with trio.move_on_at(deadline):
                 data = await stream.receive_some(65536)
                 session.last_seen = trio.current_time()
-                conn.receive_data(data)
-        assert scope.cancelled_caught
-        return None
+                reader.receive_data(data)
+                if deadline == float("inf"):
+                    deadline = trio.current_time() + timeout
+                continue
+            return None
 
     async def respond(status: int, body: bytes, content_type: bytes, extra: list | None = None) -> None:
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
@@ -60,27 +171,16 @@ async def serve_std_http(stream: trio.abc.Stream, gateway: "Gateway", session: "
     with session.read_scope:
         while True:
             try:
-                event = await next_event(cfg.header_timeout_s)
+                event = await next_event(cfg.header_timeout_s, idle_ok=True)
                 if event is None:
                     session.close_reason = "request head timeout"
                     return
-                if isinstance(event, h11.ConnectionClosed):
+                if type(event) is not h11.Request:    # ConnectionClosed
                     return
-                if not isinstance(event, h11.Request):
-                    return
-                names = [name for name, _ in event.headers]
-                if names.count(b"content-length") > 1 or (b"content-length" in names
-                                                          and b"transfer-encoding" in names):
-                    # request smuggling shapes (RFC 9112 section 6.3): refuse, never guess
-                    raise h11.RemoteProtocolError("conflicting Content-Length / Transfer-Encoding framing",
-                                                  error_status_hint=400)
                 request = Request(method=event.method.decode("ascii", "replace"),
                                   target=event.target.decode("ascii", "replace"),
                                   headers={k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers})
                 body_parts: list[bytes] = []
-                size = 0
-                limit = cfg.max_body_bytes
-                too_large = False
                 while True:
                     ev = await next_event(cfg.body_timeout_s)
                     if ev is None:
@@ -88,37 +188,28 @@ async def serve_std_http(stream: trio.abc.Stream, gateway: "Gateway", session: "
                         await respond(408, b'{"error": "timeout", "detail": "request body too slow"}',
                                       b"application/json", [(b"connection", b"close")])
                         return
-                    if isinstance(ev, h11.Data):
-                        size += len(ev.data)
-                        if size > limit:
-                            too_large = True
-                            break
+                    if type(ev) is h11.Data:
                         body_parts.append(bytes(ev.data))
-                    elif isinstance(ev, h11.EndOfMessage):
+                    elif type(ev) is h11.EndOfMessage:
                         break
-                    else:
+                    else:                              # closed mid-body
                         return
-                if too_large:
-                    await respond(413, b'{"error": "too_large", "detail": "request body exceeds max_body_bytes"}',
-                                  b"application/json", [(b"connection", b"close")])
-                    return
                 request.body = b"".join(body_parts)
                 status, body, content_type, extra = await handle_request(gateway, request, engine="std")
                 await respond(status, body, content_type, extra)
-            except h11.RemoteProtocolError as exc:
-                gateway.metrics.protocol_errors.labels("http", "bad_request").inc()
+            except HTTPParseError as exc:
+                gateway.metrics.protocol_errors.labels("http", exc.error).inc()
                 session.close_reason = f"bad request: {exc}"
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    status = exc.error_status_hint
-                    body = HttpError(status, "bad_request", str(exc)).body()
+                    body = HttpError(exc.status, exc.error, exc.detail).body()
                     try:
-                        await respond(status, body, b"application/json", [(b"connection", b"close")])
+                        await respond(exc.status, body, b"application/json", [(b"connection", b"close")])
                     except h11.LocalProtocolError:
                         pass
                 return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
-                conn.start_next_cycle()
+                reader.start_next_cycle()
             except h11.LocalProtocolError:
                 return

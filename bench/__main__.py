@@ -1,0 +1,51 @@
+"""System benchmarks of DESIGN section 9.
+
+    python -m bench {pipelines,all} [--duration S] [--rounds N] [--out DIR] [--profile]
+
+Every server is started here on free loopback ports and driven in the same
+run, in alternating rounds; results.json, report.md and PNG plots go to
+--out. Compare the ratios, not the absolute numbers: the load generators
+share this machine's cores with the servers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench import report
+
+SCENARIOS = ("pipelines",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default 10)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per contender (default 2)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
+    parser.add_argument("--profile", action="store_true", help="py-spy record each gridgate server (first round)")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.rounds < 1:
+        parser.error("--duration must be > 0 and --rounds >= 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    results = {"machine": report.machine(), "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None
+                                                                                      else argv),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scenarios": {}}
+    for name in scenarios:
+        module = __import__(f"bench.{name}", fromlist=["run"])
+        print(f"{name}:", flush=True)
+        results["scenarios"][name] = module.run(args.duration, args.rounds, args.out, args.profile,
+                                                log=lambda line: print(line, flush=True))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    md = report.write(results, args.out)
+    print()
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Servers and load drivers the system benchmarks start themselves, on free
+loopback ports: gridgate (either HTTP engine), mosquitto, the uvicorn +
+httptools reference app, gridgate-loadgen and wrk; plus RSS and py-spy."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+WRK_SCRIPT = ROOT / "bench" / "wrk_post.lua"
+_LISTENING = re.compile(r"listening (.*)$")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """VmRSS (now) or VmHWM (peak) of a process, in KiB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+class Server:
+    """A server child process with its address, peak RSS and optional py-spy."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str] | None = None,
+                 address: tuple[str, int] | None = None, ready_timeout: float = 30.0) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.address = address
+        self.profiler: subprocess.Popen | None = None
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.append(line.rstrip("\n"))
+                m = _LISTENING.search(line)
+                if m:
+                    for part in m.group(1).split():
+                        key, _, hp = part.partition("=")
+                        host, _, port = hp.rpartition(":")
+                        self.addresses[key] = (host, int(port))
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if address is None:
+            if not ready.wait(ready_timeout) or not self.addresses:
+                self.stop()
+                raise RuntimeError(f"{name} did not start: " + "\n".join(self.lines[-20:]))
+        else:
+            self._wait_port(address, ready_timeout)
+
+    def _wait_port(self, address: tuple[str, int], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: " + "\n".join(self.lines[-20:]))
+            try:
+                socket.create_connection(address, timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not listen on {address}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def peak_rss_kb(self) -> int:
+        return rss_kb(self.pid, "VmHWM")
+
+    def rss_kb(self) -> int:
+        return rss_kb(self.pid)
+
+    def profile(self, out_dir: Path, label: str, duration: float) -> None:
+        """py-spy record this server for `duration` s: flame SVG + speedscope JSON."""
+        spy = shutil.which("py-spy") or str(BIN / "py-spy")
+        if not Path(spy).exists():
+            raise RuntimeError("py-spy is not installed (pip install py-spy)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.profiler = subprocess.Popen(
+            [spy, "record", "--pid", str(self.pid), "--duration", str(int(duration)), "--rate", "250",
+             "--format", "speedscope", "--output", str(out_dir / f"{label}.speedscope.json"), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._profile_args = (spy, out_dir, label)
+
+    def finish_profile(self) -> None:
+        if self.profiler is None:
+            return
+        self.profiler.wait(timeout=120)
+        spy, out_dir, label = self._profile_args
+        # The flame graph from the same samples: py-spy writes one format per
+        # run, so convert the speedscope file rather than sampling twice.
+        speedscope_to_flamegraph(out_dir / f"{label}.speedscope.json", out_dir / f"{label}.collapsed.txt")
+        self.profiler = None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def speedscope_to_flamegraph(src: Path, collapsed: Path) -> None:
+    """Folded stacks (``a;b;c count``) from a py-spy speedscope file, and an
+    SVG flame graph next to it when the ``flamegraph`` tools are at hand;
+    bench.report renders its own SVG from the folded stacks otherwise."""
+    if not src.exists():
+        return
+    doc = json.loads(src.read_text())
+    frames = [f["name"] + (f" ({Path(f['file']).name}:{f.get('line', 0)})" if f.get("file") else "")
+              for f in doc["shared"]["frames"]]
+    counts: dict[str, int] = {}
+    for profile in doc["profiles"]:
+        for sample, weight in zip(profile["samples"], profile["weights"]):
+            key = ";".join(frames[i] for i in sample)
+            counts[key] = counts.get(key, 0) + int(weight)
+    collapsed.write_text("".join(f"{k} {v}\n" for k, v in sorted(counts.items())))
+
+
+def gridgate(engine: str = "fast", mqtt: bool = False, extra_env: dict[str, str] | None = None,
+             data_dir: Path | None = None) -> Server:
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="gridgate-bench-"))
+    cmd = [str(BIN / "gridgate"), "serve", "--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0" if mqtt else "",
+           "--http-engine", engine, "--data-dir", str(data_dir)]
+    env = {"ENVIRONMENT": "bench", "SERVICE_NAME": "gridgate-bench", **(extra_env or {})}
+    server = Server(f"gridgate-{engine}", cmd, env)
+    server.data_dir = data_dir
+    return server
+
+
+def reference_app() -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "bench.reference_app:app", "--host", "127.0.0.1", "--port", str(port),
+           "--http", "httptools", "--loop", "asyncio", "--no-access-log", "--log-level", "warning",
+           "--backlog", "4096"]
+    return Server("uvicorn-httptools", cmd, {"PYTHONPATH": str(ROOT)}, address=("127.0.0.1", port))
+
+
+def mosquitto() -> Server | None:
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        return None
+    port = free_port()
+    conf = Path(tempfile.mkdtemp(prefix="mosquitto-bench-")) / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
+                    "log_type error\n")
+    return Server("mosquitto", [exe, "-c", str(conf)], address=("127.0.0.1", port))
+
+
+def spool_records(data_dir: Path) -> int:
+    out = subprocess.run([str(BIN / "gridgate"), "spool", "stats", "--data-dir", str(data_dir)],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "ENVIRONMENT": "bench", "SERVICE_NAME": "gridgate-bench"})
+    return json.loads(out.stdout)["records"] if out.returncode == 0 else -1
+
+
+def loadgen(protocol: str, target: tuple[str, int], duration: float, **opts) -> dict:
+    """Run gridgate-loadgen and return its --json result."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out_json = f.name
+    cmd = [str(BIN / "gridgate-loadgen"), protocol, "--target", f"{target[0]}:{target[1]}",
+           "--duration", str(duration), "--json", out_json]
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            cmd.append(flag)
+        elif value not in (None, False):
+            cmd += [flag, str(value)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 4 + 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {proc.stderr[-2000:]}")
+    result = json.loads(Path(out_json).read_text())
+    os.unlink(out_json)
+    result.pop("histogram", None)
+    return result
+
+
+def wrk(target: tuple[str, int], duration: float, connections: int, threads: int = 1,
+        readings: int = 1) -> dict | None:
+    """Run wrk with the POST script: requests/s, readings/s, latency, non-2xx."""
+    exe = shutil.which("wrk")
+    if exe is None:
+        return None
+    proc = subprocess.run([exe, "-t", str(threads), "-c", str(connections), "-d", f"{int(round(duration))}s", "--timeout", "10s",
+                           "-s", str(WRK_SCRIPT), f"http://{target[0]}:{target[1]}/"],
+                          capture_output=True, text=True, timeout=duration * 3 + 60,
+                          env={**os.environ, "READINGS": str(readings)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed: {proc.stderr[-2000:]}")
+    text = proc.stdout
+    counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text.split("WRK_COUNTS", 1)[1].splitlines()[0])}
+    lat = {k: int(v) / 1000 for k, v in re.findall(r"(\w+)=(\d+)", text.split("WRK_LATENCY_US", 1)[1].splitlines()[0])}
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    return {"requests_per_s": rps, "readings_per_s": rps * readings, "sent": counts["sent"],
+            "answered": counts["answered"], "non2xx": counts["non2xx"],
+            "socket_errors": "Socket errors" in text,
+            "latency_ms": {"p50": lat["p50"], "p99": lat["p99"], "max": lat["max"]}}

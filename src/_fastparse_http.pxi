@@ -1,0 +1,488 @@
+# HTTP/1.1 request parser, compiled: the twin of gridgate/_http_py.py.
+#
+# gridgate/_http_py.py is the reference; its module docstring is the
+# contract (grammar, refusals and their order, zero-copy rules). Both must
+# give the same requests and raise equal HTTPParseErrors on every input,
+# however it is split into reads (tests/test_http_parser.py, which also
+# holds both to the std engine's h11 reader).
+#
+# Why compiled: the fast engine's whole point is that a request head costs
+# a few hundred nanoseconds, not the tens of microseconds of h11's regexes,
+# event objects and state machine. Here a head is walked once over a const
+# unsigned char* with 256-entry class tables; the only objects built are the
+# strings the API hands out and a memoryview slice for the body.
+#
+# Included into src/_fastparse.pyx; private module-level names start _ht_.
+
+from cpython.unicode cimport PyUnicode_DecodeLatin1
+
+from gridgate.errors import HTTPParseError as _ht_Error
+
+NEED_DATA = 0
+HEAD = 1
+REQUEST = 2
+
+cdef enum:
+    _HT_S_HEAD = 0
+    _HT_S_LENGTH = 1
+    _HT_S_CHUNK_LINE = 2
+    _HT_S_CHUNK_DATA = 3
+    _HT_S_CHUNK_CRLF = 4
+    _HT_S_LAST_CRLF = 5
+
+cdef unsigned char[256] _ht_TCHAR
+cdef unsigned char[256] _ht_VCHAR
+cdef unsigned char[256] _ht_VALUE
+cdef unsigned char[256] _ht_HEX
+
+
+cdef void _ht_init_tables():
+    cdef int i
+    for i in range(256):
+        _ht_TCHAR[i] = 0
+        _ht_VCHAR[i] = 0x21 <= i <= 0x7E
+        _ht_VALUE[i] = i == 0x09 or 0x20 <= i <= 0x7E or i >= 0x80
+        _ht_HEX[i] = 0
+    for i in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        _ht_TCHAR[i] = 1
+    for i in b"0123456789abcdefABCDEF":
+        _ht_HEX[i] = 1
+
+
+_ht_init_tables()
+
+
+cdef inline object _ht_bad(str detail):
+    return _ht_Error(400, "bad_request", detail)
+
+
+cdef inline bint _ht_is_ows(unsigned char c):
+    return c == 0x20 or c == 0x09
+
+
+cdef inline bint _ht_lower_eq(const unsigned char* p, Py_ssize_t n, const char* lower_name, Py_ssize_t m):
+    """p[:n] equals the lower-case ASCII lower_name[:m], case-insensitively."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if n != m:
+        return False
+    for i in range(n):
+        c = p[i]
+        if 0x41 <= c <= 0x5A:
+            c += 0x20
+        if c != <unsigned char>lower_name[i]:
+            return False
+    return True
+
+
+cdef inline Py_ssize_t _ht_find_crlf(const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+    """Index of the first CR LF in p[start:end], or -1."""
+    cdef const unsigned char* q
+    cdef Py_ssize_t i = start
+    while i + 1 < end:
+        q = <const unsigned char*>memchr(p + i, 0x0D, end - i - 1)
+        if q == NULL:
+            return -1
+        i = q - p
+        if p[i + 1] == 0x0A:
+            return i
+        i += 1
+    return -1
+
+
+cdef inline Py_ssize_t _ht_find_head_end(const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+    """Index of the first CR LF CR LF in p[start:end], or -1."""
+    cdef const unsigned char* q
+    cdef Py_ssize_t i = start
+    while i + 3 < end:
+        q = <const unsigned char*>memchr(p + i, 0x0D, end - i - 3)
+        if q == NULL:
+            return -1
+        i = q - p
+        if p[i + 1] == 0x0A and p[i + 2] == 0x0D and p[i + 3] == 0x0A:
+            return i
+        i += 1
+    return -1
+
+
+cdef class HTTPRequestParser:
+    """Per-connection parser and request context (see gridgate/_http_py.py)."""
+
+    cdef public Py_ssize_t max_header_bytes
+    cdef public Py_ssize_t max_body_bytes
+    cdef object _buf                 # bytes (fresh read) or bytearray (a request spans reads)
+    cdef bint _is_bytes
+    cdef Py_ssize_t _pos
+    cdef Py_ssize_t _scan
+    cdef Py_ssize_t _remaining
+    cdef int _state
+    cdef bytearray _chunks
+    cdef readonly str method
+    cdef readonly str target
+    cdef readonly str http_version
+    cdef readonly list headers
+    cdef readonly object body
+    cdef readonly bint keep_alive
+    cdef readonly bint expect_continue
+    cdef readonly str content_type
+    cdef readonly str content_encoding
+    cdef readonly long long content_length
+    cdef readonly bint chunked
+    cdef readonly bint has_length
+
+    def __init__(self, Py_ssize_t max_header_bytes=16384, Py_ssize_t max_body_bytes=1048576):
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self._buf = b""
+        self._is_bytes = True
+        self._pos = 0
+        self._scan = 0
+        self._state = _HT_S_HEAD
+        self._remaining = 0
+        self._chunks = bytearray()
+        self._reset_request()
+
+    cdef void _reset_request(self):
+        self.method = ""
+        self.target = ""
+        self.http_version = ""
+        self.headers = []
+        self.body = b""
+        self.keep_alive = True
+        self.expect_continue = False
+        self.content_type = ""
+        self.content_encoding = ""
+        self.content_length = -1
+        self.chunked = False
+        self.has_length = False
+
+    cdef inline Py_ssize_t _len(self):
+        if self._is_bytes:
+            return PyBytes_GET_SIZE(self._buf)
+        return PyByteArray_GET_SIZE(self._buf)
+
+    cdef inline const unsigned char* _ptr(self):
+        if self._is_bytes:
+            return <const unsigned char*>PyBytes_AS_STRING(self._buf)
+        return <const unsigned char*>PyByteArray_AS_STRING(self._buf)
+
+    @property
+    def buffered(self) -> int:
+        return self._len() - self._pos
+
+    @property
+    def head_done(self) -> bool:
+        return self._state != _HT_S_HEAD
+
+    def feed(self, data) -> None:
+        cdef Py_ssize_t n = self._len()
+        if not len(data):
+            return
+        if self._pos >= n:
+            self._buf = data if PyBytes_CheckExact(data) else bytes(data)
+            self._is_bytes = True
+            self._pos = 0
+            self._scan = 0
+            return
+        if self._is_bytes:
+            self._buf = PyByteArray_FromStringAndSize(<const char*>self._ptr() + self._pos, n - self._pos)
+            self._is_bytes = False
+            self._scan -= self._pos
+            self._pos = 0
+        elif self._pos > 65536 and self._pos * 2 > n:
+            del self._buf[:self._pos]
+            self._scan -= self._pos
+            self._pos = 0
+        self._buf += data
+
+    def next(self) -> int:
+        cdef Py_ssize_t end
+        if self._state == _HT_S_HEAD:
+            self._reset_request()
+            if not self._parse_head():
+                return NEED_DATA
+        if self._state == _HT_S_LENGTH:
+            end = self._pos + self._remaining
+            if self._len() < end:
+                return HEAD
+            if self._remaining == 0:
+                self.body = b""
+            elif self._is_bytes:
+                self.body = PyMemoryView_FromObject(self._buf)[self._pos:end]
+            else:
+                self.body = PyBytes_FromStringAndSize(<const char*>self._ptr() + self._pos, self._remaining)
+            self._pos = end
+        else:
+            if not self._read_chunks():
+                return HEAD
+            self.body = bytes(self._chunks)
+            self._chunks = bytearray()
+        self._state = _HT_S_HEAD
+        self._scan = self._pos
+        return REQUEST
+
+    # -- head ------------------------------------------------------------------
+
+    cdef bint _parse_head(self) except -1:
+        cdef const unsigned char* p = self._ptr()
+        cdef Py_ssize_t n = self._len()
+        cdef Py_ssize_t pos = self._pos
+        cdef Py_ssize_t end = _ht_find_head_end(p, self._scan if self._scan > pos else pos, n)
+        cdef Py_ssize_t line_end
+        if end < 0:
+            if n - pos > self.max_header_bytes:
+                raise _ht_Error(431, "header_too_large", "request head exceeds max_header_bytes")
+            self._scan = n - 3 if n - 3 > pos else pos
+            return False
+        if end + 4 - pos > self.max_header_bytes:
+            raise _ht_Error(431, "header_too_large", "request head exceeds max_header_bytes")
+        line_end = _ht_find_crlf(p, pos, end + 2)
+        self._request_line(p, pos, line_end)
+        self._header_lines(p, line_end + 2, end + 2)
+        self._pos = end + 4
+        return True
+
+    cdef int _request_line(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end) except -1:
+        cdef Py_ssize_t i = start
+        cdef Py_ssize_t m_end, t_start, t_end, v_start
+        while i < end and p[i] != 0x20:
+            i += 1
+        m_end = i
+        if i == end:
+            raise _ht_bad("request line is not METHOD SP TARGET SP VERSION")
+        i += 1
+        t_start = i
+        while i < end and p[i] != 0x20:
+            i += 1
+        t_end = i
+        if i == end:
+            raise _ht_bad("request line is not METHOD SP TARGET SP VERSION")
+        v_start = i + 1
+        i = v_start
+        while i < end:
+            if p[i] == 0x20:
+                raise _ht_bad("request line is not METHOD SP TARGET SP VERSION")
+            i += 1
+        # the twin refuses a bare CR or LF first: none of the checks below lets one through
+        for i in range(start, end):
+            if p[i] == 0x0D or p[i] == 0x0A:
+                raise _ht_bad("bare CR or LF in the request line")
+        if m_end == start:
+            raise _ht_bad("method is not a token")
+        for i in range(start, m_end):
+            if not _ht_TCHAR[p[i]]:
+                raise _ht_bad("method is not a token")
+        if t_end == t_start:
+            raise _ht_bad("request target is empty or has bytes outside VCHAR")
+        for i in range(t_start, t_end):
+            if not _ht_VCHAR[p[i]]:
+                raise _ht_bad("request target is empty or has bytes outside VCHAR")
+        if end - v_start == 8 and memcmp(p + v_start, b"HTTP/1.", 7) == 0 and p[v_start + 7] == 0x31:
+            self.http_version = "1.1"
+        elif end - v_start == 8 and memcmp(p + v_start, b"HTTP/1.", 7) == 0 and p[v_start + 7] == 0x30:
+            self.http_version = "1.0"
+        elif (end - v_start == 8 and memcmp(p + v_start, b"HTTP/", 5) == 0 and 0x30 <= p[v_start + 5] <= 0x39
+              and p[v_start + 6] == 0x2E and 0x30 <= p[v_start + 7] <= 0x39):
+            raise _ht_Error(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+        else:
+            raise _ht_bad("malformed HTTP version")
+        if m_end - start == 4 and memcmp(p + start, b"POST", 4) == 0:
+            self.method = "POST"
+        elif m_end - start == 3 and memcmp(p + start, b"GET", 3) == 0:
+            self.method = "GET"
+        else:
+            self.method = PyUnicode_DecodeLatin1(<const char*>p + start, m_end - start, NULL)
+        self.target = PyUnicode_DecodeLatin1(<const char*>p + t_start, t_end - t_start, NULL)
+        return 0
+
+    cdef int _header_lines(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end) except -1:
+        """Header lines in p[start:end], each ending with CR LF."""
+        cdef bint http11 = self.http_version == "1.1"
+        cdef int hosts = 0
+        cdef bint te = False
+        cdef Py_ssize_t line = start, eol, colon, v_start, v_end, i, n
+        cdef long long length
+        cdef unsigned char c
+        cdef bytes name, value
+        cdef char* q
+        while line < end:
+            eol = _ht_find_crlf(p, line, end)
+            if eol == line:
+                raise _ht_bad("empty header line")
+            if p[line] == 0x20 or p[line] == 0x09:
+                raise _ht_bad("obs-fold (a header line starting with whitespace) is refused")
+            colon = line
+            while colon < eol and p[colon] != 0x3A:
+                colon += 1
+            if colon == eol or colon == line:
+                raise _ht_bad("header line without a field name and colon")
+            for i in range(line, colon):
+                if not _ht_TCHAR[p[i]]:
+                    raise _ht_bad("header field name is not a token")
+            v_start = colon + 1
+            v_end = eol
+            while v_start < v_end and _ht_is_ows(p[v_start]):
+                v_start += 1
+            while v_end > v_start and _ht_is_ows(p[v_end - 1]):
+                v_end -= 1
+            for i in range(v_start, v_end):
+                if not _ht_VALUE[p[i]]:
+                    raise _ht_bad("control byte in a header value")
+            n = colon - line
+            name = PyBytes_FromStringAndSize(NULL, n)
+            q = PyBytes_AS_STRING(name)
+            for i in range(n):
+                c = p[line + i]
+                q[i] = c + 0x20 if 0x41 <= c <= 0x5A else c
+            value = PyBytes_FromStringAndSize(<const char*>p + v_start, v_end - v_start)
+            self.headers.append((name, value))
+            if _ht_lower_eq(p + line, n, b"content-length", 14):
+                if self.content_length >= 0:
+                    raise _ht_bad("more than one Content-Length")
+                if v_end == v_start:
+                    raise _ht_bad("Content-Length is not a decimal number")
+                for i in range(v_start, v_end):
+                    if not 0x30 <= p[i] <= 0x39:
+                        raise _ht_bad("Content-Length is not a decimal number")
+                if v_end - v_start > 18:
+                    raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
+                length = 0
+                for i in range(v_start, v_end):
+                    length = length * 10 + (p[i] - 0x30)
+                if length > self.max_body_bytes:
+                    raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
+                self.content_length = length
+            elif _ht_lower_eq(p + line, n, b"transfer-encoding", 17):
+                if te:
+                    raise _ht_Error(501, "not_implemented", "more than one Transfer-Encoding")
+                if not _ht_lower_eq(p + v_start, v_end - v_start, b"chunked", 7):
+                    raise _ht_Error(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
+                te = True
+            elif _ht_lower_eq(p + line, n, b"host", 4):
+                hosts += 1
+            elif _ht_lower_eq(p + line, n, b"connection", 10):
+                self._connection_tokens(p, v_start, v_end)
+            elif _ht_lower_eq(p + line, n, b"expect", 6):
+                self.expect_continue = _ht_lower_eq(p + v_start, v_end - v_start, b"100-continue", 12)
+            elif _ht_lower_eq(p + line, n, b"content-type", 12):
+                self.content_type = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
+            elif _ht_lower_eq(p + line, n, b"content-encoding", 16):
+                self.content_encoding = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
+            line = eol + 2
+        if hosts > 1 or (http11 and hosts == 0):
+            raise _ht_bad("HTTP/1.1 needs exactly one Host header")
+        if te and self.content_length >= 0:
+            raise _ht_bad("both Transfer-Encoding and Content-Length")
+        if te and not http11:
+            raise _ht_bad("Transfer-Encoding in an HTTP/1.0 request")
+        if not http11:
+            self.keep_alive = False
+            self.expect_continue = False
+        self.chunked = te
+        self.has_length = te or self.content_length >= 0
+        if te:
+            self._state = _HT_S_CHUNK_LINE
+        else:
+            self._state = _HT_S_LENGTH
+            self._remaining = self.content_length if self.content_length > 0 else 0
+        return 0
+
+    cdef void _connection_tokens(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+        cdef Py_ssize_t i = start, a, b
+        while i <= end:
+            a = i
+            while i < end and p[i] != 0x2C:
+                i += 1
+            b = i
+            while a < b and _ht_is_ows(p[a]):
+                a += 1
+            while b > a and _ht_is_ows(p[b - 1]):
+                b -= 1
+            if _ht_lower_eq(p + a, b - a, b"close", 5):
+                self.keep_alive = False
+            i += 1
+
+    # -- chunked body ------------------------------------------------------------
+
+    cdef bint _read_chunks(self) except -1:
+        cdef const unsigned char* p = self._ptr()
+        cdef Py_ssize_t n = self._len()
+        cdef Py_ssize_t eol, take
+        while True:
+            if self._state == _HT_S_CHUNK_LINE:
+                eol = _ht_find_crlf(p, self._pos, n)
+                if eol < 0:
+                    if n - self._pos > self.max_header_bytes:
+                        raise _ht_bad("chunk size line too long")
+                    return False
+                self._chunk_line(p, self._pos, eol)
+                self._pos = eol + 2
+            elif self._state == _HT_S_CHUNK_DATA:
+                take = n - self._pos
+                if take > self._remaining:
+                    take = self._remaining
+                if take == 0:
+                    return False
+                self._chunks.extend(PyMemoryView_FromObject(self._buf)[self._pos:self._pos + take])
+                self._pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = _HT_S_CHUNK_CRLF
+                    self._remaining = 2
+            elif self._state == _HT_S_CHUNK_CRLF:
+                while self._remaining and self._pos < n:
+                    if p[self._pos] != (0x0D if self._remaining == 2 else 0x0A):
+                        raise _ht_bad("chunk data not followed by CRLF")
+                    self._pos += 1
+                    self._remaining -= 1
+                if self._remaining:
+                    return False
+                self._state = _HT_S_CHUNK_LINE
+            else:  # _HT_S_LAST_CRLF
+                if self._pos >= n:
+                    return False
+                if p[self._pos] == 0x0A:
+                    self._pos += 1
+                    return True
+                if p[self._pos] != 0x0D:
+                    raise _ht_bad("trailer fields are not supported")
+                if self._pos + 1 >= n:
+                    return False
+                if p[self._pos + 1] != 0x0A:
+                    raise _ht_bad("trailer fields are not supported")
+                self._pos += 2
+                return True
+
+    cdef int _chunk_line(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end) except -1:
+        cdef Py_ssize_t i = start, digits
+        cdef unsigned long long size = 0
+        cdef bint huge = False
+        cdef unsigned char c
+        while i < end and _ht_HEX[p[i]]:
+            c = p[i]
+            if size > (<unsigned long long>1 << 56):
+                huge = True
+            else:
+                size = size * 16 + (c - 0x30 if c <= 0x39 else (c | 0x20) - 0x57)
+            i += 1
+        digits = i - start
+        if digits == 0 or digits > 20:
+            raise _ht_bad("bad chunk size")
+        if i < end and p[i] == 0x3B:
+            while i < end:
+                if p[i] == 0x0A:
+                    raise _ht_bad("bad chunk extension")
+                i += 1
+        else:
+            while i < end:
+                if not _ht_is_ows(p[i]):
+                    raise _ht_bad("bad chunk size")
+                i += 1
+        if huge or size > <unsigned long long>(self.max_body_bytes - len(self._chunks)):
+            raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
+        if size == 0:
+            self._state = _HT_S_LAST_CRLF
+        else:
+            self._state = _HT_S_CHUNK_DATA
+            self._remaining = <Py_ssize_t>size
+        return 0

@@ -1,0 +1,142 @@
+"""The fast HTTP engine: the fasthttp-style pipeline of DESIGN section 5.
+
+One compiled parser per connection (src/_fastparse_http.pxi) is the request
+context, reused for every request; bodies are memoryview slices of the
+receive buffer; the compiled validator decodes them with msgspec; response
+heads are prebuilt bytes. All requests found in one read are begun before
+the first is awaited, so a pipelined burst shares one group commit and its
+answers leave, in order, in one send. Behaviour (statuses, bodies,
+timeouts) is the std engine's: the same tests run against both.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from gridgate import hotpath
+from gridgate.errors import HTTPParseError
+from gridgate.http_api import Answer, HttpError, Pending, begin_request
+
+if TYPE_CHECKING:
+    from gridgate.connmanager import Session
+    from gridgate.gateway import Gateway
+
+__all__ = ["serve_fast_http", "render_response"]
+
+log = logging.getLogger("gridgate.http")
+
+_REASONS = {100: b"Continue", 200: b"OK", 202: b"Accepted", 400: b"Bad Request", 404: b"Not Found",
+            405: b"Method Not Allowed", 408: b"Request Timeout", 411: b"Length Required",
+            413: b"Content Too Large", 415: b"Unsupported Media Type", 431: b"Request Header Fields Too Large",
+            501: b"Not Implemented", 503: b"Service Unavailable", 505: b"HTTP Version Not Supported"}
+_HEADS: dict[tuple[int, bytes], bytes] = {}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CLOSE = b"connection: close\r\n"
+_MAX_PIPELINED = 64          # requests begun per read before their answers go out
+_READ_SIZE = 65536
+
+
+def _head(status: int, content_type: bytes) -> bytes:
+    head = _HEADS.get((status, content_type))
+    if head is None:
+        reason = _REASONS.get(status, b"Status")
+        head = (b"HTTP/1.1 %d %s\r\nserver: gridgate\r\ncontent-type: %s\r\ncontent-length: "
+                % (status, reason, content_type))
+        if len(_HEADS) < 256:
+            _HEADS[(status, content_type)] = head
+    return head
+
+
+def render_response(answer: Answer, close: bool) -> bytes:
+    status, body, content_type, extra = answer
+    parts = [_head(status, content_type), b"%d\r\n" % len(body)]
+    for name, value in extra:
+        parts.append(name + b": " + value + b"\r\n")
+    if close:
+        parts.append(_CLOSE)
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)
+
+
+async def serve_fast_http(stream: trio.abc.Stream, gateway: "Gateway", session: "Session") -> None:
+    cfg = gateway.config.http
+    http = hotpath.http
+    parser = http.HTTPRequestParser(cfg.max_header_bytes, cfg.max_body_bytes)
+    REQUEST, HEAD = http.REQUEST, http.HEAD
+    inf = float("inf")
+    deadline = inf               # for the head or body now arriving; inf while idle
+    phase = 0                    # 0 idle (the reaper watches), 1 head arriving, 2 body arriving
+    continued = False            # 100 Continue sent for the current request
+    with session.read_scope:
+        while True:
+            begun: list = []
+            close = False
+            error: HTTPParseError | None = None
+            state = 0
+            try:
+                while len(begun) < _MAX_PIPELINED:
+                    state = parser.next()
+                    if state != REQUEST:
+                        break
+                    begun.append(begin_request(gateway, parser, "fast"))
+                    continued = False
+                    if not parser.keep_alive:
+                        close = True
+                        break
+            except HTTPParseError as exc:
+                error = exc
+            if begun:
+                out = []
+                last = len(begun) - 1
+                for i, item in enumerate(begun):
+                    answer = await item.answer() if type(item) is Pending else item
+                    out.append(render_response(answer, close and i == last))
+                await stream.send_all(b"".join(out))
+                phase = 0
+            if error is not None:
+                gateway.metrics.protocol_errors.labels("http", error.error).inc()
+                session.close_reason = f"bad request: {error}"
+                body = HttpError(error.status, error.error, error.detail).body()
+                await stream.send_all(render_response((error.status, body, b"application/json", []), True))
+                return
+            if close:
+                return
+            if state == REQUEST:         # the pipelining bound: answer, then go on parsing
+                continue
+            # slowloris: a head must arrive within header_timeout_s of its first
+            # byte, a body within body_timeout_s of its head
+            if state == HEAD:
+                if phase != 2:
+                    phase = 2
+                    deadline = trio.current_time() + cfg.body_timeout_s
+                if parser.expect_continue and not continued:
+                    continued = True
+                    await stream.send_all(_CONTINUE)
+            elif parser.buffered:
+                if phase != 1:
+                    phase = 1
+                    deadline = trio.current_time() + cfg.header_timeout_s
+            else:
+                phase = 0
+                deadline = inf
+            data = None
+            with trio.move_on_at(deadline):
+                data = await stream.receive_some(_READ_SIZE)
+            if data is None:
+                if state == HEAD:
+                    session.close_reason = "request body timeout"
+                    body = b'{"error":"timeout","detail":"request body too slow"}'
+                    await stream.send_all(render_response((408, body, b"application/json", []), True))
+                else:
+                    session.close_reason = "request head timeout"
+                return
+            if not data:
+                return
+            session.last_seen = trio.current_time()
+            if phase == 0:
+                phase = 1
+                deadline = session.last_seen + cfg.header_timeout_s
+            parser.feed(data)

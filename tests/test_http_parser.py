@@ -1,0 +1,307 @@
+"""The HTTP/1.1 request parsers, sans-IO: the fast engine's parser (compiled
+and its pure-Python twin) and the std engine's reader (h11 plus the raw-head
+refusals). Examples with exact outcomes, then hypothesis on arbitrary and
+mutated bytes: all three accept the same requests (method, target, version,
+headers, body) or all refuse.
+
+HYPOTHESIS_MAX_EXAMPLES raises the example count for a longer run.
+"""
+from __future__ import annotations
+
+import os
+
+import h11
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gridgate import _fastparse, _http_py
+from gridgate.errors import HTTPParseError
+from gridgate.http_std import StdRequestReader
+
+SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+MAX_HEAD = 256
+MAX_BODY = 64
+FAST_IMPLS = {"py": _http_py, "c": _fastparse}
+
+
+@pytest.fixture(params=list(FAST_IMPLS), ids=[f"{k}-http" for k in FAST_IMPLS])
+def http_impl(request):
+    return FAST_IMPLS[request.param]
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, last = [], 0
+    for p in points:
+        out.append(data[last:p])
+        last = p
+    out.append(data[last:])
+    return out
+
+
+def run_fast(impl, chunks: list[bytes], max_head: int = MAX_HEAD, max_body: int = MAX_BODY):
+    """(requests, end) with end "clean", "closed", "incomplete" or (status, error)."""
+    parser = impl.HTTPRequestParser(max_head, max_body)
+    requests = []
+    try:
+        for chunk in chunks:
+            parser.feed(chunk)
+            while (state := parser.next()) == impl.REQUEST:
+                headers = [(n, v.lower() if n == b"transfer-encoding" else v) for n, v in parser.headers]
+                requests.append((parser.method, parser.target, parser.http_version, headers, bytes(parser.body)))
+                if not parser.keep_alive:
+                    return requests, "closed"
+    except HTTPParseError as exc:
+        return requests, (exc.status, exc.error)
+    return requests, "clean" if state == impl.NEED_DATA and parser.buffered == 0 else "incomplete"
+
+
+def run_std(data: bytes, max_head: int = MAX_HEAD, max_body: int = MAX_BODY):
+    reader = StdRequestReader(max_head, max_body)
+    if data:                 # h11 takes b"" as the end of the stream
+        reader.receive_data(data)
+    requests = []
+    current = None
+    body = bytearray()
+    try:
+        while True:
+            event = reader.next_event()
+            if event is h11.NEED_DATA:
+                return requests, "incomplete" if reader.raw_buffered else "clean"
+            if type(event) is h11.Request:
+                current = (event.method.decode(), event.target.decode(), event.http_version.decode(),
+                           list(event.headers))
+                body = bytearray()
+            elif type(event) is h11.Data:
+                body += event.data
+            elif type(event) is h11.EndOfMessage:
+                requests.append((*current, bytes(body)))
+                reader.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+                reader.send(h11.EndOfMessage())
+                if reader.conn.our_state is h11.MUST_CLOSE:
+                    return requests, "closed"
+                reader.start_next_cycle()
+            else:
+                raise AssertionError(f"unexpected event {event!r}")
+    except HTTPParseError as exc:
+        return requests, (exc.status, exc.error)
+
+
+def agree(data: bytes, cuts: list[int] = ()) -> tuple:
+    """Every parser, whole and chunked, gives the same outcome; returns it."""
+    std = run_std(data)
+    py = run_fast(_http_py, [data])
+    c = run_fast(_fastparse, [data])
+    assert py == c
+    if cuts:
+        chunks = split(data, list(cuts))
+        assert run_fast(_http_py, chunks) == run_fast(_fastparse, chunks) == py
+    # std and fast accept the same requests; both refuse (the status may
+    # differ: h11 waits for a body the fast parser already judged too large)
+    assert std[0] == py[0]
+    assert (std[1] in ("clean", "closed")) == (py[1] in ("clean", "closed")), (std, py)
+    if std[1] in ("clean", "closed"):
+        assert std[1] == py[1]
+    return py
+
+
+POST = b"POST /v1/telemetry HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+
+
+def post(body: bytes, extra: bytes = b"") -> bytes:
+    return POST + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+# -- examples -------------------------------------------------------------------------
+
+
+def test_pipelined_requests_in_one_read_are_zero_copy_views(http_impl):
+    data = post(b'{"a":1}') + post(b"[]")
+    parser = http_impl.HTTPRequestParser()
+    parser.feed(data)
+    assert parser.next() == http_impl.REQUEST
+    assert isinstance(parser.body, memoryview) and parser.body.obj is data
+    assert (parser.method, parser.target, bytes(parser.body)) == ("POST", "/v1/telemetry", b'{"a":1}')
+    assert (parser.content_type, parser.content_length, parser.keep_alive) == ("application/json", 7, True)
+    assert parser.next() == http_impl.REQUEST and bytes(parser.body) == b"[]"
+    assert parser.next() == http_impl.NEED_DATA and parser.buffered == 0
+
+
+def test_a_request_split_byte_by_byte(http_impl):
+    data = post(b'{"device_id":"m"}', b"Content-Encoding: gzip\r\nExpect: 100-continue\r\n")
+    parser = http_impl.HTTPRequestParser()
+    states = []
+    for i in range(len(data)):
+        parser.feed(data[i:i + 1])
+        states.append(parser.next())
+    assert states[-1] == http_impl.REQUEST and set(states[:-1]) == {http_impl.NEED_DATA, http_impl.HEAD}
+    assert parser.expect_continue and parser.content_encoding == "gzip"
+    assert bytes(parser.body) == b'{"device_id":"m"}'
+
+
+def test_chunked_body_is_decoded(http_impl):
+    data = POST + b"Transfer-Encoding: Chunked\r\n\r\n4;name=v\r\n[1,2\r\n2 \r\n,3\r\n1\r\n]\r\n0\r\n\r\n"
+    assert agree(data) == ([("POST", "/v1/telemetry", "1.1", [(b"host", b"gw"),
+                                                               (b"content-type", b"application/json"),
+                                                               (b"transfer-encoding", b"chunked")],
+                             b"[1,2,3]")], "clean")
+    parser = http_impl.HTTPRequestParser()
+    parser.feed(data)
+    assert parser.next() == http_impl.REQUEST and parser.chunked and parser.has_length
+
+
+def test_http10_and_connection_close_end_the_connection(http_impl):
+    for data in (b"GET /healthz HTTP/1.0\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Close\r\n\r\nGARBAGE"):
+        requests, end = agree(data)
+        assert len(requests) == 1 and end == "closed"
+
+
+def test_post_without_length_has_an_empty_body(http_impl):
+    parser = http_impl.HTTPRequestParser()
+    parser.feed(POST + b"\r\n")
+    assert parser.next() == http_impl.REQUEST
+    assert (parser.has_length, bytes(parser.body)) == (False, b"")
+
+
+@pytest.mark.parametrize("data, status, error", [
+    (post(b"{}", b"Content-Length: 2\r\n"), 400, "bad_request"),                 # identical duplicate
+    (POST + b"Content-Length: 2, 2\r\n\r\n{}", 400, "bad_request"),               # comma list
+    (POST + b"Content-Length: +2\r\n\r\n{}", 400, "bad_request"),
+    (POST + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: gzip\r\n\r\n", 501, "not_implemented"),
+    (POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 501, "not_implemented"),
+    (POST + b"X-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),  # obs-fold
+    (POST + b"X-Bad : a\r\n\r\n", 400, "bad_request"),                           # space before colon
+    (POST + b"X-Ctl: a\x01b\r\n\r\n", 400, "bad_request"),
+    (b"POST /v1/telemetry HTTP/1.1\nHost: x\r\n\r\n", 400, "bad_request"),       # bare LF
+    (b"POST /v1/telemetry HTTP/2.0\r\nHost: x\r\n\r\n", 505, "version_not_supported"),
+    (b"POST /v1/telemetry\r\n\r\n", 400, "bad_request"),
+    (b"GET / HTTP/1.1\r\n\r\n", 400, "bad_request"),                              # no Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "bad_request"),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: 1\r\n\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 21 + b"1\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n41\r\n", 413, "too_large"),
+    (POST + b"Content-Length: 65\r\n\r\n", 413, "too_large"),
+    (POST + b"X-Long: " + b"a" * MAX_HEAD + b"\r\n\r\n", 431, "header_too_large"),
+    (POST + b"X-Long: " + b"a" * MAX_HEAD, 431, "header_too_large"),             # never finished
+])
+def test_refusals(http_impl, data, status, error):
+    requests, end = run_fast(http_impl, [data])
+    assert (requests, end) == ([], (status, error))
+    assert run_std(data)[0] == []
+    assert run_std(data)[1] not in ("clean", "closed")
+
+
+def test_refusals_match_std_where_it_knows_the_status():
+    for data, status in [(post(b"{}", b"Content-Length: 2\r\n"), 400),
+                         (POST + b"X-Folded: a\r\n b\r\n\r\n", 400),
+                         (POST + b"Transfer-Encoding: gzip\r\n\r\n", 501),
+                         (b"POST / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+                         (POST + b"Content-Length: 65\r\n\r\n", 413),
+                         (POST + b"X-Long: " + b"a" * MAX_HEAD + b"\r\n\r\n", 431)]:
+        assert run_std(data)[1][0] == status == run_fast(_fastparse, [data])[1][0]
+
+
+def test_slow_sender_costs_linear_time(http_impl):
+    # a 64 KiB body one byte per read: the buffer is appended to, never rebuilt
+    body = b"x" * 65536
+    parser = http_impl.HTTPRequestParser(16384, 1 << 20)
+    parser.feed(POST + b"Content-Length: 65536\r\n\r\n")
+    assert parser.next() == http_impl.HEAD
+    for i in range(len(body)):
+        parser.feed(body[i:i + 1])
+    assert parser.next() == http_impl.REQUEST and bytes(parser.body) == body
+
+
+# -- properties -------------------------------------------------------------------------
+
+def mostly(good: list[bytes], bad: list[bytes], weight: int = 6):
+    """Valid pieces most of the time, so generated requests reach every path."""
+    return st.sampled_from(good * weight + bad)
+
+
+TOKENS = mostly([b"POST", b"GET"], [b"PUT", b"get", b"P\x00ST", b"", b"GE T", b"M!#$"])
+TARGETS = mostly([b"/v1/telemetry", b"/"], [b"*", b"/a?b=c", b"/\x7f", b"/\xff", b"", b"/a b"])
+VERSIONS = mostly([b"HTTP/1.1"], [b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.2", b"HTTP/1", b"http/1.1", b"HTTP/1.1 "], 10)
+HEADER_NAMES = mostly([b"Content-Type", b"X-A", b"Connection", b"Expect"],
+                      [b"Host", b"Content-Length", b"Transfer-Encoding", b"host", b"X A", b"", b"X-\xff"], 12)
+HEADER_VALUES = mostly([b"x", b"a\tb", b"keep-alive", b"100-continue"],
+                       [b"0", b"2", b"2, 2", b" 2 ", b"chunked", b"Chunked", b"gzip", b"close", b"", b"a\x01",
+                        b"\xe4", b"a\rb", b"65", b"99999999999999999999999"], 12)
+SEPARATORS = mostly([b": ", b":"], [b" :", b":\t", b"::"], 8)
+EOLS = mostly([b"\r\n"], [b"\n", b"\r", b"\r\n "], 30)
+
+
+@st.composite
+def chunked_bodies(draw):
+    out = b""
+    for _ in range(draw(st.integers(0, 3))):
+        data = draw(st.binary(min_size=1, max_size=20))
+        n = len(data)
+        size = draw(mostly([b"%x" % n], [b"%X" % n, b"%x;e=1" % n, b"%x " % n, b"0%x" % n, b"z", b"%x\n" % n], 3))
+        out += size + draw(EOLS) + data + draw(mostly([b"\r\n"], [b"", b"\n", b"XX"], 10))
+    return out + draw(mostly([b"0\r\n\r\n"], [b"0\r\n\n", b"0\r\nX: y\r\n\r\n", b"0;z\r\n\r\n", b"0\r\n"]))
+
+
+@st.composite
+def requests(draw):
+    head = draw(TOKENS) + b" " + draw(TARGETS) + b" " + draw(VERSIONS) + draw(EOLS)
+    headers = draw(st.lists(st.tuples(HEADER_NAMES, SEPARATORS, HEADER_VALUES), max_size=4))
+    if draw(st.integers(0, 9)):
+        headers.insert(draw(st.integers(0, len(headers))), (b"Host", b": ", b"gw"))
+    framing = draw(st.sampled_from(["length", "length", "chunked", "none", "both"]))
+    body = b""
+    if framing in ("length", "both"):
+        body = draw(st.binary(max_size=MAX_BODY + 4))
+        headers.append((b"Content-Length", b": ", b"%d" % len(body)))
+    if framing in ("chunked", "both"):
+        body = draw(chunked_bodies())
+        headers.append((b"Transfer-Encoding", b": ", b"chunked"))
+    headers = draw(st.permutations(headers))
+    for name, sep, value in headers:
+        head += name + sep + value + draw(EOLS)
+    return head + b"\r\n" + body
+
+
+@st.composite
+def mutated(draw, base):
+    data = bytearray(draw(base))
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
+        if not data:
+            break
+        i = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["delete", "insert", "replace"]))
+        byte = draw(st.sampled_from([0x0D, 0x0A, 0x20, 0x09, 0x3A, 0x2C, 0x00, 0x30, 0x61, 0xFF]))
+        if op == "delete":
+            del data[i]
+        elif op == "insert":
+            data.insert(i, byte)
+        else:
+            data[i] = byte
+    return bytes(data)
+
+
+@SETTINGS
+@given(st.binary(max_size=400), st.lists(st.integers(0, 400), max_size=6))
+def test_arbitrary_bytes_agree(data, cuts):
+    agree(data, cuts)
+
+
+@SETTINGS
+@given(st.lists(mutated(requests()), min_size=1, max_size=3), st.lists(st.integers(0, 600), max_size=6))
+def test_generated_requests_agree(reqs, cuts):
+    agree(b"".join(reqs), cuts)
+
+
+@SETTINGS
+@given(st.lists(st.binary(max_size=MAX_BODY), min_size=1, max_size=4), st.lists(st.integers(0, 600), max_size=6))
+def test_valid_pipelines_are_accepted_by_all(bodies, cuts):
+    data = b"".join(post(b) for b in bodies)
+    requests, end = agree(data, cuts)
+    assert end == "clean" and [r[4] for r in requests] == bodies
