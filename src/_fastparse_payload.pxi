@@ -250,7 +250,7 @@ cdef class Validator:
             if type(item) is not dict:
                 raise _pl_Reject("not_object", None, "reading must be an object")
             device = self._device(<dict>item, conn_id)
-            ts_ns = self._timestamp(<dict>item, received_ns)
+            ts_ns = self._timestamp(<dict>item, received_ns, index)
             fields = self._fields(<dict>item)
             tags = self._tags(<dict>item)
         except _pl_Reject as rej:
@@ -275,7 +275,7 @@ cdef class Validator:
             raise _pl_Reject("missing_device_id", "device_id", "device_id is required")
         return conn_id
 
-    cdef object _timestamp(self, dict item, object received_ns):
+    cdef object _timestamp(self, dict item, object received_ns, Py_ssize_t index):
         cdef PyObject* ms = PyDict_GetItem(item, "timestamp_ms")
         cdef PyObject* ns = PyDict_GetItem(item, "timestamp_ns")
         cdef object value
@@ -288,7 +288,8 @@ cdef class Validator:
         elif ns != NULL:
             value, key, scale = <object>ns, "timestamp_ns", 1
         else:
-            return received_ns
+            # as the twin: +1 ns per batch item keeps readings distinct points
+            return received_ns + index
         if type(value) is not int:
             raise _pl_Reject("bad_timestamp", key, f"{key} must be an integer")
         limit = 9223372036854775807 // scale

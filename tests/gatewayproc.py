@@ -45,7 +45,8 @@ class GatewayProcess:
     def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None,
                  start_timeout: float = 30.0) -> None:
         self.data_dir = data_dir
-        cmd = [str(BIN), "serve", "--mqtt", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir", str(data_dir), *args]
+        cmd = [str(BIN), "serve", "--mqtt", "127.0.0.1:0", "--http", "127.0.0.1:0", "--ws", "127.0.0.1:0",
+               "--data-dir", str(data_dir), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env=env if env is not None else gridgate_env())
         self.lines: list[str] = []
@@ -78,6 +79,10 @@ class GatewayProcess:
     @property
     def mqtt(self) -> tuple[str, int]:
         return self.addresses["mqtt"]
+
+    @property
+    def ws(self) -> tuple[str, int]:
+        return self.addresses["ws"]
 
     def log(self) -> str:
         return "\n".join(self.lines)

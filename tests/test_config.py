@@ -28,7 +28,8 @@ def test_missing_identity_and_bad_values_are_reported_together(tmp_path):
         Config.load(path, env={"GRIDGATE_MQTT_MAX_PACKET_BYTES": "lots"})
     problems = info.value.problems
     assert problems == [
-        "[nonsense]: unknown section (known: connections, fields, http, mqtt, payload, pipeline, service, sink, spool)",
+        "[nonsense]: unknown section (known: connections, devices, downlink, fields, http, influxdb, mqtt, nats, "
+        "payload, pipeline, service, sink, spool, websocket)",
         "mqtt.max_packet_bytes (from GRIDGATE_MQTT_MAX_PACKET_BYTES): Expected `int`, got `str` (got 'lots')",
         "connections.idle_timeout_s: Expected `float` > 0.0 (got -5)",
         "pipeline.ack: Invalid enum value 'maybe' (got 'maybe')",

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 import gridgate
-from gridgate.config import ConnectionsConfig, HTTPConfig, PipelineConfig
+from gridgate.config import ConnectionsConfig, HTTPConfig, PipelineConfig, SinkConfig
 from test_gateway_inprocess import GatedSink, MemorySink, make_config, run_with_clock
 
 READING = b'{"device_id": "meter-1", "temperature": 21.5}'
@@ -131,7 +131,8 @@ def test_idle_keep_alive_is_left_to_the_reaper(tmp_path, engine):
 
 def test_saturated_pipeline_answers_503_with_retry_after(tmp_path, engine):
     config = make_config(tmp_path, http=HTTPConfig(listen="", engine=engine),
-                         pipeline=PipelineConfig(queue_max_items=1, batch_max_records=1, batch_max_delay_ms=0))
+                         pipeline=PipelineConfig(queue_max_items=1, batch_max_records=1, batch_max_delay_ms=0),
+                         sink=SinkConfig(write_timeout_s=86400))     # the gated write must not time out
     sink = GatedSink()
 
     async def main():
@@ -158,7 +159,8 @@ def test_saturated_pipeline_answers_503_with_retry_after(tmp_path, engine):
 
 
 def test_sink_that_never_returns_gets_503_after_durable_timeout(tmp_path, engine):
-    config = make_config(tmp_path, http=HTTPConfig(listen="", engine=engine, durable_timeout_s=30))
+    config = make_config(tmp_path, http=HTTPConfig(listen="", engine=engine, durable_timeout_s=30),
+                         sink=SinkConfig(write_timeout_s=86400))
     sink = GatedSink()
 
     async def main():

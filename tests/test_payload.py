@@ -163,7 +163,8 @@ def test_each_reason_code(v, reading, conn, reason, field, detail, dev):
 
 
 def test_every_reason_code_is_covered():
-    covered = {r[2] for r in REJECTIONS} | {"too_large", "bad_topic"}  # whole-payload / MQTT-session codes
+    # whole-payload, MQTT-session and store-and-forward codes (tests/test_forwarding.py)
+    covered = {r[2] for r in REJECTIONS} | {"too_large", "bad_topic", "sink_refused"}
     assert covered == set(REASONS)
 
 

@@ -218,7 +218,7 @@ class Validator:
             if type(item) is not dict:
                 raise _Reject("not_object", None, "reading must be an object")
             device = self._device(item, conn_id)
-            ts_ns = self._timestamp(item, received_ns)
+            ts_ns = self._timestamp(item, received_ns, index)
             fields = self._fields(item)
             tags = self._tags(item)
         except _Reject as rej:
@@ -241,7 +241,7 @@ class Validator:
             raise _Reject("missing_device_id", "device_id", "device_id is required")
         return conn_id
 
-    def _timestamp(self, item: dict, received_ns: int) -> int:
+    def _timestamp(self, item: dict, received_ns: int, index: int) -> int:
         has_ms = "timestamp_ms" in item
         has_ns = "timestamp_ns" in item
         if has_ms and has_ns:
@@ -251,7 +251,9 @@ class Validator:
         elif has_ns:
             value, key, scale = item["timestamp_ns"], "timestamp_ns", 1
         else:
-            return received_ns
+            # no device time: the receive time, +1 ns per item of a batch, so
+            # readings stay distinct points in a time-series sink
+            return received_ns + index
         if type(value) is not int:
             raise _Reject("bad_timestamp", key, f"{key} must be an integer")
         if value < 0 or value > INT64_MAX // scale:

@@ -31,12 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML config file (default: the embedded default)")
     serve.add_argument("--mqtt", metavar="HOST:PORT", help='MQTT listener ("" disables it; port 0 = ephemeral)')
     serve.add_argument("--http", metavar="HOST:PORT", help='HTTP listener ("" disables it; port 0 = ephemeral)')
+    serve.add_argument("--ws", metavar="HOST:PORT",
+                       help='WebSocket listener: /v1/ws and MQTT on /mqtt ("" disables it; port 0 = ephemeral)')
     serve.add_argument("--http-engine", choices=["fast", "std"],
                        help="HTTP engine: fast (compiled parser, the default) or std (h11)")
     serve.add_argument("--data-dir", metavar="DIR", help="spool directory (default ./gridgate-data)")
     serve.add_argument("--idle-timeout", metavar="SECONDS", type=float,
                        help="drop connections silent this long (default 300)")
-    serve.add_argument("--sink", choices=["spool"], help="where readings go (default spool)")
+    serve.add_argument("--sink", choices=["spool", "influxdb", "nats"],
+                       help="where readings go (default spool; influxdb/nats keep the spool as store-and-forward)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     check = sub.add_parser("check-config", help="validate and print the effective config")
@@ -57,6 +60,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {
         "mqtt": {"listen": args.mqtt},
         "http": {"listen": args.http, "engine": args.http_engine},
+        "websocket": {"listen": args.ws},
         "spool": {"data_dir": args.data_dir},
         "connections": {"idle_timeout_s": args.idle_timeout},
         "sink": {"kind": args.sink},

@@ -17,11 +17,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from gridgate.devices import device_config_problems, load_device_configs
 from gridgate.rules import DEFAULT_FIELD_RULES, FieldRule, PayloadRules
 
 __all__ = [
     "Config", "ConfigError", "ServiceConfig", "MQTTConfig", "HTTPConfig", "ConnectionsConfig",
-    "PipelineConfig", "PayloadConfig", "SinkConfig", "SpoolConfig", "parse_address",
+    "PipelineConfig", "PayloadConfig", "SinkConfig", "SpoolConfig", "WebSocketConfig", "DownlinkConfig",
+    "parse_address",
 ]
 
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -64,6 +66,33 @@ class HTTPConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     durable_timeout_s: PositiveFloat = 30.0          # longest wait for the sink before 503
 
 
+class WebSocketConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:8083"
+    # A bigger message closes the connection with 1009 (also bounds one MQTT
+    # packet carried over /mqtt, which may span several messages).
+    max_message_bytes: Annotated[int, Meta(ge=1024, le=268_435_456)] = 1_048_576
+    # Server pings keep NAT paths open and let a live-but-quiet device's pong
+    # count as a heartbeat; 0 = no server pings (client pings still count).
+    ping_interval_s: Annotated[float, Meta(ge=0)] = 30.0
+    handshake_timeout_s: PositiveFloat = 10.0        # the HTTP upgrade must complete within this
+    # Seq acks owed to one /v1/ws connection before we stop reading it.
+    max_pending_acks: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+
+
+class DownlinkConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # A command not acknowledged this long after it was accepted is expired.
+    command_ttl_s: PositiveFloat = 60.0
+    # MQTT: resend with DUP=1 this often until PUBACK, at most max_attempts sends.
+    command_retry_s: PositiveFloat = 10.0
+    command_max_attempts: Annotated[int, Meta(ge=1, le=1000)] = 5
+    # Commands per connection waiting to be sent or acknowledged; more get 503.
+    max_queued: Annotated[int, Meta(ge=1, le=10_000)] = 64
+    max_command_bytes: Annotated[int, Meta(ge=64, le=16_777_216)] = 65_536
+    # TOML or JSON table {device id: config}; pushed as UPDATE_CONFIG on connect
+    # together with [devices."<id>"] tables (read once, at start).
+    devices_file: str = ""
+
+
 class ConnectionsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idle_timeout_s: PositiveFloat = 300.0
     reap_interval_s: PositiveFloat = 30.0
@@ -93,7 +122,29 @@ class PayloadConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class SinkConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    kind: Literal["spool"] = "spool"
+    kind: Literal["spool", "influxdb", "nats"] = "spool"
+    # External sinks (and custom ones) sit behind a circuit breaker with the
+    # spool underneath as the store-and-forward buffer (gridgate.forwarding).
+    write_timeout_s: PositiveFloat = 10.0            # a slower write counts as a failure
+    failure_threshold: Annotated[int, Meta(ge=1, le=1000)] = 3   # consecutive failures that open it
+    open_s: PositiveFloat = 5.0                      # cool-down before a half-open probe
+    replay_batch_records: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    replay_max_records_per_s: PositiveFloat = 20_000.0   # leaves the sink room for live traffic
+
+
+class InfluxDBConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    url: str = "http://127.0.0.1:8086"
+    database: str = "telemetry"
+    measurement: str = "telemetry"
+    max_lines: Annotated[int, Meta(ge=1, le=100_000)] = 5000   # lines per HTTP request
+
+
+class NATSConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    stream: str = "TELEMETRY"
+    subject: str = "telemetry.{region}.{device_id}"
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    duplicate_window_s: PositiveFloat = 120.0        # JetStream drops a replayed Nats-Msg-Id within this
 
 
 class SpoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -106,11 +157,15 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "service": ServiceConfig,
     "mqtt": MQTTConfig,
     "http": HTTPConfig,
+    "websocket": WebSocketConfig,
+    "downlink": DownlinkConfig,
     "connections": ConnectionsConfig,
     "pipeline": PipelineConfig,
     "payload": PayloadConfig,
     "sink": SinkConfig,
     "spool": SpoolConfig,
+    "influxdb": InfluxDBConfig,
+    "nats": NATSConfig,
 }
 
 
@@ -121,12 +176,18 @@ class Config(msgspec.Struct, kw_only=True):
     service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
     mqtt: MQTTConfig = msgspec.field(default_factory=MQTTConfig)
     http: HTTPConfig = msgspec.field(default_factory=HTTPConfig)
+    websocket: WebSocketConfig = msgspec.field(default_factory=WebSocketConfig)
+    downlink: DownlinkConfig = msgspec.field(default_factory=DownlinkConfig)
+    # [devices."<id>"]: per-device config pushed as UPDATE_CONFIG on connect
+    devices: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     connections: ConnectionsConfig = msgspec.field(default_factory=ConnectionsConfig)
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     payload: PayloadConfig = msgspec.field(default_factory=PayloadConfig)
     fields: dict[str, FieldRule] = msgspec.field(default_factory=lambda: dict(DEFAULT_FIELD_RULES))
     sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    influxdb: InfluxDBConfig = msgspec.field(default_factory=InfluxDBConfig)
+    nats: NATSConfig = msgspec.field(default_factory=NATSConfig)
 
     # -- construction -----------------------------------------------------
 
@@ -159,11 +220,18 @@ class Config(msgspec.Struct, kw_only=True):
 
         sections: dict[str, dict[str, Any]] = {}
         field_rules = dict(DEFAULT_FIELD_RULES)
+        devices: dict[str, Any] = {}
         for name, value in raw.items():
             if name == "fields":
                 _merge_field_rules(value, field_rules, problems)
+            elif name == "devices":
+                # checked with the devices_file in problems(), below
+                devices = value if isinstance(value, dict) else {}
+                if not isinstance(value, dict):
+                    problems.append('devices: must be tables [devices."<device id>"]')
             elif name not in _SECTIONS:
-                problems.append(f"[{name}]: unknown section (known: {', '.join(sorted([*_SECTIONS, 'fields']))})")
+                problems.append(f"[{name}]: unknown section "
+                                f"(known: {', '.join(sorted([*_SECTIONS, 'fields', 'devices']))})")
             elif not isinstance(value, dict):
                 problems.append(f"{name}: must be a table ([{name}])")
             else:
@@ -199,7 +267,7 @@ class Config(msgspec.Struct, kw_only=True):
             built[name] = _build_section(name, struct_type, sections.get(name, {}), problems)
         # Keys that failed to convert were left at their defaults, so the
         # semantic checks still run and the operator sees every problem.
-        config = cls(fields=field_rules, **built)
+        config = cls(fields=field_rules, devices=devices, **built)
         problems.extend(config.problems())
         if problems:
             raise ConfigError(problems)
@@ -214,7 +282,7 @@ class Config(msgspec.Struct, kw_only=True):
             out.append("service.environment is not set (set ENVIRONMENT, GRIDGATE_SERVICE_ENVIRONMENT or [service] environment)")
         if not self.service.service_name:
             out.append("service.service_name is not set (set SERVICE_NAME, GRIDGATE_SERVICE_SERVICE_NAME or [service] service_name)")
-        for section, key in (("mqtt", "listen"), ("http", "listen")):
+        for section, key in (("mqtt", "listen"), ("http", "listen"), ("websocket", "listen")):
             value = getattr(getattr(self, section), key)
             try:
                 parse_address(value)
@@ -227,7 +295,20 @@ class Config(msgspec.Struct, kw_only=True):
         for name, rule in self.fields.items():
             if rule.min is not None and rule.max is not None and rule.min > rule.max:
                 out.append(f"fields.{name}: min {rule.min} is greater than max {rule.max}")
+        out.extend(device_config_problems(self.devices, self.downlink.devices_file, self.downlink.max_command_bytes))
         return out
+
+    def device_configs(self) -> dict[str, dict[str, Any]]:
+        """``[devices.*]`` merged with ``[downlink] devices_file`` (read now).
+
+        Raises:
+            ConfigError: a device id, a config or the file is unusable.
+        """
+        configs, problems = load_device_configs(self.devices, self.downlink.devices_file,
+                                                self.downlink.max_command_bytes)
+        if problems:
+            raise ConfigError(problems)
+        return configs
 
     def validate(self) -> None:
         """Raise ConfigError if ``problems()`` finds any."""
@@ -255,6 +336,11 @@ class Config(msgspec.Struct, kw_only=True):
                 if value is None:
                     continue
                 lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        for device_id, device_config in self.devices.items():
+            lines.append(f"[devices.{_toml_key(device_id)}]")
+            for key, value in device_config.items():
+                lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
 
@@ -335,6 +421,8 @@ def _toml_value(value: Any) -> str:
         return msgspec.json.encode(value).decode()
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # nested device config: an inline table
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot render {value!r} as TOML")
 
 

@@ -14,12 +14,13 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import trio
 
 if TYPE_CHECKING:
+    from gridgate.downlink import Command
     from gridgate.metrics import Metrics
 
 __all__ = ["Session", "ConnManager"]
@@ -40,7 +41,7 @@ class Session:
     __slots__ = (
         "id", "protocol", "remote", "device_id", "connected_at", "last_seen", "paused",
         "keepalive_timeout", "cancel_scope", "read_scope", "close_reason", "connected_wall", "_heap_due",
-        "__weakref__",
+        "send_command", "__weakref__",
     )
 
     def __init__(self, protocol: str, remote: str, cancel_scope: trio.CancelScope) -> None:
@@ -61,6 +62,10 @@ class Session:
         self.connected_wall = time.time()
         self.close_reason: str | None = None
         self._heap_due: float | None = None
+        # Registered by a protocol handler that can carry downlink commands
+        # (gridgate.downlink): takes a Command, returns False when the
+        # connection's command queue is full. None: no downlink here.
+        self.send_command: Callable[[Command], bool] | None = None
 
     def close(self, reason: str) -> None:
         if self.close_reason is None:
@@ -110,6 +115,18 @@ class ConnManager:
 
     def get_device(self, device_id: str) -> Session | None:
         return self._by_device.get(device_id)
+
+    def set_protocol(self, session: Session, protocol: str) -> None:
+        """Rename a live session's protocol (a WebSocket upgrade to /mqtt
+        becomes "mqtt-ws"), keeping the per-protocol counts right."""
+        if session.id not in self._sessions or session.protocol == protocol:
+            session.protocol = protocol
+            return
+        self._by_protocol[session.protocol] -= 1
+        self.metrics.connections.labels(session.protocol).dec()
+        session.protocol = protocol
+        self._by_protocol[protocol] = self._by_protocol.get(protocol, 0) + 1
+        self.metrics.connections.labels(protocol).inc()
 
     def register(self, session: Session) -> None:
         self._sessions[session.id] = session

@@ -21,10 +21,12 @@ import trio
 from gridgate import _payload_py, hotpath
 from gridgate.config import Config, parse_address
 from gridgate.connmanager import ConnManager, Session
+from gridgate.forwarding import Forwarder
 from gridgate.http_fast import serve_fast_http
 from gridgate.http_std import serve_std_http
 from gridgate.metrics import Metrics
 from gridgate.mqtt_session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection
+from gridgate.ws import serve_websocket_connection
 from gridgate.pipeline import Pipeline
 from gridgate.records import Record, Rejection
 from gridgate.sinks.base import Sink
@@ -67,6 +69,26 @@ def effective_max_connections(configured: int, fd_limit: int) -> int:
     return configured
 
 
+async def open_external_sink(config: Config) -> Sink:
+    """The sink of ``[sink] kind`` (influxdb or nats), connected and ready.
+
+    Imported here, not at module level: each needs its own client library.
+    """
+    if config.sink.kind == "influxdb":
+        from gridgate.sinks.influxdb import InfluxDBSink
+        c = config.influxdb
+        return await InfluxDBSink.open(c.url, c.database, c.measurement, timeout_s=config.sink.write_timeout_s,
+                                       max_lines=c.max_lines)
+    if config.sink.kind == "nats":
+        from gridgate.sinks.nats import NATSSink
+        c = config.nats
+        return await NATSSink.open(servers=c.servers, stream=c.stream, subject=c.subject, replicas=c.replicas,
+                                   duplicate_window_s=c.duplicate_window_s,
+                                   write_timeout_s=config.sink.write_timeout_s,
+                                   connect_timeout_s=config.sink.write_timeout_s)
+    raise ValueError(f"sink kind {config.sink.kind!r} has no external sink")
+
+
 class Gateway:
     """A running gateway. Created by ``serve``; read ``addresses`` for the
     bound listeners, call ``stop()`` for a graceful shutdown."""
@@ -90,7 +112,15 @@ class Gateway:
         self.validate = self.validator.validate
         # the std HTTP engine's validator: always the pure-Python reference
         self.std_validator = _payload_py.Validator(rules)
+        # device id -> config, pushed as UPDATE_CONFIG when the device connects
+        self.device_configs = config.device_configs()
         self.ready = False
+        # Any sink but the spool goes through store-and-forward (the spool
+        # stays underneath: gridgate.forwarding).
+        self.forwarder: Forwarder | None = None
+        if sink is not None or config.sink.kind != "spool":
+            self.forwarder = Forwarder("custom" if sink is not None else config.sink.kind,
+                                       lambda: open_external_sink(config), spool, config.sink, metrics, sink)
         self.pipeline = Pipeline(
             self._write,
             batch_max_records=config.pipeline.batch_max_records,
@@ -106,14 +136,17 @@ class Gateway:
     # -- sink composition ---------------------------------------------------
 
     async def _write(self, records: list[Record], dead: list[tuple[str, int, Rejection]]) -> None:
-        if self.sink is None:
+        if self.forwarder is None:
             await self.spool.write_batch(records, dead)
-            return
-        # A custom sink takes the records; dead letters stay in the spool.
-        if dead:
-            await self.spool.write_batch([], dead)
-        if records:
-            await self.sink.write(records)
+        else:
+            # dead letters always stay in the spool; records go to the sink or pending
+            await self.forwarder.write(records, dead)
+
+    def sink_status(self) -> dict:
+        """For /readyz: which sink, and for an external one its breaker and pending records."""
+        if self.forwarder is None:
+            return {"kind": "spool"}
+        return self.forwarder.describe()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -125,11 +158,14 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.conns.run_reaper)
             await nursery.start(self.pipeline.run)
+            if self.forwarder is not None:
+                await nursery.start(self.forwarder.run_replayer)
             nursery.start_soon(self._summary_loop)
             conn_nursery = await nursery.start(_nursery_holder)
             self._conn_nursery = conn_nursery
             await self._listen("mqtt", self.config.mqtt.listen, self.handle_mqtt, nursery)
             await self._listen("http", self.config.http.listen, self.handle_http, nursery)
+            await self._listen("ws", self.config.websocket.listen, self.handle_ws, nursery)
             self.ready = True
             log.info("listening %s", " ".join(f"{k}={_fmt_addr(v)}" for k, v in self.addresses.items()))
             log.info("%s; max_connections=%d; data_dir=%s", hotpath.describe(), self.max_connections,
@@ -234,6 +270,14 @@ class Gateway:
         serve = serve_fast_http if self.config.http.engine == "fast" else serve_std_http
         await self._serve_connection(stream, "http", lambda s: serve(stream, self, s))
 
+    async def handle_ws(self, stream: trio.abc.Stream) -> None:
+        """Serve one WebSocket connection (/v1/ws or MQTT on /mqtt) on any Trio stream."""
+        if self.conns.full():
+            await self._refuse(stream, "ws", b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n"
+                               b"connection: close\r\ncontent-length: 0\r\n\r\n")
+            return
+        await self._serve_connection(stream, "ws", lambda s: serve_websocket_connection(stream, self, s))
+
     def not_ready_reasons(self) -> list[str]:
         """Why /readyz is 503; empty when listeners are up and the sink takes writes."""
         reasons = []
@@ -314,7 +358,9 @@ async def serve(config: Config, sink: Sink | None = None, *,
 
     Args:
         config: the effective configuration (``Config.load(...)`` or ``Config(...)``).
-        sink: a custom sink (``write(batch)`` / ``aclose()``); None = the spool.
+        sink: a custom sink (``write(batch)`` / ``aclose()``), behind the same
+            circuit breaker and store-and-forward as the built-in external
+            sinks; None = the sink of ``config.sink.kind``.
 
     Returns once the gateway stopped. ``task_status.started(gateway)`` is
     called when every listener is bound, so ``await nursery.start(serve,
@@ -336,9 +382,9 @@ async def serve(config: Config, sink: Sink | None = None, *,
     finally:
         with trio.CancelScope(shield=True):
             await gateway._flush_unwritten()
-            if sink is not None:
+            if gateway.forwarder is not None:
                 try:
-                    await sink.aclose()
+                    await gateway.forwarder.aclose()
                 except Exception:
                     log.exception("closing the sink failed")
             await spool.aclose()

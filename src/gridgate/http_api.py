@@ -14,6 +14,8 @@ import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gridgate import downlink
+from gridgate.mqtt_session import DEVICE_ID_RE
 from gridgate.pipeline import WorkItem
 
 if TYPE_CHECKING:
@@ -90,8 +92,13 @@ class Pending:
         self.timeout = timeout
 
     async def answer(self) -> Answer:
-        with trio.move_on_after(self.timeout):
-            await self.done.wait()
+        if not self.done.is_set():
+            with trio.move_on_after(self.timeout):
+                await self.done.wait()
+        return self.result()
+
+    def result(self) -> Answer:
+        """The answer once done is set, or the 503 of a durable timeout."""
         if not self.done.is_set():
             return _error(HttpError(503, "sink_unavailable", "not yet durable; retry later (it may be stored twice)",
                                     [(b"retry-after", b"5")]))
@@ -142,14 +149,17 @@ def _route(gw: "Gateway", req, engine: str) -> "Answer | Pending":
         _allow(req, "GET")
         reasons = gw.not_ready_reasons()
         if reasons:
-            return _ok(503, {"status": "not_ready", "reasons": reasons})
-        return _ok(200, {"status": "ready"})
+            return _ok(503, {"status": "not_ready", "reasons": reasons, "sink": gw.sink_status()})
+        return _ok(200, {"status": "ready", "sink": gw.sink_status()})
     if path == "/metrics":
         _allow(req, "GET")
         return 200, gw.metrics.render(), CONTENT_TYPE_LATEST.encode(), []
     if path == "/v1/connections":
         _allow(req, "GET")
         return _ok(200, {"total": len(gw.conns), "by_protocol": gw.conns.by_protocol()})
+    if path.startswith("/v1/devices/") and path.endswith("/commands") and path.count("/") == 4:
+        _allow(req, "POST")
+        return _command(gw, req, path[len("/v1/devices/"):-len("/commands")])
     if path.startswith("/v1/devices/") and path.count("/") == 3:
         _allow(req, "GET")
         info = gw.conns.device_info(path[len("/v1/devices/"):])
@@ -199,3 +209,31 @@ def _telemetry(gw: "Gateway", req, engine: str) -> Pending:
     if not gw.pipeline.try_submit(item):
         raise HttpError(503, "overloaded", "the ingest pipeline is full; retry later", [(b"retry-after", b"1")])
     return Pending(done, records, rejections, cfg.durable_timeout_s)
+
+
+def _command(gw: "Gateway", req, device_id: str) -> Answer:
+    """POST /v1/devices/{id}/commands (DESIGN section 6): hand the command to
+    the connection that holds the device now; 202 once it has it."""
+    if not DEVICE_ID_RE.match(device_id):
+        raise HttpError(400, "bad_device_id", "device id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+    if not req.has_length:
+        raise HttpError(411, "length_required", "send Content-Length or Transfer-Encoding: chunked")
+    ctype = req.content_type.split(";", 1)[0].strip().lower()
+    if _FORMATS.get(ctype) != "json":
+        raise HttpError(415, "unsupported_media_type", f"Content-Type {ctype!r}; a command is application/json")
+    limit = gw.config.downlink.max_command_bytes
+    body = _decompress(req.body, req.content_encoding.strip().lower(), limit)
+    if len(body) > limit:
+        raise HttpError(413, "too_large", f"command body exceeds downlink.max_command_bytes {limit}")
+    try:
+        command = downlink.parse_command(bytes(body), limit)
+    except downlink.CommandError as exc:
+        raise HttpError(exc.status, exc.error, exc.detail) from None
+    session = gw.conns.get_device(device_id)
+    send = session.send_command if session is not None and not session.cancel_scope.cancel_called else None
+    if send is None:
+        raise HttpError(404, "device_offline", f"no live connection holds device {device_id!r}")
+    if not send(command):
+        raise HttpError(503, "device_busy", f"device {device_id!r} already has downlink.max_queued commands pending",
+                        [(b"retry-after", b"1")])
+    return _ok(202, {"command_id": command.id, "delivered": True})

@@ -164,9 +164,9 @@ async def serve_std_http(stream: trio.abc.Stream, gateway: "Gateway", session: "
     async def respond(status: int, body: bytes, content_type: bytes, extra: list | None = None) -> None:
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                    (b"server", _SERVER), *(extra or [])]
-        await send(h11.Response(status_code=status, headers=headers))
-        await send(h11.Data(data=body))
-        await send(h11.EndOfMessage())
+        # one write per response, as net/http's buffered writer does
+        await stream.send_all(reader.send(h11.Response(status_code=status, headers=headers))
+                              + reader.send(h11.Data(data=body)) + reader.send(h11.EndOfMessage()))
 
     with session.read_scope:
         while True:

@@ -44,6 +44,30 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.sink_write_errors = Counter(
             "gridgate_sink_write_errors", "Failed sink writes (retried; nothing is dropped)", ["error"], registry=r)
+        self.breaker_state = Gauge(
+            "gridgate_sink_breaker_state", "Circuit breaker of the external sink: 0 closed, 1 half-open, 2 open",
+            ["sink"], registry=r)
+        self.pending_records = Gauge(
+            "gridgate_pending_records", "Records stored in the spool awaiting replay to the external sink",
+            registry=r)
+        self.replayed_records = Counter(
+            "gridgate_replayed_records", "Pending records replayed to the external sink", ["sink"], registry=r)
+        self.external_write_seconds = Histogram(
+            "gridgate_external_sink_write_seconds", "Write latency of the external sink (successful writes)",
+            ["sink"], registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.commands_sent = Counter(
+            "gridgate_commands_sent", "Downlink commands sent to a device (first sends)", ["protocol"], registry=r)
+        self.commands_redelivered = Counter(
+            "gridgate_commands_redelivered", "Downlink commands resent (MQTT DUP) for want of an ack",
+            ["protocol"], registry=r)
+        self.commands_acknowledged = Counter(
+            "gridgate_commands_acknowledged", "Downlink commands the device acknowledged", ["protocol"], registry=r)
+        self.commands_expired = Counter(
+            "gridgate_commands_expired", "Downlink commands given up: ttl, attempts used up, or disconnected",
+            ["protocol", "reason"], registry=r)
+        self.ws_closes = Counter(
+            "gridgate_ws_closes", "WebSocket connections closed by the gateway, by close code", ["code"], registry=r)
         self.pipeline_queue = Gauge(
             "gridgate_pipeline_queue_items", "Work items waiting for the batcher", registry=r)
 

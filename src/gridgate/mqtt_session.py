@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from gridgate import hotpath
+from gridgate.downlink import (
+    UPDATE_CONFIG, Command, CommandOutbox, DownlinkChannel, Send, encode_command, new_command, open_channel,
+)
 from gridgate.errors import MQTTProtocolError
 from gridgate.mqtt_events import (
     PUBACK, PUBCOMP, PUBREC, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
@@ -71,6 +74,12 @@ class MQTTConnection:
         self.subscribed_qos: int | None = None
         # QoS 2 packet ids received (PUBREC owed or sent) and not yet released.
         self.qos2_unreleased: set[int] = set()
+        # Downlink commands (gridgate.downlink), set up once CONNECT names the device.
+        self.downlink: DownlinkChannel | None = None
+        # The error that closed the connection, for a transport that reports
+        # it (MQTT over WebSocket picks its close code from it).
+        self.protocol_error: MQTTProtocolError | None = None
+        self._next_ns = 0                   # receive times handed out stay increasing (see _handle)
         self.outbuf = bytearray()
         self.pending = 0                    # items submitted, not yet durable
         self.send_lock = trio.Lock()
@@ -127,6 +136,7 @@ class MQTTConnection:
                     return
 
     async def _protocol_error(self, exc: MQTTProtocolError) -> None:
+        self.protocol_error = exc
         self.gw.metrics.protocol_errors.labels(self.protocol, exc.reason).inc()
         log.warning("closing MQTT connection from %s (%s): %s", self.session.remote,
                     self.client_id or "before CONNECT", exc)
@@ -148,8 +158,13 @@ class MQTTConnection:
         validate = self.gw.validate
         for ev in events:
             if type(ev) is Publish:
+                # Readings without a device timestamp take their receive time;
+                # each publish gets a later ns than the last one's readings, so
+                # a burst stays distinct points in a time-series sink.
+                now_ns = time.time_ns()
+                publish_ns = now_ns if now_ns > self._next_ns else self._next_ns
                 if not received_ns:
-                    received_ns = time.time_ns()
+                    received_ns = publish_ns
                 qos = ev.qos
                 if qos == 2:
                     pid = ev.packet_id
@@ -163,7 +178,8 @@ class MQTTConnection:
                 if topic == self.telemetry_topic or topic == "telemetry":
                     payload = ev.payload
                     fmt = "json" if not payload or payload[0] in _JSON_FIRST else "msgpack"
-                    recs, rejs = validate(payload, fmt, self.protocol, self.client_id, received_ns)
+                    recs, rejs = validate(payload, fmt, self.protocol, self.client_id, publish_ns)
+                    self._next_ns = publish_ns + len(recs) + len(rejs) + 1
                     if recs:
                         records.extend(recs)
                     if rejs:
@@ -192,17 +208,26 @@ class MQTTConnection:
                 codes = [min(qos, 1) if topic == self.command_topic else 0x80 for topic, qos in ev.topics]
                 if codes and any(c != 0x80 for c in codes):
                     self.subscribed_qos = max(c for c in codes if c != 0x80)
+                    if self.downlink is not None:
+                        # commands waiting for this subscription go out right after the SUBACK
+                        self.downlink.outbox.set_ready(True, tracked=self.subscribed_qos >= 1)
+                        self.downlink.wake()
                 out.append(_mqtt.encode_suback(ev.packet_id, codes))
             elif type(ev) is Unsubscribe:
                 if self.command_topic in ev.topics:
                     self.subscribed_qos = None
+                    if self.downlink is not None:
+                        self.downlink.outbox.set_ready(False)
                 out.append(_mqtt.encode_unsuback(ev.packet_id))
             elif type(ev) is Disconnect:
                 self.session.close_reason = "client disconnected"
                 keep_open = False
                 break
-            elif type(ev) in (PubAck, PubRec, PubComp):
-                pass  # acks of downlink publishes; gridgate sends none yet
+            elif type(ev) is PubAck:
+                if self.downlink is not None:
+                    self.downlink.outbox.ack(ev.packet_id)  # a downlink command arrived
+            elif type(ev) in (PubRec, PubComp):
+                pass  # QoS 2 acks: gridgate publishes at QoS <= 1, so none are owed
         acks = b""
         if durable_pubacks:
             acks = _mqtt.encode_acks(PUBACK, durable_pubacks)
@@ -246,13 +271,39 @@ class MQTTConnection:
         conns.bind_device(self.session, client_id)
         if ev.keepalive:
             conns.set_keepalive(self.session, 1.5 * ev.keepalive)
+        # The downlink state is built with the first command, so the many
+        # connections that never get one cost nothing for it.
+        self.session.send_command = self._offer_command
+        device_config = self.gw.device_configs.get(client_id)
+        if device_config is not None:
+            self._offer_command(new_command(UPDATE_CONFIG, device_config))
         return _mqtt.encode_connack(False, CONNACK_ACCEPTED)
+
+    def _offer_command(self, command: Command) -> bool:
+        if self.downlink is None:
+            assert self._nursery is not None
+            outbox = CommandOutbox(self.protocol, self.gw.config.downlink, self.gw.metrics, redeliver=True,
+                                   packet_ids=True)
+            if self.subscribed_qos is not None:
+                outbox.set_ready(True, tracked=self.subscribed_qos >= 1)
+            self.downlink = open_channel(self.session, outbox, self._send_commands, self._nursery, None)
+        return self.downlink.offer(command)
 
     # -- output ---------------------------------------------------------------
 
     async def _send_now(self, data: bytes) -> None:
         async with self.send_lock:
             await self.stream.send_all(data)
+
+    async def _send_commands(self, sends: list[Send]) -> None:
+        topic = self.command_topic
+        frames = [_mqtt.encode_publish(topic, encode_command(s.command), 1 if s.tracked else 0,
+                                       s.key if s.tracked else 0, False, s.dup)
+                  for s in sends]
+        try:
+            await self._send_now(b"".join(frames))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.session.close("peer stopped reading")
 
     def _make_on_durable(self, acks: bytes):
         def on_durable() -> None:

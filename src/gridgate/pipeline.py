@@ -5,8 +5,9 @@ that read, plus what to do once they are durable) into a bounded Trio memory
 channel: a full channel blocks the submitting reader, which stops reading its
 socket (backpressure) instead of growing memory. The batcher takes items,
 writes them as one batch (group commit: everything already queued goes in,
-then it waits at most ``batch_max_delay_ms`` for more up to
-``batch_max_records``), and only after the write returned calls each item's
+then, if the batcher had been idle, it waits at most ``batch_max_delay_ms``
+for more up to ``batch_max_records``; under steady load the previous write
+was that window, so it writes at once), and only after the write returned calls each item's
 ``on_durable`` - which is where MQTT PUBACKs and HTTP 202s come from.
 
 A failed write is retried with backoff, never dropped: while it fails, the
@@ -63,6 +64,7 @@ class Pipeline:
         # gateway writes these (and whatever is still queued) before closing.
         self._current: list[WorkItem] = []
         self._finished = trio.Event()
+        self._last_flush_end = -math.inf
         # plain counters for the summary log line
         self.accepted = 0
         self.rejected = 0
@@ -126,7 +128,10 @@ class Pipeline:
                         break
                     items.append(item)
                     size += item.size
-                if size < limit and not ended and self.batch_max_delay_s > 0:
+                # Wait for company only after a lull: back-to-back writes need
+                # no delay, the items that arrived during a write are the batch.
+                idle = trio.current_time() - self._last_flush_end >= self.batch_max_delay_s
+                if size < limit and not ended and self.batch_max_delay_s > 0 and idle:
                     with trio.move_on_after(self.batch_max_delay_s):
                         while size < limit:
                             try:
@@ -136,6 +141,7 @@ class Pipeline:
                             items.append(item)
                             size += item.size
                 await self._flush(items)
+                self._last_flush_end = trio.current_time()
         finally:
             self._finished.set()
 
@@ -152,13 +158,21 @@ class Pipeline:
             await self.write_with_retry(records, dead)
         self._current = []
         m = self.metrics
+        # one labelled increment per protocol (and reason) per batch, not per item
+        accepted: dict[str, int] = {}
+        rejected: dict[tuple[str, str], int] = {}
         for item in items:
             if item.records:
-                m.readings_accepted.labels(item.protocol).inc(len(item.records))
+                accepted[item.protocol] = accepted.get(item.protocol, 0) + len(item.records)
             for r in item.rejections:
-                m.readings_rejected.labels(item.protocol, r.reason).inc()
+                key = (item.protocol, r.reason)
+                rejected[key] = rejected.get(key, 0) + 1
             if item.on_durable is not None:
                 item.on_durable()
+        for protocol, n in accepted.items():
+            m.readings_accepted.labels(protocol).inc(n)
+        for (protocol, reason), n in rejected.items():
+            m.readings_rejected.labels(protocol, reason).inc(n)
         self.accepted += len(records)
         self.rejected += len(dead)
         if records or dead:

@@ -6,8 +6,12 @@ to power loss. One transaction per batch holds both its records and its
 rejections, and a counters row kept in the same transaction makes
 ``stats()`` O(1) however large the tables grow.
 
-Schema version 1 (``PRAGMA user_version``). Store-and-forward to external
-sinks will add a pending state per batch in a later version.
+Store-and-forward (schema version 2): with an external sink (InfluxDB,
+NATS, a custom one), a batch the sink cannot take now is written to the
+``pending`` table instead - durably, so it is acknowledged - and the
+replayer (gridgate.forwarding) sends it on later, oldest first, deleting
+what the sink confirmed. The counters row counts pending rows too.
+Version 1 files are upgraded in place.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from gridgate.sinks.base import SinkFullError
 __all__ = ["Spool", "SpoolSink", "SPOOL_FILE"]
 
 SPOOL_FILE = "spool.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -56,6 +60,15 @@ CREATE TABLE IF NOT EXISTS counters (
     rejected INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counters (id, records, rejected) VALUES (1, 0, 0);
+CREATE TABLE IF NOT EXISTS pending (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    ts_ns INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL,
+    protocol TEXT NOT NULL,
+    fields TEXT NOT NULL,
+    tags TEXT NOT NULL
+);
 """
 
 _encode = msgspec.json.Encoder().encode
@@ -81,10 +94,13 @@ class Spool:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: spool schema version {version} is newer than this gridgate "
                                    f"understands ({SCHEMA_VERSION})")
             self.db.executescript(_SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(counters)")}
+            if "pending" not in columns:            # version 1 -> 2
+                self.db.execute("ALTER TABLE counters ADD COLUMN pending INTEGER NOT NULL DEFAULT 0")
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # -- writing --------------------------------------------------------------
@@ -98,11 +114,27 @@ class Spool:
                 pass
         return total
 
-    def full(self) -> bool:
-        return self.max_bytes > 0 and self.size_bytes() >= self.max_bytes
+    def used_bytes(self) -> int:
+        """Bytes in use: pages holding data (replayed pending rows free theirs,
+        which SQLite reuses though the file does not shrink) plus the WAL."""
+        db = self.db
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        return pages * page_size + wal
 
-    def write_batch(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]]) -> None:
+    def full(self) -> bool:
+        return self.max_bytes > 0 and self.used_bytes() >= self.max_bytes
+
+    def write_batch(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
+                    pending: bool = False) -> None:
         """Commit records and dead letters ((protocol, received_ns, rejection)) in one transaction.
+
+        ``pending``: the records are bound for an external sink that cannot
+        take them now; they go to the pending table for the replayer.
 
         Raises:
             SinkFullError: the spool is at ``max_bytes``; nothing was written.
@@ -110,14 +142,15 @@ class Spool:
         if not records and not dead:
             return
         if self.full():
-            raise SinkFullError(f"spool {self.path} is full ({self.size_bytes()} >= max_bytes {self.max_bytes})")
+            raise SinkFullError(f"spool {self.path} is full ({self.used_bytes()} bytes in use >= max_bytes "
+                                f"{self.max_bytes})")
         db = self.db
         db.execute("BEGIN")
         try:
             if records:
                 db.executemany(
-                    "INSERT INTO records (device_id, ts_ns, received_ns, protocol, fields, tags) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO {'pending' if pending else 'records'} "
+                    "(device_id, ts_ns, received_ns, protocol, fields, tags) VALUES (?, ?, ?, ?, ?, ?)",
                     [(r.device_id, r.ts_ns, r.received_ns, r.protocol, _encode(r.fields), _encode(r.tags))
                      for r in records])
             if dead:
@@ -126,19 +159,48 @@ class Spool:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [(received_ns, protocol, r.reason, r.field, r.index, r.device_id, r.detail, bytes(r.raw))
                      for protocol, received_ns, r in dead])
-            db.execute("UPDATE counters SET records = records + ?, rejected = rejected + ? WHERE id = 1",
+            counter = "pending" if pending else "records"
+            db.execute(f"UPDATE counters SET {counter} = {counter} + ?, rejected = rejected + ? WHERE id = 1",
                        (len(records), len(dead)))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
+    def read_pending(self, limit: int) -> tuple[int, list[Record]]:
+        """The oldest pending records (at most ``limit``) and the id of the last one (0: none)."""
+        rows = self.db.execute(
+            "SELECT id, device_id, ts_ns, received_ns, protocol, fields, tags FROM pending ORDER BY id LIMIT ?",
+            (limit,)).fetchall()
+        records = [Record(device_id=d, ts_ns=ts, received_ns=rx, protocol=p, fields=_decode_fields(f),
+                          tags=_decode_tags(t)) for _, d, ts, rx, p, f, t in rows]
+        return (rows[-1][0] if rows else 0), records
+
+    def delete_pending(self, upto_id: int, count: int) -> None:
+        """Forget pending rows up to ``upto_id`` (the sink has them)."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            db.execute("DELETE FROM pending WHERE id <= ?", (upto_id,))
+            db.execute("UPDATE counters SET pending = pending - ? WHERE id = 1", (count,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def pending_count(self) -> int:
+        return self.db.execute("SELECT pending FROM counters WHERE id = 1").fetchone()[0]
+
     # -- reading ----------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        row = self.db.execute("SELECT records, rejected FROM counters WHERE id = 1").fetchone()
-        records, rejected = row if row else (0, 0)
-        return {"records": records, "rejected": rejected, "bytes": self.size_bytes()}
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(counters)")}
+        if "pending" in columns:
+            row = self.db.execute("SELECT records, rejected, pending FROM counters WHERE id = 1").fetchone()
+        else:                                       # a version 1 file opened read-only
+            row = self.db.execute("SELECT records, rejected, 0 FROM counters WHERE id = 1").fetchone()
+        records, rejected, pending = row if row else (0, 0, 0)
+        return {"records": records, "rejected": rejected, "pending": pending, "bytes": self.size_bytes()}
 
     def iter_records(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
         cur = self.db.execute(
@@ -173,7 +235,9 @@ class SpoolSink:
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], *, fsync: bool = False, max_bytes: int = 0) -> "SpoolSink":
         spool = await trio.to_thread.run_sync(lambda: Spool(data_dir, fsync=fsync, max_bytes=max_bytes))
-        return cls(spool)
+        sink = cls(spool)
+        sink._full = await trio.to_thread.run_sync(spool.full)
+        return sink
 
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -181,20 +245,38 @@ class SpoolSink:
     async def write(self, batch: Sequence[Record]) -> None:
         await self.write_batch(batch, ())
 
-    async def write_batch(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]]) -> None:
+    async def write_batch(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
+                          pending: bool = False) -> None:
         try:
-            await self._run(self.spool.write_batch, records, dead)
+            self._full = await self._run(self._write_then_check, records, dead, pending)
         except SinkFullError:
             self._full = True
             raise
-        self._full = False
+
+    def _write_then_check(self, records, dead, pending) -> bool:
+        # on the worker thread: the loop thread never touches the connection
+        self.spool.write_batch(records, dead, pending)
+        return self.spool.full()
 
     def accepting_writes(self) -> bool:
-        """False after a refused write or while the spool is at max_bytes (for /readyz)."""
-        return not self._full and not self.spool.full()
+        """False while the spool is at max_bytes, as of the last write (for /readyz)."""
+        return not self._full
 
     async def stats(self) -> dict[str, int]:
         return await self._run(self.spool.stats)
+
+    async def read_pending(self, limit: int) -> tuple[int, list[Record]]:
+        return await self._run(self.spool.read_pending, limit)
+
+    async def delete_pending(self, upto_id: int, count: int) -> None:
+        self._full = await self._run(self._delete_then_check, upto_id, count)
+
+    def _delete_then_check(self, upto_id: int, count: int) -> bool:
+        self.spool.delete_pending(upto_id, count)
+        return self.spool.full()
+
+    async def pending_count(self) -> int:
+        return await self._run(self.spool.pending_count)
 
     async def aclose(self) -> None:
         await self._run(self.spool.close)

@@ -1,0 +1,295 @@
+"""Downlink commands: from ``POST /v1/devices/{id}/commands`` to the device.
+
+A command is handed to the connection that holds the device now (the
+ConnManager knows it by device id): its protocol handler registered a
+``send_command`` on the Session. Each connection keeps its commands in a
+``CommandOutbox`` - a sans-IO state machine (no Trio, no sockets: ``poll(now)``
+says what to send and when to look again) - and one ``DownlinkChannel`` task,
+started with the first command, sends what the outbox says.
+
+- MQTT: PUBLISH QoS 1 to ``devices/{id}/commands`` once the device subscribed
+  to it (commands wait until then, so the config pushed at CONNACK goes out
+  right after the SUBACK), resent with DUP=1 every ``command_retry_s`` until
+  PUBACK, at most ``command_max_attempts`` sends. A QoS 0 subscription gets
+  QoS 0 publishes (MQTT 3.1.1 section 3.8.4: min of both QoS), untracked.
+- WebSocket: ``{"command": {"id", "type", "payload"}}`` at once, answered by
+  ``{"command_ack": id}``. Never resent: the connection is a reliable stream,
+  a resend could only duplicate.
+- Not acknowledged within ``command_ttl_s`` of being accepted (or after the
+  last attempt's retry interval), or still pending when the connection
+  closes: expired and counted (``gridgate_commands_expired_total``).
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+if TYPE_CHECKING:
+    from gridgate.config import DownlinkConfig
+    from gridgate.connmanager import Session
+    from gridgate.metrics import Metrics
+
+__all__ = [
+    "Command", "CommandError", "CommandOutbox", "DownlinkChannel", "Send", "UPDATE_CONFIG",
+    "new_command", "parse_command", "encode_command",
+]
+
+UPDATE_CONFIG = "UPDATE_CONFIG"
+COMMAND_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}\Z")
+
+
+class Command(msgspec.Struct, frozen=True, gc=False):
+    """A downlink command as the device receives it (JSON or MessagePack)."""
+
+    id: str
+    type: str
+    payload: Any
+
+
+class _CommandRequest(msgspec.Struct, forbid_unknown_fields=True):
+    type: str
+    payload: Any = msgspec.field(default_factory=dict)
+
+
+class CommandError(ValueError):
+    """The body of a command request is unusable (HTTP 400 or 413)."""
+
+    def __init__(self, error: str, detail: str, status: int = 400) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.detail = detail
+        self.status = status
+
+
+_request_decoder = msgspec.json.Decoder(_CommandRequest)
+_json = msgspec.json.Encoder()
+
+
+def new_command(type_: str, payload: Any) -> Command:
+    return Command(id=uuid.uuid4().hex, type=type_, payload=payload)
+
+
+def encode_command(command: Command) -> bytes:
+    """The JSON form: the MQTT PUBLISH payload and the WebSocket command."""
+    return _json.encode(command)
+
+
+def parse_command(body: bytes, max_bytes: int) -> Command:
+    """``{"type": "REBOOT", "payload": {...}}`` -> a Command with a fresh id.
+
+    Raises:
+        CommandError: not JSON, not that shape, a bad type, or too large.
+    """
+    try:
+        req = _request_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        # ValidationError is a DecodeError: both mean a body we cannot take
+        raise CommandError("bad_command", f"expected {{\"type\": str, \"payload\": any}}: {exc}") from None
+    if not COMMAND_TYPE_RE.match(req.type):
+        raise CommandError("bad_command", "type must match [A-Za-z][A-Za-z0-9_.:-]{0,63}")
+    command = new_command(req.type, req.payload)
+    size = len(encode_command(command))
+    if size > max_bytes:
+        raise CommandError("too_large", f"command of {size} bytes exceeds downlink.max_command_bytes {max_bytes}",
+                           413)
+    return command
+
+
+class Send(msgspec.Struct, frozen=True, gc=False):
+    """One transmission the outbox asks for."""
+
+    command: Command
+    key: Hashable        # MQTT packet id, or the command id on WebSocket
+    dup: bool            # a redelivery (MQTT DUP flag)
+    tracked: bool        # False: fire and forget (MQTT QoS 0 subscription)
+
+
+class _Entry:
+    __slots__ = ("command", "key", "attempts", "due", "expires")
+
+    def __init__(self, command: Command, expires: float) -> None:
+        self.command = command
+        self.key: Hashable = None
+        self.attempts = 0
+        self.due = 0.0
+        self.expires = expires
+
+
+class CommandOutbox:
+    """The commands of one connection: waiting, then in flight until acked.
+
+    Sans-IO: ``offer`` and ``ack`` change state, ``poll(now)`` returns what
+    to (re)send now and when to poll next. Bounded by ``max_queued``
+    (waiting + in flight).
+    """
+
+    def __init__(self, protocol: str, config: "DownlinkConfig", metrics: "Metrics", *, redeliver: bool,
+                 packet_ids: bool) -> None:
+        """``redeliver``: resend until acked (MQTT); ``packet_ids``: key in-flight
+        commands by MQTT packet id (else by command id, as WebSocket acks name it)."""
+        self.protocol = protocol
+        self.ttl_s = config.command_ttl_s
+        self.retry_s = config.command_retry_s
+        self.max_attempts = config.command_max_attempts if redeliver else 1
+        self.max_queued = config.max_queued
+        self.redeliver = redeliver
+        self.metrics = metrics
+        self.waiting: deque[_Entry] = deque()
+        self.inflight: dict[Hashable, _Entry] = {}
+        self._allocate: Callable[[Command], Hashable] = (
+            PacketIds(self.inflight) if packet_ids else (lambda command: command.id))
+        self.ready = False       # may send (MQTT: the device subscribed)
+        self.tracked = True      # expects acks (MQTT: subscription QoS 1)
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.inflight)
+
+    def offer(self, command: Command, now: float) -> bool:
+        """Queue a command; False when the connection already holds max_queued."""
+        if self.closed or len(self) >= self.max_queued:
+            return False
+        self.waiting.append(_Entry(command, now + self.ttl_s))
+        return True
+
+    def set_ready(self, ready: bool, tracked: bool = True) -> None:
+        self.ready = ready
+        self.tracked = tracked
+
+    def ack(self, key: Hashable) -> bool:
+        """The device acknowledged ``key``; False if nothing was in flight for it."""
+        if self.inflight.pop(key, None) is None:
+            return False
+        self.metrics.commands_acknowledged.labels(self.protocol).inc()
+        return True
+
+    def poll(self, now: float) -> tuple[list[Send], float | None]:
+        """What to send now, and the time of the next poll (None: nothing pending)."""
+        sends: list[Send] = []
+        while self.waiting and self.waiting[0].expires <= now:
+            self.waiting.popleft()
+            self._expired("ttl")
+        if self.ready:
+            while self.waiting:
+                entry = self.waiting.popleft()
+                if entry.expires <= now:
+                    self._expired("ttl")
+                    continue
+                self.metrics.commands_sent.labels(self.protocol).inc()
+                if not self.tracked:
+                    sends.append(Send(entry.command, None, False, False))
+                    continue
+                entry.key = self._allocate(entry.command)
+                entry.attempts = 1
+                entry.due = now + self.retry_s
+                self.inflight[entry.key] = entry
+                sends.append(Send(entry.command, entry.key, False, True))
+        next_poll: float | None = None
+        for key, entry in list(self.inflight.items()):
+            if entry.expires <= now:
+                del self.inflight[key]
+                self._expired("ttl")
+                continue
+            if self.redeliver and entry.due <= now:
+                if entry.attempts >= self.max_attempts:
+                    del self.inflight[key]
+                    self._expired("attempts")
+                    continue
+                entry.attempts += 1
+                entry.due = now + self.retry_s
+                self.metrics.commands_redelivered.labels(self.protocol).inc()
+                sends.append(Send(entry.command, key, True, True))
+            when = min(entry.expires, entry.due) if self.redeliver else entry.expires
+            next_poll = when if next_poll is None else min(next_poll, when)
+        for entry in self.waiting:  # in order of offer, so the first expires first
+            next_poll = entry.expires if next_poll is None else min(next_poll, entry.expires)
+            break
+        return sends, next_poll
+
+    def close(self) -> None:
+        """The connection is gone: whatever is pending expires."""
+        if self.closed:
+            return
+        self.closed = True
+        for _ in range(len(self)):
+            self._expired("disconnected")
+        self.waiting.clear()
+        self.inflight.clear()
+
+    def _expired(self, why: str) -> None:
+        self.metrics.commands_expired.labels(self.protocol, why).inc()
+
+
+class PacketIds:
+    """MQTT packet ids for server-to-client publishes: 1..65535, skipping ids in flight."""
+
+    def __init__(self, inflight: dict[Hashable, Any]) -> None:
+        self._inflight = inflight
+        self._next = 0
+
+    def __call__(self, command: Command) -> int:
+        # max_queued (<= 10,000) is far below 65,535, so a free id is near
+        for _ in range(65535):
+            self._next = self._next % 65535 + 1
+            if self._next not in self._inflight:
+                return self._next
+        raise RuntimeError("no free MQTT packet id")  # unreachable while max_queued < 65535
+
+
+class DownlinkChannel:
+    """The Trio side of one connection's outbox: a task, started with the
+    first command, that sends what ``poll`` returns and sleeps until the next
+    retry or expiry (no task at all for connections that never get one)."""
+
+    def __init__(self, outbox: CommandOutbox, send: Callable[[list[Send]], Awaitable[None]],
+                 nursery: trio.Nursery) -> None:
+        self.outbox = outbox
+        self._send = send
+        self._nursery = nursery
+        self._started = False
+        self._wakeup = trio.Event()
+
+    def offer(self, command: Command) -> bool:
+        """Session.send_command: hand a command to this connection (sync)."""
+        if not self.outbox.offer(command, trio.current_time()):
+            return False
+        self.wake()
+        return True
+
+    def wake(self) -> None:
+        if not self._started:
+            self._started = True
+            self._nursery.start_soon(self._run)
+        else:
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                sends, next_poll = self.outbox.poll(trio.current_time())
+                if sends:
+                    await self._send(sends)
+                    continue  # sending took time: poll again before sleeping
+                self._wakeup = trio.Event()
+                with trio.move_on_at(next_poll if next_poll is not None else float("inf")):
+                    await self._wakeup.wait()
+        finally:
+            self.outbox.close()
+
+
+def open_channel(session: "Session", outbox: CommandOutbox, send: Callable[[list[Send]], Awaitable[None]],
+                 nursery: trio.Nursery, device_config: dict[str, Any] | None) -> DownlinkChannel:
+    """Register the connection as the device's command route, and queue the
+    device's config (if any) as UPDATE_CONFIG: the seed's "push the latest
+    policy as soon as the connection is up"."""
+    channel = DownlinkChannel(outbox, send, nursery)
+    session.send_command = channel.offer
+    if device_config is not None:
+        channel.offer(new_command(UPDATE_CONFIG, device_config))
+    return channel

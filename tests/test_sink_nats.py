@@ -1,0 +1,362 @@
+"""The NATS JetStream sink: pure helpers (always run) and against real nats-server processes."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import msgspec
+import nats
+import pytest
+import trio
+
+from gridgate.records import Record
+from gridgate.sinks.base import Sink
+from gridgate.sinks.nats import (MSG_ID_HEADER, NATSSink, SinkOpenError, SinkWriteError, SubjectTemplate,
+                                 decode_record, encode_record, msg_id, sanitize_token, subject_covers)
+from natsproc import NatsCluster, NatsServer, free_port
+
+needs_nats = pytest.mark.skipif(shutil.which("nats-server") is None,
+                                reason="nats-server not installed (apt-get install nats-server)")
+
+STREAM = "TELEMETRY"
+TEMPLATE = "telemetry.{region}.{device_id}"
+
+
+def rec(device_id: str = "meter-0001", ts_ns: int = 1_732_406_400_123_000_000, *, received_ns: int = 1,
+        protocol: str = "mqtt", fields: dict | None = None, tags: dict | None = None) -> Record:
+    return Record(device_id=device_id, ts_ns=ts_ns, received_ns=received_ns, protocol=protocol,
+                  fields={"temperature_mc": 23500, "battery_mv": 3700} if fields is None else fields,
+                  tags={"region": "shanghai", "site": "factory-a"} if tags is None else tags)
+
+
+def records(n: int, *, start: int = 0, devices: int = 50) -> list[Record]:
+    """``n`` distinct readings (distinct msg-ids) over ``devices`` devices and four regions."""
+    return [rec(f"meter-{i % devices:04d}", 1_700_000_000_000_000_000 + i * 1_000_000,
+                received_ns=1_700_000_000_000_000_000 + i,
+                fields={"temperature_mc": 20000 + i % 5000, "battery_mv": 3000 + i % 700},
+                tags={"region": ("eu-west", "ap.east", "us east", "")[i % 4], "site": f"s{i % 3}"})
+            for i in range(start, start + n)]
+
+
+# -- pure helpers (no server) -----------------------------------------------------------
+
+@pytest.mark.parametrize("raw, token", [
+    ("meter-0001", "meter-0001"),
+    ("meter.0001", "meter_0001"),
+    ("a b\tc", "a_b_c"),
+    ("*", "_"),
+    (">", "_"),
+    ("x.*.>", "x____"),
+    ("", "_"),
+    ("zürich", "z_rich"),
+    ("dev:01_A", "dev:01_A"),
+    ("a\r\nb", "a__b"),
+    ("x" * 300, "x" * 128),
+])
+def test_sanitize_token(raw, token):
+    assert sanitize_token(raw) == token
+
+
+def test_subject_template_renders_sanitized_tokens():
+    t = SubjectTemplate(TEMPLATE)
+    assert t.placeholders == ("region", "device_id")
+    assert t.wildcard == "telemetry.*.*"
+    assert t.render(rec()) == "telemetry.shanghai.meter-0001"
+    assert t.render(rec("meter.7", tags={"region": "eu west"})) == "telemetry.eu_west.meter_7"
+    assert t.render(rec("a:b", tags={"region": "*>"})) == "telemetry.__.a:b"
+    assert t.render(rec(tags={})) == "telemetry._.meter-0001"          # missing tag
+    t2 = SubjectTemplate("gw.{protocol}.{site}.{zone}.x")
+    assert t2.render(rec(protocol="mqtt-ws")) == "gw.mqtt-ws.factory-a._.x"
+    assert t2.wildcard == "gw.*.*.*.x"
+    for r in records(200):
+        tokens = t.render(r).split(".")
+        assert len(tokens) == 3 and all(tok and not set(tok) & set(" \t.*>") for tok in tokens)
+
+
+@pytest.mark.parametrize("bad", [
+    "", "telemetry.dev-{device_id}", "telemetry..{device_id}", "tele metry.{device_id}",
+    "telemetry.*.{device_id}", "telemetry.>", "telemetry.{device_id", "telemetry.{1x}", ".x",
+])
+def test_subject_template_rejects(bad):
+    with pytest.raises(ValueError):
+        SubjectTemplate(bad)
+
+
+@pytest.mark.parametrize("pattern, subject, covered", [
+    ("telemetry.>", "telemetry.*.*", True),
+    ("telemetry.*.*", "telemetry.*.*", True),
+    ("telemetry.*.*", "telemetry.a.b", True),
+    (">", "telemetry.*.*", True),
+    ("telemetry.a.*", "telemetry.*.*", False),
+    ("telemetry.*", "telemetry.*.*", False),
+    ("telemetry.*.*.*", "telemetry.*.*", False),
+    ("telemetry.*.*", "telemetry.>", False),
+    ("other.>", "telemetry.*.*", False),
+    ("telemetry.>", "telemetry", False),
+])
+def test_subject_covers(pattern, subject, covered):
+    assert subject_covers(pattern, subject) is covered
+
+
+def test_msg_id_is_deterministic_and_content_addressed():
+    base = rec()
+    mid = msg_id(base)
+    assert mid == msg_id(rec())
+    device, ts, digest = mid.rsplit(":", 2)
+    assert device == "meter-0001" and ts == str(base.ts_ns) and len(digest) == 24
+    # a replay: received later, over another protocol, dict order different -> the same id
+    assert msg_id(rec(received_ns=999, protocol="http")) == mid
+    assert msg_id(rec(fields={"battery_mv": 3700, "temperature_mc": 23500},
+                      tags={"site": "factory-a", "region": "shanghai"})) == mid
+    # different readings -> different ids
+    others = [rec("meter-0002"), rec(ts_ns=base.ts_ns + 1), rec(fields={"temperature_mc": 23501, "battery_mv": 3700}),
+              rec(fields={"temperature_mc": 23500.0, "battery_mv": 3700}), rec(tags={"region": "shanghai"}),
+              rec(tags={"region": "shanghai", "site": "factory-b"})]
+    ids = {msg_id(r) for r in others}
+    assert mid not in ids and len(ids) == len(others)
+    # device ids that sanitize alike still get different ids (the hash covers the raw id)
+    assert msg_id(rec("a.b")) != msg_id(rec("a_b"))
+    # usable as a header value
+    assert all(not set(msg_id(r)) & set(" \t\r\n") for r in records(100) + [rec("a\r\nb")])
+    assert len({msg_id(r) for r in records(5000)}) == 5000
+
+
+def test_payload_is_msgpack_of_the_record():
+    r = rec(fields={"temperature_mc": -40000, "humidity": 55.5})
+    data = encode_record(r)
+    assert decode_record(data) == r
+    assert msgspec.msgpack.decode(data) == {"device_id": r.device_id, "ts_ns": r.ts_ns, "received_ns": r.received_ns,
+                                            "protocol": "mqtt", "fields": {"temperature_mc": -40000, "humidity": 55.5},
+                                            "tags": r.tags}
+
+
+def test_constructor_validates_config():
+    sink = NATSSink(servers="nats://127.0.0.1:4222")
+    assert sink.servers == ["nats://127.0.0.1:4222"] and sink.stream_subjects == ["telemetry.*.*"]
+    assert isinstance(sink, Sink)
+    for kwargs in ({"servers": []}, {"stream": "a.b"}, {"stream": "a b"}, {"replicas": 0}, {"replicas": 7},
+                   {"subject": "x.{a}b"}, {"write_timeout_s": 0}, {"duplicate_window_s": -1}, {"max_inflight": 0}):
+        with pytest.raises(ValueError):
+            NATSSink(**kwargs)
+
+
+def test_write_before_open_and_empty_batch():
+    async def main():
+        sink = NATSSink()
+        await sink.write([])                       # nothing to do, even unopened
+        with pytest.raises(SinkWriteError, match="not open"):
+            await sink.write([rec()])
+        await sink.aclose()
+        with pytest.raises(SinkOpenError, match="closed"):
+            await sink.connect()
+    trio.run(main)
+
+
+def test_open_without_a_server_fails_clearly():
+    port = free_port()                             # nothing listens there
+
+    async def main():
+        t0 = time.monotonic()
+        with pytest.raises(SinkOpenError, match=f"cannot connect to NATS at nats://127.0.0.1:{port}"):
+            await NATSSink.open(servers=[f"nats://127.0.0.1:{port}"], connect_timeout_s=1.0, reconnect_wait_s=0.1)
+        assert time.monotonic() - t0 < 5
+    trio.run(main)
+
+
+# -- helpers reading the stream back (a separate asyncio client, as a consumer would) ---------
+
+def _in_asyncio(urls: list[str], fn):
+    async def go():
+        nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=2, reconnect_time_wait=0.1)
+        try:
+            return await fn(nc.jetstream(timeout=5))
+        finally:
+            await nc.close()
+    return asyncio.run(go())
+
+
+def stream_info(urls: list[str]):
+    async def fn(js):
+        return await js.stream_info(STREAM)
+    return _in_asyncio(urls, fn)
+
+
+def stream_messages(urls: list[str], limit: int | None = None) -> list[tuple[str, str, Record]]:
+    """(subject, msg-id, record) of the stream's messages (the first ``limit``), in order."""
+    async def fn(js):
+        info = await js.stream_info(STREAM)
+        last = info.state.last_seq if limit is None else min(info.state.last_seq, info.state.first_seq + limit - 1)
+        out = []
+        for seq in range(info.state.first_seq, last + 1):
+            m = await js.get_msg(STREAM, seq)
+            out.append((m.subject, m.headers[MSG_ID_HEADER], decode_record(m.data)))
+        return out
+    return _in_asyncio(urls, fn)
+
+
+async def in_thread(fn, *args):
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = NatsServer(tmp_path).start()
+    yield s
+    s.stop()
+
+
+# -- against one real server ----------------------------------------------------------
+
+@needs_nats
+def test_10000_records_land_as_10000_messages(server):
+    batch = records(10_000)
+
+    async def main():
+        sink = await NATSSink.open(servers=[server.url], stream=STREAM, subject=TEMPLATE)
+        t0 = time.monotonic()
+        await sink.write(batch)
+        elapsed = time.monotonic() - t0
+        assert sink.published == 10_000 and sink.duplicates == 0
+        info = await in_thread(stream_info, [server.url])
+        assert info.state.messages == 10_000
+        assert info.config.subjects == ["telemetry.*.*"]
+        assert info.config.duplicate_window == pytest.approx(120.0)
+        assert info.config.num_replicas == 1
+        thread = sink._thread
+        await sink.aclose()
+        assert not thread.is_alive()
+        with pytest.raises(SinkWriteError):
+            await sink.write(batch[:1])
+        await sink.aclose()                        # idempotent
+        return elapsed
+
+    elapsed = trio.run(main)
+    assert elapsed < 15
+    # what landed is exactly what was written, each on its sanitized subject with its msg-id
+    msgs = stream_messages([server.url], limit=300)
+    for (subject, mid, r), expected in zip(msgs, batch[:300]):
+        assert r == expected and mid == msg_id(expected)
+        assert subject == SubjectTemplate(TEMPLATE).render(expected)
+    assert {s.split(".")[1] for s, _, _ in msgs} == {"eu-west", "ap_east", "us_east", "_"}
+
+
+@needs_nats
+def test_same_batch_twice_is_deduplicated(server):
+    batch = records(2000)
+
+    async def main():
+        async with NATSSink(servers=[server.url], stream=STREAM, subject=TEMPLATE) as sink:
+            await sink.write(batch)
+            await sink.write(batch)
+            # a device replaying readings: received later, over another protocol
+            await sink.write([msgspec.structs.replace(r, received_ns=r.received_ns + 5, protocol="http")
+                              for r in batch[:500]])
+            assert sink.published == 4500 and sink.duplicates == 2500
+            await sink.write(records(10, start=2000))
+        # a second gateway (new connection) sees the existing stream and dedups too
+        async with NATSSink(servers=[server.url], stream=STREAM, subject=TEMPLATE) as sink:
+            await sink.write(batch[:100])
+            assert sink.duplicates == 100
+
+    trio.run(main)
+    assert stream_info([server.url]).state.messages == 2010
+
+
+@needs_nats
+def test_existing_stream_must_cover_the_subject(server):
+    async def create(js):
+        await js.add_stream(name=STREAM, subjects=["other.>"])
+    _in_asyncio([server.url], create)
+
+    async def main():
+        with pytest.raises(SinkOpenError, match=r"do not cover \['telemetry\.\*\.\*'\]"):
+            await NATSSink.open(servers=[server.url], stream=STREAM, subject=TEMPLATE, connect_timeout_s=3)
+        # another stream name whose subjects would overlap the existing stream's: refused by JetStream
+        with pytest.raises(SinkOpenError, match="cannot create JetStream stream 'T2'"):
+            await NATSSink.open(servers=[server.url], stream="T2", subject="other.{device_id}",
+                                connect_timeout_s=3)
+        # an existing stream with a wider subject is used as it is
+        async with NATSSink(servers=[server.url], stream=STREAM, subject="other.x.{device_id}") as sink:
+            await sink.write(records(5))
+    trio.run(main)
+    assert stream_info([server.url]).state.messages == 5
+
+
+@needs_nats
+def test_write_while_server_killed_fails_then_recovers_after_restart(server):
+    first, failed, later = records(300), records(300, start=300), records(300, start=600)
+    write_timeout = 2.0
+
+    async def main():
+        sink = await NATSSink.open(servers=[server.url], stream=STREAM, subject=TEMPLATE,
+                                   write_timeout_s=write_timeout, ack_timeout_s=0.5, reconnect_wait_s=0.1)
+        try:
+            await sink.write(first)
+            server.kill()
+
+            t0 = time.monotonic()
+            with pytest.raises(SinkWriteError, match="0 of 300 records acked") as exc:
+                await sink.write(failed)
+            elapsed = time.monotonic() - t0
+            assert write_timeout * 0.9 <= elapsed < write_timeout + 1.5, elapsed
+            assert "stream 'TELEMETRY'" in str(exc.value)
+
+            # a Trio cancel interrupts a write that is waiting on a dead server promptly
+            t0 = time.monotonic()
+            with trio.move_on_after(0.3) as scope:
+                await sink.write(failed)
+            assert scope.cancelled_caught and time.monotonic() - t0 < 1.5
+
+            await in_thread(server.restart)
+            # gridgate retries the failed batch, then goes on; the sink rides the reconnect
+            with trio.fail_after(15):
+                await sink.write(failed)
+                await sink.write(later)
+        finally:
+            await sink.aclose()
+
+    trio.run(main)
+    msgs = stream_messages([server.url])
+    assert len(msgs) == 900                        # buffered retries de-duplicated
+    assert {mid for _, mid, _ in msgs} == {msg_id(r) for r in first + failed + later}
+
+
+# -- against a three-node cluster -------------------------------------------------------
+
+@needs_nats
+def test_cluster_r3_survives_sigkill_of_the_stream_leader(tmp_path):
+    cluster = NatsCluster(tmp_path).start()
+    try:
+        batches = [records(400, start=i * 400) for i in range(5)]
+        opts = dict(stream=STREAM, subject=TEMPLATE, replicas=3, write_timeout_s=20, ack_timeout_s=1.0,
+                    reconnect_wait_s=0.1)
+
+        async def main():
+            async with NATSSink(servers=cluster.urls, **opts) as sink:
+                await sink.write(batches[0])
+                info = await in_thread(stream_info, cluster.urls)
+                assert info.config.num_replicas == 3 and info.state.messages == 400
+                leader = cluster.node(info.cluster.leader)
+                # a second gateway knows only the leader's address: it must fail over to
+                # the nodes the server advertised, while the stream elects a new leader
+                async with NATSSink(servers=[leader.url], **opts) as seeded:
+                    await seeded.write(batches[1])
+                    assert seeded._nc.connected_url.port == leader.port
+                    cluster.kill(leader.name)      # the worst node to lose: the stream's writes go through it
+                    with trio.fail_after(25):
+                        await sink.write(batches[2])       # waits out the leader election
+                        await seeded.write(batches[3])     # reconnected to a surviving node
+                        await sink.write(batches[4])
+                    assert seeded._nc.connected_url.port != leader.port
+                return leader.name
+
+        killed = trio.run(main)
+        live = [n.url for n in cluster.nodes if n.name != killed]
+        info = stream_info(live)
+        assert info.cluster.leader not in (None, killed) and info.state.messages == 2000
+        acked = {msg_id(r) for b in batches for r in b}
+        stored = [mid for _, mid, _ in stream_messages(live)]
+        assert len(stored) == 2000 and set(stored) == acked      # nothing acked is missing, nothing twice
+    finally:
+        cluster.stop()
