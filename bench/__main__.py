@@ -1,6 +1,6 @@
 """System benchmarks of DESIGN section 9.
 
-    python -m bench {pipelines,all} [--duration S] [--rounds N] [--out DIR] [--profile]
+    python -m bench {pipelines,mqtt,conns,sinks,all} [--duration S] [--rounds N] [--out DIR] [--profile]
 
 Every server is started here on free loopback ports and driven in the same
 run, in alternating rounds; results.json, report.md and PNG plots go to
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import report
 
-SCENARIOS = ("pipelines",)
+SCENARIOS = ("pipelines", "mqtt", "conns", "sinks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default 10)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per contender (default 2)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
-    parser.add_argument("--profile", action="store_true", help="py-spy record each gridgate server (first round)")
+    parser.add_argument("--profile", action="store_true", help="py-spy record each gridgate server in one extra run per scenario (flame graph SVG + speedscope JSON in OUT/profiles; not counted in the medians)")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.rounds < 1:
         parser.error("--duration must be > 0 and --rounds >= 1")
@@ -35,15 +35,25 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": report.machine(), "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None
                                                                                       else argv),
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scenarios": {}}
+    failed: dict[str, str] = {}
     for name in scenarios:
         module = __import__(f"bench.{name}", fromlist=["run"])
         print(f"{name}:", flush=True)
-        results["scenarios"][name] = module.run(args.duration, args.rounds, args.out, args.profile,
-                                                log=lambda line: print(line, flush=True))
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        try:
+            results["scenarios"][name] = module.run(args.duration, args.rounds, args.out, args.profile,
+                                                    log=lambda line: print(line, flush=True))
+        except Exception as exc:  # noqa: BLE001 - one scenario failing must not lose the others' results
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            print(f"{name} FAILED: {failed[name]}", file=sys.stderr, flush=True)
+        results["failed"] = failed
+        # after every scenario, so a later failure or ^C keeps what was measured
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
     md = report.write(results, args.out)
     print()
     print(md)
+    if failed:
+        print(f"python -m bench: failed scenario(s): {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

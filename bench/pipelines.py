@@ -3,23 +3,41 @@ same load in the same run, plus the uvicorn + httptools reference.
 
 Rounds alternate (std, fast, reference, std, fast, reference, ...) so drift
 of a shared machine hits every contender alike. Each round starts a fresh
-server, drives it, reads its peak RSS and stops it. Drivers:
+server, reads its RSS before any load, drives it, reads its peak RSS and
+stops it. Drivers:
 
 * wrk (when installed), C: the server is the bottleneck, not the client.
   One reading per request, 64 keep-alive connections, then the same at
   1,000 connections for the RSS comparison.
 * gridgate-loadgen http: devices posting over keep-alive with 4 requests
   pipelined each, latency from the intended send time.
+
+With --profile, one extra run per gridgate engine on GATE_DRIVER is recorded
+with py-spy after the counted rounds; it is kept in results.json (marked
+"profiled") but left out of the medians, since two samplers share the
+machine's 2 cores with the server.
 """
 from __future__ import annotations
 
 import shutil
 import statistics
+import time
 from pathlib import Path
 
 from bench import procs
 
 CONTENDERS = ("std", "fast", "reference")
+# The driver bench.perfcheck gates on and the one profiled: see
+# bench/perfcheck.py for the run-to-run spread that chose it.
+GATE_DRIVER = "loadgen"
+
+
+def available_drivers() -> list[tuple[str, dict]]:
+    drivers = []
+    if shutil.which("wrk"):
+        drivers += [("wrk-64", {"connections": 64}), ("wrk-1000", {"connections": 1000})]
+    drivers.append(("loadgen", {"devices": 64, "inflight": 4}))
+    return drivers
 
 
 def _start(name: str) -> procs.Server:
@@ -32,33 +50,85 @@ def _target(server: procs.Server) -> tuple[str, int]:
     return server.address or server.addresses["http"]
 
 
-def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> dict:
-    drivers = []
-    if shutil.which("wrk"):
-        drivers += [("wrk-64", {"connections": 64}), ("wrk-1000", {"connections": 1000})]
-    drivers.append(("loadgen", {"devices": 64, "inflight": 4}))
-    results: dict = {"scenario": "pipelines", "duration_s": duration, "rounds": rounds, "runs": []}
+def run(duration: float, rounds: int, out: Path, profile: bool, log=print,
+        drivers: list[str] | None = None, contenders: tuple[str, ...] = CONTENDERS) -> dict:
+    """`drivers` / `contenders` narrow the run (bench.perfcheck uses one
+    driver and the two gridgate engines); by default everything available."""
+    chosen = [(d, o) for d, o in available_drivers() if drivers is None or d in drivers]
+    if drivers is not None and len(chosen) != len(drivers):
+        missing = set(drivers) - {d for d, _ in chosen}
+        raise RuntimeError(f"driver(s) not available: {', '.join(sorted(missing))} (is wrk installed?)")
+    skipped = {} if shutil.which("wrk") else {"wrk": "not installed (apt-get install wrk): gridgate-loadgen only"}
+    results: dict = {"scenario": "pipelines", "duration_s": duration, "rounds": rounds, "skipped": skipped,
+                     "contenders": list(contenders), "gate_driver": GATE_DRIVER, "runs": [], "hot_path": {}}
     for rnd in range(rounds):
-        for driver, opts in drivers:
-            for name in CONTENDERS:
-                server = _start(name)
-                try:
-                    if profile and driver == drivers[0][0] and rnd == 0 and name != "reference":
-                        server.profile(out / "profiles", f"pipelines-{name}", duration)
-                    run = _drive(server, driver, opts, duration)
-                    server.finish_profile()
-                    run["peak_rss_kb"] = server.peak_rss_kb()
-                finally:
-                    server.stop()
-                if name != "reference":
-                    run["spool_records"] = procs.spool_records(server.data_dir)
-                run.update(contender=name, driver=driver, round=rnd)
-                results["runs"].append(run)
-                log(f"  round {rnd + 1}/{rounds} {driver:9s} {name:9s} {run['readings_per_s']:>10,.0f} readings/s  "
-                    f"p50 {run['latency_ms']['p50']} ms  p99 {run['latency_ms']['p99']} ms  "
-                    f"peak RSS {run['peak_rss_kb'] / 1024:.0f} MiB")
-    results["summary"] = summarize(results["runs"])
+        for driver, opts in chosen:
+            for name in contenders:
+                run_ = _one(name, driver, opts, duration, None, results["hot_path"])
+                run_.update(round=rnd)
+                results["runs"].append(run_)
+                log(_line(run_, f"round {rnd + 1}/{rounds}"))
+    if profile:
+        gate = [(d, o) for d, o in chosen if d == GATE_DRIVER] or chosen[:1]
+        for name in contenders:
+            if name == "reference":
+                continue
+            run_ = _one(name, gate[0][0], gate[0][1], duration, out / "profiles", results["hot_path"])
+            run_.update(round=None, profiled=True)
+            results["runs"].append(run_)
+            log(_line(run_, "profiled   "))
+    results["summary"] = summarize(results["runs"], contenders)
     return results
+
+
+def _one(name: str, driver: str, opts: dict, duration: float, profile_dir: Path | None, hot_path: dict) -> dict:
+    server = _start(name)
+    try:
+        idle_rss = server.rss_kb()
+        if profile_dir is not None:
+            server.profile(profile_dir, f"pipelines-{driver}-{name}", duration)
+        cpu0 = server.cpu_seconds()
+        run_ = _drive(server, driver, opts, duration)
+        run_["server_cpu_s"] = server.cpu_seconds() - cpu0
+        profile_files = server.finish_profile()
+        run_["peak_rss_kb"] = server.peak_rss_kb()
+        run_["idle_rss_kb"] = idle_rss
+        if name != "reference":
+            hot_path[name] = _hot_path_line(server)
+    finally:
+        server.stop()
+    if profile_files:
+        run_["profile"] = profile_files
+    if name != "reference":
+        run_["spool_records"] = procs.spool_records(server.data_dir)
+    if driver.startswith("wrk"):
+        run_["connections"] = opts["connections"]
+        readings = run_["answered"] - run_["non2xx"]
+    else:
+        run_["connections"] = opts["devices"]
+        readings = run_["acked"]
+    # CPU cost per reading: unlike readings/s it barely moves when other
+    # work on a shared machine takes cores away from the server
+    run_["cpu_us_per_reading"] = run_["server_cpu_s"] * 1e6 / readings if readings else None
+    run_.update(contender=name, driver=driver)
+    return run_
+
+
+def _hot_path_line(server: procs.Server) -> str | None:
+    """gridgate's start-up line naming the hot path it loaded."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in list(server.lines):
+            if "hot path:" in line:
+                return line[line.index("hot path:"):].split(";")[0]
+        time.sleep(0.05)
+    return None
+
+
+def _line(run_: dict, prefix: str) -> str:
+    lat = run_["latency_ms"]
+    return (f"  {prefix} {run_['driver']:9s} {run_['contender']:9s} {run_['readings_per_s']:>10,.0f} readings/s  "
+            f"p50 {lat['p50']} ms  p99 {lat['p99']} ms  peak RSS {run_['peak_rss_kb'] / 1024:.0f} MiB")
 
 
 def _drive(server: procs.Server, driver: str, opts: dict, duration: float) -> dict:
@@ -69,29 +139,53 @@ def _drive(server: procs.Server, driver: str, opts: dict, duration: float) -> di
         return result
     result = procs.loadgen("http", target, duration, devices=opts["devices"], inflight=opts["inflight"])
     return {"readings_per_s": result["readings_per_s"], "acked": result["acked"], "errors": result["errors"],
-            "latency_ms": {k: result["latency_ms"][k] for k in ("p50", "p99", "p99.9", "max")},
+            "latency_ms": {k: result["latency_ms"][k] for k in ("p50", "p90", "p99", "p99.9", "max")},
             "warnings": result["warnings"]}
 
 
-def summarize(runs: list[dict]) -> dict:
-    """Median per (driver, contender) over the rounds, and the ratios."""
+PERCENTILES = ("p50", "p90", "p99", "p99.9", "max")
+
+
+def summarize(runs: list[dict], contenders: tuple[str, ...] = CONTENDERS) -> dict:
+    """Median per (driver, contender) over the counted rounds, and the ratios."""
     out: dict = {}
-    for driver in sorted({r["driver"] for r in runs}):
+    counted = [r for r in runs if not r.get("profiled")]
+    for driver in sorted({r["driver"] for r in counted}):
         per: dict = {}
-        for name in CONTENDERS:
-            mine = [r for r in runs if r["driver"] == driver and r["contender"] == name]
+        for name in contenders:
+            mine = [r for r in counted if r["driver"] == driver and r["contender"] == name]
             if not mine:
                 continue
+            conns = mine[0]["connections"]
             per[name] = {
                 "readings_per_s": statistics.median(r["readings_per_s"] for r in mine),
-                "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in mine),
-                "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in mine),
+                "readings_per_s_runs": [r["readings_per_s"] for r in mine],
                 "peak_rss_mib": statistics.median(r["peak_rss_kb"] for r in mine) / 1024,
+                "idle_rss_mib": statistics.median(r["idle_rss_kb"] for r in mine) / 1024,
+                # peak under load minus RSS before any connection, per connection
+                "rss_per_conn_kb": statistics.median((r["peak_rss_kb"] - r["idle_rss_kb"]) / conns for r in mine),
+                "connections": conns,
+                "cpu_us_per_reading": _median_or_none(r.get("cpu_us_per_reading") for r in mine),
             }
+            for k in PERCENTILES:
+                values = [r["latency_ms"][k] for r in mine if r["latency_ms"].get(k) is not None]
+                per[name][f"{k}_ms"] = statistics.median(values) if values else None
         if "std" in per and "fast" in per:
             per["fast_vs_std"] = per["fast"]["readings_per_s"] / per["std"]["readings_per_s"]
             per["fast_vs_std_rss"] = per["fast"]["peak_rss_mib"] / per["std"]["peak_rss_mib"]
+            fast_runs = [r for r in counted if r["driver"] == driver and r["contender"] == "fast"]
+            std_runs = [r for r in counted if r["driver"] == driver and r["contender"] == "std"]
+            per["fast_vs_std_by_round"] = [f["readings_per_s"] / s["readings_per_s"]
+                                           for f, s in zip(fast_runs, std_runs)]
+            if per["fast"]["cpu_us_per_reading"] and per["std"]["cpu_us_per_reading"]:
+                # readings per server CPU-second, fast over std
+                per["fast_vs_std_cpu"] = per["std"]["cpu_us_per_reading"] / per["fast"]["cpu_us_per_reading"]
         if "reference" in per and "fast" in per:
             per["fast_vs_reference"] = per["fast"]["readings_per_s"] / per["reference"]["readings_per_s"]
         out[driver] = per
     return out
+
+
+def _median_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None

@@ -40,6 +40,16 @@ def rss_kb(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """A server child process with its address, peak RSS and optional py-spy."""
 
@@ -97,27 +107,59 @@ class Server:
     def rss_kb(self) -> int:
         return rss_kb(self.pid)
 
-    def profile(self, out_dir: Path, label: str, duration: float) -> None:
-        """py-spy record this server for `duration` s: flame SVG + speedscope JSON."""
-        spy = shutil.which("py-spy") or str(BIN / "py-spy")
-        if not Path(spy).exists():
-            raise RuntimeError("py-spy is not installed (pip install py-spy)")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.profiler = subprocess.Popen(
-            [spy, "record", "--pid", str(self.pid), "--duration", str(int(duration)), "--rate", "250",
-             "--format", "speedscope", "--output", str(out_dir / f"{label}.speedscope.json"), "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._profile_args = (spy, out_dir, label)
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
 
-    def finish_profile(self) -> None:
+    def profile(self, out_dir: Path, label: str, duration: float) -> None:
+        """py-spy record this server for `duration` s, into OUT/LABEL.svg (flame
+        graph) and OUT/LABEL.speedscope.json. py-spy writes one format per
+        recorder, so two recorders sample the same pid at once; both use
+        --nonblocking (the server is never paused) and the speedscope one keeps
+        full file names so bench.perfcheck can tell stdlib json from others."""
+        spy = py_spy()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._profile_files = {"flamegraph_svg": out_dir / f"{label}.svg",
+                               "speedscope_json": out_dir / f"{label}.speedscope.json"}
+        common = [spy, "record", "--pid", str(self.pid), "--duration", str(max(1, int(round(duration)))),
+                  "--nonblocking"]
+        self._profilers = [
+            subprocess.Popen(common + ["--rate", "100", "--format", "flamegraph",
+                                       "--output", str(self._profile_files["flamegraph_svg"])],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+            subprocess.Popen(common + ["--rate", "200", "--format", "speedscope", "--full-filenames",
+                                       "--output", str(self._profile_files["speedscope_json"])],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+        ]
+        self.profiler = self._profilers[0]
+
+    def finish_profile(self) -> dict[str, str] | None:
+        """Wait for the recorders; the files they wrote (checked to exist and
+        to parse), plus folded stacks (``a;b;c count``) for greps. None when
+        this server was not profiled."""
         if self.profiler is None:
-            return
-        self.profiler.wait(timeout=120)
-        spy, out_dir, label = self._profile_args
-        # The flame graph from the same samples: py-spy writes one format per
-        # run, so convert the speedscope file rather than sampling twice.
-        speedscope_to_flamegraph(out_dir / f"{label}.speedscope.json", out_dir / f"{label}.collapsed.txt")
+            return None
+        errors = []
+        for p in self._profilers:
+            try:
+                _, err = p.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                _, err = p.communicate()
+            if p.returncode != 0:
+                errors.append(f"py-spy exited {p.returncode}: {err.strip()[-1000:]}")
         self.profiler = None
+        files = self._profile_files
+        for path in files.values():
+            if not path.exists() or path.stat().st_size == 0:
+                errors.append(f"py-spy wrote no {path.name}")
+        if errors:
+            raise RuntimeError(f"profiling {self.name} failed: " + "; ".join(errors))
+        if b"<svg" not in files["flamegraph_svg"].read_bytes()[:4096]:
+            raise RuntimeError(f"{files['flamegraph_svg']} is not an SVG file")
+        collapsed = files["speedscope_json"].with_name(files["speedscope_json"].name.replace(
+            ".speedscope.json", ".collapsed.txt"))
+        speedscope_to_collapsed(files["speedscope_json"], collapsed)  # also proves the JSON parses
+        return {k: str(v) for k, v in {**files, "collapsed": collapsed}.items()}
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -130,28 +172,33 @@ class Server:
         return self.proc.returncode
 
 
-def speedscope_to_flamegraph(src: Path, collapsed: Path) -> None:
-    """Folded stacks (``a;b;c count``) from a py-spy speedscope file, and an
-    SVG flame graph next to it when the ``flamegraph`` tools are at hand;
-    bench.report renders its own SVG from the folded stacks otherwise."""
-    if not src.exists():
-        return
+def py_spy() -> str:
+    spy = shutil.which("py-spy") or str(BIN / "py-spy")
+    if not Path(spy).exists():
+        raise RuntimeError("py-spy is not installed (pip install -e '.[bench]')")
+    return spy
+
+
+def speedscope_to_collapsed(src: Path, collapsed: Path) -> dict[str, int]:
+    """Folded stacks (``root;...;leaf count``, root first) from a py-spy
+    speedscope file; returned and written to `collapsed`."""
     doc = json.loads(src.read_text())
-    frames = [f["name"] + (f" ({Path(f['file']).name}:{f.get('line', 0)})" if f.get("file") else "")
+    frames = [f["name"] + (f" ({f['file']}:{f.get('line', 0)})" if f.get("file") else "")
               for f in doc["shared"]["frames"]]
     counts: dict[str, int] = {}
     for profile in doc["profiles"]:
-        for sample, weight in zip(profile["samples"], profile["weights"]):
+        for sample in profile["samples"]:  # counted one each (py-spy's weights are seconds)
             key = ";".join(frames[i] for i in sample)
-            counts[key] = counts.get(key, 0) + int(weight)
+            counts[key] = counts.get(key, 0) + 1
     collapsed.write_text("".join(f"{k} {v}\n" for k, v in sorted(counts.items())))
+    return counts
 
 
 def gridgate(engine: str = "fast", mqtt: bool = False, extra_env: dict[str, str] | None = None,
              data_dir: Path | None = None) -> Server:
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="gridgate-bench-"))
     cmd = [str(BIN / "gridgate"), "serve", "--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0" if mqtt else "",
-           "--http-engine", engine, "--data-dir", str(data_dir)]
+           "--ws", "", "--http-engine", engine, "--data-dir", str(data_dir)]
     env = {"ENVIRONMENT": "bench", "SERVICE_NAME": "gridgate-bench", **(extra_env or {})}
     server = Server(f"gridgate-{engine}", cmd, env)
     server.data_dir = data_dir
@@ -166,15 +213,57 @@ def reference_app() -> Server:
     return Server("uvicorn-httptools", cmd, {"PYTHONPATH": str(ROOT)}, address=("127.0.0.1", port))
 
 
+def mosquitto_path() -> str | None:
+    exe = shutil.which("mosquitto")
+    if exe is None and Path("/usr/sbin/mosquitto").exists():
+        exe = "/usr/sbin/mosquitto"
+    return exe
+
+
+def mosquitto_version() -> str | None:
+    exe = mosquitto_path()
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "-h"], capture_output=True, text=True, timeout=10)
+    m = re.search(r"mosquitto version (\S+)", out.stdout + out.stderr)
+    return m.group(1) if m else "unknown"
+
+
 def mosquitto() -> Server | None:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    """mosquitto on a free port, no persistence (it acks QoS 1 on receipt);
+    None when it is not installed."""
+    exe = mosquitto_path()
     if exe is None:
         return None
     port = free_port()
     conf = Path(tempfile.mkdtemp(prefix="mosquitto-bench-")) / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
-                    "log_type error\n")
+                    "max_connections -1\nlog_type error\n")
     return Server("mosquitto", [exe, "-c", str(conf)], address=("127.0.0.1", port))
+
+
+def socket_count(pid: int) -> int:
+    """Open sockets of a process (listeners included), from /proc/PID/fd."""
+    n = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    n += 1
+            except OSError:
+                pass
+    except FileNotFoundError:
+        pass
+    return n
+
+
+def gridgate_connections(http: tuple[str, int], protocol: str = "mqtt") -> int:
+    """gridgate's own count of open `protocol` connections, from GET
+    /v1/connections (whose total would include the asking HTTP connection)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{http[0]}:{http[1]}/v1/connections", timeout=5) as resp:
+        return int(json.loads(resp.read())["by_protocol"].get(protocol, 0))
 
 
 def spool_records(data_dir: Path) -> int:
@@ -194,7 +283,7 @@ def loadgen(protocol: str, target: tuple[str, int], duration: float, **opts) -> 
         flag = "--" + key.replace("_", "-")
         if value is True:
             cmd.append(flag)
-        elif value not in (None, False):
+        elif value is not None and value is not False:  # 0 is a value (--qos 0), not "off"
             cmd += [flag, str(value)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 4 + 120)
     if proc.returncode != 0:
@@ -224,4 +313,5 @@ def wrk(target: tuple[str, int], duration: float, connections: int, threads: int
     return {"requests_per_s": rps, "readings_per_s": rps * readings, "sent": counts["sent"],
             "answered": counts["answered"], "non2xx": counts["non2xx"],
             "socket_errors": "Socket errors" in text,
-            "latency_ms": {"p50": lat["p50"], "p99": lat["p99"], "max": lat["max"]}}
+            "latency_ms": {"p50": lat["p50"], "p90": lat["p90"], "p99": lat["p99"], "p99.9": lat["p999"],
+                           "max": lat["max"]}}

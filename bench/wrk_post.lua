@@ -41,5 +41,6 @@ function done(summary, latency, requests)
     bad = bad + t:get("non2xx")
   end
   io.write(string.format("WRK_COUNTS sent=%d answered=%d accepted=%d non2xx=%d readings=%d\n", s, a, acc, bad, readings))
-  io.write(string.format("WRK_LATENCY_US p50=%d p99=%d max=%d\n", latency:percentile(50), latency:percentile(99), latency.max))
+  io.write(string.format("WRK_LATENCY_US p50=%d p90=%d p99=%d p999=%d max=%d\n", latency:percentile(50),
+                         latency:percentile(90), latency:percentile(99), latency:percentile(99.9), latency.max))
 end

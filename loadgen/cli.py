@@ -3,13 +3,17 @@
     gridgate-loadgen mqtt --target HOST:PORT --devices N --duration S [--rate R] [--qos 0|1]
         [--inflight W] [--batch K] [--procs P] [--source-ips A-B] [--payload json|msgpack]
         [--idle] [--connect-rate C] [--keepalive K] [--json FILE]
+    gridgate-loadgen http ...   (the same, without --qos and --keepalive)
+    gridgate-loadgen ws ...     (the same, without --qos)
 
 ``--rate 0`` (the default) is closed loop: each device keeps ``--inflight``
 readings unacknowledged and sends more as acks arrive. ``--rate R`` is open
 loop: R readings/s over the whole fleet on a fixed schedule, latency measured
 from each reading's intended send time, so a stalled server shows in the
-percentiles instead of slowing the load down. Works against any MQTT 3.1.1
-broker.
+percentiles instead of slowing the load down. ``mqtt`` works against any
+MQTT 3.1.1 broker; ``http`` posts to gridgate's ``/v1/telemetry``; ``ws``
+sends ``{"seq": n, "readings": [...]}`` envelopes on gridgate's WebSocket
+channel ``/v1/ws`` and counts a reading acked when its ``{"ack": n}`` arrives.
 """
 from __future__ import annotations
 
@@ -70,10 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
     m = sub.add_parser("mqtt", help="MQTT 3.1.1 devices (gridgate, mosquitto, any broker)")
     h = sub.add_parser("http", help="devices posting to POST /v1/telemetry over HTTP/1.1 keep-alive")
-    for p in (m, h):
+    w = sub.add_parser("ws", help="devices on gridgate's WebSocket channel /v1/ws (seq'd envelopes, acks, "
+                                  "commands)")
+    for p in (m, h, w):
         _common(p)
     m.add_argument("--qos", type=int, choices=(0, 1), default=1)
     m.add_argument("--keepalive", type=int, default=60, metavar="K", help="MQTT keepalive, seconds")
+    w.add_argument("--keepalive", type=_positive_int, default=60, metavar="K",
+                   help="send a WebSocket ping when nothing was sent for K/2 seconds")
     return parser
 
 

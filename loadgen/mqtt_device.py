@@ -39,7 +39,7 @@ class DeviceOptions:
     drain_timeout: float = 10.0
     backoff_base: float = 0.1
     backoff_max: float = 5.0
-    protocol: str = "mqtt"                # "mqtt" or "http"
+    protocol: str = "mqtt"                # "mqtt", "http" or "ws"
 
 
 def build_connect(client_id: str, keepalive: int) -> bytes:
@@ -74,6 +74,14 @@ class _Device:
         self.replay: list[float] = []               # intended times of readings owed after a drop
         self.ack_event = trio.Event()
         self.last_send = 0.0
+
+    # The interface run_device drives (HttpDevice and WsDevice implement it too):
+    # connect() -> stream; reader/pinger/sender(stream) run together; drain();
+    # say_goodbye(stream) after a clean end; close(stream) always; owed(),
+    # inflight and replay for what a dropped connection owes. ``background``
+    # is a nursery that lives as long as the device, for connections that
+    # need helper tasks of their own (the WebSocket client's reader).
+    background: trio.Nursery | None = None
 
     # -- one connection --------------------------------------------------------
 
@@ -181,11 +189,16 @@ class _Device:
                     with trio.move_on_at(min(schedule.next_due(), deadline)):
                         await trio.sleep_forever()
                     continue
-            await stream.send_all(self._frames(dues))
-            stats.sent += len(dues) * opts.batch
+            await self.send(stream, dues)
             self.last_send = now
             if not opts.qos:
                 await trio.lowlevel.checkpoint()
+
+    async def send(self, stream: trio.SocketStream, dues: list[float]) -> None:
+        """Send one message per intended time in ``dues`` (all in one write)
+        and count them in ``stats.sent``."""
+        await stream.send_all(self._frames(dues))
+        self.stats.sent += len(dues) * self.opts.batch
 
     async def pinger(self, stream: trio.SocketStream) -> None:
         interval = max(self.opts.keepalive / 2, 0.5)
@@ -200,6 +213,14 @@ class _Device:
         return list(self.inflight.values())
 
     goodbye = b"\xe0\x00"  # DISCONNECT
+
+    async def say_goodbye(self, stream: trio.SocketStream) -> None:
+        """End a connection cleanly (the caller bounds the time)."""
+        if self.goodbye:
+            await stream.send_all(self.goodbye)
+
+    async def close(self, stream: trio.SocketStream) -> None:
+        await trio.aclose_forcefully(stream)
 
     async def drain(self) -> None:
         """Wait (bounded) for the acks still owed at the end of the run."""
@@ -217,8 +238,19 @@ async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float
     if opts.protocol == "http":
         from loadgen.http_device import HttpDevice
         dev: _Device = HttpDevice(index, opts, stats, local_address)
+    elif opts.protocol == "ws":
+        from loadgen.ws_device import WsDevice
+        dev = WsDevice(index, opts, stats, local_address)
     else:
         dev = _Device(index, opts, stats, local_address)
+    async with trio.open_nursery() as background:
+        dev.background = background
+        await _run_connections(dev, opts, stats, start, deadline, rng)
+        background.cancel_scope.cancel()
+
+
+async def _run_connections(dev: _Device, opts: DeviceOptions, stats: Stats, start: float, deadline: float,
+                           rng: random.Random) -> None:
     schedule = None
     if opts.rate_per_device > 0 and not opts.idle:
         # spread devices over the first period so they do not all fire at once
@@ -255,15 +287,14 @@ async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float
                     await dev.drain()
                 nursery.cancel_scope.cancel()
             clean = True
-            if dev.goodbye:
-                with trio.move_on_after(2):
-                    await stream.send_all(dev.goodbye)
+            with trio.move_on_after(2):
+                await dev.say_goodbye(stream)
         except* (OSError, ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
             if not clean:
                 stats.errors += 1
         finally:
             stats.connected -= 1
-            await trio.aclose_forcefully(stream)
+            await dev.close(stream)
         if clean:
             return
         # dropped: what was in flight is owed again (a real device resends QoS 1)

@@ -38,6 +38,8 @@ class Stats:
     dropped: int = 0            # readings lost because the offline buffer was full
     unacked_at_drop: int = 0    # readings in flight when a connection dropped (resent later)
     behind: int = 0             # readings sent later than scheduled (open loop)
+    rejected: int = 0           # readings the server answered as rejected (ws; also counted in errors)
+    commands: int = 0           # downlink commands received and acknowledged (ws)
     elapsed_s: float = 0.0
     histogram: HdrHistogram = field(default_factory=new_histogram, repr=False)
 
@@ -46,7 +48,7 @@ class Stats:
 
     def merge(self, other: "Stats") -> None:
         for name in ("devices", "connected", "peak_connected", "connects", "reconnects", "sent", "acked",
-                     "errors", "replayed", "dropped", "unacked_at_drop", "behind"):
+                     "errors", "replayed", "dropped", "unacked_at_drop", "behind", "rejected", "commands"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
         self.histogram.add(other.histogram)
@@ -84,7 +86,7 @@ class Stats:
             "connects": self.connects,
             "reconnects": self.reconnects, "sent": self.sent, "acked": self.acked, "errors": self.errors,
             "replayed": self.replayed, "dropped": self.dropped, "unacked_at_drop": self.unacked_at_drop,
-            "behind_schedule": self.behind,
+            "behind_schedule": self.behind, "rejected": self.rejected, "commands": self.commands,
             "elapsed_s": round(self.elapsed_s, 3),
             "readings_per_s": round(rate / self.elapsed_s, 1) if self.elapsed_s else 0.0,
             "latency_ms": self.latency_ms(),
@@ -98,12 +100,15 @@ class Stats:
         rows = [
             ("connected", f"{s['peak_connected']} of {s['devices']} devices at peak ({s['connects']} connects, "
                           f"{s['reconnects']} reconnects)"),
-            ("sent", f"{s['sent']}"), ("acked", f"{s['acked']}"), ("errors", f"{s['errors']}"),
+            ("sent", f"{s['sent']}"), ("acked", f"{s['acked']}"),
+            ("errors", f"{s['errors']}" + (f" ({s['rejected']} readings rejected)" if s["rejected"] else "")),
             ("replayed / dropped", f"{s['replayed']} / {s['dropped']}"),
             ("readings/s", f"{s['readings_per_s']:.0f} ({'acked' if self.acked else 'sent'}, "
                            f"over {s['elapsed_s']:.1f} s)"),
             ("ack latency ms", " ".join(f"{k}={fmt(v)}" for k, v in lat.items())
              + f" ({s['latency_samples']} samples)"),
         ]
+        if s["commands"]:
+            rows.insert(5, ("commands", f"{s['commands']} received and acknowledged"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,7 +1,8 @@
 """gridgate-loadgen: schedule and latency accounting, exact histogram merge,
-argument errors, and runs against gridgate and mosquitto."""
+argument errors, and runs against gridgate (MQTT, HTTP, WebSocket) and mosquitto."""
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import resource
@@ -286,3 +287,87 @@ def test_http_non_2xx_answers_are_errors(tmp_path):
     finally:
         gw.stop()
     assert stats.sent > 0 and stats.acked == 0 and stats.errors > 0
+
+
+def _metric(gw: GatewayProcess, line_prefix: str) -> float:
+    conn = http.client.HTTPConnection(*gw.http, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix + " ")]
+    return values[0] if values else 0.0
+
+
+@pytest.mark.parametrize("payload", ["json", "msgpack"])
+def test_ws_devices_against_gridgate_acked_equals_spool(tmp_path, payload):
+    # two of the devices have a config: the gateway pushes it as an UPDATE_CONFIG
+    # command on connect, and the loadgen must answer each with a command_ack
+    devices = tmp_path / "devices.json"
+    devices.write_text(json.dumps({"loadgen-000000": {"report_interval_s": 5}, "loadgen-000049": {"x": 1}}))
+    gw = GatewayProcess(tmp_path / "data", env=gridgate_env(GRIDGATE_DOWNLINK_DEVICES_FILE=str(devices)))
+    out_json = tmp_path / "ws.json"
+    try:
+        out = subprocess.run(LOADGEN + ["ws", "--target", f"127.0.0.1:{gw.ws[1]}", "--devices", "50", "--inflight", "4",
+                                        "--batch", "3", "--payload", payload, "--duration", "3",
+                                        "--json", str(out_json)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "readings/s" in out.stdout and "p99.9=" in out.stdout
+        assert _metric(gw, 'gridgate_commands_acknowledged_total{protocol="ws"}') == 2
+    finally:
+        assert gw.stop() == 0
+    result = json.loads(out_json.read_text())
+    assert result["protocol"] == "ws" and result["peak_connected"] == 50
+    assert result["errors"] == 0 and result["rejected"] == 0
+    assert result["acked"] == result["sent"] > 0 and result["acked"] % 3 == 0
+    assert result["latency_samples"] == result["acked"] and result["latency_ms"]["p99"] is not None
+    assert result["commands"] == 2
+    # after a clean end (loadgen drained, gateway stopped gracefully) every acked reading is stored, once
+    assert spool_stats(tmp_path / "data")["records"] == result["acked"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "argument --batch: 0 is not a positive integer"),
+    (["--inflight", "0"], "argument --inflight: 0 is not a positive integer"),
+    (["--payload", "cbor"], "argument --payload: invalid choice: 'cbor'"),
+    (["--keepalive", "0"], "argument --keepalive: 0 is not a positive integer"),
+    (["--qos", "1"], "unrecognized arguments: --qos 1"),
+    (["--target", "127.0.0.1"], "'127.0.0.1' is not HOST:PORT"),
+])
+def test_ws_argument_errors_are_clear(args, message):
+    base = {"--target": "127.0.0.1:1", "--devices": "10", "--duration": "1"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    argv = [x for kv in base.items() for x in kv]
+    out = subprocess.run(LOADGEN + ["ws", *argv], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert message in out.stderr and "usage: gridgate-loadgen" in out.stderr
+
+
+def test_ws_devices_reconnect_and_replay_after_the_server_restarts(tmp_path):
+    port = free_port()
+    data = tmp_path / "data"
+    stats, check = Stats(), SelfCheck()
+    servers = [GatewayProcess(data, "--ws", f"127.0.0.1:{port}")]
+
+    async def outage():
+        await trio.sleep(1.5)
+        servers[0].kill()                       # SIGKILL mid-stream
+        await trio.sleep(1.0)
+        servers.append(await trio.to_thread.run_sync(
+            lambda: GatewayProcess(data, "--ws", f"127.0.0.1:{port}")))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outage)
+            opts = DeviceOptions(host="127.0.0.1", port=port, protocol="ws", inflight=50, rate_per_device=20.0,
+                                 backoff_base=0.05, backoff_max=0.5)
+            await run_share(RunPlan(device=opts, first=0, count=10, duration=5.0), stats, check)
+
+    try:
+        trio.run(main)
+    finally:
+        assert servers[-1].stop() == 0
+    assert stats.reconnects == 10
+    assert stats.replayed > 0 and stats.dropped == 0
+    assert stats.acked == stats.sent - stats.unacked_at_drop
+    assert spool_stats(data)["records"] >= stats.acked

@@ -1,0 +1,160 @@
+"""mqtt: gridgate vs mosquitto on the same load generator, QoS 0 and QoS 1.
+
+Each round starts a fresh server, drives it with ``gridgate-loadgen mqtt
+--devices 100 --inflight 10 --procs 2`` (closed loop: each device keeps 10
+readings unacknowledged), reads its peak RSS and stops it. Rounds alternate
+(gridgate, mosquitto, gridgate, mosquitto, ...) so drift of a shared machine
+hits both alike.
+
+The two do different work and the report says so: gridgate validates and
+normalizes every reading and sends a QoS 1 PUBACK only after the reading is
+committed to its SQLite spool; mosquitto (no persistence, no subscriber)
+acknowledges on receipt and drops the message. At QoS 0 nothing is
+acknowledged, so readings/s is what the load generator wrote; gridgate's
+spool count says how many of those were actually stored.
+
+mosquitto not installed: that contender is skipped and the results say so.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from bench import procs
+
+DEVICES = 100
+INFLIGHT = 10
+LOADGEN_PROCS = 2
+QOS_LEVELS = (0, 1)
+CONTENDERS = ("gridgate", "mosquitto")
+PROFILE_QOS = 1
+
+
+def _start(name: str) -> procs.Server:
+    if name == "gridgate":
+        return procs.gridgate(mqtt=True)
+    server = procs.mosquitto()
+    assert server is not None
+    return server
+
+
+def _target(server: procs.Server) -> tuple[str, int]:
+    return server.address or server.addresses["mqtt"]
+
+
+def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> dict:
+    contenders = ["gridgate"]
+    skipped: dict[str, str] = {}
+    if procs.mosquitto_path() is None:
+        skipped["mosquitto"] = "not installed (apt-get install mosquitto); gridgate measured alone"
+        log(f"  mosquitto skipped: {skipped['mosquitto']}")
+    else:
+        contenders.append("mosquitto")
+    results: dict = {"scenario": "mqtt", "duration_s": duration, "rounds": rounds, "devices": DEVICES,
+                     "inflight": INFLIGHT, "loadgen_procs": LOADGEN_PROCS, "skipped": skipped,
+                     "versions": {"mosquitto": procs.mosquitto_version()} if "mosquitto" in contenders else {},
+                     "runs": []}
+    for rnd in range(rounds):
+        for qos in QOS_LEVELS:
+            for name in contenders:
+                run_ = _one(name, qos, duration, None)
+                run_.update(round=rnd)
+                results["runs"].append(run_)
+                log(_line(run_, f"round {rnd + 1}/{rounds}"))
+    if profile:
+        # Extra run, not counted in the medians: two py-spy samplers cost CPU
+        # on a 2-core machine, and only gridgate is a Python process.
+        run_ = _one("gridgate", PROFILE_QOS, duration, out / "profiles")
+        run_.update(round=None, profiled=True)
+        results["runs"].append(run_)
+        log(_line(run_, "profiled   "))
+    results["summary"] = summarize(results["runs"])
+    return results
+
+
+def _one(name: str, qos: int, duration: float, profile_dir: Path | None) -> dict:
+    server = _start(name)
+    try:
+        if profile_dir is not None:
+            server.profile(profile_dir, f"mqtt-qos{qos}-{name}", duration)
+        result = procs.loadgen("mqtt", _target(server), duration, devices=DEVICES, inflight=INFLIGHT, qos=qos,
+                               procs=LOADGEN_PROCS)
+        profile_files = server.finish_profile()
+        drain_s = _wait_drained(server) if name == "gridgate" else None
+        peak = server.peak_rss_kb()
+    finally:
+        server.stop()
+    run_ = {"contender": name, "qos": qos, "readings_per_s": result["readings_per_s"], "sent": result["sent"],
+            "acked": result["acked"], "errors": result["errors"], "reconnects": result["reconnects"],
+            "elapsed_s": result["elapsed_s"],
+            "latency_ms": {k: result["latency_ms"][k] for k in ("p50", "p90", "p99", "p99.9", "max")},
+            "peak_rss_kb": peak, "warnings": result["warnings"]}
+    if drain_s is not None:
+        run_["drain_s"] = drain_s
+    if profile_files:
+        run_["profile"] = profile_files
+    if name == "gridgate":
+        spooled = procs.spool_records(server.data_dir)
+        run_["spool_records"] = spooled
+        # QoS 1: every acknowledged reading must be in the spool; QoS 0: what
+        # was stored of what the load generator wrote.
+        run_["spool_matches"] = spooled == (result["acked"] if qos else result["sent"])
+    return run_
+
+
+def _wait_drained(server: procs.Server, timeout: float = 60.0) -> float:
+    """Seconds until gridgate has closed every client connection after the
+    load generator ended: at QoS 0 it may still be reading what the clients
+    wrote, and a SIGTERM now would cut that short (QoS 0 is at most once).
+    Bounded; the spool count then says what was stored."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if procs.gridgate_connections(server.addresses["http"]) == 0:
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return round(time.monotonic() - t0, 2)
+
+
+def _line(run_: dict, prefix: str) -> str:
+    lat = run_["latency_ms"]
+    extra = ""
+    if "spool_records" in run_:
+        extra = f"  spool {run_['spool_records']:,} ({'=' if run_['spool_matches'] else '!='} " \
+                f"{'acked' if run_['qos'] else 'sent'})"
+    p = "-" if lat["p99"] is None else f"{lat['p99']}"
+    return (f"  {prefix} QoS {run_['qos']} {run_['contender']:9s} {run_['readings_per_s']:>10,.0f} readings/s  "
+            f"p50 {lat['p50']} ms  p99 {p} ms  peak RSS {run_['peak_rss_kb'] / 1024:.0f} MiB{extra}")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median per (QoS, contender) over the counted rounds, and gridgate / mosquitto."""
+    out: dict = {}
+    counted = [r for r in runs if not r.get("profiled")]
+    for qos in QOS_LEVELS:
+        per: dict = {}
+        for name in CONTENDERS:
+            mine = [r for r in counted if r["qos"] == qos and r["contender"] == name]
+            if not mine:
+                continue
+            per[name] = {
+                "readings_per_s": statistics.median(r["readings_per_s"] for r in mine),
+                "readings_per_s_runs": [r["readings_per_s"] for r in mine],
+                "peak_rss_mib": statistics.median(r["peak_rss_kb"] for r in mine) / 1024,
+                "errors": sum(r["errors"] for r in mine),
+            }
+            for k in ("p50", "p90", "p99", "p99.9", "max"):
+                values = [r["latency_ms"][k] for r in mine if r["latency_ms"][k] is not None]
+                per[name][f"{k}_ms"] = statistics.median(values) if values else None
+            if name == "gridgate":
+                per[name]["spool_matches_all"] = all(r["spool_matches"] for r in mine)
+                per[name]["drain_s"] = statistics.median(r.get("drain_s", 0.0) for r in mine)
+                per[name]["acked"] = [r["acked"] if qos else r["sent"] for r in mine]
+                per[name]["spool_records"] = [r["spool_records"] for r in mine]
+        if "gridgate" in per and "mosquitto" in per:
+            per["gridgate_vs_mosquitto"] = per["gridgate"]["readings_per_s"] / per["mosquitto"]["readings_per_s"]
+        out[f"qos{qos}"] = per
+    return out

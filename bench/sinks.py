@@ -1,0 +1,102 @@
+"""sinks: what each sink costs. The same MQTT QoS 1 load (acks after
+durable) into gridgate writing to the spool, to InfluxDB and to NATS
+JetStream, in alternating rounds of one run. InfluxDB and nats-server are
+started here (Debian packages influxdb, nats-server) on free loopback ports
+with throw-away data directories; a sink whose server is not installed is
+skipped and the report says so.
+
+For the external sinks the spool stays underneath as store-and-forward: a
+batch the sink is too slow for (write_timeout_s) goes pending and is
+replayed, so the report gives the records still pending at the end and the
+time the replayer needed to drain them - throughput that only looks good
+because it piles up in the spool would show there.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench import procs
+
+sys.path.insert(0, str(procs.ROOT / "tests"))   # the test suite's server starters
+
+KINDS = ("spool", "influxdb", "nats")
+
+
+def _readyz(server: procs.Server) -> dict:
+    host, port = server.addresses["http"]
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=5) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return json.loads(err.read())
+
+
+def _external(kind: str, work: Path):
+    """(started server process or None, gridgate env) for one sink kind."""
+    if kind == "influxdb":
+        if shutil.which("influxd") is None:
+            return None, None
+        from influxproc import InfluxProcess
+        influx = InfluxProcess(work / "influx")
+        influx.start()
+        return influx, {"GRIDGATE_SINK_KIND": "influxdb", "GRIDGATE_INFLUXDB_URL": influx.url}
+    if kind == "nats":
+        if shutil.which("nats-server") is None:
+            return None, None
+        from natsproc import NatsServer
+        server = NatsServer(work / "nats").start()
+        return server, {"GRIDGATE_SINK_KIND": "nats", "GRIDGATE_NATS_SERVERS": server.url}
+    return None, {}
+
+
+def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> dict:
+    results: dict = {"scenario": "sinks", "duration_s": duration, "rounds": rounds, "runs": [], "skipped": []}
+    for rnd in range(rounds):
+        for kind in KINDS:
+            work = Path(tempfile.mkdtemp(prefix=f"gridgate-bench-{kind}-"))
+            external, env = _external(kind, work)
+            if env is None:
+                if rnd == 0:
+                    results["skipped"].append(kind)
+                    log(f"  {kind}: its server is not installed; skipped")
+                continue
+            server = procs.gridgate(mqtt=True, extra_env=env, data_dir=work / "data")
+            try:
+                if profile and rnd == 0:
+                    server.profile(out / "profiles", f"sinks-{kind}", duration)
+                result = procs.loadgen("mqtt", server.addresses["mqtt"], duration, devices=100, inflight=10,
+                                       qos=1, procs=2)
+                server.finish_profile()
+                started = time.monotonic()
+                pending = _readyz(server).get("sink", {}).get("pending", 0)
+                left = pending
+                while left and time.monotonic() - started < 120:
+                    time.sleep(0.2)
+                    left = _readyz(server)["sink"]["pending"]
+                run = {"kind": kind, "round": rnd, "readings_per_s": result["readings_per_s"],
+                       "acked": result["acked"], "errors": result["errors"],
+                       "latency_ms": {k: result["latency_ms"][k] for k in ("p50", "p99", "p99.9", "max")},
+                       "pending_at_end": pending, "drain_s": round(time.monotonic() - started, 2) if pending else 0.0,
+                       "peak_rss_kb": server.peak_rss_kb()}
+            finally:
+                server.stop()
+                if external is not None:
+                    external.stop()
+            results["runs"].append(run)
+            log(f"  round {rnd + 1}/{rounds} {kind:9s} {run['readings_per_s']:>10,.0f} readings/s  "
+                f"p99 {run['latency_ms']['p99']} ms  pending at end {run['pending_at_end']}")
+    results["summary"] = {
+        kind: {"readings_per_s": statistics.median(r["readings_per_s"] for r in mine),
+               "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in mine),
+               "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in mine),
+               "pending_at_end": max(r["pending_at_end"] for r in mine),
+               "drain_s": max(r["drain_s"] for r in mine)}
+        for kind in KINDS if (mine := [r for r in results["runs"] if r["kind"] == kind])}
+    return results
