@@ -196,9 +196,14 @@ class _Device:
 
     async def send(self, stream: trio.SocketStream, dues: list[float]) -> None:
         """Send one message per intended time in ``dues`` (all in one write)
-        and count them in ``stats.sent``."""
-        await stream.send_all(self._frames(dues))
+        and count them in ``stats.sent``.
+
+        Counted before the write: ``_frames`` has put them in flight, so if
+        the write fails they are owed (``unacked_at_drop``) and resent, and
+        acked == sent - unacked_at_drop holds exactly."""
+        frames = self._frames(dues)
         self.stats.sent += len(dues) * self.opts.batch
+        await stream.send_all(frames)
 
     async def pinger(self, stream: trio.SocketStream) -> None:
         interval = max(self.opts.keepalive / 2, 0.5)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from gridgate import _fastparse, _http_py
 from gridgate.errors import HTTPParseError
 from gridgate.http_std import StdRequestReader
+from test_mqtt_hypothesis import split
 
 SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -29,16 +30,6 @@ FAST_IMPLS = {"py": _http_py, "c": _fastparse}
 @pytest.fixture(params=list(FAST_IMPLS), ids=[f"{k}-http" for k in FAST_IMPLS])
 def http_impl(request):
     return FAST_IMPLS[request.param]
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return out
 
 
 def run_fast(impl, chunks: list[bytes], max_head: int = MAX_HEAD, max_body: int = MAX_BODY):
