@@ -44,13 +44,7 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print, level
     # Memory per connection barely drifts with CPU load; --rounds still
     # repeats every level (median), --duration is ignored (see the docstring:
     # each level runs until all connections are up and RSS has settled).
-    contenders = ["gridgate"]
-    skipped: dict[str, str] = {}
-    if procs.mosquitto_path() is None:
-        skipped["mosquitto"] = "not installed (apt-get install mosquitto); gridgate measured alone"
-        log(f"  mosquitto skipped: {skipped['mosquitto']}")
-    else:
-        contenders.append("mosquitto")
+    contenders, skipped = procs.gridgate_and_mosquitto(log)
     if profile:
         log("  conns: not profiled (idle connections, nothing to sample)")
     results: dict = {"scenario": "conns", "rounds": rounds, "levels": list(levels), "connect_rate": CONNECT_RATE,

@@ -44,13 +44,7 @@ def _target(server: procs.Server) -> tuple[str, int]:
 
 
 def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> dict:
-    contenders = ["gridgate"]
-    skipped: dict[str, str] = {}
-    if procs.mosquitto_path() is None:
-        skipped["mosquitto"] = "not installed (apt-get install mosquitto); gridgate measured alone"
-        log(f"  mosquitto skipped: {skipped['mosquitto']}")
-    else:
-        contenders.append("mosquitto")
+    contenders, skipped = procs.gridgate_and_mosquitto(log)
     results: dict = {"scenario": "mqtt", "duration_s": duration, "rounds": rounds, "devices": DEVICES,
                      "inflight": INFLIGHT, "loadgen_procs": LOADGEN_PROCS, "skipped": skipped,
                      "versions": {"mosquitto": procs.mosquitto_version()} if "mosquitto" in contenders else {},

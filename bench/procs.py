@@ -220,6 +220,15 @@ def mosquitto_path() -> str | None:
     return exe
 
 
+def gridgate_and_mosquitto(log) -> tuple[list[str], dict[str, str]]:
+    """The MQTT contenders of a run, and why one was skipped (mosquitto not installed)."""
+    if mosquitto_path() is None:
+        skipped = {"mosquitto": "not installed (apt-get install mosquitto); gridgate measured alone"}
+        log(f"  mosquitto skipped: {skipped['mosquitto']}")
+        return ["gridgate"], skipped
+    return ["gridgate", "mosquitto"], {}
+
+
 def mosquitto_version() -> str | None:
     exe = mosquitto_path()
     if exe is None:

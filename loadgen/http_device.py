@@ -23,10 +23,7 @@ class HttpDevice(_Device):
     goodbye = b""
 
     def __init__(self, index: int, opts: DeviceOptions, stats: Stats, local_address: str | None) -> None:
-        self.opts = opts
-        self.stats = stats
-        self.local_address = local_address
-        self.client_id = f"{opts.client_prefix}-{index:06d}"
+        self._identity(index, opts, stats, local_address)
         reading = {"device_id": self.client_id, "temperature": 21.5, "battery_mv": 3700, "humidity": 40.0,
                    "location": "loadgen/site-a"}
         obj = reading if opts.batch == 1 else [reading] * opts.batch

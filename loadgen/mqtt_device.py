@@ -56,10 +56,7 @@ def _payload(device_id: str, batch: int, fmt: str) -> bytes:
 
 class _Device:
     def __init__(self, index: int, opts: DeviceOptions, stats: Stats, local_address: str | None) -> None:
-        self.opts = opts
-        self.stats = stats
-        self.local_address = local_address
-        self.client_id = f"{opts.client_prefix}-{index:06d}"
+        self._identity(index, opts, stats, local_address)
         payload = _payload(self.client_id, opts.batch, opts.payload)
         topic = f"devices/{self.client_id}/telemetry"
         if opts.qos:
@@ -82,6 +79,13 @@ class _Device:
     # is a nursery that lives as long as the device, for connections that
     # need helper tasks of their own (the WebSocket client's reader).
     background: trio.Nursery | None = None
+
+    def _identity(self, index: int, opts: DeviceOptions, stats: Stats, local_address: str | None) -> None:
+        """What every kind of device starts from (HttpDevice and WsDevice too)."""
+        self.opts = opts
+        self.stats = stats
+        self.local_address = local_address
+        self.client_id = f"{opts.client_prefix}-{index:06d}"
 
     # -- one connection --------------------------------------------------------
 

@@ -66,10 +66,7 @@ class WsDevice(_Device):
     goodbye = b""
 
     def __init__(self, index: int, opts: DeviceOptions, stats: Stats, local_address: str | None) -> None:
-        self.opts = opts
-        self.stats = stats
-        self.local_address = local_address
-        self.client_id = f"{opts.client_prefix}-{index:06d}"
+        self._identity(index, opts, stats, local_address)
         self.resource = "/v1/ws?device_id=" + quote(self.client_id, safe="")
         host = f"[{opts.host}]" if ":" in opts.host else opts.host
         self.host_header = f"{host}:{opts.port}"

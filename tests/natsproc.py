@@ -143,7 +143,15 @@ class NatsServer:
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"nats-server {self.name} not ready after {timeout:.0f}s ({last})\n"
                                    f"{self.log_tail()}")
-            time.sleep(0.05)   # poll interval while waiting for a child process; bounded by the deadline
+            self._wait_exit(0.05)   # between polls, wake at once if the server dies
+
+    def _wait_exit(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the process to exit (the poll loops' pause)."""
+        try:
+            assert self.proc is not None
+            self.proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            pass
 
     def start(self, timeout: float = 15.0) -> "NatsServer":
         self.spawn()
@@ -251,10 +259,12 @@ class NatsCluster:
                 last = f"meta leaders seen: {sorted(leaders)}"
             except (OSError, RuntimeError, ValueError) as e:
                 last = str(e)
-            if time.monotonic() >= deadline:
+            running = next((n for n in self.nodes if n.running()), None)
+            if time.monotonic() >= deadline or running is None:
                 tails = "\n".join(n.log_tail(15) for n in self.nodes)
-                raise RuntimeError(f"JetStream cluster has no meta leader after {timeout:.0f}s ({last})\n{tails}")
-            time.sleep(0.05)   # bounded poll of the monitoring endpoint
+                why = "every node has exited" if running is None else f"no meta leader after {timeout:.0f}s"
+                raise RuntimeError(f"JetStream cluster: {why} ({last})\n{tails}")
+            running._wait_exit(0.05)   # pause between polls of the monitoring endpoint
 
     def kill(self, name: str) -> NatsServer:
         node = self.node(name)

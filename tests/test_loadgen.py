@@ -63,13 +63,18 @@ def test_histogram_merge_across_processes_is_exact():
     (["--source-ips", "127.0.0.9-127.0.0.2"], "the range ends before it starts"),
 ])
 def test_argument_errors_are_clear(args, message):
+    out = run_with_bad_args("mqtt", args)
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
+def run_with_bad_args(subcommand: str, args: list[str]) -> subprocess.CompletedProcess:
+    """The loadgen with valid defaults, ``args`` (flag, value pairs) overriding them."""
     base = {"--target": "127.0.0.1:1", "--devices": "10", "--duration": "1"}
     for i in range(0, len(args), 2):
         base[args[i]] = args[i + 1]
     argv = [x for kv in base.items() for x in kv]
-    out = subprocess.run(LOADGEN + ["mqtt", *argv], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 2
-    assert message in out.stderr
+    return subprocess.run(LOADGEN + [subcommand, *argv], capture_output=True, text=True, timeout=30)
 
 
 def test_capacity_is_checked_before_connecting():
@@ -334,11 +339,7 @@ def test_ws_devices_against_gridgate_acked_equals_spool(tmp_path, payload):
     (["--target", "127.0.0.1"], "'127.0.0.1' is not HOST:PORT"),
 ])
 def test_ws_argument_errors_are_clear(args, message):
-    base = {"--target": "127.0.0.1:1", "--devices": "10", "--duration": "1"}
-    for i in range(0, len(args), 2):
-        base[args[i]] = args[i + 1]
-    argv = [x for kv in base.items() for x in kv]
-    out = subprocess.run(LOADGEN + ["ws", *argv], capture_output=True, text=True, timeout=30)
+    out = run_with_bad_args("ws", args)
     assert out.returncode == 2
     assert message in out.stderr and "usage: gridgate-loadgen" in out.stderr
 

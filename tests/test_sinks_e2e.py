@@ -74,6 +74,26 @@ def publish_all(gw: GatewayProcess, devices: int, per_device: int, **kw) -> int:
     return trio.run(main)
 
 
+class PacedPublisher:
+    """``publish_all`` on a thread, 100 readings per device then 50 ms, so
+    that a server the test kills goes down mid-stream."""
+
+    def __init__(self, gw: GatewayProcess, devices: int, per_device: int, start: int = 0) -> None:
+        self.acked: int | None = None
+
+        def run() -> None:
+            self.acked = publish_all(gw, devices, per_device, start=start, window=20, pause_every=100, pause_s=0.05)
+
+        self._thread = threading.Thread(target=run)
+        self._thread.start()
+
+    def join(self) -> int | None:
+        """How many readings were PUBACKed (None if the publisher failed)."""
+        self._thread.join(timeout=120)
+        assert not self._thread.is_alive()
+        return self.acked
+
+
 def readyz(gw: GatewayProcess) -> dict:
     try:
         with urllib.request.urlopen(f"http://{gw.http[0]}:{gw.http[1]}/readyz", timeout=5) as resp:
@@ -149,24 +169,18 @@ def test_10000_readings_land_in_influxdb_exactly_once(tmp_path, influx):
 @needs_influxd
 def test_influxdb_outage_loses_nothing_and_duplicates_nothing(tmp_path, influx):
     gw = influx_gateway(tmp_path, influx)
-    result: dict = {}
     try:
-        def publisher():
-            result["acked"] = publish_all(gw, 4, 1500, window=20, pause_every=100, pause_s=0.05)
-
-        t = threading.Thread(target=publisher)
-        t.start()
+        publisher = PacedPublisher(gw, 4, 1500)
         # let some land, then take the sink away while publishing goes on
         poll(lambda: influx_count(influx) > 500, 30, "readings reaching InfluxDB")
         influx.kill()
         poll(lambda: readyz(gw)["sink"]["pending"] > 0, 30, "readings going pending")
         influx.restart()
-        t.join(timeout=120)
-        assert not t.is_alive()
+        acked = publisher.join()
         wait_drained(gw)
     finally:
         assert gw.stop() == 0
-    assert result["acked"] == 6000
+    assert acked == 6000
     assert influx_count(influx) == 6000                # every acknowledged reading, once
 
 
@@ -222,25 +236,18 @@ def test_10000_readings_then_an_outage_land_in_jetstream_exactly_once(tmp_path):
     from natsproc import NatsServer
     server = NatsServer(tmp_path / "nats").start()
     gw = None
-    result: dict = {}
     try:
         gw = nats_gateway(tmp_path, [server.url])
         assert publish_all(gw, 10, 1000) == 10_000      # all up: straight into the stream
         wait_drained(gw)
         assert stream_count([server.url]) == 10_000
 
-        def publisher():
-            result["acked"] = publish_all(gw, 4, 500, start=10_000, window=20, pause_every=100, pause_s=0.05)
-
-        t = threading.Thread(target=publisher)
-        t.start()
+        publisher = PacedPublisher(gw, 4, 500, start=10_000)
         server.kill()
         poll(lambda: readyz(gw)["sink"]["pending"] > 0, 30, "readings going pending")
         server.restart()
-        t.join(timeout=120)
-        assert not t.is_alive()
+        assert publisher.join() == 2000
         wait_drained(gw)
-        assert result["acked"] == 2000
         assert stream_count([server.url]) == 12_000     # Nats-Msg-Id dropped any replayed duplicate
     finally:
         try:
@@ -254,20 +261,13 @@ def test_three_node_jetstream_cluster_survives_a_node_kill(tmp_path):
     from natsproc import NatsCluster
     cluster = NatsCluster(tmp_path / "cluster").start()
     gw = None
-    result: dict = {}
     try:
         gw = nats_gateway(tmp_path, cluster.urls, GRIDGATE_NATS_REPLICAS="3", GRIDGATE_SINK_WRITE_TIMEOUT_S="15")
-        def publisher():
-            result["acked"] = publish_all(gw, 4, 750, window=20, pause_every=100, pause_s=0.05)
-
-        t = threading.Thread(target=publisher)
-        t.start()
+        publisher = PacedPublisher(gw, 4, 750)
         poll(lambda: stream_count(cluster.urls) > 500, 60, "readings reaching the stream")   # mid-stream
         cluster.kill("n1")
-        t.join(timeout=120)
-        assert not t.is_alive()
+        assert publisher.join() == 3000
         wait_drained(gw, timeout=90)
-        assert result["acked"] == 3000
         live = [n.url for n in cluster.nodes if n.running()]
         assert stream_count(live) == 3000               # no acknowledged reading missing, none twice
     finally:

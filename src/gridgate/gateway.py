@@ -97,7 +97,6 @@ class Gateway:
         self.config = config
         self.metrics = metrics
         self.spool = spool
-        self.sink = sink
         self.addresses: dict[str, tuple[str, int]] = {}
         _, fd_limit = raise_open_file_limit()
         self.max_connections = effective_max_connections(config.connections.max_connections, fd_limit)

@@ -33,8 +33,9 @@ __all__ = ["Spool", "SpoolSink", "SPOOL_FILE"]
 SPOOL_FILE = "spool.sqlite3"
 SCHEMA_VERSION = 2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
+# records (the spool sink's own) and pending (bound for an external sink)
+# hold the same rows.
+_RECORD_COLUMNS = """
     id INTEGER PRIMARY KEY,
     device_id TEXT NOT NULL,
     ts_ns INTEGER NOT NULL,
@@ -42,7 +43,10 @@ CREATE TABLE IF NOT EXISTS records (
     protocol TEXT NOT NULL,
     fields TEXT NOT NULL,
     tags TEXT NOT NULL
-);
+"""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records ({record_columns});
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY,
     received_ns INTEGER NOT NULL,
@@ -60,16 +64,8 @@ CREATE TABLE IF NOT EXISTS counters (
     rejected INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counters (id, records, rejected) VALUES (1, 0, 0);
-CREATE TABLE IF NOT EXISTS pending (
-    id INTEGER PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    ts_ns INTEGER NOT NULL,
-    received_ns INTEGER NOT NULL,
-    protocol TEXT NOT NULL,
-    fields TEXT NOT NULL,
-    tags TEXT NOT NULL
-);
-"""
+CREATE TABLE IF NOT EXISTS pending ({record_columns});
+""".format(record_columns=_RECORD_COLUMNS)
 
 _encode = msgspec.json.Encoder().encode
 _decode_fields = msgspec.json.Decoder(dict[str, int | float]).decode
