@@ -40,8 +40,8 @@ class Session:
 
     __slots__ = (
         "id", "protocol", "remote", "device_id", "connected_at", "last_seen", "paused",
-        "keepalive_timeout", "cancel_scope", "read_scope", "close_reason", "connected_wall", "_heap_due",
-        "send_command", "__weakref__",
+        "keepalive_timeout", "cancel_scope", "_read_scope", "drain_deadline", "close_reason", "connected_wall",
+        "_heap_due", "send_command", "__weakref__",
     )
 
     def __init__(self, protocol: str, remote: str, cancel_scope: trio.CancelScope) -> None:
@@ -57,8 +57,11 @@ class Session:
         self.paused = False
         self.keepalive_timeout: float = 0.0      # 0 = none (MQTT keepalive 0)
         self.cancel_scope = cancel_scope
-        # Cancelled on graceful shutdown: stop reading, still send owed acks.
-        self.read_scope = trio.CancelScope()
+        # Graceful shutdown (stop_reading): made on first use, because an
+        # entered cancel scope costs ~0.5 KiB per idle connection.
+        self._read_scope: trio.CancelScope | None = None
+        # Set by stop_reading: owed acks may still go out until then.
+        self.drain_deadline: float | None = None
         self.connected_wall = time.time()
         self.close_reason: str | None = None
         self._heap_due: float | None = None
@@ -66,6 +69,27 @@ class Session:
         # (gridgate.downlink): takes a Command, returns False when the
         # connection's command queue is full. None: no downlink here.
         self.send_command: Callable[[Command], bool] | None = None
+
+    @property
+    def read_scope(self) -> trio.CancelScope:
+        """A handler that reads inside this scope is stopped by ``stop_reading``
+        by cancelling just it, and can then still send what it owes."""
+        if self._read_scope is None:
+            self._read_scope = trio.CancelScope()
+        return self._read_scope
+
+    def stop_reading(self, deadline: float) -> None:
+        """Graceful shutdown: stop reading this connection; owed acks may
+        still be delivered until ``deadline``. A handler not inside
+        ``read_scope`` (the MQTT session) gets its whole scope cancelled and
+        sees ``drain_deadline`` set when it catches the Cancelled."""
+        self.drain_deadline = deadline
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+        else:
+            if self.close_reason is None:
+                self.close_reason = "gateway shutting down"
+            self.cancel_scope.cancel()
 
     def close(self, reason: str) -> None:
         if self.close_reason is None:

@@ -13,7 +13,7 @@ import errno
 import logging
 import resource
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import trio
@@ -44,6 +44,13 @@ _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBU
 
 # How long a graceful stop waits for queued batches and owed acks.
 DRAIN_TIMEOUT_S = 10.0
+
+# A protocol handler: serves one connection until it ends.
+ServeFn = Callable[[trio.abc.Stream, "Gateway", Session], Awaitable[None]]
+
+
+def _serve_mqtt(stream: trio.abc.Stream, gateway: "Gateway", session: Session) -> Coroutine[Any, Any, None]:
+    return MQTTConnection(stream, gateway, session).run()     # no wrapping frame (see Gateway.handle_mqtt)
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -134,6 +141,12 @@ class Gateway:
 
     # -- sink composition ---------------------------------------------------
 
+    @property
+    def connection_nursery(self) -> trio.Nursery:
+        """Where connection handlers and their side tasks (``SideTasks``) run."""
+        assert self._conn_nursery is not None, "the gateway is not serving"
+        return self._conn_nursery
+
     async def _write(self, records: list[Record], dead: list[tuple[str, int, Rejection]]) -> None:
         if self.forwarder is None:
             await self.spool.write_batch(records, dead)
@@ -183,7 +196,7 @@ class Gateway:
             await listener.aclose()
         with trio.move_on_after(DRAIN_TIMEOUT_S) as drain:
             for session in self.conns:
-                session.read_scope.cancel()
+                session.stop_reading(drain.deadline)
             # Sessions finish once their owed acks are out; then the queue is
             # closed and the batcher writes the rest.
             await self.conns.wait_empty()
@@ -226,6 +239,8 @@ class Gateway:
         conn_nursery = self._conn_nursery
         scope = trio.CancelScope()
         self._accept_scopes.append(scope)
+        # one name for all: trio would otherwise format a new string per task
+        task_name = f"gridgate.{name}-connection"
         with scope:
             while True:
                 try:
@@ -247,16 +262,21 @@ class Gateway:
                     failing = False
                     backoff = 0.01
                     log.warning("%s accept recovered", name)
-                conn_nursery.start_soon(handler, stream)
+                conn_nursery.start_soon(handler, stream, name=task_name)
 
     # -- per-connection wrapper ---------------------------------------------------
 
-    async def handle_mqtt(self, stream: trio.abc.Stream) -> None:
-        """Serve one MQTT connection on any Trio stream (TCP, WebSocket, in-memory)."""
+    def handle_mqtt(self, stream: trio.abc.Stream) -> Coroutine[Any, Any, None]:
+        """Serve one MQTT connection on any Trio stream (TCP, WebSocket,
+        in-memory): ``await`` it or ``start_soon`` it.
+
+        A plain function returning the coroutine to run, not an ``async def``
+        wrapping it: that would be one more frame on the stack of every idle
+        device connection.
+        """
         if self.conns.full():
-            await self._refuse(stream, "mqtt", b"\x20\x02\x00" + bytes([CONNACK_SERVER_UNAVAILABLE]))
-            return
-        await self._serve_connection(stream, "mqtt", lambda s: MQTTConnection(stream, self, s).run())
+            return self._refuse(stream, "mqtt", b"\x20\x02\x00" + bytes([CONNACK_SERVER_UNAVAILABLE]))
+        return self._serve_connection(stream, "mqtt", _serve_mqtt)
 
     async def handle_http(self, stream: trio.abc.Stream) -> None:
         """Serve one HTTP/1.1 connection (keep-alive, pipelining) on any Trio stream."""
@@ -267,7 +287,7 @@ class Gateway:
                                + str(len(body)).encode() + b"\r\n\r\n" + body)
             return
         serve = serve_fast_http if self.config.http.engine == "fast" else serve_std_http
-        await self._serve_connection(stream, "http", lambda s: serve(stream, self, s))
+        await self._serve_connection(stream, "http", serve)
 
     async def handle_ws(self, stream: trio.abc.Stream) -> None:
         """Serve one WebSocket connection (/v1/ws or MQTT on /mqtt) on any Trio stream."""
@@ -275,7 +295,7 @@ class Gateway:
             await self._refuse(stream, "ws", b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n"
                                b"connection: close\r\ncontent-length: 0\r\n\r\n")
             return
-        await self._serve_connection(stream, "ws", lambda s: serve_websocket_connection(stream, self, s))
+        await self._serve_connection(stream, "ws", serve_websocket_connection)
 
     def not_ready_reasons(self) -> list[str]:
         """Why /readyz is 503; empty when listeners are up and the sink takes writes."""
@@ -296,15 +316,14 @@ class Gateway:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_connection(self, stream: trio.abc.Stream, protocol: str,
-                                run: Callable[[Session], Awaitable[None]]) -> None:
+    async def _serve_connection(self, stream: trio.abc.Stream, protocol: str, serve: ServeFn) -> None:
         remote = _peer(stream)
         scope = trio.CancelScope()
         session = Session(protocol, remote, scope)
         self.conns.register(session)
         try:
             with scope:
-                await run(session)
+                await serve(stream, self, session)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             session.close_reason = session.close_reason or "connection lost"
         except* Exception as group:
@@ -346,7 +365,9 @@ def _peer(stream: trio.abc.Stream) -> str:
         return "?"
 
 
-def _fmt_addr(addr: Sequence[Any]) -> str:
+def _fmt_addr(addr: Any) -> str:
+    if isinstance(addr, (str, bytes)):       # AF_UNIX (an embedder's socket pair: "")
+        return f"unix:{addr!r}" if addr else "unix"
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

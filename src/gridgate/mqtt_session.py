@@ -1,17 +1,16 @@
 """The MQTT 3.1.1 session: a thin Trio shell around the sans-IO codec.
 
-Per read: one ``receive_some`` of up to ``receive_bytes``, one ``codec.feed``
-call that decodes every complete packet, one validator call per PUBLISH, one
-WorkItem into the pipeline, one ``send_all`` for the immediate answers
-(CONNACK, SUBACK, PINGRESP, PUBCOMP). PUBACK/PUBREC go out once the batch
-holding the reading is durable: the batcher appends them to this
-connection's outgoing buffer and a writer task (started on the first such
-ack, so idle connections have no second task) sends each buffer's contents
-in one ``send_all``.
+Per read: one read of up to ``receive_bytes``, one ``codec.feed`` call that
+decodes every complete packet, one validator call per PUBLISH, one WorkItem
+into the pipeline, one write for the immediate answers (CONNACK, SUBACK,
+PINGRESP, PUBCOMP). PUBACK/PUBREC go out once the batch holding the reading
+is durable: the batcher writes them to the socket itself (see ``_write``);
+only what the socket does not take waits for a writer task, started then.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from typing import TYPE_CHECKING
@@ -29,6 +28,7 @@ from gridgate.mqtt_events import (
 )
 from gridgate.pipeline import WorkItem
 from gridgate.records import DEVICE_ID_PATTERN, Rejection
+from gridgate.side_tasks import SideTasks
 
 if TYPE_CHECKING:
     from gridgate.connmanager import Session
@@ -53,9 +53,27 @@ _JSON_FIRST = frozenset(b'{["-0123456789tfn \t\r\n')
 
 _mqtt = hotpath.mqtt
 
+# Reads in a row that found data before the session yields to others anyway.
+_READS_PER_YIELD = 4
+
+# How long a closing connection waits for the socket to take its last bytes.
+FLUSH_TIMEOUT_S = 5.0
+
 
 class MQTTConnection:
-    """One MQTT client connection (TCP, later WebSocket: any Trio Stream)."""
+    """One MQTT client connection (TCP, or WebSocket: any Trio Stream).
+
+    An idle connection is one task and a few small objects: the task's
+    nursery, the graceful-shutdown scope, the writer task and its events are
+    all made on first use (see ``SideTasks``), because at 15,000 idle
+    devices every eagerly made object costs megabytes.
+    """
+
+    __slots__ = (
+        "stream", "gw", "session", "protocol", "codec", "ack_durable", "client_id", "telemetry_topic",
+        "subscribed_qos", "qos2_unreleased", "downlink", "protocol_error", "_next_ns", "outbuf", "pending",
+        "closed", "_fd", "_side", "_writer_started", "_writer_busy", "_out_ready", "_drained", "_idle",
+    )
 
     def __init__(self, stream: trio.abc.Stream, gateway: "Gateway", session: "Session",
                  protocol: str = "mqtt") -> None:
@@ -63,86 +81,121 @@ class MQTTConnection:
         self.gw = gateway
         self.session = session
         self.protocol = protocol
-        cfg = gateway.config.mqtt
-        self.codec = _mqtt.MQTTCodec(cfg.max_packet_bytes)
-        self.receive_bytes = cfg.receive_bytes
-        self.max_outgoing = cfg.max_outgoing_bytes
+        self.codec = _mqtt.MQTTCodec(gateway.config.mqtt.max_packet_bytes)
         self.ack_durable = gateway.config.pipeline.ack == "durable"
         self.client_id: str | None = None
         self.telemetry_topic = ""
-        self.command_topic = ""
         self.subscribed_qos: int | None = None
-        # QoS 2 packet ids received (PUBREC owed or sent) and not yet released.
-        self.qos2_unreleased: set[int] = set()
-        # Downlink commands (gridgate.downlink), set up once CONNECT names the device.
+        # QoS 2 packet ids received (PUBREC owed or sent) and not yet released;
+        # made by the first QoS 2 publish.
+        self.qos2_unreleased: set[int] | None = None
+        # Downlink commands (gridgate.downlink), set up by the first command.
         self.downlink: DownlinkChannel | None = None
         # The error that closed the connection, for a transport that reports
         # it (MQTT over WebSocket picks its close code from it).
         self.protocol_error: MQTTProtocolError | None = None
         self._next_ns = 0                   # receive times handed out stay increasing (see _handle)
-        self.outbuf = bytearray()
+        self.outbuf = bytearray()           # bytes the socket has not taken yet
         self.pending = 0                    # items submitted, not yet durable
-        self.send_lock = trio.Lock()
-        self.writer_started = False
         self.closed = False
-        self._nursery: trio.Nursery | None = None
-        self._out_ready = trio.Event()
-        self._drained = trio.Event()
-        self._idle = trio.Event()
+        # The socket's fd when the stream is a plain TCP socket: answers and
+        # acks are written to it directly (see _write); -1 otherwise.
+        self._fd = -1
+        if isinstance(stream, trio.SocketStream):
+            self._fd = stream.socket.fileno()
+        self._side: SideTasks | None = None
+        self._writer_started = False
+        self._writer_busy = False           # the writer task is inside send_all
+        self._out_ready: trio.Event | None = None
+        self._drained: trio.Event | None = None
+        self._idle: trio.Event | None = None
+
+    @property
+    def command_topic(self) -> str:
+        return f"devices/{self.client_id}/commands"
 
     # -- lifecycle ----------------------------------------------------------
 
     async def run(self) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await self._read_loop()
-                # Reading stopped for a graceful shutdown: deliver the acks
-                # still owed before closing (the gateway bounds this wait).
-                # A client that closed or broke the protocol gets none.
-                while self.session.read_scope.cancelled_caught and (self.pending or self.outbuf):
-                    self._idle = trio.Event()
-                    if not self.writer_started and not self.pending:
-                        break
-                    await self._idle.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            self.closed = True
-
-    async def _read_loop(self) -> None:
+        # One coroutine frame for the whole read loop: each frame on an idle
+        # connection's stack is a few hundred bytes of RSS at 15k connections.
         session = self.session
-        receive_some = self.stream.receive_some
-        feed = self.codec.feed
-        size = self.receive_bytes
-        with session.read_scope:
+        codec = self.codec
+        size = self.gw.config.mqtt.receive_bytes
+        max_outgoing = self.gw.config.mqtt.max_outgoing_bytes
+        fd = self._fd
+        receive_some = None if fd >= 0 else self.stream.receive_some
+        unyielded = 0
+        try:
             while True:
-                if len(self.outbuf) > self.max_outgoing:
+                if len(self.outbuf) > max_outgoing:
                     # The client does not read its acks: stop reading it.
                     session.paused = True
                     self._drained = trio.Event()
                     await self._drained.wait()
                     session.paused = False
-                data = await receive_some(size)
+                if receive_some is None:
+                    # Straight to the socket: SocketStream.receive_some and
+                    # the trio socket's helpers would add four frames to every
+                    # idle connection's stack and a context manager per read.
+                    try:
+                        data = os.read(fd, size)
+                    except BlockingIOError:
+                        data = None      # wait outside the handler: it would keep the exception alive
+                    except OSError as exc:       # reset by the peer
+                        session.close_reason = session.close_reason or f"connection lost: {exc.strerror}"
+                        break
+                    if data is None:
+                        await trio.lowlevel.wait_readable(fd)
+                        unyielded = 0
+                        continue
+                    # Trio's recv yields after every read that did not wait;
+                    # here the next read nearly always waits (and yields), so
+                    # only a client that keeps the socket full forces a yield,
+                    # every few reads: fairness and cancellation at half the
+                    # scheduler round trips.
+                    unyielded += 1
+                    if unyielded >= _READS_PER_YIELD:
+                        unyielded = 0
+                        await trio.lowlevel.checkpoint()
+                else:
+                    data = await receive_some(size)
                 if not data:
                     session.close_reason = session.close_reason or "client closed"
-                    return
+                    break
                 session.last_seen = trio.current_time()
                 try:
-                    events = feed(data)
+                    events = codec.feed(data)
                 except MQTTProtocolError as exc:
-                    await self._protocol_error(exc)
-                    return
+                    self._protocol_error(exc)
+                    break
+                data = None
                 if not await self._handle(events):
-                    return
+                    break
+                events = None
+            await self._flush()
+        except trio.Cancelled:
+            deadline = session.drain_deadline
+            if deadline is not None:
+                # Graceful shutdown stopped the reading: deliver the acks
+                # still owed, until the gateway's drain deadline. A client
+                # that closed or broke the protocol gets none.
+                with trio.CancelScope(deadline=deadline, shield=True):
+                    await self._wait_idle()
+            raise
+        finally:
+            self.closed = True
+            if self._side is not None:
+                self._side.cancel()
 
-    async def _protocol_error(self, exc: MQTTProtocolError) -> None:
+    def _protocol_error(self, exc: MQTTProtocolError) -> None:
         self.protocol_error = exc
         self.gw.metrics.protocol_errors.labels(self.protocol, exc.reason).inc()
         log.warning("closing MQTT connection from %s (%s): %s", self.session.remote,
                     self.client_id or "before CONNECT", exc)
         self.session.close_reason = f"protocol error: {exc.reason}"
         if exc.return_code is not None and not self.codec.connected:
-            await self._send_now(_mqtt.encode_connack(False, exc.return_code))
+            self._write(_mqtt.encode_connack(False, exc.return_code))
 
     # -- events -------------------------------------------------------------
 
@@ -168,6 +221,8 @@ class MQTTConnection:
                 qos = ev.qos
                 if qos == 2:
                     pid = ev.packet_id
+                    if self.qos2_unreleased is None:
+                        self.qos2_unreleased = set()
                     if pid in self.qos2_unreleased:
                         # A redelivery of a reading we already hold: store it
                         # once, answer PUBREC again (MQTT 4.3.3, method B).
@@ -194,7 +249,8 @@ class MQTTConnection:
                 elif qos == 2:
                     durable_pubrecs.append(ev.packet_id)
             elif type(ev) is PubRel:
-                self.qos2_unreleased.discard(ev.packet_id)
+                if self.qos2_unreleased is not None:
+                    self.qos2_unreleased.discard(ev.packet_id)
                 out.append(_mqtt.encode_pubcomp(ev.packet_id))
             elif type(ev) is PingReq:
                 out.append(_mqtt.encode_pingresp())
@@ -205,7 +261,8 @@ class MQTTConnection:
                     keep_open = False
                     break
             elif type(ev) is Subscribe:
-                codes = [min(qos, 1) if topic == self.command_topic else 0x80 for topic, qos in ev.topics]
+                command_topic = self.command_topic
+                codes = [min(qos, 1) if topic == command_topic else 0x80 for topic, qos in ev.topics]
                 if codes and any(c != 0x80 for c in codes):
                     self.subscribed_qos = max(c for c in codes if c != 0x80)
                     if self.downlink is not None:
@@ -237,7 +294,7 @@ class MQTTConnection:
             out.append(acks)
             acks = b""
         if out:
-            await self._send_now(b"".join(out) if len(out) > 1 else out[0])
+            self._write(b"".join(out) if len(out) > 1 else out[0])
         if records or rejections or acks:
             item = WorkItem(records, rejections, self.protocol, received_ns or time.time_ns(),
                             self._make_on_durable(acks) if acks else None)
@@ -266,7 +323,6 @@ class MQTTConnection:
             return _mqtt.encode_connack(False, CONNACK_IDENTIFIER_REJECTED)
         self.client_id = client_id
         self.telemetry_topic = f"devices/{client_id}/telemetry"
-        self.command_topic = f"devices/{client_id}/commands"
         conns = self.gw.conns
         conns.bind_device(self.session, client_id)
         if ev.keepalive:
@@ -281,56 +337,96 @@ class MQTTConnection:
 
     def _offer_command(self, command: Command) -> bool:
         if self.downlink is None:
-            assert self._nursery is not None
             outbox = CommandOutbox(self.protocol, self.gw.config.downlink, self.gw.metrics, redeliver=True,
                                    packet_ids=True)
             if self.subscribed_qos is not None:
                 outbox.set_ready(True, tracked=self.subscribed_qos >= 1)
-            self.downlink = open_channel(self.session, outbox, self._send_commands, self._nursery, None)
+            self.downlink = open_channel(self.session, outbox, self._send_commands, self._side_tasks(), None)
         return self.downlink.offer(command)
+
+    def _side_tasks(self) -> SideTasks:
+        if self._side is None:
+            nursery = self.gw.connection_nursery
+            self._side = SideTasks(nursery, self.session)
+            if self.closed:
+                self._side.cancel()
+        return self._side
 
     # -- output ---------------------------------------------------------------
 
-    async def _send_now(self, data: bytes) -> None:
-        async with self.send_lock:
-            await self.stream.send_all(data)
+    def _write(self, data: bytes) -> None:
+        """Send bytes to the client in order, from any task, without waiting.
+
+        On a TCP socket they are written at once when nothing is queued ahead
+        of them and the socket takes them (nearly always): no writer task,
+        no scheduler round trip between a durable batch and its PUBACKs.
+        What the socket does not take waits in ``outbuf`` for the writer
+        task, and the reader stops reading while that grows past
+        ``max_outgoing_bytes``.
+        """
+        if self.closed:
+            return
+        if self._fd >= 0 and not self.outbuf and not self._writer_busy:
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:       # reset or EPIPE: the reader sees the close too
+                self.session.close(f"connection lost: {exc.strerror}")
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.outbuf += data
+        if not self._writer_started:
+            self._writer_started = True
+            self._side_tasks().start_soon(self._writer)
+        elif self._out_ready is not None:
+            self._out_ready.set()
 
     async def _send_commands(self, sends: list[Send]) -> None:
         topic = self.command_topic
         frames = [_mqtt.encode_publish(topic, encode_command(s.command), 1 if s.tracked else 0,
                                        s.key if s.tracked else 0, False, s.dup)
                   for s in sends]
-        try:
-            await self._send_now(b"".join(frames))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.session.close("peer stopped reading")
+        self._write(b"".join(frames))
 
     def _make_on_durable(self, acks: bytes):
         def on_durable() -> None:
             self.pending -= 1
-            if self.closed:
-                return
-            self.outbuf += acks
-            if not self.writer_started:
-                self.writer_started = True
-                assert self._nursery is not None
-                self._nursery.start_soon(self._writer)
-            else:
-                self._out_ready.set()
+            self._write(acks)
+            if not self.pending and self._idle is not None:
+                self._idle.set()
         return on_durable
 
     async def _writer(self) -> None:
-        try:
-            while True:
-                while not self.outbuf:
-                    if not self.pending:
-                        self._idle.set()
-                    self._out_ready = trio.Event()
-                    await self._out_ready.wait()
-                data = bytes(self.outbuf)
-                self.outbuf.clear()
-                async with self.send_lock:
-                    await self.stream.send_all(data)
+        send_all = self.stream.send_all
+        while True:
+            while not self.outbuf:
+                self._out_ready = trio.Event()
+                await self._out_ready.wait()
+            data = bytes(self.outbuf)
+            self.outbuf.clear()
+            self._writer_busy = True
+            try:
+                await send_all(data)
+            finally:
+                self._writer_busy = False
+            if self._drained is not None:
                 self._drained.set()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.session.close("peer stopped reading")
+            if self._idle is not None:
+                self._idle.set()
+
+    async def _flush(self) -> None:
+        """Wait (bounded) until the writer has sent what is queued: a refusing
+        CONNACK, the last acks."""
+        with trio.move_on_after(FLUSH_TIMEOUT_S):
+            while self.outbuf or self._writer_busy:
+                self._drained = trio.Event()
+                await self._drained.wait()
+
+    async def _wait_idle(self) -> None:
+        """Until every submitted reading is acked and the acks are sent."""
+        while self.pending or self.outbuf or self._writer_busy:
+            self._idle = trio.Event()
+            await self._idle.wait()

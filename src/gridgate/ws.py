@@ -219,7 +219,8 @@ async def _run_mqtt(ws: WebSocketConnection, gateway: "Gateway", session: "Sessi
     async with trio.open_nursery() as nursery:
         if gateway.config.websocket.ping_interval_s > 0:
             nursery.start_soon(_pinger, ws, gateway.config.websocket.ping_interval_s)
-        await conn.run()
+        with session.read_scope:         # graceful shutdown: stop reading, send owed acks, close 1001
+            await conn.run()
         nursery.cancel_scope.cancel()
     if stream.close_code is not None:
         gateway.metrics.protocol_errors.labels("mqtt-ws", "text_message").inc()
