@@ -108,6 +108,8 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Bound of the channel between sessions and the batcher, in work items
     # (one item = what one socket read produced). A full channel stops readers.
     queue_max_items: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+    # ... and of the readings those items carry (QoS 0 reads are big).
+    queue_max_records: Annotated[int, Meta(ge=1, le=10_000_000)] = 20_000
 
 
 class PayloadConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

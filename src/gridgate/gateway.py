@@ -132,6 +132,7 @@ class Gateway:
             batch_max_records=config.pipeline.batch_max_records,
             batch_max_delay_s=config.pipeline.batch_max_delay_ms / 1000.0,
             queue_max_items=config.pipeline.queue_max_items,
+            queue_max_records=config.pipeline.queue_max_records,
             metrics=metrics,
         )
         self._stop = trio.Event()

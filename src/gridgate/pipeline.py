@@ -54,12 +54,18 @@ class WorkItem:
 
 class Pipeline:
     def __init__(self, write: WriteFn, *, batch_max_records: int, batch_max_delay_s: float,
-                 queue_max_items: int, metrics: "Metrics") -> None:
+                 queue_max_items: int, metrics: "Metrics", queue_max_records: int = 20_000) -> None:
         self._write = write
         self.batch_max_records = batch_max_records
         self.batch_max_delay_s = batch_max_delay_s
         self.metrics = metrics
         self._send, self._recv = trio.open_memory_channel[WorkItem](queue_max_items)
+        # The channel bounds items (reads); this bounds the readings they hold,
+        # since one 64 KiB read of QoS 0 publishes can carry ~1,000 of them.
+        # An item is always let into an empty queue, however big.
+        self.queue_max_records = queue_max_records
+        self._queued_records = 0
+        self._room = trio.Event()
         # Items taken from the channel but not yet durable: on a hard stop the
         # gateway writes these (and whatever is still queued) before closing.
         self._current: list[WorkItem] = []
@@ -72,17 +78,40 @@ class Pipeline:
 
     # -- producer side ------------------------------------------------------
 
+    def _has_room(self, size: int) -> bool:
+        queued = self._queued_records
+        return not queued or queued + size <= self.queue_max_records
+
     def try_submit(self, item: WorkItem) -> bool:
-        """Queue without waiting; False when the channel is full."""
+        """Queue without waiting; False when the queue is full (items or readings)."""
+        size = item.size
+        if not self._has_room(size):
+            return False
         try:
             self._send.send_nowait(item)
         except trio.WouldBlock:
             return False
+        self._queued_records += size
         return True
 
     async def submit(self, item: WorkItem) -> None:
-        """Queue, waiting while the channel is full (backpressure)."""
-        await self._send.send(item)
+        """Queue, waiting while the queue is full (backpressure)."""
+        size = item.size
+        while not self._has_room(size):
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+        self._queued_records += size        # before the send: no other submitter may pass meanwhile
+        try:
+            await self._send.send(item)
+        except BaseException:
+            self._queued_records -= size
+            self._room.set()
+            raise
+
+    def _taken(self, size: int) -> None:
+        self._queued_records -= size
+        self._room.set()
 
     def queued(self) -> int:
         return self._recv.statistics().current_buffer_used
@@ -140,6 +169,7 @@ class Pipeline:
                                 break
                             items.append(item)
                             size += item.size
+                self._taken(size)
                 await self._flush(items)
                 self._last_flush_end = trio.current_time()
         finally:

@@ -1,0 +1,54 @@
+"""The session->batcher queue is bounded in items and in the readings they
+carry: a reader stops (try_submit False, submit waits) once the queued
+readings would pass queue_max_records, and an empty queue takes any item."""
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from gridgate.metrics import Metrics
+from gridgate.pipeline import Pipeline, WorkItem
+from gridgate.records import Record
+
+
+def item(n: int) -> WorkItem:
+    records = [Record(device_id="meter-1", ts_ns=i, received_ns=i, protocol="mqtt", fields={"x": i}, tags={})
+               for i in range(n)]
+    return WorkItem(records, [], "mqtt", 0)
+
+
+def test_queued_readings_are_bounded_and_an_empty_queue_takes_a_big_item():
+    written: list[int] = []
+    gate = trio.Event()
+
+    async def write(records, dead):
+        await gate.wait()
+        written.append(len(records))
+
+    async def main():
+        pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=100,
+                            queue_max_records=10, metrics=Metrics())
+        # nothing queued: even an item over the bound goes in
+        assert pipeline.try_submit(item(25))
+        assert not pipeline.try_submit(item(1))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipeline.run)
+            await trio.testing.wait_all_tasks_blocked()      # the batcher took the 25 and is writing them
+            assert pipeline.try_submit(item(6))
+            assert not pipeline.try_submit(item(6))          # 12 > 10
+            submitted = trio.Event()
+
+            async def submit_blocked():
+                await pipeline.submit(item(6))
+                submitted.set()
+
+            nursery.start_soon(submit_blocked)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not submitted.is_set()                    # held back: the reader waits
+            gate.set()                                       # writes finish, the batcher takes the 6
+            await submitted.wait()
+            await pipeline.close_input()
+            await pipeline.wait_finished()
+        assert sum(written) == 25 + 6 + 6
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
