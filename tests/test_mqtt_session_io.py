@@ -129,3 +129,38 @@ def test_graceful_stop_delivers_owed_acks_then_closes(tmp_path, pair):
         assert sum(len(b) for b in sink.batches) == 1
 
     trio.run(main)
+
+
+def test_a_failing_side_task_closes_only_its_own_connection(caplog):
+    from gridgate.connmanager import Session
+    from gridgate.side_tasks import SideTasks
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            scopes = [trio.CancelScope(), trio.CancelScope()]
+            sessions = [Session("mqtt", f"peer-{i}", scope) for i, scope in enumerate(scopes)]
+            sides = [SideTasks(nursery, session) for session in sessions]
+
+            async def boom():
+                raise RuntimeError("bug in a helper")
+
+            async def broken():
+                raise trio.BrokenResourceError
+
+            sides[0].start_soon(boom)
+            sides[1].start_soon(trio.sleep_forever)
+            await trio.testing.wait_all_tasks_blocked()
+            assert scopes[0].cancel_called and sessions[0].close_reason == "internal error"
+            assert not scopes[1].cancel_called and len(nursery.child_tasks) == 1
+            sides[1].start_soon(broken)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sessions[1].close_reason == "peer stopped reading"
+            sides[1].cancel()                        # the connection ended: its helpers end too
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(nursery.child_tasks) == 0
+            sides[1].start_soon(trio.sleep_forever)  # started after the end: cancelled at once
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(nursery.child_tasks) == 0
+
+    trio.run(main)
+    assert "bug in a helper" in caplog.text
