@@ -11,6 +11,7 @@ nothing here waits on wall time.
 from __future__ import annotations
 
 import socket
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -30,6 +31,17 @@ def socket_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
 PAIRS = {"socket": socket_pair, "memory": trio.testing.memory_stream_pair}
 
 
+@asynccontextmanager
+async def serving(config, sink, timeout: float):
+    """A gateway, and a nursery for its connection handlers; graceful stop at the end."""
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as gateway_nursery:
+            gateway = await gateway_nursery.start(gridgate.serve, config, sink)
+            async with trio.open_nursery() as nursery:
+                yield gateway, nursery
+            gateway.stop()
+
+
 async def connect(gateway, nursery, pair: str, client_id: str):
     client, server = PAIRS[pair]()
     nursery.start_soon(gateway.handle_mqtt, server)
@@ -41,27 +53,23 @@ async def connect(gateway, nursery, pair: str, client_id: str):
 @pytest.mark.parametrize("pair", PAIRS)
 def test_an_idle_connection_is_one_task_without_a_nursery(tmp_path, pair):
     async def main():
-        with trio.fail_after(20):
-            async with trio.open_nursery() as gateway_nursery:
-                gateway = await gateway_nursery.start(gridgate.serve, make_config(tmp_path), MemorySink())
-                async with trio.open_nursery() as nursery:
-                    clients = [await connect(gateway, nursery, pair, f"meter-{i}") for i in range(20)]
-                    # a reading and its ack: the ack goes out without a second task
-                    await clients[0][0].send_all(gen_publish("telemetry", qos=1, mid=7, payload=b'{"x": 1}'))
-                    assert await read_exactly(clients[0][0], 4) == gen_puback(7)
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert len(gateway.conns) == 20
-                    handlers = nursery.child_tasks
-                    assert len(handlers) == 20
-                    assert all(not task.child_nurseries for task in handlers)
-                    side_tasks = len(gateway.connection_nursery.child_tasks)
-                    # the socket takes CONNACKs and acks at once; an in-memory
-                    # stream has no socket, so each connection's answers go
-                    # through one writer task (as under WebSocket)
-                    assert side_tasks == (0 if pair == "socket" else 20)
-                    for client, _ in clients:
-                        await client.aclose()
-                gateway.stop()
+        async with serving(make_config(tmp_path), MemorySink(), 20) as (gateway, nursery):
+            clients = [await connect(gateway, nursery, pair, f"meter-{i}") for i in range(20)]
+            # a reading and its ack: the ack goes out without a second task
+            await clients[0][0].send_all(gen_publish("telemetry", qos=1, mid=7, payload=b'{"x": 1}'))
+            assert await read_exactly(clients[0][0], 4) == gen_puback(7)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(gateway.conns) == 20
+            handlers = nursery.child_tasks
+            assert len(handlers) == 20
+            assert all(not task.child_nurseries for task in handlers)
+            side_tasks = len(gateway.connection_nursery.child_tasks)
+            # the socket takes CONNACKs and acks at once; an in-memory
+            # stream has no socket, so each connection's answers go
+            # through one writer task (as under WebSocket)
+            assert side_tasks == (0 if pair == "socket" else 20)
+            for client, _ in clients:
+                await client.aclose()
 
     trio.run(main)
 
@@ -74,32 +82,28 @@ def test_acks_wait_for_a_client_that_stops_reading_and_all_arrive_in_order(tmp_p
     sink = MemorySink()
 
     async def main():
-        with trio.fail_after(30):
-            async with trio.open_nursery() as gateway_nursery:
-                gateway = await gateway_nursery.start(gridgate.serve, config, sink)
-                async with trio.open_nursery() as nursery:
-                    client, server = socket_pair()
-                    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)   # the kernel's minimum
-                    nursery.start_soon(gateway.handle_mqtt, server)
-                    await client.send_all(gen_connect("meter-slow"))
-                    assert await read_exactly(client, 4) == gen_connack(0)
-                    (session,) = list(gateway.conns)
-                    # Publish until the server stops reading us. Each send
-                    # returns once the kernel has the bytes; the server pauses
-                    # at its next read once our unread acks pass 1 KiB.
-                    sent = 0
-                    while not session.paused:
-                        sent += 1
-                        assert sent <= 60_000, "the reader was never paused"
-                        await client.send_all(gen_publish("telemetry", qos=1, mid=sent, payload=b'{"x": %d}' % sent))
-                    # held back by its own unread acks: a writer task waits on the socket
-                    assert len(gateway.connection_nursery.child_tasks) == 1
-                    acks = await read_exactly(client, 4 * sent)
-                    assert acks == b"".join(gen_puback(mid) for mid in range(1, sent + 1))
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert not session.paused
-                    await client.aclose()
-                gateway.stop()
+        async with serving(config, sink, 30) as (gateway, nursery):
+            client, server = socket_pair()
+            server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)   # the kernel's minimum
+            nursery.start_soon(gateway.handle_mqtt, server)
+            await client.send_all(gen_connect("meter-slow"))
+            assert await read_exactly(client, 4) == gen_connack(0)
+            (session,) = list(gateway.conns)
+            # Publish until the server stops reading us. Each send
+            # returns once the kernel has the bytes; the server pauses
+            # at its next read once our unread acks pass 1 KiB.
+            sent = 0
+            while not session.paused:
+                sent += 1
+                assert sent <= 60_000, "the reader was never paused"
+                await client.send_all(gen_publish("telemetry", qos=1, mid=sent, payload=b'{"x": %d}' % sent))
+            # held back by its own unread acks: a writer task waits on the socket
+            assert len(gateway.connection_nursery.child_tasks) == 1
+            acks = await read_exactly(client, 4 * sent)
+            assert acks == b"".join(gen_puback(mid) for mid in range(1, sent + 1))
+            await trio.testing.wait_all_tasks_blocked()
+            assert not session.paused
+            await client.aclose()
         assert sorted(r.fields["x"] for b in sink.batches for r in b) == list(range(1, sent + 1))
 
     trio.run(main)
@@ -111,21 +115,18 @@ def test_graceful_stop_delivers_owed_acks_then_closes(tmp_path, pair):
     sink = GatedSink()
 
     async def main():
-        with trio.fail_after(20):
-            async with trio.open_nursery() as gateway_nursery:
-                gateway = await gateway_nursery.start(gridgate.serve, config, sink)
-                async with trio.open_nursery() as nursery:
-                    client, _ = await connect(gateway, nursery, pair, "meter-owed")
-                    await client.send_all(gen_publish("telemetry", qos=1, mid=42, payload=b'{"x": 1}'))
-                    while sink.waiting == 0:
-                        await trio.sleep(0.01)
-                    gateway.stop()
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert len(gateway.conns) == 1         # still open: an ack is owed
-                    sink.gate.set()
-                    assert await read_exactly(client, 4) == gen_puback(42)
-                    await wait_closed(client)
-                    assert len(gateway.conns) == 0
+        async with serving(config, sink, 20) as (gateway, nursery):
+            client, _ = await connect(gateway, nursery, pair, "meter-owed")
+            await client.send_all(gen_publish("telemetry", qos=1, mid=42, payload=b'{"x": 1}'))
+            while sink.waiting == 0:
+                await trio.sleep(0.01)
+            gateway.stop()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(gateway.conns) == 1         # still open: an ack is owed
+            sink.gate.set()
+            assert await read_exactly(client, 4) == gen_puback(42)
+            await wait_closed(client)
+            assert len(gateway.conns) == 0
         assert sum(len(b) for b in sink.batches) == 1
 
     trio.run(main)
