@@ -21,6 +21,7 @@ import trio
 from gridgate import _payload_py, hotpath
 from gridgate.config import Config, parse_address
 from gridgate.connmanager import ConnManager, Session
+from gridgate.durable_timeouts import DurableTimeouts
 from gridgate.forwarding import Forwarder
 from gridgate.http_fast import serve_fast_http
 from gridgate.http_std import serve_std_http
@@ -135,6 +136,7 @@ class Gateway:
             queue_max_records=config.pipeline.queue_max_records,
             metrics=metrics,
         )
+        self.durable_timeouts = DurableTimeouts(config.http.durable_timeout_s)
         self._stop = trio.Event()
         self._listeners: list[trio.SocketListener] = []
         self._accept_scopes: list[trio.CancelScope] = []
@@ -171,6 +173,7 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.conns.run_reaper)
             await nursery.start(self.pipeline.run)
+            await nursery.start(self.durable_timeouts.run)
             if self.forwarder is not None:
                 await nursery.start(self.forwarder.run_replayer)
             nursery.start_soon(self._summary_loop)

@@ -83,13 +83,19 @@ class Pending:
     The fast engine begins every request of a pipelined read before it
     waits for the first, so their records share one group commit.
     """
-    __slots__ = ("done", "records", "rejections", "timeout")
+    __slots__ = ("done", "records", "rejections", "timeout", "expired")
 
     def __init__(self, done: trio.Event, records: list, rejections: list, timeout: float) -> None:
         self.done = done
         self.records = records
         self.rejections = rejections
         self.timeout = timeout
+        self.expired = False
+
+    def expire(self) -> None:
+        """The durable timeout passed (gridgate.durable_timeouts): answer 503 now."""
+        self.expired = True
+        self.done.set()
 
     async def answer(self) -> Answer:
         if not self.done.is_set():
@@ -99,7 +105,7 @@ class Pending:
 
     def result(self) -> Answer:
         """The answer once done is set, or the 503 of a durable timeout."""
-        if not self.done.is_set():
+        if self.expired or not self.done.is_set():
             return _error(HttpError(503, "sink_unavailable", "not yet durable; retry later (it may be stored twice)",
                                     [(b"retry-after", b"5")]))
         rejections = self.rejections
@@ -208,7 +214,10 @@ def _telemetry(gw: "Gateway", req, engine: str) -> Pending:
     item = WorkItem(records, rejections, "http", received_ns, done.set)
     if not gw.pipeline.try_submit(item):
         raise HttpError(503, "overloaded", "the ingest pipeline is full; retry later", [(b"retry-after", b"1")])
-    return Pending(done, records, rejections, cfg.durable_timeout_s)
+    pending = Pending(done, records, rejections, cfg.durable_timeout_s)
+    if engine == "fast":
+        gw.durable_timeouts.add(pending)    # the std engine times out each request itself (answer())
+    return pending
 
 
 def _command(gw: "Gateway", req, device_id: str) -> Answer:

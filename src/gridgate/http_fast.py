@@ -119,11 +119,11 @@ async def serve_fast_http(stream: trio.abc.Stream, gateway: "Gateway", session: 
             if begun:
                 out = []
                 last = len(begun) - 1
-                # one deadline for the group: they were all queued together
-                with trio.move_on_after(cfg.durable_timeout_s):
-                    for item in begun:
-                        if type(item) is Pending:
-                            await item.done.wait()
+                # gateway.durable_timeouts sets done (expired) at the durable
+                # timeout: no cancel scope per request
+                for item in begun:
+                    if type(item) is Pending:
+                        await item.done.wait()
                 for i, item in enumerate(begun):
                     answer = item.result() if type(item) is Pending else item
                     out.append(render_response(answer, close and i == last))
