@@ -68,14 +68,6 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print, level
     return results
 
 
-def _start(name: str) -> procs.Server:
-    if name == "gridgate":
-        return procs.gridgate(mqtt=True)
-    server = procs.mosquitto()
-    assert server is not None
-    return server
-
-
 def _counter(name: str, server: procs.Server):
     """How many client connections the server holds now. Call it once the
     server has settled: mosquitto's baseline (its listener) is counted then,
@@ -94,7 +86,7 @@ def _counter(name: str, server: procs.Server):
 
 
 def _one(name: str, n: int) -> dict:
-    server = _start(name)
+    server = procs.mqtt_contender(name)
     loadgen: subprocess.Popen | None = None
     ramp = n / CONNECT_RATE
     # bounded: the loadgen's own duration is the hard stop; we normally end
@@ -107,7 +99,7 @@ def _one(name: str, n: int) -> dict:
         count = _counter(name, server)
         if count() != 0:
             raise RuntimeError(f"{name} holds {count()} connections before the load generator started")
-        cmd = [str(procs.BIN / "gridgate-loadgen"), "mqtt", "--target", "%s:%d" % _target(server), "--idle",
+        cmd = [str(procs.BIN / "gridgate-loadgen"), "mqtt", "--target", "%s:%d" % procs.mqtt_address(server), "--idle",
                "--devices", str(n), "--procs", str(LOADGEN_PROCS), "--source-ips", SOURCE_IPS,
                "--connect-rate", str(CONNECT_RATE), "--duration", str(math.ceil(connect_deadline + SETTLE_MAX_S + 30)),
                "--client-prefix", f"idle-{name}"]
@@ -155,10 +147,6 @@ def _settled_rss(server: procs.Server) -> int:
         if abs(now - last) <= 0.01 * max(last, 1) or time.monotonic() > deadline:
             return now
         last = now
-
-
-def _target(server: procs.Server) -> tuple[str, int]:
-    return server.address or server.addresses["mqtt"]
 
 
 def _progress(path: str) -> dict:

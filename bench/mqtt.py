@@ -31,18 +31,6 @@ CONTENDERS = ("gridgate", "mosquitto")
 PROFILE_QOS = 1
 
 
-def _start(name: str) -> procs.Server:
-    if name == "gridgate":
-        return procs.gridgate(mqtt=True)
-    server = procs.mosquitto()
-    assert server is not None
-    return server
-
-
-def _target(server: procs.Server) -> tuple[str, int]:
-    return server.address or server.addresses["mqtt"]
-
-
 def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> dict:
     contenders, skipped = procs.gridgate_and_mosquitto(log)
     results: dict = {"scenario": "mqtt", "duration_s": duration, "rounds": rounds, "devices": DEVICES,
@@ -68,11 +56,11 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
 
 
 def _one(name: str, qos: int, duration: float, profile_dir: Path | None) -> dict:
-    server = _start(name)
+    server = procs.mqtt_contender(name)
     try:
         if profile_dir is not None:
             server.profile(profile_dir, f"mqtt-qos{qos}-{name}", duration)
-        result = procs.loadgen("mqtt", _target(server), duration, devices=DEVICES, inflight=INFLIGHT, qos=qos,
+        result = procs.loadgen("mqtt", procs.mqtt_address(server), duration, devices=DEVICES, inflight=INFLIGHT, qos=qos,
                                procs=LOADGEN_PROCS)
         profile_files = server.finish_profile()
         drain_s = _wait_drained(server) if name == "gridgate" else None

@@ -229,6 +229,20 @@ def gridgate_and_mosquitto(log) -> tuple[list[str], dict[str, str]]:
     return ["gridgate", "mosquitto"], {}
 
 
+def mqtt_contender(name: str) -> Server:
+    """Start an MQTT contender of the mqtt and conns benches: gridgate or mosquitto."""
+    if name == "gridgate":
+        return gridgate(mqtt=True)
+    server = mosquitto()
+    assert server is not None, "mosquitto is not installed (gridgate_and_mosquitto skips it)"
+    return server
+
+
+def mqtt_address(server: Server) -> tuple[str, int]:
+    """Where an MQTT contender listens: mosquitto's chosen port, gridgate's logged one."""
+    return server.address or server.addresses["mqtt"]
+
+
 def mosquitto_version() -> str | None:
     exe = mosquitto_path()
     if exe is None:

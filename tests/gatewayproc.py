@@ -1,6 +1,7 @@
 """Start a real ``gridgate serve`` process for tests, on ephemeral loopback ports."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -83,6 +84,15 @@ class GatewayProcess:
     @property
     def ws(self) -> tuple[str, int]:
         return self.addresses["ws"]
+
+    def metric(self, line_prefix: str) -> float:
+        """The value of the first /metrics sample line starting with ``line_prefix`` (0 when absent)."""
+        conn = http.client.HTTPConnection(*self.http, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix + " ")]
+        return values[0] if values else 0.0
 
     def log(self) -> str:
         return "\n".join(self.lines)

@@ -2,7 +2,6 @@
 argument errors, and runs against gridgate (MQTT, HTTP, WebSocket) and mosquitto."""
 from __future__ import annotations
 
-import http.client
 import json
 import random
 import resource
@@ -294,15 +293,6 @@ def test_http_non_2xx_answers_are_errors(tmp_path):
     assert stats.sent > 0 and stats.acked == 0 and stats.errors > 0
 
 
-def _metric(gw: GatewayProcess, line_prefix: str) -> float:
-    conn = http.client.HTTPConnection(*gw.http, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix + " ")]
-    return values[0] if values else 0.0
-
-
 @pytest.mark.parametrize("payload", ["json", "msgpack"])
 def test_ws_devices_against_gridgate_acked_equals_spool(tmp_path, payload):
     # two of the devices have a config: the gateway pushes it as an UPDATE_CONFIG
@@ -317,7 +307,7 @@ def test_ws_devices_against_gridgate_acked_equals_spool(tmp_path, payload):
                                         "--json", str(out_json)], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "readings/s" in out.stdout and "p99.9=" in out.stdout
-        assert _metric(gw, 'gridgate_commands_acknowledged_total{protocol="ws"}') == 2
+        assert gw.metric('gridgate_commands_acknowledged_total{protocol="ws"}') == 2
     finally:
         assert gw.stop() == 0
     result = json.loads(out_json.read_text())

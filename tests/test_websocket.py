@@ -48,15 +48,6 @@ def post_command(gw, device_id: str, command: dict) -> tuple[int, dict]:
     return http_request(gw, "POST", f"/v1/devices/{device_id}/commands", json.dumps(command).encode())
 
 
-def metric(gw, line_prefix: str) -> float:
-    conn = http.client.HTTPConnection(*gw.http, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix + " ")]
-    return values[0] if values else 0.0
-
-
 def closed_code(ws) -> int:
     """Read until the server closes; return its close code."""
     with pytest.raises(ConnectionClosed) as info:
@@ -125,7 +116,7 @@ def test_bad_frames_close_with_their_code_and_others_carry_on(gateway, path, sub
         bystander.send(json.dumps({"seq": 1, "readings": [{"humidity": 1}]}))
         assert json.loads(bystander.recv(timeout=10))["accepted"] == 1
     assert gateway.alive()
-    assert metric(gateway, f'gridgate_ws_closes_total{{code="{code}"}}') == 1
+    assert gateway.metric(f'gridgate_ws_closes_total{{code="{code}"}}') == 1
     assert gateway.stop() == 0
 
 
@@ -164,8 +155,8 @@ def test_websocket_device_receives_acks_commands_and_its_config(tmp_path):
             ws.send(json.dumps({"command_ack": command["id"]}))
             ws.send(json.dumps({"seq": 1, "readings": []}))   # acks are in order: the command_acks came first
             assert json.loads(ws.recv(timeout=10))["ack"] == 1
-            assert metric(gw, 'gridgate_commands_sent_total{protocol="ws"}') == 2
-            assert metric(gw, 'gridgate_commands_acknowledged_total{protocol="ws"}') == 2
+            assert gw.metric('gridgate_commands_sent_total{protocol="ws"}') == 2
+            assert gw.metric('gridgate_commands_acknowledged_total{protocol="ws"}') == 2
         assert gw.stop() == 0
     finally:
         gw.kill()
@@ -228,7 +219,7 @@ def test_mosquitto_sub_over_tcp_receives_a_command(gateway):
     assert sub.returncode == 0, out
     assert json.dumps({"id": body["command_id"], "type": "SET_RELAY", "payload": {"on": True}},
                       separators=(",", ":")) in out.splitlines()
-    assert metric(gateway, 'gridgate_commands_acknowledged_total{protocol="mqtt"}') == 1
+    assert gateway.metric('gridgate_commands_acknowledged_total{protocol="mqtt"}') == 1
 
 
 def test_one_reading_over_four_transports_is_one_normalized_record(gateway):

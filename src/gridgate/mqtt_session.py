@@ -302,16 +302,13 @@ class MQTTConnection:
                 self.pending += 1
             pipeline = self.gw.pipeline
             if not pipeline.try_submit(item):
-                self.session.paused = True
                 try:
-                    await pipeline.submit(item)
+                    await pipeline.submit(item, self.session)
                 except BaseException:
                     # Not queued (e.g. shutdown): never acked, so nothing owed.
                     if acks:
                         self.pending -= 1
                     raise
-                finally:
-                    self.session.paused = False
         return keep_open
 
     def _connect(self, ev: Connect) -> bytes:

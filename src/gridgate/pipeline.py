@@ -25,6 +25,7 @@ import trio
 from gridgate.records import Record, Rejection
 
 if TYPE_CHECKING:
+    from gridgate.connmanager import Session
     from gridgate.metrics import Metrics
 
 __all__ = ["WorkItem", "Pipeline", "WriteFn"]
@@ -94,8 +95,21 @@ class Pipeline:
         self._queued_records += size
         return True
 
-    async def submit(self, item: WorkItem) -> None:
-        """Queue, waiting while the queue is full (backpressure)."""
+    async def submit(self, item: WorkItem, session: "Session | None" = None) -> None:
+        """Queue, waiting while the queue is full (backpressure).
+
+        ``session``: the connection that waits is marked ``paused`` meanwhile,
+        so the reaper sees a reader we hold back, not a silent device.
+        """
+        if session is None:
+            return await self._submit(item)
+        session.paused = True
+        try:
+            await self._submit(item)
+        finally:
+            session.paused = False
+
+    async def _submit(self, item: WorkItem) -> None:
         size = item.size
         while not self._has_room(size):
             if self._room.is_set():

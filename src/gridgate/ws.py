@@ -364,15 +364,12 @@ class WSDeviceChannel:
             self.pending += 1
         pipeline = self.gw.pipeline
         if not pipeline.try_submit(item):
-            self.session.paused = True
             try:
-                await pipeline.submit(item)
+                await pipeline.submit(item, self.session)
             except BaseException:
                 if seq is not None:
                     self.pending -= 1   # never queued, so never acked
                 raise
-            finally:
-                self.session.paused = False
 
     def _make_on_durable(self, seq: int, records: list, rejections: list, binary: bool):
         def on_durable() -> None:
