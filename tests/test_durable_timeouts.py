@@ -11,7 +11,7 @@ from gridgate.http_api import Pending
 
 
 def pending() -> Pending:
-    return Pending(trio.Event(), [], [], 0)
+    return Pending(trio.Event(), [], [])
 
 
 def test_late_requests_expire_at_their_own_deadline_and_done_ones_are_forgotten():

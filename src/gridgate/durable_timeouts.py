@@ -1,4 +1,4 @@
-"""Durable-timeout deadlines of the fast HTTP engine, kept by one task.
+"""Durable-timeout deadlines of HTTP telemetry requests, kept by one task.
 
 A request waits for its group commit at most ``[http] durable_timeout_s``
 and is then answered 503. A ``trio.move_on_after`` per request costs a

@@ -83,13 +83,12 @@ class Pending:
     The fast engine begins every request of a pipelined read before it
     waits for the first, so their records share one group commit.
     """
-    __slots__ = ("done", "records", "rejections", "timeout", "expired")
+    __slots__ = ("done", "records", "rejections", "expired")
 
-    def __init__(self, done: trio.Event, records: list, rejections: list, timeout: float) -> None:
+    def __init__(self, done: trio.Event, records: list, rejections: list) -> None:
         self.done = done
         self.records = records
         self.rejections = rejections
-        self.timeout = timeout
         self.expired = False
 
     def expire(self) -> None:
@@ -98,14 +97,12 @@ class Pending:
         self.done.set()
 
     async def answer(self) -> Answer:
-        if not self.done.is_set():
-            with trio.move_on_after(self.timeout):
-                await self.done.wait()
+        await self.done.wait()          # set by the commit, or by gateway.durable_timeouts
         return self.result()
 
     def result(self) -> Answer:
-        """The answer once done is set, or the 503 of a durable timeout."""
-        if self.expired or not self.done.is_set():
+        """The answer once done is set: 202/400/413..., or the 503 of a durable timeout."""
+        if self.expired:
             return _error(HttpError(503, "sink_unavailable", "not yet durable; retry later (it may be stored twice)",
                                     [(b"retry-after", b"5")]))
         rejections = self.rejections
@@ -214,9 +211,8 @@ def _telemetry(gw: "Gateway", req, engine: str) -> Pending:
     item = WorkItem(records, rejections, "http", received_ns, done.set)
     if not gw.pipeline.try_submit(item):
         raise HttpError(503, "overloaded", "the ingest pipeline is full; retry later", [(b"retry-after", b"1")])
-    pending = Pending(done, records, rejections, cfg.durable_timeout_s)
-    if engine == "fast":
-        gw.durable_timeouts.add(pending)    # the std engine times out each request itself (answer())
+    pending = Pending(done, records, rejections)
+    gw.durable_timeouts.add(pending)
     return pending
 
 
