@@ -184,7 +184,8 @@ class Gateway:
             await self._listen("ws", self.config.websocket.listen, self.handle_ws, nursery)
             self.ready = True
             log.info("listening %s", " ".join(f"{k}={_fmt_addr(v)}" for k, v in self.addresses.items()))
-            log.info("%s; max_connections=%d; data_dir=%s", hotpath.describe(), self.max_connections,
+            log.info("%s; %s; max_connections=%d; data_dir=%s", hotpath.describe(),
+                     self.spool.writer_description, self.max_connections,
                      self.config.spool.data_dir)
             task_status.started(self)
             await self._stop.wait()

@@ -14,7 +14,7 @@ from types import ModuleType
 
 from gridgate import _http_py, _mqtt_py, _payload_py
 
-__all__ = ["mqtt", "payload", "http", "COMPILED", "COMPILED_PATH", "IMPORT_ERROR", "describe"]
+__all__ = ["mqtt", "payload", "http", "spool", "COMPILED", "COMPILED_PATH", "IMPORT_ERROR", "describe"]
 
 FORCED_PURE = os.environ.get("GRIDGATE_PURE_PYTHON", "") not in ("", "0")
 
@@ -25,6 +25,9 @@ IMPORT_ERROR: str | None = None
 mqtt: ModuleType = _mqtt_py
 payload: ModuleType = _payload_py
 http: ModuleType = _http_py
+# The compiled spool writer (SpoolWriter) has no twin: without it the spool
+# commits through Python's sqlite3 on a worker thread (gridgate.spool).
+spool: ModuleType | None = None
 
 if not FORCED_PURE:
     try:
@@ -32,7 +35,7 @@ if not FORCED_PURE:
     except ImportError as exc:  # not built: run on the twins, loudly
         IMPORT_ERROR = str(exc)
     else:
-        mqtt = payload = http = _fastparse
+        mqtt = payload = http = spool = _fastparse
         COMPILED = True
         COMPILED_PATH = _fastparse.__file__
 

@@ -18,7 +18,7 @@ REASONS: tuple[str, ...] = (
 )
 
 
-class Record(msgspec.Struct, kw_only=True):
+class Record(msgspec.Struct, kw_only=True, gc=False):
     """One normalized reading, as sinks receive it."""
 
     device_id: str
@@ -29,7 +29,7 @@ class Record(msgspec.Struct, kw_only=True):
     tags: dict[str, str]
 
 
-class Rejection(msgspec.Struct, kw_only=True):
+class Rejection(msgspec.Struct, kw_only=True, gc=False):
     """One rejected reading (or whole payload), bound for the dead-letter store."""
 
     reason: str                     # one of REASONS

@@ -116,6 +116,17 @@ _decode_fields = msgspec.json.Decoder(dict[str, int | float]).decode
 _decode_tags = msgspec.json.Decoder(dict[str, str]).decode
 
 
+def record_rows(records: Sequence[Record]) -> list[tuple]:
+    """The rows of the records (and pending) table, in _ROW_COLUMNS order."""
+    return [(r.device_id, r.ts_ns, r.received_ns, r.protocol, _encode(r.fields), _encode(r.tags)) for r in records]
+
+
+def rejection_rows(dead: Sequence[tuple[str, int, Rejection]]) -> list[tuple]:
+    """The rows of the rejections table, in _REJECTION_COLUMNS order."""
+    return [(received_ns, protocol, r.reason, r.field, r.index, r.device_id, r.detail, bytes(r.raw))
+            for protocol, received_ns, r in dead]
+
+
 class Spool:
     """Synchronous access to one spool file; use from one thread at a time."""
 
@@ -173,6 +184,12 @@ class Spool:
     def full(self) -> bool:
         return self.max_bytes > 0 and self.used_bytes() >= self.max_bytes
 
+    def check_room(self) -> None:
+        """Raises SinkFullError when the spool is at ``max_bytes``."""
+        if self.full():
+            raise SinkFullError(f"spool {self.path} is full ({self.used_bytes()} bytes in use >= max_bytes "
+                                f"{self.max_bytes})")
+
     def write_batch(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
                     pending: bool = False) -> None:
         """Commit records and dead letters ((protocol, received_ns, rejection)) in one transaction.
@@ -185,20 +202,14 @@ class Spool:
         """
         if not records and not dead:
             return
-        if self.full():
-            raise SinkFullError(f"spool {self.path} is full ({self.used_bytes()} bytes in use >= max_bytes "
-                                f"{self.max_bytes})")
+        self.check_room()
         db = self.db
         db.execute("BEGIN")
         try:
             if records:
-                (self._insert_pending if pending else self._insert_records).run(
-                    db, [(r.device_id, r.ts_ns, r.received_ns, r.protocol, _encode(r.fields), _encode(r.tags))
-                         for r in records])
+                (self._insert_pending if pending else self._insert_records).run(db, record_rows(records))
             if dead:
-                self._insert_rejections.run(
-                    db, [(received_ns, protocol, r.reason, r.field, r.index, r.device_id, r.detail, bytes(r.raw))
-                         for protocol, received_ns, r in dead])
+                self._insert_rejections.run(db, rejection_rows(dead))
             counter = "pending" if pending else "records"
             db.execute(f"UPDATE counters SET {counter} = {counter} + ?, rejected = rejected + ? WHERE id = 1",
                        (len(records), len(dead)))
@@ -263,19 +274,52 @@ class Spool:
         self.db.close()
 
 
-class SpoolSink:
-    """The spool for Trio: every SQLite call runs on one worker thread at a
-    time (a CapacityLimiter of 1), so the event loop never blocks on disk."""
+def open_native_writer(spool: Spool, fsync: bool) -> tuple[Any | None, str]:
+    """The compiled batch writer for this spool file, or None, and a line saying which writer is used.
 
-    def __init__(self, spool: Spool) -> None:
+    Needs the compiled hot path (gridgate.hotpath) and a Python whose sqlite3
+    module exposes its SQLite to dlsym; otherwise batches are committed by
+    Spool.write_batch on a worker thread, as correct and slower under load.
+    """
+    from gridgate import hotpath
+
+    if not hotpath.COMPILED:
+        return None, "spool writer: worker thread (compiled hot path not loaded)"
+    import _sqlite3
+
+    try:
+        writer = hotpath.spool.SpoolWriter(_sqlite3.__file__, str(spool.path), fsync)
+    except OSError as exc:
+        return None, f"spool writer: worker thread (compiled writer unavailable: {exc})"
+    return writer, "spool writer: compiled, own thread"
+
+
+class SpoolSink:
+    """The spool for Trio, off the event loop thread.
+
+    Batches of records and dead letters go to the compiled writer
+    (``open_native_writer``), which commits on its own OS thread without the
+    GIL while the loop waits on its pipe. Everything else, and every write
+    when that writer is unavailable, runs on a worker thread. A
+    CapacityLimiter of 1 keeps it all one operation at a time.
+    """
+
+    def __init__(self, spool: Spool, writer: Any | None = None, writer_description: str = "") -> None:
         self.spool = spool
+        self._writer = writer
+        self.writer_description = writer_description or "spool writer: worker thread"
         self._limiter = trio.CapacityLimiter(1)
         self._full = False
 
     @classmethod
-    async def open(cls, data_dir: str | os.PathLike[str], *, fsync: bool = False, max_bytes: int = 0) -> "SpoolSink":
+    async def open(cls, data_dir: str | os.PathLike[str], *, fsync: bool = False, max_bytes: int = 0,
+                   native: bool = True) -> "SpoolSink":
+        """``native=False``: always write on a worker thread."""
         spool = await trio.to_thread.run_sync(lambda: Spool(data_dir, fsync=fsync, max_bytes=max_bytes))
-        sink = cls(spool)
+        writer, description = None, "spool writer: worker thread (asked for)"
+        if native:
+            writer, description = await trio.to_thread.run_sync(open_native_writer, spool, fsync)
+        sink = cls(spool, writer, description)
         sink._full = await trio.to_thread.run_sync(spool.full)
         return sink
 
@@ -287,11 +331,33 @@ class SpoolSink:
 
     async def write_batch(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
                           pending: bool = False) -> None:
+        if not records and not dead:
+            return
         try:
-            self._full = await self._run(self._write_then_check, records, dead, pending)
+            if self._writer is None:
+                self._full = await self._run(self._write_then_check, records, dead, pending)
+            else:
+                await self._write_native(records, dead, pending)
         except SinkFullError:
             self._full = True
             raise
+
+    async def _write_native(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
+                            pending: bool) -> None:
+        writer = self._writer
+        async with self._limiter:
+            if self._full:
+                # full as of the last write or delete: look again before refusing
+                await trio.to_thread.run_sync(self.spool.check_room)
+            measure = self.spool.max_bytes > 0
+            rows, dead_rows = record_rows(records), rejection_rows(dead)
+            # Not cancellable, like a worker-thread write: the batch is either
+            # committed or failed before anyone acts on it.
+            with trio.CancelScope(shield=True):
+                writer.start(rows, dead_rows, pending, measure)
+                await trio.lowlevel.wait_readable(writer.fileno())
+                used = writer.finish()
+            self._full = measure and used >= self.spool.max_bytes
 
     def _write_then_check(self, records, dead, pending) -> bool:
         # on the worker thread: the loop thread never touches the connection
@@ -319,4 +385,6 @@ class SpoolSink:
         return await self._run(self.spool.pending_count)
 
     async def aclose(self) -> None:
+        if self._writer is not None:
+            await self._run(self._writer.close)
         await self._run(self.spool.close)

@@ -1,0 +1,182 @@
+"""The spool's two batch writers: the compiled one (its own OS thread, no GIL)
+and Python's sqlite3 on a worker thread. Both must store the same rows, count
+the same, roll a failed batch back whole, and refuse writes at max_bytes."""
+from __future__ import annotations
+
+import select
+import sqlite3
+
+import _sqlite3
+import pytest
+import trio
+import trio.testing
+
+from gridgate import _fastparse  # the compiled variant: fail loudly if it is not built
+from gridgate.records import Record, Rejection
+from gridgate.sinks.base import SinkFullError
+from gridgate.spool import Spool, SpoolSink, rejection_rows, record_rows
+
+WRITERS = ["compiled", "thread"]
+
+
+def record(i: int, device_id: str | None = None) -> Record:
+    return Record(device_id=device_id or f"meter-{i % 7}", ts_ns=1_700_000_000_000_000_000 + i, received_ns=i,
+                  protocol="mqtt", fields={"temperature_mc": i, "ratio": i / 3}, tags={"site": f"s{i % 3}", "ü": "ß"})
+
+
+def rejection(i: int) -> tuple[str, int, Rejection]:
+    if i % 2:
+        return "http", 10 + i, Rejection(reason="out_of_range", field="temperature", index=i, device_id="meter-1",
+                                         raw=b"\x00{\xff}", detail=f"#{i} ✓")
+    return "mqtt", 10 + i, Rejection(reason="malformed", raw=b"", detail=f"#{i}")   # NULL field, idx, device_id
+
+
+async def open_sink(path, writer: str, **kw) -> SpoolSink:
+    sink = await SpoolSink.open(path, native=writer == "compiled", **kw)
+    assert (sink.writer_description == "spool writer: compiled, own thread") == (writer == "compiled")
+    return sink
+
+
+def contents(path) -> tuple[list, list, dict]:
+    spool = Spool(path, readonly=True)
+    try:
+        stats = spool.stats()
+        del stats["bytes"]
+        return list(spool.iter_records()), list(spool.iter_rejections()), stats
+    finally:
+        spool.close()
+
+
+def test_both_writers_store_the_same_rows(tmp_path):
+    batches = [([record(i) for i in range(n)], [rejection(i) for i in range(n % 5)]) for n in (1, 7, 300, 0)]
+    batches[-1] = ([], [rejection(1)])
+    edge = Record(device_id="x" * 128, ts_ns=2 ** 63 - 1, received_ns=-(2 ** 63), protocol="ws", fields={},
+                  tags={})
+
+    async def main(writer: str) -> None:
+        sink = await open_sink(tmp_path / writer, writer)
+        for records, dead in batches:
+            await sink.write_batch(records, dead)
+        await sink.write_batch([edge], [])
+        await sink.write_batch([record(1000), record(1001)], [rejection(3)], pending=True)
+        await sink.aclose()
+
+    for writer in WRITERS:
+        trio.run(main, writer)
+    compiled, thread = contents(tmp_path / "compiled"), contents(tmp_path / "thread")
+    assert compiled == thread
+    records, rejections, stats = compiled
+    assert stats == {"records": 309, "rejected": 1 + 2 + 0 + 1 + 1, "pending": 2}
+    assert records[-1]["ts_ns"] == 2 ** 63 - 1 and records[-1]["received_ns"] == -(2 ** 63)
+    assert records[0]["tags"] == {"site": "s0", "ü": "ß"}
+    assert rejections[0] == {"received_ns": 10, "protocol": "mqtt", "reason": "malformed", "field": None,
+                             "index": None, "device_id": None, "detail": "#0", "raw": ""}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_failing_batch_is_rolled_back_whole_and_the_next_one_is_written(tmp_path, writer):
+    setup = Spool(tmp_path)
+    setup.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON records WHEN NEW.device_id = 'boom' "
+                     "BEGIN SELECT RAISE(ABORT, 'boom refused'); END")
+    setup.close()
+
+    async def main() -> None:
+        sink = await open_sink(tmp_path, writer)
+        await sink.write_batch([record(0)], [])
+        with pytest.raises(sqlite3.IntegrityError, match="boom refused"):     # what Python's sqlite3 raises
+            await sink.write_batch([record(1), record(2), record(3, "boom"), record(4)], [rejection(1)])
+        await sink.write_batch([record(5)], [rejection(2)])
+        await sink.aclose()
+
+    trio.run(main)
+    records, rejections, stats = contents(tmp_path)
+    assert [r["received_ns"] for r in records] == [0, 5]
+    assert [r["detail"] for r in rejections] == ["#2"]
+    assert stats == {"records": 2, "rejected": 1, "pending": 0}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_full_spool_refuses_writes(tmp_path, writer):
+    async def main() -> None:
+        sink = await open_sink(tmp_path, writer, max_bytes=256 * 1024)
+        assert sink.accepting_writes()
+        await sink.write_batch([record(i) for i in range(3000)], [], pending=True)      # ~ 600 KB
+        assert not sink.accepting_writes()
+        with pytest.raises(SinkFullError, match="is full"):
+            await sink.write_batch([record(1)], [rejection(1)])
+        assert not sink.accepting_writes()
+        await sink.aclose()
+
+    trio.run(main)
+    assert contents(tmp_path)[2] == {"records": 0, "rejected": 0, "pending": 3000}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_writer_task_cancelled_mid_write_still_finishes_the_batch(tmp_path, writer):
+    async def main() -> None:
+        sink = await open_sink(tmp_path, writer)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sink.write_batch, [record(i) for i in range(5000)], [])
+            await trio.testing.wait_all_tasks_blocked()     # handed over, waiting for the writer
+            nursery.cancel_scope.cancel()
+        await sink.write_batch([record(5000)], [])
+        await sink.aclose()
+
+    trio.run(main)
+    assert [r["received_ns"] for r in contents(tmp_path)[0]] == list(range(5001))
+
+
+# -- the compiled writer's own contract ------------------------------------------------
+
+
+def wait_done(writer) -> None:
+    select.select([writer.fileno()], [], [], 10)
+
+
+def test_compiled_writer_refuses_misuse_without_handing_anything_over(tmp_path):
+    spool = Spool(tmp_path)
+    writer = _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path))
+    with pytest.raises(RuntimeError, match="no batch"):
+        writer.finish()
+    with pytest.raises(ValueError, match="row 1 has 5 values, not 6"):
+        writer.start(record_rows([record(0)]) + [("a", 1, 2, "mqtt", b"{}")], [])
+    with pytest.raises(TypeError, match="float is not str, bytes, int or None"):
+        writer.start([("a", 1.5, 2, "mqtt", b"{}", b"{}")], [])
+    with pytest.raises(OverflowError):
+        writer.start([("a", 2 ** 64, 2, "mqtt", b"{}", b"{}")], [])
+    assert not writer.busy
+    writer.start(record_rows([record(0)]), rejection_rows([rejection(1)]))
+    assert writer.busy
+    with pytest.raises(RuntimeError, match="still writing"):
+        writer.start(record_rows([record(1)]), [])
+    wait_done(writer)
+    assert writer.finish() == -1                     # not measured
+    writer.start(record_rows([record(2)]), [], False, True)
+    wait_done(writer)
+    assert writer.finish() == spool.used_bytes()
+    writer.close()
+    writer.close()                                   # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.start([], [])
+    assert spool.stats()["records"] == 2
+    spool.close()
+
+
+def test_compiled_writer_closes_after_the_batch_in_hand(tmp_path):
+    spool = Spool(tmp_path)
+    writer = _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path))
+    writer.start(record_rows([record(i) for i in range(2000)]), [])
+    writer.close()                                   # joins the thread: the batch is committed first
+    assert spool.stats()["records"] == 2000
+    spool.close()
+
+
+def test_compiled_writer_needs_a_wal_spool_and_a_loaded_sqlite(tmp_path):
+    plain = tmp_path / "plain.sqlite3"
+    sqlite3.connect(plain).execute("CREATE TABLE t (a)").connection.close()
+    with pytest.raises(OSError, match="not in WAL mode"):
+        _fastparse.SpoolWriter(_sqlite3.__file__, str(plain))
+    with pytest.raises(OSError, match="cannot open"):
+        _fastparse.SpoolWriter(_sqlite3.__file__, str(tmp_path / "missing" / "spool.sqlite3"))
+    with pytest.raises(RuntimeError, match="already bound"):
+        _fastparse.SpoolWriter("/nonexistent/libsqlite3.so", str(plain))
