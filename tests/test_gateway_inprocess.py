@@ -150,6 +150,40 @@ def test_takeover_closes_the_older_connection(tmp_path):
     run_with_clock(main)
 
 
+def test_clients_connecting_together_are_all_served_and_the_port_closes_with_the_gateway(tmp_path):
+    import socket
+
+    config = make_config(tmp_path, mqtt=MQTTConfig(listen="127.0.0.1:0"))
+    clients = 300               # more than one accept burst (gateway.ACCEPT_BURST + 1)
+    from gridgate.gateway import ACCEPT_BURST
+    assert clients > ACCEPT_BURST + 1
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, MemorySink())
+            address = gateway.addresses["mqtt"]
+            # all in the backlog before the gateway gets to accept any of them
+            socks = [socket.create_connection(address) for _ in range(clients)]
+            streams = [trio.SocketStream(trio.socket.from_stdlib_socket(s)) for s in socks]
+
+            async def handshake(i: int, stream: trio.SocketStream) -> None:
+                await stream.send_all(gen_connect(f"meter-{i}"))
+                assert await read_exactly(stream, 4) == gen_connack(0)
+
+            async with trio.open_nursery() as clients_nursery:
+                for i, stream in enumerate(streams):
+                    clients_nursery.start_soon(handshake, i, stream)
+            assert len(gateway.conns) == clients
+            for stream in streams:
+                await stream.aclose()
+            gateway.stop()
+        return address
+
+    address = trio.run(main)
+    with pytest.raises(ConnectionRefusedError):          # no duplicate of the listening socket left open
+        socket.create_connection(address, timeout=5).close()
+
+
 def test_embedded_gateway_delivers_normalized_batches_to_a_custom_sink(tmp_path):
     config = make_config(tmp_path, mqtt=MQTTConfig(listen="127.0.0.1:0"))
     sink = MemorySink()

@@ -154,8 +154,17 @@ class Pipeline:
         limit = self.batch_max_records
         try:
             while True:
+                # Under load items are already waiting: take one without a
+                # checkpoint, which would put the batcher behind every
+                # runnable reader for a whole scheduler pass before each batch.
                 try:
-                    first = await recv.receive()
+                    await trio.lowlevel.checkpoint_if_cancelled()     # no yield unless cancelled
+                    first = recv.receive_nowait()
+                except trio.WouldBlock:
+                    try:
+                        first = await recv.receive()
+                    except trio.EndOfChannel:
+                        return
                 except trio.EndOfChannel:
                     return
                 items = self._current = [first]
