@@ -103,7 +103,11 @@ class ConnectionsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
 
 class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch_max_records: Annotated[int, Meta(ge=1, le=100_000)] = 1000
-    batch_max_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 2.0
+    # 0: no timer. The write in progress is the window of the next batch
+    # (group commit); waiting for company after a lull put up to this much
+    # on every closed-loop client's round trip (wrk, 64 connections: 7.0k
+    # requests/s at 2 ms, 9.8-13k at 0).
+    batch_max_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
     ack: Literal["durable", "received"] = "durable"
     # Bound of the channel between sessions and the batcher, in work items
     # (one item = what one socket read produced). A full channel stops readers.
