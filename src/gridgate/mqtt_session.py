@@ -126,6 +126,7 @@ class MQTTConnection:
         fd = self._fd
         receive_some = None if fd >= 0 else self.stream.receive_some
         unyielded = 0
+        drained = False             # the last read came back short: the socket is most likely empty now
         try:
             while True:
                 if len(self.outbuf) > max_outgoing:
@@ -138,6 +139,11 @@ class MQTTConnection:
                     # Straight to the socket: SocketStream.receive_some and
                     # the trio socket's helpers would add four frames to every
                     # idle connection's stack and a context manager per read.
+                    if drained:
+                        # A short read emptied the socket: wait before reading
+                        # again rather than spend a syscall on the EAGAIN.
+                        await trio.lowlevel.wait_readable(fd)
+                        unyielded = 0
                     try:
                         data = os.read(fd, size)
                     except BlockingIOError:
@@ -146,14 +152,12 @@ class MQTTConnection:
                         session.close_reason = session.close_reason or f"connection lost: {exc.strerror}"
                         break
                     if data is None:
-                        await trio.lowlevel.wait_readable(fd)
-                        unyielded = 0
+                        drained = True
                         continue
-                    # Trio's recv yields after every read that did not wait;
-                    # here the next read nearly always waits (and yields), so
-                    # only a client that keeps the socket full forces a yield,
-                    # every few reads: fairness and cancellation at half the
-                    # scheduler round trips.
+                    drained = len(data) < size
+                    # Only a client that keeps the socket full reads on
+                    # without waiting; it yields every few reads, for
+                    # fairness and cancellation.
                     unyielded += 1
                     if unyielded >= _READS_PER_YIELD:
                         unyielded = 0
