@@ -130,3 +130,18 @@ def test_version_reports_the_compiled_hot_path():
     assert out.returncode == 0
     assert out.stdout.startswith("gridgate 0.1.0\nhot path: compiled (")
     assert ".so)" in out.stdout
+
+
+def test_serving_process_tunes_the_cyclic_gc():
+    import gc
+
+    from gridgate.cli import GC_THRESHOLD0, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_THRESHOLD0, *before[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
