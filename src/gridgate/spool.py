@@ -21,13 +21,16 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 
 from gridgate.records import Record, Rejection
 from gridgate.sinks.base import SinkFullError
+
+if TYPE_CHECKING:
+    from gridgate._fastparse import SpoolWriter
 
 __all__ = ["Spool", "SpoolSink", "SPOOL_FILE"]
 
@@ -274,7 +277,7 @@ class Spool:
         self.db.close()
 
 
-def open_native_writer(spool: Spool, fsync: bool) -> tuple[Any | None, str]:
+def open_native_writer(spool: Spool, fsync: bool) -> "tuple[SpoolWriter | None, str]":
     """The compiled batch writer for this spool file, or None, and a line saying which writer is used.
 
     Needs the compiled hot path (gridgate.hotpath) and a Python whose sqlite3
@@ -304,7 +307,7 @@ class SpoolSink:
     CapacityLimiter of 1 keeps it all one operation at a time.
     """
 
-    def __init__(self, spool: Spool, writer: Any | None = None, writer_description: str = "") -> None:
+    def __init__(self, spool: Spool, writer: "SpoolWriter | None" = None, writer_description: str = "") -> None:
         self.spool = spool
         self._writer = writer
         self.writer_description = writer_description or "spool writer: worker thread"
