@@ -477,7 +477,8 @@ cdef class SpoolWriter:
         except BaseException:
             free(cells)
             raise
-        self.refs = (records, rejections)
+        # tuples: the caller may change its lists, the cells point into the rows
+        self.refs = (tuple(records), tuple(rejections))
         pthread_mutex_lock(&st.mu)
         st.cells = cells
         st.n_records = nrec
@@ -516,6 +517,11 @@ cdef class SpoolWriter:
 
     def close(self):
         """Stop the thread (after the batch in hand, if any) and close the connection."""
+        self._close()
+        self.refs = None
+
+    cdef void _close(self) noexcept:
+        # no Python objects touched: __dealloc__ calls this too
         cdef _sw_state *st = self.st
         cdef int i
         if st == NULL:
@@ -532,7 +538,6 @@ cdef class SpoolWriter:
             free(st.cells)
             st.cells = NULL
             self._busy = False
-            self.refs = None
         for i in range(_SW_N_STMTS):
             if st.stmts[i] != NULL:
                 _sw_api.finalize(st.stmts[i])
@@ -547,7 +552,7 @@ cdef class SpoolWriter:
 
     def __dealloc__(self):
         if self.st != NULL:
-            self.close()
+            self._close()
             pthread_cond_destroy(&self.st.cv)
             pthread_mutex_destroy(&self.st.mu)
             free(self.st)
