@@ -12,7 +12,10 @@ Fails (exit 1, one "PERF GATE FAILED: ..." line per reason) when
 2. fast/std falls under the floor (default 2.0) on GATE_DRIVER: the median
    over the rounds of the per-round ratio, each round running std then fast
    back to back on fresh servers;
-3. the fast engine's py-spy profile has samples with frames from the
+3. the fast server's start-up line does not say "spool writer: compiled":
+   commits would go through Python's sqlite3 on a worker thread, which waits
+   for the GIL at every step under load;
+4. the fast engine's py-spy profile has samples with frames from the
    standard library's json package or from h11 (the std engine's parser):
    neither belongs in the fast engine's hot path. As a self-test of this
    check, the std engine's profile must show h11 frames.
@@ -59,6 +62,12 @@ def check_compiled(server_line: str | None) -> list[str]:
     return problems
 
 
+def check_spool_writer(server_line: str | None) -> list[str]:
+    if server_line and server_line.startswith("spool writer: compiled"):
+        return []
+    return [f"the fast server's start-up log does not report the compiled spool writer: {server_line!r}"]
+
+
 def forbidden_frames(speedscope: Path) -> dict[str, dict]:
     """Per forbidden module: samples that have one of its frames, out of all,
     and the heaviest such stack (leaf first, short)."""
@@ -93,6 +102,7 @@ def check(results: dict, floor: float) -> tuple[list[str], dict]:
     per = pipe["summary"].get(gate)
     measured: dict = {"driver": gate, "floor": floor}
     failures += check_compiled(pipe.get("hot_path", {}).get("fast"))
+    failures += check_spool_writer(pipe.get("spool_writer", {}).get("fast"))
     if not per or "fast_vs_std_by_round" not in per:
         failures.append(f"no fast/std measurement on {gate} in the results")
     else:

@@ -60,11 +60,11 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print,
         raise RuntimeError(f"driver(s) not available: {', '.join(sorted(missing))} (is wrk installed?)")
     skipped = {} if shutil.which("wrk") else {"wrk": "not installed (apt-get install wrk): gridgate-loadgen only"}
     results: dict = {"scenario": "pipelines", "duration_s": duration, "rounds": rounds, "skipped": skipped,
-                     "contenders": list(contenders), "gate_driver": GATE_DRIVER, "runs": [], "hot_path": {}}
+                     "contenders": list(contenders), "gate_driver": GATE_DRIVER, "runs": [], "hot_path": {}, "spool_writer": {}}
     for rnd in range(rounds):
         for driver, opts in chosen:
             for name in contenders:
-                run_ = _one(name, driver, opts, duration, None, results["hot_path"])
+                run_ = _one(name, driver, opts, duration, None, results)
                 run_.update(round=rnd)
                 results["runs"].append(run_)
                 log(_line(run_, f"round {rnd + 1}/{rounds}"))
@@ -73,7 +73,7 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print,
         for name in contenders:
             if name == "reference":
                 continue
-            run_ = _one(name, gate[0][0], gate[0][1], duration, out / "profiles", results["hot_path"])
+            run_ = _one(name, gate[0][0], gate[0][1], duration, out / "profiles", results)
             run_.update(round=None, profiled=True)
             results["runs"].append(run_)
             log(_line(run_, "profiled   "))
@@ -81,7 +81,9 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print,
     return results
 
 
-def _one(name: str, driver: str, opts: dict, duration: float, profile_dir: Path | None, hot_path: dict) -> dict:
+def _one(name: str, driver: str, opts: dict, duration: float, profile_dir: Path | None, results: dict) -> dict:
+    """One server, one driver, one round; a gridgate server's start-up line
+    goes to ``results["hot_path"]`` and ``results["spool_writer"]``."""
     server = _start(name)
     try:
         idle_rss = server.rss_kb()
@@ -94,7 +96,8 @@ def _one(name: str, driver: str, opts: dict, duration: float, profile_dir: Path 
         run_["peak_rss_kb"] = server.peak_rss_kb()
         run_["idle_rss_kb"] = idle_rss
         if name != "reference":
-            hot_path[name] = _hot_path_line(server)
+            results["hot_path"][name] = _startup_field(server, "hot path:")
+            results["spool_writer"][name] = _startup_field(server, "spool writer:")
     finally:
         server.stop()
     if profile_files:
@@ -114,13 +117,14 @@ def _one(name: str, driver: str, opts: dict, duration: float, profile_dir: Path 
     return run_
 
 
-def _hot_path_line(server: procs.Server) -> str | None:
-    """gridgate's start-up line naming the hot path it loaded."""
+def _startup_field(server: procs.Server, key: str) -> str | None:
+    """The part of gridgate's start-up line from ``key`` ("hot path:", "spool
+    writer:") to the next ";": which hot path and which spool writer it uses."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         for line in list(server.lines):
-            if "hot path:" in line:
-                return line[line.index("hot path:"):].split(";")[0]
+            if key in line:
+                return line[line.index(key):].split(";")[0]
         time.sleep(0.05)
     return None
 

@@ -140,6 +140,8 @@ def _pipelines(res: dict, out: Path, machine_desc: str) -> list[str]:
                      f"{_x(per.get('fast_vs_std_rss'))} | {_x(per.get('fast_vs_reference'))} |")
     if res.get("hot_path"):
         lines += ["", "Hot path loaded: " + "; ".join(f"{k}: `{v}`" for k, v in res["hot_path"].items())]
+    if res.get("spool_writer"):
+        lines += ["", "Spool writer: " + "; ".join(f"{k}: `{v}`" for k, v in res["spool_writer"].items())]
     if any(r.get("non2xx") for r in counted) or any(r.get("errors") for r in counted):
         lines += ["", "Errors: " + ", ".join(f"{r['driver']} {r['contender']} round {r['round'] + 1}: "
                                               f"{r.get('non2xx', 0) or r.get('errors', 0)}"
