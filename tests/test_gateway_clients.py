@@ -10,7 +10,7 @@ import threading
 import paho.mqtt.client as paho
 import pytest
 
-from gatewayproc import GatewayProcess, spool_export, spool_stats
+from gatewayproc import GatewayProcess, gridgate_env, spool_export, spool_stats
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto_pub") is None,
                                 reason="mosquitto-clients is not installed (.ci/run installs it)")
@@ -41,6 +41,26 @@ def test_mosquitto_pub_fahrenheit_reading_is_normalized(gateway):
     assert rec["device_id"] == "meter-1"
     assert rec["protocol"] == "mqtt"
     assert rec["fields"] == {"temperature_mc": 25000}
+
+
+@pytest.mark.parametrize("pure, writer", [(False, "spool writer: compiled, own thread"),
+                                          (True, "spool writer: worker thread (compiled hot path not loaded)")])
+def test_each_spool_writer_stores_what_it_acknowledged(tmp_path, pure, writer):
+    env = gridgate_env(**({"GRIDGATE_PURE_PYTHON": "1"} if pure else {}))
+    if not pure:
+        env.pop("GRIDGATE_PURE_PYTHON", None)
+    gw = GatewayProcess(tmp_path / "data", env=env)
+    try:
+        lines = "".join(f'{{"battery_mv": {3000 + i}}}\n' for i in range(200))
+        host, port = gw.mqtt
+        out = subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), "-q", "1", "-t", "telemetry",
+                              "-i", "meter-3", "-l"], input=lines, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    finally:
+        assert gw.stop() == 0, gw.log()
+    assert any(writer in line for line in gw.lines), gw.log()         # the start-up line says which
+    assert spool_stats(gw.data_dir)["records"] == 200
+    assert sorted(r["fields"]["battery_mv"] for r in spool_export(gw.data_dir)) == list(range(3000, 3200))
 
 
 def test_device_topic_and_bad_topic_are_both_acknowledged(gateway):
