@@ -364,8 +364,8 @@ cdef bytes _sw_sql(str sql):
 cdef class SpoolWriter:
     """Commits batches to a spool file on its own OS thread.
 
-    Use from one Trio task at a time: ``start(...)``, then wait until
-    ``fileno()`` is readable, then ``finish()``. The spool file must exist
+    Use from one thread at a time: ``start(...)``; when ``fileno()`` turns
+    readable, ``clear_signal()``; once ``ready``, ``finish()``. The spool file must exist
     with its schema (gridgate.spool.Spool creates it) and be in WAL mode.
     """
 
@@ -490,6 +490,22 @@ cdef class SpoolWriter:
         pthread_mutex_unlock(&st.mu)
         self._busy = True
 
+    @property
+    def ready(self) -> bool:
+        """The batch handed over is written (committed or failed): finish() it."""
+        cdef bint done
+        pthread_mutex_lock(&self.st.mu)
+        done = self._busy and not self.st.has_job
+        pthread_mutex_unlock(&self.st.mu)
+        return done
+
+    def clear_signal(self) -> None:
+        """Empty the pipe behind ``fileno()`` (one byte per written batch):
+        after it turned readable, before looking at ``ready``."""
+        cdef char buf[64]
+        while read(self.st.done_r, buf, 64) == 64:
+            pass
+
     def finish(self):
         """Once ``fileno()`` is readable: the used bytes (-1 unless
         measured), or the SQLite error as sqlite3.OperationalError (nothing of
@@ -498,7 +514,6 @@ cdef class SpoolWriter:
         Raises BlockingIOError while the batch is still being written.
         """
         cdef _sw_state *st = self.st
-        cdef char byte = 0
         if not self._busy:
             raise RuntimeError("no batch handed over")
         pthread_mutex_lock(&st.mu)             # orders the thread's writes of rc/err before our reads
@@ -506,7 +521,6 @@ cdef class SpoolWriter:
         pthread_mutex_unlock(&st.mu)
         if not done:
             raise BlockingIOError("the batch is not written yet")
-        read(st.done_r, &byte, 1)
         self._busy = False
         free(st.cells)
         st.cells = NULL

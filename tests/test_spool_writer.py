@@ -130,7 +130,9 @@ def test_a_writer_task_cancelled_mid_write_still_finishes_the_batch(tmp_path, wr
 
 
 def wait_done(writer) -> None:
-    select.select([writer.fileno()], [], [], 10)
+    while not writer.ready:
+        select.select([writer.fileno()], [], [], 10)
+        writer.clear_signal()
 
 
 def test_compiled_writer_refuses_misuse_without_handing_anything_over(tmp_path):

@@ -366,7 +366,9 @@ class SpoolSink:
             # committed or failed before anyone acts on it.
             with trio.CancelScope(shield=True):
                 writer.start(rows, dead_rows, pending, measure)
-                await trio.lowlevel.wait_readable(writer.fileno())
+                while not writer.ready:
+                    await trio.lowlevel.wait_readable(writer.fileno())
+                    writer.clear_signal()
                 used = writer.finish()
             self._full = measure and used >= self.spool.max_bytes
         finally:
