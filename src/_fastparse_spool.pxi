@@ -145,6 +145,8 @@ cdef enum:
 
 cdef int _SW_RECORD_COLUMNS = 6       # gridgate.spool._ROW_COLUMNS
 cdef int _SW_REJECTION_COLUMNS = 8    # gridgate.spool._REJECTION_COLUMNS
+cdef dict _SW_STATEMENT_PARAMS = {"insert_records": 6, "insert_pending": 6, "insert_rejections": 8,
+                                  "count_records": 2, "count_pending": 2}
 
 cdef struct _sw_cell:
     int kind
@@ -357,10 +359,6 @@ cdef object _sw_error_class(int code):
 
 # -- the Python face ---------------------------------------------------------------
 
-cdef bytes _sw_sql(str sql):
-    return sql.encode()
-
-
 cdef class SpoolWriter:
     """Commits batches to a spool file on its own OS thread.
 
@@ -386,8 +384,16 @@ cdef class SpoolWriter:
         pthread_mutex_init(&self.st.mu, NULL)
         pthread_cond_init(&self.st.cv, NULL)
 
-    def __init__(self, str library_path, str path, bint fsync=False, int busy_timeout_ms=5000):
+    def __init__(self, str library_path, str path, dict statements, bint fsync=False, int busy_timeout_ms=5000):
+        """``statements``: the spool's own SQL (gridgate.spool.Spool.writer_statements),
+        so the schema is written down once: "insert_records", "insert_pending"
+        (6 parameters), "insert_rejections" (8), "count_records",
+        "count_pending" (records or pending, then rejected)."""
         _sw_load(library_path)
+        for key, params in _SW_STATEMENT_PARAMS.items():
+            text = statements.get(key)
+            if not isinstance(text, str) or text.count("?") != params:
+                raise ValueError(f"statement {key!r} must be SQL with {params} parameters, not {text!r}")
         cdef _sw_state *st = self.st
         self.path = path
         cdef bytes wal = (path + "-wal").encode()
@@ -403,24 +409,22 @@ cdef class SpoolWriter:
         self._exec(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         if not self._in_wal_mode():
             raise OSError(f"{path} is not in WAL mode")
-        records = "device_id, ts_ns, received_ns, protocol, fields, tags"
         sqls = {
             _SW_BEGIN: "BEGIN",
             _SW_COMMIT: "COMMIT",
             _SW_ROLLBACK: "ROLLBACK",
-            _SW_INSERT_RECORD: f"INSERT INTO records ({records}) VALUES (?, ?, ?, ?, ?, ?)",
-            _SW_INSERT_PENDING: f"INSERT INTO pending ({records}) VALUES (?, ?, ?, ?, ?, ?)",
-            _SW_INSERT_REJECTION: "INSERT INTO rejections (received_ns, protocol, reason, field, idx, device_id, "
-                                  "detail, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            _SW_COUNT_RECORDS: "UPDATE counters SET records = records + ?, rejected = rejected + ? WHERE id = 1",
-            _SW_COUNT_PENDING: "UPDATE counters SET pending = pending + ?, rejected = rejected + ? WHERE id = 1",
+            _SW_INSERT_RECORD: statements["insert_records"],
+            _SW_INSERT_PENDING: statements["insert_pending"],
+            _SW_INSERT_REJECTION: statements["insert_rejections"],
+            _SW_COUNT_RECORDS: statements["count_records"],
+            _SW_COUNT_PENDING: statements["count_pending"],
             _SW_PAGE_COUNT: "PRAGMA page_count",
             _SW_FREELIST_COUNT: "PRAGMA freelist_count",
             _SW_PAGE_SIZE: "PRAGMA page_size",
         }
         cdef bytes sql
         for which, text in sqls.items():
-            sql = _sw_sql(text)
+            sql = text.encode()
             if _sw_api.prepare_v2(st.db, sql, -1, &st.stmts[<int>which], NULL) != _SW_OK:
                 raise OSError(f"cannot prepare {text!r} on {path}: {_sw_api.errmsg(st.db).decode(errors='replace')}")
         st.done_r, st.done_w = _sw_os.pipe()        # close-on-exec

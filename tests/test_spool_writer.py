@@ -137,7 +137,7 @@ def wait_done(writer) -> None:
 
 def test_compiled_writer_refuses_misuse_without_handing_anything_over(tmp_path):
     spool = Spool(tmp_path)
-    writer = _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path))
+    writer = _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path), spool.writer_statements())
     with pytest.raises(RuntimeError, match="no batch"):
         writer.finish()
     with pytest.raises(ValueError, match="row 1 has 5 values, not 6"):
@@ -166,7 +166,7 @@ def test_compiled_writer_refuses_misuse_without_handing_anything_over(tmp_path):
 
 def test_compiled_writer_closes_after_the_batch_in_hand(tmp_path):
     spool = Spool(tmp_path)
-    writer = _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path))
+    writer = _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path), spool.writer_statements())
     writer.start(record_rows([record(i) for i in range(2000)]), [])
     writer.close()                                   # joins the thread: the batch is committed first
     assert spool.stats()["records"] == 2000
@@ -176,9 +176,15 @@ def test_compiled_writer_closes_after_the_batch_in_hand(tmp_path):
 def test_compiled_writer_needs_a_wal_spool_and_a_loaded_sqlite(tmp_path):
     plain = tmp_path / "plain.sqlite3"
     sqlite3.connect(plain).execute("CREATE TABLE t (a)").connection.close()
+    spool = Spool(tmp_path / "spool")
+    statements = spool.writer_statements()
     with pytest.raises(OSError, match="not in WAL mode"):
-        _fastparse.SpoolWriter(_sqlite3.__file__, str(plain))
+        _fastparse.SpoolWriter(_sqlite3.__file__, str(plain), statements)
     with pytest.raises(OSError, match="cannot open"):
-        _fastparse.SpoolWriter(_sqlite3.__file__, str(tmp_path / "missing" / "spool.sqlite3"))
+        _fastparse.SpoolWriter(_sqlite3.__file__, str(tmp_path / "missing" / "spool.sqlite3"), statements)
     with pytest.raises(RuntimeError, match="already bound"):
-        _fastparse.SpoolWriter("/nonexistent/libsqlite3.so", str(plain))
+        _fastparse.SpoolWriter("/nonexistent/libsqlite3.so", str(plain), statements)
+    with pytest.raises(ValueError, match="'insert_rejections' must be SQL with 8 parameters"):
+        _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path),
+                               {**statements, "insert_rejections": statements["insert_records"]})
+    spool.close()

@@ -72,6 +72,8 @@ CREATE TABLE IF NOT EXISTS pending ({record_columns});
 """.format(record_columns=_RECORD_COLUMNS)
 
 _ROW_COLUMNS = ("device_id", "ts_ns", "received_ns", "protocol", "fields", "tags")
+# {counter}: records (the spool sink's own) or pending (bound for an external sink)
+_COUNT_SQL = "UPDATE counters SET {counter} = {counter} + ?, rejected = rejected + ? WHERE id = 1"
 _REJECTION_COLUMNS = ("received_ns", "protocol", "reason", "field", "idx", "device_id", "detail", "raw")
 
 
@@ -213,13 +215,18 @@ class Spool:
                 (self._insert_pending if pending else self._insert_records).run(db, record_rows(records))
             if dead:
                 self._insert_rejections.run(db, rejection_rows(dead))
-            counter = "pending" if pending else "records"
-            db.execute(f"UPDATE counters SET {counter} = {counter} + ?, rejected = rejected + ? WHERE id = 1",
-                       (len(records), len(dead)))
+            db.execute(_COUNT_SQL.format(counter="pending" if pending else "records"), (len(records), len(dead)))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def writer_statements(self) -> dict[str, str]:
+        """The SQL of a batch write, one row per statement, for the compiled writer."""
+        return {"insert_records": self._insert_records.sql(1), "insert_pending": self._insert_pending.sql(1),
+                "insert_rejections": self._insert_rejections.sql(1),
+                "count_records": _COUNT_SQL.format(counter="records"),
+                "count_pending": _COUNT_SQL.format(counter="pending")}
 
     def read_pending(self, limit: int) -> tuple[int, list[Record]]:
         """The oldest pending records (at most ``limit``) and the id of the last one (0: none)."""
@@ -291,7 +298,7 @@ def open_native_writer(spool: Spool, fsync: bool) -> "tuple[SpoolWriter | None, 
     import _sqlite3
 
     try:
-        writer = hotpath.spool.SpoolWriter(_sqlite3.__file__, str(spool.path), fsync)
+        writer = hotpath.spool.SpoolWriter(_sqlite3.__file__, str(spool.path), spool.writer_statements(), fsync)
     except OSError as exc:
         return None, f"spool writer: worker thread (compiled writer unavailable: {exc})"
     return writer, "spool writer: compiled, own thread"
