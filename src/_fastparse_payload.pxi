@@ -9,6 +9,7 @@
 
 from libc.math cimport floor, isfinite
 from cpython.dict cimport PyDict_GetItem, PyDict_Next
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.object cimport PyObject
 
 import math as _pl_math
@@ -27,6 +28,7 @@ cdef frozenset _pl_RESERVED = frozenset(("device_id", "timestamp_ms", "timestamp
 cdef object _pl_INT64_MIN = -(2 ** 63)
 cdef object _pl_INT64_MAX = 2 ** 63 - 1
 cdef int _pl_MAX_DEPTH = 64
+cdef Py_ssize_t _pl_LOCATION_CACHE = 1024     # distinct locations remembered; then forgotten all at once
 cdef dict _pl_FORMAT_NAMES = {"json": "JSON", "msgpack": "MessagePack"}
 
 
@@ -131,15 +133,26 @@ cdef class _pl_Rule:
         return (self.has_min and value < self.min_obj) or (self.has_max and value > self.max_obj)
 
 
-cdef inline bint _pl_starts_array(bytes raw):
-    cdef Py_ssize_t i, n = len(raw)
-    cdef unsigned char c
-    for i in range(n):
-        c = raw[i]
-        if c == 32 or c == 9 or c == 10 or c == 13:
-            continue
-        return c == 91  # '['
-    return False
+cdef bint _pl_starts_array(object payload) except -1:
+    cdef Py_buffer view
+    cdef const unsigned char *p
+    cdef Py_ssize_t i
+    cdef bint found = False
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char *>view.buf
+        for i in range(view.len):
+            if p[i] == 32 or p[i] == 9 or p[i] == 10 or p[i] == 13:
+                continue
+            found = p[i] == 91  # '['
+            break
+    finally:
+        PyBuffer_Release(&view)
+    return found
+
+
+cdef inline bytes _pl_bytes(object raw):
+    return <bytes>raw if type(raw) is bytes else bytes(raw)
 
 
 cdef class Validator:
@@ -147,6 +160,7 @@ cdef class Validator:
 
     cdef readonly object rules
     cdef dict field_rules          # name -> _pl_Rule
+    cdef dict location_tags        # location string seen -> the tags it makes
     cdef tuple levels
     cdef long long skew_ns
     cdef long long max_payload_bytes
@@ -158,6 +172,7 @@ cdef class Validator:
     def __init__(self, rules):
         self.rules = rules
         self.field_rules = {name: _pl_Rule(rule) for name, rule in rules.fields.items()}
+        self.location_tags = {}
         self.levels = tuple(rules.location_levels)
         self.skew_ns = rules.max_future_skew_s * 1_000_000_000
         self.max_payload_bytes = rules.max_payload_bytes
@@ -173,54 +188,73 @@ cdef class Validator:
         self.temp_max = self.temp_rule.max if self.temp_has_max else 0.0
 
     def validate(self, payload, str fmt, str protocol, device_id, received_ns):
-        cdef bytes raw = payload if type(payload) is bytes else bytes(payload)
+        """(records, rejections) of one payload (bytes or a memoryview of bytes)."""
+        cdef list records = [], rejections = []
+        self._validate(payload, fmt, protocol, device_id, received_ns, records, rejections)
+        return records, rejections
+
+    def validate_into(self, payload, str fmt, str protocol, device_id, received_ns, list records,
+                      list rejections):
+        """As validate, appending to the caller's lists (a session gathering
+        a whole read's readings skips two lists and a tuple per payload);
+        returns how many records and rejections it appended."""
+        cdef Py_ssize_t before = len(records) + len(rejections)
+        self._validate(payload, fmt, protocol, device_id, received_ns, records, rejections)
+        return len(records) + len(rejections) - before
+
+    cdef int _validate(self, object payload, str fmt, str protocol, object device_id, object received_ns,
+                       list records, list rejections) except -1:
+        # The payload is decoded where it lies (msgspec reads any buffer): the
+        # bytes copy kept in a Rejection is made only for a rejection.
         cdef list raws = None
         cdef object obj
-        if len(raw) > self.max_payload_bytes:
-            return [], [_pl_Rejection(reason="too_large", device_id=device_id, raw=raw,
-                                      detail=f"payload of {len(raw)} bytes exceeds max_payload_bytes "
-                                             f"{self.max_payload_bytes}")]
+        cdef Py_ssize_t size = len(payload)
+        if size > self.max_payload_bytes:
+            rejections.append(_pl_Rejection(reason="too_large", device_id=device_id, raw=_pl_bytes(payload),
+                                            detail=f"payload of {size} bytes exceeds max_payload_bytes "
+                                                   f"{self.max_payload_bytes}"))
+            return 0
         if fmt == "ndjson":
-            return self._ndjson(raw, protocol, device_id, received_ns)
+            return self._ndjson(_pl_bytes(payload), protocol, device_id, received_ns, records, rejections)
         if fmt != "json" and fmt != "msgpack":
             raise ValueError(f"unknown payload format {fmt!r}")
         try:
             if fmt == "json":
-                if _pl_starts_array(raw):
-                    raws = _pl_json_raw_list.decode(raw)
+                if _pl_starts_array(payload):
+                    raws = _pl_json_raw_list.decode(payload)
                     obj = [_pl_json_any.decode(r) for r in raws]
                 else:
-                    obj = _pl_json_any.decode(raw)
+                    obj = _pl_json_any.decode(payload)
             else:
-                obj = _pl_msgpack_any.decode(raw)
+                obj = _pl_msgpack_any.decode(payload)
                 if type(obj) is list:
-                    raws = _pl_msgpack_raw_list.decode(raw)
+                    raws = _pl_msgpack_raw_list.decode(payload)
             if type(obj) is dict or type(obj) is list:
                 _pl_check_depth(obj, 1)
         except (ValueError, _pl_Malformed, RecursionError):  # DecodeError is a ValueError; so is UnicodeDecodeError
-            return [], [_pl_Rejection(reason="malformed", device_id=device_id, raw=raw,
-                                      detail=f"payload is not valid {_pl_FORMAT_NAMES[fmt]}")]
+            rejections.append(_pl_Rejection(reason="malformed", device_id=device_id, raw=_pl_bytes(payload),
+                                            detail=f"payload is not valid {_pl_FORMAT_NAMES[fmt]}"))
+            return 0
         if raws is None:
             if type(obj) is not dict:
-                return [], [_pl_Rejection(reason="not_object", device_id=device_id, raw=raw,
-                                          detail="payload must be an object or an array of objects")]
-            records = []
-            rejections = []
-            self._judge_one(obj, raw, 0, protocol, device_id, received_ns, records, rejections)
-            return records, rejections
+                rejections.append(_pl_Rejection(reason="not_object", device_id=device_id, raw=_pl_bytes(payload),
+                                                detail="payload must be an object or an array of objects"))
+                return 0
+            self._judge_one(obj, payload, 0, protocol, device_id, received_ns, records, rejections)
+            return 0
         if len(obj) > self.max_batch_items:
-            return [], [_pl_Rejection(reason="too_large", device_id=device_id, raw=raw,
-                                      detail=f"batch of {len(obj)} readings exceeds max_batch_items "
-                                             f"{self.max_batch_items}")]
-        records = []
-        rejections = []
+            rejections.append(_pl_Rejection(reason="too_large", device_id=device_id, raw=_pl_bytes(payload),
+                                            detail=f"batch of {len(obj)} readings exceeds max_batch_items "
+                                                   f"{self.max_batch_items}"))
+            return 0
         for index in range(len(<list>obj)):
-            self._judge_one((<list>obj)[index], bytes(raws[index]), index, protocol, device_id, received_ns,
+            self._judge_one((<list>obj)[index], raws[index], index, protocol, device_id, received_ns,
                             records, rejections)
-        return records, rejections
+        return 0
 
-    cdef tuple _ndjson(self, bytes raw, str protocol, device_id, received_ns):
-        cdef list records = [], rejections = []
+    cdef int _ndjson(self, bytes raw, str protocol, device_id, received_ns, list records,
+                     list rejections) except -1:
+        cdef Py_ssize_t first_record = len(records), first_rejection = len(rejections)
         cdef Py_ssize_t index = 0
         cdef bytes line
         for line in raw.split(b"\n"):
@@ -229,8 +263,12 @@ cdef class Validator:
             if not line.strip(b" \t\r"):
                 continue
             if index >= self.max_batch_items:
-                return [], [_pl_Rejection(reason="too_large", device_id=device_id, raw=raw,
-                                          detail=f"more than max_batch_items {self.max_batch_items} lines")]
+                # the whole payload is refused: none of its lines count
+                del records[first_record:]
+                del rejections[first_rejection:]
+                rejections.append(_pl_Rejection(reason="too_large", device_id=device_id, raw=raw,
+                                                detail=f"more than max_batch_items {self.max_batch_items} lines"))
+                return 0
             try:
                 obj = _pl_json_any.decode(line)
                 if type(obj) is dict or type(obj) is list:
@@ -241,10 +279,11 @@ cdef class Validator:
             else:
                 self._judge_one(obj, line, index, protocol, device_id, received_ns, records, rejections)
             index += 1
-        return records, rejections
+        return 0
 
-    cdef _judge_one(self, object item, bytes raw, Py_ssize_t index, str protocol, object conn_id,
+    cdef _judge_one(self, object item, object raw, Py_ssize_t index, str protocol, object conn_id,
                     object received_ns, list records, list rejections):
+        # raw: the reading's bytes, or a buffer (memoryview, msgspec.Raw) of them
         cdef object device = conn_id
         try:
             if type(item) is not dict:
@@ -255,7 +294,7 @@ cdef class Validator:
             tags = self._tags(<dict>item)
         except _pl_Reject as rej:
             rejections.append(_pl_Rejection(reason=rej.reason, field=rej.field, index=index, device_id=device,
-                                            raw=raw, detail=rej.detail))
+                                            raw=_pl_bytes(raw), detail=rej.detail))
             return
         records.append(_pl_Record(device_id=device, ts_ns=ts_ns, received_ns=received_ns, protocol=protocol,
                                   fields=fields, tags=tags))
@@ -401,12 +440,20 @@ cdef class Validator:
         return 0
 
     cdef dict _tags(self, dict item):
-        cdef dict tags = {}
+        cdef dict tags
         cdef PyObject* found = PyDict_GetItem(item, "location")
+        cdef PyObject* known = NULL
         cdef object location, given
         cdef list parts
         cdef Py_ssize_t i
-        if found != NULL:
+        if found != NULL and type(<object>found) is str:
+            known = PyDict_GetItem(self.location_tags, <object>found)
+        if known != NULL:
+            # a device reports from the same place every time: its location
+            # is split and checked once (the twin does it each time)
+            tags = (<dict>known).copy()
+        elif found != NULL:
+            tags = {}
             location = <object>found
             parts = (<str>location).split("/") if type(location) is str else None
             ok = parts is not None and len(parts) <= len(self.levels)
@@ -420,6 +467,11 @@ cdef class Validator:
                                  f"location must be 1 to {len(self.levels)} non-empty '/'-separated names")
             for i in range(len(parts)):
                 tags[self.levels[i]] = parts[i]
+            if len(self.location_tags) >= _pl_LOCATION_CACHE:
+                self.location_tags.clear()
+            self.location_tags[location] = tags.copy()
+        else:
+            tags = {}
         found = PyDict_GetItem(item, "tags")
         if found != NULL:
             given = <object>found

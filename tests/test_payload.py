@@ -262,3 +262,50 @@ def test_msgpack_string_that_is_not_utf8_is_malformed(v):
     raw = b"\xa4\x00\x00\x00\x80"
     assert v.validate(raw, "msgpack", "mqtt", None, NOW) == ([], [Rejection(
         reason="malformed", raw=raw, detail="payload is not valid MessagePack")])
+
+
+def test_rejections_of_a_memoryview_keep_bytes(v):
+    data = b'xx{"x": "hot"}yy'
+    _, (rej,) = v.validate(memoryview(data)[2:-2], "json", "mqtt", "m", NOW)
+    assert type(rej.raw) is bytes and rej.raw == b'{"x": "hot"}'
+    _, (whole,) = v.validate(memoryview(b'xx{"x": ')[2:], "json", "mqtt", "m", NOW)
+    assert whole.reason == "malformed" and type(whole.raw) is bytes and whole.raw == b'{"x": '
+
+
+def test_validate_into_appends_and_counts(v):
+    records, rejections = ["earlier"], []
+    n = v.validate_into(b'[{"x": 1}, {"x": "bad"}, {"y": 2}]', "json", "mqtt", "m", NOW, records, rejections)
+    assert n == 3
+    assert records[0] == "earlier" and [r.fields for r in records[1:]] == [{"x": 1.0}, {"y": 2.0}]
+    assert [r.index for r in rejections] == [1]
+
+
+def test_validate_into_an_ndjson_over_the_batch_limit_appends_only_its_refusal(payload_impl):
+    v = payload_impl.Validator(PayloadRules(max_batch_items=2))
+    records, rejections = ["earlier"], ["earlier"]
+    raw = b'{"x": 1}\n{"x": 2}\n{"x": 3}\n'
+    assert v.validate_into(raw, "ndjson", "http", "m", NOW, records, rejections) == 1
+    assert records == ["earlier"]
+    assert rejections[0] == "earlier" and rejections[1].reason == "too_large" and len(rejections) == 2
+
+
+def test_a_location_seen_before_gives_equal_tags_in_a_dict_of_its_own(v):
+    raw = b'{"x": 1, "location": "sh/fa", "tags": {"vendor": "acme"}}'
+    (first,), _ = v.validate(raw, "json", "mqtt", "m", NOW)
+    first.tags["site"] = "changed by a consumer"
+    (second,), _ = v.validate(raw, "json", "mqtt", "m", NOW)
+    assert second.tags == {"region": "sh", "site": "fa", "vendor": "acme"}
+    (plain,), _ = v.validate(b'{"x": 1, "location": "sh/fa"}', "json", "mqtt", "m", NOW)
+    assert plain.tags == {"region": "sh", "site": "fa"}
+    # the tags of one reading never leak into the next one from that place
+    _, (conflict,) = v.validate(b'{"x": 1, "location": "sh/fa", "tags": {"region": "bj"}}', "json", "mqtt", "m", NOW)
+    assert conflict.reason == "bad_tag" and conflict.field == "tags.region"
+
+
+def test_many_distinct_locations_and_a_bad_one_seen_twice(v):
+    for i in range(2500):               # past the compiled validator's memory of locations
+        (rec,), _ = v.validate(b'{"x": 1, "location": "r%d/s"}' % i, "json", "mqtt", "m", NOW)
+        assert rec.tags == {"region": f"r{i}", "site": "s"}
+    for _ in range(2):
+        _, (rej,) = v.validate(b'{"x": 1, "location": "a//b"}', "json", "mqtt", "m", NOW)
+        assert rej.reason == "bad_tag"

@@ -21,7 +21,7 @@ def test_queued_readings_are_bounded_and_an_empty_queue_takes_a_big_item():
     written: list[int] = []
     gate = trio.Event()
 
-    async def write(records, dead):
+    async def write(records, dead, on_commit=None):
         await gate.wait()
         written.append(len(records))
 
@@ -52,3 +52,34 @@ def test_queued_readings_are_bounded_and_an_empty_queue_takes_a_big_item():
         assert sum(written) == 25 + 6 + 6
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_items_are_acked_once_at_commit_and_a_failing_ack_costs_only_its_own(caplog):
+    acked: list[str] = []
+    gate = trio.Event()
+
+    async def write(records, dead, on_commit=None):
+        on_commit()                      # durable: acks go out while the write still runs
+        assert acked == ["a", "c"]
+        await gate.wait()
+
+    def broken() -> None:
+        raise RuntimeError("a session bug")
+
+    async def main():
+        pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=100,
+                            metrics=Metrics())
+        for on_durable in (lambda: acked.append("a"), broken, lambda: acked.append("c")):
+            assert pipeline.try_submit(WorkItem(item(2).records, [], "mqtt", 0, on_durable))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipeline.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert acked == ["a", "c"]
+            gate.set()
+            await pipeline.close_input()
+            await pipeline.wait_finished()
+        assert acked == ["a", "c"]       # not again once the write returned
+        assert pipeline.accepted == 6
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "acknowledging 2 readings failed" in caplog.text and "a session bug" in caplog.text

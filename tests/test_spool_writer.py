@@ -126,6 +126,117 @@ def test_a_writer_task_cancelled_mid_write_still_finishes_the_batch(tmp_path, wr
     assert [r["received_ns"] for r in contents(tmp_path)[0]] == list(range(5001))
 
 
+@pytest.mark.parametrize("writer", WRITERS)
+def test_on_commit_runs_once_when_the_batch_is_durable_and_never_for_a_failed_one(tmp_path, writer):
+    setup = Spool(tmp_path)
+    setup.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON records WHEN NEW.device_id = 'boom' "
+                     "BEGIN SELECT RAISE(ABORT, 'boom refused'); END")
+    setup.close()
+    seen: list[int] = []
+
+    def on_commit() -> None:
+        seen.append(len(contents(tmp_path)[0]))     # what another reader of the file sees by then
+
+    async def main() -> None:
+        sink = await open_sink(tmp_path, writer)
+        await sink.write_batch([record(i) for i in range(50)], [], on_commit=on_commit)
+        assert seen == [50]
+        with pytest.raises(sqlite3.IntegrityError):
+            await sink.write_batch([record(1, "boom")], [], on_commit=on_commit)
+        assert seen == [50]
+        await sink.write_batch([], [], on_commit=on_commit)        # nothing to write: durable at once
+        assert seen == [50, 50]
+        await sink.aclose()
+
+    trio.run(main)
+
+
+class HeldWriteLock:
+    """Another connection's write transaction: the writer thread waits on it
+    (busy_timeout), so the test decides when the batch can commit."""
+
+    def __init__(self, path) -> None:
+        spool = Spool(path)
+        spool.close()
+        self.db = sqlite3.connect(spool.path, isolation_level=None)
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.close()
+
+
+def _wait_for_writer_thread(sink: SpoolSink) -> None:
+    # block the loop (the writing task stays parked) until the thread is done
+    while not sink._writer.ready:
+        select.select([sink._writer.fileno()], [], [], 10)
+
+
+def test_poll_acks_a_compiled_write_before_the_writing_task_runs_again(tmp_path):
+    events: list[str] = []
+
+    async def write(records, on_commit) -> None:
+        await sink.write_batch(records, [], on_commit=on_commit)
+        events.append("returned")
+
+    async def main() -> None:
+        nonlocal sink
+        sink = await open_sink(tmp_path, "compiled")
+        sink.poll()                                     # nothing in flight: nothing happens
+        lock = HeldWriteLock(tmp_path)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write, [record(i) for i in range(300)], lambda: events.append("committed"))
+            await trio.testing.wait_all_tasks_blocked()     # handed over; the thread waits for the lock
+            sink.poll()
+            assert events == []
+            lock.release()
+            _wait_for_writer_thread(sink)
+            sink.poll()                                 # as a session does between its reads
+            assert events == ["committed"]
+            sink.poll()
+            assert events == ["committed"]
+        assert events == ["committed", "returned"]
+        # the next writes find the writer's signal pipe in order
+        for n in range(3):
+            await sink.write_batch([record(300 + n)], [], on_commit=lambda: events.append("again"))
+        assert events[2:] == ["again"] * 3
+        await sink.aclose()
+
+    sink = None
+    trio.run(main)
+    assert [r["received_ns"] for r in contents(tmp_path)[0]] == list(range(303))
+
+
+def test_poll_leaves_a_failed_compiled_write_to_the_writing_task(tmp_path):
+    setup = Spool(tmp_path)
+    setup.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON records WHEN NEW.device_id = 'boom' "
+                     "BEGIN SELECT RAISE(ABORT, 'boom refused'); END")
+    setup.close()
+    committed: list[bool] = []
+
+    async def main() -> None:
+        sink = await open_sink(tmp_path, "compiled")
+
+        async def write() -> None:
+            with pytest.raises(sqlite3.IntegrityError, match="boom refused"):
+                await sink.write_batch([record(0), record(1, "boom")], [], on_commit=lambda: committed.append(True))
+
+        lock = HeldWriteLock(tmp_path)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            lock.release()
+            _wait_for_writer_thread(sink)
+            sink.poll()
+            assert committed == []
+        assert committed == []
+        await sink.write_batch([record(2)], [])
+        await sink.aclose()
+
+    trio.run(main)
+    assert [r["received_ns"] for r in contents(tmp_path)[0]] == [2]
+
+
 # -- the compiled writer's own contract ------------------------------------------------
 
 

@@ -180,6 +180,15 @@ class Validator:
                                          f"{rules.max_batch_items}")]
         return self._judge_all(obj, raws, protocol, device_id, received_ns)
 
+    def validate_into(self, payload: bytes | memoryview, fmt: str, protocol: str, device_id: str | None,
+                      received_ns: int, records: list[Record], rejections: list[Rejection]) -> int:
+        """As validate, appending to the caller's lists; returns how many
+        records and rejections it appended."""
+        new_records, new_rejections = self.validate(payload, fmt, protocol, device_id, received_ns)
+        records.extend(new_records)
+        rejections.extend(new_rejections)
+        return len(new_records) + len(new_rejections)
+
     def _ndjson(self, raw: bytes, protocol: str, device_id: str | None,
                 received_ns: int) -> tuple[list[Record], list[Rejection]]:
         records: list[Record] = []

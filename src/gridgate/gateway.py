@@ -122,6 +122,10 @@ class Gateway:
         self.config = config
         self.metrics = metrics
         self.spool = spool
+        # Sessions call this between reads: the spool's compiled write in
+        # flight is finished, and its batch acknowledged, by the first task
+        # to see it done instead of at the loop's next I/O poll.
+        self.poll_durable: Callable[[], None] = spool.poll
         self.addresses: dict[str, tuple[str, int]] = {}
         _, fd_limit = raise_open_file_limit()
         self.max_connections = effective_max_connections(config.connections.max_connections, fd_limit)
@@ -134,6 +138,7 @@ class Gateway:
         rules = config.payload_rules()
         self.validator = hotpath.payload.Validator(rules)
         self.validate = self.validator.validate
+        self.validate_into = self.validator.validate_into
         # the std HTTP engine's validator: always the pure-Python reference
         self.std_validator = _payload_py.Validator(rules)
         # device id -> config, pushed as UPDATE_CONFIG when the device connects
@@ -167,9 +172,10 @@ class Gateway:
         assert self._conn_nursery is not None, "the gateway is not serving"
         return self._conn_nursery
 
-    async def _write(self, records: list[Record], dead: list[tuple[str, int, Rejection]]) -> None:
+    async def _write(self, records: list[Record], dead: list[tuple[str, int, Rejection]],
+                     on_commit: Callable[[], None] | None = None) -> None:
         if self.forwarder is None:
-            await self.spool.write_batch(records, dead)
+            await self.spool.write_batch(records, dead, on_commit=on_commit)
         else:
             # dead letters always stay in the spool; records go to the sink or pending
             await self.forwarder.write(records, dead)

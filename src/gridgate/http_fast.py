@@ -130,6 +130,7 @@ async def serve_fast_http(stream: trio.abc.Stream, gateway: "Gateway", session: 
             if begun:
                 out = []
                 last = len(begun) - 1
+                gateway.poll_durable()
                 # gateway.durable_timeouts sets done (expired) at the durable
                 # timeout: no cancel scope per request
                 for item in begun:

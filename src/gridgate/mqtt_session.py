@@ -125,6 +125,7 @@ class MQTTConnection:
         max_outgoing = self.gw.config.mqtt.max_outgoing_bytes
         fd = self._fd
         receive_some = None if fd >= 0 else self.stream.receive_some
+        poll_durable = self.gw.poll_durable
         unyielded = 0
         drained = False             # the last read came back short: the socket is most likely empty now
         try:
@@ -177,6 +178,7 @@ class MQTTConnection:
                 if not await self._handle(events):
                     break
                 events = None
+                poll_durable()
             await self._flush()
         except trio.Cancelled:
             deadline = session.drain_deadline
@@ -212,7 +214,7 @@ class MQTTConnection:
         durable_pubrecs: list[int] = []
         keep_open = True
         received_ns = 0
-        validate = self.gw.validate
+        validate_into = self.gw.validate_into
         for ev in events:
             if type(ev) is Publish:
                 # Readings without a device timestamp take their receive time;
@@ -237,12 +239,8 @@ class MQTTConnection:
                 if topic == self.telemetry_topic or topic == "telemetry":
                     payload = ev.payload
                     fmt = "json" if not payload or payload[0] in _JSON_FIRST else "msgpack"
-                    recs, rejs = validate(payload, fmt, self.protocol, self.client_id, publish_ns)
-                    self._next_ns = publish_ns + len(recs) + len(rejs) + 1
-                    if recs:
-                        records.extend(recs)
-                    if rejs:
-                        rejections.extend(rejs)
+                    n = validate_into(payload, fmt, self.protocol, self.client_id, publish_ns, records, rejections)
+                    self._next_ns = publish_ns + n + 1
                 else:
                     rejections.append(Rejection(
                         reason="bad_topic", field="topic", index=None, device_id=self.client_id,

@@ -7,8 +7,10 @@ socket (backpressure) instead of growing memory. The batcher takes items,
 writes them as one batch (group commit: everything already queued goes in,
 then, if the batcher had been idle, it waits at most ``batch_max_delay_ms``
 for more up to ``batch_max_records``; under steady load the previous write
-was that window, so it writes at once), and only after the write returned calls each item's
-``on_durable`` - which is where MQTT PUBACKs and HTTP 202s come from.
+was that window, so it writes at once), and once the batch is durable calls each item's
+``on_durable`` - which is where MQTT PUBACKs and HTTP 202s come from. That is
+when the write returns, or sooner: the spool's compiled writer lets the first
+session that sees the commit done run the acks (``SpoolSink.poll``).
 
 A failed write is retried with backoff, never dropped: while it fails, the
 channel fills and every reader is held back.
@@ -32,9 +34,11 @@ __all__ = ["WorkItem", "Pipeline", "WriteFn"]
 
 log = logging.getLogger("gridgate.pipeline")
 
-# write(records, dead_letters) must return only once both are durable.
+# write(records, dead_letters, on_commit) must return only once both are
+# durable; it may call on_commit (once, when not None) as soon as they are,
+# before it returns, so acks need not wait for the writing task's next turn.
 # dead_letters: (protocol, received_ns, rejection) triples.
-WriteFn = Callable[[list[Record], list[tuple[str, int, Rejection]]], Awaitable[None]]
+WriteFn = Callable[[list[Record], list[tuple[str, int, Rejection]], "Callable[[], None] | None"], Awaitable[None]]
 
 
 class WorkItem:
@@ -207,8 +211,17 @@ class Pipeline:
             if item.rejections:
                 protocol, received_ns = item.protocol, item.received_ns
                 dead.extend([(protocol, received_ns, r) for r in item.rejections])
+        acked = False
+
+        def ack() -> None:
+            nonlocal acked
+            if not acked:
+                acked = True
+                _acknowledge(items)
+
         if records or dead:
-            await self.write_with_retry(records, dead)
+            await self.write_with_retry(records, dead, ack)
+        ack()
         self._current = []
         m = self.metrics
         # one labelled increment per protocol (and reason) per batch, not per item
@@ -220,8 +233,6 @@ class Pipeline:
             for r in item.rejections:
                 key = (item.protocol, r.reason)
                 rejected[key] = rejected.get(key, 0) + 1
-            if item.on_durable is not None:
-                item.on_durable()
         for protocol, n in accepted.items():
             m.readings_accepted.labels(protocol).inc(n)
         for (protocol, reason), n in rejected.items():
@@ -233,15 +244,17 @@ class Pipeline:
             m.batches.inc()
             m.batch_records.observe(len(records) + len(dead))
 
-    async def write_with_retry(self, records: list[Record], dead: list[tuple[str, int, Rejection]]) -> None:
+    async def write_with_retry(self, records: list[Record], dead: list[tuple[str, int, Rejection]],
+                               on_commit: Callable[[], None] | None = None) -> None:
         """Write until it succeeds. Nothing acknowledged may be lost, so a
-        failing sink holds the pipeline (and, through it, every reader)."""
+        failing sink holds the pipeline (and, through it, every reader).
+        ``on_commit``: see WriteFn."""
         delay = 0.05
         failures = 0
         while True:
             started = trio.current_time()
             try:
-                await self._write(records, dead)
+                await self._write(records, dead, on_commit)
             except Exception as exc:  # any sink failure: retry; Cancelled is not an Exception
                 failures += 1
                 self.metrics.sink_write_errors.labels(type(exc).__name__).inc()
@@ -255,3 +268,14 @@ class Pipeline:
             if failures:
                 log.warning("sink write succeeded after %d failed attempts", failures)
             return
+
+
+def _acknowledge(items: list[WorkItem]) -> None:
+    """Run each item's on_durable. One that fails (a bug) is logged and
+    costs only its own connection its acks, not the rest of the batch."""
+    for item in items:
+        if item.on_durable is not None:
+            try:
+                item.on_durable()
+            except Exception:
+                log.exception("acknowledging %d readings failed", item.size)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -320,6 +320,13 @@ class SpoolSink:
         self.writer_description = writer_description or "spool writer: worker thread"
         self._limiter = trio.CapacityLimiter(1)
         self._full = False
+        # The compiled write in flight: whoever sees it done first (the
+        # writing task, or a session calling poll() between its reads)
+        # finishes it and runs its on_commit.
+        self._in_flight = False
+        self._on_commit: Callable[[], None] | None = None
+        self._outcome: BaseException | None = None
+        self._measure = False
 
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], *, fsync: bool = False, max_bytes: int = 0,
@@ -340,20 +347,53 @@ class SpoolSink:
         await self.write_batch(batch, ())
 
     async def write_batch(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
-                          pending: bool = False) -> None:
+                          pending: bool = False, on_commit: Callable[[], None] | None = None) -> None:
+        """Commit the batch; return once it is durable.
+
+        ``on_commit``: called once the batch is committed, possibly before this
+        returns: by ``poll()`` in whichever task sees the commit first. Not
+        called when the write fails.
+        """
         if not records and not dead:
+            if on_commit is not None:
+                on_commit()
             return
         try:
             if self._writer is None:
                 self._full = await self._run(self._write_then_check, records, dead, pending)
+                if on_commit is not None:
+                    on_commit()
             else:
-                await self._write_native(records, dead, pending)
+                await self._write_native(records, dead, pending, on_commit)
         except SinkFullError:
             self._full = True
             raise
 
+    def poll(self) -> None:
+        """Finish the compiled write in flight if its thread is done with it.
+
+        For tasks that run between the loop's I/O polls (sessions, after
+        each read): the writer's pipe is only seen at the next poll, after
+        every task that is runnable now has had its turn - milliseconds
+        under load, during which durable readings would wait for their acks.
+        """
+        if self._in_flight and self._writer.ready:
+            self._complete()
+
+    def _complete(self) -> None:
+        self._in_flight = False
+        on_commit, self._on_commit = self._on_commit, None
+        try:
+            used = self._writer.finish()
+        except BaseException as exc:        # the SQLite error: raised by the writing task
+            self._outcome = exc
+            return
+        self._full = self._measure and used >= self.spool.max_bytes
+        if on_commit is not None:
+            on_commit()
+
     async def _write_native(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
-                            pending: bool) -> None:
+                            pending: bool, on_commit: Callable[[], None] | None) -> None:
         writer = self._writer
         # Taking the limiter without a checkpoint when it is free (it nearly
         # always is: the batcher is its main user) spares the batch a whole
@@ -367,17 +407,27 @@ class SpoolSink:
             if self._full:
                 # full as of the last write or delete: look again before refusing
                 await trio.to_thread.run_sync(self.spool.check_room)
-            measure = self.spool.max_bytes > 0
+            self._measure = self.spool.max_bytes > 0
             rows, dead_rows = record_rows(records), rejection_rows(dead)
             # Not cancellable, like a worker-thread write: the batch is either
             # committed or failed before anyone acts on it.
             with trio.CancelScope(shield=True):
-                writer.start(rows, dead_rows, pending, measure)
-                while not writer.ready:
+                writer.start(rows, dead_rows, pending, self._measure)
+                self._on_commit = on_commit
+                self._outcome = None
+                self._in_flight = True
+                while self._in_flight:
+                    if writer.ready:
+                        self._complete()
+                        break
                     await trio.lowlevel.wait_readable(writer.fileno())
+                    # One byte per batch; a batch finished by poll() leaves
+                    # its byte for here or, at worst, one spurious wake-up of
+                    # the next write.
                     writer.clear_signal()
-                used = writer.finish()
-            self._full = measure and used >= self.spool.max_bytes
+            failure, self._outcome = self._outcome, None
+            if failure is not None:
+                raise failure
         finally:
             self._limiter.release()
 
