@@ -8,7 +8,7 @@
 # of interpreter steps.
 
 from libc.math cimport floor, isfinite
-from cpython.dict cimport PyDict_GetItem, PyDict_Next
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetDefault
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.object cimport PyObject
 
@@ -18,13 +18,18 @@ import msgspec as _pl_msgspec
 
 from gridgate.records import Record as _pl_Record, Rejection as _pl_Rejection
 
-_pl_json_any = _pl_msgspec.json.Decoder()
-_pl_json_raw_list = _pl_msgspec.json.Decoder(list[_pl_msgspec.Raw])
-_pl_msgpack_any = _pl_msgspec.msgpack.Decoder()
-_pl_msgpack_raw_list = _pl_msgspec.msgpack.Decoder(list[_pl_msgspec.Raw])
+# bound once: a module global's attribute looked up per payload is a
+# measurable share of a small reading's validation
+cdef object _pl_json_decode = _pl_msgspec.json.Decoder().decode
+cdef object _pl_json_raw_list_decode = _pl_msgspec.json.Decoder(list[_pl_msgspec.Raw]).decode
+cdef object _pl_msgpack_decode = _pl_msgspec.msgpack.Decoder().decode
+cdef object _pl_msgpack_raw_list_decode = _pl_msgspec.msgpack.Decoder(list[_pl_msgspec.Raw]).decode
 
-cdef frozenset _pl_RESERVED = frozenset(("device_id", "timestamp_ms", "timestamp_ns", "temperature_unit",
-                                         "location", "tags", "metrics"))
+# a dict, not a frozenset: PyDict_GetItem is a plain lookup where `in` goes
+# through the generic sequence protocol
+cdef dict _pl_RESERVED = dict.fromkeys(("device_id", "timestamp_ms", "timestamp_ns", "temperature_unit",
+                                        "location", "tags", "metrics"))
+cdef Py_ssize_t _pl_NAME_CACHE = 4096        # field names remembered as valid
 cdef object _pl_INT64_MIN = -(2 ** 63)
 cdef object _pl_INT64_MAX = 2 ** 63 - 1
 cdef int _pl_MAX_DEPTH = 64
@@ -161,6 +166,7 @@ cdef class Validator:
     cdef readonly object rules
     cdef dict field_rules          # name -> _pl_Rule
     cdef dict location_tags        # location string seen -> the tags it makes
+    cdef dict names_ok             # field names found valid
     cdef tuple levels
     cdef long long skew_ns
     cdef long long max_payload_bytes
@@ -173,6 +179,7 @@ cdef class Validator:
         self.rules = rules
         self.field_rules = {name: _pl_Rule(rule) for name, rule in rules.fields.items()}
         self.location_tags = {}
+        self.names_ok = {}
         self.levels = tuple(rules.location_levels)
         self.skew_ns = rules.max_future_skew_s * 1_000_000_000
         self.max_payload_bytes = rules.max_payload_bytes
@@ -221,14 +228,14 @@ cdef class Validator:
         try:
             if fmt == "json":
                 if _pl_starts_array(payload):
-                    raws = _pl_json_raw_list.decode(payload)
-                    obj = [_pl_json_any.decode(r) for r in raws]
+                    raws = _pl_json_raw_list_decode(payload)
+                    obj = [_pl_json_decode(r) for r in raws]
                 else:
-                    obj = _pl_json_any.decode(payload)
+                    obj = _pl_json_decode(payload)
             else:
-                obj = _pl_msgpack_any.decode(payload)
+                obj = _pl_msgpack_decode(payload)
                 if type(obj) is list:
-                    raws = _pl_msgpack_raw_list.decode(payload)
+                    raws = _pl_msgpack_raw_list_decode(payload)
             if type(obj) is dict or type(obj) is list:
                 _pl_check_depth(obj, 1)
         except (ValueError, _pl_Malformed, RecursionError):  # DecodeError is a ValueError; so is UnicodeDecodeError
@@ -270,7 +277,7 @@ cdef class Validator:
                                                 detail=f"more than max_batch_items {self.max_batch_items} lines"))
                 return 0
             try:
-                obj = _pl_json_any.decode(line)
+                obj = _pl_json_decode(line)
                 if type(obj) is dict or type(obj) is list:
                     _pl_check_depth(obj, 1)
             except (ValueError, _pl_Malformed, RecursionError):  # DecodeError is a ValueError; so is UnicodeDecodeError
@@ -300,7 +307,7 @@ cdef class Validator:
                                   fields=fields, tags=tags))
 
     cdef object _device(self, dict item, object conn_id):
-        cdef PyObject* found = PyDict_GetItem(item, "device_id")
+        cdef PyObject* found = PyDict_GetItemWithError(item, "device_id")
         cdef object value
         if found != NULL:
             value = <object>found
@@ -315,8 +322,8 @@ cdef class Validator:
         return conn_id
 
     cdef object _timestamp(self, dict item, object received_ns, Py_ssize_t index):
-        cdef PyObject* ms = PyDict_GetItem(item, "timestamp_ms")
-        cdef PyObject* ns = PyDict_GetItem(item, "timestamp_ns")
+        cdef PyObject* ms = PyDict_GetItemWithError(item, "timestamp_ms")
+        cdef PyObject* ns = PyDict_GetItemWithError(item, "timestamp_ns")
         cdef object value
         cdef long long v, scale, limit, ts_ns, received
         cdef str key
@@ -343,7 +350,7 @@ cdef class Validator:
         return ts_ns
 
     cdef dict _fields(self, dict item):
-        cdef PyObject* found = PyDict_GetItem(item, "metrics")
+        cdef PyObject* found = PyDict_GetItemWithError(item, "metrics")
         cdef object metrics = None
         cdef Py_ssize_t count = 0
         cdef bint seen_temperature = False
@@ -354,7 +361,7 @@ cdef class Validator:
             if type(metrics) is not dict:
                 raise _pl_Reject("bad_type", "metrics", "metrics must be an object")
         for key in item:
-            if key not in _pl_RESERVED:
+            if PyDict_GetItemWithError(_pl_RESERVED, key) == NULL:
                 count += 1
         if metrics is not None:
             count += len(<dict>metrics)
@@ -363,7 +370,7 @@ cdef class Validator:
         if metrics:
             top_names = set()
         for key, value in item.items():
-            if key in _pl_RESERVED:
+            if PyDict_GetItemWithError(_pl_RESERVED, key) != NULL:
                 continue
             if top_names is not None:
                 top_names.add(key)
@@ -376,7 +383,7 @@ cdef class Validator:
                     raise _pl_Reject("bad_type", label, "field given both at top level and in metrics")
                 if self._metric(key, value, label, item, fields):
                     seen_temperature = True
-        if not seen_temperature and PyDict_GetItem(item, "temperature_unit") != NULL:
+        if not seen_temperature and PyDict_GetItemWithError(item, "temperature_unit") != NULL:
             raise _pl_Reject("bad_unit", "temperature_unit", "temperature_unit given without temperature")
         if not fields:
             raise _pl_Reject("malformed", None, "no metrics")
@@ -388,8 +395,12 @@ cdef class Validator:
         cdef object unit
         cdef _pl_Rule rule
         cdef PyObject* found
-        if type(name) is not str or not _pl_name_ok(<str>name, 64):
-            raise _pl_Reject("bad_type", label, "invalid field name")
+        if PyDict_GetItemWithError(self.names_ok, name) == NULL:
+            # a device sends the same few names every time: each is checked once
+            if type(name) is not str or not _pl_name_ok(<str>name, 64):
+                raise _pl_Reject("bad_type", label, "invalid field name")
+            if len(self.names_ok) < _pl_NAME_CACHE:
+                self.names_ok[name] = True
         if vtype is int:
             if value < _pl_INT64_MIN or value > _pl_INT64_MAX:
                 raise _pl_Reject("out_of_range", label, "integer outside the 64-bit range")
@@ -398,8 +409,8 @@ cdef class Validator:
                 raise _pl_Reject("bad_type", label, "value must be a finite number")
         else:
             raise _pl_Reject("bad_type", label, "value must be a number")
-        if name == "temperature":
-            found = PyDict_GetItem(item, "temperature_unit")
+        if <str>name == "temperature":
+            found = PyDict_GetItemWithError(item, "temperature_unit")
             unit = "C" if found == NULL else <object>found
             t = <double>value
             if unit == "C":
@@ -416,7 +427,7 @@ cdef class Validator:
             mc = floor(x + 0.5) if x >= 0 else -floor(-x + 0.5)
             self._put(fields, "temperature_mc", int(mc), label)
             return True
-        found = PyDict_GetItem(self.field_rules, name)
+        found = PyDict_GetItemWithError(self.field_rules, name)
         if found != NULL:
             rule = <_pl_Rule>found
             if rule.integer:
@@ -434,20 +445,23 @@ cdef class Validator:
         return False
 
     cdef int _put(self, dict fields, str name, object value, object label) except -1:
-        if name in fields:
+        # one lookup: setdefault adds the name unless it is there already
+        # (the size tells which; the value may be the very same object)
+        cdef Py_ssize_t before = len(fields)
+        PyDict_SetDefault(fields, name, value)
+        if len(fields) == before:
             raise _pl_Reject("bad_type", label, "field given twice")
-        fields[name] = value
         return 0
 
     cdef dict _tags(self, dict item):
         cdef dict tags
-        cdef PyObject* found = PyDict_GetItem(item, "location")
+        cdef PyObject* found = PyDict_GetItemWithError(item, "location")
         cdef PyObject* known = NULL
         cdef object location, given
         cdef list parts
         cdef Py_ssize_t i
         if found != NULL and type(<object>found) is str:
-            known = PyDict_GetItem(self.location_tags, <object>found)
+            known = PyDict_GetItemWithError(self.location_tags, <object>found)
         if known != NULL:
             # a device reports from the same place every time: its location
             # is split and checked once (the twin does it each time)
@@ -472,7 +486,7 @@ cdef class Validator:
             self.location_tags[location] = tags.copy()
         else:
             tags = {}
-        found = PyDict_GetItem(item, "tags")
+        found = PyDict_GetItemWithError(item, "tags")
         if found != NULL:
             given = <object>found
             if type(given) is not dict:

@@ -309,3 +309,19 @@ def test_many_distinct_locations_and_a_bad_one_seen_twice(v):
     for _ in range(2):
         _, (rej,) = v.validate(b'{"x": 1, "location": "a//b"}', "json", "mqtt", "m", NOW)
         assert rej.reason == "bad_tag"
+
+
+def test_a_field_given_twice_is_refused_even_when_both_values_are_one_object(v):
+    # 100 is a cached small int: the compiled check may not compare values
+    _, (rej,) = v.validate(b'{"temperature_mc": 100, "temperature": 0.1}', "json", "mqtt", "m", NOW)
+    assert (rej.reason, rej.field, rej.detail) == ("bad_type", "temperature", "field given twice")
+
+
+def test_field_names_are_checked_every_time_past_those_remembered(v):
+    for i in range(5000):               # past the compiled validator's memory of valid names
+        (rec,), _ = v.validate(b'{"m%d": 1}' % i, "json", "mqtt", "m", NOW)
+        assert rec.fields == {f"m{i}": 1.0}
+    for name in (b"m1", b"9bad", b"m4999", b"bad name"):
+        records, rejections = v.validate(b'{"%s": 1}' % name, "json", "mqtt", "m", NOW)
+        assert bool(records) == (name in (b"m1", b"m4999"))
+        assert [r.detail for r in rejections] == ([] if records else ["invalid field name"])
