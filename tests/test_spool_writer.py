@@ -47,6 +47,14 @@ def contents(path) -> tuple[list, list, dict]:
         spool.close()
 
 
+def refuse_device_boom(path) -> None:
+    """A spool whose records table refuses device 'boom': a failing batch on demand."""
+    setup = Spool(path)
+    setup.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON records WHEN NEW.device_id = 'boom' "
+                     "BEGIN SELECT RAISE(ABORT, 'boom refused'); END")
+    setup.close()
+
+
 def test_both_writers_store_the_same_rows(tmp_path):
     batches = [([record(i) for i in range(n)], [rejection(i) for i in range(n % 5)]) for n in (1, 7, 300, 0)]
     batches[-1] = ([], [rejection(1)])
@@ -75,10 +83,7 @@ def test_both_writers_store_the_same_rows(tmp_path):
 
 @pytest.mark.parametrize("writer", WRITERS)
 def test_a_failing_batch_is_rolled_back_whole_and_the_next_one_is_written(tmp_path, writer):
-    setup = Spool(tmp_path)
-    setup.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON records WHEN NEW.device_id = 'boom' "
-                     "BEGIN SELECT RAISE(ABORT, 'boom refused'); END")
-    setup.close()
+    refuse_device_boom(tmp_path)
 
     async def main() -> None:
         sink = await open_sink(tmp_path, writer)
@@ -128,10 +133,7 @@ def test_a_writer_task_cancelled_mid_write_still_finishes_the_batch(tmp_path, wr
 
 @pytest.mark.parametrize("writer", WRITERS)
 def test_on_commit_runs_once_when_the_batch_is_durable_and_never_for_a_failed_one(tmp_path, writer):
-    setup = Spool(tmp_path)
-    setup.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON records WHEN NEW.device_id = 'boom' "
-                     "BEGIN SELECT RAISE(ABORT, 'boom refused'); END")
-    setup.close()
+    refuse_device_boom(tmp_path)
     seen: list[int] = []
 
     def on_commit() -> None:
@@ -208,10 +210,7 @@ def test_poll_acks_a_compiled_write_before_the_writing_task_runs_again(tmp_path)
 
 
 def test_poll_leaves_a_failed_compiled_write_to_the_writing_task(tmp_path):
-    setup = Spool(tmp_path)
-    setup.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON records WHEN NEW.device_id = 'boom' "
-                     "BEGIN SELECT RAISE(ABORT, 'boom refused'); END")
-    setup.close()
+    refuse_device_boom(tmp_path)
     committed: list[bool] = []
 
     async def main() -> None:
