@@ -25,7 +25,7 @@ cdef object _pl_json_raw_list_decode = _pl_msgspec.json.Decoder(list[_pl_msgspec
 cdef object _pl_msgpack_decode = _pl_msgspec.msgpack.Decoder().decode
 cdef object _pl_msgpack_raw_list_decode = _pl_msgspec.msgpack.Decoder(list[_pl_msgspec.Raw]).decode
 
-# a dict, not a frozenset: PyDict_GetItem is a plain lookup where `in` goes
+# a dict, not a frozenset: a PyDict_GetItemWithError lookup where `in` went
 # through the generic sequence protocol
 cdef dict _pl_RESERVED = dict.fromkeys(("device_id", "timestamp_ms", "timestamp_ns", "temperature_unit",
                                         "location", "tags", "metrics"))

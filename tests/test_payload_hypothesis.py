@@ -28,12 +28,14 @@ def both(raw: bytes, fmt: str, device_id: str | None):
     # as MQTT hands it over: a slice of the read, not bytes
     view = memoryview(b"\0" + raw + b"\0")[1:-1]
     for impl in (C, PY):
-        assert impl.validate(view, fmt, "mqtt", device_id, NOW) == a
+        from_view = impl.validate(view, fmt, "mqtt", device_id, NOW)
+        assert from_view == a
+        # == holds for a memoryview too: the stored raw must be a bytes copy
+        assert all(type(r.raw) is bytes for r in from_view[1])
         records, rejections = ["earlier"], ["earlier"]
         n = impl.validate_into(view, fmt, "mqtt", device_id, NOW, records, rejections)
         assert (records, rejections) == (["earlier"] + a[0], ["earlier"] + a[1])
         assert n == len(a[0]) + len(a[1])
-        assert all(type(r.raw) is bytes for r in a[1])
     return a
 
 

@@ -326,7 +326,6 @@ class SpoolSink:
         self._in_flight = False
         self._on_commit: Callable[[], None] | None = None
         self._outcome: BaseException | None = None
-        self._measure = False
 
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], *, fsync: bool = False, max_bytes: int = 0,
@@ -388,7 +387,8 @@ class SpoolSink:
         except BaseException as exc:        # the SQLite error: raised by the writing task
             self._outcome = exc
             return
-        self._full = self._measure and used >= self.spool.max_bytes
+        max_bytes = self.spool.max_bytes
+        self._full = max_bytes > 0 and used >= max_bytes
         if on_commit is not None:
             on_commit()
 
@@ -407,24 +407,23 @@ class SpoolSink:
             if self._full:
                 # full as of the last write or delete: look again before refusing
                 await trio.to_thread.run_sync(self.spool.check_room)
-            self._measure = self.spool.max_bytes > 0
             rows, dead_rows = record_rows(records), rejection_rows(dead)
             # Not cancellable, like a worker-thread write: the batch is either
             # committed or failed before anyone acts on it.
             with trio.CancelScope(shield=True):
-                writer.start(rows, dead_rows, pending, self._measure)
+                writer.start(rows, dead_rows, pending, self.spool.max_bytes > 0)     # measure: only with a bound
                 self._on_commit = on_commit
                 self._outcome = None
                 self._in_flight = True
                 while self._in_flight:
                     if writer.ready:
                         self._complete()
-                        break
-                    await trio.lowlevel.wait_readable(writer.fileno())
-                    # One byte per batch; a batch finished by poll() leaves
-                    # its byte for here or, at worst, one spurious wake-up of
-                    # the next write.
-                    writer.clear_signal()
+                    else:
+                        await trio.lowlevel.wait_readable(writer.fileno())
+                        # One byte per batch; a batch finished by poll() leaves
+                        # its byte for here or, at worst, one spurious wake-up
+                        # of the next write.
+                        writer.clear_signal()
             failure, self._outcome = self._outcome, None
             if failure is not None:
                 raise failure
