@@ -30,6 +30,15 @@ cdef object _pl_msgpack_raw_list_decode = _pl_msgspec.msgpack.Decoder(list[_pl_m
 cdef dict _pl_RESERVED = dict.fromkeys(("device_id", "timestamp_ms", "timestamp_ns", "temperature_unit",
                                         "location", "tags", "metrics"))
 cdef Py_ssize_t _pl_NAME_CACHE = 4096        # field names remembered as valid
+# What a key of a reading is (Validator.key_info), so that each key costs one
+# dict lookup where it cost up to four (reserved? reserved? valid? rule?).
+# Anything else found there is the key's _pl_Rule.
+cdef object _pl_KEY_RESERVED = object()     # not a metric at the top level
+cdef object _pl_KEY_TEMPERATURE = object()  # converted to temperature_mc
+cdef object _pl_KEY_PLAIN = object()        # a valid name without a rule
+# keys of a reading whose key_info the first pass keeps for the second
+cdef enum:
+    _PL_KEYS_KEPT = 16
 cdef object _pl_INT64_MIN = -(2 ** 63)
 cdef object _pl_INT64_MAX = 2 ** 63 - 1
 cdef int _pl_MAX_DEPTH = 64
@@ -166,7 +175,8 @@ cdef class Validator:
     cdef readonly object rules
     cdef dict field_rules          # name -> _pl_Rule
     cdef dict location_tags        # location string seen -> the tags it makes
-    cdef dict names_ok             # field names found valid
+    cdef dict key_info             # key -> _pl_KEY_* or its _pl_Rule (see above)
+    cdef Py_ssize_t names_learned  # plain names added to key_info, at most _pl_NAME_CACHE
     cdef tuple levels
     cdef long long skew_ns
     cdef long long max_payload_bytes
@@ -179,7 +189,13 @@ cdef class Validator:
         self.rules = rules
         self.field_rules = {name: _pl_Rule(rule) for name, rule in rules.fields.items()}
         self.location_tags = {}
-        self.names_ok = {}
+        self.key_info = dict.fromkeys(_pl_RESERVED, _pl_KEY_RESERVED)
+        self.key_info["temperature"] = _pl_KEY_TEMPERATURE      # its rule is applied in Celsius, after conversion
+        for name, rule in self.field_rules.items():
+            # a rule for a name no reading may use still leaves that name refused
+            if name not in self.key_info and type(name) is str and _pl_name_ok(<str>name, 64):
+                self.key_info[name] = rule
+        self.names_learned = 0
         self.levels = tuple(rules.location_levels)
         self.skew_ns = rules.max_future_skew_s * 1_000_000_000
         self.max_payload_bytes = rules.max_payload_bytes
@@ -352,16 +368,27 @@ cdef class Validator:
     cdef dict _fields(self, dict item):
         cdef PyObject* found = PyDict_GetItemWithError(item, "metrics")
         cdef object metrics = None
-        cdef Py_ssize_t count = 0
+        cdef Py_ssize_t count = 0, i = 0
         cdef bint seen_temperature = False
+        cdef bint kept = len(item) <= _PL_KEYS_KEPT
+        cdef PyObject* infos[_PL_KEYS_KEPT]
+        cdef PyObject* info
         cdef dict fields = {}
         cdef set top_names = None
         if found != NULL:
             metrics = <object>found
             if type(metrics) is not dict:
                 raise _pl_Reject("bad_type", "metrics", "metrics must be an object")
+        # Two passes, as the twin: every field is counted before any is judged
+        # (too_many_fields wins over a bad field). The first keeps what it
+        # looked up; key_info's values live as long as the Validator, so
+        # borrowed pointers stay valid while the second pass adds names.
         for key in item:
-            if PyDict_GetItemWithError(_pl_RESERVED, key) == NULL:
+            info = PyDict_GetItemWithError(self.key_info, key)
+            if kept:
+                infos[i] = info
+                i += 1
+            if info != <PyObject*>_pl_KEY_RESERVED:
                 count += 1
         if metrics is not None:
             count += len(<dict>metrics)
@@ -369,19 +396,26 @@ cdef class Validator:
             raise _pl_Reject("too_many_fields", None, f"{count} metrics exceed max_fields {self.max_fields}")
         if metrics:
             top_names = set()
+        i = 0
         for key, value in item.items():
-            if PyDict_GetItemWithError(_pl_RESERVED, key) != NULL:
+            if kept:
+                info = infos[i]
+                i += 1
+            else:
+                info = PyDict_GetItemWithError(self.key_info, key)
+            if info == <PyObject*>_pl_KEY_RESERVED:
                 continue
             if top_names is not None:
                 top_names.add(key)
-            if self._metric(key, value, key, item, fields):
+            if self._metric(key, value, key, item, fields, info):
                 seen_temperature = True
         if metrics:
             for key, value in (<dict>metrics).items():
                 label = f"metrics.{key}"
                 if key in top_names:
                     raise _pl_Reject("bad_type", label, "field given both at top level and in metrics")
-                if self._metric(key, value, label, item, fields):
+                info = PyDict_GetItemWithError(self.key_info, key)
+                if self._metric(key, value, label, item, fields, info):
                     seen_temperature = True
         if not seen_temperature and PyDict_GetItemWithError(item, "temperature_unit") != NULL:
             raise _pl_Reject("bad_unit", "temperature_unit", "temperature_unit given without temperature")
@@ -389,18 +423,29 @@ cdef class Validator:
             raise _pl_Reject("malformed", None, "no metrics")
         return fields
 
-    cdef bint _metric(self, object name, object value, object label, dict item, dict fields) except -1:
+    cdef bint _metric(self, object name, object value, object label, dict item, dict fields,
+                      PyObject* info) except -1:
+        # info: what key_info holds for name (NULL: nothing yet). A reserved
+        # name is a metric inside "metrics": judged as any name seen first.
         cdef object vtype = type(value)
         cdef double t, c, x, mc
         cdef object unit
-        cdef _pl_Rule rule
+        cdef _pl_Rule rule = None
         cdef PyObject* found
-        if PyDict_GetItemWithError(self.names_ok, name) == NULL:
-            # a device sends the same few names every time: each is checked once
+        if info == NULL or info == <PyObject*>_pl_KEY_RESERVED:
             if type(name) is not str or not _pl_name_ok(<str>name, 64):
                 raise _pl_Reject("bad_type", label, "invalid field name")
-            if len(self.names_ok) < _pl_NAME_CACHE:
-                self.names_ok[name] = True
+            if info == NULL:
+                # a device sends the same few names every time: each is checked once
+                if self.names_learned < _pl_NAME_CACHE:
+                    self.key_info[name] = _pl_KEY_PLAIN
+                    self.names_learned += 1
+            else:
+                found = PyDict_GetItemWithError(self.field_rules, name)
+                if found != NULL:
+                    rule = <_pl_Rule>found
+        elif info != <PyObject*>_pl_KEY_PLAIN and info != <PyObject*>_pl_KEY_TEMPERATURE:
+            rule = <_pl_Rule>info
         if vtype is int:
             if value < _pl_INT64_MIN or value > _pl_INT64_MAX:
                 raise _pl_Reject("out_of_range", label, "integer outside the 64-bit range")
@@ -409,7 +454,7 @@ cdef class Validator:
                 raise _pl_Reject("bad_type", label, "value must be a finite number")
         else:
             raise _pl_Reject("bad_type", label, "value must be a number")
-        if <str>name == "temperature":
+        if info == <PyObject*>_pl_KEY_TEMPERATURE:
             found = PyDict_GetItemWithError(item, "temperature_unit")
             unit = "C" if found == NULL else <object>found
             t = <double>value
@@ -427,9 +472,7 @@ cdef class Validator:
             mc = floor(x + 0.5) if x >= 0 else -floor(-x + 0.5)
             self._put(fields, "temperature_mc", int(mc), label)
             return True
-        found = PyDict_GetItemWithError(self.field_rules, name)
-        if found != NULL:
-            rule = <_pl_Rule>found
+        if rule is not None:
             if rule.integer:
                 if vtype is float:
                     if not (<double>value == floor(<double>value)):

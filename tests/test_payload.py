@@ -325,3 +325,33 @@ def test_field_names_are_checked_every_time_past_those_remembered(v):
         records, rejections = v.validate(b'{"%s": 1}' % name, "json", "mqtt", "m", NOW)
         assert bool(records) == (name in (b"m1", b"m4999"))
         assert [r.detail for r in rejections] == ([] if records else ["invalid field name"])
+
+
+def test_rules_for_unusual_names(payload_impl):
+    # The compiled validator looks each key up once in a table built from the
+    # rules: a rule must not make a bad name good, and a reserved name is a
+    # plain metric (with its rule) inside "metrics".
+    rules = PayloadRules(fields={"bad name": FieldRule(max=1), "location": FieldRule(max=10),
+                                 "temperature": FieldRule(min=0, max=50)})
+    v = payload_impl.Validator(rules)
+    for _ in range(2):                   # a second time: from what the first one left behind
+        _, (rej,) = v.validate(b'{"bad name": 0}', "json", "mqtt", "m", NOW)
+        assert (rej.reason, rej.field, rej.detail) == ("bad_type", "bad name", "invalid field name")
+        _, (rej,) = v.validate(b'{"x": 1, "metrics": {"location": 50}}', "json", "mqtt", "m", NOW)
+        assert (rej.reason, rej.field) == ("out_of_range", "metrics.location")
+        (rec,), _ = v.validate(b'{"location": "a", "metrics": {"location": 5, "device_id": 2, "temperature": 68},'
+                               b' "temperature_unit": "F"}', "json", "mqtt", "m", NOW)
+        assert rec.fields == {"location": 5.0, "device_id": 2.0, "temperature_mc": 20000}
+        assert rec.tags == {"region": "a"}
+
+
+def test_a_reading_with_many_keys_is_judged_whole(v):
+    # past the number of keys whose lookups the compiled first pass keeps
+    obj = {f"m{i}": i for i in range(30)} | {"location": "sh", "device_id": "m"}
+    (rec,), _ = judge(v, obj)
+    assert rec.fields == {f"m{i}": float(i) for i in range(30)} and rec.tags == {"region": "sh"}
+    obj["m25"] = "high"
+    assert one_rejection(v, obj).field == "m25"
+    obj["m25"] = 1
+    obj["temperature_unit"] = "F"
+    assert one_rejection(v, obj).reason == "bad_unit"
