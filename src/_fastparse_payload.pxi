@@ -25,20 +25,49 @@ cdef object _pl_json_raw_list_decode = _pl_msgspec.json.Decoder(list[_pl_msgspec
 cdef object _pl_msgpack_decode = _pl_msgspec.msgpack.Decoder().decode
 cdef object _pl_msgpack_raw_list_decode = _pl_msgspec.msgpack.Decoder(list[_pl_msgspec.Raw]).decode
 
-# a dict, not a frozenset: a PyDict_GetItemWithError lookup where `in` went
-# through the generic sequence protocol
-cdef dict _pl_RESERVED = dict.fromkeys(("device_id", "timestamp_ms", "timestamp_ns", "temperature_unit",
-                                        "location", "tags", "metrics"))
 cdef Py_ssize_t _pl_NAME_CACHE = 4096        # field names remembered as valid
 # What a key of a reading is (Validator.key_info), so that each key costs one
 # dict lookup where it cost up to four (reserved? reserved? valid? rule?).
 # Anything else found there is the key's _pl_Rule.
-cdef object _pl_KEY_RESERVED = object()     # not a metric at the top level
 cdef object _pl_KEY_TEMPERATURE = object()  # converted to temperature_mc
 cdef object _pl_KEY_PLAIN = object()        # a valid name without a rule
 # keys of a reading whose key_info the first pass keeps for the second
 cdef enum:
     _PL_KEYS_KEPT = 16
+
+
+cdef class _pl_Reserved:
+    """key_info's value for a reserved key (not a metric at the top level):
+    its bit in _pl_Scan.present, so absent keys cost no lookup."""
+    cdef int bit
+
+    def __cinit__(self, int bit):
+        self.bit = bit
+
+
+cdef enum:
+    _PL_HAS_DEVICE_ID = 1
+    _PL_HAS_TIMESTAMP_MS = 2
+    _PL_HAS_TIMESTAMP_NS = 4
+    _PL_HAS_TEMPERATURE_UNIT = 8
+    _PL_HAS_LOCATION = 16
+    _PL_HAS_TAGS = 32
+    _PL_HAS_METRICS = 64
+
+cdef dict _pl_RESERVED_BITS = {"device_id": _PL_HAS_DEVICE_ID, "timestamp_ms": _PL_HAS_TIMESTAMP_MS,
+                               "timestamp_ns": _PL_HAS_TIMESTAMP_NS, "temperature_unit": _PL_HAS_TEMPERATURE_UNIT,
+                               "location": _PL_HAS_LOCATION, "tags": _PL_HAS_TAGS, "metrics": _PL_HAS_METRICS}
+
+
+cdef struct _pl_Scan:
+    # One look at every key of a reading, before any check: which reserved
+    # keys are there, how many metrics, and (for up to _PL_KEYS_KEPT keys)
+    # each key's key_info, borrowed: key_info's values live as long as the
+    # Validator and the reading's keys as long as the reading.
+    int present
+    Py_ssize_t count
+    bint kept
+    PyObject* infos[_PL_KEYS_KEPT]
 cdef object _pl_INT64_MIN = -(2 ** 63)
 cdef object _pl_INT64_MAX = 2 ** 63 - 1
 cdef int _pl_MAX_DEPTH = 64
@@ -189,7 +218,7 @@ cdef class Validator:
         self.rules = rules
         self.field_rules = {name: _pl_Rule(rule) for name, rule in rules.fields.items()}
         self.location_tags = {}
-        self.key_info = dict.fromkeys(_pl_RESERVED, _pl_KEY_RESERVED)
+        self.key_info = {name: _pl_Reserved(bit) for name, bit in _pl_RESERVED_BITS.items()}
         self.key_info["temperature"] = _pl_KEY_TEMPERATURE      # its rule is applied in Celsius, after conversion
         for name, rule in self.field_rules.items():
             # a rule for a name no reading may use still leaves that name refused
@@ -308,13 +337,15 @@ cdef class Validator:
                     object received_ns, list records, list rejections):
         # raw: the reading's bytes, or a buffer (memoryview, msgspec.Raw) of them
         cdef object device = conn_id
+        cdef _pl_Scan scan
         try:
             if type(item) is not dict:
                 raise _pl_Reject("not_object", None, "reading must be an object")
-            device = self._device(<dict>item, conn_id)
-            ts_ns = self._timestamp(<dict>item, received_ns, index)
-            fields = self._fields(<dict>item)
-            tags = self._tags(<dict>item)
+            self._scan(<dict>item, &scan)
+            device = self._device(<dict>item, conn_id, scan.present)
+            ts_ns = self._timestamp(<dict>item, received_ns, index, scan.present)
+            fields = self._fields(<dict>item, &scan)
+            tags = self._tags(<dict>item, scan.present)
         except _pl_Reject as rej:
             rejections.append(_pl_Rejection(reason=rej.reason, field=rej.field, index=index, device_id=device,
                                             raw=_pl_bytes(raw), detail=rej.detail))
@@ -322,8 +353,27 @@ cdef class Validator:
         records.append(_pl_Record(device_id=device, ts_ns=ts_ns, received_ns=received_ns, protocol=protocol,
                                   fields=fields, tags=tags))
 
-    cdef object _device(self, dict item, object conn_id):
-        cdef PyObject* found = PyDict_GetItemWithError(item, "device_id")
+    cdef int _scan(self, dict item, _pl_Scan *scan) except -1:
+        cdef PyObject* info
+        cdef Py_ssize_t i = 0
+        scan.present = 0
+        scan.count = 0
+        scan.kept = len(item) <= _PL_KEYS_KEPT
+        for key in item:
+            info = PyDict_GetItemWithError(self.key_info, key)
+            if scan.kept:
+                scan.infos[i] = info
+                i += 1
+            if info != NULL and type(<object>info) is _pl_Reserved:
+                scan.present |= (<_pl_Reserved>info).bit
+            else:
+                scan.count += 1
+        return 0
+
+    cdef object _device(self, dict item, object conn_id, int present):
+        cdef PyObject* found = NULL
+        if present & _PL_HAS_DEVICE_ID:
+            found = PyDict_GetItemWithError(item, "device_id")
         cdef object value
         if found != NULL:
             value = <object>found
@@ -337,9 +387,13 @@ cdef class Validator:
             raise _pl_Reject("missing_device_id", "device_id", "device_id is required")
         return conn_id
 
-    cdef object _timestamp(self, dict item, object received_ns, Py_ssize_t index):
-        cdef PyObject* ms = PyDict_GetItemWithError(item, "timestamp_ms")
-        cdef PyObject* ns = PyDict_GetItemWithError(item, "timestamp_ns")
+    cdef object _timestamp(self, dict item, object received_ns, Py_ssize_t index, int present):
+        cdef PyObject* ms = NULL
+        cdef PyObject* ns = NULL
+        if present & _PL_HAS_TIMESTAMP_MS:
+            ms = PyDict_GetItemWithError(item, "timestamp_ms")
+        if present & _PL_HAS_TIMESTAMP_NS:
+            ns = PyDict_GetItemWithError(item, "timestamp_ns")
         cdef object value
         cdef long long v, scale, limit, ts_ns, received
         cdef str key
@@ -365,31 +419,22 @@ cdef class Validator:
                              f"{key} is more than {self.rules.max_future_skew_s} s in the future")
         return ts_ns
 
-    cdef dict _fields(self, dict item):
-        cdef PyObject* found = PyDict_GetItemWithError(item, "metrics")
+    cdef dict _fields(self, dict item, _pl_Scan *scan):
+        cdef PyObject* found = NULL
         cdef object metrics = None
-        cdef Py_ssize_t count = 0, i = 0
+        cdef Py_ssize_t count = scan.count, i = 0
         cdef bint seen_temperature = False
-        cdef bint kept = len(item) <= _PL_KEYS_KEPT
-        cdef PyObject* infos[_PL_KEYS_KEPT]
         cdef PyObject* info
         cdef dict fields = {}
         cdef set top_names = None
+        if scan.present & _PL_HAS_METRICS:
+            found = PyDict_GetItemWithError(item, "metrics")
         if found != NULL:
             metrics = <object>found
             if type(metrics) is not dict:
                 raise _pl_Reject("bad_type", "metrics", "metrics must be an object")
-        # Two passes, as the twin: every field is counted before any is judged
-        # (too_many_fields wins over a bad field). The first keeps what it
-        # looked up; key_info's values live as long as the Validator, so
-        # borrowed pointers stay valid while the second pass adds names.
-        for key in item:
-            info = PyDict_GetItemWithError(self.key_info, key)
-            if kept:
-                infos[i] = info
-                i += 1
-            if info != <PyObject*>_pl_KEY_RESERVED:
-                count += 1
+        # Every field is counted (by _scan) before any is judged, as in the
+        # twin: too_many_fields wins over a bad field.
         if metrics is not None:
             count += len(<dict>metrics)
         if count > self.max_fields:
@@ -398,16 +443,16 @@ cdef class Validator:
             top_names = set()
         i = 0
         for key, value in item.items():
-            if kept:
-                info = infos[i]
+            if scan.kept:
+                info = scan.infos[i]
                 i += 1
             else:
                 info = PyDict_GetItemWithError(self.key_info, key)
-            if info == <PyObject*>_pl_KEY_RESERVED:
+            if info != NULL and type(<object>info) is _pl_Reserved:
                 continue
             if top_names is not None:
                 top_names.add(key)
-            if self._metric(key, value, key, item, fields, info):
+            if self._metric(key, value, key, item, fields, info, scan.present):
                 seen_temperature = True
         if metrics:
             for key, value in (<dict>metrics).items():
@@ -415,16 +460,16 @@ cdef class Validator:
                 if key in top_names:
                     raise _pl_Reject("bad_type", label, "field given both at top level and in metrics")
                 info = PyDict_GetItemWithError(self.key_info, key)
-                if self._metric(key, value, label, item, fields, info):
+                if self._metric(key, value, label, item, fields, info, scan.present):
                     seen_temperature = True
-        if not seen_temperature and PyDict_GetItemWithError(item, "temperature_unit") != NULL:
+        if not seen_temperature and scan.present & _PL_HAS_TEMPERATURE_UNIT:
             raise _pl_Reject("bad_unit", "temperature_unit", "temperature_unit given without temperature")
         if not fields:
             raise _pl_Reject("malformed", None, "no metrics")
         return fields
 
     cdef bint _metric(self, object name, object value, object label, dict item, dict fields,
-                      PyObject* info) except -1:
+                      PyObject* info, int present) except -1:
         # info: what key_info holds for name (NULL: nothing yet). A reserved
         # name is a metric inside "metrics": judged as any name seen first.
         cdef object vtype = type(value)
@@ -432,7 +477,7 @@ cdef class Validator:
         cdef object unit
         cdef _pl_Rule rule = None
         cdef PyObject* found
-        if info == NULL or info == <PyObject*>_pl_KEY_RESERVED:
+        if info == NULL or type(<object>info) is _pl_Reserved:
             if type(name) is not str or not _pl_name_ok(<str>name, 64):
                 raise _pl_Reject("bad_type", label, "invalid field name")
             if info == NULL:
@@ -455,7 +500,9 @@ cdef class Validator:
         else:
             raise _pl_Reject("bad_type", label, "value must be a number")
         if info == <PyObject*>_pl_KEY_TEMPERATURE:
-            found = PyDict_GetItemWithError(item, "temperature_unit")
+            found = NULL
+            if present & _PL_HAS_TEMPERATURE_UNIT:
+                found = PyDict_GetItemWithError(item, "temperature_unit")
             unit = "C" if found == NULL else <object>found
             t = <double>value
             if unit == "C":
@@ -496,13 +543,15 @@ cdef class Validator:
             raise _pl_Reject("bad_type", label, "field given twice")
         return 0
 
-    cdef dict _tags(self, dict item):
+    cdef dict _tags(self, dict item, int present):
         cdef dict tags
-        cdef PyObject* found = PyDict_GetItemWithError(item, "location")
+        cdef PyObject* found = NULL
         cdef PyObject* known = NULL
         cdef object location, given
         cdef list parts
         cdef Py_ssize_t i
+        if present & _PL_HAS_LOCATION:
+            found = PyDict_GetItemWithError(item, "location")
         if found != NULL and type(<object>found) is str:
             known = PyDict_GetItemWithError(self.location_tags, <object>found)
         if known != NULL:
@@ -529,7 +578,9 @@ cdef class Validator:
             self.location_tags[location] = tags.copy()
         else:
             tags = {}
-        found = PyDict_GetItemWithError(item, "tags")
+        found = NULL
+        if present & _PL_HAS_TAGS:
+            found = PyDict_GetItemWithError(item, "tags")
         if found != NULL:
             given = <object>found
             if type(given) is not dict:
