@@ -1,5 +1,8 @@
 """pipelines: gridgate's std (h11) and fast (compiled) HTTP engines under the
-same load in the same run, plus the uvicorn + httptools reference.
+same load in the same run, plus the uvicorn + httptools reference, and at
+1,000 connections the floor: a bare Trio responder (bench/floor_app.py)
+whose peak RSS is the least any Trio-based engine holds there, so the RSS
+target can be read against what Trio allows.
 
 Rounds alternate (std, fast, reference, std, fast, reference, ...) so drift
 of a shared machine hits every contender alike. Each round starts a fresh
@@ -8,7 +11,7 @@ stops it. Drivers:
 
 * wrk (when installed), C: the server is the bottleneck, not the client.
   One reading per request, 64 keep-alive connections, then the same at
-  1,000 connections for the RSS comparison.
+  1,000 connections for the RSS comparison, where the floor runs too.
 * gridgate-loadgen http: devices posting over keep-alive with 4 requests
   pipelined each, latency from the intended send time.
 
@@ -26,7 +29,11 @@ from pathlib import Path
 
 from bench import procs
 
-CONTENDERS = ("std", "fast", "reference")
+CONTENDERS = ("std", "fast", "reference", "floor")
+GRIDGATE = ("std", "fast")
+# The floor is measured for its RSS, which matters at 1,000 connections only;
+# elsewhere it would just cost a server per round.
+FLOOR_DRIVER = "wrk-1000"
 # The driver bench.perfcheck gates on and the one profiled: see
 # bench/perfcheck.py for the run-to-run spread that chose it.
 GATE_DRIVER = "loadgen"
@@ -43,7 +50,13 @@ def available_drivers() -> list[tuple[str, dict]]:
 def _start(name: str) -> procs.Server:
     if name == "reference":
         return procs.reference_app()
+    if name == "floor":
+        return procs.floor_app()
     return procs.gridgate(engine=name)
+
+
+def _contenders_for(driver: str, contenders: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(n for n in contenders if n != "floor" or driver == FLOOR_DRIVER)
 
 
 def _target(server: procs.Server) -> tuple[str, int]:
@@ -53,7 +66,8 @@ def _target(server: procs.Server) -> tuple[str, int]:
 def run(duration: float, rounds: int, out: Path, profile: bool, log=print,
         drivers: list[str] | None = None, contenders: tuple[str, ...] = CONTENDERS) -> dict:
     """`drivers` / `contenders` narrow the run (bench.perfcheck uses one
-    driver and the two gridgate engines); by default everything available."""
+    driver and the two gridgate engines); by default everything available.
+    The floor runs only on FLOOR_DRIVER, and never in the profile pass."""
     chosen = [(d, o) for d, o in available_drivers() if drivers is None or d in drivers]
     if drivers is not None and len(chosen) != len(drivers):
         missing = set(drivers) - {d for d, _ in chosen}
@@ -63,7 +77,7 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print,
                      "contenders": list(contenders), "gate_driver": GATE_DRIVER, "runs": [], "hot_path": {}, "spool_writer": {}}
     for rnd in range(rounds):
         for driver, opts in chosen:
-            for name in contenders:
+            for name in _contenders_for(driver, contenders):
                 run_ = _one(name, driver, opts, duration, None, results)
                 run_.update(round=rnd)
                 results["runs"].append(run_)
@@ -71,7 +85,7 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print,
     if profile:
         gate = [(d, o) for d, o in chosen if d == GATE_DRIVER] or chosen[:1]
         for name in contenders:
-            if name == "reference":
+            if name not in GRIDGATE:
                 continue
             run_ = _one(name, gate[0][0], gate[0][1], duration, out / "profiles", results)
             run_.update(round=None, profiled=True)
@@ -95,14 +109,14 @@ def _one(name: str, driver: str, opts: dict, duration: float, profile_dir: Path 
         profile_files = server.finish_profile()
         run_["peak_rss_kb"] = server.peak_rss_kb()
         run_["idle_rss_kb"] = idle_rss
-        if name != "reference":
+        if name in GRIDGATE:
             results["hot_path"][name] = _startup_field(server, "hot path:")
             results["spool_writer"][name] = _startup_field(server, "spool writer:")
     finally:
         server.stop()
     if profile_files:
         run_["profile"] = profile_files
-    if name != "reference":
+    if name in GRIDGATE:
         run_["spool_records"] = procs.spool_records(server.data_dir)
     if driver.startswith("wrk"):
         run_["connections"] = opts["connections"]
@@ -186,6 +200,10 @@ def summarize(runs: list[dict], contenders: tuple[str, ...] = CONTENDERS) -> dic
                 per["fast_vs_std_cpu"] = per["std"]["cpu_us_per_reading"] / per["fast"]["cpu_us_per_reading"]
         if "reference" in per and "fast" in per:
             per["fast_vs_reference"] = per["fast"]["readings_per_s"] / per["reference"]["readings_per_s"]
+        if "floor" in per and "std" in per:
+            # the least peak RSS a Trio server reaches here, over std's: no
+            # Trio-based engine's ratio to std can go much under this one
+            per["floor_vs_std_rss"] = per["floor"]["peak_rss_mib"] / per["std"]["peak_rss_mib"]
         out[driver] = per
     return out
 

@@ -1,6 +1,7 @@
 """Servers and load drivers the system benchmarks start themselves, on free
 loopback ports: gridgate (either HTTP engine), mosquitto, the uvicorn +
-httptools reference app, gridgate-loadgen and wrk; plus RSS and py-spy."""
+httptools reference app, the bare Trio floor app, gridgate-loadgen and wrk;
+plus RSS and py-spy."""
 from __future__ import annotations
 
 import json
@@ -211,6 +212,14 @@ def reference_app() -> Server:
            "--http", "httptools", "--loop", "asyncio", "--no-access-log", "--log-level", "warning",
            "--backlog", "4096"]
     return Server("uvicorn-httptools", cmd, {"PYTHONPATH": str(ROOT)}, address=("127.0.0.1", port))
+
+
+def floor_app() -> Server:
+    """The bare Trio responder of bench/floor_app.py: the RSS floor of a Trio
+    server, not a contender."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "bench.floor_app", "--port", str(port)]
+    return Server("floor", cmd, {"PYTHONPATH": str(ROOT)}, address=("127.0.0.1", port))
 
 
 def mosquitto_path() -> str | None:

@@ -1,0 +1,186 @@
+"""bench/floor_app.py, the bare Trio responder the pipelines bench runs at
+1,000 connections for the RSS floor: a real subprocess on a free loopback
+port, real clients (http.client, raw sockets, wrk). Every socket has a
+timeout, so a server that hangs fails the test instead of stalling it."""
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))   # bench/ is not an installed package
+
+from bench import floor_app, pipelines, procs, report  # noqa: E402
+
+TIMEOUT = 10.0
+BODY = b'[{"device_id":"wrk-1","temperature":21.5,"battery_mv":3600,"location":"sh/fa"}]'
+
+
+def _post(extra: bytes = b"", body: bytes = BODY, method: bytes = b"POST") -> bytes:
+    return (method + b" /v1/telemetry HTTP/1.1\r\nHost: floor\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (len(body), extra, body))
+
+
+@pytest.fixture
+def floor():
+    server = procs.floor_app()   # returns once the port accepts connections
+    try:
+        yield server.address
+        assert server.proc.poll() is None, "the floor app died"
+        assert server.lines == [], server.lines   # it prints nothing, errors included
+    finally:
+        server.stop()
+
+
+def _connect(address: tuple[str, int]) -> socket.socket:
+    return socket.create_connection(address, timeout=TIMEOUT)
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (bounded by the socket's timeout)."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+        assert len(data) < 1 << 20
+
+
+def _answers(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """(status, headers, body) of each answer in a stream of them."""
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        assert sep, data
+        lines = head.split(b"\r\n")
+        headers = dict(line.lower().split(b": ", 1) for line in lines[1:])
+        length = int(headers[b"content-length"])
+        out.append((int(lines[0].split(b" ")[1]), headers, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def test_keep_alive_posts_each_get_202_on_one_connection(floor):
+    conn = http.client.HTTPConnection(*floor, timeout=TIMEOUT)
+    try:
+        first_socket = None
+        for _ in range(5):
+            conn.request("POST", "/v1/telemetry", body=BODY, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 202
+            assert resp.getheader("Content-Type") == "application/json"
+            assert json.loads(body) == {"accepted": 1, "rejected": 0, "errors": []}
+            first_socket = first_socket or conn.sock
+            assert conn.sock is first_socket   # kept alive, not reconnected
+        conn.request("POST", "/v1/telemetry", body=BODY, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        assert resp.status == 202 and resp.getheader("Connection") == "close"
+        resp.read()
+    finally:
+        conn.close()
+
+
+def test_pipelined_requests_are_answered_in_order(floor):
+    # a POST, then a GET (405, so the order shows) that asks to close
+    with _connect(floor) as sock:
+        sock.sendall(_post() + _post(b"Connection: close\r\n", body=b"", method=b"GET"))
+        answers = _answers(_read_to_eof(sock))
+    assert [a[0] for a in answers] == [202, 405]
+    assert answers[1][1][b"connection"] == b"close"
+
+
+def test_a_request_in_pieces_is_framed_across_reads(floor):
+    request = _post()
+    head_end = request.index(b"\r\n\r\n")
+    with _connect(floor) as sock:
+        # split inside the blank line and inside the body: each piece is its own read
+        # unless the kernel coalesces them, which frames the same
+        for piece in (request[:head_end + 2], request[head_end + 2:head_end + 10], request[head_end + 10:]):
+            sock.sendall(piece)
+            time.sleep(0.05)
+        sock.sendall(_post(b"Connection: close\r\n"))
+        assert [a[0] for a in _answers(_read_to_eof(sock))] == [202, 202]
+
+
+def test_many_connections_open_at_once_are_all_served(floor):
+    # all connected before any request: each is accepted from the backlog and
+    # gets its own task, none waits for another to finish
+    socks = [_connect(floor) for _ in range(200)]
+    try:
+        for sock in socks:
+            sock.sendall(_post(b"Connection: close\r\n"))
+        assert [[a[0] for a in _answers(_read_to_eof(sock))] for sock in socks] == [[202]] * 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"garbage\r\n\r\n", 400),
+    (_post(b"Transfer-Encoding: chunked\r\n"), 411),
+    (b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (floor_app.MAX_BODY + 1), 413),
+    (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400),
+])
+def test_what_it_cannot_frame_gets_an_error_and_a_close(floor, request_bytes, status):
+    with _connect(floor) as sock:
+        sock.sendall(request_bytes)
+        answers = _answers(_read_to_eof(sock))
+    assert [a[0] for a in answers] == [status]
+    assert answers[0][1][b"connection"] == b"close"
+
+
+def test_an_oversized_header_block_gets_431_or_a_close_not_a_hang(floor):
+    head = b"POST / HTTP/1.1\r\nX-Pad: " + b"a" * (floor_app.MAX_HEAD * 2)   # no blank line, ever
+    with _connect(floor) as sock:
+        try:
+            sock.sendall(head)
+            data = _read_to_eof(sock)
+        except (ConnectionResetError, BrokenPipeError):
+            # the server closed with our bytes unread: the kernel resets, and
+            # may drop the 431 it had sent
+            return
+    assert data == b"" or _answers(data)[0][0] == 431
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)")
+def test_wrk_2s_at_50_connections_is_all_2xx(floor):
+    result = procs.wrk(floor, 2, 50)
+    assert result is not None
+    assert result["answered"] > 0
+    assert result["non2xx"] == 0 and not result["socket_errors"], result
+
+
+# -- how the pipelines bench uses it -----------------------------------------------
+
+def test_the_floor_runs_on_wrk_1000_only_and_never_for_perfcheck():
+    assert "floor" in pipelines._contenders_for("wrk-1000", pipelines.CONTENDERS)
+    assert "floor" not in pipelines._contenders_for("wrk-64", pipelines.CONTENDERS)
+    assert "floor" not in pipelines._contenders_for("loadgen", pipelines.CONTENDERS)
+    # bench.perfcheck narrows the contenders to the two engines
+    assert pipelines._contenders_for("wrk-1000", ("std", "fast")) == ("std", "fast")
+
+
+def _run(contender: str, peak_mib: float, rps: float) -> dict:
+    return {"driver": "wrk-1000", "contender": contender, "connections": 1000, "round": 0,
+            "readings_per_s": rps, "peak_rss_kb": peak_mib * 1024, "idle_rss_kb": 30 * 1024,
+            "cpu_us_per_reading": 100.0, "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0, "p99.9": 4.0, "max": 5.0}}
+
+
+def test_summary_and_target_row_carry_the_floor():
+    runs = [_run("std", 52, 2000), _run("fast", 50, 8000), _run("floor", 32, 20000)]
+    per = pipelines.summarize(runs)["wrk-1000"]
+    assert per["floor_vs_std_rss"] == pytest.approx(32 / 52)
+    assert per["fast_vs_std"] == pytest.approx(4.0)   # the floor changes no other ratio
+    rows = [line for line in report._targets({"pipelines": {"summary": {"wrk-1000": per}}}) if "peak RSS" in line]
+    assert rows == ["| HTTP fast <= 0.5x std peak RSS at 1,000 connections (wrk-1000) | 0.96x (a bare Trio "
+                    "responder: 0.62x) | **short** (below the floor of a bare Trio server) |"]
