@@ -141,12 +141,19 @@ cdef enum:
     _SW_PAGE_COUNT = 8
     _SW_FREELIST_COUNT = 9
     _SW_PAGE_SIZE = 10
-    _SW_N_STMTS = 11
+    # the same INSERTs with many VALUES rows: one statement (one cursor, one
+    # VDBE program run) per _sw_state.many_rows rows instead of per row
+    _SW_INSERT_RECORDS_MANY = 11
+    _SW_INSERT_PENDING_MANY = 12
+    _SW_INSERT_REJECTIONS_MANY = 13
+    _SW_N_STMTS = 14
 
 cdef int _SW_RECORD_COLUMNS = 6       # gridgate.spool._ROW_COLUMNS
 cdef int _SW_REJECTION_COLUMNS = 8    # gridgate.spool._REJECTION_COLUMNS
 cdef dict _SW_STATEMENT_PARAMS = {"insert_records": 6, "insert_pending": 6, "insert_rejections": 8,
                                   "count_records": 2, "count_pending": 2}
+# the many-row INSERTs: a multiple of the columns, the same for records and pending
+cdef dict _SW_MANY_STATEMENTS = {"insert_records_many": 6, "insert_pending_many": 6, "insert_rejections_many": 8}
 
 cdef struct _sw_cell:
     int kind
@@ -162,7 +169,9 @@ cdef struct _sw_state:
     int done_r              # the pipe the thread signals a finished batch on
     int done_w
     gg_sqlite3 *db
-    gg_sqlite3_stmt *stmts[11]
+    gg_sqlite3_stmt *stmts[_SW_N_STMTS]
+    Py_ssize_t record_rows_many     # rows per statement of _SW_INSERT_RECORDS_MANY and _PENDING_MANY
+    Py_ssize_t rejection_rows_many  # and of _SW_INSERT_REJECTIONS_MANY
     # the batch
     _sw_cell *cells
     Py_ssize_t n_records
@@ -238,28 +247,42 @@ cdef int _sw_step_once(_sw_state *st, gg_sqlite3_stmt *stmt) noexcept nogil:
     return 0
 
 
-cdef int _sw_insert_rows(_sw_state *st, gg_sqlite3_stmt *stmt, _sw_cell *cells, Py_ssize_t rows,
-                         int columns) noexcept nogil:
-    cdef Py_ssize_t r
-    cdef int c, rc
+cdef int _sw_bind_rows(_sw_state *st, gg_sqlite3_stmt *stmt, _sw_cell *cells, Py_ssize_t rows,
+                       int columns) noexcept nogil:
+    """Bind rows x columns cells to parameters 1.. of stmt, in order."""
+    cdef Py_ssize_t i
+    cdef int rc
     cdef _sw_cell *cell
-    for r in range(rows):
-        for c in range(columns):
-            cell = &cells[r * columns + c]
-            if cell.kind == _SW_INT:
-                rc = _sw_api.bind_int64(stmt, c + 1, cell.i)
-            elif cell.kind == _SW_TEXT:
-                rc = _sw_api.bind_text(stmt, c + 1, cell.p, <int>cell.n, NULL)      # NULL: SQLITE_STATIC
-            elif cell.kind == _SW_BLOB:
-                rc = _sw_api.bind_blob(stmt, c + 1, cell.p, <int>cell.n, NULL)
-            else:
-                rc = _sw_api.bind_null(stmt, c + 1)
-            if rc != _SW_OK:
-                _sw_fail(st, rc)
-                _sw_api.reset(stmt)
-                return -1
-        if _sw_step_once(st, stmt) < 0:
+    for i in range(rows * columns):
+        cell = &cells[i]
+        if cell.kind == _SW_INT:
+            rc = _sw_api.bind_int64(stmt, <int>i + 1, cell.i)
+        elif cell.kind == _SW_TEXT:
+            rc = _sw_api.bind_text(stmt, <int>i + 1, cell.p, <int>cell.n, NULL)      # NULL: SQLITE_STATIC
+        elif cell.kind == _SW_BLOB:
+            rc = _sw_api.bind_blob(stmt, <int>i + 1, cell.p, <int>cell.n, NULL)
+        else:
+            rc = _sw_api.bind_null(stmt, <int>i + 1)
+        if rc != _SW_OK:
+            _sw_fail(st, rc)
+            _sw_api.reset(stmt)
             return -1
+    return 0
+
+
+cdef int _sw_insert_rows(_sw_state *st, gg_sqlite3_stmt *one, gg_sqlite3_stmt *many, Py_ssize_t per_many,
+                         _sw_cell *cells, Py_ssize_t rows, int columns) noexcept nogil:
+    """rows rows: per_many at a time with `many`, the rest one by one with `one`."""
+    cdef Py_ssize_t r = 0
+    while rows - r >= per_many:
+        if (_sw_bind_rows(st, many, cells + r * columns, per_many, columns) < 0
+                or _sw_step_once(st, many) < 0):
+            return -1
+        r += per_many
+    while r < rows:
+        if _sw_bind_rows(st, one, cells + r * columns, 1, columns) < 0 or _sw_step_once(st, one) < 0:
+            return -1
+        r += 1
     return 0
 
 
@@ -282,9 +305,11 @@ cdef int _sw_write(_sw_state *st) noexcept nogil:
     cdef long long page_count, freelist, page_size, wal
     if _sw_step_once(st, st.stmts[_SW_BEGIN]) < 0:
         return -1
-    if (_sw_insert_rows(st, st.stmts[_SW_INSERT_PENDING if st.pending else _SW_INSERT_RECORD], st.cells,
-                        st.n_records, _SW_RECORD_COLUMNS) < 0
-            or _sw_insert_rows(st, st.stmts[_SW_INSERT_REJECTION], st.cells + st.n_records * _SW_RECORD_COLUMNS,
+    if (_sw_insert_rows(st, st.stmts[_SW_INSERT_PENDING if st.pending else _SW_INSERT_RECORD],
+                        st.stmts[_SW_INSERT_PENDING_MANY if st.pending else _SW_INSERT_RECORDS_MANY],
+                        st.record_rows_many, st.cells, st.n_records, _SW_RECORD_COLUMNS) < 0
+            or _sw_insert_rows(st, st.stmts[_SW_INSERT_REJECTION], st.stmts[_SW_INSERT_REJECTIONS_MANY],
+                               st.rejection_rows_many, st.cells + st.n_records * _SW_RECORD_COLUMNS,
                                st.n_rejections, _SW_REJECTION_COLUMNS) < 0):
         _sw_rollback(st)
         return -1
@@ -388,13 +413,26 @@ cdef class SpoolWriter:
         """``statements``: the spool's own SQL (gridgate.spool.Spool.writer_statements),
         so the schema is written down once: "insert_records", "insert_pending"
         (6 parameters), "insert_rejections" (8), "count_records",
-        "count_pending" (records or pending, then rejected)."""
+        "count_pending" (records or pending, then rejected), and the same
+        three INSERTs of many rows: "insert_records_many" and
+        "insert_pending_many" (one number of rows, 6 parameters each),
+        "insert_rejections_many" (8 each)."""
         _sw_load(library_path)
         for key, params in _SW_STATEMENT_PARAMS.items():
             text = statements.get(key)
             if not isinstance(text, str) or text.count("?") != params:
                 raise ValueError(f"statement {key!r} must be SQL with {params} parameters, not {text!r}")
+        cdef dict many_rows = {}
+        for key, params in _SW_MANY_STATEMENTS.items():
+            text = statements.get(key)
+            if not isinstance(text, str) or not text.count("?") or text.count("?") % params:
+                raise ValueError(f"statement {key!r} must be SQL with a multiple of {params} parameters, not {text!r}")
+            many_rows[key] = text.count("?") // params
+        if many_rows["insert_records_many"] != many_rows["insert_pending_many"]:
+            raise ValueError("insert_records_many and insert_pending_many must insert as many rows")
         cdef _sw_state *st = self.st
+        st.record_rows_many = many_rows["insert_records_many"]
+        st.rejection_rows_many = many_rows["insert_rejections_many"]
         self.path = path
         cdef bytes wal = (path + "-wal").encode()
         if len(wal) >= 4096:
@@ -421,6 +459,9 @@ cdef class SpoolWriter:
             _SW_PAGE_COUNT: "PRAGMA page_count",
             _SW_FREELIST_COUNT: "PRAGMA freelist_count",
             _SW_PAGE_SIZE: "PRAGMA page_size",
+            _SW_INSERT_RECORDS_MANY: statements["insert_records_many"],
+            _SW_INSERT_PENDING_MANY: statements["insert_pending_many"],
+            _SW_INSERT_REJECTIONS_MANY: statements["insert_rejections_many"],
         }
         cdef bytes sql
         for which, text in sqls.items():

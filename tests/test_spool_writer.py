@@ -56,8 +56,10 @@ def refuse_device_boom(path) -> None:
 
 
 def test_both_writers_store_the_same_rows(tmp_path):
+    # 300 records and 70 rejections: the compiled writer's many-row INSERTs, then its one-row tail
     batches = [([record(i) for i in range(n)], [rejection(i) for i in range(n % 5)]) for n in (1, 7, 300, 0)]
     batches[-1] = ([], [rejection(1)])
+    batches.append(([record(i) for i in range(400, 465)], [rejection(i) for i in range(70)]))
     edge = Record(device_id="x" * 128, ts_ns=2 ** 63 - 1, received_ns=-(2 ** 63), protocol="ws", fields={},
                   tags={})
 
@@ -67,6 +69,7 @@ def test_both_writers_store_the_same_rows(tmp_path):
             await sink.write_batch(records, dead)
         await sink.write_batch([edge], [])
         await sink.write_batch([record(1000), record(1001)], [rejection(3)], pending=True)
+        await sink.write_batch([record(i) for i in range(2000, 2040)], [], pending=True)
         await sink.aclose()
 
     for writer in WRITERS:
@@ -74,7 +77,7 @@ def test_both_writers_store_the_same_rows(tmp_path):
     compiled, thread = contents(tmp_path / "compiled"), contents(tmp_path / "thread")
     assert compiled == thread
     records, rejections, stats = compiled
-    assert stats == {"records": 309, "rejected": 1 + 2 + 0 + 1 + 1, "pending": 2}
+    assert stats == {"records": 309 + 65, "rejected": 1 + 2 + 0 + 1 + 70 + 1, "pending": 2 + 40}
     assert records[-1]["ts_ns"] == 2 ** 63 - 1 and records[-1]["received_ns"] == -(2 ** 63)
     assert records[0]["tags"] == {"site": "s0", "ü": "ß"}
     assert rejections[0] == {"received_ns": 10, "protocol": "mqtt", "reason": "malformed", "field": None,
@@ -90,6 +93,10 @@ def test_a_failing_batch_is_rolled_back_whole_and_the_next_one_is_written(tmp_pa
         await sink.write_batch([record(0)], [])
         with pytest.raises(sqlite3.IntegrityError, match="boom refused"):     # what Python's sqlite3 raises
             await sink.write_batch([record(1), record(2), record(3, "boom"), record(4)], [rejection(1)])
+        # refused inside one of the compiled writer's many-row INSERTs
+        with pytest.raises(sqlite3.IntegrityError, match="boom refused"):
+            await sink.write_batch([record(i, "boom" if i == 140 else None) for i in range(100, 200)],
+                                   [rejection(i) for i in range(40)])
         await sink.write_batch([record(5)], [rejection(2)])
         await sink.aclose()
 
