@@ -1,7 +1,7 @@
 """Type stub of the compiled hot path (src/_fastparse.pyx). The pure-Python
 twins gridgate._mqtt_py, gridgate._payload_py and gridgate._http_py have the
 same API."""
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from gridgate.mqtt_events import Event
 from gridgate.records import Record, Rejection
@@ -30,6 +30,10 @@ def encode_acks(packet_type: int, packet_ids: Iterable[int]) -> bytes: ...
 def encode_suback(packet_id: int, return_codes: Iterable[int]) -> bytes: ...
 def encode_publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, retain: bool = False,
                    dup: bool = False) -> bytes: ...
+def take_publishes(events: list[Event], start: int, telemetry_topic: str | None,
+                   validate_into: Callable[..., int], protocol: str, client_id: str | None, next_ns: int,
+                   clock: Callable[[], int], qos2_unreleased: set[int] | None, records: list[Record],
+                   rejections: list[Rejection], pubacks: list[int], pubrecs: list[int]) -> tuple[int, int, int]: ...
 
 class Validator:
     rules: PayloadRules

@@ -96,7 +96,7 @@ most ``max_packet_bytes`` of memory.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from gridgate.errors import MQTTProtocolError
 from gridgate.mqtt_events import (
@@ -104,10 +104,12 @@ from gridgate.mqtt_events import (
     SUBSCRIBE, UNSUBACK, UNSUBSCRIBE, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
     Subscribe, Unsubscribe, Will,
 )
+from gridgate.records import Rejection
 
 __all__ = [
     "MQTTCodec", "MQTT_ERROR_REASONS", "encode_connack", "encode_puback", "encode_pubrec", "encode_pubrel",
     "encode_pubcomp", "encode_acks", "encode_suback", "encode_unsuback", "encode_pingresp", "encode_publish",
+    "take_publishes",
 ]
 
 MQTT_ERROR_REASONS = (
@@ -636,3 +638,61 @@ def encode_publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0,
         out += pid.to_bytes(2, "big")
     out += body
     return bytes(out)
+
+
+# -- the session's per-PUBLISH step --------------------------------------------
+
+# Bytes a JSON document can start with (whitespace or the first byte of a
+# value); anything else is taken as MessagePack. A MessagePack payload that
+# starts with one of these is a bare positive integer, not a reading, so
+# nothing valid is misjudged.
+_JSON_FIRST = frozenset(b'{["-0123456789tfn \t\r\n')
+
+
+def take_publishes(events: list, start: int, telemetry_topic: str | None, validate_into: Callable[..., int],
+                   protocol: str, client_id: str | None, next_ns: int, clock: Callable[[], int],
+                   qos2_unreleased: set[int] | None, records: list, rejections: list, pubacks: list[int],
+                   pubrecs: list[int]) -> tuple[int, int, int]:
+    """What an MQTT session does with the PUBLISHes of one read, from
+    events[start] up to the first event that is not one (or a QoS 2 one while
+    ``qos2_unreleased`` is None: the caller makes that set, then goes on).
+
+    Readings on the device's telemetry topic (or plain "telemetry") are
+    validated into ``records`` and ``rejections``; other topics are rejected
+    as bad_topic. QoS 1 packet ids go to ``pubacks``, QoS 2 ones to
+    ``pubrecs``; a QoS 2 packet id still in ``qos2_unreleased`` is a
+    redelivery of readings already held: answered again, stored once (MQTT
+    4.3.3, method B).
+
+    Each publish's readings take a receive time from ``clock`` (ns) later
+    than ``next_ns`` and than the last publish's readings, so a burst stays
+    distinct points in a time-series sink. Returns (the index it stopped at,
+    the next ``next_ns``, the first publish's receive time, or 0).
+    """
+    i, n, first = start, len(events), 0
+    while i < n:
+        ev = events[i]
+        if type(ev) is not Publish or (ev.qos == 2 and qos2_unreleased is None):
+            break
+        now = clock()
+        publish_ns = now if now > next_ns else next_ns
+        if not first:
+            first = publish_ns
+        i += 1
+        if ev.qos == 2:
+            pubrecs.append(ev.packet_id)
+            if ev.packet_id in qos2_unreleased:
+                continue
+            qos2_unreleased.add(ev.packet_id)
+        topic = ev.topic
+        if topic == telemetry_topic or topic == "telemetry":
+            payload = ev.payload
+            fmt = "json" if not payload or payload[0] in _JSON_FIRST else "msgpack"
+            next_ns = publish_ns + validate_into(payload, fmt, protocol, client_id, publish_ns, records, rejections) + 1
+        else:
+            rejections.append(Rejection(
+                reason="bad_topic", field="topic", index=None, device_id=client_id, raw=bytes(ev.payload),
+                detail=f"topic {topic!r} is not 'telemetry' or {telemetry_topic!r}"))
+        if ev.qos == 1:
+            pubacks.append(ev.packet_id)
+    return i, next_ns, first
