@@ -747,13 +747,13 @@ def take_publishes(list events, Py_ssize_t start, str telemetry_topic, object va
         topic = (<object>ev).topic
         if topic == telemetry_topic or topic == "telemetry":
             payload = (<object>ev).payload
-            if type(payload) is bytes:
-                size = PyBytes_GET_SIZE(payload)
-                c = <unsigned char>PyBytes_AS_STRING(payload)[0] if size else 0
-            else:
+            if type(payload) is memoryview:             # what the codec gives: a slice of the read
                 view = PyMemoryView_GET_BUFFER(payload)
                 size = view.len
                 c = (<unsigned char *>view.buf)[0] if size else 0
+            else:                                       # bytes (a packet that spanned reads), or any buffer
+                size = len(payload)
+                c = payload[0] if size else 0
             fmt = "json" if not size or _mq_JSON_FIRST[c] else "msgpack"
             next_ns = publish_ns + validate_into(payload, fmt, protocol, client_id, publish_ns, records, rejections) + 1
         else:

@@ -48,7 +48,8 @@ def impl(request):
 
 
 def test_a_run_of_publishes_stops_at_the_first_other_event(impl):
-    events = [Publish(TOPIC, memoryview(b"xx" + READING)[2:], 1, 7, False, False), Publish("telemetry", READING, 0, 0, False, False),
+    events = [Publish(TOPIC, memoryview(b"xx" + READING)[2:], 1, 7, False, False),
+              Publish("telemetry", READING, 0, 0, False, False),
               PingReq(), Publish(TOPIC, READING, 1, 8, False, False)]
     (stop, next_ns, first), records, rejections, pubacks, pubrecs = run(impl, events, clock=Clock(5_000))
     assert (stop, first) == (2, 5_000)
@@ -83,10 +84,12 @@ def test_other_topics_are_rejected_and_still_acknowledged(impl):
 
 
 def test_msgpack_is_told_from_json_by_the_first_byte(impl):
-    events = [Publish(TOPIC, msgspec.msgpack.encode({"x": 1}), 0, 0, False, False), Publish(TOPIC, b"", 0, 0, False, False),
-              Publish(TOPIC, b" {\"x\": 2}", 0, 0, False, False)]
+    events = [Publish(TOPIC, msgspec.msgpack.encode({"x": 1}), 0, 0, False, False),
+              Publish(TOPIC, b"", 0, 0, False, False),
+              Publish(TOPIC, b" {\"x\": 2}", 0, 0, False, False),
+              Publish(TOPIC, bytearray(b'{"x": 3}'), 0, 0, False, False)]
     _, records, rejections, *_ = run(impl, events)
-    assert [r.fields for r in records] == [{"x": 1.0}, {"x": 2.0}]
+    assert [r.fields for r in records] == [{"x": 1.0}, {"x": 2.0}, {"x": 3.0}]
     assert [r.reason for r in rejections] == ["malformed"]      # empty: judged as JSON
 
 

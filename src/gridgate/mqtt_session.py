@@ -217,9 +217,12 @@ class MQTTConnection:
                 if ev.qos == 2 and self.qos2_unreleased is None:
                     self.qos2_unreleased = set()       # made for the first QoS 2 publish only
                 # the publishes that make up nearly every read, in compiled code
+                start = i
                 i, self._next_ns, first_ns = _take_publishes(
                     events, i, self.telemetry_topic, validate_into, self.protocol, self.client_id, self._next_ns,
                     time.time_ns, self.qos2_unreleased, records, rejections, durable_pubacks, durable_pubrecs)
+                if i == start:          # cannot happen (the set is made above); never spin on it
+                    raise RuntimeError("take_publishes took no publish")
                 if not received_ns:
                     received_ns = first_ns
                 continue
