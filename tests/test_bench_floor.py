@@ -9,10 +9,11 @@ import json
 import shutil
 import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -99,17 +100,33 @@ def test_pipelined_requests_are_answered_in_order(floor):
     assert answers[1][1][b"connection"] == b"close"
 
 
-def test_a_request_in_pieces_is_framed_across_reads(floor):
+def test_a_request_in_pieces_is_framed_across_reads():
+    # in process, on a memory stream: each piece is one read of its own
+    # (wait_all_tasks_blocked: the server took it and waits for more), which
+    # a socket could not promise without sleeping between the pieces
     request = _post()
     head_end = request.index(b"\r\n\r\n")
-    with _connect(floor) as sock:
-        # split inside the blank line and inside the body: each piece is its own read
-        # unless the kernel coalesces them, which frames the same
-        for piece in (request[:head_end + 2], request[head_end + 2:head_end + 10], request[head_end + 10:]):
-            sock.sendall(piece)
-            time.sleep(0.05)
-        sock.sendall(_post(b"Connection: close\r\n"))
-        assert [a[0] for a in _answers(_read_to_eof(sock))] == [202, 202]
+
+    async def main() -> None:
+        client, server = trio.testing.memory_stream_pair()
+
+        async def serve() -> None:
+            await floor_app._serve(server)
+            await server.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            # split inside the blank line and inside the body
+            for piece in (request[:head_end + 2], request[head_end + 2:head_end + 10], request[head_end + 10:]):
+                await trio.testing.wait_all_tasks_blocked()
+                await client.send_all(piece)
+            await client.send_all(_post(b"Connection: close\r\n"))
+            data = b""
+            while chunk := await client.receive_some(65536):
+                data += chunk
+        assert [a[0] for a in _answers(data)] == [202, 202]
+
+    trio.run(main)
 
 
 def test_many_connections_open_at_once_are_all_served(floor):
