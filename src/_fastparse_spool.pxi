@@ -150,10 +150,11 @@ cdef enum:
 
 cdef int _SW_RECORD_COLUMNS = 6       # gridgate.spool._ROW_COLUMNS
 cdef int _SW_REJECTION_COLUMNS = 8    # gridgate.spool._REJECTION_COLUMNS
-cdef dict _SW_STATEMENT_PARAMS = {"insert_records": 6, "insert_pending": 6, "insert_rejections": 8,
-                                  "count_records": 2, "count_pending": 2}
+cdef dict _SW_STATEMENT_PARAMS = {"insert_records": _SW_RECORD_COLUMNS, "insert_pending": _SW_RECORD_COLUMNS,
+                                  "insert_rejections": _SW_REJECTION_COLUMNS, "count_records": 2, "count_pending": 2}
 # the many-row INSERTs: a multiple of the columns, the same for records and pending
-cdef dict _SW_MANY_STATEMENTS = {"insert_records_many": 6, "insert_pending_many": 6, "insert_rejections_many": 8}
+cdef dict _SW_MANY_STATEMENTS = {"insert_records_many": _SW_RECORD_COLUMNS, "insert_pending_many": _SW_RECORD_COLUMNS,
+                                 "insert_rejections_many": _SW_REJECTION_COLUMNS}
 
 cdef struct _sw_cell:
     int kind

@@ -232,13 +232,13 @@ class Spool:
         """The SQL of a batch write for the compiled writer: each INSERT of
         one row, and of WRITER_MANY_ROWS rows (fewer if the SQLite build
         allows fewer parameters), which it uses while enough rows remain."""
-        many = min(WRITER_MANY_ROWS, self._insert_records.max_rows)
+        many_records = min(WRITER_MANY_ROWS, self._insert_records.max_rows)
+        many_rejections = min(WRITER_MANY_ROWS, self._insert_rejections.max_rows)
         return {"insert_records": self._insert_records.sql(1), "insert_pending": self._insert_pending.sql(1),
                 "insert_rejections": self._insert_rejections.sql(1),
-                "insert_records_many": self._insert_records.sql(many),
-                "insert_pending_many": self._insert_pending.sql(many),
-                "insert_rejections_many": self._insert_rejections.sql(
-                    min(WRITER_MANY_ROWS, self._insert_rejections.max_rows)),
+                "insert_records_many": self._insert_records.sql(many_records),
+                "insert_pending_many": self._insert_pending.sql(many_records),
+                "insert_rejections_many": self._insert_rejections.sql(many_rejections),
                 "count_records": _COUNT_SQL.format(counter="records"),
                 "count_pending": _COUNT_SQL.format(counter="pending")}
 
