@@ -1,5 +1,5 @@
 """Micro-benchmark of the MQTT codec: compiled (gridgate._fastparse) against
-its pure-Python twin (gridgate._mqtt_py).
+its pure-Python twin (gridgate.protocols.mqtt.codec_py).
 
     .venv/bin/python -m bench.micro_mqtt [--quick] [--json FILE]
 
@@ -24,8 +24,9 @@ import platform
 from collections.abc import Callable
 
 from bench.micro import best_ns
-from gridgate import _fastparse, _mqtt_py
-from gridgate.mqtt_events import PUBACK
+from gridgate import _fastparse
+from gridgate.protocols.mqtt import codec_py as _mqtt_py
+from gridgate.protocols.mqtt.events import PUBACK
 
 READ_SIZE = 65536
 TOPIC = "devices/meter-0001/telemetry"

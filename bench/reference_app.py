@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from gridgate import _fastparse
-from gridgate.rules import PayloadRules
+from gridgate.ingest.rules import PayloadRules
 
 _validator = _fastparse.Validator(PayloadRules())
 _FORMATS = {b"application/json": "json", b"application/x-ndjson": "ndjson", b"application/msgpack": "msgpack"}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import msgspec
 import trio
 
-from gridgate.hotpath import mqtt as codec
+from gridgate.protocols.mqtt.codec import codec
 from loadgen.schedule import Schedule
 from loadgen.stats import Stats
 

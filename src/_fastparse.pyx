@@ -4,7 +4,7 @@
 Why compiled: every byte a device sends goes through these functions, and in
 CPython the per-byte and per-field loops of a protocol decoder and a payload
 validator cost 10-50x what they cost in C. Everything here has a pure-Python
-twin (gridgate._mqtt_py, gridgate._payload_py, gridgate._http_py) that is the reference;
+twin (gridgate.protocols.mqtt.codec_py, gridgate.ingest.validator_py, gridgate.protocols.http.parser_py) that is the reference;
 the test suite runs against both and checks they agree on arbitrary input.
 
 The parts live in include files so they can be read (and written) separately

@@ -1,6 +1,6 @@
-# HTTP/1.1 request parser, compiled: the twin of gridgate/_http_py.py.
+# HTTP/1.1 request parser, compiled: the twin of gridgate/protocols/http/parser_py.py.
 #
-# gridgate/_http_py.py is the reference; its module docstring is the
+# gridgate/protocols/http/parser_py.py is the reference; its module docstring is the
 # contract (grammar, refusals and their order, zero-copy rules). Both must
 # give the same requests and raise equal HTTPParseErrors on every input,
 # however it is split into reads (tests/test_http_parser.py, which also
@@ -106,7 +106,7 @@ cdef inline Py_ssize_t _ht_find_head_end(const unsigned char* p, Py_ssize_t star
 
 
 cdef class HTTPRequestParser:
-    """Per-connection parser and request context (see gridgate/_http_py.py)."""
+    """Per-connection parser and request context (see gridgate/protocols/http/parser_py.py)."""
 
     cdef public Py_ssize_t max_header_bytes
     cdef public Py_ssize_t max_body_bytes

@@ -1,6 +1,6 @@
-# MQTT 3.1.1 server-side codec, compiled: the twin of gridgate/_mqtt_py.py.
+# MQTT 3.1.1 server-side codec, compiled: the twin of gridgate/protocols/mqtt/codec_py.py.
 #
-# gridgate/_mqtt_py.py is the reference. Its module docstring is the contract
+# gridgate/protocols/mqtt/codec_py.py is the reference. Its module docstring is the contract
 # both implementations keep: the error reasons, their precedence, and the
 # zero-copy rules of Publish.payload. The two must return equal events and
 # raise equal MQTTProtocolErrors on every input, however it is split into
@@ -30,8 +30,8 @@ from libc.string cimport memchr, memcmp, memcpy
 # Plain Python imports, bound once as module globals: both implementations
 # raise the same exception class and build the same event classes.
 from gridgate.errors import MQTTProtocolError as _mq_Error
-from gridgate.records import Rejection as _mq_Rejection
-from gridgate.mqtt_events import (
+from gridgate.ingest.records import Rejection as _mq_Rejection
+from gridgate.protocols.mqtt.events import (
     Connect as _mq_Connect, Disconnect as _mq_Disconnect, PingReq as _mq_PingReq, PubAck as _mq_PubAck,
     PubComp as _mq_PubComp, Publish as _mq_Publish, PubRec as _mq_PubRec, PubRel as _mq_PubRel,
     Subscribe as _mq_Subscribe, Unsubscribe as _mq_Unsubscribe, Will as _mq_Will,
@@ -50,7 +50,7 @@ _mq_REQUIRED_FLAGS[:] = [-1, 0, -1, -1, 0, 0, 2, 0, 2, -1, 2, -1, 0, -1, 0, -1]
 # -- the first byte of a packet ---------------------------------------------------
 
 cdef object _mq_first_byte_error(unsigned char first, bint connected):
-    """The MQTTProtocolError for a packet starting with `first`, or None (as _mqtt_py._first_byte_error)."""
+    """The MQTTProtocolError for a packet starting with `first`, or None (as codec_py._first_byte_error)."""
     cdef int ptype = first >> 4
     cdef int flags = first & 0x0F
     cdef int qos
@@ -209,7 +209,7 @@ cdef int _mq_append(bytearray buf, const unsigned char* src, Py_ssize_t n) excep
 cdef class MQTTCodec:
     """Server side of one MQTT 3.1.1 / 3.1 connection (sans-IO).
 
-    The compiled twin of gridgate._mqtt_py.MQTTCodec; see that module for
+    The compiled twin of gridgate.protocols.mqtt.codec_py.MQTTCodec; see that module for
     the contract (errors, their precedence, zero-copy payloads).
     """
 
@@ -707,7 +707,7 @@ def encode_publish(topic, payload, qos=0, packet_id=0, retain=False, dup=False):
     return out
 
 
-# -- the session's per-PUBLISH step (twin: gridgate._mqtt_py.take_publishes) ------
+# -- the session's per-PUBLISH step (twin: gridgate.protocols.mqtt.codec_py.take_publishes) ------
 
 cdef bint _mq_JSON_FIRST[256]
 for _c in range(256):
@@ -717,7 +717,7 @@ for _c in range(256):
 def take_publishes(list events, Py_ssize_t start, str telemetry_topic, object validate_into, str protocol,
                    object client_id, object next_ns, object clock, set qos2_unreleased, list records,
                    list rejections, list pubacks, list pubrecs):
-    """See the twin, gridgate._mqtt_py.take_publishes: compiled because a
+    """See the twin, gridgate.protocols.mqtt.codec_py.take_publishes: compiled because a
     Python loop over each read's publishes was a measurable share of the
     loop's CPU per reading."""
     cdef Py_ssize_t i = start, n = len(events)

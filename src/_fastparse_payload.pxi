@@ -1,4 +1,4 @@
-# Payload validator: the compiled twin of gridgate/_payload_py.py (the
+# Payload validator: the compiled twin of gridgate/ingest/validator_py.py (the
 # reference; docs/payload.md is the contract). Both must give identical
 # records and rejections on every input.
 #
@@ -16,7 +16,7 @@ import math as _pl_math
 
 import msgspec as _pl_msgspec
 
-from gridgate.records import Record as _pl_Record, Rejection as _pl_Rejection
+from gridgate.ingest.records import Record as _pl_Record, Rejection as _pl_Rejection
 
 # bound once: a module global's attribute looked up per payload is a
 # measurable share of a small reading's validation

@@ -148,8 +148,8 @@ cdef enum:
     _SW_INSERT_REJECTIONS_MANY = 13
     _SW_N_STMTS = 14
 
-cdef int _SW_RECORD_COLUMNS = 6       # gridgate.spool._ROW_COLUMNS
-cdef int _SW_REJECTION_COLUMNS = 8    # gridgate.spool._REJECTION_COLUMNS
+cdef int _SW_RECORD_COLUMNS = 6       # gridgate.storage.spool._ROW_COLUMNS
+cdef int _SW_REJECTION_COLUMNS = 8    # gridgate.storage.spool._REJECTION_COLUMNS
 cdef dict _SW_STATEMENT_PARAMS = {"insert_records": _SW_RECORD_COLUMNS, "insert_pending": _SW_RECORD_COLUMNS,
                                   "insert_rejections": _SW_REJECTION_COLUMNS, "count_records": 2, "count_pending": 2}
 # the many-row INSERTs: a multiple of the columns, the same for records and pending
@@ -300,7 +300,7 @@ cdef int _sw_scalar(_sw_state *st, int which, long long *out) noexcept nogil:
 
 
 cdef int _sw_write(_sw_state *st) noexcept nogil:
-    """One batch in one transaction, as gridgate.spool.Spool.write_batch."""
+    """One batch in one transaction, as gridgate.storage.spool.Spool.write_batch."""
     cdef gg_sqlite3_stmt *counter
     cdef int rc
     cdef long long page_count, freelist, page_size, wal
@@ -324,7 +324,7 @@ cdef int _sw_write(_sw_state *st) noexcept nogil:
         _sw_rollback(st)
         return -1
     if st.measure:
-        # gridgate.spool.Spool.used_bytes: pages holding data plus the WAL
+        # gridgate.storage.spool.Spool.used_bytes: pages holding data plus the WAL
         if (_sw_scalar(st, _SW_PAGE_COUNT, &page_count) < 0 or _sw_scalar(st, _SW_FREELIST_COUNT, &freelist) < 0
                 or _sw_scalar(st, _SW_PAGE_SIZE, &page_size) < 0):
             return -1
@@ -390,7 +390,7 @@ cdef class SpoolWriter:
 
     Use from one thread at a time: ``start(...)``; when ``fileno()`` turns
     readable, ``clear_signal()``; once ``ready``, ``finish()``. The spool file must exist
-    with its schema (gridgate.spool.Spool creates it) and be in WAL mode.
+    with its schema (gridgate.storage.spool.Spool creates it) and be in WAL mode.
     """
 
     cdef _sw_state *st
@@ -411,7 +411,7 @@ cdef class SpoolWriter:
         pthread_cond_init(&self.st.cv, NULL)
 
     def __init__(self, str library_path, str path, dict statements, bint fsync=False, int busy_timeout_ms=5000):
-        """``statements``: the spool's own SQL (gridgate.spool.Spool.writer_statements),
+        """``statements``: the spool's own SQL (gridgate.storage.spool.Spool.writer_statements),
         so the schema is written down once: "insert_records", "insert_pending"
         (6 parameters), "insert_rejections" (8), "count_records",
         "count_pending" (records or pending, then rejected), and the same
@@ -503,7 +503,7 @@ cdef class SpoolWriter:
 
         ``records``: 6-tuples (device_id, ts_ns, received_ns, protocol,
         fields, tags); ``rejections``: 8-tuples (received_ns, protocol,
-        reason, field, idx, device_id, detail, raw), as gridgate.spool builds
+        reason, field, idx, device_id, detail, raw), as gridgate.storage.spool builds
         them. Values: str (TEXT), bytes (BLOB), int (INTEGER) or None.
         ``measure``: also report the spool's used bytes (see finish).
         """

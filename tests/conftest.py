@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from gridgate import _fastparse, _mqtt_py, _payload_py
+from gridgate import _fastparse
+from gridgate.protocols.mqtt import codec_py as _mqtt_py
+from gridgate.ingest import validator_py as _payload_py
 
 
 @pytest.fixture(params=[_mqtt_py, _fastparse], ids=["py-mqtt", "c-mqtt"])

@@ -5,7 +5,7 @@ import pytest
 
 from gatewayproc import gridgate_env, run_cli
 from gridgate.config import Config, ConfigError, parse_address
-from gridgate.rules import FieldRule
+from gridgate.ingest.rules import FieldRule
 
 IDENTITY = {"ENVIRONMENT": "test", "SERVICE_NAME": "gg"}
 

@@ -14,9 +14,9 @@ from trio_websocket import ConnectionClosed, wrap_client_stream
 
 import gridgate
 from gridgate.config import Config, ConfigError, ConnectionsConfig, DownlinkConfig, WebSocketConfig
-from gridgate.downlink import CommandOutbox, new_command
-from gridgate.http_api import Request, handle_request
-from gridgate.metrics import Metrics
+from gridgate.downlink.commands import CommandOutbox, new_command
+from gridgate.protocols.http.api import Request, handle_request
+from gridgate.observability.metrics import Metrics
 from mqtt_frames import gen_puback, gen_publish, gen_suback, gen_subscribe
 from test_gateway_inprocess import MemorySink, connect_memory, make_config, read_exactly, run_with_clock, wait_closed
 
@@ -27,7 +27,7 @@ async def post_command(gateway, device_id: str, command: dict) -> tuple[int, dic
     body = json.dumps(command).encode()
     request = Request("POST", f"/v1/devices/{device_id}/commands",
                       {"content-type": "application/json", "content-length": str(len(body))}, body)
-    status, data, _, _ = await handle_request(gateway, request, "std")
+    status, data, _, _ = await handle_request(gateway.services, request, "std")
     return status, json.loads(data)
 
 

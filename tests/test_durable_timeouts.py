@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from gridgate.durable_timeouts import DurableTimeouts
-from gridgate.http_api import Pending
+from gridgate.ingest.durable_timeouts import DurableTimeouts
+from gridgate.protocols.http.api import Pending
 
 
 def pending() -> Pending:

@@ -11,9 +11,9 @@ import trio.testing
 
 import gridgate
 from gridgate.config import ConnectionsConfig, HTTPConfig, PipelineConfig, SinkConfig, SpoolConfig
-from gridgate.forwarding import BreakerState, CircuitBreaker
-from gridgate.records import Record
-from gridgate.spool import Spool
+from gridgate.sinks.forwarding import BreakerState, CircuitBreaker
+from gridgate.ingest.records import Record
+from gridgate.storage.spool import Spool
 from test_gateway_inprocess import MemorySink, make_config, run_with_clock
 from test_http_inprocess import post, read_response
 

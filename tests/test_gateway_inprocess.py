@@ -14,7 +14,7 @@ import gridgate
 from gridgate.config import (
     Config, ConnectionsConfig, HTTPConfig, MQTTConfig, ServiceConfig, SinkConfig, SpoolConfig, WebSocketConfig,
 )
-from gridgate.records import Record
+from gridgate.ingest.records import Record
 from mqtt_frames import gen_connack, gen_connect, gen_pingreq, gen_pingresp, gen_publish, gen_puback
 
 
@@ -216,7 +216,7 @@ def test_embedded_gateway_delivers_normalized_batches_to_a_custom_sink(tmp_path)
 
 
 def test_failing_sink_is_stored_and_forwarded(tmp_path):
-    # Store-and-forward (gridgate.forwarding): a custom sink that fails does
+    # Store-and-forward (gridgate.sinks.forwarding): a custom sink that fails does
     # not hold the device back; the batch is acknowledged from the spool's
     # pending table and replayed once the sink takes writes again.
     # Real time, short intervals: the spool works on a worker thread, and an

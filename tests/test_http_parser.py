@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gridgate import _fastparse, _http_py
+from gridgate import _fastparse
+from gridgate.protocols.http import parser_py as _http_py
 from gridgate.errors import HTTPParseError
-from gridgate.http_std import StdRequestReader
+from gridgate.protocols.http.std import StdRequestReader
 from test_mqtt_hypothesis import split
 
 SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), deadline=None,

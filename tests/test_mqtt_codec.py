@@ -1,5 +1,5 @@
 """The MQTT 3.1.1 server codec, one suite run against both implementations
-(fixture ``mqtt_impl``: ``py-mqtt`` = gridgate._mqtt_py, ``c-mqtt`` =
+(fixture ``mqtt_impl``: ``py-mqtt`` = gridgate.protocols.mqtt.codec_py, ``c-mqtt`` =
 gridgate._fastparse).
 
 Expected bytes come from the specification's examples (section cited in the
@@ -14,9 +14,9 @@ import random
 
 import pytest
 
-from gridgate._mqtt_py import MQTT_ERROR_REASONS
+from gridgate.protocols.mqtt.codec_py import MQTT_ERROR_REASONS
 from gridgate.errors import MQTTProtocolError
-from gridgate.mqtt_events import (
+from gridgate.protocols.mqtt.events import (
     PUBACK, PUBCOMP, PUBREC, PUBREL, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
     Subscribe, Unsubscribe, Will,
 )

@@ -19,9 +19,10 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gridgate import _fastparse, _mqtt_py
+from gridgate import _fastparse
+from gridgate.protocols.mqtt import codec_py as _mqtt_py
 from gridgate.errors import MQTTProtocolError
-from gridgate.mqtt_events import (
+from gridgate.protocols.mqtt.events import (
     PUBACK, PUBCOMP, PUBREC, PUBREL, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
     Subscribe, Unsubscribe, Will,
 )

@@ -133,8 +133,8 @@ def test_graceful_stop_delivers_owed_acks_then_closes(tmp_path, pair):
 
 
 def test_a_failing_side_task_closes_only_its_own_connection(caplog):
-    from gridgate.connmanager import Session
-    from gridgate.side_tasks import SideTasks
+    from gridgate.connections.manager import Session
+    from gridgate.connections.side_tasks import SideTasks
 
     async def main():
         async with trio.open_nursery() as nursery:

@@ -12,10 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gridgate import _fastparse, _mqtt_py, _payload_py
-from gridgate.mqtt_events import PingReq, Publish, PubRel
-from gridgate.records import Rejection
-from gridgate.rules import PayloadRules
+from gridgate import _fastparse
+from gridgate.protocols.mqtt import codec_py as _mqtt_py
+from gridgate.ingest import validator_py as _payload_py
+from gridgate.protocols.mqtt.events import PingReq, Publish, PubRel
+from gridgate.ingest.records import Rejection
+from gridgate.ingest.rules import PayloadRules
 
 TOPIC = "devices/m1/telemetry"
 READING = b'{"temperature": 21.5, "location": "sh/fa"}'

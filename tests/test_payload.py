@@ -6,8 +6,8 @@ import json
 import msgspec
 import pytest
 
-from gridgate.records import REASONS, Record, Rejection
-from gridgate.rules import FieldRule, PayloadRules
+from gridgate.ingest.records import REASONS, Record, Rejection
+from gridgate.ingest.rules import FieldRule, PayloadRules
 
 NOW = 1_732_406_400_000_000_000          # received_ns used throughout
 SAMPLE = {"device_id": "meter-0001", "timestamp_ms": 1732406400123, "temperature": 23.5,

@@ -9,8 +9,9 @@ import msgspec
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gridgate import _fastparse, _payload_py
-from gridgate.rules import PayloadRules
+from gridgate import _fastparse
+from gridgate.ingest import validator_py as _payload_py
+from gridgate.ingest.rules import PayloadRules
 
 # HYPOTHESIS_MAX_EXAMPLES=5000 for a longer differential run
 SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), deadline=None,

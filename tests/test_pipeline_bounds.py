@@ -6,9 +6,9 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from gridgate.metrics import Metrics
-from gridgate.pipeline import Pipeline, WorkItem
-from gridgate.records import Record
+from gridgate.observability.metrics import Metrics
+from gridgate.ingest.pipeline import Pipeline, WorkItem
+from gridgate.ingest.records import Record
 
 
 def item(n: int) -> WorkItem:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from gridgate.records import Record
+from gridgate.ingest.records import Record
 from gridgate.sinks.influxdb import (
     InfluxDBEncodeError, InfluxDBHTTPError, InfluxDBSink, InfluxDBUnavailableError, SinkWriteError,
 )

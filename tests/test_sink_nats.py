@@ -10,7 +10,7 @@ import nats
 import pytest
 import trio
 
-from gridgate.records import Record
+from gridgate.ingest.records import Record
 from gridgate.sinks.base import Sink
 from gridgate.sinks.nats import (MSG_ID_HEADER, NATSSink, SinkOpenError, SinkWriteError, SubjectTemplate,
                                  decode_record, encode_record, msg_id, sanitize_token, subject_covers)

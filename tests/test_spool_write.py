@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from gridgate.records import Record, Rejection
-from gridgate.spool import MultiRowInsert, Spool
+from gridgate.ingest.records import Record, Rejection
+from gridgate.storage.spool import MultiRowInsert, Spool
 
 
 def record(i: int) -> Record:

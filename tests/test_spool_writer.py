@@ -12,9 +12,9 @@ import trio
 import trio.testing
 
 from gridgate import _fastparse  # the compiled variant: fail loudly if it is not built
-from gridgate.records import Record, Rejection
+from gridgate.ingest.records import Record, Rejection
 from gridgate.sinks.base import SinkFullError
-from gridgate.spool import Spool, SpoolSink, rejection_rows, record_rows
+from gridgate.storage.spool import Spool, SpoolSink, rejection_rows, record_rows
 
 WRITERS = ["compiled", "thread"]
 

@@ -23,8 +23,8 @@ _LAZY = {
     "ConfigError": "gridgate.config",
     "Gateway": "gridgate.gateway",
     "serve": "gridgate.gateway",
-    "Record": "gridgate.records",
-    "Rejection": "gridgate.records",
+    "Record": "gridgate.ingest.records",
+    "Rejection": "gridgate.ingest.records",
     "Sink": "gridgate.sinks.base",
     "SinkFullError": "gridgate.sinks.base",
 }
@@ -32,7 +32,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from gridgate.config import Config, ConfigError
     from gridgate.gateway import Gateway, serve
-    from gridgate.records import Record, Rejection
+    from gridgate.ingest.records import Record, Rejection
     from gridgate.sinks.base import Sink, SinkFullError
 
 

@@ -1,11 +1,11 @@
 """Type stub of the compiled hot path (src/_fastparse.pyx). The pure-Python
-twins gridgate._mqtt_py, gridgate._payload_py and gridgate._http_py have the
+twins gridgate.protocols.mqtt.codec_py, gridgate.ingest.validator_py and gridgate.protocols.http.parser_py have the
 same API."""
 from collections.abc import Callable, Iterable
 
-from gridgate.mqtt_events import Event
-from gridgate.records import Record, Rejection
-from gridgate.rules import PayloadRules
+from gridgate.protocols.mqtt.events import Event
+from gridgate.ingest.records import Record, Rejection
+from gridgate.ingest.rules import PayloadRules
 
 class MQTTCodec:
     def __init__(self, max_packet_bytes: int = 1048576) -> None: ...
@@ -74,7 +74,7 @@ class HTTPRequestParser:
 
 
 class SpoolWriter:
-    """Commits spool batches on its own OS thread, without the GIL (gridgate.spool.SpoolSink)."""
+    """Commits spool batches on its own OS thread, without the GIL (gridgate.storage.spool.SpoolSink)."""
     path: str
     def __init__(self, library_path: str, path: str, statements: dict[str, str], fsync: bool = False,
                  busy_timeout_ms: int = 5000) -> None: ...

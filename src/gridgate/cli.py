@@ -168,7 +168,7 @@ def _data_dir(arg: str | None) -> str:
 
 
 def _cmd_spool(args: argparse.Namespace) -> int:
-    from gridgate import spool_cli
+    from gridgate.storage import spool_cli
 
     data_dir = _data_dir(args.data_dir)
     if args.spool_command == "stats":

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from gridgate.devices import device_config_problems, load_device_configs
-from gridgate.rules import DEFAULT_FIELD_RULES, FieldRule, PayloadRules
+from gridgate.downlink.device_configs import device_config_problems, load_device_configs
+from gridgate.ingest.rules import DEFAULT_FIELD_RULES, FieldRule, PayloadRules
 
 __all__ = [
     "Config", "ConfigError", "ServiceConfig", "MQTTConfig", "HTTPConfig", "ConnectionsConfig",
@@ -130,7 +130,7 @@ class PayloadConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class SinkConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kind: Literal["spool", "influxdb", "nats"] = "spool"
     # External sinks (and custom ones) sit behind a circuit breaker with the
-    # spool underneath as the store-and-forward buffer (gridgate.forwarding).
+    # spool underneath as the store-and-forward buffer (gridgate.sinks.forwarding).
     write_timeout_s: PositiveFloat = 10.0            # a slower write counts as a failure
     failure_threshold: Annotated[int, Meta(ge=1, le=1000)] = 3   # consecutive failures that open it
     open_s: PositiveFloat = 5.0                      # cool-down before a half-open probe

@@ -20,20 +20,22 @@ from typing import Any
 
 import trio
 
-from gridgate import _payload_py, hotpath
+from gridgate import hotpath
+from gridgate.ingest.validator import validator, validator_py
 from gridgate.config import Config, parse_address
-from gridgate.connmanager import ConnManager, Session
-from gridgate.durable_timeouts import DurableTimeouts
-from gridgate.forwarding import Forwarder
-from gridgate.http_fast import serve_fast_http
-from gridgate.http_std import serve_std_http
-from gridgate.metrics import Metrics
-from gridgate.mqtt_session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection
-from gridgate.ws import serve_websocket_connection
-from gridgate.pipeline import Pipeline
-from gridgate.records import Record, Rejection
+from gridgate.connections.manager import ConnManager, Session
+from gridgate.ingest.durable_timeouts import DurableTimeouts
+from gridgate.sinks.forwarding import Forwarder
+from gridgate.protocols.http.fast import serve_fast_http
+from gridgate.protocols.http.std import serve_std_http
+from gridgate.observability.metrics import Metrics
+from gridgate.protocols.mqtt.session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection, serve_mqtt_stream
+from gridgate.protocols.services import Services
+from gridgate.protocols.websocket.session import serve_websocket_connection
+from gridgate.ingest.pipeline import Pipeline
+from gridgate.ingest.records import Record, Rejection
 from gridgate.sinks.base import Sink
-from gridgate.spool import SpoolSink
+from gridgate.storage.spool import SpoolSink
 
 __all__ = ["Gateway", "serve", "raise_open_file_limit"]
 
@@ -53,11 +55,11 @@ ACCEPT_BURST = 256
 DRAIN_TIMEOUT_S = 10.0
 
 # A protocol handler: serves one connection until it ends.
-ServeFn = Callable[[trio.abc.Stream, "Gateway", Session], Awaitable[None]]
+ServeFn = Callable[[trio.abc.Stream, Services, Session], Awaitable[None]]
 
 
-def _serve_mqtt(stream: trio.abc.Stream, gateway: "Gateway", session: Session) -> Coroutine[Any, Any, None]:
-    return MQTTConnection(stream, gateway, session).run()     # no wrapping frame (see Gateway.handle_mqtt)
+def _serve_mqtt(stream: trio.abc.Stream, services: Services, session: Session) -> Coroutine[Any, Any, None]:
+    return MQTTConnection(stream, services, session).run()     # no wrapping frame (see Gateway.handle_mqtt)
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -122,10 +124,6 @@ class Gateway:
         self.config = config
         self.metrics = metrics
         self.spool = spool
-        # Sessions call this between reads: the spool's compiled write in
-        # flight is finished, and its batch acknowledged, by the first task
-        # to see it done instead of at the loop's next I/O poll.
-        self.poll_durable: Callable[[], None] = spool.poll
         self.addresses: dict[str, tuple[str, int]] = {}
         _, fd_limit = raise_open_file_limit()
         self.max_connections = effective_max_connections(config.connections.max_connections, fd_limit)
@@ -136,16 +134,9 @@ class Gateway:
             metrics=metrics,
         )
         rules = config.payload_rules()
-        self.validator = hotpath.payload.Validator(rules)
-        self.validate = self.validator.validate
-        self.validate_into = self.validator.validate_into
-        # the std HTTP engine's validator: always the pure-Python reference
-        self.std_validator = _payload_py.Validator(rules)
-        # device id -> config, pushed as UPDATE_CONFIG when the device connects
-        self.device_configs = config.device_configs()
         self.ready = False
         # Any sink but the spool goes through store-and-forward (the spool
-        # stays underneath: gridgate.forwarding).
+        # stays underneath: gridgate.sinks.forwarding).
         self.forwarder: Forwarder | None = None
         if sink is not None or config.sink.kind != "spool":
             self.forwarder = Forwarder("custom" if sink is not None else config.sink.kind,
@@ -159,6 +150,20 @@ class Gateway:
             metrics=metrics,
         )
         self.durable_timeouts = DurableTimeouts(config.http.durable_timeout_s)
+        # All a session gets of the gateway (gridgate.protocols.services).
+        self.services = Services(
+            config=config, metrics=metrics, conns=self.conns, pipeline=self.pipeline,
+            validator=validator.Validator(rules),
+            # the std HTTP engine's validator: always the pure-Python reference
+            std_validator=validator_py.Validator(rules),
+            durable_timeouts=self.durable_timeouts,
+            device_configs=config.device_configs(),
+            poll_durable=spool.poll,
+            connection_nursery=lambda: self.connection_nursery,
+            not_ready_reasons=self.not_ready_reasons,
+            sink_status=self.sink_status,
+            serve_mqtt_stream=serve_mqtt_stream,
+        )
         self._stop = trio.Event()
         self._listeners: list[trio.SocketListener] = []
         self._accept_scopes: list[trio.CancelScope] = []
@@ -366,7 +371,7 @@ class Gateway:
         self.conns.register(session)
         try:
             with scope:
-                await serve(stream, self, session)
+                await serve(stream, self.services, session)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             session.close_reason = session.close_reason or "connection lost"
         except* Exception as group:

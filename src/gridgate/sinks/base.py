@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from gridgate.records import Record
+from gridgate.ingest.records import Record
 
 __all__ = ["Sink", "SinkFullError"]
 

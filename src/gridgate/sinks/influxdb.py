@@ -45,7 +45,7 @@ from typing import Any
 import anyio
 import httpx
 
-from gridgate.records import Record
+from gridgate.ingest.records import Record
 from gridgate.sinks.line_protocol import DEFAULT_MEASUREMENT, LineProtocolError, encode, escape_measurement
 
 __all__ = [

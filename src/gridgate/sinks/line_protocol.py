@@ -43,7 +43,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from gridgate.records import Record
+from gridgate.ingest.records import Record
 
 __all__ = [
     "DEFAULT_MEASUREMENT", "LineProtocolError", "encode", "encode_lines",

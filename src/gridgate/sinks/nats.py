@@ -7,7 +7,7 @@ is stored (on a quorum of the stream's replicas when ``replicas`` > 1), which
 is what "durable" means for this sink.
 
 Wire format
-    The message body is the normalized :class:`~gridgate.records.Record`
+    The message body is the normalized :class:`~gridgate.ingest.records.Record`
     encoded as **MessagePack** by msgspec: a map with the keys ``device_id``,
     ``ts_ns``, ``received_ns``, ``protocol``, ``fields`` and ``tags`` (the
     same names as the JSON Lines of ``gridgate spool export``). MessagePack
@@ -67,7 +67,7 @@ import nats.js.errors
 import trio
 from nats.js.api import StorageType, StreamConfig
 
-from gridgate.records import Record
+from gridgate.ingest.records import Record
 
 __all__ = ["NATSSink", "SinkWriteError", "SinkOpenError", "SubjectTemplate", "sanitize_token", "msg_id",
            "encode_record", "decode_record", "subject_covers"]

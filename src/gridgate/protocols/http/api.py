@@ -14,12 +14,12 @@ import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gridgate import downlink
-from gridgate.mqtt_session import DEVICE_ID_RE
-from gridgate.pipeline import WorkItem
+from gridgate.downlink import commands as downlink
+from gridgate.ingest.records import DEVICE_ID_RE
+from gridgate.ingest.pipeline import WorkItem
 
 if TYPE_CHECKING:
-    from gridgate.gateway import Gateway
+    from gridgate.protocols.services import Services
 
 __all__ = ["Request", "HttpError", "Pending", "begin_request", "handle_request"]
 
@@ -92,12 +92,12 @@ class Pending:
         self.expired = False
 
     def expire(self) -> None:
-        """The durable timeout passed (gridgate.durable_timeouts): answer 503 now."""
+        """The durable timeout passed (gridgate.ingest.durable_timeouts): answer 503 now."""
         self.expired = True
         self.done.set()
 
     async def answer(self) -> Answer:
-        await self.done.wait()          # set by the commit, or by gateway.durable_timeouts
+        await self.done.wait()          # set by the commit, or by services.durable_timeouts
         return self.result()
 
     def result(self) -> Answer:
@@ -120,52 +120,52 @@ def _error(err: HttpError) -> Answer:
     return err.status, err.body(), JSON, err.extra
 
 
-async def handle_request(gateway: "Gateway", request: Request, engine: str) -> Answer:
+async def handle_request(services: "Services", request: Request, engine: str) -> Answer:
     """Route and answer one request (waits for durable on telemetry)."""
-    started = begin_request(gateway, request, engine)
+    started = begin_request(services, request, engine)
     if type(started) is Pending:
         return await started.answer()
     return started
 
 
-def begin_request(gateway: "Gateway", request, engine: str) -> "Answer | Pending":
+def begin_request(services: "Services", request, engine: str) -> "Answer | Pending":
     """Route one request without waiting: an Answer, or a Pending telemetry write.
 
     Everything the request holds (the body included) is used before this
     returns, so the caller may reuse its buffers at once.
     """
     try:
-        return _route(gateway, request, engine)
+        return _route(services, request, engine)
     except HttpError as err:
         return _error(err)
 
 
-def _route(gw: "Gateway", req, engine: str) -> "Answer | Pending":
+def _route(svc: "Services", req, engine: str) -> "Answer | Pending":
     path = req.target.split("?", 1)[0]
     if path == "/v1/telemetry":
         _allow(req, "POST")
-        return _telemetry(gw, req, engine)
+        return _telemetry(svc, req, engine)
     if path == "/healthz":
         _allow(req, "GET")
         return _ok(200, {"status": "ok"})
     if path == "/readyz":
         _allow(req, "GET")
-        reasons = gw.not_ready_reasons()
+        reasons = svc.not_ready_reasons()
         if reasons:
-            return _ok(503, {"status": "not_ready", "reasons": reasons, "sink": gw.sink_status()})
-        return _ok(200, {"status": "ready", "sink": gw.sink_status()})
+            return _ok(503, {"status": "not_ready", "reasons": reasons, "sink": svc.sink_status()})
+        return _ok(200, {"status": "ready", "sink": svc.sink_status()})
     if path == "/metrics":
         _allow(req, "GET")
-        return 200, gw.metrics.render(), CONTENT_TYPE_LATEST.encode(), []
+        return 200, svc.metrics.render(), CONTENT_TYPE_LATEST.encode(), []
     if path == "/v1/connections":
         _allow(req, "GET")
-        return _ok(200, {"total": len(gw.conns), "by_protocol": gw.conns.by_protocol()})
+        return _ok(200, {"total": len(svc.conns), "by_protocol": svc.conns.by_protocol()})
     if path.startswith("/v1/devices/") and path.endswith("/commands") and path.count("/") == 4:
         _allow(req, "POST")
-        return _command(gw, req, path[len("/v1/devices/"):-len("/commands")])
+        return _command(svc, req, path[len("/v1/devices/"):-len("/commands")])
     if path.startswith("/v1/devices/") and path.count("/") == 3:
         _allow(req, "GET")
-        info = gw.conns.device_info(path[len("/v1/devices/"):])
+        info = svc.conns.device_info(path[len("/v1/devices/"):])
         if info is None:
             raise HttpError(404, "not_found", "device never seen")
         return _ok(200, info)
@@ -194,8 +194,8 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-def _telemetry(gw: "Gateway", req, engine: str) -> Pending:
-    cfg = gw.config.http
+def _telemetry(svc: "Services", req, engine: str) -> Pending:
+    cfg = svc.config.http
     if not req.has_length:
         raise HttpError(411, "length_required", "send Content-Length or Transfer-Encoding: chunked")
     ctype = req.content_type.split(";", 1)[0].strip().lower()
@@ -205,18 +205,18 @@ def _telemetry(gw: "Gateway", req, engine: str) -> Pending:
                         f"Content-Type {ctype!r}; use application/json, application/x-ndjson or application/msgpack")
     body = _decompress(req.body, req.content_encoding.strip().lower(), cfg.max_body_bytes)
     received_ns = time.time_ns()
-    validator = gw.std_validator if engine == "std" else gw.validator
+    validator = svc.std_validator if engine == "std" else svc.validator
     records, rejections = validator.validate(body, fmt, "http", None, received_ns)
     done = trio.Event()
     item = WorkItem(records, rejections, "http", received_ns, done.set)
-    if not gw.pipeline.try_submit(item):
+    if not svc.pipeline.try_submit(item):
         raise HttpError(503, "overloaded", "the ingest pipeline is full; retry later", [(b"retry-after", b"1")])
     pending = Pending(done, records, rejections)
-    gw.durable_timeouts.add(pending)
+    svc.durable_timeouts.add(pending)
     return pending
 
 
-def _command(gw: "Gateway", req, device_id: str) -> Answer:
+def _command(svc: "Services", req, device_id: str) -> Answer:
     """POST /v1/devices/{id}/commands (DESIGN section 6): hand the command to
     the connection that holds the device now; 202 once it has it."""
     if not DEVICE_ID_RE.match(device_id):
@@ -226,7 +226,7 @@ def _command(gw: "Gateway", req, device_id: str) -> Answer:
     ctype = req.content_type.split(";", 1)[0].strip().lower()
     if _FORMATS.get(ctype) != "json":
         raise HttpError(415, "unsupported_media_type", f"Content-Type {ctype!r}; a command is application/json")
-    limit = gw.config.downlink.max_command_bytes
+    limit = svc.config.downlink.max_command_bytes
     body = _decompress(req.body, req.content_encoding.strip().lower(), limit)
     if len(body) > limit:
         raise HttpError(413, "too_large", f"command body exceeds downlink.max_command_bytes {limit}")
@@ -234,7 +234,7 @@ def _command(gw: "Gateway", req, device_id: str) -> Answer:
         command = downlink.parse_command(bytes(body), limit)
     except downlink.CommandError as exc:
         raise HttpError(exc.status, exc.error, exc.detail) from None
-    session = gw.conns.get_device(device_id)
+    session = svc.conns.get_device(device_id)
     send = session.send_command if session is not None and not session.cancel_scope.cancel_called else None
     if send is None:
         raise HttpError(404, "device_offline", f"no live connection holds device {device_id!r}")

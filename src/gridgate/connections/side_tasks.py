@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 if TYPE_CHECKING:
-    from gridgate.connmanager import Session
+    from gridgate.connections.manager import Session
 
 __all__ = ["SideTasks"]
 
@@ -28,7 +28,7 @@ log = logging.getLogger("gridgate.connections")
 
 class SideTasks:
     """Quacks like ``trio.Nursery.start_soon`` for the code that starts
-    per-connection helpers (``gridgate.downlink.DownlinkChannel``)."""
+    per-connection helpers (``gridgate.downlink.commands.DownlinkChannel``)."""
 
     __slots__ = ("_nursery", "_session", "_scopes", "_cancelled")
 

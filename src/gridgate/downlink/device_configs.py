@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tomllib
 from typing import Any
 
-from gridgate.downlink import UPDATE_CONFIG, encode_command, new_command
-from gridgate.records import DEVICE_ID_PATTERN
+from gridgate.downlink.wire import UPDATE_CONFIG, encode_command, new_command
+from gridgate.ingest.records import DEVICE_ID_RE
 
 __all__ = ["load_device_configs", "device_config_problems", "MAX_DEVICES_FILE_BYTES"]
 
-_DEVICE_ID = re.compile(DEVICE_ID_PATTERN + r"\Z")
 # A devices file is read whole into memory: keep it to a size that is sane.
 MAX_DEVICES_FILE_BYTES = 64 * 1024 * 1024
 
@@ -31,7 +29,7 @@ def _check(source: str, configs: Any, max_command_bytes: int, out: dict[str, dic
         return
     for device_id, config in configs.items():
         where = f"{source}.{device_id}" if source == "devices" else f"{source}: device {device_id!r}"
-        if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
+        if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
             problems.append(f"{where}: not a valid device id ([A-Za-z0-9][A-Za-z0-9._:-]{{0,127}})")
             continue
         if not isinstance(config, dict):

@@ -6,7 +6,7 @@ from typing import TextIO
 
 import msgspec
 
-from gridgate.spool import Spool
+from gridgate.storage.spool import Spool
 
 __all__ = ["stats_command", "export_command"]
 

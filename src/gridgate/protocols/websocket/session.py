@@ -32,18 +32,17 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from gridgate.downlink import CommandOutbox, Send, open_channel
-from gridgate.mqtt_session import DEVICE_ID_RE, MQTTConnection
-from gridgate.pipeline import WorkItem
-from gridgate.records import Rejection
+from gridgate.downlink.commands import CommandOutbox, Send, open_channel
+from gridgate.ingest.pipeline import WorkItem
+from gridgate.ingest.records import DEVICE_ID_RE, Rejection
 
 if TYPE_CHECKING:
-    from gridgate.connmanager import Session
-    from gridgate.gateway import Gateway
+    from gridgate.connections.manager import Session
+    from gridgate.protocols.services import Services
 
 __all__ = ["serve_websocket_connection", "WebSocketStream", "WSDeviceChannel"]
 
-log = logging.getLogger("gridgate.ws")
+log = logging.getLogger("gridgate.protocols.websocket.session")
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -133,9 +132,9 @@ class WebSocketStream(trio.abc.Stream):
         await self.ws.aclose()
 
 
-async def serve_websocket_connection(stream: trio.abc.Stream, gateway: "Gateway", session: "Session") -> None:
+async def serve_websocket_connection(stream: trio.abc.Stream, services: "Services", session: "Session") -> None:
     """Handshake, route by path, run the channel, close with the right code."""
-    cfg = gateway.config.websocket
+    cfg = services.config.websocket
     async with trio.open_nursery() as nursery:
         request = None
         with trio.move_on_after(cfg.handshake_timeout_s):
@@ -166,35 +165,35 @@ async def serve_websocket_connection(stream: trio.abc.Stream, gateway: "Gateway"
         try:
             if mqtt:
                 if not offered_mqtt:
-                    code, reason = _policy(gateway, session, "no_subprotocol", "MQTT over WebSocket needs the "
+                    code, reason = _policy(services, session, "no_subprotocol", "MQTT over WebSocket needs the "
                                                                                 "subprotocol 'mqtt'")
                 else:
-                    code, reason = await _run_mqtt(ws, gateway, session)
+                    code, reason = await _run_mqtt(ws, services, session)
             else:
                 device_id = parse_qs(query).get("device_id", [""])[0]
                 if not DEVICE_ID_RE.match(device_id):
-                    code, reason = _policy(gateway, session, "bad_device_id",
+                    code, reason = _policy(services, session, "bad_device_id",
                                            "device_id query parameter missing or not a valid device id")
                 else:
-                    channel = WSDeviceChannel(ws, gateway, session, device_id)
+                    channel = WSDeviceChannel(ws, services, session, device_id)
                     code, reason = await channel.run()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT_S):
                 if ws.closed is None:
                     if session.cancel_scope.cancel_called:   # reaped or taken over: say so
                         reason = session.close_reason or reason
-                    gateway.metrics.ws_closes.labels(str(code)).inc()
+                    services.metrics.ws_closes.labels(str(code)).inc()
                     await ws.aclose(code, reason.encode()[:_MAX_REASON_BYTES].decode(errors="ignore") or None)
                 elif ws.closed.code == CLOSE_TOO_BIG:
                     # trio-websocket closed it for a message over max_message_bytes
-                    gateway.metrics.ws_closes.labels(str(CLOSE_TOO_BIG)).inc()
-                    gateway.metrics.protocol_errors.labels(session.protocol, "too_large").inc()
+                    services.metrics.ws_closes.labels(str(CLOSE_TOO_BIG)).inc()
+                    services.metrics.protocol_errors.labels(session.protocol, "too_large").inc()
                     session.close_reason = f"message over websocket.max_message_bytes {cfg.max_message_bytes}"
             nursery.cancel_scope.cancel()
 
 
-def _policy(gateway: "Gateway", session: "Session", why: str, detail: str) -> tuple[int, str]:
-    gateway.metrics.protocol_errors.labels(session.protocol, why).inc()
+def _policy(services: "Services", session: "Session", why: str, detail: str) -> tuple[int, str]:
+    services.metrics.protocol_errors.labels(session.protocol, why).inc()
     session.close_reason = f"policy: {detail}"
     log.warning("closing WebSocket from %s with 1008: %s", session.remote, detail)
     return CLOSE_POLICY, detail
@@ -212,23 +211,22 @@ async def _pinger(ws: WebSocketConnection, interval: float) -> None:
             return
 
 
-async def _run_mqtt(ws: WebSocketConnection, gateway: "Gateway", session: "Session") -> tuple[int, str]:
-    gateway.conns.set_protocol(session, "mqtt-ws")
+async def _run_mqtt(ws: WebSocketConnection, services: "Services", session: "Session") -> tuple[int, str]:
+    services.conns.set_protocol(session, "mqtt-ws")
     stream = WebSocketStream(ws)
-    conn = MQTTConnection(stream, gateway, session, protocol="mqtt-ws")
+    error = None
     async with trio.open_nursery() as nursery:
-        if gateway.config.websocket.ping_interval_s > 0:
-            nursery.start_soon(_pinger, ws, gateway.config.websocket.ping_interval_s)
+        if services.config.websocket.ping_interval_s > 0:
+            nursery.start_soon(_pinger, ws, services.config.websocket.ping_interval_s)
         with session.read_scope:         # graceful shutdown: stop reading, send owed acks, close 1001
-            await conn.run()
+            error = await services.serve_mqtt_stream(stream, services, session, "mqtt-ws")
         nursery.cancel_scope.cancel()
     if stream.close_code is not None:
-        gateway.metrics.protocol_errors.labels("mqtt-ws", "text_message").inc()
+        services.metrics.protocol_errors.labels("mqtt-ws", "text_message").inc()
         session.close_reason = "text message on /mqtt"
         return stream.close_code, "MQTT over WebSocket takes binary messages only"
-    if conn.protocol_error is not None:
-        exc = conn.protocol_error
-        return (CLOSE_TOO_BIG if exc.reason == "too_large" else CLOSE_INVALID_PAYLOAD), f"MQTT {exc}"
+    if error is not None:
+        return (CLOSE_TOO_BIG if error.reason == "too_large" else CLOSE_INVALID_PAYLOAD), f"MQTT {error}"
     if session.read_scope.cancelled_caught:
         return CLOSE_GOING_AWAY, "gateway shutting down"
     return CLOSE_NORMAL, ""
@@ -237,12 +235,12 @@ async def _run_mqtt(ws: WebSocketConnection, gateway: "Gateway", session: "Sessi
 class WSDeviceChannel:
     """One device on ``/v1/ws``: readings in, seq acks and commands out."""
 
-    def __init__(self, ws: WebSocketConnection, gateway: "Gateway", session: "Session", device_id: str) -> None:
+    def __init__(self, ws: WebSocketConnection, services: "Services", session: "Session", device_id: str) -> None:
         self.ws = ws
-        self.gw = gateway
+        self.svc = services
         self.session = session
         self.device_id = device_id
-        self.max_pending_acks = gateway.config.websocket.max_pending_acks
+        self.max_pending_acks = services.config.websocket.max_pending_acks
         self.binary = False          # the device's last message was MessagePack: answer in kind
         self.outq: deque[bytes | str] = deque()   # acks, in the order their readings became durable
         self.pending = 0             # seq'd messages submitted, ack not yet queued
@@ -257,17 +255,17 @@ class WSDeviceChannel:
     async def run(self) -> tuple[int, str]:
         """Serve until the device leaves, breaks the rules or the gateway stops;
         return the close code and reason."""
-        gw, session = self.gw, self.session
-        gw.conns.bind_device(session, self.device_id)
+        svc, session = self.svc, self.session
+        svc.conns.bind_device(session, self.device_id)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.outbox = CommandOutbox("ws", gw.config.downlink, gw.metrics, redeliver=False, packet_ids=False)
+                self.outbox = CommandOutbox("ws", svc.config.downlink, svc.metrics, redeliver=False, packet_ids=False)
                 self.outbox.set_ready(True)
                 open_channel(session, self.outbox, self._send_commands, nursery,
-                             gw.device_configs.get(self.device_id))
-                if gw.config.websocket.ping_interval_s > 0:
-                    nursery.start_soon(_pinger, self.ws, gw.config.websocket.ping_interval_s)
+                             svc.device_configs.get(self.device_id))
+                if svc.config.websocket.ping_interval_s > 0:
+                    nursery.start_soon(_pinger, self.ws, svc.config.websocket.ping_interval_s)
                 result = await self._read_loop()
                 # Graceful stop: the acks owed still go out (the gateway bounds the wait).
                 while session.read_scope.cancelled_caught and (self.pending or self.outq):
@@ -331,7 +329,7 @@ class WSDeviceChannel:
                                                       detail=detail)], received_ns, None)
                     return self._bad_frame(CLOSE_INVALID_PAYLOAD, "malformed", detail)
                 payload = bytes(top["readings"])
-        records, rejections = self.gw.validate(payload, fmt, "ws", self.device_id, received_ns)
+        records, rejections = self.svc.validate(payload, fmt, "ws", self.device_id, received_ns)
         await self._submit(records, rejections, received_ns, seq)
         if len(rejections) == 1 and rejections[0].index is None:
             # The whole message was refused (undecodable, not an object or
@@ -352,7 +350,7 @@ class WSDeviceChannel:
         return None
 
     def _bad_frame(self, code: int, reason: str, detail: str) -> tuple[int, str]:
-        self.gw.metrics.protocol_errors.labels("ws", reason).inc()
+        self.svc.metrics.protocol_errors.labels("ws", reason).inc()
         self.session.close_reason = f"bad frame: {reason}"
         log.warning("closing WebSocket of %s from %s with %d: %s", self.device_id, self.session.remote, code, detail)
         return code, f"{reason}: {detail}"
@@ -362,7 +360,7 @@ class WSDeviceChannel:
         item = WorkItem(records, rejections, "ws", received_ns, on_durable)
         if seq is not None:
             self.pending += 1
-        pipeline = self.gw.pipeline
+        pipeline = self.svc.pipeline
         if not pipeline.try_submit(item):
             try:
                 await pipeline.submit(item, self.session)

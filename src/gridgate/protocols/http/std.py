@@ -3,7 +3,7 @@
 h11 parses (a fresh request object per request), bodies are decoded with
 ``json.loads`` and judged by the pure-Python validator. It is complete and
 correct, and it is the baseline the fast (Cython) engine is measured
-against. Routing and answers live in gridgate.http_api, shared by both
+against. Routing and answers live in gridgate.protocols.http.api, shared by both
 engines.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ import h11
 import trio
 
 from gridgate.errors import HTTPParseError
-from gridgate.http_api import HttpError, Request, handle_request
+from gridgate.protocols.http.api import HttpError, Request, handle_request
 
 if TYPE_CHECKING:
-    from gridgate.connmanager import Session
-    from gridgate.gateway import Gateway
+    from gridgate.connections.manager import Session
+    from gridgate.protocols.services import Services
 
 __all__ = ["serve_std_http", "StdRequestReader", "check_raw_head"]
 
@@ -34,7 +34,7 @@ _SERVER = b"gridgate"
 # line ends and control bytes in values, and parses any HTTP/d.d. It also
 # normalizes them away before we see the request, so the std engine checks
 # the raw head itself against the strict grammar that both engines share
-# (gridgate/_http_py.py). One C-level regex match per request: the price of
+# (gridgate/protocols/http/parser_py.py). One C-level regex match per request: the price of
 # safety, kept cheap.
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _VALUE_BYTE = rb"[\x21-\x7e\x80-\xff]"
@@ -130,8 +130,8 @@ class StdRequestReader:
         self._raw = bytearray(self.conn.trailing_data[0])
 
 
-async def serve_std_http(stream: trio.abc.Stream, gateway: "Gateway", session: "Session") -> None:
-    cfg = gateway.config.http
+async def serve_std_http(stream: trio.abc.Stream, services: "Services", session: "Session") -> None:
+    cfg = services.config.http
     reader = StdRequestReader(cfg.max_header_bytes, cfg.max_body_bytes)
     conn = reader.conn
 
@@ -195,10 +195,10 @@ async def serve_std_http(stream: trio.abc.Stream, gateway: "Gateway", session: "
                     else:                              # closed mid-body
                         return
                 request.body = b"".join(body_parts)
-                status, body, content_type, extra = await handle_request(gateway, request, engine="std")
+                status, body, content_type, extra = await handle_request(services, request, engine="std")
                 await respond(status, body, content_type, extra)
             except HTTPParseError as exc:
-                gateway.metrics.protocol_errors.labels("http", exc.error).inc()
+                services.metrics.protocol_errors.labels("http", exc.error).inc()
                 session.close_reason = f"bad request: {exc}"
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     body = HttpError(exc.status, exc.error, exc.detail).body()

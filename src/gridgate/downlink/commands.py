@@ -21,84 +21,23 @@ started with the first command, sends what the outbox says.
 """
 from __future__ import annotations
 
-import re
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import trio
 
+from gridgate.downlink.wire import UPDATE_CONFIG, Command, CommandError, encode_command, new_command, parse_command
+
 if TYPE_CHECKING:
-    from gridgate.config import DownlinkConfig
-    from gridgate.connmanager import Session
-    from gridgate.metrics import Metrics
+    from gridgate.connections.manager import Session
+    from gridgate.observability.metrics import Metrics
 
 __all__ = [
     "Command", "CommandError", "CommandOutbox", "DownlinkChannel", "Send", "UPDATE_CONFIG",
     "new_command", "parse_command", "encode_command",
 ]
-
-UPDATE_CONFIG = "UPDATE_CONFIG"
-COMMAND_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}\Z")
-
-
-class Command(msgspec.Struct, frozen=True, gc=False):
-    """A downlink command as the device receives it (JSON or MessagePack)."""
-
-    id: str
-    type: str
-    payload: Any
-
-
-class _CommandRequest(msgspec.Struct, forbid_unknown_fields=True):
-    type: str
-    payload: Any = msgspec.field(default_factory=dict)
-
-
-class CommandError(ValueError):
-    """The body of a command request is unusable (HTTP 400 or 413)."""
-
-    def __init__(self, error: str, detail: str, status: int = 400) -> None:
-        super().__init__(detail)
-        self.error = error
-        self.detail = detail
-        self.status = status
-
-
-_request_decoder = msgspec.json.Decoder(_CommandRequest)
-_json = msgspec.json.Encoder()
-
-
-def new_command(type_: str, payload: Any) -> Command:
-    return Command(id=uuid.uuid4().hex, type=type_, payload=payload)
-
-
-def encode_command(command: Command) -> bytes:
-    """The JSON form: the MQTT PUBLISH payload and the WebSocket command."""
-    return _json.encode(command)
-
-
-def parse_command(body: bytes, max_bytes: int) -> Command:
-    """``{"type": "REBOOT", "payload": {...}}`` -> a Command with a fresh id.
-
-    Raises:
-        CommandError: not JSON, not that shape, a bad type, or too large.
-    """
-    try:
-        req = _request_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        # ValidationError is a DecodeError: both mean a body we cannot take
-        raise CommandError("bad_command", f"expected {{\"type\": str, \"payload\": any}}: {exc}") from None
-    if not COMMAND_TYPE_RE.match(req.type):
-        raise CommandError("bad_command", "type must match [A-Za-z][A-Za-z0-9_.:-]{0,63}")
-    command = new_command(req.type, req.payload)
-    size = len(encode_command(command))
-    if size > max_bytes:
-        raise CommandError("too_large", f"command of {size} bytes exceeds downlink.max_command_bytes {max_bytes}",
-                           413)
-    return command
 
 
 class Send(msgspec.Struct, frozen=True, gc=False):
@@ -121,6 +60,19 @@ class _Entry:
         self.expires = expires
 
 
+class DownlinkSettings(Protocol):
+    """``[downlink]`` as an outbox reads it (``gridgate.config.DownlinkConfig``)."""
+
+    @property
+    def command_ttl_s(self) -> float: ...
+    @property
+    def command_retry_s(self) -> float: ...
+    @property
+    def command_max_attempts(self) -> int: ...
+    @property
+    def max_queued(self) -> int: ...
+
+
 class CommandOutbox:
     """The commands of one connection: waiting, then in flight until acked.
 
@@ -129,7 +81,7 @@ class CommandOutbox:
     (waiting + in flight).
     """
 
-    def __init__(self, protocol: str, config: "DownlinkConfig", metrics: "Metrics", *, redeliver: bool,
+    def __init__(self, protocol: str, config: "DownlinkSettings", metrics: "Metrics", *, redeliver: bool,
                  packet_ids: bool) -> None:
         """``redeliver``: resend until acked (MQTT); ``packet_ids``: key in-flight
         commands by MQTT packet id (else by command id, as WebSocket acks name it)."""

@@ -2,7 +2,7 @@
 
 Sans-IO (the h11 pattern): ``MQTTCodec.feed(data)`` takes the bytes of one
 read and returns every complete packet now buffered as an event of
-gridgate.mqtt_events; the ``encode_*`` functions return the bytes of packets
+gridgate.protocols.mqtt.events; the ``encode_*`` functions return the bytes of packets
 the server sends. The compiled twin, src/_fastparse_mqtt.pxi (module
 ``gridgate._fastparse``), must behave identically on every input: same
 events, same errors (tests/test_mqtt_codec.py, tests/test_mqtt_hypothesis.py).
@@ -99,12 +99,12 @@ import operator
 from collections.abc import Callable, Iterable
 
 from gridgate.errors import MQTTProtocolError
-from gridgate.mqtt_events import (
+from gridgate.protocols.mqtt.events import (
     CONNACK, CONNECT, DISCONNECT, PINGREQ, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK,
     SUBSCRIBE, UNSUBACK, UNSUBSCRIBE, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
     Subscribe, Unsubscribe, Will,
 )
-from gridgate.records import Rejection
+from gridgate.ingest.records import Rejection
 
 __all__ = [
     "MQTTCodec", "MQTT_ERROR_REASONS", "encode_connack", "encode_puback", "encode_pubrec", "encode_pubrel",

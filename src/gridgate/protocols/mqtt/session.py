@@ -11,41 +11,37 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from typing import TYPE_CHECKING
 
 import trio
 
-from gridgate import hotpath
-from gridgate.downlink import (
+from gridgate.protocols.mqtt.codec import codec as _mqtt
+from gridgate.downlink.commands import (
     UPDATE_CONFIG, Command, CommandOutbox, DownlinkChannel, Send, encode_command, new_command, open_channel,
 )
 from gridgate.errors import MQTTProtocolError
-from gridgate.mqtt_events import (
+from gridgate.protocols.mqtt.events import (
     PUBACK, PUBCOMP, PUBREC, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
     Subscribe, Unsubscribe,
 )
-from gridgate.pipeline import WorkItem
-from gridgate.records import DEVICE_ID_PATTERN
-from gridgate.side_tasks import SideTasks
+from gridgate.ingest.pipeline import WorkItem
+from gridgate.ingest.records import DEVICE_ID_RE
+from gridgate.connections.side_tasks import SideTasks
 
 if TYPE_CHECKING:
-    from gridgate.connmanager import Session
-    from gridgate.gateway import Gateway
+    from gridgate.connections.manager import Session
+    from gridgate.protocols.services import Services
 
-__all__ = ["MQTTConnection", "DEVICE_ID_RE"]
+__all__ = ["MQTTConnection", "serve_mqtt_stream"]
 
 log = logging.getLogger("gridgate.mqtt")
-
-DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN + r"\Z")
 
 # CONNACK return codes, MQTT 3.1.1 section 3.2.2.3.
 CONNACK_ACCEPTED = 0
 CONNACK_IDENTIFIER_REJECTED = 2
 CONNACK_SERVER_UNAVAILABLE = 3
 
-_mqtt = hotpath.mqtt
 _take_publishes = _mqtt.take_publishes
 
 # Reads in a row that found data before the session yields to others anyway.
@@ -65,26 +61,26 @@ class MQTTConnection:
     """
 
     __slots__ = (
-        "stream", "gw", "session", "protocol", "codec", "ack_durable", "client_id", "telemetry_topic",
+        "stream", "svc", "session", "protocol", "codec", "ack_durable", "client_id", "telemetry_topic",
         "subscribed_qos", "qos2_unreleased", "downlink", "protocol_error", "_next_ns", "outbuf", "pending",
         "closed", "_fd", "_side", "_writer_started", "_writer_busy", "_out_ready", "_drained", "_idle",
     )
 
-    def __init__(self, stream: trio.abc.Stream, gateway: "Gateway", session: "Session",
+    def __init__(self, stream: trio.abc.Stream, services: "Services", session: "Session",
                  protocol: str = "mqtt") -> None:
         self.stream = stream
-        self.gw = gateway
+        self.svc = services
         self.session = session
         self.protocol = protocol
-        self.codec = _mqtt.MQTTCodec(gateway.config.mqtt.max_packet_bytes)
-        self.ack_durable = gateway.config.pipeline.ack == "durable"
+        self.codec = _mqtt.MQTTCodec(services.config.mqtt.max_packet_bytes)
+        self.ack_durable = services.config.pipeline.ack == "durable"
         self.client_id: str | None = None
         self.telemetry_topic = ""
         self.subscribed_qos: int | None = None
         # QoS 2 packet ids received (PUBREC owed or sent) and not yet released;
         # made by the first QoS 2 publish.
         self.qos2_unreleased: set[int] | None = None
-        # Downlink commands (gridgate.downlink), set up by the first command.
+        # Downlink commands (gridgate.downlink.commands), set up by the first command.
         self.downlink: DownlinkChannel | None = None
         # The error that closed the connection, for a transport that reports
         # it (MQTT over WebSocket picks its close code from it).
@@ -116,11 +112,11 @@ class MQTTConnection:
         # connection's stack is a few hundred bytes of RSS at 15k connections.
         session = self.session
         codec = self.codec
-        size = self.gw.config.mqtt.receive_bytes
-        max_outgoing = self.gw.config.mqtt.max_outgoing_bytes
+        size = self.svc.config.mqtt.receive_bytes
+        max_outgoing = self.svc.config.mqtt.max_outgoing_bytes
         fd = self._fd
         receive_some = None if fd >= 0 else self.stream.receive_some
-        poll_durable = self.gw.poll_durable
+        poll_durable = self.svc.poll_durable
         unyielded = 0
         drained = False             # the last read came back short: the socket is most likely empty now
         try:
@@ -191,7 +187,7 @@ class MQTTConnection:
 
     def _protocol_error(self, exc: MQTTProtocolError) -> None:
         self.protocol_error = exc
-        self.gw.metrics.protocol_errors.labels(self.protocol, exc.reason).inc()
+        self.svc.metrics.protocol_errors.labels(self.protocol, exc.reason).inc()
         log.warning("closing MQTT connection from %s (%s): %s", self.session.remote,
                     self.client_id or "before CONNECT", exc)
         self.session.close_reason = f"protocol error: {exc.reason}"
@@ -209,7 +205,7 @@ class MQTTConnection:
         durable_pubrecs: list[int] = []
         keep_open = True
         received_ns = 0
-        validate_into = self.gw.validate_into
+        validate_into = self.svc.validate_into
         i, n_events = 0, len(events)
         while i < n_events:
             ev = events[i]
@@ -279,7 +275,7 @@ class MQTTConnection:
                             self._make_on_durable(acks) if acks else None)
             if acks:
                 self.pending += 1
-            pipeline = self.gw.pipeline
+            pipeline = self.svc.pipeline
             if not pipeline.try_submit(item):
                 try:
                     await pipeline.submit(item, self.session)
@@ -293,27 +289,27 @@ class MQTTConnection:
     def _connect(self, ev: Connect) -> bytes:
         client_id = ev.client_id
         if not DEVICE_ID_RE.match(client_id):
-            self.gw.metrics.protocol_errors.labels(self.protocol, "identifier_rejected").inc()
+            self.svc.metrics.protocol_errors.labels(self.protocol, "identifier_rejected").inc()
             log.warning("rejecting MQTT client id %r from %s: not a valid device id", client_id, self.session.remote)
             self.session.close_reason = "identifier rejected"
             return _mqtt.encode_connack(False, CONNACK_IDENTIFIER_REJECTED)
         self.client_id = client_id
         self.telemetry_topic = f"devices/{client_id}/telemetry"
-        conns = self.gw.conns
+        conns = self.svc.conns
         conns.bind_device(self.session, client_id)
         if ev.keepalive:
             conns.set_keepalive(self.session, 1.5 * ev.keepalive)
         # The downlink state is built with the first command, so the many
         # connections that never get one cost nothing for it.
         self.session.send_command = self._offer_command
-        device_config = self.gw.device_configs.get(client_id)
+        device_config = self.svc.device_configs.get(client_id)
         if device_config is not None:
             self._offer_command(new_command(UPDATE_CONFIG, device_config))
         return _mqtt.encode_connack(False, CONNACK_ACCEPTED)
 
     def _offer_command(self, command: Command) -> bool:
         if self.downlink is None:
-            outbox = CommandOutbox(self.protocol, self.gw.config.downlink, self.gw.metrics, redeliver=True,
+            outbox = CommandOutbox(self.protocol, self.svc.config.downlink, self.svc.metrics, redeliver=True,
                                    packet_ids=True)
             if self.subscribed_qos is not None:
                 outbox.set_ready(True, tracked=self.subscribed_qos >= 1)
@@ -322,7 +318,7 @@ class MQTTConnection:
 
     def _side_tasks(self) -> SideTasks:
         if self._side is None:
-            nursery = self.gw.connection_nursery
+            nursery = self.svc.connection_nursery()
             self._side = SideTasks(nursery, self.session)
             if self.closed:
                 self._side.cancel()
@@ -406,3 +402,18 @@ class MQTTConnection:
         while self.pending or self.outbuf or self._writer_busy:
             self._idle = trio.Event()
             await self._idle.wait()
+
+
+async def serve_mqtt_stream(stream: trio.abc.Stream, services: "Services", session: "Session",
+                            protocol: str) -> MQTTProtocolError | None:
+    """The MQTT session's one entry point for transports other than TCP.
+
+    Serves MQTT on any Trio byte stream (MQTT over WebSocket hands in its
+    message stream) as ``protocol``, until the connection ends; returns the
+    protocol error that closed it, if one did, so the transport can choose
+    how to close. Other protocols reach this through
+    ``Services.serve_mqtt_stream``, never by importing this module.
+    """
+    conn = MQTTConnection(stream, services, session, protocol=protocol)
+    await conn.run()
+    return conn.protocol_error

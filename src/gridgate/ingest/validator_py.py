@@ -17,8 +17,8 @@ from typing import Any
 
 import msgspec
 
-from gridgate.records import DEVICE_ID_PATTERN, Record, Rejection
-from gridgate.rules import PayloadRules
+from gridgate.ingest.records import DEVICE_ID_RE, Record, Rejection
+from gridgate.ingest.rules import PayloadRules
 
 __all__ = ["Validator", "RESERVED_KEYS", "MAX_DEPTH"]
 
@@ -30,7 +30,6 @@ INT64_MAX = 2 ** 63 - 1
 # reading needs; both implementations cut at this one so they agree.
 MAX_DEPTH = 64
 
-_DEVICE_ID = re.compile(DEVICE_ID_PATTERN + r"\Z")
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}\Z")
 _TAG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -241,7 +240,7 @@ class Validator:
     def _device(item: dict, conn_id: str | None) -> str:
         if "device_id" in item:
             value = item["device_id"]
-            if type(value) is not str or not _DEVICE_ID.match(value):
+            if type(value) is not str or not DEVICE_ID_RE.match(value):
                 raise _Reject("bad_device_id", "device_id", "device_id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
             if conn_id is not None and value != conn_id:
                 raise _Reject("identity_mismatch", "device_id", "device_id differs from the connection's device")

@@ -15,13 +15,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 if TYPE_CHECKING:
-    from gridgate.downlink import Command
-    from gridgate.metrics import Metrics
+    from gridgate.observability.metrics import Metrics
 
 __all__ = ["Session", "ConnManager"]
 
@@ -66,9 +65,9 @@ class Session:
         self.close_reason: str | None = None
         self._heap_due: float | None = None
         # Registered by a protocol handler that can carry downlink commands
-        # (gridgate.downlink): takes a Command, returns False when the
+        # (the downlink stage): takes its command, opaque here, returns False when the
         # connection's command queue is full. None: no downlink here.
-        self.send_command: Callable[[Command], bool] | None = None
+        self.send_command: Callable[[Any], bool] | None = None
 
     @property
     def read_scope(self) -> trio.CancelScope:

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from gridgate import hotpath
+from gridgate.protocols.http.parser import parser as _parser
 from gridgate.errors import HTTPParseError
-from gridgate.http_api import Answer, HttpError, Pending, begin_request
+from gridgate.protocols.http.api import Answer, HttpError, Pending, begin_request
 
 if TYPE_CHECKING:
-    from gridgate.connmanager import Session
-    from gridgate.gateway import Gateway
+    from gridgate.connections.manager import Session
+    from gridgate.protocols.services import Services
 
 __all__ = ["serve_fast_http", "render_response"]
 
@@ -62,9 +62,9 @@ def render_response(answer: Answer, close: bool) -> bytes:
     return b"".join(parts)
 
 
-async def serve_fast_http(stream: trio.abc.Stream, gateway: "Gateway", session: "Session") -> None:
-    cfg = gateway.config.http
-    http = hotpath.http
+async def serve_fast_http(stream: trio.abc.Stream, services: "Services", session: "Session") -> None:
+    cfg = services.config.http
+    http = _parser
     parser = http.HTTPRequestParser(cfg.max_header_bytes, cfg.max_body_bytes)
     REQUEST, HEAD = http.REQUEST, http.HEAD
     receive_some = stream.receive_some
@@ -120,7 +120,7 @@ async def serve_fast_http(stream: trio.abc.Stream, gateway: "Gateway", session: 
                     state = parser.next()
                     if state != REQUEST:
                         break
-                    begun.append(begin_request(gateway, parser, "fast"))
+                    begun.append(begin_request(services, parser, "fast"))
                     continued = False
                     if not parser.keep_alive:
                         close = True
@@ -130,8 +130,8 @@ async def serve_fast_http(stream: trio.abc.Stream, gateway: "Gateway", session: 
             if begun:
                 out = []
                 last = len(begun) - 1
-                gateway.poll_durable()
-                # gateway.durable_timeouts sets done (expired) at the durable
+                services.poll_durable()
+                # services.durable_timeouts sets done (expired) at the durable
                 # timeout: no cancel scope per request
                 for item in begun:
                     if type(item) is Pending:
@@ -142,7 +142,7 @@ async def serve_fast_http(stream: trio.abc.Stream, gateway: "Gateway", session: 
                 await send_all(b"".join(out))
                 phase = 0
             if error is not None:
-                gateway.metrics.protocol_errors.labels("http", error.error).inc()
+                services.metrics.protocol_errors.labels("http", error.error).inc()
                 session.close_reason = f"bad request: {error}"
                 body = HttpError(error.status, error.error, error.detail).body()
                 await send_all(render_response((error.status, body, b"application/json", []), True))

@@ -20,25 +20,31 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from gridgate.records import Record, Rejection
+from gridgate.ingest.records import Record, Rejection
 
 if TYPE_CHECKING:
-    from gridgate.connmanager import Session
-    from gridgate.metrics import Metrics
+    from gridgate.observability.metrics import Metrics
 
 __all__ = ["WorkItem", "Pipeline", "WriteFn"]
 
-log = logging.getLogger("gridgate.pipeline")
+log = logging.getLogger("gridgate.ingest.pipeline")
 
 # write(records, dead_letters, on_commit) must return only once both are
 # durable; it may call on_commit (once, when not None) as soon as they are,
 # before it returns, so acks need not wait for the writing task's next turn.
 # dead_letters: (protocol, received_ns, rejection) triples.
 WriteFn = Callable[[list[Record], list[tuple[str, int, Rejection]], "Callable[[], None] | None"], Awaitable[None]]
+
+
+class Pausable(Protocol):
+    """A reader the pipeline may hold back (a connection's Session): the reaper
+    must see it as paused, not silent."""
+
+    paused: bool
 
 
 class WorkItem:
@@ -99,7 +105,7 @@ class Pipeline:
         self._queued_records += size
         return True
 
-    async def submit(self, item: WorkItem, session: "Session | None" = None) -> None:
+    async def submit(self, item: WorkItem, session: Pausable | None = None) -> None:
         """Queue, waiting while the queue is full (backpressure).
 
         ``session``: the connection that waits is marked ``paused`` meanwhile,

@@ -9,7 +9,7 @@ rejections, and a counters row kept in the same transaction makes
 Store-and-forward (schema version 2): with an external sink (InfluxDB,
 NATS, a custom one), a batch the sink cannot take now is written to the
 ``pending`` table instead - durably, so it is acknowledged - and the
-replayer (gridgate.forwarding) sends it on later, oldest first, deleting
+replayer (gridgate.sinks.forwarding) sends it on later, oldest first, deleting
 what the sink confirmed. The counters row counts pending rows too.
 Version 1 files are upgraded in place.
 """
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from gridgate.records import Record, Rejection
+from gridgate.ingest.records import Record, Rejection
 from gridgate.sinks.base import SinkFullError
 
 if TYPE_CHECKING:

@@ -26,18 +26,17 @@ import enum
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import trio
 
-from gridgate.records import Record, Rejection
+from gridgate.ingest.records import Record, Rejection
 from gridgate.sinks.base import Sink
 
 if TYPE_CHECKING:
-    from gridgate.config import SinkConfig
-    from gridgate.metrics import Metrics
-    from gridgate.spool import SpoolSink
+    from gridgate.observability.metrics import Metrics
 
 __all__ = ["BreakerState", "CircuitBreaker", "Forwarder"]
 
@@ -45,6 +44,32 @@ log = logging.getLogger("gridgate.sink")
 
 
 _record_json = msgspec.json.Encoder().encode
+
+
+class ForwardingSettings(Protocol):
+    """``[sink]`` as store-and-forward reads it (``gridgate.config.SinkConfig``)."""
+
+    @property
+    def write_timeout_s(self) -> float: ...
+    @property
+    def failure_threshold(self) -> int: ...
+    @property
+    def open_s(self) -> float: ...
+    @property
+    def replay_batch_records(self) -> int: ...
+    @property
+    def replay_max_records_per_s(self) -> float: ...
+
+
+class PendingStore(Protocol):
+    """The store underneath (``gridgate.storage.spool.SpoolSink``): dead letters,
+    and records the sink could not take yet, durably, oldest first."""
+
+    async def write_batch(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
+                          pending: bool = False, on_commit: Callable[[], None] | None = None) -> None: ...
+    async def pending_count(self) -> int: ...
+    async def read_pending(self, limit: int) -> tuple[int, list[Record]]: ...
+    async def delete_pending(self, upto_id: int, count: int) -> None: ...
 
 
 class BreakerState(enum.IntEnum):
@@ -108,8 +133,8 @@ class CircuitBreaker:
 class Forwarder:
     """The pipeline's write function for an external sink (see the module docstring)."""
 
-    def __init__(self, name: str, open_sink: Callable[[], Awaitable[Sink]], spool: "SpoolSink",
-                 config: "SinkConfig", metrics: "Metrics", sink: Sink | None = None) -> None:
+    def __init__(self, name: str, open_sink: Callable[[], Awaitable[Sink]], spool: PendingStore,
+                 config: ForwardingSettings, metrics: "Metrics", sink: Sink | None = None) -> None:
         self.name = name
         self._open_sink = open_sink
         self.sink = sink

@@ -1,13 +1,16 @@
 """What the payload validator produces and every sink consumes."""
 from __future__ import annotations
 
+import re
+
 import msgspec
 
-__all__ = ["Record", "Rejection", "REASONS", "DEVICE_ID_PATTERN"]
+__all__ = ["Record", "Rejection", "REASONS", "DEVICE_ID_PATTERN", "DEVICE_ID_RE"]
 
 # What a device id may be (DESIGN section 3), wherever it comes from: an MQTT
 # client id, a WebSocket ?device_id=, or a payload's device_id.
 DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN + r"\Z")
 
 # Reason codes for rejected input (DESIGN section 3). Public surface.
 REASONS: tuple[str, ...] = (

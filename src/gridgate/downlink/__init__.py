@@ -1,0 +1,1 @@
+"""Downlink commands: the wire format, per-connection outboxes, and device configs pushed on connect."""

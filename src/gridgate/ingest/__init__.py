@@ -1,0 +1,1 @@
+"""From payload to Record: rules, the validator twin, the batcher pipeline and durable-ack timeouts."""

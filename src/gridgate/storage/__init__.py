@@ -1,0 +1,1 @@
+"""The local SQLite spool (durable store, dead letters, pending records) and its CLI."""
