@@ -17,7 +17,7 @@ import trio
 
 from gatewayproc import GatewayProcess, gridgate_env, spool_stats
 
-WRK_SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "wrk_post.lua"
+WRK_SCRIPT = Path(__file__).resolve().parents[3] / "bench" / "wrk_post.lua"
 POST = (b"POST /v1/telemetry HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 45\r\n\r\n"
         b'{"device_id": "meter-1", "temperature": 21.5}')
 

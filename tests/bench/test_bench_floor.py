@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))   # bench/ is not an installed package
 
