@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+import gridgate
 from gridgate import _fastparse
-from gridgate.protocols.mqtt import codec_py as _mqtt_py
 from gridgate.ingest import validator_py as _payload_py
+from gridgate.protocols.mqtt import codec_py as _mqtt_py
+from inprocess import make_config
 
 
 @pytest.fixture(params=[_mqtt_py, _fastparse], ids=["py-mqtt", "c-mqtt"])
@@ -22,3 +24,14 @@ def mqtt_impl(request):
 def payload_impl(request):
     """The module implementing the payload validator (twin, then compiled)."""
     return request.param
+
+
+@pytest.fixture
+async def start_gateway(nursery, tmp_path):
+    """An embedded gateway in the test's own nursery (pytest-trio), the DESIGN
+    section 7 way: ``gateway = await start_gateway(sink, mqtt=MQTTConfig(...))``
+    runs ``await nursery.start(gridgate.serve, config, sink)`` on
+    ``make_config(tmp_path, **sections)``; the test's end cancels it."""
+    async def start(sink=None, **sections):
+        return await nursery.start(gridgate.serve, make_config(tmp_path, **sections), sink)
+    return start

@@ -4,7 +4,6 @@ and the embedding API with a custom sink over real loopback TCP."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 
 import pytest
 import trio
@@ -12,63 +11,10 @@ import trio.testing
 
 import gridgate
 from gridgate.config import (
-    Config, ConnectionsConfig, HTTPConfig, MQTTConfig, ServiceConfig, SinkConfig, SpoolConfig, WebSocketConfig,
+    MQTTConfig, SinkConfig,
 )
-from gridgate.ingest.records import Record
+from inprocess import GatedSink, MemorySink, connect_memory, make_config, read_exactly, run_with_clock, wait_closed
 from mqtt_frames import gen_connack, gen_connect, gen_pingreq, gen_pingresp, gen_publish, gen_puback
-
-
-def make_config(tmp_path, **sections) -> Config:
-    return Config(
-        service=ServiceConfig(environment="test", service_name="gg"),
-        mqtt=sections.pop("mqtt", MQTTConfig(listen="")),
-        http=sections.pop("http", HTTPConfig(listen="")),
-        websocket=sections.pop("websocket", WebSocketConfig(listen="")),
-        spool=sections.pop("spool", SpoolConfig(data_dir=str(tmp_path / "data"))),
-        **sections,
-    )
-
-
-class MemorySink:
-    """A custom sink (DESIGN section 7) that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[Record]] = []
-        self.closed = False
-
-    async def write(self, batch: Sequence[Record]) -> None:
-        self.batches.append(list(batch))
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-async def read_exactly(stream: trio.abc.Stream, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = await stream.receive_some(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {buf!r}")
-        buf += chunk
-    return buf
-
-
-async def wait_closed(stream: trio.abc.Stream) -> None:
-    """Return when the server closed its end."""
-    while await stream.receive_some(1024):
-        pass
-
-
-async def connect_memory(gateway, nursery, client_id: str, keepalive: int = 0):
-    client, server = trio.testing.memory_stream_pair()
-    nursery.start_soon(gateway.handle_mqtt, server)
-    await client.send_all(gen_connect(client_id, keepalive=keepalive))
-    assert await read_exactly(client, 4) == gen_connack(0)
-    return client
-
-
-def run_with_clock(main) -> None:
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_silent_connection_is_reaped_after_300s_not_before(tmp_path):
@@ -308,20 +254,6 @@ def test_accept_survives_emfile_logging_once(tmp_path, caplog):
         assert sample == 5
 
     run_with_clock(main)
-
-
-class GatedSink(MemorySink):
-    """A sink whose writes wait until the test opens the gate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = trio.Event()
-        self.waiting = 0
-
-    async def write(self, batch):
-        self.waiting += 1
-        await self.gate.wait()
-        await super().write(batch)
 
 
 def test_backpressure_pauses_the_reader_and_is_not_silence(tmp_path):

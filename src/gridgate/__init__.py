@@ -9,7 +9,7 @@ Embedding (DESIGN section 7)::
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -29,11 +29,11 @@ _LAZY = {
     "SinkFullError": "gridgate.sinks.base",
 }
 
-if TYPE_CHECKING:
-    from gridgate.config import Config, ConfigError
-    from gridgate.gateway import Gateway, serve
-    from gridgate.ingest.records import Record, Rejection
-    from gridgate.sinks.base import Sink, SinkFullError
+# Type checkers read the names' types from __init__.pyi. No import of a
+# submodule here, not even under TYPE_CHECKING: every module that imports the
+# compiled extension (``from gridgate import _fastparse``) imports this
+# package, and the import walls (pyproject.toml) would see it reach the
+# gateway.
 
 
 def __getattr__(name: str) -> Any:

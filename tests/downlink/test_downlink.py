@@ -18,7 +18,7 @@ from gridgate.downlink.commands import CommandOutbox, new_command
 from gridgate.protocols.http.api import Request, handle_request
 from gridgate.observability.metrics import Metrics
 from mqtt_frames import gen_puback, gen_publish, gen_suback, gen_subscribe
-from test_gateway_inprocess import MemorySink, connect_memory, make_config, read_exactly, run_with_clock, wait_closed
+from inprocess import MemorySink, connect_memory, make_config, read_exactly, run_with_clock, wait_closed
 
 DOWNLINK = DownlinkConfig(command_retry_s=5, command_max_attempts=3, command_ttl_s=60)
 

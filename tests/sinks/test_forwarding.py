@@ -14,8 +14,8 @@ from gridgate.config import ConnectionsConfig, HTTPConfig, PipelineConfig, SinkC
 from gridgate.sinks.forwarding import BreakerState, CircuitBreaker
 from gridgate.ingest.records import Record
 from gridgate.storage.spool import Spool
-from test_gateway_inprocess import MemorySink, make_config, run_with_clock
-from test_http_inprocess import post, read_response
+from inprocess import MemorySink, make_config, run_with_clock
+from inprocess import post, read_response
 
 
 def test_breaker_opens_probes_and_closes_on_the_clock():

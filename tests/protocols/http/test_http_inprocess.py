@@ -12,35 +12,7 @@ import trio.testing
 
 import gridgate
 from gridgate.config import ConnectionsConfig, HTTPConfig, PipelineConfig, SinkConfig
-from test_gateway_inprocess import GatedSink, MemorySink, make_config, run_with_clock
-
-READING = b'{"device_id": "meter-1", "temperature": 21.5}'
-
-
-def post(body: bytes = READING, extra: bytes = b"") -> bytes:
-    return (b"POST /v1/telemetry HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n" + extra
-            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-
-
-async def read_response(stream: trio.abc.Stream, buf: bytearray) -> tuple[int, dict, bytes]:
-    """One response off a keep-alive stream (``buf`` keeps what follows it)."""
-    while b"\r\n\r\n" not in buf:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise EOFError(bytes(buf))
-        buf += chunk
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    headers = {k.strip().lower().decode(): v.strip().decode() for k, v in (ln.split(b":", 1) for ln in lines[1:])}
-    length = int(headers["content-length"])
-    while len(rest) < length:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise EOFError(bytes(buf))
-        rest += chunk
-    buf[:] = rest[length:]
-    return int(lines[0].split()[1]), headers, rest[:length]
-
+from inprocess import GatedSink, MemorySink, make_config, post, read_response, run_with_clock
 
 async def closed_by_server(stream: trio.abc.Stream) -> bool:
     try:

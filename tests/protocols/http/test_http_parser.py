@@ -19,7 +19,7 @@ from gridgate import _fastparse
 from gridgate.protocols.http import parser_py as _http_py
 from gridgate.errors import HTTPParseError
 from gridgate.protocols.http.std import StdRequestReader
-from test_mqtt_hypothesis import split
+from inprocess import split
 
 SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -26,6 +26,7 @@ from gridgate.protocols.mqtt.events import (
     PUBACK, PUBCOMP, PUBREC, PUBREL, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
     Subscribe, Unsubscribe, Will,
 )
+from inprocess import split
 from mqtt_frames import (
     gen_connack, gen_connect, gen_disconnect, gen_packet, gen_pingreq, gen_puback, gen_pubcomp, gen_publish,
     gen_pubrec, gen_pubrel, gen_suback, gen_subscribe, gen_unsubscribe,
@@ -53,16 +54,6 @@ def run(impl, chunks: list[bytes], max_packet_bytes: int = 4096):
         assert exc.return_code in (None, 1, 2)
         return events, (exc.reason, exc.return_code)
     return events, None
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return out
 
 
 def check_same_everywhere(stream: bytes, cuts: list[int], max_packet_bytes: int = 4096):

@@ -20,7 +20,7 @@ import trio.testing
 import gridgate
 from gridgate.config import MQTTConfig, SinkConfig
 from mqtt_frames import gen_connack, gen_connect, gen_puback, gen_publish
-from test_gateway_inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_closed
+from inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_closed
 
 
 def socket_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
