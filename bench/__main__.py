@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default 10)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per contender (default 2)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
-    parser.add_argument("--profile", action="store_true", help="py-spy record each gridgate server in one extra run per scenario (flame graph SVG + speedscope JSON in OUT/profiles; not counted in the medians)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy record each gridgate server in one extra run per scenario (flame graph SVG + "
+                             "speedscope JSON in OUT/profiles; not counted in the medians)")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.rounds < 1:
         parser.error("--duration must be > 0 and --rounds >= 1")
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results["scenarios"][name] = module.run(args.duration, args.rounds, args.out, args.profile,
                                                     log=lambda line: print(line, flush=True))
-        except Exception as exc:  # noqa: BLE001 - one scenario failing must not lose the others' results
+        except Exception as exc:  # one scenario failing must not lose the others' results
             failed[name] = f"{type(exc).__name__}: {exc}"
             print(f"{name} FAILED: {failed[name]}", file=sys.stderr, flush=True)
         results["failed"] = failed

@@ -61,8 +61,9 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print, level
                     continue
                 run_.update(round=rnd)
                 results["runs"].append(run_)
-                log(f"  round {rnd + 1}/{rounds} {name:9s} {n:>6,} idle connections: RSS {run_['rss_kb'] / 1024:6.1f} MiB "
-                    f"(at 0: {run_['rss0_kb'] / 1024:.1f} MiB)  {run_['per_conn_kib']:.2f} KiB/connection  "
+                log(f"  round {rnd + 1}/{rounds} {name:9s} {n:>6,} idle connections: "
+                    f"RSS {run_['rss_kb'] / 1024:6.1f} MiB (at 0: {run_['rss0_kb'] / 1024:.1f} MiB)  "
+                    f"{run_['per_conn_kib']:.2f} KiB/connection  "
                     f"connected in {run_['connect_s']:.1f} s")
     results["summary"] = summarize(results["runs"], contenders, levels)
     return results
@@ -99,7 +100,8 @@ def _one(name: str, n: int) -> dict:
         count = _counter(name, server)
         if count() != 0:
             raise RuntimeError(f"{name} holds {count()} connections before the load generator started")
-        cmd = [str(procs.BIN / "gridgate-loadgen"), "mqtt", "--target", "%s:%d" % procs.mqtt_address(server), "--idle",
+        host, port = procs.mqtt_address(server)
+        cmd = [str(procs.BIN / "gridgate-loadgen"), "mqtt", "--target", f"{host}:{port:d}", "--idle",
                "--devices", str(n), "--procs", str(LOADGEN_PROCS), "--source-ips", SOURCE_IPS,
                "--connect-rate", str(CONNECT_RATE), "--duration", str(math.ceil(connect_deadline + SETTLE_MAX_S + 30)),
                "--client-prefix", f"idle-{name}"]

@@ -18,10 +18,10 @@ from collections.abc import Callable
 import msgspec
 
 from gridgate import _fastparse
-from gridgate.protocols.mqtt import codec_py as _mqtt_py
 from gridgate.ingest import validator_py as _payload_py
-from gridgate.protocols.mqtt.events import PUBACK
 from gridgate.ingest.rules import PayloadRules
+from gridgate.protocols.mqtt import codec_py as _mqtt_py
+from gridgate.protocols.mqtt.events import PUBACK
 
 SAMPLE = {"device_id": "meter-0001", "timestamp_ms": 1732406400123, "temperature": 23.5,
           "temperature_unit": "C", "battery_mv": 3700, "location": "shanghai/factory-a",

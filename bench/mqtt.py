@@ -60,8 +60,8 @@ def _one(name: str, qos: int, duration: float, profile_dir: Path | None) -> dict
     try:
         if profile_dir is not None:
             server.profile(profile_dir, f"mqtt-qos{qos}-{name}", duration)
-        result = procs.loadgen("mqtt", procs.mqtt_address(server), duration, devices=DEVICES, inflight=INFLIGHT, qos=qos,
-                               procs=LOADGEN_PROCS)
+        result = procs.loadgen("mqtt", procs.mqtt_address(server), duration, devices=DEVICES, inflight=INFLIGHT,
+                               qos=qos, procs=LOADGEN_PROCS)
         profile_files = server.finish_profile()
         drain_s = _wait_drained(server) if name == "gridgate" else None
         peak = server.peak_rss_kb()

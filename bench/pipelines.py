@@ -74,7 +74,8 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print,
         raise RuntimeError(f"driver(s) not available: {', '.join(sorted(missing))} (is wrk installed?)")
     skipped = {} if shutil.which("wrk") else {"wrk": "not installed (apt-get install wrk): gridgate-loadgen only"}
     results: dict = {"scenario": "pipelines", "duration_s": duration, "rounds": rounds, "skipped": skipped,
-                     "contenders": list(contenders), "gate_driver": GATE_DRIVER, "runs": [], "hot_path": {}, "spool_writer": {}}
+                     "contenders": list(contenders), "gate_driver": GATE_DRIVER, "runs": [], "hot_path": {},
+                     "spool_writer": {}}
     for rnd in range(rounds):
         for driver, opts in chosen:
             for name in _contenders_for(driver, contenders):
@@ -194,7 +195,7 @@ def summarize(runs: list[dict], contenders: tuple[str, ...] = CONTENDERS) -> dic
             fast_runs = [r for r in counted if r["driver"] == driver and r["contender"] == "fast"]
             std_runs = [r for r in counted if r["driver"] == driver and r["contender"] == "std"]
             per["fast_vs_std_by_round"] = [f["readings_per_s"] / s["readings_per_s"]
-                                           for f, s in zip(fast_runs, std_runs)]
+                                           for f, s in zip(fast_runs, std_runs, strict=False)]
             if per["fast"]["cpu_us_per_reading"] and per["std"]["cpu_us_per_reading"]:
                 # readings per server CPU-second, fast over std
                 per["fast_vs_std_cpu"] = per["std"]["cpu_us_per_reading"] / per["fast"]["cpu_us_per_reading"]

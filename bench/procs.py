@@ -332,8 +332,8 @@ def wrk(target: tuple[str, int], duration: float, connections: int, threads: int
     exe = shutil.which("wrk")
     if exe is None:
         return None
-    proc = subprocess.run([exe, "-t", str(threads), "-c", str(connections), "-d", f"{int(round(duration))}s", "--timeout", "10s",
-                           "-s", str(WRK_SCRIPT), f"http://{target[0]}:{target[1]}/"],
+    proc = subprocess.run([exe, "-t", str(threads), "-c", str(connections), "-d", f"{int(round(duration))}s",
+                           "--timeout", "10s", "-s", str(WRK_SCRIPT), f"http://{target[0]}:{target[1]}/"],
                           capture_output=True, text=True, timeout=duration * 3 + 60,
                           env={**os.environ, "READINGS": str(readings)})
     if proc.returncode != 0:

@@ -125,8 +125,9 @@ def _pipelines(res: dict, out: Path, machine_desc: str) -> list[str]:
              "request. Both gridgate engines answer 202 only after the SQLite commit (durable). The reference "
              "(uvicorn + httptools, same msgspec decode and compiled validator) writes nothing and waits for "
              "nothing, which flatters it. RSS/connection = (peak RSS under load - RSS before any connection) / "
-             "connections, shown at 1,000 connections only (at 64 the load's buffers dominate it). CPU/reading = the server's user+system CPU over the run / readings answered: it moves "
-             "much less than readings/s when other work takes cores away."
+             "connections, shown at 1,000 connections only (at 64 the load's buffers dominate it). CPU/reading = "
+             "the server's user+system CPU over the run / readings answered: it moves much less than "
+             "readings/s when other work takes cores away."
              + (" The floor (wrk-1000 only, bench/floor_app.py) is a bare Trio HTTP/1.1 responder: one task "
                 "per connection, framing and a fixed 202, no decoding, validation or storage. Its peak RSS is the "
                 "least a Trio server holds at that load; its readings/s do not compare with the others' (it does "
@@ -195,7 +196,8 @@ def _plot_pipelines(res: dict, out: Path, machine_desc: str) -> list[Path]:
     ax.set_ylabel("readings/s (bar: median; whisker: min-max of rounds)")
     ax.yaxis.set_major_formatter(_thousands())
     ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
-    ax.set_title(f"HTTP ingest throughput, one reading per request, {_rounds(res['rounds'])} x {res['duration_s']:g} s\n"
+    ax.set_title("HTTP ingest throughput, one reading per request, "
+                 f"{_rounds(res['rounds'])} x {res['duration_s']:g} s\n"
                  f"gridgate std (h11) vs fast (compiled) vs uvicorn+httptools reference (no durable write)\n"
                  f"{machine_desc}", fontsize=9)
     ax.legend(title="server", fontsize=8)
@@ -219,7 +221,7 @@ def _plot_percentiles(plt, panels: list[tuple[str, dict]], names: list[str], pat
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     fig, axes = plt.subplots(1, len(panels), figsize=(max(8.0, 4.2 * len(panels) + 1), 4.8), squeeze=False)
-    for ax, (label, per) in zip(axes[0], panels):
+    for ax, (label, per) in zip(axes[0], panels, strict=True):
         for name in names:
             if name not in per:
                 continue
@@ -291,7 +293,7 @@ def _mqtt(res: dict, out: Path, machine_desc: str) -> list[str]:
                 spool = "-"
                 if "spool_records" in r:
                     spool = ("yes" if r["spool_matches_all"] else "**no**") + " (" + ", ".join(
-                        f"{s:,}/{a:,}" for s, a in zip(r["spool_records"], r["acked"])) + ")"
+                        f"{s:,}/{a:,}" for s, a in zip(r["spool_records"], r["acked"], strict=True)) + ")"
                 lines.append(f"| {key[-1]} | {name} | {_fmt(r['readings_per_s'])} | {_fmt(r['p50_ms'], 2)} | "
                              f"{_fmt(r['p99_ms'], 2)} | {_fmt(r['p99.9_ms'], 2)} | {_fmt(r['peak_rss_mib'])} | "
                              f"{r['errors']} | {_fmt(r.get('drain_s'), 1)} | {spool} |")
@@ -494,7 +496,8 @@ def _profiles(scenarios: dict, out: Path) -> list[str]:
             prof = r.get("profile")
             if not prof:
                 continue
-            what = f"{scen['scenario']} {r.get('driver') or 'QoS %s' % r.get('qos')} {r['contender']}"
+            driver = r.get("driver") or f"QoS {r.get('qos')}"
+            what = f"{scen['scenario']} {driver} {r['contender']}"
             svg, ss = Path(prof["flamegraph_svg"]), Path(prof["speedscope_json"])
             svg_rel, ss_rel = os.path.relpath(svg, out), os.path.relpath(ss, out)
             total, top = profile_top(ss)

@@ -3,9 +3,9 @@ twins gridgate.protocols.mqtt.codec_py, gridgate.ingest.validator_py and gridgat
 same API."""
 from collections.abc import Callable, Iterable
 
-from gridgate.protocols.mqtt.events import Event
 from gridgate.ingest.records import Record, Rejection
 from gridgate.ingest.rules import PayloadRules
+from gridgate.protocols.mqtt.events import Event
 
 class MQTTCodec:
     def __init__(self, max_packet_bytes: int = 1048576) -> None: ...
@@ -83,7 +83,8 @@ class SpoolWriter:
     def busy(self) -> bool: ...
     @property
     def ready(self) -> bool: ...
-    def start(self, records: list[tuple], rejections: list[tuple], pending: bool = False,
+    def start(self, records: list[tuple[str | bytes | int | None, ...]],
+              rejections: list[tuple[str | bytes | int | None, ...]], pending: bool = False,
               measure: bool = False) -> None: ...
     def clear_signal(self) -> None: ...
     def finish(self) -> int: ...

@@ -204,7 +204,7 @@ class Config(msgspec.Struct, kw_only=True):
         *,
         env: Mapping[str, str] | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> "Config":
+    ) -> Config:
         """Build the effective config from a TOML file (optional), the
         environment (``os.environ`` by default) and overrides (the CLI flags,
         as ``{"section": {"key": value}}``), then validate it.
@@ -285,9 +285,11 @@ class Config(msgspec.Struct, kw_only=True):
         """Every semantic problem of this config (types were checked on load)."""
         out: list[str] = []
         if not self.service.environment:
-            out.append("service.environment is not set (set ENVIRONMENT, GRIDGATE_SERVICE_ENVIRONMENT or [service] environment)")
+            out.append("service.environment is not set "
+                       "(set ENVIRONMENT, GRIDGATE_SERVICE_ENVIRONMENT or [service] environment)")
         if not self.service.service_name:
-            out.append("service.service_name is not set (set SERVICE_NAME, GRIDGATE_SERVICE_SERVICE_NAME or [service] service_name)")
+            out.append("service.service_name is not set "
+                       "(set SERVICE_NAME, GRIDGATE_SERVICE_SERVICE_NAME or [service] service_name)")
         for section, key in (("mqtt", "listen"), ("http", "listen"), ("websocket", "listen")):
             value = getattr(getattr(self, section), key)
             try:

@@ -33,7 +33,8 @@ class MQTTProtocolError(Exception):
     def __hash__(self) -> int:
         return hash((self.reason, self.return_code))
 
-    def __reduce__(self):  # keep picklable with the extra constructor args
+    def __reduce__(self) -> tuple[type[MQTTProtocolError], tuple[str, str, int | None]]:
+        # keep picklable with the extra constructor args
         return (type(self), (self.reason, self.detail, self.return_code))
 
 
@@ -60,5 +61,5 @@ class HTTPParseError(Exception):
     def __hash__(self) -> int:
         return hash((self.status, self.error))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[HTTPParseError], tuple[int, str, str]]:
         return (type(self), (self.status, self.error, self.detail))

@@ -103,7 +103,7 @@ class ConnManager:
     """Knows every live session by id and by device id."""
 
     def __init__(self, *, idle_timeout_s: float, reap_interval_s: float, max_connections: int,
-                 metrics: "Metrics") -> None:
+                 metrics: Metrics) -> None:
         self.idle_timeout_s = idle_timeout_s
         self.reap_interval_s = reap_interval_s
         self.max_connections = max_connections
@@ -114,7 +114,7 @@ class ConnManager:
         self._heap: list[tuple[float, int, Session]] = []
         # Devices seen since start (for GET /v1/devices/{id}), most recent last;
         # bounded so a churn of device ids cannot grow memory.
-        self._seen: OrderedDict[str, dict] = OrderedDict()
+        self._seen: OrderedDict[str, dict[str, object]] = OrderedDict()
         self._wakeup = trio.Event()
         self._empty = trio.Event()
         self._next_reap: float | None = None
@@ -181,14 +181,14 @@ class ConnManager:
             self._seen.popitem(last=False)
 
     @staticmethod
-    def _describe(session: Session) -> dict:
+    def _describe(session: Session) -> dict[str, object]:
         wall_now = time.time()
         now = trio.current_time()
         return {"device_id": session.device_id, "protocol": session.protocol,
                 "connected_at": round(session.connected_wall, 3),
                 "last_seen": round(wall_now - (now - session.last_seen), 3), "remote": session.remote}
 
-    def device_info(self, device_id: str) -> dict | None:
+    def device_info(self, device_id: str) -> dict[str, object] | None:
         """``online`` plus what is known of the device's latest connection; None if never seen."""
         session = self._by_device.get(device_id)
         if session is not None:

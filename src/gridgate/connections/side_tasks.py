@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVarTuple
 
 import trio
 
@@ -25,6 +25,8 @@ __all__ = ["SideTasks"]
 
 log = logging.getLogger("gridgate.connections")
 
+Ts = TypeVarTuple("Ts")
+
 
 class SideTasks:
     """Quacks like ``trio.Nursery.start_soon`` for the code that starts
@@ -32,13 +34,13 @@ class SideTasks:
 
     __slots__ = ("_nursery", "_session", "_scopes", "_cancelled")
 
-    def __init__(self, nursery: trio.Nursery, session: "Session") -> None:
+    def __init__(self, nursery: trio.Nursery, session: Session) -> None:
         self._nursery = nursery
         self._session = session
         self._scopes: set[trio.CancelScope] = set()
         self._cancelled = False
 
-    def start_soon(self, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def start_soon(self, async_fn: Callable[[*Ts], Awaitable[object]], *args: *Ts) -> None:
         self._nursery.start_soon(self._guard, async_fn, args)
 
     def cancel(self) -> None:
@@ -48,7 +50,7 @@ class SideTasks:
         for scope in self._scopes:
             scope.cancel()
 
-    async def _guard(self, async_fn: Callable[..., Awaitable[Any]], args: tuple) -> None:
+    async def _guard(self, async_fn: Callable[[*Ts], Awaitable[object]], args: tuple[*Ts]) -> None:
         session = self._session
         scope = trio.CancelScope()
         if self._cancelled:

@@ -40,6 +40,13 @@ __all__ = [
 ]
 
 
+class TaskStarter(Protocol):
+    """Where a DownlinkChannel starts its task: a trio.Nursery, or a
+    connection's SideTasks (gridgate.connections.side_tasks), which quacks like one."""
+
+    def start_soon(self, async_fn: Callable[[], Awaitable[object]], /) -> None: ...
+
+
 class Send(msgspec.Struct, frozen=True, gc=False):
     """One transmission the outbox asks for."""
 
@@ -81,7 +88,7 @@ class CommandOutbox:
     (waiting + in flight).
     """
 
-    def __init__(self, protocol: str, config: "DownlinkSettings", metrics: "Metrics", *, redeliver: bool,
+    def __init__(self, protocol: str, config: DownlinkSettings, metrics: Metrics, *, redeliver: bool,
                  packet_ids: bool) -> None:
         """``redeliver``: resend until acked (MQTT); ``packet_ids``: key in-flight
         commands by MQTT packet id (else by command id, as WebSocket acks name it)."""
@@ -200,7 +207,7 @@ class DownlinkChannel:
     retry or expiry (no task at all for connections that never get one)."""
 
     def __init__(self, outbox: CommandOutbox, send: Callable[[list[Send]], Awaitable[None]],
-                 nursery: trio.Nursery) -> None:
+                 nursery: TaskStarter) -> None:
         self.outbox = outbox
         self._send = send
         self._nursery = nursery
@@ -235,8 +242,8 @@ class DownlinkChannel:
             self.outbox.close()
 
 
-def open_channel(session: "Session", outbox: CommandOutbox, send: Callable[[list[Send]], Awaitable[None]],
-                 nursery: trio.Nursery, device_config: dict[str, Any] | None) -> DownlinkChannel:
+def open_channel(session: Session, outbox: CommandOutbox, send: Callable[[list[Send]], Awaitable[None]],
+                 nursery: TaskStarter, device_config: dict[str, Any] | None) -> DownlinkChannel:
     """Register the connection as the device's command route, and queue the
     device's config (if any) as UPDATE_CONFIG: the seed's "push the latest
     policy as soon as the connection is up"."""

@@ -65,7 +65,7 @@ class WorkItem:
 
 class Pipeline:
     def __init__(self, write: WriteFn, *, batch_max_records: int, batch_max_delay_s: float,
-                 queue_max_items: int, metrics: "Metrics", queue_max_records: int = 20_000) -> None:
+                 queue_max_items: int, metrics: Metrics, queue_max_records: int = 20_000) -> None:
         self._write = write
         self.batch_max_records = batch_max_records
         self.batch_max_delay_s = batch_max_delay_s

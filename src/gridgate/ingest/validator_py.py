@@ -211,7 +211,7 @@ class Validator:
             index += 1
         return records, rejections
 
-    def _judge_all(self, items: list, raws: list[bytes], protocol: str, device_id: str | None,
+    def _judge_all(self, items: list[Any], raws: list[bytes], protocol: str, device_id: str | None,
                    received_ns: int) -> tuple[list[Record], list[Rejection]]:
         records: list[Record] = []
         rejections: list[Rejection] = []
@@ -237,7 +237,7 @@ class Validator:
                               fields=fields, tags=tags))
 
     @staticmethod
-    def _device(item: dict, conn_id: str | None) -> str:
+    def _device(item: dict[Any, Any], conn_id: str | None) -> str:
         if "device_id" in item:
             value = item["device_id"]
             if type(value) is not str or not DEVICE_ID_RE.match(value):
@@ -249,7 +249,7 @@ class Validator:
             raise _Reject("missing_device_id", "device_id", "device_id is required")
         return conn_id
 
-    def _timestamp(self, item: dict, received_ns: int, index: int) -> int:
+    def _timestamp(self, item: dict[Any, Any], received_ns: int, index: int) -> int:
         has_ms = "timestamp_ms" in item
         has_ns = "timestamp_ns" in item
         if has_ms and has_ns:
@@ -272,7 +272,7 @@ class Validator:
                           f"{key} is more than {self.rules.max_future_skew_s} s in the future")
         return ts_ns
 
-    def _fields(self, item: dict) -> dict[str, int | float]:
+    def _fields(self, item: dict[Any, Any]) -> dict[str, int | float]:
         metrics = item.get("metrics")
         if "metrics" in item and type(metrics) is not dict:
             raise _Reject("bad_type", "metrics", "metrics must be an object")
@@ -300,7 +300,7 @@ class Validator:
             raise _Reject("malformed", None, "no metrics")
         return fields
 
-    def _metric(self, name: Any, value: Any, label: str, item: dict, fields: dict[str, int | float]) -> bool:
+    def _metric(self, name: Any, value: Any, label: str, item: dict[Any, Any], fields: dict[str, int | float]) -> bool:
         """Normalize one metric into ``fields``; True if it was the temperature."""
         if type(name) is not str or not _FIELD_NAME.match(name):
             raise _Reject("bad_type", label, "invalid field name")
@@ -325,7 +325,8 @@ class Validator:
                 c = t - 273.15
             else:
                 raise _Reject("bad_unit", "temperature_unit", "temperature_unit must be C, F or K")
-            if rule is not None and ((rule.min is not None and c < rule.min) or (rule.max is not None and c > rule.max)):
+            if rule is not None and ((rule.min is not None and c < rule.min)
+                                     or (rule.max is not None and c > rule.max)):
                 raise _Reject("out_of_range", label, "temperature outside the allowed range")
             x = c * 1000.0
             mc = math.floor(x + 0.5) if x >= 0 else -math.floor(-x + 0.5)
@@ -352,7 +353,7 @@ class Validator:
             raise _Reject("bad_type", label, "field given twice")
         fields[name] = value
 
-    def _tags(self, item: dict) -> dict[str, str]:
+    def _tags(self, item: dict[Any, Any]) -> dict[str, str]:
         rules = self.rules
         tags: dict[str, str] = {}
         if "location" in item:
@@ -362,7 +363,7 @@ class Validator:
                     or not all(_tag_value_ok(p, rules.max_tag_value_length) for p in parts)):
                 raise _Reject("bad_tag", "location",
                               f"location must be 1 to {len(self.levels)} non-empty '/'-separated names")
-            for level, part in zip(self.levels, parts):
+            for level, part in zip(self.levels, parts, strict=False):   # parts may name fewer levels
                 tags[level] = part
         if "tags" in item:
             given = item["tags"]

@@ -25,8 +25,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
@@ -134,7 +133,7 @@ class Forwarder:
     """The pipeline's write function for an external sink (see the module docstring)."""
 
     def __init__(self, name: str, open_sink: Callable[[], Awaitable[Sink]], spool: PendingStore,
-                 config: ForwardingSettings, metrics: "Metrics", sink: Sink | None = None) -> None:
+                 config: ForwardingSettings, metrics: Metrics, sink: Sink | None = None) -> None:
         self.name = name
         self._open_sink = open_sink
         self.sink = sink
@@ -155,7 +154,7 @@ class Forwarder:
         elif state == BreakerState.CLOSED:
             log.warning("sink %s: circuit closed; %d pending records to replay", self.name, self.pending)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, object]:
         """For /readyz: breaker state and what waits for the sink."""
         return {"kind": self.name, "breaker": self.breaker.state.name.lower().replace("_", "-"),
                 "pending": self.pending}

@@ -140,6 +140,7 @@ def escape_measurement(name: str) -> str:
 
 def format_field_value(value: object) -> str:
     """One field value in line-protocol form (see the module docstring)."""
+    # mypy does not narrow ``value`` through ``t``: the ignores below are for that
     t = type(value)
     if t is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
@@ -152,8 +153,8 @@ def format_field_value(value: object) -> str:
     if t is bool:
         return "true" if value else "false"
     if t is str:
-        if _STR_SLOW.search(value) is not None:  # type: ignore[arg-type]
-            value = value.replace("\\", "\\\\").replace('"', '\\"')  # type: ignore[union-attr]
+        if _STR_SLOW.search(value) is not None:  # type: ignore[call-overload]
+            value = value.replace("\\", "\\\\").replace('"', '\\"')  # type: ignore[attr-defined]
         return f'"{value}"'
     # Subclasses (IntEnum, numpy scalars that subclass float, ...): bool first,
     # since bool is an int.
@@ -198,7 +199,7 @@ def _tag_set(device_id: object, tags: Mapping[str, str]) -> str:
         return "device_id=" + device_id
     if _DEVICE_TAG in tags:
         raise LineProtocolError('tag "device_id" is set from the record\'s device_id; it may not be a tag too')
-    parts = []
+    parts: list[str] = []
     append = parts.append
     placed = False
     cache = _KEY_CACHE
@@ -222,7 +223,7 @@ def _tag_set(device_id: object, tags: Mapping[str, str]) -> str:
 def _field_set(fields: Mapping[str, object]) -> str:
     if not fields:
         raise LineProtocolError("a record needs at least one field")
-    parts = []
+    parts: list[str] = []
     append = parts.append
     cache = _KEY_CACHE
     for k, v in fields.items():
@@ -245,14 +246,14 @@ def encode_lines(records: Iterable[Record], measurement: str = DEFAULT_MEASUREME
             says which. No partial result is returned.
     """
     prefix = escape_measurement(measurement) + ","
-    lines = []
+    lines: list[str] = []
     append = lines.append
     tag_set = _tag_set
     field_set = _field_set
     lo, hi = MIN_TIMESTAMP_NS, MAX_TIMESTAMP_NS
     i = 0
     try:
-        for i, record in enumerate(records):
+        for i, record in enumerate(records):  # noqa: B007 - i is read by the except clause below
             ts = record.ts_ns
             if type(ts) is not int or not lo <= ts <= hi:
                 raise LineProtocolError(f"timestamp {ts!r} is not an integer within InfluxDB's range")

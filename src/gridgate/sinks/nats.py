@@ -65,6 +65,7 @@ import nats
 import nats.errors
 import nats.js.errors
 import trio
+from nats.aio.client import Client as NATSClient
 from nats.js.api import StorageType, StreamConfig
 
 from gridgate.ingest.records import Record
@@ -305,13 +306,13 @@ class NATSSink:
         self._closed = False
 
     @classmethod
-    async def open(cls, **kwargs: Any) -> "NATSSink":
+    async def open(cls, **kwargs: Any) -> NATSSink:
         """Construct, connect and ensure the stream (like ``SpoolSink.open``)."""
         sink = cls(**kwargs)
         await sink.connect()
         return sink
 
-    async def __aenter__(self) -> "NATSSink":
+    async def __aenter__(self) -> NATSSink:
         if self._nc is None:
             await self.connect()
         return self
@@ -406,18 +407,20 @@ class NATSSink:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout_s
         self._inflight = asyncio.Semaphore(self.max_inflight)
-        nc = nats.NATS()
+        nc = NATSClient()
         try:
+            # nats-py annotates the three timeouts int; it hands them to
+            # asyncio.wait_for and asyncio.sleep, which take seconds as float.
             await asyncio.wait_for(nc.connect(
                 servers=self.servers, name=self.name,
-                connect_timeout=min(2.0, self.connect_timeout_s),
+                connect_timeout=min(2.0, self.connect_timeout_s),  # type: ignore[arg-type]
                 allow_reconnect=True, max_reconnect_attempts=-1,   # a gateway never gives up on its sink
-                reconnect_time_wait=self.reconnect_wait_s,
-                drain_timeout=max(1.0, self.write_timeout_s),
+                reconnect_time_wait=self.reconnect_wait_s,  # type: ignore[arg-type]
+                drain_timeout=max(1.0, self.write_timeout_s),  # type: ignore[arg-type]
                 error_cb=self._error_cb, disconnected_cb=self._disconnected_cb,
                 reconnected_cb=self._reconnected_cb,
             ), timeout=self.connect_timeout_s)
-        except (asyncio.TimeoutError, OSError, nats.errors.Error) as e:
+        except (TimeoutError, OSError, nats.errors.Error) as e:
             await _close_quietly(nc)
             last = self._last_conn_error or e
             raise SinkOpenError(f"cannot connect to NATS at {', '.join(self.servers)} within "
@@ -433,7 +436,10 @@ class NATSSink:
             self._nc = self._js = None
             await _close_quietly(nc)
             raise
-        log.info("nats sink: connected to %s, stream %s, subject %s", nc.connected_url.netloc, self.stream,
+        # connected_url is None while the client reconnects (the connection
+        # may have dropped while the stream was set up)
+        url = nc.connected_url
+        log.info("nats sink: connected to %s, stream %s, subject %s", url.netloc if url else "?", self.stream,
                  self.template.template)
 
     async def _ensure_stream(self, deadline: float) -> None:
@@ -458,7 +464,7 @@ class NATSSink:
                     raise SinkOpenError(f"NATS JetStream refused stream {self.stream!r}: {e.description} "
                                         f"(code {e.code}, err_code {e.err_code})") from e
                 last = e
-            except (asyncio.TimeoutError, OSError, nats.errors.Error) as e:
+            except (TimeoutError, OSError, nats.errors.Error) as e:
                 last = e
             if loop.time() >= deadline:
                 hint = ("is JetStream enabled (nats-server -js, or a jetstream {} block) and, in a cluster, "
@@ -567,7 +573,7 @@ class NATSSink:
                 try:
                     return await self._js.publish(subject, payload, timeout=min(remaining, self.ack_timeout_s),
                                                   stream=self.stream, headers={MSG_ID_HEADER: mid})
-                except (asyncio.TimeoutError, OSError, nats.errors.Error) as e:
+                except (TimeoutError, OSError, nats.errors.Error) as e:
                     if _is_fatal(e):
                         raise _PublishFailed(subject, mid, e, attempts) from e
                     last = e
@@ -600,7 +606,7 @@ class NATSSink:
         try:
             if nc.is_connected:
                 await asyncio.wait_for(nc.drain(), timeout=max(1.0, self.write_timeout_s))
-        except (asyncio.TimeoutError, OSError, nats.errors.Error) as e:
+        except (TimeoutError, OSError, nats.errors.Error) as e:
             log.warning("nats sink: drain failed (%s: %s); closing", type(e).__name__, e)
         finally:
             await _close_quietly(nc)

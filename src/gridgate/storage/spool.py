@@ -21,7 +21,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
 import msgspec
 import trio
@@ -33,6 +33,13 @@ if TYPE_CHECKING:
     from gridgate._fastparse import SpoolWriter
 
 __all__ = ["Spool", "SpoolSink", "SPOOL_FILE"]
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+# One row as both writers bind it (sqlite3 here, the compiled SpoolWriter):
+# TEXT, BLOB, INTEGER or NULL cells.
+Row = tuple[str | bytes | int | None, ...]
 
 SPOOL_FILE = "spool.sqlite3"
 SCHEMA_VERSION = 2
@@ -49,8 +56,8 @@ _RECORD_COLUMNS = """
     tags TEXT NOT NULL
 """
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records ({record_columns});
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS records ({_RECORD_COLUMNS});
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY,
     received_ns INTEGER NOT NULL,
@@ -68,8 +75,8 @@ CREATE TABLE IF NOT EXISTS counters (
     rejected INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counters (id, records, rejected) VALUES (1, 0, 0);
-CREATE TABLE IF NOT EXISTS pending ({record_columns});
-""".format(record_columns=_RECORD_COLUMNS)
+CREATE TABLE IF NOT EXISTS pending ({_RECORD_COLUMNS});
+"""
 
 _ROW_COLUMNS = ("device_id", "ts_ns", "received_ns", "protocol", "fields", "tags")
 # {counter}: records (the spool sink's own) or pending (bound for an external sink)
@@ -113,7 +120,7 @@ class MultiRowInsert:
             sql = self._sql[rows] = self._prefix + ", ".join([self._row] * rows)
         return sql
 
-    def run(self, db: sqlite3.Connection, rows: list[tuple]) -> None:
+    def run(self, db: sqlite3.Connection, rows: list[Row]) -> None:
         done, n = 0, len(rows)
         while done < n:
             k = self.max_rows
@@ -128,12 +135,12 @@ _decode_fields = msgspec.json.Decoder(dict[str, int | float]).decode
 _decode_tags = msgspec.json.Decoder(dict[str, str]).decode
 
 
-def record_rows(records: Sequence[Record]) -> list[tuple]:
+def record_rows(records: Sequence[Record]) -> list[Row]:
     """The rows of the records (and pending) table, in _ROW_COLUMNS order."""
     return [(r.device_id, r.ts_ns, r.received_ns, r.protocol, _encode(r.fields), _encode(r.tags)) for r in records]
 
 
-def rejection_rows(dead: Sequence[tuple[str, int, Rejection]]) -> list[tuple]:
+def rejection_rows(dead: Sequence[tuple[str, int, Rejection]]) -> list[Row]:
     """The rows of the rejections table, in _REJECTION_COLUMNS order."""
     return [(received_ns, protocol, r.reason, r.field, r.index, r.device_id, r.detail, bytes(r.raw))
             for protocol, received_ns, r in dead]
@@ -185,8 +192,8 @@ class Spool:
         """Bytes in use: pages holding data (replayed pending rows free theirs,
         which SQLite reuses though the file does not shrink) plus the WAL."""
         db = self.db
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+        page_size: int = db.execute("PRAGMA page_size").fetchone()[0]
+        pages: int = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
         try:
             wal = os.stat(f"{self.path}-wal").st_size
         except FileNotFoundError:
@@ -264,7 +271,8 @@ class Spool:
             raise
 
     def pending_count(self) -> int:
-        return self.db.execute("SELECT pending FROM counters WHERE id = 1").fetchone()[0]
+        pending: int = self.db.execute("SELECT pending FROM counters WHERE id = 1").fetchone()[0]
+        return pending
 
     # -- reading ----------------------------------------------------------------
 
@@ -298,7 +306,7 @@ class Spool:
         self.db.close()
 
 
-def open_native_writer(spool: Spool, fsync: bool) -> "tuple[SpoolWriter | None, str]":
+def open_native_writer(spool: Spool, fsync: bool) -> tuple[SpoolWriter | None, str]:
     """The compiled batch writer for this spool file, or None, and a line saying which writer is used.
 
     Needs the compiled hot path (gridgate.hotpath) and a Python whose sqlite3
@@ -311,8 +319,10 @@ def open_native_writer(spool: Spool, fsync: bool) -> "tuple[SpoolWriter | None, 
         return None, "spool writer: worker thread (compiled hot path not loaded)"
     import _sqlite3
 
+    assert hotpath.spool is not None        # set with COMPILED
     try:
-        writer = hotpath.spool.SpoolWriter(_sqlite3.__file__, str(spool.path), spool.writer_statements(), fsync)
+        writer: SpoolWriter = hotpath.spool.SpoolWriter(_sqlite3.__file__, str(spool.path),
+                                                        spool.writer_statements(), fsync)
     except OSError as exc:
         return None, f"spool writer: worker thread (compiled writer unavailable: {exc})"
     return writer, "spool writer: compiled, own thread"
@@ -328,7 +338,7 @@ class SpoolSink:
     CapacityLimiter of 1 keeps it all one operation at a time.
     """
 
-    def __init__(self, spool: Spool, writer: "SpoolWriter | None" = None, writer_description: str = "") -> None:
+    def __init__(self, spool: Spool, writer: SpoolWriter | None = None, writer_description: str = "") -> None:
         self.spool = spool
         self._writer = writer
         self.writer_description = writer_description or "spool writer: worker thread"
@@ -343,7 +353,7 @@ class SpoolSink:
 
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], *, fsync: bool = False, max_bytes: int = 0,
-                   native: bool = True) -> "SpoolSink":
+                   native: bool = True) -> SpoolSink:
         """``native=False``: always write on a worker thread."""
         spool = await trio.to_thread.run_sync(lambda: Spool(data_dir, fsync=fsync, max_bytes=max_bytes))
         writer, description = None, "spool writer: worker thread (asked for)"
@@ -353,7 +363,7 @@ class SpoolSink:
         sink._full = await trio.to_thread.run_sync(spool.full)
         return sink
 
-    async def _run(self, fn, *args):
+    async def _run(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     async def write(self, batch: Sequence[Record]) -> None:
@@ -377,7 +387,7 @@ class SpoolSink:
                 if on_commit is not None:
                     on_commit()
             else:
-                await self._write_native(records, dead, pending, on_commit)
+                await self._write_native(self._writer, records, dead, pending, on_commit)
         except SinkFullError:
             self._full = True
             raise
@@ -390,14 +400,15 @@ class SpoolSink:
         every task that is runnable now has had its turn - milliseconds
         under load, during which durable readings would wait for their acks.
         """
-        if self._in_flight and self._writer.ready:
+        # only _write_native sets _in_flight, and only with a writer (mypy cannot know)
+        if self._in_flight and self._writer.ready:  # type: ignore[union-attr]
             self._complete()
 
     def _complete(self) -> None:
         self._in_flight = False
         on_commit, self._on_commit = self._on_commit, None
         try:
-            used = self._writer.finish()
+            used = self._writer.finish()  # type: ignore[union-attr]  # in flight: there is a writer
         except BaseException as exc:        # the SQLite error: raised by the writing task
             self._outcome = exc
             return
@@ -406,9 +417,9 @@ class SpoolSink:
         if on_commit is not None:
             on_commit()
 
-    async def _write_native(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
-                            pending: bool, on_commit: Callable[[], None] | None) -> None:
-        writer = self._writer
+    async def _write_native(self, writer: SpoolWriter, records: Sequence[Record],
+                            dead: Sequence[tuple[str, int, Rejection]], pending: bool,
+                            on_commit: Callable[[], None] | None) -> None:
         # Taking the limiter without a checkpoint when it is free (it nearly
         # always is: the batcher is its main user) spares the batch a whole
         # scheduler pass; the wait for the writer is the one yield it needs.
@@ -444,7 +455,8 @@ class SpoolSink:
         finally:
             self._limiter.release()
 
-    def _write_then_check(self, records, dead, pending) -> bool:
+    def _write_then_check(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
+                          pending: bool) -> bool:
         # on the worker thread: the loop thread never touches the connection
         self.spool.write_batch(records, dead, pending)
         return self.spool.full()

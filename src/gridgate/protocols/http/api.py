@@ -8,15 +8,15 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, final
 
 import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gridgate.downlink import commands as downlink
-from gridgate.ingest.records import DEVICE_ID_RE
 from gridgate.ingest.pipeline import WorkItem
+from gridgate.ingest.records import DEVICE_ID_RE, Record, Rejection
 
 if TYPE_CHECKING:
     from gridgate.protocols.services import Services
@@ -59,6 +59,24 @@ class Request:
         return "content-length" in self.headers or "transfer-encoding" in self.headers
 
 
+class RequestView(Protocol):
+    """What routing reads of a request: a std Request, or the fast engine's
+    per-connection parser (gridgate._fastparse.HTTPRequestParser)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def body(self) -> bytes | memoryview: ...
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def content_encoding(self) -> str: ...
+    @property
+    def has_length(self) -> bool: ...
+
+
 @dataclass
 class HttpError(Exception):
     status: int
@@ -77,6 +95,7 @@ def _ok(status: int, obj: object) -> Answer:
     return status, _json.encode(obj), JSON, []
 
 
+@final        # callers tell it from an Answer with `type(x) is Pending`
 class Pending:
     """A telemetry request handed to the pipeline, waiting to be durable.
 
@@ -85,7 +104,7 @@ class Pending:
     """
     __slots__ = ("done", "records", "rejections", "expired")
 
-    def __init__(self, done: trio.Event, records: list, rejections: list) -> None:
+    def __init__(self, done: trio.Event, records: list[Record], rejections: list[Rejection]) -> None:
         self.done = done
         self.records = records
         self.rejections = rejections
@@ -120,7 +139,7 @@ def _error(err: HttpError) -> Answer:
     return err.status, err.body(), JSON, err.extra
 
 
-async def handle_request(services: "Services", request: Request, engine: str) -> Answer:
+async def handle_request(services: Services, request: Request, engine: str) -> Answer:
     """Route and answer one request (waits for durable on telemetry)."""
     started = begin_request(services, request, engine)
     if type(started) is Pending:
@@ -128,7 +147,7 @@ async def handle_request(services: "Services", request: Request, engine: str) ->
     return started
 
 
-def begin_request(services: "Services", request, engine: str) -> "Answer | Pending":
+def begin_request(services: Services, request: RequestView, engine: str) -> Answer | Pending:
     """Route one request without waiting: an Answer, or a Pending telemetry write.
 
     Everything the request holds (the body included) is used before this
@@ -140,7 +159,7 @@ def begin_request(services: "Services", request, engine: str) -> "Answer | Pendi
         return _error(err)
 
 
-def _route(svc: "Services", req, engine: str) -> "Answer | Pending":
+def _route(svc: Services, req: RequestView, engine: str) -> Answer | Pending:
     path = req.target.split("?", 1)[0]
     if path == "/v1/telemetry":
         _allow(req, "POST")
@@ -172,12 +191,12 @@ def _route(svc: "Services", req, engine: str) -> "Answer | Pending":
     raise HttpError(404, "not_found", f"no resource {path}")
 
 
-def _allow(req: Request, method: str) -> None:
+def _allow(req: RequestView, method: str) -> None:
     if req.method != method:
         raise HttpError(405, "method_not_allowed", f"use {method}", [(b"allow", method.encode())])
 
 
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+def _decompress(body: bytes | memoryview, encoding: str, limit: int) -> bytes | memoryview:
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "x-gzip"):
@@ -194,7 +213,7 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-def _telemetry(svc: "Services", req, engine: str) -> Pending:
+def _telemetry(svc: Services, req: RequestView, engine: str) -> Pending:
     cfg = svc.config.http
     if not req.has_length:
         raise HttpError(411, "length_required", "send Content-Length or Transfer-Encoding: chunked")
@@ -216,7 +235,7 @@ def _telemetry(svc: "Services", req, engine: str) -> Pending:
     return pending
 
 
-def _command(svc: "Services", req, device_id: str) -> Answer:
+def _command(svc: Services, req: RequestView, device_id: str) -> Answer:
     """POST /v1/devices/{id}/commands (DESIGN section 6): hand the command to
     the connection that holds the device now; 202 once it has it."""
     if not DEVICE_ID_RE.match(device_id):

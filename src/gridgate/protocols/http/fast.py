@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
 
-from gridgate.protocols.http.parser import parser as _parser
 from gridgate.errors import HTTPParseError
 from gridgate.protocols.http.api import Answer, HttpError, Pending, begin_request
+from gridgate.protocols.http.parser import parser as _parser
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -62,13 +63,13 @@ def render_response(answer: Answer, close: bool) -> bytes:
     return b"".join(parts)
 
 
-async def serve_fast_http(stream: trio.abc.Stream, services: "Services", session: "Session") -> None:
+async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: Session) -> None:
     cfg = services.config.http
     http = _parser
     parser = http.HTTPRequestParser(cfg.max_header_bytes, cfg.max_body_bytes)
     REQUEST, HEAD = http.REQUEST, http.HEAD
-    receive_some = stream.receive_some
-    send_all = stream.send_all
+    receive_some: Callable[[int], Awaitable[bytes | bytearray]] = stream.receive_some
+    send_all: Callable[[bytes], Awaitable[None]] = stream.send_all
     sock = getattr(stream, "socket", None)
     if isinstance(stream, trio.SocketStream) and sock is not None:
         # Straight to the file descriptor: SocketStream's conflict detection
@@ -111,7 +112,7 @@ async def serve_fast_http(stream: trio.abc.Stream, services: "Services", session
     continued = False            # 100 Continue sent for the current request
     with session.read_scope:
         while True:
-            begun: list = []
+            begun: list[Answer | Pending] = []
             close = False
             error: HTTPParseError | None = None
             state = 0
@@ -128,7 +129,7 @@ async def serve_fast_http(stream: trio.abc.Stream, services: "Services", session
             except HTTPParseError as exc:
                 error = exc
             if begun:
-                out = []
+                out: list[bytes] = []
                 last = len(begun) - 1
                 services.poll_durable()
                 # services.durable_timeouts sets done (expired) at the durable

@@ -3,11 +3,15 @@ pure-Python twin (``parser_py``) when ``gridgate.hotpath`` says the extension
 is not loaded."""
 from __future__ import annotations
 
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 from gridgate import hotpath
 from gridgate.protocols.http import parser_py
 
 __all__ = ["parser"]
 
-parser: ModuleType = hotpath.fastparse or parser_py
+if TYPE_CHECKING:
+    # Checkers see the API both implementations share: the compiled module's stub.
+    from gridgate import _fastparse as parser
+else:
+    parser = hotpath.fastparse or parser_py

@@ -110,7 +110,9 @@ class HTTPRequestParser:
             self._scan -= self._pos
             self._pos = 0
         elif self._pos > 65536 and self._pos * 2 > len(self._buf):
-            del self._buf[:self._pos]
+            # a bytearray here (bytes took the branch above): mypy does not
+            # narrow what is left after a `type(x) is bytes` test
+            del self._buf[:self._pos]  # type: ignore[union-attr]
             self._scan -= self._pos
             self._pos = 0
         self._buf += data

@@ -28,6 +28,9 @@ log = logging.getLogger("gridgate.http")
 
 _SERVER = b"gridgate"
 
+# What h11's next_event returns: an event, or its NEED_DATA or PAUSED sentinel
+H11Event = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
+
 
 # h11 is lenient where request smuggling lives: it folds obs-fold lines,
 # collapses identical or comma-listed Content-Length values, accepts bare LF
@@ -101,11 +104,12 @@ class StdRequestReader:
     def raw_buffered(self) -> bool:
         return bool(self._raw)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         self._raw += data
-        self.conn.receive_data(data)
+        # h11 annotates bytes; it only appends data to its own bytearray buffer
+        self.conn.receive_data(data)  # type: ignore[arg-type]
 
-    def next_event(self):
+    def next_event(self) -> H11Event:
         try:
             event = self.conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -122,7 +126,7 @@ class StdRequestReader:
             raise HTTPParseError(400, "bad_request", "trailer fields are not supported")
         return event
 
-    def send(self, event) -> bytes:
+    def send(self, event: h11.Event) -> bytes:
         return self.conn.send(event) or b""
 
     def start_next_cycle(self) -> None:
@@ -130,17 +134,19 @@ class StdRequestReader:
         self._raw = bytearray(self.conn.trailing_data[0])
 
 
-async def serve_std_http(stream: trio.abc.Stream, services: "Services", session: "Session") -> None:
+async def serve_std_http(stream: trio.abc.Stream, services: Services, session: Session) -> None:
     cfg = services.config.http
     reader = StdRequestReader(cfg.max_header_bytes, cfg.max_body_bytes)
     conn = reader.conn
 
-    async def send(event) -> None:
+    async def send(event: h11.Event) -> None:
         data = reader.send(event)
         if data:
             await stream.send_all(data)
 
-    async def next_event(timeout: float, idle_ok: bool = False):
+    # A timeout parameter, not the caller's cancel scope: the timeout of an
+    # idle keep-alive connection's next head starts at its first byte.
+    async def next_event(timeout: float, idle_ok: bool = False) -> H11Event | None:  # noqa: ASYNC109
         # Between requests a keep-alive connection may sit idle (the reaper
         # watches that); the header timeout runs from the first byte of a head.
         deadline = trio.current_time() + timeout
@@ -161,7 +167,8 @@ async def serve_std_http(stream: trio.abc.Stream, services: "Services", session:
                 continue
             return None
 
-    async def respond(status: int, body: bytes, content_type: bytes, extra: list | None = None) -> None:
+    async def respond(status: int, body: bytes, content_type: bytes,
+                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                    (b"server", _SERVER), *(extra or [])]
         # one write per response, as net/http's buffered writer does

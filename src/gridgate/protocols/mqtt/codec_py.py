@@ -99,12 +99,35 @@ import operator
 from collections.abc import Callable, Iterable
 
 from gridgate.errors import MQTTProtocolError
+from gridgate.ingest.records import Record, Rejection
 from gridgate.protocols.mqtt.events import (
-    CONNACK, CONNECT, DISCONNECT, PINGREQ, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK,
-    SUBSCRIBE, UNSUBACK, UNSUBSCRIBE, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
-    Subscribe, Unsubscribe, Will,
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    Connect,
+    Disconnect,
+    Event,
+    PingReq,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    Subscribe,
+    Unsubscribe,
+    Will,
 )
-from gridgate.ingest.records import Rejection
 
 __all__ = [
     "MQTTCodec", "MQTT_ERROR_REASONS", "encode_connack", "encode_puback", "encode_pubrec", "encode_pubrel",
@@ -130,7 +153,8 @@ _REQUIRED_FLAGS = {
     SUBSCRIBE: 0b0010, UNSUBSCRIBE: 0b0010, PINGREQ: 0b0000, DISCONNECT: 0b0000,
 }
 _SERVER_ONLY = frozenset({CONNACK, SUBACK, UNSUBACK, PINGRESP})
-_ACKS = {PUBACK: PubAck, PUBREC: PubRec, PUBREL: PubRel, PUBCOMP: PubComp}
+_ACKS: dict[int, type[PubAck | PubRec | PubRel | PubComp]] = {
+    PUBACK: PubAck, PUBREC: PubRec, PUBREL: PubRel, PUBCOMP: PubComp}
 
 
 def _first_byte_error(first: int, connected: bool) -> tuple[str, str] | None:
@@ -285,7 +309,7 @@ class MQTTCodec:
         """Bytes held back waiting for the rest of a packet."""
         return len(self._partial)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Append `data` and return every complete packet now buffered, in order.
 
         Partial packets stay buffered and give no event (and no error until
@@ -296,7 +320,7 @@ class MQTTCodec:
             raise MQTTProtocolError(e.reason, e.detail, e.return_code)
         if type(data) is not bytes:
             data = bytes(memoryview(data))  # a mutable buffer could change under the payload slices
-        events: list = []
+        events: list[Event] = []
         try:
             pos = 0
             if self._partial:
@@ -341,7 +365,7 @@ class MQTTCodec:
             raise MQTTProtocolError("too_large", f"packet of {size} bytes exceeds max_packet_bytes {self._max}")
         return i - pos, size
 
-    def _finish_partial(self, data: bytes, events: list) -> int:
+    def _finish_partial(self, data: bytes, events: list[Event]) -> int:
         """Complete the held-back packet from the head of `data`.
 
         Returns how many bytes of `data` it took, or -1 if all of `data` went
@@ -369,7 +393,7 @@ class MQTTCodec:
         events.append(self._decode(packet[0], packet, header_len, len(packet), memoryview(packet)))
         return missing
 
-    def _decode_all(self, data: bytes, pos: int, events: list) -> None:
+    def _decode_all(self, data: bytes, pos: int, events: list[Event]) -> None:
         end = len(data)
         view = None
         while pos < end:
@@ -385,7 +409,7 @@ class MQTTCodec:
 
     # -- packets ------------------------------------------------------------
 
-    def _decode(self, first: int, buf: bytes, start: int, end: int, view: memoryview):
+    def _decode(self, first: int, buf: bytes, start: int, end: int, view: memoryview) -> Event:
         """One packet whose first byte passed `_FIRST_BYTE_ERRORS`; body is buf[start:end]."""
         ptype = first >> 4
         if ptype == PUBLISH:
@@ -434,7 +458,7 @@ class MQTTCodec:
             raise MQTTProtocolError("malformed", "SUBSCRIBE/UNSUBSCRIBE without a topic filter "
                                                  "(MQTT-3.8.3-3, MQTT-3.10.3-2)")
         if ptype == SUBSCRIBE:
-            topics: list = []
+            topics: list[tuple[str, int]] = []
             while pos < end:
                 topic, pos = _string(buf, pos, end)
                 _check_topic_filter(topic)
@@ -444,7 +468,7 @@ class MQTTCodec:
                     raise MQTTProtocolError("malformed", f"requested QoS byte {options:#04x} (MQTT-3-8.3-4)")
                 topics.append((topic, options))
             return Subscribe(pid, topics)
-        filters: list = []
+        filters: list[str] = []
         while pos < end:
             topic, pos = _string(buf, pos, end)
             _check_topic_filter(topic)
@@ -649,10 +673,10 @@ def encode_publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0,
 _JSON_FIRST = frozenset(b'{["-0123456789tfn \t\r\n')
 
 
-def take_publishes(events: list, start: int, telemetry_topic: str | None, validate_into: Callable[..., int],
+def take_publishes(events: list[Event], start: int, telemetry_topic: str | None, validate_into: Callable[..., int],
                    protocol: str, client_id: str | None, next_ns: int, clock: Callable[[], int],
-                   qos2_unreleased: set[int] | None, records: list, rejections: list, pubacks: list[int],
-                   pubrecs: list[int]) -> tuple[int, int, int]:
+                   qos2_unreleased: set[int] | None, records: list[Record], rejections: list[Rejection],
+                   pubacks: list[int], pubrecs: list[int]) -> tuple[int, int, int]:
     """What an MQTT session does with the PUBLISHes of one read, from
     events[start] up to the first event that is not one (or a QoS 2 one while
     ``qos2_unreleased`` is None: the caller makes that set, then goes on).
@@ -680,6 +704,7 @@ def take_publishes(events: list, start: int, telemetry_topic: str | None, valida
             first = publish_ns
         i += 1
         if ev.qos == 2:
+            assert qos2_unreleased is not None      # a QoS 2 publish with no set stopped the loop above
             pubrecs.append(ev.packet_id)
             if ev.packet_id in qos2_unreleased:
                 continue

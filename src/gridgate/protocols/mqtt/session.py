@@ -12,22 +12,41 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
 
-from gridgate.protocols.mqtt.codec import codec as _mqtt
+from gridgate.connections.side_tasks import SideTasks
 from gridgate.downlink.commands import (
-    UPDATE_CONFIG, Command, CommandOutbox, DownlinkChannel, Send, encode_command, new_command, open_channel,
+    UPDATE_CONFIG,
+    Command,
+    CommandOutbox,
+    DownlinkChannel,
+    Send,
+    encode_command,
+    new_command,
+    open_channel,
 )
 from gridgate.errors import MQTTProtocolError
-from gridgate.protocols.mqtt.events import (
-    PUBACK, PUBCOMP, PUBREC, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
-    Subscribe, Unsubscribe,
-)
 from gridgate.ingest.pipeline import WorkItem
-from gridgate.ingest.records import DEVICE_ID_RE
-from gridgate.connections.side_tasks import SideTasks
+from gridgate.ingest.records import DEVICE_ID_RE, Record, Rejection
+from gridgate.protocols.mqtt.codec import codec as _mqtt
+from gridgate.protocols.mqtt.events import (
+    PUBACK,
+    PUBREC,
+    Connect,
+    Disconnect,
+    Event,
+    PingReq,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    Subscribe,
+    Unsubscribe,
+)
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -66,7 +85,7 @@ class MQTTConnection:
         "closed", "_fd", "_side", "_writer_started", "_writer_busy", "_out_ready", "_drained", "_idle",
     )
 
-    def __init__(self, stream: trio.abc.Stream, services: "Services", session: "Session",
+    def __init__(self, stream: trio.abc.Stream, services: Services, session: Session,
                  protocol: str = "mqtt") -> None:
         self.stream = stream
         self.svc = services
@@ -119,6 +138,8 @@ class MQTTConnection:
         poll_durable = self.svc.poll_durable
         unyielded = 0
         drained = False             # the last read came back short: the socket is most likely empty now
+        data: bytes | bytearray | None
+        events: list[Event] | None
         try:
             while True:
                 if len(self.outbuf) > max_outgoing:
@@ -196,11 +217,11 @@ class MQTTConnection:
 
     # -- events -------------------------------------------------------------
 
-    async def _handle(self, events: list) -> bool:
+    async def _handle(self, events: list[Event]) -> bool:
         """Act on the events of one read. False: close the connection."""
         out: list[bytes] = []
-        records: list = []
-        rejections: list = []
+        records: list[Record] = []
+        rejections: list[Rejection] = []
         durable_pubacks: list[int] = []
         durable_pubrecs: list[int] = []
         keep_open = True
@@ -358,12 +379,13 @@ class MQTTConnection:
 
     async def _send_commands(self, sends: list[Send]) -> None:
         topic = self.command_topic
+        # s.key: this outbox keys by MQTT packet id (packet_ids=True), an int; mypy sees Hashable
         frames = [_mqtt.encode_publish(topic, encode_command(s.command), 1 if s.tracked else 0,
-                                       s.key if s.tracked else 0, False, s.dup)
+                                       s.key if s.tracked else 0, False, s.dup)  # type: ignore[arg-type]
                   for s in sends]
         self._write(b"".join(frames))
 
-    def _make_on_durable(self, acks: bytes):
+    def _make_on_durable(self, acks: bytes) -> Callable[[], None]:
         def on_durable() -> None:
             self.pending -= 1
             self._write(acks)
@@ -404,7 +426,7 @@ class MQTTConnection:
             await self._idle.wait()
 
 
-async def serve_mqtt_stream(stream: trio.abc.Stream, services: "Services", session: "Session",
+async def serve_mqtt_stream(stream: trio.abc.Stream, services: Services, session: Session,
                             protocol: str) -> MQTTProtocolError | None:
     """The MQTT session's one entry point for transports other than TCP.
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -34,7 +35,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from gridgate.downlink.commands import CommandOutbox, Send, open_channel
 from gridgate.ingest.pipeline import WorkItem
-from gridgate.ingest.records import DEVICE_ID_RE, Rejection
+from gridgate.ingest.records import DEVICE_ID_RE, Record, Rejection
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -71,7 +72,7 @@ class _HeartbeatStream(trio.abc.Stream):
     """The accepted socket, stamping ``session.last_seen`` on every read:
     messages, pings and pongs all keep the connection alive."""
 
-    def __init__(self, stream: trio.abc.Stream, session: "Session") -> None:
+    def __init__(self, stream: trio.abc.Stream, session: Session) -> None:
         self._stream = stream
         self._session = session
 
@@ -132,7 +133,7 @@ class WebSocketStream(trio.abc.Stream):
         await self.ws.aclose()
 
 
-async def serve_websocket_connection(stream: trio.abc.Stream, services: "Services", session: "Session") -> None:
+async def serve_websocket_connection(stream: trio.abc.Stream, services: Services, session: Session) -> None:
     """Handshake, route by path, run the channel, close with the right code."""
     cfg = services.config.websocket
     async with trio.open_nursery() as nursery:
@@ -192,7 +193,7 @@ async def serve_websocket_connection(stream: trio.abc.Stream, services: "Service
             nursery.cancel_scope.cancel()
 
 
-def _policy(services: "Services", session: "Session", why: str, detail: str) -> tuple[int, str]:
+def _policy(services: Services, session: Session, why: str, detail: str) -> tuple[int, str]:
     services.metrics.protocol_errors.labels(session.protocol, why).inc()
     session.close_reason = f"policy: {detail}"
     log.warning("closing WebSocket from %s with 1008: %s", session.remote, detail)
@@ -211,7 +212,7 @@ async def _pinger(ws: WebSocketConnection, interval: float) -> None:
             return
 
 
-async def _run_mqtt(ws: WebSocketConnection, services: "Services", session: "Session") -> tuple[int, str]:
+async def _run_mqtt(ws: WebSocketConnection, services: Services, session: Session) -> tuple[int, str]:
     services.conns.set_protocol(session, "mqtt-ws")
     stream = WebSocketStream(ws)
     error = None
@@ -235,7 +236,7 @@ async def _run_mqtt(ws: WebSocketConnection, services: "Services", session: "Ses
 class WSDeviceChannel:
     """One device on ``/v1/ws``: readings in, seq acks and commands out."""
 
-    def __init__(self, ws: WebSocketConnection, services: "Services", session: "Session", device_id: str) -> None:
+    def __init__(self, ws: WebSocketConnection, services: Services, session: Session, device_id: str) -> None:
         self.ws = ws
         self.svc = services
         self.session = session
@@ -289,7 +290,8 @@ class WSDeviceChannel:
                 try:
                     message = await self.ws.get_message()
                 except ConnectionClosed as exc:
-                    session.close_reason = session.close_reason or f"client closed ({exc.reason.code if exc.reason else '-'})"
+                    session.close_reason = (session.close_reason
+                                            or f"client closed ({exc.reason.code if exc.reason else '-'})")
                     return CLOSE_NORMAL, ""
                 if isinstance(message, str):
                     data, fmt = message.encode(), "json"
@@ -339,7 +341,8 @@ class WSDeviceChannel:
             return self._bad_frame(code, whole.reason, whole.detail)
         return None
 
-    def _command_ack(self, top: dict, data: bytes, fmt: str, received_ns: int) -> tuple[int, str] | None:
+    def _command_ack(self, top: dict[str, msgspec.Raw], data: bytes, fmt: str,
+                     received_ns: int) -> tuple[int, str] | None:
         try:
             command_id = (_json_str if fmt == "json" else _msgpack_str).decode(top["command_ack"])
         except msgspec.DecodeError:
@@ -355,7 +358,8 @@ class WSDeviceChannel:
         log.warning("closing WebSocket of %s from %s with %d: %s", self.device_id, self.session.remote, code, detail)
         return code, f"{reason}: {detail}"
 
-    async def _submit(self, records: list, rejections: list, received_ns: int, seq: int | None) -> None:
+    async def _submit(self, records: list[Record], rejections: list[Rejection], received_ns: int,
+                      seq: int | None) -> None:
         on_durable = None if seq is None else self._make_on_durable(seq, records, rejections, self.binary)
         item = WorkItem(records, rejections, "ws", received_ns, on_durable)
         if seq is not None:
@@ -369,7 +373,8 @@ class WSDeviceChannel:
                     self.pending -= 1   # never queued, so never acked
                 raise
 
-    def _make_on_durable(self, seq: int, records: list, rejections: list, binary: bool):
+    def _make_on_durable(self, seq: int, records: list[Record], rejections: list[Rejection],
+                         binary: bool) -> Callable[[], None]:
         def on_durable() -> None:
             self.pending -= 1
             if self.closed:
