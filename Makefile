@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make run   - venv + compiled extension + the gateway on its embedded default
-#   make test  - venv + compiled extension + the whole test suite
+#   make test  - venv + compiled extension + import walls, lint, types + the whole test suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # One build at a time: the extension is one compilation unit written in place.
 LOCK   := flock /tmp/gridgate-build.lock
 
-.PHONY: run test build venv bench bench-micro clean
+.PHONY: run test lint build venv bench bench-micro clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,14 @@ run: build
 	ENVIRONMENT=$${ENVIRONMENT:-development} SERVICE_NAME=$${SERVICE_NAME:-gridgate} \
 	  $(VENV)/bin/gridgate serve $(ARGS)
 
-test: build
+# The walls between stages (import-linter contracts in pyproject.toml), the
+# linter and the type checker run before the tests: a broken wall fails CI.
+lint: build
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench-micro: build
