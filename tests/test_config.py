@@ -52,7 +52,7 @@ def test_precedence_file_then_env_then_flags(tmp_path):
     assert config.mqtt.listen == "127.0.0.1:2000"      # env over file
     assert config.mqtt.receive_bytes == 4096           # file over default
     assert config.connections.idle_timeout_s == 50.0   # flag over env
-    assert config.payload.location_levels == ["country", "city"]
+    assert config.payload.location_levels == ("country", "city")
 
 
 def test_platform_env_names_and_gridgate_names_for_identity():

@@ -18,7 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from gridgate.downlink.device_configs import device_config_problems, load_device_configs
-from gridgate.ingest.rules import DEFAULT_FIELD_RULES, FieldRule, PayloadRules
+from gridgate.ingest.rules import DEFAULT_FIELD_RULES, FieldRule, PayloadLimits, PayloadRules
 
 __all__ = [
     "Config", "ConfigError", "ServiceConfig", "MQTTConfig", "HTTPConfig", "ConnectionsConfig",
@@ -116,15 +116,8 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     queue_max_records: Annotated[int, Meta(ge=1, le=10_000_000)] = 20_000
 
 
-class PayloadConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    location_levels: list[str] = msgspec.field(default_factory=lambda: ["region", "site", "zone"])
-    max_future_skew_s: NonNegInt = 300
-    max_fields: PositiveInt = 64
-    max_tags: PositiveInt = 32
-    max_tag_key_length: PositiveInt = 64
-    max_tag_value_length: PositiveInt = 256
-    max_payload_bytes: PositiveInt = 1_048_576
-    max_batch_items: PositiveInt = 10_000
+class PayloadConfig(PayloadLimits, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[payload]``: its keys, types and bounds are the validator's (``PayloadLimits``)."""
 
 
 class SinkConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -326,9 +319,7 @@ class Config(msgspec.Struct, kw_only=True):
 
     def payload_rules(self) -> PayloadRules:
         """The validator's rules: ``[payload]`` limits plus ``[fields.*]``."""
-        limits = msgspec.structs.asdict(self.payload)
-        limits["location_levels"] = tuple(limits["location_levels"])
-        return PayloadRules(fields=dict(self.fields), **limits)
+        return PayloadRules(fields=dict(self.fields), **msgspec.structs.asdict(self.payload))
 
     def to_toml(self) -> str:
         """The effective config as TOML (for ``gridgate check-config``)."""
@@ -409,7 +400,7 @@ def _merge_field_rules(value: Any, rules: dict[str, FieldRule], problems: list[s
 
 
 def _is_list_type(tp: Any) -> bool:
-    return getattr(tp, "__origin__", None) is list
+    return getattr(tp, "__origin__", None) in (list, tuple)
 
 
 def _show(value: Any) -> str:

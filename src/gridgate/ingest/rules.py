@@ -5,9 +5,14 @@ validator implementations take a PayloadRules and must judge identically.
 """
 from __future__ import annotations
 
-import msgspec
+from typing import Annotated
 
-__all__ = ["FieldRule", "PayloadRules", "DEFAULT_FIELD_RULES"]
+import msgspec
+from msgspec import Meta
+
+__all__ = ["FieldRule", "PayloadLimits", "PayloadRules", "DEFAULT_FIELD_RULES"]
+
+_PositiveInt = Annotated[int, Meta(ge=1)]
 
 
 class FieldRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -32,13 +37,22 @@ DEFAULT_FIELD_RULES: dict[str, FieldRule] = {
 }
 
 
-class PayloadRules(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    fields: dict[str, FieldRule] = msgspec.field(default_factory=lambda: dict(DEFAULT_FIELD_RULES))
+class PayloadLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The per-reading and per-payload limits, declared once: the ``[payload]``
+    config section is this struct (``gridgate.config.PayloadConfig``), and the
+    validator's rules extend it with the field rules."""
+
     location_levels: tuple[str, ...] = ("region", "site", "zone")
-    max_future_skew_s: int = 300
-    max_fields: int = 64
-    max_tags: int = 32
-    max_tag_key_length: int = 64
-    max_tag_value_length: int = 256
-    max_payload_bytes: int = 1_048_576
-    max_batch_items: int = 10_000
+    max_future_skew_s: Annotated[int, Meta(ge=0)] = 300
+    max_fields: _PositiveInt = 64
+    max_tags: _PositiveInt = 32
+    max_tag_key_length: _PositiveInt = 64
+    max_tag_value_length: _PositiveInt = 256
+    max_payload_bytes: _PositiveInt = 1_048_576
+    max_batch_items: _PositiveInt = 10_000
+
+
+class PayloadRules(PayloadLimits, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What both validators take: the ``[payload]`` limits and ``[fields.*]``."""
+
+    fields: dict[str, FieldRule] = msgspec.field(default_factory=lambda: dict(DEFAULT_FIELD_RULES))
