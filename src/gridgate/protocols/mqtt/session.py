@@ -47,6 +47,7 @@ from gridgate.protocols.mqtt.events import (
     Subscribe,
     Unsubscribe,
 )
+from gridgate.protocols.outgoing import Outgoing
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -81,8 +82,8 @@ class MQTTConnection:
 
     __slots__ = (
         "stream", "svc", "session", "protocol", "codec", "ack_durable", "client_id", "telemetry_topic",
-        "subscribed_qos", "qos2_unreleased", "downlink", "protocol_error", "_next_ns", "outbuf", "pending",
-        "closed", "_fd", "_side", "_writer_started", "_writer_busy", "_out_ready", "_drained", "_idle",
+        "subscribed_qos", "qos2_unreleased", "downlink", "protocol_error", "_next_ns", "pending",
+        "closed", "_fd", "_side", "_out", "_idle",
     )
 
     def __init__(self, stream: trio.abc.Stream, services: Services, session: Session,
@@ -105,7 +106,6 @@ class MQTTConnection:
         # it (MQTT over WebSocket picks its close code from it).
         self.protocol_error: MQTTProtocolError | None = None
         self._next_ns = 0                   # receive times handed out stay increasing (see _handle)
-        self.outbuf = bytearray()           # bytes the socket has not taken yet
         self.pending = 0                    # items submitted, not yet durable
         self.closed = False
         # The socket's fd when the stream is a plain TCP socket: answers and
@@ -114,10 +114,9 @@ class MQTTConnection:
         if isinstance(stream, trio.SocketStream):
             self._fd = stream.socket.fileno()
         self._side: SideTasks | None = None
-        self._writer_started = False
-        self._writer_busy = False           # the writer task is inside send_all
-        self._out_ready: trio.Event | None = None
-        self._drained: trio.Event | None = None
+        # Bytes the socket did not take at once, and their writer task: made
+        # on first need (most connections never need them).
+        self._out: Outgoing[bytes] | None = None
         self._idle: trio.Event | None = None
 
     @property
@@ -142,11 +141,10 @@ class MQTTConnection:
         events: list[Event] | None
         try:
             while True:
-                if len(self.outbuf) > max_outgoing:
+                if self._out is not None and self._out.size > max_outgoing:
                     # The client does not read its acks: stop reading it.
                     session.paused = True
-                    self._drained = trio.Event()
-                    await self._drained.wait()
+                    await self._out.wait_sent()
                     session.paused = False
                 if receive_some is None:
                     # Straight to the socket: SocketStream.receive_some and
@@ -353,13 +351,14 @@ class MQTTConnection:
         On a TCP socket they are written at once when nothing is queued ahead
         of them and the socket takes them (nearly always): no writer task,
         no scheduler round trip between a durable batch and its PUBACKs.
-        What the socket does not take waits in ``outbuf`` for the writer
+        What the socket does not take waits in ``Outgoing`` for its writer
         task, and the reader stops reading while that grows past
         ``max_outgoing_bytes``.
         """
         if self.closed:
             return
-        if self._fd >= 0 and not self.outbuf and not self._writer_busy:
+        out = self._out
+        if self._fd >= 0 and (out is None or out.idle):
             try:
                 sent = os.write(self._fd, data)
             except BlockingIOError:
@@ -370,12 +369,9 @@ class MQTTConnection:
             if sent == len(data):
                 return
             data = data[sent:]
-        self.outbuf += data
-        if not self._writer_started:
-            self._writer_started = True
-            self._side_tasks().start_soon(self._writer)
-        elif self._out_ready is not None:
-            self._out_ready.set()
+        if out is None:
+            out = self._out = Outgoing(self._send_all, self._side_tasks().start_soon)
+        out.put(data)
 
     async def _send_commands(self, sends: list[Send]) -> None:
         topic = self.command_topic
@@ -393,37 +389,25 @@ class MQTTConnection:
                 self._idle.set()
         return on_durable
 
-    async def _writer(self) -> None:
-        send_all = self.stream.send_all
-        while True:
-            while not self.outbuf:
-                self._out_ready = trio.Event()
-                await self._out_ready.wait()
-            data = bytes(self.outbuf)
-            self.outbuf.clear()
-            self._writer_busy = True
-            try:
-                await send_all(data)
-            finally:
-                self._writer_busy = False
-            if self._drained is not None:
-                self._drained.set()
-            if self._idle is not None:
-                self._idle.set()
+    async def _send_all(self, chunks: list[bytes]) -> None:
+        await self.stream.send_all(b"".join(chunks))
 
     async def _flush(self) -> None:
-        """Wait (bounded) until the writer has sent what is queued: a refusing
-        CONNACK, the last acks."""
-        with trio.move_on_after(FLUSH_TIMEOUT_S):
-            while self.outbuf or self._writer_busy:
-                self._drained = trio.Event()
-                await self._drained.wait()
+        """Wait (bounded) until what is queued is sent: a refusing CONNACK,
+        the last acks."""
+        if self._out is not None:
+            with trio.move_on_after(FLUSH_TIMEOUT_S):
+                await self._out.wait_sent()
 
     async def _wait_idle(self) -> None:
         """Until every submitted reading is acked and the acks are sent."""
-        while self.pending or self.outbuf or self._writer_busy:
-            self._idle = trio.Event()
-            await self._idle.wait()
+        while True:
+            while self.pending:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            if self._out is None or self._out.idle:
+                return
+            await self._out.wait_sent()
 
 
 async def serve_mqtt_stream(stream: trio.abc.Stream, services: Services, session: Session,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
@@ -36,6 +35,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from gridgate.downlink.commands import CommandOutbox, Send, open_channel
 from gridgate.ingest.pipeline import WorkItem
 from gridgate.ingest.records import DEVICE_ID_RE, Record, Rejection
+from gridgate.protocols.outgoing import Outgoing
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -243,13 +243,12 @@ class WSDeviceChannel:
         self.device_id = device_id
         self.max_pending_acks = services.config.websocket.max_pending_acks
         self.binary = False          # the device's last message was MessagePack: answer in kind
-        self.outq: deque[bytes | str] = deque()   # acks, in the order their readings became durable
+        # Acks, in the order their readings became durable, and their writer
+        # task: made with the first ack.
+        self.out: Outgoing[bytes | str] | None = None
         self.pending = 0             # seq'd messages submitted, ack not yet queued
         self.closed = False
-        self._out_ready = trio.Event()
-        self._drained = trio.Event()
         self._idle = trio.Event()
-        self._writer_started = False
         self._nursery: trio.Nursery | None = None
         self.outbox: CommandOutbox | None = None
 
@@ -269,9 +268,8 @@ class WSDeviceChannel:
                     nursery.start_soon(_pinger, self.ws, svc.config.websocket.ping_interval_s)
                 result = await self._read_loop()
                 # Graceful stop: the acks owed still go out (the gateway bounds the wait).
-                while session.read_scope.cancelled_caught and (self.pending or self.outq):
-                    self._idle = trio.Event()
-                    await self._idle.wait()
+                if session.read_scope.cancelled_caught:
+                    await self._wait_acks_sent()
                 nursery.cancel_scope.cancel()
         finally:
             self.closed = True
@@ -281,11 +279,10 @@ class WSDeviceChannel:
         session = self.session
         with session.read_scope:
             while True:
-                if len(self.outq) >= self.max_pending_acks:
+                if self.out is not None and len(self.out) >= self.max_pending_acks:
                     # The device does not read its acks: stop reading it.
                     session.paused = True
-                    self._drained = trio.Event()
-                    await self._drained.wait()
+                    await self.out.wait_sent()
                     session.paused = False
                 try:
                     message = await self.ws.get_message()
@@ -373,34 +370,36 @@ class WSDeviceChannel:
                     self.pending -= 1   # never queued, so never acked
                 raise
 
+    async def _wait_acks_sent(self) -> None:
+        while True:
+            while self.pending:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            if self.out is None or self.out.idle:
+                return
+            await self.out.wait_sent()
+
     def _make_on_durable(self, seq: int, records: list[Record], rejections: list[Rejection],
                          binary: bool) -> Callable[[], None]:
         def on_durable() -> None:
             self.pending -= 1
+            if not self.pending:
+                self._idle.set()
             if self.closed:
                 return
             ack = {"ack": seq, "accepted": len(records), "rejected": len(rejections),
                    "errors": [{"index": r.index, "reason": r.reason, "field": r.field, "detail": r.detail}
                               for r in rejections]}
-            self.outq.append(_msgpack.encode(ack) if binary else _json.encode(ack).decode())
-            if not self._writer_started:
-                self._writer_started = True
+            if self.out is None:
                 assert self._nursery is not None
-                self._nursery.start_soon(self._writer)
-            else:
-                self._out_ready.set()
+                self.out = Outgoing(self._send_acks, self._nursery.start_soon)
+            self.out.put(_msgpack.encode(ack) if binary else _json.encode(ack).decode())
         return on_durable
 
-    async def _writer(self) -> None:
+    async def _send_acks(self, acks: list[bytes | str]) -> None:
         try:
-            while True:
-                while not self.outq:
-                    self._drained.set()
-                    if not self.pending:
-                        self._idle.set()
-                    self._out_ready = trio.Event()
-                    await self._out_ready.wait()
-                await self.ws.send_message(self.outq.popleft())
+            for ack in acks:
+                await self.ws.send_message(ack)
         except ConnectionClosed:
             self.session.close("peer gone while acks were owed")
 
