@@ -6,9 +6,12 @@ import gc
 import logging
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gridgate import __version__
+
+if TYPE_CHECKING:
+    from gridgate.config import Config
 
 EXIT_CONFIG = 2
 
@@ -77,7 +80,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     }
 
 
-def _load_config(path: str | None, overrides: dict[str, dict[str, Any]] | None = None):
+def _load_config(path: str | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config | None:
     from gridgate.config import Config, ConfigError
 
     try:
@@ -106,6 +109,8 @@ def tune_gc() -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
+    from gridgate.gateway import ListenError
+
     config = _load_config(args.config, _overrides(args))
     if config is None:
         return EXIT_CONFIG
@@ -119,22 +124,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(_serve_until_stopped, config, log)
     except* OSError as group:  # a listener could not bind, the data dir is unusable, ...
-        failed.extend(group.exceptions)
-    if failed:
-        log.error("cannot start: %s", "; ".join(str(e) for e in failed))
-        return 1
-    return 0
+        failed.extend(_leaves(group))
+    for exc in failed:
+        if isinstance(exc, ListenError):   # names the listener and its address itself
+            log.error("%s", exc)
+        else:
+            log.error("cannot start: %s", exc)
+    return 1 if failed else 0
 
 
-async def _serve_until_stopped(config, log: logging.Logger) -> None:
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    """The errors themselves, however deep the nurseries nested them."""
+    out: list[OSError] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+async def _serve_until_stopped(config: Config, log: logging.Logger) -> None:
     import trio
 
-    from gridgate.gateway import serve
+    from gridgate.gateway import Gateway, serve
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def run_gateway(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+            async def run_gateway(task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
                 await serve(config, task_status=task_status)
                 nursery.cancel_scope.cancel()  # stopped: end the signal watcher too
 

@@ -5,7 +5,11 @@ it binds every listener, reports ``task_status.started(gateway)`` only once
 all of them accept, and runs until ``gateway.stop()`` (graceful: stop
 accepting, stop reading, write what is queued, deliver owed acks, close) or
 until cancelled (hard: whatever was accepted but not yet written is still
-written before returning - acknowledged or not, nothing is dropped).
+written before returning, acknowledged or not). Neither waits forever for a
+sink: what is not written within DRAIN_TIMEOUT_S is kept in the spool as
+pending when an external sink is the one that is slow, and otherwise
+logged and counted (``gridgate_readings_unwritten_at_shutdown_total``) as
+lost: never dropped silently.
 """
 from __future__ import annotations
 
@@ -14,30 +18,36 @@ import logging
 import os
 import resource
 import socket
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import trio
 
+# The accept() errors Trio's own SocketListener.accept skips (the peer's
+# handshake failed between SYN and accept; the listener is fine). Private,
+# but taken from Trio rather than copied so the burst path below (which
+# calls accept() itself) skips exactly what Trio's path skips.
+from trio._highlevel_socket import _ignorable_accept_errnos
+
 from gridgate import hotpath
-from gridgate.ingest.validator import validator, validator_py
 from gridgate.config import Config, parse_address
 from gridgate.connections.manager import ConnManager, Session
 from gridgate.ingest.durable_timeouts import DurableTimeouts
-from gridgate.sinks.forwarding import Forwarder
+from gridgate.ingest.pipeline import Pipeline, WorkItem
+from gridgate.ingest.records import Record, Rejection
+from gridgate.ingest.validator import validator, validator_py
+from gridgate.observability.metrics import Metrics
 from gridgate.protocols.http.fast import serve_fast_http
 from gridgate.protocols.http.std import serve_std_http
-from gridgate.observability.metrics import Metrics
 from gridgate.protocols.mqtt.session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection, serve_mqtt_stream
 from gridgate.protocols.services import Services
 from gridgate.protocols.websocket.session import serve_websocket_connection
-from gridgate.ingest.pipeline import Pipeline
-from gridgate.ingest.records import Record, Rejection
 from gridgate.sinks.base import Sink
+from gridgate.sinks.forwarding import Forwarder
 from gridgate.storage.spool import SpoolSink
 
-__all__ = ["Gateway", "serve", "raise_open_file_limit"]
+__all__ = ["Gateway", "ListenError", "serve", "raise_open_file_limit"]
 
 log = logging.getLogger("gridgate")
 
@@ -45,14 +55,22 @@ log = logging.getLogger("gridgate")
 # listeners, the log and the odd file a thread opens.
 FD_RESERVE = 64
 
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# accept() failures of the whole process, not of one peer: back off, keep
+# serving the open connections, and try again.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# accept() failures of one connection: skip it and take the next.
+_ACCEPT_SKIPPED_ERRNOS = frozenset(_ignorable_accept_errnos)
 
 # Connections taken from the backlog per wake-up of an accept loop, at most,
 # before it yields to the connections it already serves.
 ACCEPT_BURST = 256
 
-# How long a graceful stop waits for queued batches and owed acks.
+# How long a graceful stop waits for queued batches and owed acks, and how
+# long the final write of what is still queued may take after that.
 DRAIN_TIMEOUT_S = 10.0
+
+# What an accept loop starts per connection (Gateway.handle_mqtt and the like).
+StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
 
 # A protocol handler: serves one connection until it ends.
 ServeFn = Callable[[trio.abc.Stream, Services, Session], Awaitable[None]]
@@ -92,27 +110,80 @@ async def open_external_sink(config: Config) -> Sink:
     """
     if config.sink.kind == "influxdb":
         from gridgate.sinks.influxdb import InfluxDBSink
-        c = config.influxdb
-        return await InfluxDBSink.open(c.url, c.database, c.measurement, timeout_s=config.sink.write_timeout_s,
-                                       max_lines=c.max_lines)
+        influx = config.influxdb
+        return await InfluxDBSink.open(influx.url, influx.database, influx.measurement,
+                                       timeout_s=config.sink.write_timeout_s, max_lines=influx.max_lines)
     if config.sink.kind == "nats":
         from gridgate.sinks.nats import NATSSink
-        c = config.nats
-        return await NATSSink.open(servers=c.servers, stream=c.stream, subject=c.subject, replicas=c.replicas,
-                                   duplicate_window_s=c.duplicate_window_s,
+        nats = config.nats
+        return await NATSSink.open(servers=nats.servers, stream=nats.stream, subject=nats.subject,
+                                   replicas=nats.replicas, duplicate_window_s=nats.duplicate_window_s,
                                    write_timeout_s=config.sink.write_timeout_s,
                                    connect_timeout_s=config.sink.write_timeout_s)
     raise ValueError(f"sink kind {config.sink.kind!r} has no external sink")
 
 
+class ListenError(OSError):
+    """A listener could not bind: which one, on what address, and the OS error.
+
+    ``errno`` and ``strerror`` are the OS error's; the message reads
+    ``cannot listen on mqtt 127.0.0.1:1883: [Errno 98] Address already in use``.
+    """
+
+    def __init__(self, listener: str, address: str, error: OSError) -> None:
+        super().__init__(*error.args)
+        self.listener = listener
+        self.address = address
+        self.message = f"cannot listen on {listener} {address}: {error}"
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[type[ListenError], tuple[str, str, OSError]]:
+        # OSError's own would call __init__ with the errno and strerror alone
+        return (type(self), (self.listener, self.address, OSError(*self.args)))
+
+
+def _errno_name(number: int | None) -> str:
+    return errno.errorcode.get(number, str(number)) if number is not None else "unknown"
+
+
+def _dup_listening_socket(listener: trio.abc.Listener[trio.abc.Stream]) -> socket.socket | None:
+    """The listener's socket again, non-blocking, for the accept burst; None
+    for a listener that is not a plain socket or is closed already (its
+    accept says so), or when no descriptor is left (accepting one at a
+    time still works)."""
+    if not isinstance(listener, trio.SocketListener) or listener.socket.fileno() == -1:
+        return None
+    try:
+        fd = os.dup(listener.socket.fileno())
+    except OSError as exc:
+        log.warning("accepting one connection at a time on %s: %s", listener.socket.getsockname(), exc)
+        return None
+    burst_socket = socket.socket(fileno=fd)
+    burst_socket.setblocking(False)
+    return burst_socket
+
+
 def _accept_backlog(burst_socket: socket.socket, nursery: trio.Nursery,
-                    handler: Callable[[trio.SocketStream], Awaitable[None]], task_name: str) -> None:
-    """Start a handler for each connection waiting in the backlog, up to ACCEPT_BURST, without yielding."""
+                    handler: StreamHandler, task_name: str,
+                    metrics: Metrics) -> None:
+    """Start a handler for each connection waiting in the backlog, up to ACCEPT_BURST, without yielding.
+
+    Error handling: a connection that failed before it was accepted is
+    skipped and counted, as Trio's accept does; any other OSError (EMFILE
+    and the like) is raised for the accept loop to back off from.
+    """
     for _ in range(ACCEPT_BURST):
         try:
             sock, _addr = burst_socket.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_SKIPPED_ERRNOS:
+                raise
+            metrics.accept_errors.labels(_errno_name(exc.errno)).inc()
+            continue
         nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(sock)), name=task_name)
 
 
@@ -168,6 +239,9 @@ class Gateway:
         self._listeners: list[trio.SocketListener] = []
         self._accept_scopes: list[trio.CancelScope] = []
         self._conn_nursery: trio.Nursery | None = None
+        # Listeners whose accept loop ended while the gateway runs on (for
+        # /readyz): "mqtt listener 127.0.0.1:1883" -> why.
+        self._stopped_listeners: dict[str, str] = {}
 
     # -- sink composition ---------------------------------------------------
 
@@ -185,7 +259,7 @@ class Gateway:
             # dead letters always stay in the spool; records go to the sink or pending
             await self.forwarder.write(records, dead)
 
-    def sink_status(self) -> dict:
+    def sink_status(self) -> dict[str, object]:
         """For /readyz: which sink, and for an external one its breaker and pending records."""
         if self.forwarder is None:
             return {"kind": "spool"}
@@ -197,28 +271,38 @@ class Gateway:
         """Begin a graceful shutdown; ``serve`` returns once it is done."""
         self._stop.set()
 
-    async def _run(self, task_status: trio.TaskStatus["Gateway"]) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.conns.run_reaper)
-            await nursery.start(self.pipeline.run)
-            await nursery.start(self.durable_timeouts.run)
-            if self.forwarder is not None:
-                await nursery.start(self.forwarder.run_replayer)
-            nursery.start_soon(self._summary_loop)
-            conn_nursery = await nursery.start(_nursery_holder)
-            self._conn_nursery = conn_nursery
-            await self._listen("mqtt", self.config.mqtt.listen, self.handle_mqtt, nursery)
-            await self._listen("http", self.config.http.listen, self.handle_http, nursery)
-            await self._listen("ws", self.config.websocket.listen, self.handle_ws, nursery)
-            self.ready = True
-            log.info("listening %s", " ".join(f"{k}={_fmt_addr(v)}" for k, v in self.addresses.items()))
-            log.info("%s; %s; max_connections=%d; data_dir=%s", hotpath.describe(),
-                     self.spool.writer_description, self.max_connections,
-                     self.config.spool.data_dir)
-            task_status.started(self)
-            await self._stop.wait()
-            await self._graceful_stop()
-            nursery.cancel_scope.cancel()
+    async def _run(self, task_status: trio.TaskStatus[Gateway]) -> None:
+        try:
+            # Bound before any task starts, so a port in use is raised as the
+            # ListenError itself, not wrapped in the nursery's ExceptionGroup.
+            bound = await self._bind_listeners()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.conns.run_reaper)
+                await nursery.start(self.pipeline.run)
+                await nursery.start(self.durable_timeouts.run)
+                if self.forwarder is not None:
+                    await nursery.start(self.forwarder.run_replayer)
+                nursery.start_soon(self._summary_loop)
+                conn_nursery = await nursery.start(_nursery_holder)
+                self._conn_nursery = conn_nursery
+                for name, listener, handler in bound:
+                    # labelled now: a listener closed before its loop runs has no address to read
+                    nursery.start_soon(partial(self._accept_loop, listener, name, handler,
+                                               label=_listener_label(name, listener)))
+                self.ready = True
+                log.info("listening %s", " ".join(f"{k}={_fmt_addr(v)}" for k, v in self.addresses.items()))
+                log.info("%s; %s; max_connections=%d; data_dir=%s", hotpath.describe(),
+                         self.spool.writer_description, self.max_connections,
+                         self.config.spool.data_dir)
+                task_status.started(self)
+                await self._stop.wait()
+                await self._graceful_stop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.ready = False
+            # a hard stop skips _graceful_stop: the ports must not outlive serve()
+            for listener in self._listeners:
+                await trio.aclose_forcefully(listener)
 
     async def _graceful_stop(self) -> None:
         self.ready = False
@@ -236,81 +320,165 @@ class Gateway:
             await self.pipeline.close_input()
             await self.pipeline.wait_finished()
         if drain.cancelled_caught:
-            log.warning("drain did not finish within %.0fs; closing the remaining %d connections",
-                        DRAIN_TIMEOUT_S, len(self.conns))
+            log.warning("drain did not finish within %.0fs: connections still owed acks are closed without them; "
+                        "readings still queued or being written get one more write of up to %.0fs, and any not "
+                        "written then are logged and counted as lost", DRAIN_TIMEOUT_S, DRAIN_TIMEOUT_S)
 
     async def _flush_unwritten(self) -> None:
+        """Write what was accepted but not written, within DRAIN_TIMEOUT_S.
+
+        Bounded in time, not only in size (``queue_max_records``): a sink
+        that hangs or keeps failing must not keep the process from exiting. What
+        an external sink does not take in time goes to the spool as pending,
+        replayed at the next start; what cannot be written at all is logged
+        and counted in ``readings_unwritten_at_shutdown``.
+        """
         items = self.pipeline.take_unwritten()
         if not items:
             return
         records = [r for item in items for r in item.records]
         dead = [(item.protocol, item.received_ns, r) for item in items for r in item.rejections]
         log.info("writing %d records and %d rejections still queued at shutdown", len(records), len(dead))
-        with trio.move_on_after(DRAIN_TIMEOUT_S):
+        with trio.move_on_after(DRAIN_TIMEOUT_S) as attempt:
             await self.pipeline.write_with_retry(records, dead)
+        if not attempt.cancelled_caught:
+            return
+        if self.forwarder is not None and await self._keep_as_pending(records, dead):
+            return
+        self._count_unwritten(items)
+
+    async def _keep_as_pending(self, records: list[Record], dead: list[tuple[str, int, Rejection]]) -> bool:
+        assert self.forwarder is not None
+        try:
+            # One try, not write_with_retry: the spool is local, and if it
+            # fails now, waiting will not make it take the batch.
+            await self.spool.write_batch(records, dead, pending=True)
+        except Exception as exc:       # Cancelled is not an Exception: it passes
+            log.error("keeping %d records and %d rejections in the spool at shutdown failed: %s",
+                      len(records), len(dead), exc)
+            return False
+        log.warning("the %s sink did not take %d records within %.0fs at shutdown: kept in the spool as "
+                    "pending (replayed to it at the next start), with %d rejections", self.forwarder.name,
+                    len(records), DRAIN_TIMEOUT_S, len(dead))
+        return True
+
+    def _count_unwritten(self, items: list[WorkItem]) -> None:
+        by_protocol: dict[str, list[int]] = {}
+        for item in items:
+            counts = by_protocol.setdefault(item.protocol, [0, 0])
+            counts[0] += len(item.records)
+            counts[1] += len(item.rejections)
+        for protocol, (records, rejections) in by_protocol.items():
+            self.metrics.readings_unwritten_at_shutdown.labels(protocol).inc(records + rejections)
+        if self.config.pipeline.ack == "durable":
+            resent = "devices send again only those still owed an ack"
+        else:
+            resent = 'they were acknowledged on receipt (ack = "received"): no device sends them again'
+        log.error("lost at shutdown: %d records and %d rejections were not written within %.0fs (%s); %s",
+                  sum(c[0] for c in by_protocol.values()), sum(c[1] for c in by_protocol.values()),
+                  DRAIN_TIMEOUT_S, ", ".join(f"{p}: {r} records, {d} rejections"
+                                             for p, (r, d) in sorted(by_protocol.items())), resent)
 
     # -- listeners --------------------------------------------------------------
 
-    async def _listen(self, name: str, address: str, handler: Callable[[trio.SocketStream], Awaitable[None]],
-                      nursery: trio.Nursery) -> None:
-        parsed = parse_address(address)
-        if parsed is None:
-            return
-        host, port = parsed
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
-        self._listeners.extend(listeners)
-        sockname = listeners[0].socket.getsockname()
-        self.addresses[name] = (sockname[0], sockname[1])
-        for listener in listeners:
-            nursery.start_soon(self._accept_loop, listener, name, handler)
+    async def _bind_listeners(self) -> list[tuple[str, trio.SocketListener, StreamHandler]]:
+        """Bind every configured listener; raise ListenError for the first that cannot bind."""
+        bound: list[tuple[str, trio.SocketListener, StreamHandler]] = []
+        for name, address, handler in (("mqtt", self.config.mqtt.listen, self.handle_mqtt),
+                                       ("http", self.config.http.listen, self.handle_http),
+                                       ("ws", self.config.websocket.listen, self.handle_ws)):
+            parsed = parse_address(address)
+            if parsed is None:
+                continue
+            host, port = parsed
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+            except OSError as exc:
+                raise ListenError(name, _fmt_addr((host, port)), exc) from exc
+            self._listeners.extend(listeners)
+            sockname = listeners[0].socket.getsockname()
+            self.addresses[name] = (sockname[0], sockname[1])
+            bound.extend((name, listener, handler) for listener in listeners)
+        return bound
 
-    async def _accept_loop(self, listener: trio.SocketListener, name: str,
-                           handler: Callable[[trio.SocketStream], Awaitable[None]]) -> None:
-        backoff = 0.01
-        failing = False
-        assert self._conn_nursery is not None
-        conn_nursery = self._conn_nursery
-        scope = trio.CancelScope()
-        self._accept_scopes.append(scope)
-        # one name for all: trio would otherwise format a new string per task
-        task_name = f"gridgate.{name}-connection"
+    async def _accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream], name: str,
+                           handler: StreamHandler, *,
+                           label: str | None = None) -> None:
+        """Accept until the gateway stops. ``label`` names the listener in
+        logs and /readyz (default: from its socket's address).
+
+        Error handling: a failed handshake is skipped, a process out of file
+        descriptors (or memory) backs off; any other error, or the listener
+        closed under it, ends this loop only: the gateway keeps serving its
+        connections and other listeners, and /readyz names the listener.
+        """
+        if label is None:
+            label = _listener_label(name, listener)
         # The same listening socket, for accepting without a checkpoint: trio's
         # accept yields after every connection, a whole scheduler pass each,
         # and 1,000 clients connecting at once to a busy gateway waited
         # seconds in the backlog (wrk's p99 was 7 s). Closed with the loop,
         # so the port stops listening when the listener is closed.
-        burst_socket = None
-        if isinstance(listener, trio.SocketListener):
-            burst_socket = socket.socket(fileno=os.dup(listener.socket.fileno()))
-            burst_socket.setblocking(False)
+        burst_socket = _dup_listening_socket(listener)
         try:
-            with scope:
-                while True:
-                    try:
-                        stream = await listener.accept()
-                        conn_nursery.start_soon(handler, stream, name=task_name)
-                        if burst_socket is not None:
-                            _accept_backlog(burst_socket, conn_nursery, handler, task_name)
-                    except trio.ClosedResourceError:
-                        return
-                    except OSError as exc:
-                        if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                            raise
-                        self.metrics.accept_errors.labels(errno.errorcode.get(exc.errno, str(exc.errno))).inc()
-                        if not failing:
-                            failing = True
-                            log.error("%s accept failed: %s; backing off and serving the %d open connections",
-                                      name, exc, len(self.conns))
-                        await trio.sleep(backoff)
-                        backoff = min(backoff * 2, 1.0)
-                        continue
-                    if failing:
-                        failing = False
-                        backoff = 0.01
-                        log.warning("%s accept recovered", name)
+            await self._accept_connections(listener, name, handler, burst_socket)
+        except Exception as exc:       # Cancelled is not an Exception: a stop passes through
+            why = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            self._stopped_listeners[label] = why
+            log.error("%s stopped accepting: %s; not ready, still serving the %d open connections", label, why,
+                      len(self.conns), exc_info=exc)
+            # refused, not left in a backlog nobody takes from: clients try another gateway
+            await trio.aclose_forcefully(listener)
+        else:
+            if not self._stop.is_set():
+                self._stopped_listeners[label] = "the listener was closed"
+                log.error("%s was closed; not ready, still serving the %d open connections", label,
+                          len(self.conns))
         finally:
             if burst_socket is not None:
                 burst_socket.close()
+
+    async def _accept_connections(self, listener: trio.abc.Listener[trio.abc.Stream], name: str,
+                                  handler: StreamHandler,
+                                  burst_socket: socket.socket | None) -> None:
+        """The accept loop proper; returns when the listener is closed."""
+        backoff = 0.01
+        failing = False
+        assert self._conn_nursery is not None
+        conn_nursery = self._conn_nursery
+        metrics = self.metrics
+        scope = trio.CancelScope()
+        self._accept_scopes.append(scope)
+        # one name for all: trio would otherwise format a new string per task
+        task_name = f"gridgate.{name}-connection"
+        with scope:
+            while True:
+                try:
+                    stream = await listener.accept()
+                    conn_nursery.start_soon(handler, stream, name=task_name)
+                    if burst_socket is not None:
+                        _accept_backlog(burst_socket, conn_nursery, handler, task_name, metrics)
+                except trio.ClosedResourceError:
+                    return
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_SKIPPED_ERRNOS:
+                        # trio's own listener never raises these; another Listener may
+                        metrics.accept_errors.labels(_errno_name(exc.errno)).inc()
+                        continue
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    metrics.accept_errors.labels(_errno_name(exc.errno)).inc()
+                    if not failing:
+                        failing = True
+                        log.error("%s accept failed: %s; backing off and serving the %d open connections",
+                                  name, exc, len(self.conns))
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                if failing:
+                    failing = False
+                    backoff = 0.01
+                    log.warning("%s accept recovered", name)
 
     # -- per-connection wrapper ---------------------------------------------------
 
@@ -350,6 +518,7 @@ class Gateway:
         reasons = []
         if not self.ready:
             reasons.append("listeners are not accepting")
+        reasons.extend(f"{label} stopped accepting: {why}" for label, why in self._stopped_listeners.items())
         if not self.spool.accepting_writes():
             reasons.append("the spool refuses writes (max_bytes reached)")
         return reasons
@@ -405,6 +574,15 @@ async def _nursery_holder(*, task_status: trio.TaskStatus[trio.Nursery] = trio.T
         await trio.sleep_forever()
 
 
+def _listener_label(name: str, listener: trio.abc.Listener[trio.abc.Stream]) -> str:
+    """``mqtt listener 127.0.0.1:1883`` (without the address for a listener that has no socket)."""
+    sock = getattr(listener, "socket", None)
+    try:
+        return f"{name} listener {_fmt_addr(sock.getsockname())}" if sock is not None else f"{name} listener"
+    except OSError:
+        return f"{name} listener"
+
+
 def _peer(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     try:
@@ -434,11 +612,16 @@ async def serve(config: Config, sink: Sink | None = None, *,
     called when every listener is bound, so ``await nursery.start(serve,
     config)`` returns the Gateway with its ``addresses``.
 
-    Error handling: raises ConfigError for an invalid config and OSError if a
-    listener cannot bind; nothing a client sends can make it raise.
+    Error handling: raises ConfigError for an invalid config and ListenError
+    (an OSError naming the listener and its address) if a listener cannot
+    bind; nothing a client sends can make it raise. A listener that fails
+    later stops only itself: ``/readyz`` turns 503 and names it.
 
-    Resource handling: on any exit, queued readings are written, then the
-    sink and the spool are closed.
+    Resource handling: on any exit, queued readings are written (within
+    DRAIN_TIMEOUT_S; with an external sink, what it does not take by then is
+    kept in the spool as pending), then the sink and the spool are closed.
+    Readings that could not be written are logged and counted in
+    ``gridgate_readings_unwritten_at_shutdown_total``, never dropped silently.
     """
     config.validate()
     metrics = Metrics()

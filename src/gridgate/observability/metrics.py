@@ -29,7 +29,8 @@ class Metrics:
             "gridgate_protocol_errors", "Connections closed for a protocol violation", ["protocol", "reason"],
             registry=r)
         self.accept_errors = Counter(
-            "gridgate_accept_errors", "accept() failures (e.g. EMFILE)", ["errno"], registry=r)
+            "gridgate_accept_errors", "accept() failures: EMFILE and the like (backed off), handshakes that "
+            "failed before accept (skipped)", ["errno"], registry=r)
         self.readings_accepted = Counter(
             "gridgate_readings_accepted", "Readings accepted and written", ["protocol"], registry=r)
         self.readings_rejected = Counter(
@@ -68,6 +69,9 @@ class Metrics:
             ["protocol", "reason"], registry=r)
         self.ws_closes = Counter(
             "gridgate_ws_closes", "WebSocket connections closed by the gateway, by close code", ["code"], registry=r)
+        self.readings_unwritten_at_shutdown = Counter(
+            "gridgate_readings_unwritten_at_shutdown", "Readings (records and rejections) still queued at "
+            "shutdown that could not be written in time: lost, and logged", ["protocol"], registry=r)
         self.pipeline_queue = Gauge(
             "gridgate_pipeline_queue_items", "Work items waiting for the batcher", registry=r)
 
