@@ -13,8 +13,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "Gateway", "Record", "Rejection", "Sink", "SinkFullError", "serve",
-           "__version__"]
+__all__ = ["Config", "ConfigError", "Gateway", "ListenError", "Record", "Rejection", "Sink", "SinkFullError",
+           "serve", "__version__"]
 
 # Imported lazily so that `gridgate --version` and the codecs do not pull in
 # the whole server.
@@ -22,6 +22,7 @@ _LAZY = {
     "Config": "gridgate.config",
     "ConfigError": "gridgate.config",
     "Gateway": "gridgate.gateway",
+    "ListenError": "gridgate.gateway",
     "serve": "gridgate.gateway",
     "Record": "gridgate.ingest.records",
     "Rejection": "gridgate.ingest.records",
