@@ -26,8 +26,8 @@ import sys
 
 import trio
 
+from loadgen.device import DeviceOptions
 from loadgen.limits import check_capacity, parse_ip_range, raise_open_file_limit
-from loadgen.mqtt_device import DeviceOptions
 from loadgen.runner import RunPlan, SelfCheck, run_share
 from loadgen.stats import Stats
 

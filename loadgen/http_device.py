@@ -11,7 +11,7 @@ from collections import deque
 import msgspec
 import trio
 
-from loadgen.mqtt_device import DeviceOptions, _Device
+from loadgen.device import READING, Device, DeviceOptions
 from loadgen.stats import Stats
 
 __all__ = ["HttpDevice"]
@@ -19,38 +19,34 @@ __all__ = ["HttpDevice"]
 _CONTENT_TYPES = {"json": b"application/json", "msgpack": b"application/msgpack"}
 
 
-class HttpDevice(_Device):
-    goodbye = b""
+class HttpDevice(Device):
+    """Posts ``--batch`` readings per request, up to ``--inflight`` pipelined."""
 
     def __init__(self, index: int, opts: DeviceOptions, stats: Stats, local_address: str | None) -> None:
-        self._identity(index, opts, stats, local_address)
-        reading = {"device_id": self.client_id, "temperature": 21.5, "battery_mv": 3700, "humidity": 40.0,
-                   "location": "loadgen/site-a"}
+        super().__init__(index, opts, stats, local_address)
+        reading = {"device_id": self.client_id, **READING}
         obj = reading if opts.batch == 1 else [reading] * opts.batch
         body = msgspec.msgpack.encode(obj) if opts.payload == "msgpack" else msgspec.json.encode(obj)
         self.request = (b"POST /v1/telemetry HTTP/1.1\r\nHost: " + opts.host.encode() + b"\r\nContent-Type: "
                         + _CONTENT_TYPES[opts.payload] + b"\r\nContent-Length: " + str(len(body)).encode()
                         + b"\r\n\r\n" + body)
         self.inflight: deque[float] = deque()      # intended times, in request order
-        self.replay: list[float] = []
-        self.ack_event = trio.Event()
-        self.last_send = 0.0
 
     def owed(self) -> list[float]:
         return list(self.inflight)
 
-    async def connect(self) -> trio.SocketStream:
+    async def connect(self) -> trio.abc.Stream:
         with trio.fail_after(self.opts.connect_timeout):
-            return await trio.open_tcp_stream(self.opts.host, self.opts.port, local_address=self.local_address)
+            return await self.open_stream(self.opts.host, self.opts.port, local_address=self.local_address)
 
     def _frames(self, dues: list[float]) -> bytes:
         self.inflight.extend(dues)
         return self.request * len(dues)
 
-    async def pinger(self, stream: trio.SocketStream) -> None:
+    async def pinger(self, stream: trio.abc.Stream) -> None:
         await trio.sleep_forever()   # HTTP has no keepalive packets; the server's reaper allows 300 s
 
-    async def reader(self, stream: trio.SocketStream) -> None:
+    async def reader(self, stream: trio.abc.Stream) -> None:
         buf = b""
         stats, batch = self.stats, self.opts.batch
         while True:

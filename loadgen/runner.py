@@ -10,10 +10,16 @@ from dataclasses import dataclass, field
 
 import trio
 
-from loadgen.mqtt_device import DeviceOptions, run_device
+from loadgen.device import Device, DeviceOptions, drive
+from loadgen.http_device import HttpDevice
+from loadgen.mqtt_device import MqttDevice
 from loadgen.stats import Stats
+from loadgen.ws_device import WsDevice
 
-__all__ = ["RunPlan", "run_share", "SelfCheck"]
+__all__ = ["RunPlan", "run_share", "run_device", "SelfCheck", "DEVICE_KINDS"]
+
+# DeviceOptions.protocol -> the kind of device that speaks it
+DEVICE_KINDS: dict[str, type[Device]] = {"mqtt": MqttDevice, "http": HttpDevice, "ws": WsDevice}
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,13 @@ async def _monitor(check: SelfCheck, tick: Callable[[], None] | None) -> None:
             check.lagging += 1
         if tick is not None:
             tick()
+
+
+async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float, deadline: float,
+                     local_address: str | None = None, rng: random.Random | None = None) -> None:
+    """Run device ``index`` of the kind ``opts.protocol`` names until ``deadline``."""
+    device = DEVICE_KINDS[opts.protocol](index, opts, stats, local_address)
+    await drive(device, start, deadline, rng or random.Random(index))
 
 
 async def run_share(plan: RunPlan, stats: Stats, check: SelfCheck,

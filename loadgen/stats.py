@@ -46,7 +46,7 @@ class Stats:
     def record_latency_us(self, value: int) -> None:
         self.histogram.record_value(min(max(value, LOWEST_US), HIGHEST_US))
 
-    def merge(self, other: "Stats") -> None:
+    def merge(self, other: Stats) -> None:
         for name in ("devices", "connected", "peak_connected", "connects", "reconnects", "sent", "acked",
                      "errors", "replayed", "dropped", "unacked_at_drop", "behind", "rejected", "commands"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -61,7 +61,7 @@ class Stats:
         return json.dumps(data)
 
     @classmethod
-    def from_wire(cls, text: str) -> "Stats":
+    def from_wire(cls, text: str) -> Stats:
         data = json.loads(text)
         hist = HdrHistogram.decode(data.pop("histogram").encode("ascii"))
         stats = cls(**data)

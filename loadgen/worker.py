@@ -12,7 +12,7 @@ import sys
 
 import trio
 
-from loadgen.mqtt_device import DeviceOptions
+from loadgen.device import DeviceOptions
 from loadgen.runner import RunPlan, SelfCheck, run_share
 from loadgen.stats import Stats
 

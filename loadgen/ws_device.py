@@ -21,7 +21,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
-from loadgen.mqtt_device import DeviceOptions, _Device
+from loadgen.device import READING, Device, DeviceOptions
 from loadgen.stats import Stats
 
 __all__ = ["WsDevice", "build_envelope"]
@@ -62,16 +62,15 @@ def build_envelope(readings: list[dict], fmt: str) -> tuple[bytes, bytes]:
     return whole[:cut - (4 if fmt == "msgpack" else 1)], whole[cut:]
 
 
-class WsDevice(_Device):
-    goodbye = b""
+class WsDevice(Device):
+    """Sends seq'd envelopes of ``--batch`` readings, up to ``--inflight`` unacknowledged."""
 
     def __init__(self, index: int, opts: DeviceOptions, stats: Stats, local_address: str | None) -> None:
-        self._identity(index, opts, stats, local_address)
+        super().__init__(index, opts, stats, local_address)
         self.resource = "/v1/ws?device_id=" + quote(self.client_id, safe="")
         host = f"[{opts.host}]" if ":" in opts.host else opts.host
         self.host_header = f"{host}:{opts.port}"
-        reading = {"temperature": 21.5, "battery_mv": 3700, "humidity": 40.0, "location": "loadgen/site-a"}
-        head, tail = build_envelope([reading] * opts.batch, opts.payload)
+        head, tail = build_envelope([READING] * opts.batch, opts.payload)
         self.binary = opts.payload == "msgpack"
         if self.binary:
             self.head_b, self.tail_b = head, tail
@@ -79,14 +78,11 @@ class WsDevice(_Device):
             self.head_s, self.tail_s = head.decode(), tail.decode()
         self.next_seq = 1
         self.inflight: dict[int, float] = {}        # seq -> intended send time
-        self.replay: list[float] = []
-        self.ack_event = trio.Event()
-        self.last_send = 0.0
         self._connection_scope: trio.CancelScope | None = None
 
     # -- connection ----------------------------------------------------------------
 
-    async def connect(self) -> WebSocketConnection:  # type: ignore[override]
+    async def connect(self) -> WebSocketConnection:
         assert self.background is not None
         try:
             with trio.fail_after(self.opts.connect_timeout):
@@ -102,7 +98,7 @@ class WsDevice(_Device):
     async def _hold_connection(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Open the TCP connection (from ``local_address``), do the WebSocket
         handshake and host the connection's reader task until it is closed."""
-        tcp = await trio.open_tcp_stream(self.opts.host, self.opts.port, local_address=self.local_address)
+        tcp = await self.open_stream(self.opts.host, self.opts.port, local_address=self.local_address)
         started = False
         try:
             with trio.CancelScope() as scope:
@@ -122,10 +118,10 @@ class WsDevice(_Device):
         finally:
             await trio.aclose_forcefully(tcp)
 
-    async def say_goodbye(self, stream: WebSocketConnection) -> None:  # type: ignore[override]
+    async def say_goodbye(self, stream: WebSocketConnection) -> None:
         await stream.aclose()          # the closing handshake, code 1000
 
-    async def close(self, stream: WebSocketConnection) -> None:  # type: ignore[override]
+    async def close(self, stream: WebSocketConnection) -> None:
         await trio.aclose_forcefully(stream)
         if self._connection_scope is not None:
             self._connection_scope.cancel()   # ends the reader task even if it waits on a full queue
@@ -133,7 +129,7 @@ class WsDevice(_Device):
 
     # -- traffic ----------------------------------------------------------------------
 
-    async def send(self, stream: WebSocketConnection, dues: list[float]) -> None:  # type: ignore[override]
+    async def send(self, stream: WebSocketConnection, dues: list[float]) -> None:
         """One message per due. Each is in ``inflight`` before it is written
         (its ack may arrive while the write yields); one whose write fails
         goes back to the replay buffer, so ``sent`` counts only what went out."""
@@ -164,7 +160,7 @@ class WsDevice(_Device):
             self.next_seq = seq
             self.stats.sent += sent * self.opts.batch
 
-    async def reader(self, stream: WebSocketConnection) -> None:  # type: ignore[override]
+    async def reader(self, stream: WebSocketConnection) -> None:
         stats, inflight, batch = self.stats, self.inflight, self.opts.batch
         record = stats.histogram.record_value
         get_message = stream.get_message
@@ -197,7 +193,7 @@ class WsDevice(_Device):
         except ConnectionClosed as exc:
             raise ConnectionError(f"WebSocket closed by the server: {exc.reason}") from None
 
-    async def pinger(self, stream: WebSocketConnection) -> None:  # type: ignore[override]
+    async def pinger(self, stream: WebSocketConnection) -> None:
         """A WebSocket ping whenever nothing was sent for keepalive/2 seconds;
         no pong in time means the connection is dead."""
         interval = max(self.opts.keepalive / 2, 0.5)

@@ -1,26 +1,39 @@
-"""gridgate-loadgen: schedule and latency accounting, exact histogram merge,
-argument errors, and runs against gridgate (MQTT, HTTP, WebSocket) and mosquitto."""
+"""gridgate-loadgen: the open-loop schedule, the exact histogram merge,
+argument errors; fleets under the autojump clock against an in-memory MQTT
+broker, where every count, time and percentile is exact (a stall, an
+outage, the offline buffer); and runs over loopback against gridgate (MQTT,
+HTTP on both engines, WebSocket) and mosquitto, which must end with every
+sent reading acknowledged and every acknowledged reading in the spool."""
 from __future__ import annotations
 
+import functools
 import json
+import math
 import random
+import re
 import resource
 import shutil
 import socket
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from gatewayproc import GatewayProcess, gridgate_env, spool_stats
+from loadgen.device import OFFLINE_BUFFER, Device, DeviceOptions, drive
 from loadgen.limits import check_capacity, parse_ip_range
-from loadgen.mqtt_device import DeviceOptions
+from loadgen.mqtt_device import MqttDevice
 from loadgen.runner import RunPlan, SelfCheck, run_share
 from loadgen.schedule import Schedule, intended_time
 from loadgen.stats import Stats, new_histogram
 
 LOADGEN = [sys.executable, "-m", "loadgen.cli"]
+PERCENTILE_KEYS = ["p50", "p90", "p99", "p99.9", "max"]
+# HdrHistogram at 3 significant digits: a recorded value reads back within 0.1%
+HDR = 1e-3
 
 
 def test_open_loop_schedule_is_fixed_in_advance():
@@ -93,69 +106,172 @@ def test_too_many_devices_for_one_process_is_refused_with_advice():
     assert "use --procs" in out.stderr and "--source-ips" in out.stderr
 
 
-async def stalling_broker(task_status=trio.TASK_STATUS_IGNORED, *, stall_after: float, stall_for: float):
-    """A minimal MQTT acker that stops reading for ``stall_for`` seconds once."""
-    start = trio.current_time()
-    stalled = False
+# -- fleets under the autojump clock, on an in-memory broker ---------------------------
 
-    async def handle(stream):
-        nonlocal stalled
+
+def take_packets(buf: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The complete MQTT packets at the start of ``buf`` as (first byte, body), and the rest."""
+    packets = []
+    while True:
+        length, mult, i = 0, 1, 1
+        while i < min(len(buf), 5):         # the remaining length: at most 4 bytes, 7 bits each
+            byte = buf[i]
+            length += (byte & 0x7F) * mult
+            i += 1
+            if not byte & 0x80:
+                break
+            mult *= 128
+        else:
+            return packets, buf
+        if len(buf) < i + length:
+            return packets, buf
+        packets.append((buf[0], buf[i:i + length]))
+        buf = buf[i + length:]
+
+
+class MemoryBroker:
+    """A minimal MQTT 3.1.1 acker put behind ``Device.open_stream``: each
+    connection is a ``trio.testing.memory_stream_pair``, so a fleet runs
+    under the autojump clock and every time in it is exact.
+
+    It can stall once (the first connection to read at or after ``stall_at``
+    stops reading for ``stall_for`` s), stop acking the connections open in
+    [``mute_at``, ``drop_at``), drop them at ``drop_at``, and refuse new ones
+    in [``drop_at``, ``refuse_until``). ``connects``: when it accepted each.
+    """
+
+    def __init__(self, nursery: trio.Nursery, *, stall_at: float = math.inf, stall_for: float = 0.0,
+                 mute_at: float = math.inf, drop_at: float = math.inf, refuse_until: float = -math.inf) -> None:
+        self.nursery = nursery
+        self.stall_at, self.stall_for, self.stalled = stall_at, stall_for, False
+        self.mute_at, self.drop_at, self.refuse_until = mute_at, drop_at, refuse_until
+        self.connects: list[float] = []
+
+    async def open_stream(self, host: str, port: int, *, local_address: str | None = None) -> trio.abc.Stream:
+        now = trio.current_time()
+        if self.drop_at <= now < self.refuse_until:
+            raise ConnectionRefusedError(111, "Connection refused")
+        client, server = trio.testing.memory_stream_pair()
+        self.connects.append(now)
+        self.nursery.start_soon(self._serve, server, self.drop_at if now < self.drop_at else math.inf)
+        return client
+
+    def muted(self) -> bool:
+        return self.mute_at <= trio.current_time() < self.drop_at
+
+    async def _serve(self, stream: trio.abc.Stream, drop_at: float) -> None:
         buf = b""
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            if not stalled and trio.current_time() - start >= stall_after:
-                stalled = True
-                await trio.sleep(stall_for)
-            buf += data
-            acks = []
-            while len(buf) >= 2:
-                length, mult, i = 0, 1, 1
-                while True:
-                    byte = buf[i]
-                    length += (byte & 0x7F) * mult
-                    i += 1
-                    if not byte & 0x80:
-                        break
-                    mult *= 128
-                if len(buf) < i + length:
-                    break
-                first = buf[0]
-                if first == 0x10:
-                    acks.append(b"\x20\x02\x00\x00")
-                elif first & 0xF0 == 0x30 and first & 0x06:
-                    topic_len = (buf[i] << 8) | buf[i + 1]
-                    pid = buf[i + 2 + topic_len:i + 4 + topic_len]
-                    acks.append(b"\x40\x02" + pid)
-                buf = buf[i + length:]
-            if acks:
-                await stream.send_all(b"".join(acks))
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handle, listeners)
+        with trio.move_on_at(drop_at):
+            while data := await stream.receive_some(65536):
+                if not self.stalled and trio.current_time() >= self.stall_at:
+                    self.stalled = True
+                    await trio.sleep(self.stall_for)
+                packets, buf = take_packets(buf + data)
+                acks = []
+                for first, body in packets:
+                    if first == 0x10:                                           # CONNECT
+                        acks.append(b"\x20\x02\x00\x00")
+                    elif first & 0xF0 == 0x30 and first & 0x06 and not self.muted():     # PUBLISH, QoS > 0
+                        topic_len = (body[0] << 8) | body[1]
+                        acks.append(b"\x40\x02" + body[2 + topic_len:4 + topic_len])
+                if acks:
+                    await stream.send_all(b"".join(acks))
+        await stream.aclose()
 
 
-def test_a_stalled_server_shows_in_the_open_loop_percentiles():
-    stats, check = Stats(), SelfCheck()
+@pytest.fixture
+def broker_factory(nursery, monkeypatch):
+    """``broker_factory(**schedule)``: a MemoryBroker every device of the test connects to."""
+    def make(**schedule) -> MemoryBroker:
+        broker = MemoryBroker(nursery, **schedule)
+        monkeypatch.setattr(Device, "open_stream", staticmethod(broker.open_stream))
+        return broker
+    return make
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(lambda task_status: stalling_broker(task_status, stall_after=1.0,
-                                                                           stall_for=1.0))
-            opts = DeviceOptions(host="127.0.0.1", port=port, qos=1, inflight=1000, rate_per_device=50.0)
-            await run_share(RunPlan(device=opts, first=0, count=4, duration=3.0), stats, check)
-            nursery.cancel_scope.cancel()
 
-    trio.run(main)
+def latency_ms(stats: Stats) -> dict:
     lat = stats.latency_ms()
-    assert stats.acked == stats.sent > 0
-    # readings scheduled during the 1 s stall waited for it: latency is measured
-    # from their intended send time, so the stall cannot hide
-    assert lat["max"] >= 900
-    assert lat["p99"] >= 800
-    assert lat["p50"] < lat["p99"]
+    assert list(lat) == PERCENTILE_KEYS
+    return lat
+
+
+async def test_a_stalled_server_shows_in_the_open_loop_percentiles(broker_factory, autojump_clock):
+    t0 = trio.current_time()
+    broker = broker_factory(stall_at=t0 + 1.0, stall_for=1.0)
+    stats, check = Stats(), SelfCheck()
+    opts = DeviceOptions(host="broker", port=1883, qos=1, inflight=10, rate_per_device=50.0)
+    await run_share(RunPlan(device=opts, first=0, count=4, duration=3.0), stats, check)
+    assert trio.current_time() == t0 + 3.0 and stats.elapsed_s == 3.0
+    assert broker.connects == [t0] * 4
+    # 4 devices x 50/s x 3 s, each acknowledged
+    assert (stats.sent, stats.acked, stats.errors, stats.reconnects) == (600, 600, 0, 0)
+    assert stats.histogram.get_total_count() == 600
+    # The server stopped reading one connection for 1 s, right after a reading
+    # due at t_s. Its device sent 10 (its window: due t_s .. t_s + 0.18 s); the
+    # 40 due at t_s + 0.2 .. 0.98 waited for acks, and went out late, at t_s + 1 s.
+    assert stats.behind == 40
+    # All 50 were acked at t_s + 1 s: measured from their intended send times,
+    # they waited 1000, 980, ..., 20 ms (not just the 10 that were sent: no
+    # coordinated omission); every other reading took no time (recorded as
+    # 1 us). Of 600 samples: p50 and p90 (the 300th and 540th) are instant; p99
+    # is the 594th = the 44th of 20, 40, ..., 1000 ms; p99.9 the 599th; max the 600th.
+    lat = latency_ms(stats)
+    assert lat == {"p50": 0.001, "p90": 0.001, "p99": pytest.approx(880, rel=HDR),
+                   "p99.9": pytest.approx(980, rel=HDR), "max": pytest.approx(1000, rel=HDR)}
+    assert stats.histogram.get_count_at_value(1) == 550
+
+
+class MidRandom(random.Random):
+    """Every jitter at its midpoint: a device's schedule offset is half a
+    period and each backoff is exactly min(backoff_max, backoff_base * 2**n)."""
+
+    def random(self) -> float:
+        return 0.5
+
+    def uniform(self, a: float, b: float) -> float:
+        return (a + b) / 2
+
+
+# One device, 10 readings/s due at 0.05, 0.15, ... s; the broker acks those of
+# [0, 0.5) (5), holds back those of [0.5, 1.0) (5, unacked at the drop), drops
+# the connection at 1.0 and refuses until `back`. Backoff 0.25 s after the drop,
+# then failed connects at 1.25, 1.5, 2.0, 3.0, 4.0, ... (0.25, 0.5, then 1.0 s
+# apart) until `back`. On reconnect, what is owed is the 5 unacked readings and
+# those due in [1.0, back), at most OFFLINE_BUFFER (500) of them, newest kept;
+# then 10 more on time until the deadline, back + 1.0.
+OUTAGES = [
+    # back, failed connects, readings owed on reconnect, kept (= replayed), oldest kept
+    (3.0, 3, 5 + 20, 25, 0.55),
+    (60.0, 3 + 57, 5 + 590, OFFLINE_BUFFER, 10.05),
+]
+
+
+@pytest.mark.parametrize("back, failed, owed, kept, oldest", OUTAGES, ids=["2s-outage", "59s-outage"])
+async def test_an_offline_device_buffers_and_replays_what_it_owes(broker_factory, autojump_clock, back, failed, owed,
+                                                                  kept, oldest):
+    t0 = trio.current_time()
+    broker = broker_factory(mute_at=t0 + 0.5, drop_at=t0 + 1.0, refuse_until=t0 + back)
+    stats = Stats()
+    opts = DeviceOptions(host="broker", port=1883, qos=1, inflight=1000, rate_per_device=10.0,
+                         backoff_base=0.25, backoff_max=1.0)
+    await drive(MqttDevice(0, opts, stats, None), t0, t0 + back + 1.0, MidRandom())
+    assert trio.current_time() == t0 + back + 1.0
+    assert broker.connects == [t0, t0 + back]
+    assert (stats.connects, stats.reconnects, stats.errors) == (2, 1, 1 + failed)   # the drop, then the refusals
+    assert stats.unacked_at_drop == 5
+    assert (stats.dropped, stats.replayed) == (owed - kept, kept)
+    assert stats.sent == 5 + 5 + kept + 10
+    # what was unacked at the drop was sent twice (unless the buffer dropped it):
+    # every reading sent is acked but those
+    assert stats.acked == stats.sent - stats.unacked_at_drop == 5 + kept + 10
+    # the on-time readings took no time; each replayed one waited from its
+    # intended time until the reconnect, the oldest kept the longest
+    assert stats.histogram.get_count_at_value(1) == 5 + 10
+    assert stats.histogram.get_total_count() == stats.acked
+    assert latency_ms(stats)["max"] == pytest.approx((back - oldest) * 1000, rel=HDR)
+
+
+# -- runs over loopback against real servers ---------------------------------------------
 
 
 def free_port() -> int:
@@ -164,160 +280,229 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_loadgen(port: int, tmp_path, name: str, *extra: str) -> dict:
-    out_json = tmp_path / f"{name}.json"
-    out = subprocess.run(LOADGEN + ["mqtt", "--target", f"127.0.0.1:{port}", "--devices", "1000", "--qos", "1",
-                                    "--duration", "10", "--json", str(out_json), *extra],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "readings/s" in out.stdout and "p99.9=" in out.stdout
-    return json.loads(out_json.read_text())
-
-
-def test_1000_devices_against_gridgate_acked_equals_spool(tmp_path):
-    gw = GatewayProcess(tmp_path / "data")
+@asynccontextmanager
+async def gridgate_process(data_dir, *args: str, env: dict[str, str] | None = None):
+    """A ``gridgate serve`` child (started and stopped off the event loop); it must exit 0."""
+    gw = await trio.to_thread.run_sync(functools.partial(GatewayProcess, data_dir, *args, env=env))
     try:
-        result = run_loadgen(gw.mqtt[1], tmp_path, "gridgate")
+        yield gw
     finally:
-        assert gw.stop() == 0
-    assert result["peak_connected"] == 1000 and result["errors"] == 0
+        assert await trio.to_thread.run_sync(gw.stop) == 0, gw.log()
+
+
+async def run_loadgen(tmp_path, name: str, *args: str) -> dict:
+    """``gridgate-loadgen ARGS --json FILE``: its JSON, once its table agrees with it."""
+    out_json = tmp_path / f"{name}.json"
+    with trio.fail_after(180):
+        out = await trio.run_process(LOADGEN + [*args, "--json", str(out_json)], capture_stdout=True,
+                                     capture_stderr=True, check=False)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    result = json.loads(out_json.read_text())
+    table = out.stdout.decode()
+    for row in ("sent", "acked"):
+        assert re.search(rf"^{row} +{result[row]}$", table, re.MULTILINE), table
+    p999 = result["latency_ms"]["p99.9"]
+    assert ("p99.9=-" if p999 is None else f"p99.9={p999:.2f}") in table
+    return result
+
+
+def assert_latency_accounted(result: dict, duration: float) -> None:
+    """One latency sample per acked reading, percentiles in order and above
+    zero; the run lasted at least its duration and its rate is acked/elapsed."""
+    lat = result["latency_ms"]
+    values = [lat[k] for k in PERCENTILE_KEYS]
+    assert values[0] > 0 and values == sorted(values), lat
+    assert result["latency_samples"] == result["acked"]
+    assert result["elapsed_s"] >= duration
+    assert result["readings_per_s"] == pytest.approx(result["acked"] / result["elapsed_s"], rel=1e-3)
+
+
+async def test_1000_devices_against_gridgate_acked_equals_spool(tmp_path):
+    async with gridgate_process(tmp_path / "data") as gw:
+        result = await run_loadgen(tmp_path, "gridgate", "mqtt", "--target", f"127.0.0.1:{gw.mqtt[1]}",
+                                   "--devices", "1000", "--qos", "1", "--duration", "5")
+    assert (result["devices"], result["peak_connected"], result["connects"]) == (1000, 1000, 1000)
+    assert (result["errors"], result["reconnects"], result["unacked_at_drop"]) == (0, 0, 0)
     assert result["acked"] == result["sent"] > 0
-    assert result["latency_ms"]["p99"] is not None
-    assert spool_stats(tmp_path / "data")["records"] == result["acked"]
+    assert_latency_accounted(result, 5)
+    stored = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
+    assert stored["records"] == result["acked"]
+
+
+async def wait_for_line(stream: trio.abc.ReceiveStream, marker: bytes, seen: bytearray) -> None:
+    """Read ``stream`` into ``seen`` until a line holds ``marker``; fail if it ends first."""
+    while marker not in seen:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            pytest.fail(seen.decode())
+        seen += chunk
+
+
+async def drain(stream: trio.abc.ReceiveStream) -> None:
+    """Keep reading, so a pipe nobody else reads cannot fill and block the writer."""
+    while await stream.receive_some(65536):
+        pass
 
 
 @pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is not installed (.ci/run installs it)")
-def test_1000_devices_against_mosquitto(tmp_path):
+async def test_1000_devices_against_mosquitto(tmp_path, nursery):
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    log = open(tmp_path / "mosquitto.log", "wb")  # a pipe nobody reads would fill and block the broker
-    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)
+    broker = await trio.lowlevel.open_process(["mosquitto", "-c", str(conf)], stderr=subprocess.PIPE)
     try:
-        for _ in range(100):   # wait until it accepts connections
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if broker.poll() is not None:
-                    pytest.fail((tmp_path / "mosquitto.log").read_text())
-                trio.run(trio.sleep, 0.05)
-        result = run_loadgen(port, tmp_path, "mosquitto")
+        log = bytearray()
+        with trio.fail_after(30):
+            await wait_for_line(broker.stderr, b" running", log)    # logged once its listener is open
+        nursery.start_soon(drain, broker.stderr)
+        result = await run_loadgen(tmp_path, "mosquitto", "mqtt", "--target", f"127.0.0.1:{port}",
+                                   "--devices", "1000", "--qos", "1", "--duration", "5")
     finally:
         broker.terminate()
-        broker.wait(10)
-        log.close()
-    assert result["peak_connected"] == 1000 and result["errors"] == 0
+        with trio.fail_after(10):
+            await broker.wait()
+    assert (result["peak_connected"], result["errors"], result["reconnects"]) == (1000, 0, 0)
     assert result["acked"] == result["sent"] > 0
-    assert result["readings_per_s"] > 0 and result["latency_ms"]["p50"] is not None
+    assert_latency_accounted(result, 5)
 
 
-def test_devices_reconnect_and_replay_after_the_server_restarts(tmp_path):
-    port = free_port()
-    data = tmp_path / "data"
-    stats, check = Stats(), SelfCheck()
-    servers = [GatewayProcess(data, "--mqtt", f"127.0.0.1:{port}")]
+class WatchedStats(Stats):
+    """Stats that wake a task when a counter meets a condition: the outage in
+    the restart tests is timed by what the fleet did, not by sleeping."""
 
-    async def outage():
-        await trio.sleep(1.5)
-        servers[0].kill()                       # SIGKILL mid-stream
-        await trio.sleep(1.0)                   # devices see the drop and back off
-        servers.append(await trio.to_thread.run_sync(
-            lambda: GatewayProcess(data, "--mqtt", f"127.0.0.1:{port}")))
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        for watched, condition, event in self.__dict__.get("_waiters", ()):
+            if watched == name and condition(value):
+                event.set()
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(outage)
-            opts = DeviceOptions(host="127.0.0.1", port=port, qos=1, inflight=50, rate_per_device=20.0,
-                                 backoff_base=0.05, backoff_max=0.5)
-            await run_share(RunPlan(device=opts, first=0, count=10, duration=5.0), stats, check)
+    async def until(self, name: str, condition) -> None:
+        if condition(getattr(self, name)):
+            return
+        event = trio.Event()
+        self.__dict__.setdefault("_waiters", []).append((name, condition, event))
+        await event.wait()
+
+
+async def run_through_a_restart(data, listen_flag: str, opts_for_port, devices: int, duration: float) -> Stats:
+    """``devices`` loadgen devices against a gridgate that is SIGKILLed once
+    they have 100 readings acknowledged and restarted on the same port once
+    every device has seen the drop."""
+    stats, check = WatchedStats(), SelfCheck()
+    first = await trio.to_thread.run_sync(GatewayProcess, data)
+    port = first.addresses[listen_flag.strip("-")][1]
+    servers = [first]
+
+    async def outage() -> None:
+        await stats.until("acked", lambda n: n >= 100)
+        await trio.to_thread.run_sync(first.kill)                   # SIGKILL mid-stream
+        await stats.until("connected", lambda n: n == 0)            # every device saw the drop
+        servers.append(await trio.to_thread.run_sync(GatewayProcess, data, listen_flag, f"127.0.0.1:{port}"))
 
     try:
-        trio.run(main)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outage)
+            await run_share(RunPlan(device=opts_for_port(port), first=0, count=devices, duration=duration),
+                            stats, check)
+            nursery.cancel_scope.cancel()    # (outage is done, or the assertions below say why not)
     finally:
-        assert servers[-1].stop() == 0
-    assert stats.reconnects == 10               # every device came back
+        for server in servers[1:]:
+            assert await trio.to_thread.run_sync(server.stop) == 0, server.log()
+        await trio.to_thread.run_sync(first.kill)
+    assert len(servers) == 2, "the outage never happened"
+    return stats
+
+
+async def assert_replayed_after_the_restart(stats: Stats, data, devices: int) -> None:
+    assert (stats.connects, stats.reconnects, stats.peak_connected) == (2 * devices, devices, devices)
+    assert stats.errors >= devices                  # each device's drop, then any refused reconnects
     assert stats.replayed > 0 and stats.dropped == 0
     # every send was acknowledged except those in flight at the kill, which were resent
     assert stats.acked == stats.sent - stats.unacked_at_drop
-    # acknowledged readings are durable (resent ones may be stored twice, never lost)
-    assert spool_stats(data)["records"] >= stats.acked
+    assert stats.histogram.get_total_count() == stats.acked
+    # acknowledged readings are durable; resent ones may be stored twice, and
+    # nothing is stored that was not sent
+    stored = await trio.to_thread.run_sync(spool_stats, data)
+    assert stats.acked <= stored["records"] <= stats.sent
+
+
+async def test_devices_reconnect_and_replay_after_the_server_restarts(tmp_path):
+    data = tmp_path / "data"
+    stats = await run_through_a_restart(
+        data, "--mqtt", lambda port: DeviceOptions(host="127.0.0.1", port=port, qos=1, inflight=50,
+                                                   rate_per_device=20.0, backoff_base=0.05, backoff_max=0.5),
+        devices=10, duration=6.0)
+    await assert_replayed_after_the_restart(stats, data, 10)
 
 
 @pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 16_000,
                     reason="needs a hard open-file limit of at least 16,000 (these machines have 20,000)")
-def test_15000_idle_connections_over_two_processes(tmp_path):
-    gw = GatewayProcess(tmp_path / "data")
-    out_json = tmp_path / "idle.json"
-    try:
-        out = subprocess.run(LOADGEN + ["mqtt", "--target", f"127.0.0.1:{gw.mqtt[1]}", "--idle", "--devices", "15000",
-                                        "--procs", "2", "--source-ips", "127.0.0.2-127.0.0.20", "--duration", "20",
-                                        # a fleet ramps up: 15,000 SYNs at once overflow any accept queue
-                                        "--connect-rate", "2000",
-                                        "--json", str(out_json)], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
+async def test_15000_idle_connections_over_two_processes(tmp_path):
+    async with gridgate_process(tmp_path / "data") as gw:
+        # a fleet ramps up: 15,000 SYNs at once overflow any accept queue. The
+        # ramp takes 7.5 s at 2,000/s; the 30 s run leaves room for a slow machine.
+        result = await run_loadgen(tmp_path, "idle", "mqtt", "--target", f"127.0.0.1:{gw.mqtt[1]}", "--idle",
+                                   "--devices", "15000", "--procs", "2", "--source-ips", "127.0.0.2-127.0.0.20",
+                                   "--duration", "30", "--connect-rate", "2000")
         assert gw.alive()
-    finally:
-        assert gw.stop() == 0
-    result = json.loads(out_json.read_text())
-    # every device connected once and none was dropped for the whole run
-    assert (result["peak_connected"], result["connects"], result["reconnects"], result["errors"]) == (15000, 15000, 0, 0)
+    # every device connected once and none was dropped for the whole run; idle: nothing sent
+    assert (result["peak_connected"], result["connects"], result["reconnects"], result["errors"]) == (
+        15000, 15000, 0, 0)
+    assert (result["sent"], result["acked"], result["latency_samples"]) == (0, 0, 0)
 
 
-def test_http_devices_against_gridgate_acked_equals_spool(tmp_path):
-    gw = GatewayProcess(tmp_path / "data")
-    out_json = tmp_path / "http.json"
-    try:
-        out = subprocess.run(LOADGEN + ["http", "--target", f"127.0.0.1:{gw.http[1]}", "--devices", "50",
-                                        "--inflight", "4", "--batch", "3", "--payload", "msgpack", "--duration", "3",
-                                        "--json", str(out_json)], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-    finally:
-        assert gw.stop() == 0
-    result = json.loads(out_json.read_text())
+ENGINES = pytest.mark.parametrize("engine", ["fast", "std"], ids=["fast", "std"])
+
+
+@ENGINES
+async def test_http_devices_against_gridgate_acked_equals_spool(tmp_path, engine):
+    async with gridgate_process(tmp_path / "data", "--http-engine", engine) as gw:
+        result = await run_loadgen(tmp_path, "http", "http", "--target", f"127.0.0.1:{gw.http[1]}",
+                                   "--devices", "50", "--inflight", "4", "--batch", "3", "--payload", "msgpack",
+                                   "--duration", "3")
+    assert (result["protocol"], result["peak_connected"], result["reconnects"]) == ("http", 50, 0)
     assert result["errors"] == 0 and result["acked"] == result["sent"] > 0
     assert result["acked"] % 3 == 0
-    assert spool_stats(tmp_path / "data")["records"] == result["acked"]
+    assert_latency_accounted(result, 3)
+    stored = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
+    assert stored["records"] == result["acked"]
 
 
-def test_http_non_2xx_answers_are_errors(tmp_path):
-    # every request is over the gateway's body limit: 413, never an ack
-    gw = GatewayProcess(tmp_path / "data", env=gridgate_env(GRIDGATE_HTTP_MAX_BODY_BYTES="10"))
-    stats, check = Stats(), SelfCheck()
-    opts = DeviceOptions(host="127.0.0.1", port=gw.http[1], protocol="http", inflight=1, rate_per_device=10.0,
-                         backoff_base=0.05, backoff_max=0.2)
-    try:
-        trio.run(run_share, RunPlan(device=opts, first=0, count=2, duration=1.0), stats, check)
-    finally:
-        gw.stop()
-    assert stats.sent > 0 and stats.acked == 0 and stats.errors > 0
+@ENGINES
+async def test_http_non_2xx_answers_are_errors(tmp_path, engine):
+    # every request is over the gateway's body limit: 413 and a close, never an ack
+    async with gridgate_process(tmp_path / "data", "--http-engine", engine,
+                                env=gridgate_env(GRIDGATE_HTTP_MAX_BODY_BYTES="10")) as gw:
+        stats, check = Stats(), SelfCheck()
+        opts = DeviceOptions(host="127.0.0.1", port=gw.http[1], protocol="http", inflight=1, rate_per_device=10.0,
+                             backoff_base=0.05, backoff_max=0.2)
+        await run_share(RunPlan(device=opts, first=0, count=2, duration=1.0), stats, check)
+    assert stats.sent > 0 and stats.acked == 0
+    assert stats.errors >= stats.sent               # each request's 413 (and then the closed connection)
+    assert stats.histogram.get_total_count() == 0 and latency_ms(stats)["p50"] is None
+    stored = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
+    assert stored["records"] == 0
 
 
 @pytest.mark.parametrize("payload", ["json", "msgpack"])
-def test_ws_devices_against_gridgate_acked_equals_spool(tmp_path, payload):
+async def test_ws_devices_against_gridgate_acked_equals_spool(tmp_path, payload):
     # two of the devices have a config: the gateway pushes it as an UPDATE_CONFIG
     # command on connect, and the loadgen must answer each with a command_ack
     devices = tmp_path / "devices.json"
     devices.write_text(json.dumps({"loadgen-000000": {"report_interval_s": 5}, "loadgen-000049": {"x": 1}}))
-    gw = GatewayProcess(tmp_path / "data", env=gridgate_env(GRIDGATE_DOWNLINK_DEVICES_FILE=str(devices)))
-    out_json = tmp_path / "ws.json"
-    try:
-        out = subprocess.run(LOADGEN + ["ws", "--target", f"127.0.0.1:{gw.ws[1]}", "--devices", "50", "--inflight", "4",
-                                        "--batch", "3", "--payload", payload, "--duration", "3",
-                                        "--json", str(out_json)], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert "readings/s" in out.stdout and "p99.9=" in out.stdout
-        assert gw.metric('gridgate_commands_acknowledged_total{protocol="ws"}') == 2
-    finally:
-        assert gw.stop() == 0
-    result = json.loads(out_json.read_text())
+    async with gridgate_process(tmp_path / "data", env=gridgate_env(GRIDGATE_DOWNLINK_DEVICES_FILE=str(devices))) as gw:
+        result = await run_loadgen(tmp_path, "ws", "ws", "--target", f"127.0.0.1:{gw.ws[1]}", "--devices", "50",
+                                   "--inflight", "4", "--batch", "3", "--payload", payload, "--duration", "3")
+        acknowledged = await trio.to_thread.run_sync(gw.metric, 'gridgate_commands_acknowledged_total{protocol="ws"}')
+        assert acknowledged == 2
     assert result["protocol"] == "ws" and result["peak_connected"] == 50
     assert result["errors"] == 0 and result["rejected"] == 0
     assert result["acked"] == result["sent"] > 0 and result["acked"] % 3 == 0
-    assert result["latency_samples"] == result["acked"] and result["latency_ms"]["p99"] is not None
+    assert_latency_accounted(result, 3)
     assert result["commands"] == 2
     # after a clean end (loadgen drained, gateway stopped gracefully) every acked reading is stored, once
-    assert spool_stats(tmp_path / "data")["records"] == result["acked"]
+    stored = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
+    assert stored["records"] == result["acked"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -334,31 +519,10 @@ def test_ws_argument_errors_are_clear(args, message):
     assert message in out.stderr and "usage: gridgate-loadgen" in out.stderr
 
 
-def test_ws_devices_reconnect_and_replay_after_the_server_restarts(tmp_path):
-    port = free_port()
+async def test_ws_devices_reconnect_and_replay_after_the_server_restarts(tmp_path):
     data = tmp_path / "data"
-    stats, check = Stats(), SelfCheck()
-    servers = [GatewayProcess(data, "--ws", f"127.0.0.1:{port}")]
-
-    async def outage():
-        await trio.sleep(1.5)
-        servers[0].kill()                       # SIGKILL mid-stream
-        await trio.sleep(1.0)
-        servers.append(await trio.to_thread.run_sync(
-            lambda: GatewayProcess(data, "--ws", f"127.0.0.1:{port}")))
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(outage)
-            opts = DeviceOptions(host="127.0.0.1", port=port, protocol="ws", inflight=50, rate_per_device=20.0,
-                                 backoff_base=0.05, backoff_max=0.5)
-            await run_share(RunPlan(device=opts, first=0, count=10, duration=5.0), stats, check)
-
-    try:
-        trio.run(main)
-    finally:
-        assert servers[-1].stop() == 0
-    assert stats.reconnects == 10
-    assert stats.replayed > 0 and stats.dropped == 0
-    assert stats.acked == stats.sent - stats.unacked_at_drop
-    assert spool_stats(data)["records"] >= stats.acked
+    stats = await run_through_a_restart(
+        data, "--ws", lambda port: DeviceOptions(host="127.0.0.1", port=port, protocol="ws", inflight=50,
+                                                 rate_per_device=20.0, backoff_base=0.05, backoff_max=0.5),
+        devices=10, duration=6.0)
+    await assert_replayed_after_the_restart(stats, data, 10)

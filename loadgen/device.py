@@ -1,0 +1,240 @@
+"""What every simulated device shares, whatever its protocol.
+
+``DeviceOptions`` describes a device; ``Device`` is the base each kind
+(``mqtt_device.MqttDevice``, ``http_device.HttpDevice``,
+``ws_device.WsDevice``) builds on; ``drive`` runs one device until its
+deadline: connect with backoff, send on the closed- or open-loop schedule,
+and after a drop reconnect and replay what was owed. The kinds import this
+module and never each other; ``runner.run_device`` picks the kind.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from loadgen.schedule import Schedule
+from loadgen.stats import Stats
+
+__all__ = ["DeviceOptions", "Device", "drive", "OFFLINE_BUFFER", "READING"]
+
+OFFLINE_BUFFER = 500          # readings a device keeps while disconnected (the seed's edge cache)
+
+# The reading every simulated device sends (HTTP devices add their device_id).
+READING = {"temperature": 21.5, "battery_mv": 3700, "humidity": 40.0, "location": "loadgen/site-a"}
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    host: str
+    port: int
+    qos: int = 1
+    inflight: int = 10
+    batch: int = 1
+    rate_per_device: float = 0.0          # readings/s; 0 = closed loop
+    payload: str = "json"
+    idle: bool = False
+    keepalive: int = 60
+    client_prefix: str = "loadgen"
+    connect_timeout: float = 10.0
+    drain_timeout: float = 10.0
+    backoff_base: float = 0.1
+    backoff_max: float = 5.0
+    protocol: str = "mqtt"                # "mqtt", "http" or "ws"
+
+
+class Device:
+    """The interface ``drive`` runs, and what the kinds have in common.
+
+    A kind implements ``connect() -> stream``; ``reader``, ``pinger`` and
+    ``sender`` run together on a stream (``sender`` is shared: it calls
+    ``send``, which calls the kind's ``_frames`` unless the kind overrides
+    ``send``); then ``drain()``; ``say_goodbye(stream)`` after a clean end;
+    ``close(stream)`` always. ``inflight`` (a kind's own container of
+    intended send times), ``owed()`` and ``replay`` say what a dropped
+    connection owes. ``background`` is a nursery that lives as long as the
+    device, for connections that need helper tasks of their own (the
+    WebSocket client's reader).
+    """
+
+    # How a device opens its TCP connection (``trio.open_tcp_stream``'s
+    # signature). A test may put an in-memory server behind it to run a fleet
+    # under the autojump clock.
+    open_stream = staticmethod(trio.open_tcp_stream)
+
+    goodbye = b""                 # bytes that end a connection cleanly (MQTT: DISCONNECT)
+    windowed = True               # False: nothing is acknowledged, so the window never fills (MQTT QoS 0)
+    background: trio.Nursery | None = None
+    inflight: Any
+
+    def __init__(self, index: int, opts: DeviceOptions, stats: Stats, local_address: str | None) -> None:
+        self.opts = opts
+        self.stats = stats
+        self.local_address = local_address
+        self.client_id = f"{opts.client_prefix}-{index:06d}"
+        self.replay: list[float] = []               # intended times of readings owed after a drop
+        self.ack_event = trio.Event()
+        self.last_send = 0.0
+
+    # -- what each kind provides ------------------------------------------------
+
+    async def connect(self) -> Any:
+        raise NotImplementedError
+
+    async def reader(self, stream: Any) -> None:
+        raise NotImplementedError
+
+    async def pinger(self, stream: Any) -> None:
+        raise NotImplementedError
+
+    def _frames(self, dues: list[float]) -> bytes:
+        """The bytes of one message per intended time in ``dues``, each put in flight."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------
+
+    async def sender(self, stream: Any, schedule: Schedule | None, deadline: float) -> None:
+        opts, stats = self.opts, self.stats
+        window = opts.inflight
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                return
+            free = window - len(self.inflight) if self.windowed else window
+            if free <= 0:
+                self.ack_event = trio.Event()
+                with trio.move_on_at(deadline):
+                    await self.ack_event.wait()
+                continue
+            dues: list[float] = []
+            if self.replay:
+                dues, self.replay = self.replay[:free], self.replay[free:]
+                stats.replayed += len(dues) * opts.batch
+            if schedule is None:  # closed loop: as fast as the window allows
+                dues.extend([now] * (free - len(dues)))
+            else:
+                while len(dues) < free and schedule.next_due() <= now:
+                    due = schedule.advance()
+                    if now - due > 0.01:
+                        stats.behind += opts.batch
+                    dues.append(due)
+                if not dues:
+                    with trio.move_on_at(min(schedule.next_due(), deadline)):
+                        await trio.sleep_forever()
+                    continue
+            await self.send(stream, dues)
+            self.last_send = now
+            if not self.windowed:
+                await trio.lowlevel.checkpoint()
+
+    async def send(self, stream: Any, dues: list[float]) -> None:
+        """Send one message per intended time in ``dues`` (all in one write)
+        and count them in ``stats.sent``.
+
+        Counted before the write: ``_frames`` has put them in flight, so if
+        the write fails they are owed (``unacked_at_drop``) and resent, and
+        acked == sent - unacked_at_drop holds exactly."""
+        frames = self._frames(dues)
+        self.stats.sent += len(dues) * self.opts.batch
+        await stream.send_all(frames)
+
+    def owed(self) -> list[float]:
+        """Intended times of what was sent and not acknowledged."""
+        return list(self.inflight.values())
+
+    async def say_goodbye(self, stream: Any) -> None:
+        """End a connection cleanly (the caller bounds the time)."""
+        if self.goodbye:
+            await stream.send_all(self.goodbye)
+
+    async def close(self, stream: Any) -> None:
+        await trio.aclose_forcefully(stream)
+
+    async def drain(self) -> None:
+        """Wait (bounded) for the acks still owed at the end of the run."""
+        with trio.move_on_after(self.opts.drain_timeout):
+            while self.inflight:
+                self.ack_event = trio.Event()
+                await self.ack_event.wait()
+
+
+async def drive(dev: Device, start: float, deadline: float, rng: random.Random) -> None:
+    """Run ``dev`` until ``deadline``: connect (with backoff), send, and
+    after a drop reconnect and replay what it buffered."""
+    async with trio.open_nursery() as background:
+        dev.background = background
+        await _run_connections(dev, dev.opts, dev.stats, start, deadline, rng)
+        background.cancel_scope.cancel()
+
+
+async def _run_connections(dev: Device, opts: DeviceOptions, stats: Stats, start: float, deadline: float,
+                           rng: random.Random) -> None:
+    schedule = None
+    if opts.rate_per_device > 0 and not opts.idle:
+        # spread devices over the first period so they do not all fire at once
+        schedule = Schedule(start, opts.rate_per_device / opts.batch,
+                            offset=rng.random() * opts.batch / opts.rate_per_device)
+    attempt = 0
+    was_connected = False
+    while trio.current_time() < deadline:
+        try:
+            stream = await dev.connect()
+        except (OSError, ConnectionError, trio.TooSlowError):
+            stats.errors += 1
+            delay = min(opts.backoff_max, opts.backoff_base * 2 ** attempt) * rng.uniform(0.5, 1.5)
+            attempt += 1
+            await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+            continue
+        attempt = 0
+        stats.connects += 1
+        stats.connected += 1
+        stats.peak_connected = max(stats.peak_connected, stats.connected)
+        if was_connected:
+            stats.reconnects += 1
+        was_connected = True
+        if schedule is not None:
+            _buffer_missed(dev, schedule, stats)
+        clean = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dev.reader, stream)
+                nursery.start_soon(dev.pinger, stream)
+                if opts.idle:
+                    await trio.sleep_until(deadline)
+                else:
+                    await dev.sender(stream, schedule, deadline)
+                    await dev.drain()
+                nursery.cancel_scope.cancel()
+            clean = True
+            with trio.move_on_after(2):
+                await dev.say_goodbye(stream)
+        except* (OSError, ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
+            if not clean:
+                stats.errors += 1
+        finally:
+            stats.connected -= 1
+            await dev.close(stream)
+        if clean:
+            return
+        # dropped: what was in flight is owed again (a real device resends QoS 1)
+        stats.unacked_at_drop += len(dev.inflight) * opts.batch
+        dev.replay = sorted(dev.replay + dev.owed())[-OFFLINE_BUFFER:]
+        dev.inflight.clear()
+        delay = min(opts.backoff_max, opts.backoff_base) * rng.uniform(0.5, 1.5)
+        await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+
+
+def _buffer_missed(dev: Device, schedule: Schedule, stats: Stats) -> None:
+    """Readings that fell due while disconnected go to the offline buffer
+    (at most OFFLINE_BUFFER; older ones are dropped, as on a real device)."""
+    now = trio.current_time()
+    missed = []
+    while schedule.next_due() <= now:
+        missed.append(schedule.advance())
+    owed = dev.replay + missed
+    if len(owed) > OFFLINE_BUFFER:
+        stats.dropped += (len(owed) - OFFLINE_BUFFER) * dev.opts.batch
+        owed = owed[-OFFLINE_BUFFER:]
+    dev.replay = owed
