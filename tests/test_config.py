@@ -99,10 +99,16 @@ def test_parse_address(text, expected):
     assert parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["1883", ":1883", "host:port", "h:70000"])
-def test_parse_address_rejects(text):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("text, message", [
+    ("1883", "'1883' is not HOST:PORT"),
+    (":1883", "':1883' is not HOST:PORT"),
+    ("host:port", "'host:port': port 'port' is not a number"),
+    ("h:70000", "'h:70000': port 70000 is out of range 0..65535"),
+])
+def test_parse_address_rejects(text, message):
+    with pytest.raises(ValueError) as info:
         parse_address(text)
+    assert str(info.value) == message
 
 
 def test_serve_without_identity_exits_2_listing_every_problem(tmp_path):

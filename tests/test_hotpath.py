@@ -24,7 +24,8 @@ def test_installed_package_loads_the_compiled_extension():
     from gridgate.ingest.rules import PayloadRules
     for obj in (_fastparse.MQTTCodec(), _fastparse.Validator(PayloadRules())):
         assert type(obj).__module__ == "gridgate._fastparse"
-        with pytest.raises(AttributeError):
+        with pytest.raises(AttributeError, match=f"^'gridgate._fastparse.{type(obj).__name__}' object has no "
+                                                 "attribute 'anything'$"):
             obj.anything = 1
 
 

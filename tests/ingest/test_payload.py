@@ -1,13 +1,23 @@
-"""The payload validator (DESIGN section 3), run against both implementations."""
+"""The payload validator (DESIGN section 3), run against both implementations;
+and, end to end through an embedded gateway, the reason codes that only an
+MQTT session or a sink produces (too_large, bad_topic, sink_refused), read
+back as an operator reads them: ``gridgate spool export --rejected``."""
 from __future__ import annotations
 
+import base64
 import json
+import time
 
 import msgspec
 import pytest
+import trio
 
+from gatewayproc import spool_export, spool_stats
+from gridgate.config import PayloadConfig
 from gridgate.ingest.records import REASONS, Record, Rejection
 from gridgate.ingest.rules import FieldRule, PayloadRules
+from inprocess import MemorySink, connect_memory, read_exactly
+from mqtt_frames import gen_puback, gen_publish
 
 NOW = 1_732_406_400_000_000_000          # received_ns used throughout
 SAMPLE = {"device_id": "meter-0001", "timestamp_ms": 1732406400123, "temperature": 23.5,
@@ -162,12 +172,6 @@ def test_each_reason_code(v, reading, conn, reason, field, detail, dev):
     assert one_rejection(v, reading, conn) == _rej(reason, field, detail, reading, dev)
 
 
-def test_every_reason_code_is_covered():
-    # whole-payload, MQTT-session and store-and-forward codes (tests/test_forwarding.py)
-    covered = {r[2] for r in REJECTIONS} | {"too_large", "bad_topic", "sink_refused"}
-    assert covered == set(REASONS)
-
-
 def test_non_finite_numbers_from_msgpack_are_rejected(v):
     for value in (float("nan"), float("inf"), float("-inf")):
         raw = msgspec.msgpack.encode({"x": value})
@@ -234,7 +238,8 @@ def test_payload_and_batch_limits(payload_impl):
     v = payload_impl.Validator(PayloadRules(max_payload_bytes=100, max_batch_items=2))
     big = b'{"x": 1, "pad": "' + b"p" * 100 + b'"}'
     assert v.validate(big, "json", "http", "m", NOW)[1] == [Rejection(
-        reason="too_large", device_id="m", raw=big, detail=f"payload of {len(big)} bytes exceeds max_payload_bytes 100")]
+        reason="too_large", device_id="m", raw=big,
+        detail=f"payload of {len(big)} bytes exceeds max_payload_bytes 100")]
     batch = b'[{"x":1},{"x":2},{"x":3}]'
     assert v.validate(batch, "json", "http", "m", NOW)[1] == [Rejection(
         reason="too_large", device_id="m", raw=batch, detail="batch of 3 readings exceeds max_batch_items 2")]
@@ -355,3 +360,114 @@ def test_a_reading_with_many_keys_is_judged_whole(v):
     obj["m25"] = 1
     obj["temperature_unit"] = "F"
     assert one_rejection(v, obj).reason == "bad_unit"
+
+
+# -- end to end: the reasons a session or a sink produces, as dead letters in the spool --
+
+async def dead_letters(tmp_path) -> list[dict]:
+    """``gridgate spool export --rejected`` on the embedded gateway's spool (it
+    reads committed rows; a PUBACK means the batch with its dead letters is)."""
+    return await trio.to_thread.run_sync(spool_export, tmp_path / "data", True)
+
+
+def without_received_ns(row: dict, before_ns: int) -> dict:
+    """The dead letter minus its receive time, once that is checked to be this test's."""
+    received_ns = row.pop("received_ns")
+    assert before_ns <= received_ns <= time.time_ns()
+    return row
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+async def test_a_publish_over_max_payload_bytes_is_dead_lettered_as_too_large(start_gateway, nursery, tmp_path):
+    gateway = await start_gateway(payload=PayloadConfig(max_payload_bytes=64))
+    client = await connect_memory(gateway, nursery, "meter-7")
+    # a valid reading: only its size is wrong
+    payload = b'{"temperature": 21.5, "battery_mv": 3700, "humidity": 40, "location": "shanghai/factory-a"}'
+    assert len(payload) == 91
+    before = time.time_ns()
+    await client.send_all(gen_publish("telemetry", qos=1, mid=4, payload=payload))
+    assert await read_exactly(client, 4) == gen_puback(4)      # answered once the dead letter is durable
+    (row,) = await dead_letters(tmp_path)
+    assert without_received_ns(row, before) == {
+        "protocol": "mqtt", "reason": "too_large", "field": None, "index": None, "device_id": "meter-7",
+        "detail": "payload of 91 bytes exceeds max_payload_bytes 64", "raw": b64(payload)}
+    # the same reading within the limit is stored: the connection stays up and judges each publish alone
+    await client.send_all(gen_publish("telemetry", qos=1, mid=5, payload=b'{"humidity": 40}'))
+    assert await read_exactly(client, 4) == gen_puback(5)
+    stats = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
+    assert (stats["records"], stats["rejected"]) == (1, 1)
+
+
+async def test_a_publish_to_another_topic_is_dead_lettered_as_bad_topic(start_gateway, nursery, tmp_path):
+    gateway = await start_gateway()
+    client = await connect_memory(gateway, nursery, "meter-7")
+    before = time.time_ns()
+    # another device's topic: its readings are not this connection's to give
+    await client.send_all(gen_publish("devices/meter-8/telemetry", qos=1, mid=3, payload=b'{"humidity": 40}'))
+    assert await read_exactly(client, 4) == gen_puback(3)
+    (row,) = await dead_letters(tmp_path)
+    assert without_received_ns(row, before) == {
+        "protocol": "mqtt", "reason": "bad_topic", "field": "topic", "index": None, "device_id": "meter-7",
+        "detail": "topic 'devices/meter-8/telemetry' is not 'telemetry' or 'devices/meter-7/telemetry'",
+        "raw": b64(b'{"humidity": 40}')}
+    # its own topic, long and short, on the same connection: stored, not dead-lettered
+    await client.send_all(gen_publish("devices/meter-7/telemetry", qos=1, mid=4, payload=b'{"humidity": 41}')
+                          + gen_publish("telemetry", qos=1, mid=5, payload=b'{"humidity": 42}'))
+    assert await read_exactly(client, 8) == gen_puback(4) + gen_puback(5)
+    stats = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
+    assert (stats["records"], stats["rejected"]) == (2, 1)
+
+
+class PickySink(MemorySink):
+    """A custom sink that can never take a record with a field named ``time``
+    (as InfluxDB reserves it): it says so the way gridgate.sinks.forwarding
+    asks, an error with ``retryable = False`` and the record's ``index``."""
+
+    async def write(self, batch):
+        for i, r in enumerate(batch):
+            if "time" in r.fields:
+                err = ValueError('field "time" is reserved')
+                err.index, err.retryable = i, False
+                raise err
+        await super().write(batch)
+
+
+async def test_a_record_a_custom_sink_refuses_for_good_is_dead_lettered_as_sink_refused(start_gateway, nursery,
+                                                                                         tmp_path):
+    sink = PickySink()
+    gateway = await start_gateway(sink)
+    client = await connect_memory(gateway, nursery, "meter-7")
+    before = time.time_ns()
+    payload = b'[{"humidity": 40}, {"time": 5}, {"humidity": 41}]'
+    await client.send_all(gen_publish("telemetry", qos=1, mid=6, payload=payload))
+    assert await read_exactly(client, 4) == gen_puback(6)
+    # the sink took the rest of the batch, once; nothing waits to be retried
+    assert [r.fields for b in sink.batches for r in b] == [{"humidity": 40.0}, {"humidity": 41.0}]
+    assert gateway.forwarder.pending == 0
+    (row,) = await dead_letters(tmp_path)
+    raw = json.loads(base64.b64decode(row.pop("raw")))
+    assert without_received_ns(row, before) == {
+        "protocol": "mqtt", "reason": "sink_refused", "field": None, "index": None, "device_id": "meter-7",
+        "detail": 'custom: field "time" is reserved'}
+    # the raw bytes are the normalized record, as the sink was offered it; without a
+    # timestamp of its own, reading 1 of the batch is stamped 1 ns after the receive time
+    received_ns = raw.pop("received_ns")
+    assert before <= received_ns and raw.pop("ts_ns") == received_ns + 1
+    assert raw == {"device_id": "meter-7", "protocol": "mqtt", "fields": {"time": 5.0}, "tags": {}}
+
+
+# The end-to-end tests above, by the reason each produces.
+END_TO_END = {
+    "too_large": test_a_publish_over_max_payload_bytes_is_dead_lettered_as_too_large,
+    "bad_topic": test_a_publish_to_another_topic_is_dead_lettered_as_bad_topic,
+    "sink_refused": test_a_record_a_custom_sink_refuses_for_good_is_dead_lettered_as_sink_refused,
+}
+
+
+def test_every_reason_code_is_produced_by_a_test():
+    # the validator's codes by test_each_reason_code (too_large also by
+    # test_payload_and_batch_limits), the session's and the sink's by END_TO_END
+    assert {r[2] for r in REJECTIONS} | END_TO_END.keys() == set(REASONS)

@@ -6,8 +6,7 @@ import json
 import os
 
 import msgspec
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from gridgate import _fastparse
 from gridgate.ingest import validator_py as _payload_py

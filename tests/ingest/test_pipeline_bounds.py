@@ -6,9 +6,9 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from gridgate.observability.metrics import Metrics
 from gridgate.ingest.pipeline import Pipeline, WorkItem
 from gridgate.ingest.records import Record
+from gridgate.observability.metrics import Metrics
 
 
 def item(n: int) -> WorkItem:
@@ -17,7 +17,7 @@ def item(n: int) -> WorkItem:
     return WorkItem(records, [], "mqtt", 0)
 
 
-def test_queued_readings_are_bounded_and_an_empty_queue_takes_a_big_item():
+async def test_queued_readings_are_bounded_and_an_empty_queue_takes_a_big_item(autojump_clock):
     written: list[int] = []
     gate = trio.Event()
 
@@ -25,36 +25,35 @@ def test_queued_readings_are_bounded_and_an_empty_queue_takes_a_big_item():
         await gate.wait()
         written.append(len(records))
 
-    async def main():
-        pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=100,
-                            queue_max_records=10, metrics=Metrics())
-        # nothing queued: even an item over the bound goes in
-        assert pipeline.try_submit(item(25))
-        assert not pipeline.try_submit(item(1))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pipeline.run)
-            await trio.testing.wait_all_tasks_blocked()      # the batcher took the 25 and is writing them
-            assert pipeline.try_submit(item(6))
-            assert not pipeline.try_submit(item(6))          # 12 > 10
-            submitted = trio.Event()
+    start = trio.current_time()
+    pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=100,
+                        queue_max_records=10, metrics=Metrics())
+    # nothing queued: even an item over the bound goes in
+    assert pipeline.try_submit(item(25))
+    assert not pipeline.try_submit(item(1))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pipeline.run)
+        await trio.testing.wait_all_tasks_blocked()      # the batcher took the 25 and is writing them
+        assert pipeline.try_submit(item(6))
+        assert not pipeline.try_submit(item(6))          # 12 > 10
+        submitted = trio.Event()
 
-            async def submit_blocked():
-                await pipeline.submit(item(6))
-                submitted.set()
+        async def submit_blocked():
+            await pipeline.submit(item(6))
+            submitted.set()
 
-            nursery.start_soon(submit_blocked)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not submitted.is_set()                    # held back: the reader waits
-            gate.set()                                       # writes finish, the batcher takes the 6
-            await submitted.wait()
-            await pipeline.close_input()
-            await pipeline.wait_finished()
-        assert sum(written) == 25 + 6 + 6
+        nursery.start_soon(submit_blocked)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not submitted.is_set()                    # held back: the reader waits
+        gate.set()                                       # writes finish, the batcher takes the 6
+        await submitted.wait()
+        await pipeline.close_input()
+        await pipeline.wait_finished()
+    assert sum(written) == 25 + 6 + 6
+    assert trio.current_time() == start     # batch_max_delay_s=0: no batch waited on a timer
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
-
-def test_items_are_acked_once_at_commit_and_a_failing_ack_costs_only_its_own(caplog):
+async def test_items_are_acked_once_at_commit_and_a_failing_ack_costs_only_its_own(caplog, autojump_clock):
     acked: list[str] = []
     gate = trio.Event()
 
@@ -66,20 +65,17 @@ def test_items_are_acked_once_at_commit_and_a_failing_ack_costs_only_its_own(cap
     def broken() -> None:
         raise RuntimeError("a session bug")
 
-    async def main():
-        pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=100,
-                            metrics=Metrics())
-        for on_durable in (lambda: acked.append("a"), broken, lambda: acked.append("c")):
-            assert pipeline.try_submit(WorkItem(item(2).records, [], "mqtt", 0, on_durable))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pipeline.run)
-            await trio.testing.wait_all_tasks_blocked()
-            assert acked == ["a", "c"]
-            gate.set()
-            await pipeline.close_input()
-            await pipeline.wait_finished()
-        assert acked == ["a", "c"]       # not again once the write returned
-        assert pipeline.accepted == 6
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=100,
+                        metrics=Metrics())
+    for on_durable in (lambda: acked.append("a"), broken, lambda: acked.append("c")):
+        assert pipeline.try_submit(WorkItem(item(2).records, [], "mqtt", 0, on_durable))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pipeline.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert acked == ["a", "c"]
+        gate.set()
+        await pipeline.close_input()
+        await pipeline.wait_finished()
+    assert acked == ["a", "c"]       # not again once the write returned
+    assert pipeline.accepted == 6
     assert "acknowledging 2 readings failed" in caplog.text and "a session bug" in caplog.text

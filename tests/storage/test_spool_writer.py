@@ -3,10 +3,10 @@ and Python's sqlite3 on a worker thread. Both must store the same rows, count
 the same, roll a failed batch back whole, and refuse writes at max_bytes."""
 from __future__ import annotations
 
+import _sqlite3
 import select
 import sqlite3
 
-import _sqlite3
 import pytest
 import trio
 import trio.testing
@@ -14,7 +14,7 @@ import trio.testing
 from gridgate import _fastparse  # the compiled variant: fail loudly if it is not built
 from gridgate.ingest.records import Record, Rejection
 from gridgate.sinks.base import SinkFullError
-from gridgate.storage.spool import Spool, SpoolSink, rejection_rows, record_rows
+from gridgate.storage.spool import Spool, SpoolSink, record_rows, rejection_rows
 
 WRITERS = ["compiled", "thread"]
 
@@ -55,7 +55,7 @@ def refuse_device_boom(path) -> None:
     setup.close()
 
 
-def test_both_writers_store_the_same_rows(tmp_path):
+async def test_both_writers_store_the_same_rows(tmp_path):
     # 300 records and 70 rejections: the compiled writer's many-row INSERTs, then its one-row tail
     batches = [([record(i) for i in range(n)], [rejection(i) for i in range(n % 5)]) for n in (1, 7, 300, 0)]
     batches[-1] = ([], [rejection(1)])
@@ -63,7 +63,7 @@ def test_both_writers_store_the_same_rows(tmp_path):
     edge = Record(device_id="x" * 128, ts_ns=2 ** 63 - 1, received_ns=-(2 ** 63), protocol="ws", fields={},
                   tags={})
 
-    async def main(writer: str) -> None:
+    for writer in WRITERS:
         sink = await open_sink(tmp_path / writer, writer)
         for records, dead in batches:
             await sink.write_batch(records, dead)
@@ -71,9 +71,6 @@ def test_both_writers_store_the_same_rows(tmp_path):
         await sink.write_batch([record(1000), record(1001)], [rejection(3)], pending=True)
         await sink.write_batch([record(i) for i in range(2000, 2040)], [], pending=True)
         await sink.aclose()
-
-    for writer in WRITERS:
-        trio.run(main, writer)
     compiled, thread = contents(tmp_path / "compiled"), contents(tmp_path / "thread")
     assert compiled == thread
     records, rejections, stats = compiled
@@ -85,22 +82,18 @@ def test_both_writers_store_the_same_rows(tmp_path):
 
 
 @pytest.mark.parametrize("writer", WRITERS)
-def test_a_failing_batch_is_rolled_back_whole_and_the_next_one_is_written(tmp_path, writer):
+async def test_a_failing_batch_is_rolled_back_whole_and_the_next_one_is_written(tmp_path, writer):
     refuse_device_boom(tmp_path)
-
-    async def main() -> None:
-        sink = await open_sink(tmp_path, writer)
-        await sink.write_batch([record(0)], [])
-        with pytest.raises(sqlite3.IntegrityError, match="boom refused"):     # what Python's sqlite3 raises
-            await sink.write_batch([record(1), record(2), record(3, "boom"), record(4)], [rejection(1)])
-        # refused inside one of the compiled writer's many-row INSERTs
-        with pytest.raises(sqlite3.IntegrityError, match="boom refused"):
-            await sink.write_batch([record(i, "boom" if i == 140 else None) for i in range(100, 200)],
-                                   [rejection(i) for i in range(40)])
-        await sink.write_batch([record(5)], [rejection(2)])
-        await sink.aclose()
-
-    trio.run(main)
+    sink = await open_sink(tmp_path, writer)
+    await sink.write_batch([record(0)], [])
+    with pytest.raises(sqlite3.IntegrityError, match="boom refused"):     # what Python's sqlite3 raises
+        await sink.write_batch([record(1), record(2), record(3, "boom"), record(4)], [rejection(1)])
+    # refused inside one of the compiled writer's many-row INSERTs
+    with pytest.raises(sqlite3.IntegrityError, match="boom refused"):
+        await sink.write_batch([record(i, "boom" if i == 140 else None) for i in range(100, 200)],
+                               [rejection(i) for i in range(40)])
+    await sink.write_batch([record(5)], [rejection(2)])
+    await sink.aclose()
     records, rejections, stats = contents(tmp_path)
     assert [r["received_ns"] for r in records] == [0, 5]
     assert [r["detail"] for r in rejections] == ["#2"]
@@ -108,56 +101,47 @@ def test_a_failing_batch_is_rolled_back_whole_and_the_next_one_is_written(tmp_pa
 
 
 @pytest.mark.parametrize("writer", WRITERS)
-def test_a_full_spool_refuses_writes(tmp_path, writer):
-    async def main() -> None:
-        sink = await open_sink(tmp_path, writer, max_bytes=256 * 1024)
-        assert sink.accepting_writes()
-        await sink.write_batch([record(i) for i in range(3000)], [], pending=True)      # ~ 600 KB
-        assert not sink.accepting_writes()
-        with pytest.raises(SinkFullError, match="is full"):
-            await sink.write_batch([record(1)], [rejection(1)])
-        assert not sink.accepting_writes()
-        await sink.aclose()
-
-    trio.run(main)
+async def test_a_full_spool_refuses_writes(tmp_path, writer):
+    sink = await open_sink(tmp_path, writer, max_bytes=256 * 1024)
+    assert sink.accepting_writes()
+    await sink.write_batch([record(i) for i in range(3000)], [], pending=True)      # ~ 600 KB
+    assert not sink.accepting_writes()
+    with pytest.raises(SinkFullError, match="is full"):
+        await sink.write_batch([record(1)], [rejection(1)])
+    assert not sink.accepting_writes()
+    await sink.aclose()
     assert contents(tmp_path)[2] == {"records": 0, "rejected": 0, "pending": 3000}
 
 
 @pytest.mark.parametrize("writer", WRITERS)
-def test_a_writer_task_cancelled_mid_write_still_finishes_the_batch(tmp_path, writer):
-    async def main() -> None:
-        sink = await open_sink(tmp_path, writer)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sink.write_batch, [record(i) for i in range(5000)], [])
-            await trio.testing.wait_all_tasks_blocked()     # handed over, waiting for the writer
-            nursery.cancel_scope.cancel()
-        await sink.write_batch([record(5000)], [])
-        await sink.aclose()
-
-    trio.run(main)
+async def test_a_writer_task_cancelled_mid_write_still_finishes_the_batch(tmp_path, writer):
+    sink = await open_sink(tmp_path, writer)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.write_batch, [record(i) for i in range(5000)], [])
+        await trio.testing.wait_all_tasks_blocked()     # handed over, waiting for the writer
+        nursery.cancel_scope.cancel()
+    await sink.write_batch([record(5000)], [])
+    await sink.aclose()
     assert [r["received_ns"] for r in contents(tmp_path)[0]] == list(range(5001))
 
 
 @pytest.mark.parametrize("writer", WRITERS)
-def test_on_commit_runs_once_when_the_batch_is_durable_and_never_for_a_failed_one(tmp_path, writer):
+async def test_on_commit_runs_once_when_the_batch_is_durable_and_never_for_a_failed_one(tmp_path, writer):
     refuse_device_boom(tmp_path)
     seen: list[int] = []
 
     def on_commit() -> None:
         seen.append(len(contents(tmp_path)[0]))     # what another reader of the file sees by then
 
-    async def main() -> None:
-        sink = await open_sink(tmp_path, writer)
-        await sink.write_batch([record(i) for i in range(50)], [], on_commit=on_commit)
-        assert seen == [50]
-        with pytest.raises(sqlite3.IntegrityError):
-            await sink.write_batch([record(1, "boom")], [], on_commit=on_commit)
-        assert seen == [50]
-        await sink.write_batch([], [], on_commit=on_commit)        # nothing to write: durable at once
-        assert seen == [50, 50]
-        await sink.aclose()
-
-    trio.run(main)
+    sink = await open_sink(tmp_path, writer)
+    await sink.write_batch([record(i) for i in range(50)], [], on_commit=on_commit)
+    assert seen == [50]
+    with pytest.raises(sqlite3.IntegrityError, match="boom refused"):
+        await sink.write_batch([record(1, "boom")], [], on_commit=on_commit)
+    assert seen == [50]
+    await sink.write_batch([], [], on_commit=on_commit)        # nothing to write: durable at once
+    assert seen == [50, 50]
+    await sink.aclose()
 
 
 class HeldWriteLock:
@@ -181,65 +165,56 @@ def _wait_for_writer_thread(sink: SpoolSink) -> None:
         select.select([sink._writer.fileno()], [], [], 10)
 
 
-def test_poll_acks_a_compiled_write_before_the_writing_task_runs_again(tmp_path):
+async def test_poll_acks_a_compiled_write_before_the_writing_task_runs_again(tmp_path):
     events: list[str] = []
 
     async def write(records, on_commit) -> None:
         await sink.write_batch(records, [], on_commit=on_commit)
         events.append("returned")
 
-    async def main() -> None:
-        nonlocal sink
-        sink = await open_sink(tmp_path, "compiled")
-        sink.poll()                                     # nothing in flight: nothing happens
-        lock = HeldWriteLock(tmp_path)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write, [record(i) for i in range(300)], lambda: events.append("committed"))
-            await trio.testing.wait_all_tasks_blocked()     # handed over; the thread waits for the lock
-            sink.poll()
-            assert events == []
-            lock.release()
-            _wait_for_writer_thread(sink)
-            sink.poll()                                 # as a session does between its reads
-            assert events == ["committed"]
-            sink.poll()
-            assert events == ["committed"]
-        assert events == ["committed", "returned"]
-        # the next writes find the writer's signal pipe in order
-        for n in range(3):
-            await sink.write_batch([record(300 + n)], [], on_commit=lambda: events.append("again"))
-        assert events[2:] == ["again"] * 3
-        await sink.aclose()
-
-    sink = None
-    trio.run(main)
+    sink = await open_sink(tmp_path, "compiled")
+    sink.poll()                                     # nothing in flight: nothing happens
+    lock = HeldWriteLock(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write, [record(i) for i in range(300)], lambda: events.append("committed"))
+        await trio.testing.wait_all_tasks_blocked()     # handed over; the thread waits for the lock
+        sink.poll()
+        assert events == []
+        lock.release()
+        _wait_for_writer_thread(sink)
+        sink.poll()                                 # as a session does between its reads
+        assert events == ["committed"]
+        sink.poll()
+        assert events == ["committed"]
+    assert events == ["committed", "returned"]
+    # the next writes find the writer's signal pipe in order
+    for n in range(3):
+        await sink.write_batch([record(300 + n)], [], on_commit=lambda: events.append("again"))
+    assert events[2:] == ["again"] * 3
+    await sink.aclose()
     assert [r["received_ns"] for r in contents(tmp_path)[0]] == list(range(303))
 
 
-def test_poll_leaves_a_failed_compiled_write_to_the_writing_task(tmp_path):
+async def test_poll_leaves_a_failed_compiled_write_to_the_writing_task(tmp_path):
     refuse_device_boom(tmp_path)
     committed: list[bool] = []
+    sink = await open_sink(tmp_path, "compiled")
 
-    async def main() -> None:
-        sink = await open_sink(tmp_path, "compiled")
+    async def write() -> None:
+        with pytest.raises(sqlite3.IntegrityError, match="boom refused"):
+            await sink.write_batch([record(0), record(1, "boom")], [], on_commit=lambda: committed.append(True))
 
-        async def write() -> None:
-            with pytest.raises(sqlite3.IntegrityError, match="boom refused"):
-                await sink.write_batch([record(0), record(1, "boom")], [], on_commit=lambda: committed.append(True))
-
-        lock = HeldWriteLock(tmp_path)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write)
-            await trio.testing.wait_all_tasks_blocked()
-            lock.release()
-            _wait_for_writer_thread(sink)
-            sink.poll()
-            assert committed == []
+    lock = HeldWriteLock(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        await trio.testing.wait_all_tasks_blocked()
+        lock.release()
+        _wait_for_writer_thread(sink)
+        sink.poll()
         assert committed == []
-        await sink.write_batch([record(2)], [])
-        await sink.aclose()
-
-    trio.run(main)
+    assert committed == []
+    await sink.write_batch([record(2)], [])
+    await sink.aclose()
     assert [r["received_ns"] for r in contents(tmp_path)[0]] == [2]
 
 
@@ -261,7 +236,7 @@ def test_compiled_writer_refuses_misuse_without_handing_anything_over(tmp_path):
         writer.start(record_rows([record(0)]) + [("a", 1, 2, "mqtt", b"{}")], [])
     with pytest.raises(TypeError, match="float is not str, bytes, int or None"):
         writer.start([("a", 1.5, 2, "mqtt", b"{}", b"{}")], [])
-    with pytest.raises(OverflowError):
+    with pytest.raises(OverflowError, match="int too big to convert"):
         writer.start([("a", 2 ** 64, 2, "mqtt", b"{}", b"{}")], [])
     assert not writer.busy
     writer.start(record_rows([record(0)]), rejection_rows([rejection(1)]))
