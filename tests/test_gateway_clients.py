@@ -1,19 +1,26 @@
 """The gateway as a user runs it: a real ``gridgate serve`` process, driven by
-real MQTT clients (the Debian mosquitto-clients and paho-mqtt)."""
+real MQTT clients (the Debian mosquitto-clients and paho-mqtt).
+
+Only the tests that run mosquitto_pub ask for it (``binaries.require``): they
+skip where it is missing and fail in CI; the paho test always runs."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 
 import paho.mqtt.client as paho
 import pytest
 
+from binaries import require
 from gatewayproc import GatewayProcess, gridgate_env, spool_export, spool_stats
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto_pub") is None,
-                                reason="mosquitto-clients is not installed (.ci/run installs it)")
+
+@pytest.fixture
+def mosquitto_pub() -> str:
+    """The mosquitto_pub binary: skipped where it is missing, failed in CI
+    (binaries.require). Requested before ``gateway``, so a skip starts no gateway."""
+    return require("mosquitto_pub")
 
 
 @pytest.fixture
@@ -24,14 +31,14 @@ def gateway(tmp_path):
     assert code == 0, gw.log()
 
 
-def mosquitto_pub(addr, *args: str) -> subprocess.CompletedProcess:
+def publish(binary: str, addr, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     host, port = addr
-    return subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), *args],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run([binary, "-h", host, "-p", str(port), *args], input=stdin,
+                          capture_output=True, text=True, timeout=60)
 
 
-def test_mosquitto_pub_fahrenheit_reading_is_normalized(gateway):
-    out = mosquitto_pub(gateway.mqtt, "-q", "1", "-t", "telemetry", "-i", "meter-1",
+def test_mosquitto_pub_fahrenheit_reading_is_normalized(mosquitto_pub, gateway):
+    out = publish(mosquitto_pub, gateway.mqtt, "-q", "1", "-t", "telemetry", "-i", "meter-1",
                         "-m", '{"temperature": 77, "temperature_unit": "F"}')
     assert out.returncode == 0, out.stderr
     assert gateway.stop() == 0
@@ -45,16 +52,14 @@ def test_mosquitto_pub_fahrenheit_reading_is_normalized(gateway):
 
 @pytest.mark.parametrize("pure, writer", [(False, "spool writer: compiled, own thread"),
                                           (True, "spool writer: worker thread (compiled hot path not loaded)")])
-def test_each_spool_writer_stores_what_it_acknowledged(tmp_path, pure, writer):
+def test_each_spool_writer_stores_what_it_acknowledged(mosquitto_pub, tmp_path, pure, writer):
     env = gridgate_env(**({"GRIDGATE_PURE_PYTHON": "1"} if pure else {}))
     if not pure:
         env.pop("GRIDGATE_PURE_PYTHON", None)
     gw = GatewayProcess(tmp_path / "data", env=env)
     try:
         lines = "".join(f'{{"battery_mv": {3000 + i}}}\n' for i in range(200))
-        host, port = gw.mqtt
-        out = subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), "-q", "1", "-t", "telemetry",
-                              "-i", "meter-3", "-l"], input=lines, capture_output=True, text=True, timeout=60)
+        out = publish(mosquitto_pub, gw.mqtt, "-q", "1", "-t", "telemetry", "-i", "meter-3", "-l", stdin=lines)
         assert out.returncode == 0, out.stderr
     finally:
         assert gw.stop() == 0, gw.log()
@@ -63,13 +68,13 @@ def test_each_spool_writer_stores_what_it_acknowledged(tmp_path, pure, writer):
     assert sorted(r["fields"]["battery_mv"] for r in spool_export(gw.data_dir)) == list(range(3000, 3200))
 
 
-def test_device_topic_and_bad_topic_are_both_acknowledged(gateway):
-    ok = mosquitto_pub(gateway.mqtt, "-q", "1", "-t", "devices/meter-2/telemetry", "-i", "meter-2",
+def test_device_topic_and_bad_topic_are_both_acknowledged(mosquitto_pub, gateway):
+    ok = publish(mosquitto_pub, gateway.mqtt, "-q", "1", "-t", "devices/meter-2/telemetry", "-i", "meter-2",
                        "-m", '{"battery_mv": 3700}')
-    other = mosquitto_pub(gateway.mqtt, "-q", "1", "-t", "devices/meter-9/telemetry", "-i", "meter-2",
+    other = publish(mosquitto_pub, gateway.mqtt, "-q", "1", "-t", "devices/meter-9/telemetry", "-i", "meter-2",
                           "-m", '{"battery_mv": 3700}')
     assert ok.returncode == 0 and other.returncode == 0, (ok.stderr, other.stderr)
-    gateway.stop()
+    assert gateway.stop() == 0, gateway.log()
     assert spool_stats(gateway.data_dir)["records"] == 1
     (rej,) = spool_export(gateway.data_dir, rejected=True)
     assert rej["reason"] == "bad_topic"
@@ -112,7 +117,7 @@ def test_qos1_from_100_paho_clients_stores_exactly_10000(gateway):
     assert stats["rejected"] == 0
 
 
-def test_invalid_payloads_are_dead_lettered_with_their_reason(gateway):
+def test_invalid_payloads_are_dead_lettered_with_their_reason(mosquitto_pub, gateway):
     cases = {
         "not json at all": "malformed",
         '{"temperature": 500}': "out_of_range",
@@ -121,9 +126,9 @@ def test_invalid_payloads_are_dead_lettered_with_their_reason(gateway):
         '"just a string"': "not_object",
     }
     for payload in cases:
-        out = mosquitto_pub(gateway.mqtt, "-q", "1", "-t", "telemetry", "-i", "meter-3", "-m", payload)
+        out = publish(mosquitto_pub, gateway.mqtt, "-q", "1", "-t", "telemetry", "-i", "meter-3", "-m", payload)
         assert out.returncode == 0, out.stderr
-    gateway.stop()
+    assert gateway.stop() == 0, gateway.log()
     rejected = spool_export(gateway.data_dir, rejected=True)
     assert sorted(r["reason"] for r in rejected) == sorted(cases.values())
     assert spool_stats(gateway.data_dir)["records"] == 0

@@ -12,12 +12,11 @@ import os
 
 import h11
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gridgate import _fastparse
-from gridgate.protocols.http import parser_py as _http_py
 from gridgate.errors import HTTPParseError
+from gridgate.protocols.http import parser_py as _http_py
 from gridgate.protocols.http.std import StdRequestReader
 from inprocess import split
 
@@ -50,35 +49,36 @@ def run_fast(impl, chunks: list[bytes], max_head: int = MAX_HEAD, max_body: int 
     return requests, "clean" if state == impl.NEED_DATA and parser.buffered == 0 else "incomplete"
 
 
-def run_std(data: bytes, max_head: int = MAX_HEAD, max_body: int = MAX_BODY):
+def run_std(data: bytes | list[bytes], max_head: int = MAX_HEAD, max_body: int = MAX_BODY):
+    """Like run_fast, for the std engine's reader: ``data`` whole, or its pieces in turn."""
+    chunks = [data] if isinstance(data, bytes) else data
     reader = StdRequestReader(max_head, max_body)
-    if data:                 # h11 takes b"" as the end of the stream
-        reader.receive_data(data)
     requests = []
     current = None
     body = bytearray()
     try:
-        while True:
-            event = reader.next_event()
-            if event is h11.NEED_DATA:
-                return requests, "incomplete" if reader.raw_buffered else "clean"
-            if type(event) is h11.Request:
-                current = (event.method.decode(), event.target.decode(), event.http_version.decode(),
-                           list(event.headers))
-                body = bytearray()
-            elif type(event) is h11.Data:
-                body += event.data
-            elif type(event) is h11.EndOfMessage:
-                requests.append((*current, bytes(body)))
-                reader.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
-                reader.send(h11.EndOfMessage())
-                if reader.conn.our_state is h11.MUST_CLOSE:
-                    return requests, "closed"
-                reader.start_next_cycle()
-            else:
-                raise AssertionError(f"unexpected event {event!r}")
+        for chunk in chunks:
+            if chunk:            # h11 takes b"" as the end of the stream
+                reader.receive_data(chunk)
+            while (event := reader.next_event()) is not h11.NEED_DATA:
+                if type(event) is h11.Request:
+                    current = (event.method.decode(), event.target.decode(), event.http_version.decode(),
+                               list(event.headers))
+                    body = bytearray()
+                elif type(event) is h11.Data:
+                    body += event.data
+                elif type(event) is h11.EndOfMessage:
+                    requests.append((*current, bytes(body)))
+                    reader.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+                    reader.send(h11.EndOfMessage())
+                    if reader.conn.our_state is h11.MUST_CLOSE:
+                        return requests, "closed"
+                    reader.start_next_cycle()
+                else:
+                    raise AssertionError(f"unexpected event {event!r}")
     except HTTPParseError as exc:
         return requests, (exc.status, exc.error)
+    return requests, "incomplete" if reader.raw_buffered else "clean"
 
 
 def agree(data: bytes, cuts: list[int] = ()) -> tuple:
@@ -90,6 +90,7 @@ def agree(data: bytes, cuts: list[int] = ()) -> tuple:
     if cuts:
         chunks = split(data, list(cuts))
         assert run_fast(_http_py, chunks) == run_fast(_fastparse, chunks) == py
+        assert run_std(chunks) == std
     # std and fast accept the same requests; both refuse (the status may
     # differ: h11 waits for a body the fast parser already judged too large)
     assert std[0] == py[0]
@@ -110,6 +111,8 @@ def post(body: bytes, extra: bytes = b"") -> bytes:
 
 
 def test_pipelined_requests_in_one_read_are_zero_copy_views(http_impl):
+    """The fast engine alone: its parser hands out views of the receive
+    buffer (h11, under the std engine, hands out bytes)."""
     data = post(b'{"a":1}') + post(b"[]")
     parser = http_impl.HTTPRequestParser()
     parser.feed(data)
@@ -131,6 +134,10 @@ def test_a_request_split_byte_by_byte(http_impl):
     assert states[-1] == http_impl.REQUEST and set(states[:-1]) == {http_impl.NEED_DATA, http_impl.HEAD}
     assert parser.expect_continue and parser.content_encoding == "gzip"
     assert bytes(parser.body) == b'{"device_id":"m"}'
+    # the std engine's reader, fed the same bytes one at a time, reads the same request
+    (request,), end = run_std([data[i:i + 1] for i in range(len(data))])
+    assert (request[4], end) == (b'{"device_id":"m"}', "clean")
+    assert (b"content-encoding", b"gzip") in request[3] and (b"expect", b"100-continue") in request[3]
 
 
 def test_chunked_body_is_decoded(http_impl):
@@ -156,6 +163,10 @@ def test_post_without_length_has_an_empty_body(http_impl):
     parser.feed(POST + b"\r\n")
     assert parser.next() == http_impl.REQUEST
     assert (parser.has_length, bytes(parser.body)) == (False, b"")
+    # the std engine's reader too (both answer it 411: test_http.py)
+    assert run_std(POST + b"\r\n") == ([("POST", "/v1/telemetry", "1.1", [(b"host", b"gw"),
+                                                                       (b"content-type", b"application/json")],
+                                          b"")], "clean")
 
 
 @pytest.mark.parametrize("data, status, error", [
@@ -201,6 +212,8 @@ def test_refusals_match_std_where_it_knows_the_status():
 
 
 def test_slow_sender_costs_linear_time(http_impl):
+    """The fast engine alone: its parser appends to one buffer, never rebuilds
+    it (h11, under the std engine, keeps its own buffer)."""
     # a 64 KiB body one byte per read: the buffer is appended to, never rebuilt
     body = b"x" * 65536
     parser = http_impl.HTTPRequestParser(16384, 1 << 20)

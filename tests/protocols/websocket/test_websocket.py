@@ -1,20 +1,25 @@
 """The WebSocket listener and downlink commands against a real ``gridgate
 serve``, with real clients: the ``websockets`` library, paho-mqtt over
-WebSocket and mosquitto_sub over TCP."""
+WebSocket and mosquitto_sub over TCP.
+
+Tests that POST over HTTP (commands, telemetry) run on both HTTP engines
+(``http_gateway``, ids fast/std). The others are about the WebSocket
+listener alone and run on the default engine (``gateway``): their only HTTP
+is the /metrics read of ``GatewayProcess.metric``."""
 from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import subprocess
 import threading
 
 import msgspec
 import paho.mqtt.client as paho
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from binaries import require
 from gatewayproc import GatewayProcess, gridgate_env, spool_export, spool_stats
 
 TS = 1732406400123
@@ -22,9 +27,28 @@ READING = {"device_id": "meter-7", "timestamp_ms": TS, "temperature": 77, "tempe
            "battery_mv": 3700, "location": "shanghai/factory-a", "tags": {"vendor": "huawei"}}
 
 
+def start(tmp_path, *args: str, **env: str) -> GatewayProcess:
+    return GatewayProcess(tmp_path / "data", *args,
+                          env=gridgate_env(GRIDGATE_WEBSOCKET_MAX_MESSAGE_BYTES="4096", **env))
+
+
 @pytest.fixture
 def gateway(tmp_path):
-    gw = GatewayProcess(tmp_path / "data", env=gridgate_env(GRIDGATE_WEBSOCKET_MAX_MESSAGE_BYTES="4096"))
+    """The default HTTP engine: for tests about the WebSocket listener alone."""
+    gw = start(tmp_path)
+    yield gw
+    gw.kill()
+
+
+@pytest.fixture(params=["fast", "std"])
+def engine(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def http_gateway(tmp_path, engine):
+    """For tests that POST over HTTP: once per engine."""
+    gw = start(tmp_path, "--http-engine", engine)
     yield gw
     gw.kill()
 
@@ -121,13 +145,17 @@ def test_bad_frames_close_with_their_code_and_others_carry_on(gateway, path, sub
 
 
 def test_unknown_path_is_refused_at_the_handshake(gateway):
-    with pytest.raises(Exception) as info:
+    with pytest.raises(InvalidStatus) as info:
         connect(ws_url(gateway, "/nowhere"))
-    assert "404" in str(info.value)
+    response = info.value.response
+    assert response.status_code == 404
+    assert response.headers["Content-Type"] == "application/json"
+    assert json.loads(response.body) == {"error": "not_found", "detail": "no WebSocket endpoint /nowhere"}
     assert gateway.alive()
 
 
-def test_command_to_offline_device_is_404_and_bad_bodies_are_refused(gateway):
+def test_command_to_offline_device_is_404_and_bad_bodies_are_refused(http_gateway):
+    gateway = http_gateway
     assert post_command(gateway, "meter-x", {"type": "REBOOT"}) == (
         404, {"error": "device_offline", "detail": "no live connection holds device 'meter-x'"})
     assert post_command(gateway, "meter-x", {"payload": {}})[0] == 400           # no type
@@ -138,10 +166,10 @@ def test_command_to_offline_device_is_404_and_bad_bodies_are_refused(gateway):
     assert http_request(gateway, "POST", "/v1/devices/-bad/commands", b'{"type": "REBOOT"}')[0] == 400
 
 
-def test_websocket_device_receives_acks_commands_and_its_config(tmp_path):
+def test_websocket_device_receives_acks_commands_and_its_config(tmp_path, engine):
     devices = tmp_path / "devices.json"
     devices.write_text(json.dumps({"meter-5": {"report_interval_s": 30, "thresholds": {"temperature_c": 80}}}))
-    gw = GatewayProcess(tmp_path / "data", env=gridgate_env(GRIDGATE_DOWNLINK_DEVICES_FILE=str(devices)))
+    gw = start(tmp_path, "--http-engine", engine, GRIDGATE_DOWNLINK_DEVICES_FILE=str(devices))
     try:
         with connect(ws_url(gw, "/v1/ws?device_id=meter-5")) as ws:
             pushed = json.loads(ws.recv(timeout=10))["command"]
@@ -162,7 +190,8 @@ def test_websocket_device_receives_acks_commands_and_its_config(tmp_path):
         gw.kill()
 
 
-def test_paho_over_websocket_publishes_and_receives_a_posted_command(gateway):
+def test_paho_over_websocket_publishes_and_receives_a_posted_command(http_gateway):
+    gateway = http_gateway
     host, port = gateway.ws
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="meter-ws", transport="websockets")
     client.ws_set_options(path="/mqtt")
@@ -199,12 +228,20 @@ def test_paho_over_websocket_publishes_and_receives_a_posted_command(gateway):
     assert len(records) == 20 and {r["protocol"] for r in records} == {"mqtt-ws"}
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="mosquitto-clients is not installed")
-def test_mosquitto_sub_over_tcp_receives_a_command(gateway):
+@pytest.fixture
+def mosquitto_sub() -> tuple[str, str]:
+    """stdbuf and mosquitto_sub (binaries.require: a skip here, a failure in CI);
+    requested before the gateway, so a skip starts none."""
+    return require("stdbuf"), require("mosquitto_sub")
+
+
+def test_mosquitto_sub_over_tcp_receives_a_command(mosquitto_sub, http_gateway):
+    gateway = http_gateway
+    stdbuf, mosquitto_sub = mosquitto_sub
     host, port = gateway.mqtt
     # stdbuf: line-buffered stdout, so the SUBACK line arrives when it happens
-    sub = subprocess.Popen(["stdbuf", "-oL", "mosquitto_sub", "-d", "-h", host, "-p", str(port), "-i", "meter-sub", "-q", "1",
-                            "-t", "devices/meter-sub/commands", "-C", "1", "-W", "20"],
+    sub = subprocess.Popen([stdbuf, "-oL", mosquitto_sub, "-d", "-h", host, "-p", str(port), "-i", "meter-sub",
+                            "-q", "1", "-t", "devices/meter-sub/commands", "-C", "1", "-W", "20"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert sub.stdout is not None
@@ -222,7 +259,8 @@ def test_mosquitto_sub_over_tcp_receives_a_command(gateway):
     assert gateway.metric('gridgate_commands_acknowledged_total{protocol="mqtt"}') == 1
 
 
-def test_one_reading_over_four_transports_is_one_normalized_record(gateway):
+def test_one_reading_over_four_transports_is_one_normalized_record(http_gateway):
+    gateway = http_gateway
     device = READING["device_id"]
     payload = json.dumps(READING)
     with connect(ws_url(gateway, f"/v1/ws?device_id={device}")) as ws:
