@@ -238,6 +238,6 @@ class InfluxProcess:
             base = series.get("tags", {})
             for values in series["values"]:
                 row = dict(base)
-                row.update(zip(cols, values))
+                row.update(zip(cols, values, strict=True))
                 out.append(row)
         return out

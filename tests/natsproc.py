@@ -153,7 +153,7 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             pass
 
-    def start(self, timeout: float = 15.0) -> "NatsServer":
+    def start(self, timeout: float = 15.0) -> NatsServer:
         self.spawn()
         self.wait_ready(timeout)
         return self
@@ -167,7 +167,7 @@ class NatsServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
-    def restart(self, timeout: float = 15.0) -> "NatsServer":
+    def restart(self, timeout: float = 15.0) -> NatsServer:
         """Start again on the same ports and store directory (kills first if needed)."""
         self.kill()
         return self.start(timeout)
@@ -196,7 +196,7 @@ class NatsServer:
             raise RuntimeError(f"/jsz on {self.name}: HTTP {status}")
         return json.loads(body)
 
-    def __enter__(self) -> "NatsServer":
+    def __enter__(self) -> NatsServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -228,7 +228,7 @@ class NatsCluster:
                 return n
         raise KeyError(name)
 
-    def start(self, timeout: float = 30.0) -> "NatsCluster":
+    def start(self, timeout: float = 30.0) -> NatsCluster:
         deadline = time.monotonic() + timeout
         for n in self.nodes:
             n.spawn()
@@ -275,7 +275,7 @@ class NatsCluster:
         for n in self.nodes:
             n.stop()
 
-    def __enter__(self) -> "NatsCluster":
+    def __enter__(self) -> NatsCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:

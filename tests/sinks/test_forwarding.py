@@ -1,9 +1,14 @@
-"""Store-and-forward: the circuit breaker under the autojump MockClock, the
-spool's pending table, and a full spool with the sink down (backpressure,
-HTTP 503, nothing lost once the sink is back)."""
+"""Store-and-forward: the circuit breaker and the Forwarder's timing under the
+autojump MockClock (an in-memory sink and pending store, so every time is
+exact), the spool's pending table, and a full spool with the sink down
+(backpressure, HTTP 503, every accepted reading delivered once the sink is
+back)."""
 from __future__ import annotations
 
+import base64
 import json
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import pytest
 import trio
@@ -11,42 +16,40 @@ import trio.testing
 
 import gridgate
 from gridgate.config import ConnectionsConfig, HTTPConfig, PipelineConfig, SinkConfig, SpoolConfig
-from gridgate.sinks.forwarding import BreakerState, CircuitBreaker
-from gridgate.ingest.records import Record
+from gridgate.ingest.records import Record, Rejection
+from gridgate.observability.metrics import Metrics
+from gridgate.sinks.forwarding import BreakerState, CircuitBreaker, Forwarder
 from gridgate.storage.spool import Spool
-from inprocess import MemorySink, make_config, run_with_clock
-from inprocess import post, read_response
+from inprocess import MemorySink, make_config, post, read_response
 
 
-def test_breaker_opens_probes_and_closes_on_the_clock():
+async def test_breaker_opens_probes_and_closes_on_the_clock(autojump_clock):
     changes: list[BreakerState] = []
-
-    async def main():
-        b = CircuitBreaker(failure_threshold=3, open_s=5.0, on_change=changes.append)
-        assert b.allow()
+    b = CircuitBreaker(failure_threshold=3, open_s=5.0, on_change=changes.append)
+    assert b.allow()
+    b.failure()
+    b.failure()
+    assert b.state == BreakerState.CLOSED and b.allow()     # two failures: still closed
+    b.success()
+    assert b.failures == 0                                  # a success resets the count
+    for _ in range(3):
         b.failure()
-        b.failure()
-        assert b.state == BreakerState.CLOSED and b.allow()     # two failures: still closed
-        b.success()
-        assert b.failures == 0                                  # a success resets the count
-        for _ in range(3):
-            b.failure()
-        assert b.state == BreakerState.OPEN and not b.allow()
-        assert b.retry_in() == pytest.approx(5.0)
-        await trio.sleep(4.9)
-        assert not b.allow()
-        await trio.sleep(0.1)
-        assert b.allow()                                        # the cool-down is over: one probe
-        assert b.state == BreakerState.HALF_OPEN
-        assert not b.allow()                                    # only one at a time
-        b.failure()                                             # the probe failed: open again
-        assert b.state == BreakerState.OPEN and b.retry_in() == pytest.approx(5.0)
-        await trio.sleep(5)
-        assert b.allow()
-        b.success()
-        assert b.state == BreakerState.CLOSED and b.allow() and b.allow()
-
-    run_with_clock(main)
+    opened = trio.current_time()
+    assert b.state == BreakerState.OPEN and not b.allow()
+    assert b.retry_in() == 5.0
+    await trio.sleep(4.5)
+    assert not b.allow() and b.retry_in() == opened + 5.0 - trio.current_time()
+    await trio.sleep_until(opened + 5.0)
+    assert b.retry_in() == 0.0
+    assert b.allow()                                        # the cool-down is over: one probe
+    assert b.state == BreakerState.HALF_OPEN
+    assert not b.allow()                                    # only one at a time
+    b.failure()                                             # the probe failed: open again
+    assert b.state == BreakerState.OPEN and b.retry_in() == 5.0
+    await trio.sleep(5)
+    assert b.allow()
+    b.success()
+    assert b.state == BreakerState.CLOSED and b.allow() and b.allow()
     assert changes == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.OPEN, BreakerState.HALF_OPEN,
                        BreakerState.CLOSED]
 
@@ -54,6 +57,146 @@ def test_breaker_opens_probes_and_closes_on_the_clock():
 def _record(i: int) -> Record:
     return Record(device_id=f"m-{i}", ts_ns=1_000 + i, received_ns=2_000 + i, protocol="mqtt",
                   fields={"temperature_mc": 20_000 + i}, tags={"region": "sh"})
+
+
+# -- the Forwarder on the autojump clock ----------------------------------------------------
+
+
+class MemoryPendingStore:
+    """The Forwarder's PendingStore in memory: numbered pending rows, oldest first."""
+
+    def __init__(self, records: Sequence[Record] = ()) -> None:
+        self.rows: list[tuple[int, Record]] = []
+        self.dead: list[tuple[str, int, Rejection]] = []
+        self.drained = trio.Event()            # set when a delete leaves nothing pending
+        self._next_id = 1
+        self._add(records)
+
+    def _add(self, records: Sequence[Record]) -> None:
+        for r in records:
+            self.rows.append((self._next_id, r))
+            self._next_id += 1
+
+    @property
+    def pending(self) -> list[Record]:
+        return [r for _, r in self.rows]
+
+    async def write_batch(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
+                          pending: bool = False, on_commit: Callable[[], None] | None = None) -> None:
+        await trio.lowlevel.checkpoint()
+        assert pending or not records          # the sink's records come here only as pending
+        self._add(records)
+        self.dead += dead
+
+    async def pending_count(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return len(self.rows)
+
+    async def read_pending(self, limit: int) -> tuple[int, list[Record]]:
+        await trio.lowlevel.checkpoint()
+        rows = self.rows[:limit]
+        return (rows[-1][0] if rows else 0), [r for _, r in rows]
+
+    async def delete_pending(self, upto_id: int, count: int) -> None:
+        await trio.lowlevel.checkpoint()
+        kept = [(i, r) for i, r in self.rows if i > upto_id]
+        assert len(self.rows) - len(kept) == count
+        self.rows = kept
+        if not kept:
+            self.drained.set()
+
+
+class ScriptedSink(MemorySink):
+    """Fails while ``down``, never returns while ``hung``; logs every attempt
+    as (time, records)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.hung = False
+        self.attempts: list[tuple[float, int]] = []
+
+    @property
+    def records(self) -> list[Record]:
+        return [r for b in self.batches for r in b]
+
+    async def write(self, batch: Sequence[Record]) -> None:
+        self.attempts.append((trio.current_time(), len(batch)))
+        if self.hung:
+            await trio.sleep_forever()
+        if self.down:
+            raise ConnectionError("sink down")
+        await super().write(batch)
+
+
+SETTINGS = SinkConfig(write_timeout_s=2.0, failure_threshold=2, open_s=5.0, replay_batch_records=1000,
+                      replay_max_records_per_s=1000.0)
+
+
+def _forwarder(sink: ScriptedSink, store: MemoryPendingStore, metrics: Metrics | None = None) -> Forwarder:
+    async def never_opened():
+        raise AssertionError("the sink is given")
+    return Forwarder("fake", never_opened, store, SETTINGS, metrics or Metrics(), sink)
+
+
+async def test_a_hung_sink_write_fails_at_write_timeout_and_is_kept_pending(autojump_clock):
+    sink, store, metrics = ScriptedSink(), MemoryPendingStore(), Metrics()
+    sink.hung = True
+    forwarder = _forwarder(sink, store, metrics)
+    batch = [_record(i) for i in range(10)]
+    start = trio.current_time()
+    await forwarder.write(batch, [])
+    assert trio.current_time() == start + 2.0               # write_timeout_s, exactly
+    assert sink.attempts == [(start, 10)] and sink.records == []
+    assert store.pending == batch and forwarder.pending == 10
+    assert (forwarder.breaker.state, forwarder.breaker.failures) == (BreakerState.CLOSED, 1)
+    assert metrics.sink_write_errors.labels("TooSlowError")._value.get() == 1
+
+
+async def test_while_the_breaker_is_open_nothing_is_tried_until_open_s(autojump_clock):
+    sink, store = ScriptedSink(), MemoryPendingStore()
+    sink.down = True
+    forwarder = _forwarder(sink, store)
+    batches = [[_record(10 * k + i) for i in range(10)] for k in range(5)]
+    start = trio.current_time()
+    await forwarder.write(batches[0], [])
+    await forwarder.write(batches[1], [])                   # the second failure opens it
+    assert forwarder.breaker.state == BreakerState.OPEN
+    await forwarder.write(batches[2], [])                   # not tried
+    await trio.sleep(4.5)
+    await forwarder.write(batches[3], [])                   # still open: not tried
+    assert sink.attempts == [(start, 10), (start, 10)]
+    await trio.sleep_until(start + 5.0)
+    sink.down = False
+    await forwarder.write(batches[4], [])                   # the half-open probe: it goes through
+    assert sink.attempts[2:] == [(start + 5.0, 10)] and sink.batches == [batches[4]]
+    assert forwarder.breaker.state == BreakerState.CLOSED
+    assert store.pending == [r for b in batches[:4] for r in b] and forwarder.pending == 40
+
+
+async def test_replayer_probes_after_open_s_and_replays_at_the_configured_rate(autojump_clock, nursery):
+    backlog = [_record(i) for i in range(2500)]             # pending from an earlier run
+    sink, store = ScriptedSink(), MemoryPendingStore(backlog)
+    sink.down = True
+    forwarder = _forwarder(sink, store)
+    start = trio.current_time()
+    await nursery.start(forwarder.run_replayer)
+    assert forwarder.pending == 2500
+    await trio.sleep(1.0)                                   # two failures by now: open until start + 5.05
+    assert forwarder.breaker.state == BreakerState.OPEN
+    sink.down = False
+    with trio.fail_after(60):                               # virtual seconds
+        await store.drained.wait()
+    # two failed tries 0.05 s apart (the retry pause), the probe open_s later,
+    # then a batch of replay_batch_records per 1000 / replay_max_records_per_s s
+    times = [t - start for t, _ in sink.attempts]
+    assert times == pytest.approx([0.0, 0.05, 5.05, 6.05, 7.05], abs=1e-9)
+    assert [n for _, n in sink.attempts] == [1000, 1000, 1000, 1000, 500]
+    assert sink.records == backlog                          # oldest first, each once
+    assert store.rows == [] and forwarder.pending == 0 and forwarder.replayed == 2500
+
+
+# -- the spool's pending table ------------------------------------------------------------
 
 
 def test_spool_pending_is_read_oldest_first_and_deleted_after_the_sink_took_it(tmp_path):
@@ -86,6 +229,9 @@ def test_version_1_spool_is_upgraded_in_place(tmp_path):
     spool.close()
 
 
+# -- an embedded gateway ------------------------------------------------------------------
+
+
 class DownSink(MemorySink):
     """A custom sink that fails until ``up`` is set."""
 
@@ -99,7 +245,13 @@ class DownSink(MemorySink):
         await super().write(batch)
 
 
-def test_full_spool_with_the_sink_down_pushes_back_and_loses_nothing(tmp_path):
+def _numbered_request(seq: int) -> bytes:
+    """50 readings, each identified by its device and the request's ``seq``."""
+    return json.dumps([{"device_id": f"m-{i}", "temperature": 21.5, "seq": seq, "tags": {"pad": "x" * 200}}
+                       for i in range(50)]).encode()
+
+
+async def test_full_spool_with_the_sink_down_pushes_back_and_loses_nothing(tmp_path):
     # Real time here: the spool works on a worker thread, which the autojump
     # clock would leap over. Every wait below is bounded.
     config = make_config(tmp_path, http=HTTPConfig(listen="", engine="fast", durable_timeout_s=0.5),
@@ -108,42 +260,44 @@ def test_full_spool_with_the_sink_down_pushes_back_and_loses_nothing(tmp_path):
                          pipeline=PipelineConfig(queue_max_items=4),
                          connections=ConnectionsConfig(idle_timeout_s=3600))
     sink = DownSink()
-    body = json.dumps([{"device_id": f"m-{i}", "temperature": 21.5, "tags": {"pad": "x" * 200}}
-                       for i in range(50)]).encode()
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            gateway = await nursery.start(gridgate.serve, config, sink)
-            client, server = trio.testing.memory_stream_pair()
-            nursery.start_soon(gateway.handle_http, server)
-            buf = bytearray()
-            accepted = 0
-            statuses = []
-            with trio.fail_after(60):
-                for _ in range(400):                    # until the spool is full
-                    await client.send_all(post(body))
-                    status, headers, answer = await read_response(client, buf)
-                    statuses.append(status)
-                    if status == 202:
-                        accepted += json.loads(answer)["accepted"]
-                        continue
-                    assert status == 503 and "retry-after" in headers
-                    break
-            assert statuses[-1] == 503 and accepted > 0
-            assert not gateway.spool.accepting_writes()
-            assert "max_bytes" in " ".join(gateway.not_ready_reasons())
-            sink.up = True                              # the sink is back: pending drains, room returns
-            with trio.fail_after(60):
-                while gateway.forwarder.pending:
-                    await trio.sleep(0.05)
-            stored = sum(len(b) for b in sink.batches)
-            # the last (refused) requests may have been written after their
-            # 503 (the pipeline retried them once there was room): never fewer
-            assert stored >= accepted and stored % 50 == 0
-            assert len({r.device_id for b in sink.batches for r in b}) == 50
-            gateway.stop()
-
-    trio.run(main)
+    accepted: list[int] = []                    # the seq of each request answered 202
+    refused: list[int] = []                     # ... and 503
+    async with trio.open_nursery() as nursery:
+        gateway = await nursery.start(gridgate.serve, config, sink)
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(gateway.handle_http, server)
+        buf = bytearray()
+        with trio.fail_after(60):
+            for seq in range(400):                      # until the spool is full
+                await client.send_all(post(_numbered_request(seq)))
+                status, headers, answer = await read_response(client, buf)
+                if status == 202:
+                    assert json.loads(answer)["accepted"] == 50
+                    accepted.append(seq)
+                    continue
+                assert status == 503 and "retry-after" in headers
+                refused.append(seq)
+                break
+        assert refused != [] and accepted != []
+        assert not gateway.spool.accepting_writes()
+        assert "max_bytes" in " ".join(gateway.not_ready_reasons())
+        assert sink.batches == []                       # every accepted reading is pending
+        sink.up = True                                  # the sink is back: pending drains, room returns
+        with trio.fail_after(60):
+            while gateway.forwarder.pending:
+                await trio.sleep(0.05)
+        gateway.stop()
+    # Every reading of every accepted request is in the sink exactly once. A
+    # refused request may have been written after its 503 (the pipeline
+    # retried it once there was room): at most once too. Nothing else.
+    stored = Counter((r.device_id, r.fields["seq"]) for b in sink.batches for r in b)
+    expected = {(f"m-{i}", seq) for seq in accepted for i in range(50)}
+    assert sorted(key for key in expected if stored[key] != 1)[:5] == []
+    assert sorted(key for key, n in stored.items() if n != 1)[:5] == []
+    assert sorted(stored.keys() - expected - {(f"m-{i}", seq) for seq in refused for i in range(50)})[:5] == []
+    spool = Spool(tmp_path / "data")
+    assert spool.pending_count() == 0
+    spool.close()
 
 
 class PickySink(MemorySink):
@@ -158,29 +312,25 @@ class PickySink(MemorySink):
         await super().write(batch)
 
 
-def test_a_record_the_sink_can_never_take_is_dead_lettered_not_retried_forever(tmp_path):
+async def test_a_record_the_sink_can_never_take_is_dead_lettered_not_retried_forever(tmp_path):
     config = make_config(tmp_path, http=HTTPConfig(listen="", engine="fast"))
     sink = PickySink()
     body = json.dumps([{"device_id": "m-1", "humidity": 40}, {"device_id": "m-2", "time": 5},
                        {"device_id": "m-3", "humidity": 41}]).encode()
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            gateway = await nursery.start(gridgate.serve, config, sink)
-            client, server = trio.testing.memory_stream_pair()
-            nursery.start_soon(gateway.handle_http, server)
-            await client.send_all(post(body))
-            status, _, answer = await read_response(client, bytearray())
-            assert status == 202 and json.loads(answer)["accepted"] == 3     # valid readings, all durable
-            assert gateway.forwarder.pending == 0
-            assert gateway.forwarder.breaker.state == BreakerState.CLOSED
-            assert gateway.metrics.readings_rejected.labels("http", "sink_refused")._value.get() == 1
-            gateway.stop()
-        assert [r.device_id for b in sink.batches for r in b] == ["m-1", "m-3"]
-        spool = Spool(tmp_path / "data")
-        (rejection,) = list(spool.iter_rejections())
-        assert rejection["reason"] == "sink_refused" and rejection["device_id"] == "m-2"
-        assert json.loads(__import__("base64").b64decode(rejection["raw"]))["fields"] == {"time": 5}
-        spool.close()
-
-    trio.run(main)
+    async with trio.open_nursery() as nursery:
+        gateway = await nursery.start(gridgate.serve, config, sink)
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(gateway.handle_http, server)
+        await client.send_all(post(body))
+        status, _, answer = await read_response(client, bytearray())
+        assert status == 202 and json.loads(answer)["accepted"] == 3     # valid readings, all durable
+        assert gateway.forwarder.pending == 0
+        assert gateway.forwarder.breaker.state == BreakerState.CLOSED
+        assert gateway.metrics.readings_rejected.labels("http", "sink_refused")._value.get() == 1
+        gateway.stop()
+    assert [r.device_id for b in sink.batches for r in b] == ["m-1", "m-3"]
+    spool = Spool(tmp_path / "data")
+    (rejection,) = list(spool.iter_rejections())
+    assert rejection["reason"] == "sink_refused" and rejection["device_id"] == "m-2"
+    assert json.loads(base64.b64decode(rejection["raw"]))["fields"] == {"time": 5}
+    spool.close()

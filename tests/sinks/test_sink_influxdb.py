@@ -7,7 +7,6 @@ import itertools
 import random
 import shutil
 import socket
-import time
 
 import httpx
 import pytest
@@ -15,11 +14,22 @@ import trio
 
 from gridgate.ingest.records import Record
 from gridgate.sinks.influxdb import (
-    InfluxDBEncodeError, InfluxDBHTTPError, InfluxDBSink, InfluxDBUnavailableError, SinkWriteError,
+    InfluxDBEncodeError,
+    InfluxDBHTTPError,
+    InfluxDBSink,
+    InfluxDBUnavailableError,
+    SinkWriteError,
 )
 from gridgate.sinks.line_protocol import (
-    MAX_TIMESTAMP_NS, MIN_TIMESTAMP_NS, LineProtocolError, encode, encode_lines, escape_key,
-    escape_measurement, escape_tag_value, format_field_value,
+    MAX_TIMESTAMP_NS,
+    MIN_TIMESTAMP_NS,
+    LineProtocolError,
+    encode,
+    encode_lines,
+    escape_key,
+    escape_measurement,
+    escape_tag_value,
+    format_field_value,
 )
 from influxproc import InfluxProcess
 
@@ -200,7 +210,7 @@ def _mock_sink(handler, **kwargs) -> InfluxDBSink:
                         **kwargs)
 
 
-def test_sink_posts_gzip_chunks():
+async def test_sink_posts_gzip_chunks():
     requests: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -208,13 +218,9 @@ def test_sink_posts_gzip_chunks():
         return httpx.Response(204)
 
     records = [rec(f"d{i}", TS0 + i, {"v": i}) for i in range(7)]
-
-    async def main():
-        async with _mock_sink(handler, max_lines=3) as sink:
-            await sink.write(records)
-            await sink.write([])
-
-    trio.run(main)
+    async with _mock_sink(handler, max_lines=3) as sink:
+        await sink.write(records)
+        await sink.write([])
     assert len(requests) == 3
     bodies = []
     for request in requests:
@@ -227,79 +233,79 @@ def test_sink_posts_gzip_chunks():
     assert b"".join(bodies) == encode(records)
 
 
-def test_sink_error_answers():
+async def test_sink_error_answers():
     answers = iter([
         httpx.Response(400, json={"error": "partial write: field type conflict dropped=1"}),
         httpx.Response(404, json={"error": "database not found: \"tele db\""}),
         httpx.Response(500, text="boom"),
     ])
-
-    async def main():
-        async with _mock_sink(lambda request: next(answers)) as sink:
-            with pytest.raises(InfluxDBHTTPError, match="field type conflict") as info:
-                await sink.write([rec()])
-            assert (info.value.status, info.value.retryable) == (400, False)
-            with pytest.raises(InfluxDBHTTPError, match="database not found") as info:
-                await sink.write([rec()])
-            assert (info.value.status, info.value.retryable) == (404, True)
-            with pytest.raises(InfluxDBHTTPError, match="HTTP 500: boom"):
-                await sink.write([rec()])
-
-    trio.run(main)
+    async with _mock_sink(lambda request: next(answers)) as sink:
+        with pytest.raises(InfluxDBHTTPError, match="field type conflict") as info:
+            await sink.write([rec()])
+        assert (info.value.status, info.value.retryable) == (400, False)
+        with pytest.raises(InfluxDBHTTPError, match="database not found") as info:
+            await sink.write([rec()])
+        assert (info.value.status, info.value.retryable) == (404, True)
+        with pytest.raises(InfluxDBHTTPError, match="HTTP 500: boom"):
+            await sink.write([rec()])
 
 
-def test_sink_encode_error_sends_nothing():
+async def test_sink_encode_error_sends_nothing():
     requests = []
 
     def handler(request):
         requests.append(request)
         return httpx.Response(204)
 
-    async def main():
-        async with _mock_sink(handler, max_lines=2) as sink:
-            with pytest.raises(InfluxDBEncodeError) as info:
-                await sink.write([rec(), rec(), rec(), rec(fields={"x": float("inf")})])
-            assert info.value.index == 3
-            assert not info.value.retryable
-            assert isinstance(info.value, SinkWriteError)
-
-    trio.run(main)
+    async with _mock_sink(handler, max_lines=2) as sink:
+        with pytest.raises(InfluxDBEncodeError) as info:
+            await sink.write([rec(), rec(), rec(), rec(fields={"x": float("inf")})])
+        assert info.value.index == 3
+        assert not info.value.retryable
+        assert isinstance(info.value, SinkWriteError)
     assert requests == []
 
 
-def test_sink_times_out_on_a_silent_server():
+async def test_sink_deadline_is_timeout_s_exactly(autojump_clock):
+    # A server that takes the request and never answers, in memory: the
+    # sink's own deadline ends the write, at timeout_s to the nanosecond.
+    async def never_answers(request: httpx.Request) -> httpx.Response:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with _mock_sink(never_answers, timeout_s=0.5) as sink:
+        start = trio.current_time()
+        with pytest.raises(InfluxDBUnavailableError, match="timed out after 0.5 s") as info:
+            await sink.write([rec()])
+        assert trio.current_time() == start + 0.5
+        assert info.value.retryable
+
+
+async def test_sink_times_out_on_a_silent_server():
     # A listening socket that never accepts: the connection is made by the
-    # kernel, the request is sent, and no answer ever comes.
+    # kernel, the request is sent, and no answer ever comes. Real time (real
+    # sockets): the outcome is checked; the exact deadline is the test above.
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         port = listener.getsockname()[1]
-
-        async def main():
-            async with InfluxDBSink(f"http://127.0.0.1:{port}", timeout_s=0.5) as sink:
-                start = time.monotonic()
-                with pytest.raises(InfluxDBUnavailableError, match="timed out after 0.5 s"):
+        async with InfluxDBSink(f"http://127.0.0.1:{port}", timeout_s=0.5) as sink:
+            with trio.fail_after(30):          # a hang guard, should the deadline not work
+                with pytest.raises(InfluxDBUnavailableError, match="timed out after 0.5 s") as info:
                     await sink.write([rec()])
-                return time.monotonic() - start
-
-        elapsed = trio.run(main)
-    assert 0.4 < elapsed < 2.0
+        assert info.value.retryable
 
 
-def test_sink_connection_refused():
+async def test_sink_connection_refused():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]       # bound but not listening: refused
-
-        async def main():
-            with pytest.raises(InfluxDBUnavailableError, match="ConnectError"):
-                await InfluxDBSink.open(f"http://127.0.0.1:{port}", timeout_s=2)
-            async with InfluxDBSink(f"http://127.0.0.1:{port}", timeout_s=2) as sink:
-                with pytest.raises(InfluxDBUnavailableError) as info:
-                    await sink.write([rec()])
-                assert info.value.retryable
-
-        trio.run(main)
+        with pytest.raises(InfluxDBUnavailableError, match="ConnectError"):
+            await InfluxDBSink.open(f"http://127.0.0.1:{port}", timeout_s=2)
+        async with InfluxDBSink(f"http://127.0.0.1:{port}", timeout_s=2) as sink:
+            with pytest.raises(InfluxDBUnavailableError, match="ConnectError") as info:
+                await sink.write([rec()])
+            assert info.value.retryable
 
 
 # ---------------------------------------------------------------------------
@@ -322,8 +328,13 @@ def db() -> str:
     return f"gridgate test-{next(_db_counter)}"    # a space: the name is quoted and URL-encoded
 
 
-def _count(influx: InfluxProcess, db: str, field: str = "v", measurement: str = "telemetry") -> int:
-    rows = influx.rows(f'SELECT COUNT("{field}") FROM "{measurement}"', db)
+async def _rows(influx: InfluxProcess, q: str, db: str) -> list[dict]:
+    """``influx.rows`` on a worker thread (it blocks on urllib)."""
+    return await trio.to_thread.run_sync(influx.rows, q, db)
+
+
+async def _count(influx: InfluxProcess, db: str, field: str = "v", measurement: str = "telemetry") -> int:
+    rows = await _rows(influx, f'SELECT COUNT("{field}") FROM "{measurement}"', db)
     return rows[0]["count"] if rows else 0
 
 
@@ -347,7 +358,7 @@ def _random_tag_values(n: int) -> list[str]:
 
 
 @needs_influxd
-def test_round_trip_exact(influx, db):
+async def test_round_trip_exact(influx, db):
     values = TRICKY_TAG_VALUES + _random_tag_values(300)
     strings = ["", "plain", 'say "hi"', "back\\slash", "end\\", '\\"', "two\nlines\r\n", "a,b=c d", "ü😀"]
     records = []
@@ -361,19 +372,13 @@ def test_round_trip_exact(influx, db):
                     "b": i % 3 == 0,
                     "s": strings[i % len(strings)]}))
 
-    async def main():
-        sink = await InfluxDBSink.open(influx.url, db, max_lines=128)
-        try:
-            await sink.write(records)
-        finally:
-            await sink.aclose()
+    async with await InfluxDBSink.open(influx.url, db, max_lines=128) as sink:
+        await sink.write(records)
 
-    trio.run(main)
-
-    types = {row["fieldKey"]: row["fieldType"] for row in influx.rows('SHOW FIELD KEYS FROM "telemetry"', db)}
+    types = {row["fieldKey"]: row["fieldType"] for row in await _rows(influx, 'SHOW FIELD KEYS FROM "telemetry"', db)}
     assert types == {"v": "integer", "f": "float", "b": "boolean", "s": "string"}
     got = {}
-    for row in influx.rows('SELECT * FROM "telemetry" GROUP BY *', db):
+    for row in await _rows(influx, 'SELECT * FROM "telemetry" GROUP BY *', db):
         tags = {k: row[k] for k in ("device_id", "site", "k ey,=x", "empty", "zone") if row.get(k)}
         got[row["time"]] = (tags, {k: row[k] for k in ("v", "f", "b", "s")})
     expected = {r.ts_ns: ({"device_id": r.device_id, "site": r.tags["site"], "k ey,=x": r.tags["k ey,=x"],
@@ -387,89 +392,80 @@ def test_round_trip_exact(influx, db):
 
 
 @needs_influxd
-def test_same_batch_twice_is_idempotent(influx, db):
+async def test_same_batch_twice_is_idempotent(influx, db):
+    # InfluxDB's side of replays: a point written again is overwritten, not added.
     records = [rec(f"d{i % 10}", TS0 + i, {"v": i}, {"zone": "a b"}) for i in range(500)]
-
-    async def main():
-        async with await InfluxDBSink.open(influx.url, db, max_lines=200) as sink:
-            await sink.write(records)
-            await sink.write(records)
-        # A replay chunked differently, with newer field values: same points, overwritten.
-        async with await InfluxDBSink.open(influx.url, db, max_lines=77) as sink:
-            await sink.write([rec(r.device_id, r.ts_ns, {"v": -r.fields["v"]}, r.tags) for r in records])
-
-    trio.run(main)
-    assert _count(influx, db) == 500
-    assert influx.rows('SELECT SUM("v") FROM "telemetry"', db)[0]["sum"] == -sum(range(500))
+    async with await InfluxDBSink.open(influx.url, db, max_lines=200) as sink:
+        await sink.write(records)
+        await sink.write(records)
+    # A replay chunked differently, with newer field values: same points, overwritten.
+    async with await InfluxDBSink.open(influx.url, db, max_lines=77) as sink:
+        await sink.write([rec(r.device_id, r.ts_ns, {"v": -r.fields["v"]}, r.tags) for r in records])
+    assert await _count(influx, db) == 500
+    assert (await _rows(influx, 'SELECT SUM("v") FROM "telemetry"', db))[0]["sum"] == -sum(range(500))
 
 
 @needs_influxd
-def test_ten_thousand_records_in_one_write(influx, db):
+async def test_ten_thousand_records_in_one_write(influx, db):
     records = [rec(f"meter-{i % 997:04d}", TS0 + i, {"v": i, "temperature_mc": 20000 + i % 50},
                    {"region": "shanghai", "site": "factory-a"}) for i in range(10_000)]
-
-    async def main():
-        async with await InfluxDBSink.open(influx.url, db, max_lines=3000) as sink:
-            await sink.write(records)
-
-    trio.run(main)
-    assert _count(influx, db) == 10_000
-    assert influx.rows('SELECT SUM("v") FROM "telemetry"', db)[0]["sum"] == sum(range(10_000))
+    async with await InfluxDBSink.open(influx.url, db, max_lines=3000) as sink:
+        await sink.write(records)
+    assert await _count(influx, db) == 10_000
+    assert (await _rows(influx, 'SELECT SUM("v") FROM "telemetry"', db))[0]["sum"] == sum(range(10_000))
 
 
 @needs_influxd
-def test_open_creates_database_and_custom_measurement(influx, db):
-    async def main():
-        async with await InfluxDBSink.open(influx.url, db, "readings, v2") as sink:
+async def test_open_creates_database_and_custom_measurement(influx, db):
+    async with await InfluxDBSink.open(influx.url, db, "readings, v2") as sink:
+        await sink.write([rec()])
+    async with await InfluxDBSink.open(influx.url, db, "readings, v2"):   # exists already: fine
+        pass
+    databases = await trio.to_thread.run_sync(influx.query, "SHOW DATABASES")
+    assert [db] in databases["results"][0]["series"][0]["values"]
+    assert await _count(influx, db, "battery_mv", "readings, v2") == 1
+
+
+@needs_influxd
+async def test_server_errors_carry_its_text(influx, db):
+    async with InfluxDBSink(influx.url, db) as sink:      # no CREATE DATABASE
+        with pytest.raises(InfluxDBHTTPError, match="database not found") as info:
             await sink.write([rec()])
-        async with await InfluxDBSink.open(influx.url, db, "readings, v2"):   # exists already: fine
-            pass
+        assert info.value.status == 404 and info.value.retryable
+        await sink.create_database()
+        await sink.write([rec(fields={"v": 1})])
+        with pytest.raises(InfluxDBHTTPError, match="field type conflict") as info:
+            await sink.write([rec(ts_ns=TS0 + 1, fields={"v": 1.5})])
+        assert info.value.status == 400 and not info.value.retryable
 
-    trio.run(main)
-    assert [db] in influx.query("SHOW DATABASES")["results"][0]["series"][0]["values"]
-    assert _count(influx, db, "battery_mv", "readings, v2") == 1
 
-
-@needs_influxd
-def test_server_errors_carry_its_text(influx, db):
-    async def main():
-        async with InfluxDBSink(influx.url, db) as sink:      # no CREATE DATABASE
-            with pytest.raises(InfluxDBHTTPError, match="database not found") as info:
-                await sink.write([rec()])
-            assert info.value.status == 404 and info.value.retryable
-            await sink.create_database()
-            await sink.write([rec(fields={"v": 1})])
-            with pytest.raises(InfluxDBHTTPError, match="field type conflict") as info:
-                await sink.write([rec(ts_ns=TS0 + 1, fields={"v": 1.5})])
-            assert info.value.status == 400 and not info.value.retryable
-
-    trio.run(main)
+@pytest.fixture
+def own_influx(tmp_path):
+    """An influxd of this test's own, to kill."""
+    proc = InfluxProcess(tmp_path / "influxd")
+    proc.start()
+    yield proc
+    proc.stop()
 
 
 @needs_influxd
-def test_killed_server_raises_then_recovers(tmp_path, db):
-    influx = InfluxProcess(tmp_path / "influxd")
-    influx.start()
-    try:
-        timeout_s = 2.0
+async def test_killed_server_raises_then_recovers(own_influx, db):
+    influx = own_influx
 
-        async def write(sink, start):
-            await sink.write([rec(f"d{i}", TS0 + start + i, {"v": i}) for i in range(100)])
+    async def write(sink, start):
+        await sink.write([rec(f"d{i}", TS0 + start + i, {"v": i}) for i in range(100)])
 
-        async def main():
-            async with await InfluxDBSink.open(influx.url, db, timeout_s=timeout_s) as sink:
-                await write(sink, 0)
-                influx.kill()                   # SIGKILL: no shutdown, no flush
-                t0 = time.monotonic()
-                with pytest.raises(InfluxDBUnavailableError) as info:
-                    await write(sink, 1000)
-                assert time.monotonic() - t0 < timeout_s + 0.5
-                assert info.value.retryable
-                influx.restart()                # same dirs, same port
-                await write(sink, 2000)         # the same sink reconnects
-
-        trio.run(main)
-        # What was acknowledged before the kill survived it.
-        assert _count(influx, db) == 200
-    finally:
-        influx.stop()
+    async with await InfluxDBSink.open(influx.url, db, timeout_s=2.0) as sink:
+        await write(sink, 0)
+        await trio.to_thread.run_sync(influx.kill)       # SIGKILL: no shutdown, no flush
+        with pytest.raises(InfluxDBUnavailableError) as info:
+            await write(sink, 1000)
+        # failed from the dead connection, not by waiting out timeout_s
+        assert isinstance(info.value.__cause__, httpx.TransportError)
+        assert not isinstance(info.value.__cause__, httpx.TimeoutException)
+        assert info.value.retryable
+        await trio.to_thread.run_sync(influx.restart)    # same dirs, same port
+        await write(sink, 2000)                          # the same sink reconnects
+    # What was acknowledged before the kill survived it; the failed write left nothing.
+    rows = await _rows(influx, 'SELECT "v" FROM "telemetry"', db)
+    assert sorted(row["time"] - TS0 for row in rows) == [*range(100), *range(2000, 2100)]
