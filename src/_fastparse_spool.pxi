@@ -40,18 +40,10 @@ import sqlite3 as _sw_sqlite3
 cdef extern from *:
     """
     #include <dlfcn.h>
-    #include <errno.h>
     #include <pthread.h>
-    #include <sys/stat.h>
     #include <unistd.h>
     typedef struct gg_sqlite3 gg_sqlite3;
     typedef struct gg_sqlite3_stmt gg_sqlite3_stmt;
-    static int gg_wal_size(const char *path, long long *size) {
-        struct stat st;
-        if (stat(path, &st) == 0) { *size = (long long)st.st_size; return 0; }
-        if (errno == ENOENT) { *size = 0; return 0; }
-        return -1;
-    }
     """
     ctypedef struct gg_sqlite3
     ctypedef struct gg_sqlite3_stmt
@@ -78,7 +70,6 @@ cdef extern from *:
     ssize_t write(int, const void *, size_t) nogil
     ssize_t read(int, void *, size_t) nogil
     int close(int) nogil
-    int gg_wal_size(const char *, long long *) nogil
 
 # The SQLite C API functions used, as pointers looked up once (_sw_load).
 ctypedef int (*_sw_open_v2_t)(const char *, gg_sqlite3 **, int, const char *) noexcept nogil
@@ -184,7 +175,6 @@ cdef struct _sw_state:
     int code                # SQLite primary result code of the failure
     long long used_bytes
     char err[512]
-    char wal_path[4096]
 
 
 def _sw_load(str library_path):
@@ -303,7 +293,7 @@ cdef int _sw_write(_sw_state *st) noexcept nogil:
     """One batch in one transaction, as gridgate.storage.spool.Spool.write_batch."""
     cdef gg_sqlite3_stmt *counter
     cdef int rc
-    cdef long long page_count, freelist, page_size, wal
+    cdef long long page_count, freelist, page_size
     if _sw_step_once(st, st.stmts[_SW_BEGIN]) < 0:
         return -1
     if (_sw_insert_rows(st, st.stmts[_SW_INSERT_PENDING if st.pending else _SW_INSERT_RECORD],
@@ -324,15 +314,12 @@ cdef int _sw_write(_sw_state *st) noexcept nogil:
         _sw_rollback(st)
         return -1
     if st.measure:
-        # gridgate.storage.spool.Spool.used_bytes: pages holding data plus the WAL
+        # gridgate.storage.spool.Spool.used_bytes: pages holding data (the
+        # WAL's pages are among them; its file's size is not)
         if (_sw_scalar(st, _SW_PAGE_COUNT, &page_count) < 0 or _sw_scalar(st, _SW_FREELIST_COUNT, &freelist) < 0
                 or _sw_scalar(st, _SW_PAGE_SIZE, &page_size) < 0):
             return -1
-        if gg_wal_size(st.wal_path, &wal) < 0:
-            st.code = 10                # SQLITE_IOERR
-            strncpy(st.err, b"cannot stat the spool's WAL file", 511)
-            return -1
-        st.used_bytes = (page_count - freelist) * page_size + wal
+        st.used_bytes = (page_count - freelist) * page_size
     return 0
 
 
@@ -435,10 +422,6 @@ cdef class SpoolWriter:
         st.record_rows_many = many_rows["insert_records_many"]
         st.rejection_rows_many = many_rows["insert_rejections_many"]
         self.path = path
-        cdef bytes wal = (path + "-wal").encode()
-        if len(wal) >= 4096:
-            raise ValueError("spool path too long")
-        strncpy(st.wal_path, wal, 4095)
         cdef bytes bpath = path.encode()
         cdef int rc = _sw_api.open_v2(bpath, &st.db, _SW_OPEN_READWRITE | _SW_OPEN_NOMUTEX, NULL)
         if rc != _SW_OK:

@@ -189,16 +189,20 @@ class Spool:
         return total
 
     def used_bytes(self) -> int:
-        """Bytes in use: pages holding data (replayed pending rows free theirs,
-        which SQLite reuses though the file does not shrink) plus the WAL."""
+        """Bytes in use: pages holding data. Replayed pending rows free
+        theirs, which SQLite reuses though the file does not shrink.
+
+        Not the WAL file: in WAL mode ``page_count`` already includes the
+        pages written to the WAL and not yet checkpointed, and the WAL file
+        itself never shrinks after a checkpoint (SQLite rewrites it from the
+        start), so counting its size kept a spool that had been full "full"
+        after every pending row was replayed. On disk the WAL adds at most
+        about its auto-checkpoint size (1,000 pages) to ``max_bytes``.
+        """
         db = self.db
         page_size: int = db.execute("PRAGMA page_size").fetchone()[0]
         pages: int = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
-        try:
-            wal = os.stat(f"{self.path}-wal").st_size
-        except FileNotFoundError:
-            wal = 0
-        return pages * page_size + wal
+        return pages * page_size
 
     def full(self) -> bool:
         return self.max_bytes > 0 and self.used_bytes() >= self.max_bytes

@@ -121,8 +121,6 @@ async def test_full_spool_with_the_sink_down_answers_503_and_loses_nothing(tmp_p
     assert seen["seqs"] == list(range(50 * (sent + 1)))
 
 
-@pytest.mark.xfail(strict=True, reason="Spool.used_bytes counts the WAL file, which SQLite never shrinks: once "
-                                       "full, the spool stays 'full' after every pending row is replayed")
 async def test_readyz_is_ready_again_once_the_pending_records_are_replayed(tmp_path):
     """About the spool's accounting, which both engines read alike through
     /readyz: run once, on the fast engine. DESIGN section 5: /readyz is 200
