@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 import gridgate
+from binaries import require
 from gridgate import _fastparse
 from gridgate.ingest import validator_py as _payload_py
 from gridgate.protocols.mqtt import codec_py as _mqtt_py
@@ -29,9 +30,23 @@ def payload_impl(request):
 @pytest.fixture
 async def start_gateway(nursery, tmp_path):
     """An embedded gateway in the test's own nursery (pytest-trio), the DESIGN
-    section 7 way: ``gateway = await start_gateway(sink, mqtt=MQTTConfig(...))``
-    runs ``await nursery.start(gridgate.serve, config, sink)`` on
-    ``make_config(tmp_path, **sections)``; the test's end cancels it."""
-    async def start(sink=None, **sections):
-        return await nursery.start(gridgate.serve, make_config(tmp_path, **sections), sink)
+    section 7 way: ``gateway = await start_gateway(custom_sink, mqtt=MQTTConfig(...))``
+    runs ``await nursery.start(gridgate.serve, config, custom_sink)`` on
+    ``make_config(tmp_path, **sections)``; the test's end cancels it. The
+    custom sink is positional so that ``sink=SinkConfig(...)`` stays the
+    ``[sink]`` section."""
+    async def start(custom_sink=None, /, **sections):
+        return await nursery.start(gridgate.serve, make_config(tmp_path, **sections), custom_sink)
     return start
+
+
+@pytest.fixture
+def influxd_binary() -> str:
+    """influxd's path: skipped without it on a developer's machine, failed in CI."""
+    return require("influxd")
+
+
+@pytest.fixture
+def nats_server_binary() -> str:
+    """nats-server's path: skipped without it on a developer's machine, failed in CI."""
+    return require("nats-server")

@@ -62,10 +62,6 @@ async def connect_memory(gateway, nursery, client_id: str, keepalive: int = 0):
     return client
 
 
-def run_with_clock(main) -> None:
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
 class GatedSink(MemorySink):
     """A sink whose writes wait until the test opens the gate."""
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+
+from binaries import require
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -161,8 +162,8 @@ def test_an_oversized_header_block_gets_431_and_a_close_not_a_hang(floor):
     assert data == _answer(b"431 Request Header Fields Too Large", b'{"error":"431"}', close=True)
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)")
 def test_wrk_2s_at_50_connections_is_all_2xx(floor):
+    require("wrk")
     result = procs.wrk(floor, 2, 50)
     assert result is not None
     assert result["answered"] > 0

@@ -12,7 +12,6 @@ import math
 import random
 import re
 import resource
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+from binaries import require
 from gatewayproc import GatewayProcess, gridgate_env, spool_stats
 from loadgen.device import OFFLINE_BUFFER, Device, DeviceOptions, drive
 from loadgen.limits import check_capacity, parse_ip_range
@@ -344,12 +344,12 @@ async def drain(stream: trio.abc.ReceiveStream) -> None:
         pass
 
 
-@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is not installed (.ci/run installs it)")
 async def test_1000_devices_against_mosquitto(tmp_path, nursery):
+    mosquitto = require("mosquitto")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    broker = await trio.lowlevel.open_process(["mosquitto", "-c", str(conf)], stderr=subprocess.PIPE)
+    broker = await trio.lowlevel.open_process([mosquitto, "-c", str(conf)], stderr=subprocess.PIPE)
     try:
         log = bytearray()
         with trio.fail_after(30):

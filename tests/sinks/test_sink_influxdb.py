@@ -5,7 +5,6 @@ import enum
 import gzip
 import itertools
 import random
-import shutil
 import socket
 
 import httpx
@@ -33,8 +32,7 @@ from gridgate.sinks.line_protocol import (
 )
 from influxproc import InfluxProcess
 
-needs_influxd = pytest.mark.skipif(shutil.which("influxd") is None,
-                                   reason="influxd not installed (apt-get install influxdb)")
+needs_influxd = pytest.mark.usefixtures("influxd_binary")
 
 TS0 = 1_732_406_400_123_000_000
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 
 import msgspec
 import pytest
@@ -24,8 +23,7 @@ from gridgate.sinks.nats import (
 )
 from natsproc import NatsCluster, NatsServer, free_port
 
-needs_nats = pytest.mark.skipif(shutil.which("nats-server") is None,
-                                reason="nats-server not installed (apt-get install nats-server)")
+needs_nats = pytest.mark.usefixtures("nats_server_binary")
 
 STREAM = "TELEMETRY"
 TEMPLATE = "telemetry.{region}.{device_id}"

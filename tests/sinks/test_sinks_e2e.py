@@ -41,13 +41,13 @@ from gridgate.config import MQTTConfig, NATSConfig, SinkConfig
 from gridgate.gateway import Gateway
 from gridgate.sinks.forwarding import BreakerState
 from gridgate.sinks.nats import msg_id
-from influxproc import InfluxProcess, influxd_path
+from influxproc import InfluxProcess
 from inprocess import make_config, read_exactly
 from mqtt_frames import gen_connack, gen_connect, gen_disconnect, gen_puback, gen_publish
-from natsproc import NATS_SERVER, NatsCluster, NatsServer
+from natsproc import NatsCluster, NatsServer
 
-needs_influxd = pytest.mark.skipif(influxd_path() is None, reason="influxd is not installed (Debian influxdb)")
-needs_nats = pytest.mark.skipif(NATS_SERVER is None, reason="nats-server is not installed")
+needs_influxd = pytest.mark.usefixtures("influxd_binary")
+needs_nats = pytest.mark.usefixtures("nats_server_binary")
 TS0 = 1_764_000_000_000          # ms; explicit device timestamps, as meters send them
 
 

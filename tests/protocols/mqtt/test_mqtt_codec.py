@@ -14,16 +14,43 @@ import random
 
 import pytest
 
-from gridgate.protocols.mqtt.codec_py import MQTT_ERROR_REASONS
 from gridgate.errors import MQTTProtocolError
+from gridgate.protocols.mqtt.codec_py import MQTT_ERROR_REASONS
 from gridgate.protocols.mqtt.events import (
-    PUBACK, PUBCOMP, PUBREC, PUBREL, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
-    Subscribe, Unsubscribe, Will,
+    PUBACK,
+    PUBCOMP,
+    PUBREC,
+    PUBREL,
+    Connect,
+    Disconnect,
+    PingReq,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    Subscribe,
+    Unsubscribe,
+    Will,
 )
 from mqtt_frames import (
-    gen_connack, gen_connect, gen_disconnect, gen_packet, gen_pingreq, gen_pingresp, gen_puback, gen_pubcomp,
-    gen_publish, gen_pubrec, gen_pubrel, gen_suback, gen_subscribe, gen_unsuback, gen_unsubscribe,
-    pack_remaining_length, pack_string,
+    gen_connack,
+    gen_connect,
+    gen_disconnect,
+    gen_packet,
+    gen_pingreq,
+    gen_pingresp,
+    gen_puback,
+    gen_pubcomp,
+    gen_publish,
+    gen_pubrec,
+    gen_pubrel,
+    gen_suback,
+    gen_subscribe,
+    gen_unsuback,
+    gen_unsubscribe,
+    pack_remaining_length,
+    pack_string,
 )
 
 MAX_PACKET = 268_435_455 + 5  # section 2.2.3: 4 length bytes + the type byte

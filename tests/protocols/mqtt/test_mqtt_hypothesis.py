@@ -16,20 +16,43 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gridgate import _fastparse
-from gridgate.protocols.mqtt import codec_py as _mqtt_py
 from gridgate.errors import MQTTProtocolError
+from gridgate.protocols.mqtt import codec_py as _mqtt_py
 from gridgate.protocols.mqtt.events import (
-    PUBACK, PUBCOMP, PUBREC, PUBREL, Connect, Disconnect, PingReq, PubAck, PubComp, Publish, PubRec, PubRel,
-    Subscribe, Unsubscribe, Will,
+    PUBACK,
+    PUBCOMP,
+    PUBREC,
+    PUBREL,
+    Connect,
+    Disconnect,
+    PingReq,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    Subscribe,
+    Unsubscribe,
+    Will,
 )
 from inprocess import split
 from mqtt_frames import (
-    gen_connack, gen_connect, gen_disconnect, gen_packet, gen_pingreq, gen_puback, gen_pubcomp, gen_publish,
-    gen_pubrec, gen_pubrel, gen_suback, gen_subscribe, gen_unsubscribe,
+    gen_connack,
+    gen_connect,
+    gen_disconnect,
+    gen_packet,
+    gen_pingreq,
+    gen_puback,
+    gen_pubcomp,
+    gen_publish,
+    gen_pubrec,
+    gen_pubrel,
+    gen_suback,
+    gen_subscribe,
+    gen_unsubscribe,
 )
 
 SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), deadline=None,

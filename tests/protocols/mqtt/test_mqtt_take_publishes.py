@@ -9,15 +9,14 @@ import os
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gridgate import _fastparse
-from gridgate.protocols.mqtt import codec_py as _mqtt_py
 from gridgate.ingest import validator_py as _payload_py
-from gridgate.protocols.mqtt.events import PingReq, Publish, PubRel
 from gridgate.ingest.records import Rejection
 from gridgate.ingest.rules import PayloadRules
+from gridgate.protocols.mqtt import codec_py as _mqtt_py
+from gridgate.protocols.mqtt.events import PingReq, Publish, PubRel
 
 TOPIC = "devices/m1/telemetry"
 READING = b'{"temperature": 21.5, "location": "sh/fa"}'
