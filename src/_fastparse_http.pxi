@@ -3,7 +3,7 @@
 # gridgate/protocols/http/parser_py.py is the reference; its module docstring is the
 # contract (grammar, refusals and their order, zero-copy rules). Both must
 # give the same requests and raise equal HTTPParseErrors on every input,
-# however it is split into reads (tests/test_http_parser.py, which also
+# however it is split into reads (tests/protocols/http/test_http_parser.py, which also
 # holds both to the std engine's h11 reader).
 #
 # Why compiled: the fast engine's whole point is that a request head costs

@@ -4,7 +4,7 @@
 # both implementations keep: the error reasons, their precedence, and the
 # zero-copy rules of Publish.payload. The two must return equal events and
 # raise equal MQTTProtocolErrors on every input, however it is split into
-# reads (tests/test_mqtt_codec.py, tests/test_mqtt_hypothesis.py).
+# reads (tests/protocols/mqtt/test_mqtt_codec.py, tests/protocols/mqtt/test_mqtt_hypothesis.py).
 #
 # Why compiled: every byte a device sends goes through feed(). Here one call
 # walks all complete packets of a 64 KiB read over a const unsigned char*,
@@ -183,7 +183,7 @@ cdef inline object _mq_slice(object view, Py_ssize_t start, Py_ssize_t stop):
     the bytes, it holds a reference, it has its own copy of the Py_buffer
     with shape/strides), then init_slice/init_len move buf and set len and
     shape[0]. The contiguity flags need no update: with stride == itemsize a
-    1-D view is C- and F-contiguous at any length. tests/test_mqtt_codec.py
+    1-D view is C- and F-contiguous at any length. tests/protocols/mqtt/test_mqtt_codec.py
     (TestZeroCopyPayload) checks the result against the Python twin's real
     slices: obj, readonly, len, nbytes, shape, strides, hash, re-slicing.
     """

@@ -6,7 +6,7 @@ src/_fastparse_payload.pxi uses: UTF-8 only, no NaN/Infinity literals, no
 numbers that overflow a double, no lone surrogate escapes. MessagePack is
 decoded with msgspec in both (the standard library has no MessagePack).
 docs/payload.md is the contract; both implementations must give identical
-results on every input (tests/test_payload_hypothesis.py).
+results on every input (tests/ingest/test_payload_hypothesis.py).
 """
 from __future__ import annotations
 

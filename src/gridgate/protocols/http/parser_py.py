@@ -6,7 +6,7 @@ parser lives per connection and is reused for every request on it (the
 fasthttp ``RequestCtx`` idea): after ``next()`` returns ``REQUEST`` the
 attributes describe the current request until the next ``feed()``/``next()``.
 
-The contract both implementations keep (tests/test_http_parser.py checks
+The contract both implementations keep (tests/protocols/http/test_http_parser.py checks
 them against each other and against the std engine's h11 reader on
 arbitrary bytes):
 

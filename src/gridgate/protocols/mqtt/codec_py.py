@@ -5,7 +5,7 @@ read and returns every complete packet now buffered as an event of
 gridgate.protocols.mqtt.events; the ``encode_*`` functions return the bytes of packets
 the server sends. The compiled twin, src/_fastparse_mqtt.pxi (module
 ``gridgate._fastparse``), must behave identically on every input: same
-events, same errors (tests/test_mqtt_codec.py, tests/test_mqtt_hypothesis.py).
+events, same errors (tests/protocols/mqtt/test_mqtt_codec.py, tests/protocols/mqtt/test_mqtt_hypothesis.py).
 Statement numbers (MQTT-x.y.z-n) and sections refer to MQTT Version 3.1.1
 (OASIS Standard, 29 October 2014).
 
