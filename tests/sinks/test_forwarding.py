@@ -5,22 +5,18 @@ exact), the spool's pending table, and a full spool with the sink down
 back)."""
 from __future__ import annotations
 
-import base64
-import json
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pytest
 import trio
 import trio.testing
 
-import gridgate
-from gridgate.config import ConnectionsConfig, HTTPConfig, PipelineConfig, SinkConfig, SpoolConfig
+from gridgate.config import SinkConfig
 from gridgate.ingest.records import Record, Rejection
 from gridgate.observability.metrics import Metrics
 from gridgate.sinks.forwarding import BreakerState, CircuitBreaker, Forwarder
 from gridgate.storage.spool import Spool
-from inprocess import MemorySink, make_config, post, read_response
+from inprocess import MemorySink
 
 
 async def test_breaker_opens_probes_and_closes_on_the_clock(autojump_clock):
@@ -229,108 +225,6 @@ def test_version_1_spool_is_upgraded_in_place(tmp_path):
     spool.close()
 
 
-# -- an embedded gateway ------------------------------------------------------------------
-
-
-class DownSink(MemorySink):
-    """A custom sink that fails until ``up`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = False
-
-    async def write(self, batch):
-        if not self.up:
-            raise ConnectionError("sink down")
-        await super().write(batch)
-
-
-def _numbered_request(seq: int) -> bytes:
-    """50 readings, each identified by its device and the request's ``seq``."""
-    return json.dumps([{"device_id": f"m-{i}", "temperature": 21.5, "seq": seq, "tags": {"pad": "x" * 200}}
-                       for i in range(50)]).encode()
-
-
-async def test_full_spool_with_the_sink_down_pushes_back_and_loses_nothing(tmp_path):
-    # Real time here: the spool works on a worker thread, which the autojump
-    # clock would leap over. Every wait below is bounded.
-    config = make_config(tmp_path, http=HTTPConfig(listen="", engine="fast", durable_timeout_s=0.5),
-                         spool=SpoolConfig(data_dir=str(tmp_path / "data"), max_bytes=256 * 1024),
-                         sink=SinkConfig(open_s=0.2, replay_max_records_per_s=1e6),
-                         pipeline=PipelineConfig(queue_max_items=4),
-                         connections=ConnectionsConfig(idle_timeout_s=3600))
-    sink = DownSink()
-    accepted: list[int] = []                    # the seq of each request answered 202
-    refused: list[int] = []                     # ... and 503
-    async with trio.open_nursery() as nursery:
-        gateway = await nursery.start(gridgate.serve, config, sink)
-        client, server = trio.testing.memory_stream_pair()
-        nursery.start_soon(gateway.handle_http, server)
-        buf = bytearray()
-        with trio.fail_after(60):
-            for seq in range(400):                      # until the spool is full
-                await client.send_all(post(_numbered_request(seq)))
-                status, headers, answer = await read_response(client, buf)
-                if status == 202:
-                    assert json.loads(answer)["accepted"] == 50
-                    accepted.append(seq)
-                    continue
-                assert status == 503 and "retry-after" in headers
-                refused.append(seq)
-                break
-        assert refused != [] and accepted != []
-        assert not gateway.spool.accepting_writes()
-        assert "max_bytes" in " ".join(gateway.not_ready_reasons())
-        assert sink.batches == []                       # every accepted reading is pending
-        sink.up = True                                  # the sink is back: pending drains, room returns
-        with trio.fail_after(60):
-            while gateway.forwarder.pending:
-                await trio.sleep(0.05)
-        gateway.stop()
-    # Every reading of every accepted request is in the sink exactly once. A
-    # refused request may have been written after its 503 (the pipeline
-    # retried it once there was room): at most once too. Nothing else.
-    stored = Counter((r.device_id, r.fields["seq"]) for b in sink.batches for r in b)
-    expected = {(f"m-{i}", seq) for seq in accepted for i in range(50)}
-    assert sorted(key for key in expected if stored[key] != 1)[:5] == []
-    assert sorted(key for key, n in stored.items() if n != 1)[:5] == []
-    assert sorted(stored.keys() - expected - {(f"m-{i}", seq) for seq in refused for i in range(50)})[:5] == []
-    spool = Spool(tmp_path / "data")
-    assert spool.pending_count() == 0
-    spool.close()
-
-
-class PickySink(MemorySink):
-    """Refuses, for good, any record with a field named ``time`` (as InfluxDB does)."""
-
-    async def write(self, batch):
-        for i, r in enumerate(batch):
-            if "time" in r.fields:
-                err = ValueError('field "time" is reserved')
-                err.index, err.retryable = i, False
-                raise err
-        await super().write(batch)
-
-
-async def test_a_record_the_sink_can_never_take_is_dead_lettered_not_retried_forever(tmp_path):
-    config = make_config(tmp_path, http=HTTPConfig(listen="", engine="fast"))
-    sink = PickySink()
-    body = json.dumps([{"device_id": "m-1", "humidity": 40}, {"device_id": "m-2", "time": 5},
-                       {"device_id": "m-3", "humidity": 41}]).encode()
-    async with trio.open_nursery() as nursery:
-        gateway = await nursery.start(gridgate.serve, config, sink)
-        client, server = trio.testing.memory_stream_pair()
-        nursery.start_soon(gateway.handle_http, server)
-        await client.send_all(post(body))
-        status, _, answer = await read_response(client, bytearray())
-        assert status == 202 and json.loads(answer)["accepted"] == 3     # valid readings, all durable
-        assert gateway.forwarder.pending == 0
-        assert gateway.forwarder.breaker.state == BreakerState.CLOSED
-        assert gateway.metrics.readings_rejected.labels("http", "sink_refused")._value.get() == 1
-        gateway.stop()
-    assert [r.device_id for b in sink.batches for r in b] == ["m-1", "m-3"]
-    spool = Spool(tmp_path / "data")
-    (rejection,) = list(spool.iter_rejections())
-    assert rejection["reason"] == "sink_refused" and rejection["device_id"] == "m-2"
-    assert json.loads(base64.b64decode(rejection["raw"]))["fields"] == {"time": 5}
-    spool.close()
+# The gateway-level cases (a full spool with the sink down answers 503 and
+# loses nothing; a record the sink can never take is dead-lettered
+# sink_refused) run on both HTTP engines in tests/protocols/http/test_http_sinks.py.

@@ -19,6 +19,7 @@ import trio.testing
 
 import gridgate
 from gridgate.config import ConnectionsConfig, HTTPConfig, PipelineConfig, SinkConfig, SpoolConfig
+from gridgate.sinks.forwarding import BreakerState
 from gridgate.storage.spool import Spool
 from inprocess import MemorySink, make_config, post, read_response
 
@@ -159,6 +160,7 @@ async def test_a_record_the_sink_can_never_take_is_dead_lettered_sink_refused(tm
             # valid readings, all durable: the sink's refusal is not the device's error
             assert (status, json.loads(answer)) == (202, {"accepted": 3, "rejected": 0, "errors": []})
             assert gateway.forwarder.pending == 0
+            assert gateway.forwarder.breaker.state == BreakerState.CLOSED     # a refusal is not a failure
             assert gateway.metrics.readings_rejected.labels("http", "sink_refused")._value.get() == 1
             gateway.stop()
     assert [r.device_id for b in sink.batches for r in b] == ["m-1", "m-3"]
