@@ -3,7 +3,7 @@ wrk, curl, stdbuf): skipped on a developer's machine that lacks one, a
 failure where every one must be there.
 
 CI (``.ci/run``) installs every binary the suite uses and sets
-``GRIDGATE_REQUIRE_BINARIES=1``: there a missing binary means the
+``REQUIRE_TEST_BINARIES=1``: there a missing binary means the
 installation broke, and a skip would hide that the test never ran.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 __all__ = ["REQUIRE_ENV", "require"]
 
-REQUIRE_ENV = "GRIDGATE_REQUIRE_BINARIES"
+REQUIRE_ENV = "REQUIRE_TEST_BINARIES"
 
 
 def require(name: str) -> str:
@@ -28,7 +28,7 @@ def require(name: str) -> str:
         The absolute path ``shutil.which`` finds; run that, not ``name``.
 
     Error handling: when ``name`` is not on PATH, ``pytest.fail`` if the
-    environment variable ``GRIDGATE_REQUIRE_BINARIES`` is ``1``, else
+    environment variable ``REQUIRE_TEST_BINARIES`` is ``1``, else
     ``pytest.skip``.
     """
     path = shutil.which(name)

@@ -1,5 +1,5 @@
 """tests/binaries.require: a missing program skips on a developer's machine
-and fails where GRIDGATE_REQUIRE_BINARIES=1 (CI)."""
+and fails where REQUIRE_TEST_BINARIES=1 (CI)."""
 from __future__ import annotations
 
 import os
