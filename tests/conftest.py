@@ -6,8 +6,11 @@ build must fail the suite loudly instead of testing the Python twin twice.
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 
 import gridgate
+from autojump import start_still
 from binaries import require
 from gridgate import _fastparse
 from gridgate.ingest import validator_py as _payload_py
@@ -36,7 +39,11 @@ async def start_gateway(nursery, tmp_path):
     custom sink is positional so that ``sink=SinkConfig(...)`` stays the
     ``[sink]`` section."""
     async def start(custom_sink=None, /, **sections):
-        return await nursery.start(gridgate.serve, make_config(tmp_path, **sections), custom_sink)
+        config = make_config(tmp_path, **sections)
+        if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+            # under autojump_clock: start with the clock standing still (tests/autojump.py)
+            return await start_still(nursery, config, custom_sink)
+        return await nursery.start(gridgate.serve, config, custom_sink)
     return start
 
 
