@@ -29,6 +29,7 @@ cdef enum:
     _HT_S_CHUNK_DATA = 3
     _HT_S_CHUNK_CRLF = 4
     _HT_S_LAST_CRLF = 5
+    _HT_MAX_EMPTY_LINES = 4      # empty lines ignored before a request line (the twin's MAX_EMPTY_LINES)
 
 cdef unsigned char[256] _ht_TCHAR
 cdef unsigned char[256] _ht_VCHAR
@@ -90,21 +91,6 @@ cdef inline Py_ssize_t _ht_find_crlf(const unsigned char* p, Py_ssize_t start, P
     return -1
 
 
-cdef inline Py_ssize_t _ht_find_head_end(const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
-    """Index of the first CR LF CR LF in p[start:end], or -1."""
-    cdef const unsigned char* q
-    cdef Py_ssize_t i = start
-    while i + 3 < end:
-        q = <const unsigned char*>memchr(p + i, 0x0D, end - i - 3)
-        if q == NULL:
-            return -1
-        i = q - p
-        if p[i + 1] == 0x0A and p[i + 2] == 0x0D and p[i + 3] == 0x0A:
-            return i
-        i += 1
-    return -1
-
-
 cdef class HTTPRequestParser:
     """Per-connection parser and request context (see gridgate/protocols/http/parser_py.py)."""
 
@@ -117,6 +103,13 @@ cdef class HTTPRequestParser:
     cdef Py_ssize_t _remaining
     cdef int _state
     cdef bytearray _chunks
+    cdef bint _fresh                 # the next head is a new request's
+    cdef int _hstate                 # 0: before the request line, 1: header lines
+    cdef int _empties
+    cdef int _hosts
+    cdef bint _te                    # a Transfer-Encoding field was seen
+    cdef bint _te_chunked            # ... and its last coding so far is chunked
+    cdef bint _te_other              # ... with a coding other than chunked before it
     cdef readonly str method
     cdef readonly str target
     cdef readonly str http_version
@@ -140,6 +133,7 @@ cdef class HTTPRequestParser:
         self._state = _HT_S_HEAD
         self._remaining = 0
         self._chunks = bytearray()
+        self._fresh = True
         self._reset_request()
 
     cdef void _reset_request(self):
@@ -155,6 +149,12 @@ cdef class HTTPRequestParser:
         self.content_length = -1
         self.chunked = False
         self.has_length = False
+        self._hstate = 0
+        self._empties = 0
+        self._hosts = 0
+        self._te = False
+        self._te_chunked = False
+        self._te_other = False
 
     cdef inline Py_ssize_t _len(self):
         if self._is_bytes:
@@ -198,7 +198,9 @@ cdef class HTTPRequestParser:
     def next(self) -> int:
         cdef Py_ssize_t end
         if self._state == _HT_S_HEAD:
-            self._reset_request()
+            if self._fresh:
+                self._reset_request()
+                self._fresh = False
             if not self._parse_head():
                 return NEED_DATA
         if self._state == _HT_S_LENGTH:
@@ -219,168 +221,235 @@ cdef class HTTPRequestParser:
             self._chunks = bytearray()
         self._state = _HT_S_HEAD
         self._scan = self._pos
+        self._fresh = True
         return REQUEST
 
     # -- head ------------------------------------------------------------------
 
     cdef bint _parse_head(self) except -1:
+        # Lines are taken as they arrive and judged byte by byte, so a head is
+        # refused at its first bad byte (the twin's docstring has the rules);
+        # only the line still arriving is walked again on the next call.
         cdef const unsigned char* p = self._ptr()
-        cdef Py_ssize_t n = self._len()
-        cdef Py_ssize_t pos = self._pos
-        cdef Py_ssize_t end = _ht_find_head_end(p, self._scan if self._scan > pos else pos, n)
-        cdef Py_ssize_t line_end
-        if end < 0:
-            if n - pos > self.max_header_bytes:
-                raise _ht_Error(431, "header_too_large", "request head exceeds max_header_bytes")
-            self._scan = n - 3 if n - 3 > pos else pos
-            return False
-        if end + 4 - pos > self.max_header_bytes:
+        cdef Py_ssize_t total = self._len()
+        cdef Py_ssize_t limit = self._pos + self.max_header_bytes
+        cdef Py_ssize_t n = total if total < limit else limit
+        cdef Py_ssize_t i = self._scan, eol
+        while i < n:
+            if p[i] == 0x0D:
+                if i + 1 >= n:
+                    break
+                if p[i + 1] != 0x0A:
+                    raise _ht_bad("bare CR in the request head")
+                if self._hstate == 1:
+                    self._end_of_head()
+                    self._pos = i + 2
+                    return True
+                # RFC 9112 2.2: a few empty lines before the request line are ignored
+                self._empties += 1
+                if self._empties > _HT_MAX_EMPTY_LINES:
+                    raise _ht_bad("too many empty lines before the request line")
+                i += 2
+            elif self._hstate == 0:
+                eol = self._request_line(p, i, n)
+                if eol < 0:
+                    break
+                self._hstate = 1
+                i = eol + 2
+            else:
+                eol = self._header_line(p, i, n)
+                if eol < 0:
+                    break
+                i = eol + 2
+            self._scan = i
+        if total > limit:
             raise _ht_Error(431, "header_too_large", "request head exceeds max_header_bytes")
-        line_end = _ht_find_crlf(p, pos, end + 2)
-        self._request_line(p, pos, line_end)
-        self._header_lines(p, line_end + 2, end + 2)
-        self._pos = end + 4
-        return True
+        return False
 
-    cdef int _request_line(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end) except -1:
-        cdef Py_ssize_t i = start
-        cdef Py_ssize_t m_end, t_start, t_end, v_start
-        while i < end and p[i] != 0x20:
+    cdef Py_ssize_t _request_line(self, const unsigned char* p, Py_ssize_t i, Py_ssize_t n) except -2:
+        """The index of the CR ending the request line at p[i], -1 until it is in."""
+        cdef Py_ssize_t start = i, method_end, target, target_end, version, k
+        cdef unsigned char c
+        cdef const char* shape = b"HTTP/d.d"       # d: a digit
+        while i < n and _ht_TCHAR[p[i]]:
             i += 1
-        m_end = i
-        if i == end:
-            raise _ht_bad("request line is not METHOD SP TARGET SP VERSION")
+        if i >= n:
+            return -1
+        if p[i] != 0x20 or i == start:
+            raise _ht_bad("method is not a token followed by SP")
+        method_end = i
         i += 1
-        t_start = i
-        while i < end and p[i] != 0x20:
+        target = i
+        while i < n and _ht_VCHAR[p[i]]:
             i += 1
-        t_end = i
-        if i == end:
-            raise _ht_bad("request line is not METHOD SP TARGET SP VERSION")
-        v_start = i + 1
-        i = v_start
-        while i < end:
-            if p[i] == 0x20:
-                raise _ht_bad("request line is not METHOD SP TARGET SP VERSION")
-            i += 1
-        # the twin refuses a bare CR or LF first: none of the checks below lets one through
-        for i in range(start, end):
-            if p[i] == 0x0D or p[i] == 0x0A:
-                raise _ht_bad("bare CR or LF in the request line")
-        if m_end == start:
-            raise _ht_bad("method is not a token")
-        for i in range(start, m_end):
-            if not _ht_TCHAR[p[i]]:
-                raise _ht_bad("method is not a token")
-        if t_end == t_start:
+        if i >= n:
+            return -1
+        if p[i] != 0x20 or i == target:
             raise _ht_bad("request target is empty or has bytes outside VCHAR")
-        for i in range(t_start, t_end):
-            if not _ht_VCHAR[p[i]]:
-                raise _ht_bad("request target is empty or has bytes outside VCHAR")
-        if end - v_start == 8 and memcmp(p + v_start, b"HTTP/1.", 7) == 0 and p[v_start + 7] == 0x31:
-            self.http_version = "1.1"
-        elif end - v_start == 8 and memcmp(p + v_start, b"HTTP/1.", 7) == 0 and p[v_start + 7] == 0x30:
-            self.http_version = "1.0"
-        elif (end - v_start == 8 and memcmp(p + v_start, b"HTTP/", 5) == 0 and 0x30 <= p[v_start + 5] <= 0x39
-              and p[v_start + 6] == 0x2E and 0x30 <= p[v_start + 7] <= 0x39):
-            raise _ht_Error(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
-        else:
+        target_end = i
+        i += 1
+        version = i
+        while i < n and i - version < 8:
+            k = i - version
+            c = p[i]
+            if k == 5 or k == 7:
+                if not 0x30 <= c <= 0x39:
+                    raise _ht_bad("malformed HTTP version")
+            elif c != <unsigned char>shape[k]:
+                raise _ht_bad("malformed HTTP version")
+            i += 1
+        if i >= n:
+            return -1
+        if p[i] != 0x0D:
             raise _ht_bad("malformed HTTP version")
-        if m_end - start == 4 and memcmp(p + start, b"POST", 4) == 0:
+        if i + 1 >= n:
+            return -1
+        if p[i + 1] != 0x0A:
+            raise _ht_bad("bare CR in the request line")
+        if p[version + 5] == 0x31 and p[version + 7] == 0x31:
+            self.http_version = "1.1"
+        elif p[version + 5] == 0x31 and p[version + 7] == 0x30:
+            self.http_version = "1.0"
+        else:
+            raise _ht_Error(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+        if method_end - start == 4 and memcmp(p + start, b"POST", 4) == 0:
             self.method = "POST"
-        elif m_end - start == 3 and memcmp(p + start, b"GET", 3) == 0:
+        elif method_end - start == 3 and memcmp(p + start, b"GET", 3) == 0:
             self.method = "GET"
         else:
-            self.method = PyUnicode_DecodeLatin1(<const char*>p + start, m_end - start, NULL)
-        self.target = PyUnicode_DecodeLatin1(<const char*>p + t_start, t_end - t_start, NULL)
+            self.method = PyUnicode_DecodeLatin1(<const char*>p + start, method_end - start, NULL)
+        self.target = PyUnicode_DecodeLatin1(<const char*>p + target, target_end - target, NULL)
+        return i
+
+    cdef Py_ssize_t _header_line(self, const unsigned char* p, Py_ssize_t i, Py_ssize_t n) except -2:
+        """The index of the CR ending the header line at p[i], -1 until it is in."""
+        cdef Py_ssize_t start = i, colon, v_start, v_end, j, m
+        cdef unsigned char c
+        cdef bytes name
+        cdef char* q
+        if p[i] == 0x20 or p[i] == 0x09:
+            raise _ht_bad("obs-fold (a header line starting with whitespace) is refused")
+        while i < n and _ht_TCHAR[p[i]]:
+            i += 1
+        if i >= n:
+            return -1
+        if p[i] != 0x3A or i == start:
+            raise _ht_bad("header field name is not a token followed by a colon")
+        colon = i
+        i += 1
+        while i < n and _ht_VALUE[p[i]]:
+            i += 1
+        if i >= n:
+            return -1
+        if p[i] != 0x0D:
+            raise _ht_bad("bare LF or a control byte in a header value")
+        if i + 1 >= n:
+            return -1
+        if p[i + 1] != 0x0A:
+            raise _ht_bad("bare CR in a header value")
+        v_start = colon + 1
+        v_end = i
+        while v_start < v_end and _ht_is_ows(p[v_start]):
+            v_start += 1
+        while v_end > v_start and _ht_is_ows(p[v_end - 1]):
+            v_end -= 1
+        m = colon - start
+        name = PyBytes_FromStringAndSize(NULL, m)
+        q = PyBytes_AS_STRING(name)
+        for j in range(m):
+            c = p[start + j]
+            q[j] = c + 0x20 if 0x41 <= c <= 0x5A else c
+        self.headers.append((name, PyBytes_FromStringAndSize(<const char*>p + v_start, v_end - v_start)))
+        self._field(p, start, m, v_start, v_end)
+        return i
+
+    cdef int _field(self, const unsigned char* p, Py_ssize_t name, Py_ssize_t m, Py_ssize_t v_start,
+                    Py_ssize_t v_end) except -1:
+        """One complete header field: the rules of the fields that frame the request."""
+        cdef Py_ssize_t i
+        cdef long long length
+        if _ht_lower_eq(p + name, m, b"content-length", 14):
+            if self.content_length >= 0:
+                raise _ht_bad("more than one Content-Length")
+            if v_end == v_start:
+                raise _ht_bad("Content-Length is not a decimal number")
+            for i in range(v_start, v_end):
+                if not 0x30 <= p[i] <= 0x39:
+                    raise _ht_bad("Content-Length is not a decimal number")
+            if self._te:
+                raise _ht_bad("both Transfer-Encoding and Content-Length")
+            if v_end - v_start > 18:
+                raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
+            length = 0
+            for i in range(v_start, v_end):
+                length = length * 10 + (p[i] - 0x30)
+            if length > self.max_body_bytes:
+                raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
+            self.content_length = length
+        elif _ht_lower_eq(p + name, m, b"transfer-encoding", 17):
+            if self.http_version == "1.0":
+                raise _ht_bad("Transfer-Encoding in an HTTP/1.0 request")
+            if self.content_length >= 0:
+                raise _ht_bad("both Transfer-Encoding and Content-Length")
+            self._te = True
+            self._codings(p, v_start, v_end)
+        elif _ht_lower_eq(p + name, m, b"host", 4):
+            self._hosts += 1
+            if self._hosts > 1:
+                raise _ht_bad("more than one Host header")
+        elif _ht_lower_eq(p + name, m, b"connection", 10):
+            self._connection_tokens(p, v_start, v_end)
+        elif _ht_lower_eq(p + name, m, b"expect", 6):
+            self.expect_continue = _ht_lower_eq(p + v_start, v_end - v_start, b"100-continue", 12)
+        elif _ht_lower_eq(p + name, m, b"content-type", 12):
+            self.content_type = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
+        elif _ht_lower_eq(p + name, m, b"content-encoding", 16):
+            self.content_encoding = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
         return 0
 
-    cdef int _header_lines(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end) except -1:
-        """Header lines in p[start:end], each ending with CR LF."""
+    cdef int _codings(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end) except -1:
+        """A Transfer-Encoding list: tokens, empty elements ignored (RFC 9110 5.6.1)."""
+        cdef Py_ssize_t i = start, a, b, j
+        while i <= end:
+            a = i
+            while i < end and p[i] != 0x2C:
+                i += 1
+            b = i
+            i += 1
+            while a < b and _ht_is_ows(p[a]):
+                a += 1
+            while b > a and _ht_is_ows(p[b - 1]):
+                b -= 1
+            if a == b:
+                continue
+            if self._te_chunked:
+                # RFC 9112 6.3: chunked must be the final coding, and applied once
+                raise _ht_bad("a transfer coding after chunked")
+            if _ht_lower_eq(p + a, b - a, b"chunked", 7):
+                self._te_chunked = True
+                continue
+            for j in range(a, b):
+                if not _ht_TCHAR[p[j]]:
+                    raise _ht_bad("malformed transfer coding")
+            self._te_other = True
+        return 0
+
+    cdef int _end_of_head(self) except -1:
         cdef bint http11 = self.http_version == "1.1"
-        cdef int hosts = 0
-        cdef bint te = False
-        cdef Py_ssize_t line = start, eol, colon, v_start, v_end, i, n
-        cdef long long length
-        cdef unsigned char c
-        cdef bytes name, value
-        cdef char* q
-        while line < end:
-            eol = _ht_find_crlf(p, line, end)
-            if eol == line:
-                raise _ht_bad("empty header line")
-            if p[line] == 0x20 or p[line] == 0x09:
-                raise _ht_bad("obs-fold (a header line starting with whitespace) is refused")
-            colon = line
-            while colon < eol and p[colon] != 0x3A:
-                colon += 1
-            if colon == eol or colon == line:
-                raise _ht_bad("header line without a field name and colon")
-            for i in range(line, colon):
-                if not _ht_TCHAR[p[i]]:
-                    raise _ht_bad("header field name is not a token")
-            v_start = colon + 1
-            v_end = eol
-            while v_start < v_end and _ht_is_ows(p[v_start]):
-                v_start += 1
-            while v_end > v_start and _ht_is_ows(p[v_end - 1]):
-                v_end -= 1
-            for i in range(v_start, v_end):
-                if not _ht_VALUE[p[i]]:
-                    raise _ht_bad("control byte in a header value")
-            n = colon - line
-            name = PyBytes_FromStringAndSize(NULL, n)
-            q = PyBytes_AS_STRING(name)
-            for i in range(n):
-                c = p[line + i]
-                q[i] = c + 0x20 if 0x41 <= c <= 0x5A else c
-            value = PyBytes_FromStringAndSize(<const char*>p + v_start, v_end - v_start)
-            self.headers.append((name, value))
-            if _ht_lower_eq(p + line, n, b"content-length", 14):
-                if self.content_length >= 0:
-                    raise _ht_bad("more than one Content-Length")
-                if v_end == v_start:
-                    raise _ht_bad("Content-Length is not a decimal number")
-                for i in range(v_start, v_end):
-                    if not 0x30 <= p[i] <= 0x39:
-                        raise _ht_bad("Content-Length is not a decimal number")
-                if v_end - v_start > 18:
-                    raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
-                length = 0
-                for i in range(v_start, v_end):
-                    length = length * 10 + (p[i] - 0x30)
-                if length > self.max_body_bytes:
-                    raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
-                self.content_length = length
-            elif _ht_lower_eq(p + line, n, b"transfer-encoding", 17):
-                if te:
-                    raise _ht_Error(501, "not_implemented", "more than one Transfer-Encoding")
-                if not _ht_lower_eq(p + v_start, v_end - v_start, b"chunked", 7):
-                    raise _ht_Error(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
-                te = True
-            elif _ht_lower_eq(p + line, n, b"host", 4):
-                hosts += 1
-            elif _ht_lower_eq(p + line, n, b"connection", 10):
-                self._connection_tokens(p, v_start, v_end)
-            elif _ht_lower_eq(p + line, n, b"expect", 6):
-                self.expect_continue = _ht_lower_eq(p + v_start, v_end - v_start, b"100-continue", 12)
-            elif _ht_lower_eq(p + line, n, b"content-type", 12):
-                self.content_type = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
-            elif _ht_lower_eq(p + line, n, b"content-encoding", 16):
-                self.content_encoding = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
-            line = eol + 2
-        if hosts > 1 or (http11 and hosts == 0):
+        if http11 and self._hosts == 0:
             raise _ht_bad("HTTP/1.1 needs exactly one Host header")
-        if te and self.content_length >= 0:
-            raise _ht_bad("both Transfer-Encoding and Content-Length")
-        if te and not http11:
-            raise _ht_bad("Transfer-Encoding in an HTTP/1.0 request")
+        if self._te:
+            if not self._te_chunked:
+                # RFC 9112 6.3: without chunked last the body has no known end
+                raise _ht_bad("the final transfer coding is not chunked")
+            if self._te_other:
+                raise _ht_Error(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
         if not http11:
             self.keep_alive = False
             self.expect_continue = False
-        self.chunked = te
-        self.has_length = te or self.content_length >= 0
-        if te:
+        self.chunked = self._te
+        self.has_length = self._te or self.content_length >= 0
+        if self._te:
             self._state = _HT_S_CHUNK_LINE
         else:
             self._state = _HT_S_LENGTH

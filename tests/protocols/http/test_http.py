@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import re
 import socket
 import subprocess
 
@@ -186,6 +187,8 @@ HEAD = b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/jso
     (HEAD + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n", 400, "bad_request"),
     (HEAD + b"X-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\n{}", 400, "bad_request"),
     (HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501, "not_implemented"),
+    (HEAD + b"Transfer-Encoding: gzip\r\n\r\n{}", 400, "bad_request"),              # chunked not last
+    (HEAD + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "bad_request"),
     (HEAD + b"X-Big: " + b"a" * 20000 + b"\r\n\r\n", 431, "header_too_large"),
     (b"POST /v1/telemetry HTTP/2.0\r\nHost: x\r\n\r\n", 505, "version_not_supported"),
     (b"GARBAGE\r\n\r\n", 400, "bad_request"),
@@ -195,6 +198,49 @@ def test_request_smuggling_and_bad_heads_are_refused(gateway, raw, status, error
     assert reply.startswith(b"HTTP/1.1 %d " % status)
     assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"] == error
     assert spool_stats(gateway.data_dir)["records"] == 0
+
+
+# Heads that are already invalid, and never finished: the client waits.
+UNFINISHED = [
+    (b"\n", 400),
+    (b"\r\n" * 5, 400),
+    (b"POST /v1/telemetry http/1.1", 400),
+    (b"POST /v1/telemetry HTTP/3.0\r\n", 505),
+    (HEAD + b"Content-Length: 2\n", 400),
+    (HEAD + b"Content-Length: 2\rX", 400),
+    (HEAD + b"X-Folded: a\r\n b", 400),
+    (HEAD + b"X-Ctl: a\x00b", 400),
+    (HEAD + b"X-Bad : a", 400),
+    (HEAD + b"Content-Length: 2\r\nContent-Length: 2\r\n", 400),
+    (HEAD + b"Content-Length: 2, 2\r\n", 400),
+    (HEAD + b"Content-Length: 99999999999999999999999\r\n", 413),
+    (HEAD + b"Host: y\r\n", 400),
+    (HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n", 400),
+    (HEAD + b"Transfer-Encoding: chunked, gzip\r\n", 400),
+]
+
+
+@pytest.mark.parametrize("raw, status", UNFINISHED, ids=[repr(r)[2:50] for r, _ in UNFINISHED])
+def test_a_bad_head_is_answered_before_it_ends(gateway, raw, status):
+    """Answered at the bad byte: a server that waited for the end of the head
+    would close at header_timeout_s (1 s here) without a word."""
+    with socket.create_connection(gateway.http, timeout=10) as s:
+        s.sendall(raw)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 %d " % status)
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"] == {400: "bad_request", 413: "too_large",
+                                                                   505: "version_not_supported"}[status]
+    assert spool_stats(gateway.data_dir)["records"] == 0
+
+
+def test_empty_lines_before_a_request_line_are_ignored(gateway):
+    body = json.dumps(READING).encode()
+    reply = _exchange(gateway, b"\r\n" + _post_bytes(body) + b"\r\n\r\n"
+                      + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert re.findall(rb"HTTP/1\.1 (\d+) ", reply) == [b"202", b"200"]
+    assert spool_stats(gateway.data_dir)["records"] == 1
 
 
 def test_chunked_body_is_accepted(gateway):

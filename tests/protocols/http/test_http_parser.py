@@ -2,7 +2,9 @@
 and its pure-Python twin) and the std engine's reader (h11 plus the raw-head
 refusals). Examples with exact outcomes, then hypothesis on arbitrary and
 mutated bytes: all three accept the same requests (method, target, version,
-headers, body) or all refuse.
+headers, body) or all refuse, and a refusal of a head comes at the same byte in all three when
+they are fed one byte at a time (the first byte that cannot be part of a
+valid head).
 
 HYPOTHESIS_MAX_EXAMPLES raises the example count for a longer run.
 """
@@ -32,6 +34,14 @@ def http_impl(request):
     return FAST_IMPLS[request.param]
 
 
+def framed(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers with Transfer-Encoding as one ``chunked`` field at the end: h11
+    hands the std engine one field, lower-cased, where the fast parser keeps
+    the fields as sent (``chunked,`` or two fields are one valid list)."""
+    te = [(n, v) for n, v in headers if n == b"transfer-encoding"]
+    return [(n, v) for n, v in headers if n != b"transfer-encoding"] + [(b"transfer-encoding", b"chunked")] * bool(te)
+
+
 def run_fast(impl, chunks: list[bytes], max_head: int = MAX_HEAD, max_body: int = MAX_BODY):
     """(requests, end) with end "clean", "closed", "incomplete" or (status, error)."""
     parser = impl.HTTPRequestParser(max_head, max_body)
@@ -40,8 +50,8 @@ def run_fast(impl, chunks: list[bytes], max_head: int = MAX_HEAD, max_body: int 
         for chunk in chunks:
             parser.feed(chunk)
             while (state := parser.next()) == impl.REQUEST:
-                headers = [(n, v.lower() if n == b"transfer-encoding" else v) for n, v in parser.headers]
-                requests.append((parser.method, parser.target, parser.http_version, headers, bytes(parser.body)))
+                requests.append((parser.method, parser.target, parser.http_version, framed(parser.headers),
+                                 bytes(parser.body)))
                 if not parser.keep_alive:
                     return requests, "closed"
     except HTTPParseError as exc:
@@ -63,7 +73,7 @@ def run_std(data: bytes | list[bytes], max_head: int = MAX_HEAD, max_body: int =
             while (event := reader.next_event()) is not h11.NEED_DATA:
                 if type(event) is h11.Request:
                     current = (event.method.decode(), event.target.decode(), event.http_version.decode(),
-                               list(event.headers))
+                               framed(list(event.headers)))
                     body = bytearray()
                 elif type(event) is h11.Data:
                     body += event.data
@@ -81,12 +91,43 @@ def run_std(data: bytes | list[bytes], max_head: int = MAX_HEAD, max_body: int =
     return requests, "incomplete" if reader.raw_buffered else "clean"
 
 
+def refused_at(impl, data: bytes, max_head: int = MAX_HEAD, max_body: int = MAX_BODY):
+    """Fed one byte at a time: (index of the byte refused, status, error, in a
+    head), or None. ``impl`` is a fast parser module, or None for the std reader."""
+    parser = impl.HTTPRequestParser(max_head, max_body) if impl else StdRequestReader(max_head, max_body)
+    for i in range(len(data)):
+        try:
+            if impl:
+                parser.feed(data[i:i + 1])
+                while parser.next() == impl.REQUEST:
+                    if not parser.keep_alive:
+                        return None
+            else:
+                parser.receive_data(data[i:i + 1])
+                while (event := parser.next_event()) is not h11.NEED_DATA:
+                    if type(event) is h11.EndOfMessage:
+                        parser.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+                        parser.send(h11.EndOfMessage())
+                        if parser.conn.our_state is h11.MUST_CLOSE:
+                            return None
+                        parser.start_next_cycle()
+        except HTTPParseError as exc:
+            return i, exc.status, exc.error, not parser.head_done
+    return None
+
+
 def agree(data: bytes, cuts: list[int] = ()) -> tuple:
-    """Every parser, whole and chunked, gives the same outcome; returns it."""
+    """Every parser, whole, cut and byte by byte, gives the same outcome; returns it."""
     std = run_std(data)
     py = run_fast(_http_py, [data])
     c = run_fast(_fastparse, [data])
     assert py == c
+    at = refused_at(_http_py, data)
+    assert refused_at(_fastparse, data) == at
+    std_at = refused_at(None, data)
+    refusals = [r for r in (at, std_at) if r]
+    if refusals and min(refusals)[3]:        # first refused in a head: the same byte, the same answer
+        assert std_at == at
     if cuts:
         chunks = split(data, list(cuts))
         assert run_fast(_http_py, chunks) == run_fast(_fastparse, chunks) == py
@@ -174,8 +215,14 @@ def test_post_without_length_has_an_empty_body(http_impl):
     (POST + b"Content-Length: 2, 2\r\n\r\n{}", 400, "bad_request"),               # comma list
     (POST + b"Content-Length: +2\r\n\r\n{}", 400, "bad_request"),
     (POST + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "bad_request"),
-    (POST + b"Transfer-Encoding: gzip\r\n\r\n", 501, "not_implemented"),
-    (POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 501, "not_implemented"),
+    (POST + b"Transfer-Encoding: gzip\r\n\r\n", 400, "bad_request"),              # chunked not last
+    (POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501, "not_implemented"),
+    (POST + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n", 501, "not_implemented"),
+    (POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: chunked, gzip\r\n\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: chunked;x=1\r\n\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: \r\n\r\n", 400, "bad_request"),
+    (b"\r\n" * 5 + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),   # one empty line too many
     (POST + b"X-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),  # obs-fold
     (POST + b"X-Bad : a\r\n\r\n", 400, "bad_request"),                           # space before colon
     (POST + b"X-Ctl: a\x01b\r\n\r\n", 400, "bad_request"),
@@ -204,11 +251,71 @@ def test_refusals(http_impl, data, status, error):
 def test_refusals_match_std_where_it_knows_the_status():
     for data, status in [(post(b"{}", b"Content-Length: 2\r\n"), 400),
                          (POST + b"X-Folded: a\r\n b\r\n\r\n", 400),
-                         (POST + b"Transfer-Encoding: gzip\r\n\r\n", 501),
+                         (POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501),
+                         (POST + b"Transfer-Encoding: gzip\r\n\r\n", 400),
                          (b"POST / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
                          (POST + b"Content-Length: 65\r\n\r\n", 413),
                          (POST + b"X-Long: " + b"a" * MAX_HEAD + b"\r\n\r\n", 431)]:
         assert run_std(data)[1][0] == status == run_fast(_fastparse, [data])[1][0]
+
+
+# Heads that are already invalid at their last byte, and not one byte earlier.
+EARLY = [
+    (b"\n", 400),                                                           # bare LF
+    (b"\r\n" * 5, 400),                                                     # too many empty lines
+    (b"\r\nG\x00", 400),
+    (b"GET  ", 400),                                                         # empty target
+    (b"GET / h", 400),
+    (b"GET / HTTP/1.x", 400),
+    (b"GET / HTTP/1.1 ", 400),
+    (b"GET / HTTP/1.1\n", 400),
+    (b"GET / HTTP/1.1\rX", 400),
+    (b"GET / HTTP/2.0\r\n", 505),
+    (b"GET / HTTP/1.1\r\n ", 400),                                           # whitespace before the first field
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\t", 400),                               # obs-fold
+    (b"GET / HTTP/1.1\r\nX ", 400),
+    (b"GET / HTTP/1.1\r\n:", 400),
+    (b"GET / HTTP/1.1\r\nX-A: a\x01", 400),
+    (b"GET / HTTP/1.1\r\nX-A: a\x7f", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\r", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 1,1\r\n", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n", 413),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", 400),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n", 400),
+]
+
+
+@pytest.mark.parametrize("data, status", EARLY, ids=[repr(d)[2:40] for d, _ in EARLY])
+def test_a_bad_head_is_refused_at_its_first_bad_byte(data, status):
+    """Each parser, fed one byte at a time: nothing before the last byte is
+    refused, the last one is, with the same status in all three."""
+    error = "bad_request" if status == 400 else {413: "too_large", 505: "version_not_supported"}[status]
+    for impl in (_http_py, _fastparse, None):
+        assert refused_at(impl, data) == (len(data) - 1, status, error, True)
+    before = "incomplete" if len(data) > 1 else "clean"
+    assert run_fast(_http_py, [data[:-1]]) == run_fast(_fastparse, [data[:-1]]) == ([], before)
+    assert run_std(data[:-1]) == ([], before)
+
+
+@pytest.mark.parametrize("empties", [1, 2, 4])
+def test_empty_lines_before_a_request_line_are_ignored(empties):
+    """RFC 9112 2.2, e.g. the CRLF old clients send after a POST body."""
+    data = post(b"{}") + b"\r\n" * empties + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    requests, end = agree(data, [len(post(b"{}")) + 1])
+    assert end == "clean" and [r[:2] for r in requests] == [("POST", "/v1/telemetry"), ("GET", "/healthz")]
+
+
+@pytest.mark.parametrize("te", [b"chunked,", b", chunked", b"CHUNKED", b"chunked\r\nTransfer-Encoding: "])
+def test_a_transfer_encoding_list_with_empty_elements_is_chunked(te):
+    """RFC 9110 5.6.1: empty list elements are ignored, a list may span fields."""
+    data = POST + b"Transfer-Encoding: " + te + b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    requests, end = agree(data)
+    assert end == "clean" and requests[0][4] == b"{}"
 
 
 def test_slow_sender_costs_linear_time(http_impl):
@@ -233,12 +340,15 @@ def mostly(good: list[bytes], bad: list[bytes], weight: int = 6):
 
 TOKENS = mostly([b"POST", b"GET"], [b"PUT", b"get", b"P\x00ST", b"", b"GE T", b"M!#$"])
 TARGETS = mostly([b"/v1/telemetry", b"/"], [b"*", b"/a?b=c", b"/\x7f", b"/\xff", b"", b"/a b"])
-VERSIONS = mostly([b"HTTP/1.1"], [b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.2", b"HTTP/1", b"http/1.1", b"HTTP/1.1 "], 10)
+VERSIONS = mostly([b"HTTP/1.1"], [b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.2", b"HTTP/1", b"http/1.1", b"HTTP/1.1 ",
+                                  b"HTTP/1.x", b"HTTP/11.1"], 10)
+LEADING = mostly([b""], [b"\r\n", b"\r\n\r\n", b"\r\n" * 4, b"\r\n" * 5, b"\n", b"\r"], 20)
 HEADER_NAMES = mostly([b"Content-Type", b"X-A", b"Connection", b"Expect"],
                       [b"Host", b"Content-Length", b"Transfer-Encoding", b"host", b"X A", b"", b"X-\xff"], 12)
 HEADER_VALUES = mostly([b"x", b"a\tb", b"keep-alive", b"100-continue"],
                        [b"0", b"2", b"2, 2", b" 2 ", b"chunked", b"Chunked", b"gzip", b"close", b"", b"a\x01",
-                        b"\xe4", b"a\rb", b"65", b"99999999999999999999999"], 12)
+                        b"\xe4", b"a\rb", b"65", b"99999999999999999999999", b"chunked, gzip", b"gzip, chunked",
+                        b"chunked,", b", chunked", b"chunked;q=1", b"a\x7f"], 12)
 SEPARATORS = mostly([b": ", b":"], [b" :", b":\t", b"::"], 8)
 EOLS = mostly([b"\r\n"], [b"\n", b"\r", b"\r\n "], 30)
 
@@ -256,7 +366,7 @@ def chunked_bodies(draw):
 
 @st.composite
 def requests(draw):
-    head = draw(TOKENS) + b" " + draw(TARGETS) + b" " + draw(VERSIONS) + draw(EOLS)
+    head = draw(LEADING) + draw(TOKENS) + b" " + draw(TARGETS) + b" " + draw(VERSIONS) + draw(EOLS)
     headers = draw(st.lists(st.tuples(HEADER_NAMES, SEPARATORS, HEADER_VALUES), max_size=4))
     if draw(st.integers(0, 9)):
         headers.insert(draw(st.integers(0, len(headers))), (b"Host", b": ", b"gw"))

@@ -10,21 +10,36 @@ The contract both implementations keep (tests/protocols/http/test_http_parser.py
 them against each other and against the std engine's h11 reader on
 arbitrary bytes):
 
-* The head is everything up to the first CRLF CRLF. Longer than
-  ``max_header_bytes`` (complete or not) -> 431 ``header_too_large``.
-* Lines end with CRLF; a bare CR or LF in the head -> 400.
-* Request line: ``token SP 1*VCHAR SP HTTP/1.0|HTTP/1.1``; another
-  ``HTTP/d.d`` -> 505 ``version_not_supported``; anything else -> 400.
+* Refusal at the first bad byte: the head is judged as it arrives, so a
+  head that can no longer be a prefix of a valid one is refused then, not
+  when (if ever) its end arrives. Every byte is judged by its class at once;
+  a header field's own rules (Content-Length, Transfer-Encoding, Host) when
+  its line's CRLF is in; what needs the whole head (a missing Host, the final
+  transfer coding) at the empty line that ends it.
+* The head is up to and including the first empty line. When it cannot end
+  within ``max_header_bytes`` (counted from its first byte, leading empty
+  lines included) -> 431 ``header_too_large``; a bad byte inside that window
+  is refused (400) first.
+* Up to ``MAX_EMPTY_LINES`` empty lines (CRLF) before the request line are
+  ignored (RFC 9112 2.2); one more -> 400.
+* Lines end with CRLF; a bare CR or LF anywhere in the head -> 400.
+* Request line: ``token SP 1*VCHAR SP HTTP/DIGIT.DIGIT CRLF``; a version
+  other than 1.0 and 1.1 -> 505 ``version_not_supported`` once the line is
+  in; anything else (``http/1.1``, a trailing space...) -> 400.
 * Header line: ``token ":" OWS value OWS``; value bytes are HTAB, SP,
   VCHAR or obs-text (no other control byte). A line starting with SP or HTAB
   (obs-fold) -> 400: folding is a request-smuggling vector (RFC 9112 5.2).
-* Framing (RFC 9112 6): a second Content-Length, even an identical one,
-  -> 400; Content-Length must be 1*DIGIT; Transfer-Encoding other than
-  ``chunked``, or twice -> 501; both Transfer-Encoding and Content-Length,
-  or Transfer-Encoding in HTTP/1.0 -> 400; Content-Length above
-  ``max_body_bytes`` -> 413. No length at all: an empty body
-  (``has_length`` is false so the API can answer 411).
-* Host: exactly one in HTTP/1.1, at most one in HTTP/1.0, else 400.
+* Framing (RFC 9112 6), field by field: a second Content-Length, even an
+  identical one, -> 400; Content-Length must be 1*DIGIT; Content-Length
+  with Transfer-Encoding, or Transfer-Encoding in HTTP/1.0 -> 400;
+  Content-Length above ``max_body_bytes`` -> 413. Transfer-Encoding is a
+  list of codings (tokens; empty elements ignored, RFC 9110 5.6.1) over all
+  its fields: a coding after ``chunked`` (chunked twice, or not last) -> 400
+  when seen; at the end of the head, a last coding other than ``chunked``
+  -> 400 (RFC 9112 6.3), another coding before ``chunked`` -> 501. No length
+  at all: an empty body (``has_length`` is false so the API can answer 411).
+* Host: a second one -> 400 when seen; none in HTTP/1.1 -> 400 at the end
+  of the head.
 * Chunked bodies: a chunk line is 1-20 hex digits, then either a chunk
   extension (``;`` and anything but LF, ignored) or optional SP/HTAB, then
   CRLF; chunk data is followed by CRLF. The decoded size is held to
@@ -54,6 +69,8 @@ _VALUE = frozenset([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _DIGITS = frozenset(b"0123456789")
 _OWS = b" \t"
+_VERSION = b"HTTP/d.d"           # d: a digit
+MAX_EMPTY_LINES = 4              # empty lines ignored before a request line (RFC 9112 2.2)
 
 # states of the body reader
 _S_HEAD, _S_LENGTH, _S_CHUNK_LINE, _S_CHUNK_DATA, _S_CHUNK_CRLF, _S_LAST_CRLF = range(6)
@@ -69,10 +86,11 @@ class HTTPRequestParser:
         self.max_body_bytes = max_body_bytes
         self._buf: bytes | bytearray = b""
         self._pos = 0
-        self._scan = 0                   # where the CRLF CRLF search resumes
+        self._scan = 0                   # the first head line not yet taken
         self._state = _S_HEAD
         self._remaining = 0              # body bytes (or chunk bytes) still expected
         self._chunks = bytearray()
+        self._fresh = True               # the next head is a new request's
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -88,6 +106,12 @@ class HTTPRequestParser:
         self.content_length = -1
         self.chunked = False
         self.has_length = False
+        self._hstate = 0                 # 0: before the request line, 1: header lines
+        self._empties = 0
+        self._hosts = 0
+        self._te = False                 # a Transfer-Encoding field was seen
+        self._te_chunked = False         # ... and its last coding so far is chunked
+        self._te_other = False           # ... with a coding other than chunked before it
 
     @property
     def buffered(self) -> int:
@@ -120,7 +144,9 @@ class HTTPRequestParser:
     def next(self) -> int:
         """Advance: NEED_DATA, HEAD (body pending) or REQUEST (all ready)."""
         if self._state == _S_HEAD:
-            self._reset_request()
+            if self._fresh:
+                self._reset_request()
+                self._fresh = False
             if not self._parse_head():
                 return NEED_DATA
         if self._state == _S_LENGTH:
@@ -136,6 +162,7 @@ class HTTPRequestParser:
             self._chunks = bytearray()
         self._state = _S_HEAD
         self._scan = self._pos
+        self._fresh = True
         return REQUEST
 
     def _slice(self, start: int, end: int) -> bytes | memoryview:
@@ -146,104 +173,183 @@ class HTTPRequestParser:
     # -- head ------------------------------------------------------------------
 
     def _parse_head(self) -> bool:
-        buf, pos = self._buf, self._pos
-        end = buf.find(b"\r\n\r\n", max(self._scan, pos))
-        if end < 0:
-            if len(buf) - pos > self.max_header_bytes:
-                raise HTTPParseError(431, "header_too_large", "request head exceeds max_header_bytes")
-            self._scan = max(pos, len(buf) - 3)
-            return False
-        head_end = end + 4
-        if head_end - pos > self.max_header_bytes:
+        """Take every head line that is complete; True once the empty line is in.
+
+        Lines are taken as they arrive and a line's bytes are judged as they
+        arrive, so a head is refused at its first bad byte, not at its end; a
+        field's own rules (Content-Length, Host...) are applied when its CRLF
+        is in. Only the line still arriving is looked at again on the next call.
+        """
+        buf = self._buf
+        limit = self._pos + self.max_header_bytes
+        n = min(len(buf), limit)
+        i = self._scan
+        while i < n:
+            if buf[i] == 0x0D:
+                if i + 1 >= n:
+                    break
+                if buf[i + 1] != 0x0A:
+                    raise _bad("bare CR in the request head")
+                if self._hstate == 1:
+                    self._end_of_head()
+                    self._pos = i + 2
+                    return True
+                # RFC 9112 2.2: a few empty lines before the request line are
+                # ignored (old clients send one after a POST body)
+                self._empties += 1
+                if self._empties > MAX_EMPTY_LINES:
+                    raise _bad("too many empty lines before the request line")
+                i += 2
+            elif self._hstate == 0:
+                eol = self._request_line(buf, i, n)
+                if eol < 0:
+                    break
+                self._hstate = 1
+                i = eol + 2
+            else:
+                eol = self._header_line(buf, i, n)
+                if eol < 0:
+                    break
+                i = eol + 2
+            self._scan = i
+        if len(buf) > limit:
             raise HTTPParseError(431, "header_too_large", "request head exceeds max_header_bytes")
-        lines = bytes(buf[pos:end]).split(b"\r\n")
-        self._request_line(lines[0])
-        self._header_lines(lines[1:])
-        self._pos = head_end
-        return True
+        return False
 
-    def _request_line(self, line: bytes) -> None:
-        if b"\r" in line or b"\n" in line:
-            raise _bad("bare CR or LF in the request line")
-        parts = line.split(b" ")
-        if len(parts) != 3:
-            raise _bad("request line is not METHOD SP TARGET SP VERSION")
-        method, target, version = parts
-        if not method or not _TCHAR.issuperset(method):
-            raise _bad("method is not a token")
-        if not target or not _VCHAR.issuperset(target):
+    def _request_line(self, buf: bytes | bytearray, i: int, n: int) -> int:
+        """The index of the CR ending the request line at buf[i], -1 until it is in."""
+        start = i
+        while i < n and buf[i] in _TCHAR:
+            i += 1
+        if i >= n:
+            return -1
+        if buf[i] != 0x20 or i == start:
+            raise _bad("method is not a token followed by SP")
+        method_end = i
+        i += 1
+        target = i
+        while i < n and buf[i] in _VCHAR:
+            i += 1
+        if i >= n:
+            return -1
+        if buf[i] != 0x20 or i == target:
             raise _bad("request target is empty or has bytes outside VCHAR")
-        if version == b"HTTP/1.1":
-            self.http_version = "1.1"
-        elif version == b"HTTP/1.0":
-            self.http_version = "1.0"
-        elif (len(version) == 8 and version[:5] == b"HTTP/" and version[5] in _DIGITS and version[6] == 0x2E
-              and version[7] in _DIGITS):
-            raise HTTPParseError(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
-        else:
+        target_end = i
+        i += 1
+        version = i
+        while i < n and i - version < 8:
+            k = i - version
+            c = buf[i]
+            if not (c in _DIGITS if k == 5 or k == 7 else c == _VERSION[k]):
+                raise _bad("malformed HTTP version")
+            i += 1
+        if i >= n:
+            return -1
+        if buf[i] != 0x0D:
             raise _bad("malformed HTTP version")
-        self.method = method.decode("ascii")
-        self.target = target.decode("ascii")
+        if i + 1 >= n:
+            return -1
+        if buf[i + 1] != 0x0A:
+            raise _bad("bare CR in the request line")
+        if buf[version + 5] == 0x31 and buf[version + 7] == 0x31:
+            self.http_version = "1.1"
+        elif buf[version + 5] == 0x31 and buf[version + 7] == 0x30:
+            self.http_version = "1.0"
+        else:
+            raise HTTPParseError(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+        self.method = bytes(buf[start:method_end]).decode("ascii")
+        self.target = bytes(buf[target:target_end]).decode("ascii")
+        return i
 
-    def _header_lines(self, lines: list[bytes]) -> None:
+    def _header_line(self, buf: bytes | bytearray, i: int, n: int) -> int:
+        """The index of the CR ending the header line at buf[i], -1 until it is in."""
+        start = i
+        if buf[i] == 0x20 or buf[i] == 0x09:
+            raise _bad("obs-fold (a header line starting with whitespace) is refused")
+        while i < n and buf[i] in _TCHAR:
+            i += 1
+        if i >= n:
+            return -1
+        if buf[i] != 0x3A or i == start:
+            raise _bad("header field name is not a token followed by a colon")
+        colon = i
+        i += 1
+        while i < n and buf[i] in _VALUE:
+            i += 1
+        if i >= n:
+            return -1
+        if buf[i] != 0x0D:
+            raise _bad("bare LF or a control byte in a header value")
+        if i + 1 >= n:
+            return -1
+        if buf[i + 1] != 0x0A:
+            raise _bad("bare CR in a header value")
+        self._field(bytes(buf[start:colon]).lower(), bytes(buf[colon + 1:i]).strip(_OWS))
+        return i
+
+    def _field(self, name: bytes, value: bytes) -> None:
+        """One complete header field: the rules of the fields that frame the request."""
+        self.headers.append((name, value))
+        if name == b"content-length":
+            if self.content_length >= 0:
+                raise _bad("more than one Content-Length")
+            if not value or not _DIGITS.issuperset(value):
+                raise _bad("Content-Length is not a decimal number")
+            if self._te:
+                raise _bad("both Transfer-Encoding and Content-Length")
+            if len(value) > 18 or int(value) > self.max_body_bytes:
+                raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
+            self.content_length = int(value)
+        elif name == b"transfer-encoding":
+            if self.http_version == "1.0":
+                raise _bad("Transfer-Encoding in an HTTP/1.0 request")
+            if self.content_length >= 0:
+                raise _bad("both Transfer-Encoding and Content-Length")
+            self._te = True
+            for coding in value.split(b","):
+                coding = coding.strip(_OWS)
+                if not coding:           # RFC 9110 5.6.1: empty list elements are ignored
+                    continue
+                if self._te_chunked:
+                    # RFC 9112 6.3: chunked must be the final coding, and applied once
+                    raise _bad("a transfer coding after chunked")
+                if coding.lower() == b"chunked":
+                    self._te_chunked = True
+                elif _TCHAR.issuperset(coding):
+                    self._te_other = True
+                else:
+                    raise _bad("malformed transfer coding")
+        elif name == b"host":
+            self._hosts += 1
+            if self._hosts > 1:
+                raise _bad("more than one Host header")
+        elif name == b"connection":
+            for token in value.split(b","):
+                if token.strip(_OWS).lower() == b"close":
+                    self.keep_alive = False
+        elif name == b"expect":
+            self.expect_continue = value.lower() == b"100-continue"
+        elif name == b"content-type":
+            self.content_type = value.decode("latin-1")
+        elif name == b"content-encoding":
+            self.content_encoding = value.decode("latin-1")
+
+    def _end_of_head(self) -> None:
         http11 = self.http_version == "1.1"
-        hosts = 0
-        te = False
-        headers = self.headers
-        for line in lines:
-            if not line:
-                raise _bad("empty header line")
-            if line[0] in (0x20, 0x09):
-                raise _bad("obs-fold (a header line starting with whitespace) is refused")
-            colon = line.find(b":")
-            if colon <= 0:
-                raise _bad("header line without a field name and colon")
-            name = line[:colon]
-            if not _TCHAR.issuperset(name):
-                raise _bad("header field name is not a token")
-            value = line[colon + 1:].strip(_OWS)
-            if not _VALUE.issuperset(value):
-                raise _bad("control byte in a header value")
-            name = name.lower()
-            headers.append((name, value))
-            if name == b"content-length":
-                if self.content_length >= 0:
-                    raise _bad("more than one Content-Length")
-                if not value or not _DIGITS.issuperset(value):
-                    raise _bad("Content-Length is not a decimal number")
-                if len(value) > 18 or int(value) > self.max_body_bytes:
-                    raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
-                self.content_length = int(value)
-            elif name == b"transfer-encoding":
-                if te:
-                    raise HTTPParseError(501, "not_implemented", "more than one Transfer-Encoding")
-                if value.lower() != b"chunked":
-                    raise HTTPParseError(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
-                te = True
-            elif name == b"host":
-                hosts += 1
-            elif name == b"connection":
-                for token in value.split(b","):
-                    if token.strip(_OWS).lower() == b"close":
-                        self.keep_alive = False
-            elif name == b"expect":
-                self.expect_continue = value.lower() == b"100-continue"
-            elif name == b"content-type":
-                self.content_type = value.decode("latin-1")
-            elif name == b"content-encoding":
-                self.content_encoding = value.decode("latin-1")
-        if hosts > 1 or (http11 and hosts == 0):
+        if http11 and self._hosts == 0:
             raise _bad("HTTP/1.1 needs exactly one Host header")
-        if te and self.content_length >= 0:
-            raise _bad("both Transfer-Encoding and Content-Length")
-        if te and not http11:
-            raise _bad("Transfer-Encoding in an HTTP/1.0 request")
+        if self._te:
+            if not self._te_chunked:
+                # RFC 9112 6.3: without chunked last the body has no known end
+                raise _bad("the final transfer coding is not chunked")
+            if self._te_other:
+                raise HTTPParseError(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
         if not http11:
             self.keep_alive = False
             self.expect_continue = False
-        self.chunked = te
-        self.has_length = te or self.content_length >= 0
-        if te:
+        self.chunked = self._te
+        self.has_length = self._te or self.content_length >= 0
+        if self._te:
             self._state = _S_CHUNK_LINE
         else:
             self._state = _S_LENGTH

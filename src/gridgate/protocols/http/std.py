@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from gridgate.connections.manager import Session
     from gridgate.protocols.services import Services
 
-__all__ = ["serve_std_http", "StdRequestReader", "check_raw_head"]
+__all__ = ["serve_std_http", "StdRequestReader", "scan_raw_head"]
 
 log = logging.getLogger("gridgate.http")
 
@@ -34,48 +34,125 @@ H11Event = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
 
 # h11 is lenient where request smuggling lives: it folds obs-fold lines,
 # collapses identical or comma-listed Content-Length values, accepts bare LF
-# line ends and control bytes in values, and parses any HTTP/d.d. It also
-# normalizes them away before we see the request, so the std engine checks
-# the raw head itself against the strict grammar that both engines share
-# (gridgate/protocols/http/parser_py.py). One C-level regex match per request: the price of
-# safety, kept cheap.
+# line ends and control bytes in values, and parses any HTTP/d.d; and it
+# waits for the end of a head before it judges any of it. So the std engine
+# holds each head back from h11 until it has checked the raw bytes itself,
+# line by line as they arrive, against the strict grammar that both engines
+# share (gridgate/protocols/http/parser_py.py): a complete line must match
+# its regex, and the line still arriving must be a prefix of one, so a head
+# is refused at its first bad byte.
+MAX_EMPTY_LINES = 4              # empty lines ignored before a request line (RFC 9112 2.2)
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_VALUE_BYTE = rb"[\x21-\x7e\x80-\xff]"
-_STRICT_HEAD = re.compile(
-    _TOKEN + rb" [\x21-\x7e]+ HTTP/1\.[01]\r\n"
-    rb"(?:" + _TOKEN + rb":[ \t]*(?:" + _VALUE_BYTE + rb"(?:[ \t\x21-\x7e\x80-\xff]*" + _VALUE_BYTE
-    + rb")?)?[ \t]*\r\n)*\r\n")
-_OTHER_VERSION = re.compile(_TOKEN + rb" [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r\n")
-_CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r]*)", re.IGNORECASE)
-_TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding:", re.IGNORECASE)
+_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"         # OWS field-value OWS
 
 
-def check_raw_head(head: bytes | bytearray, max_header_bytes: int, max_body_bytes: int) -> None:
-    """Refuse what h11 would let through; raises HTTPParseError."""
-    if len(head) > max_header_bytes:
-        raise HTTPParseError(431, "header_too_large", "request head exceeds max_header_bytes")
-    line_end = head.find(b"\r\n")
-    version = head[line_end - 8:line_end] if line_end >= 8 else b""
-    if _STRICT_HEAD.fullmatch(head) is None:
-        if _OTHER_VERSION.match(head) and version not in (b"HTTP/1.0", b"HTTP/1.1"):
-            raise HTTPParseError(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
-        if re.search(rb"\r\n[ \t]", head[:-2]):
-            raise HTTPParseError(400, "bad_request", "obs-fold (a header line starting with whitespace) is refused")
-        raise HTTPParseError(400, "bad_request", "malformed request head")
-    lengths = _CONTENT_LENGTH.findall(head)
-    if len(lengths) > 1:
-        raise HTTPParseError(400, "bad_request", "more than one Content-Length")
-    if lengths:
-        value = lengths[0].rstrip(b" \t")
-        if not value.isdigit():
-            raise HTTPParseError(400, "bad_request", "Content-Length is not a decimal number")
-        if len(value) > 18 or int(value) > max_body_bytes:
-            raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
-    if _TRANSFER_ENCODING.search(head):
-        if lengths:
-            raise HTTPParseError(400, "bad_request", "both Transfer-Encoding and Content-Length")
-        if version == b"HTTP/1.0":
-            raise HTTPParseError(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+def _prefixes(*atoms: bytes) -> bytes:
+    """A pattern for any prefix of the concatenated atoms (each one byte)."""
+    pattern = b""
+    for atom in reversed(atoms):
+        pattern = atom + (b"(?:" + pattern + b")?" if pattern else b"")
+    return pattern
+
+
+_EMPTY_LINES = re.compile(rb"(?:\r\n)*")
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
+_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):" + _VALUE)
+_REQUEST_LINE_PREFIX = re.compile(
+    rb"(?:" + _TOKEN + rb"(?: (?:[\x21-\x7e]+(?: (?:"
+    + _prefixes(b"H", b"T", b"T", b"P", b"/", b"[0-9]", rb"\.", b"[0-9]", b"\r") + rb")?)?)?)?|\r)?")
+_HEADER_LINE_PREFIX = re.compile(rb"(?:" + _TOKEN + rb"(?::" + _VALUE + rb"\r?)?|\r)?")
+_DIGITS = re.compile(rb"[0-9]+")
+_TE_FIELD = re.compile(rb"(?<=\n)transfer-encoding:[^\r]*\r\n", re.IGNORECASE)
+_CODING = re.compile(_TOKEN)
+
+
+def _bad(detail: str) -> HTTPParseError:
+    return HTTPParseError(400, "bad_request", detail)
+
+
+def scan_raw_head(raw: bytes | bytearray, max_header_bytes: int, max_body_bytes: int) -> tuple[int, int, bool]:
+    """Judge the head at the start of ``raw`` as far as it has arrived.
+
+    Returns:
+        (start, end, fold_te): the head is raw[start:end] (start skips the
+        ignored empty lines), or end is -1 while what arrived is a valid
+        beginning; fold_te: its Transfer-Encoding is valid but not the one
+        ``chunked`` field h11 accepts (empty list elements, several fields).
+
+    Raises:
+        HTTPParseError: at the first line that cannot be part of a valid head.
+    """
+    window = bytes(raw[:max_header_bytes])
+    start = _EMPTY_LINES.match(window).end()  # type: ignore[union-attr]  # (?:...)* always matches
+    if start // 2 > MAX_EMPTY_LINES:
+        raise _bad("too many empty lines before the request line")
+    end = window.find(b"\r\n\r\n", start)
+    lines = window[start:end if end >= 0 else len(window)].split(b"\r\n")
+    partial = lines.pop() if end < 0 else None
+    version = b""
+    hosts = 0
+    te_fields = 0
+    has_length = te = te_chunked = te_other = False
+    for k, line in enumerate(lines):
+        if k == 0:
+            m = _REQUEST_LINE.fullmatch(line)
+            if m is None:
+                raise _bad("malformed request line")
+            version = m.group(3)
+            if version not in (b"1.0", b"1.1"):
+                raise HTTPParseError(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+            continue
+        m = _HEADER_LINE.fullmatch(line)
+        if m is None:
+            raise _bad("malformed header line (obs-fold, bare CR or LF, a control byte...)")
+        name = m.group(1).lower()
+        value = line[m.end(1) + 1:].strip(b" \t")
+        if name == b"content-length":
+            if has_length:
+                raise _bad("more than one Content-Length")
+            if _DIGITS.fullmatch(value) is None:
+                raise _bad("Content-Length is not a decimal number")
+            if te:
+                raise _bad("both Transfer-Encoding and Content-Length")
+            if len(value) > 18 or int(value) > max_body_bytes:
+                raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
+            has_length = True
+        elif name == b"transfer-encoding":
+            if version == b"1.0":
+                raise _bad("Transfer-Encoding in an HTTP/1.0 request")
+            if has_length:
+                raise _bad("both Transfer-Encoding and Content-Length")
+            te = True
+            te_fields += 1 if value.lower() == b"chunked" else 2
+            for coding in (c.strip(b" \t") for c in value.split(b",")):
+                if not coding:
+                    continue
+                if te_chunked:
+                    raise _bad("a transfer coding after chunked")
+                if coding.lower() == b"chunked":
+                    te_chunked = True
+                elif _CODING.fullmatch(coding):
+                    te_other = True
+                else:
+                    raise _bad("malformed transfer coding")
+        elif name == b"host":
+            hosts += 1
+            if hosts > 1:
+                raise _bad("more than one Host header")
+    if partial is not None:
+        prefix = _HEADER_LINE_PREFIX if lines else _REQUEST_LINE_PREFIX
+        if prefix.fullmatch(partial) is None:
+            raise _bad("malformed request head")
+        if len(raw) > max_header_bytes:
+            raise HTTPParseError(431, "header_too_large", "request head exceeds max_header_bytes")
+        return start, -1, False
+    if version == b"1.1" and hosts == 0:
+        raise _bad("HTTP/1.1 needs exactly one Host header")
+    if te and not te_chunked:
+        raise _bad("the final transfer coding is not chunked")
+    if te and te_other:
+        raise HTTPParseError(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
+    return start, end + 4, te_fields > 1
 
 
 def _h11_error(exc: h11.ProtocolError) -> HTTPParseError:
@@ -85,40 +162,66 @@ def _h11_error(exc: h11.ProtocolError) -> HTTPParseError:
 
 
 class StdRequestReader:
-    """h11's server state machine plus the raw-head refusals above; sans-IO.
+    """h11's server state machine behind the raw-head check above; sans-IO.
 
     ``next_event()`` returns h11 events (Request, Data, EndOfMessage,
     ConnectionClosed) or h11.NEED_DATA, and raises HTTPParseError for every
     refusal, h11's own included. ``raw_buffered`` tells whether bytes of a
-    next request already wait (the header timeout starts with them).
+    request already wait (the header timeout starts with them). Each request
+    gets a fresh h11 connection (``conn``): h11 must not see a head before it
+    is checked, nor the empty lines before it, which h11 refuses.
     """
 
     def __init__(self, max_header_bytes: int = 16384, max_body_bytes: int = 1048576) -> None:
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
-        self._raw = bytearray()          # bytes fed since the current request began
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._raw = bytearray()          # the head arriving, held back from h11
+        self._head_ok = False            # h11 has the current request's checked head
+        self._eof = False
         self._body_size = 0
 
     @property
     def raw_buffered(self) -> bool:
-        return bool(self._raw)
+        return self._head_ok or bool(self._raw)
+
+    @property
+    def head_done(self) -> bool:
+        """The current request's head is checked and with h11."""
+        return self._head_ok
 
     def receive_data(self, data: bytes | bytearray) -> None:
-        self._raw += data
-        # h11 annotates bytes; it only appends data to its own bytearray buffer
-        self.conn.receive_data(data)  # type: ignore[arg-type]
+        if self._head_ok:
+            # h11 annotates bytes; it only appends data to its own bytearray buffer
+            self.conn.receive_data(data)  # type: ignore[arg-type]
+        elif data:
+            self._raw += data
+        else:
+            self._eof = True
 
     def next_event(self) -> H11Event:
+        if not self._head_ok:
+            start, end, fold_te = scan_raw_head(self._raw, self.max_header_bytes, self.max_body_bytes)
+            if end < 0:
+                if not self._eof:
+                    return h11.NEED_DATA
+                if self._raw:
+                    raise HTTPParseError(400, "bad_request", "connection closed inside a request head")
+                return h11.ConnectionClosed()
+            self._head_ok = True
+            self._body_size = 0
+            head = bytes(self._raw[start:end])
+            if fold_te:          # RFC 9110 5.6.1 lets a list be spread and padded; h11 does not
+                head = _TE_FIELD.sub(b"", head)[:-2] + b"transfer-encoding: chunked\r\n\r\n"
+            self.conn.receive_data(head + self._raw[end:])
+            if self._eof:
+                self.conn.receive_data(b"")
+            self._raw = bytearray()
         try:
             event = self.conn.next_event()
         except h11.RemoteProtocolError as exc:
             raise _h11_error(exc) from None
-        if type(event) is h11.Request:
-            unparsed = len(self.conn.trailing_data[0])
-            check_raw_head(self._raw[:len(self._raw) - unparsed], self.max_header_bytes, self.max_body_bytes)
-            self._body_size = 0
-        elif type(event) is h11.Data:
+        if type(event) is h11.Data:
             self._body_size += len(event.data)
             if self._body_size > self.max_body_bytes:
                 raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
@@ -130,14 +233,17 @@ class StdRequestReader:
         return self.conn.send(event) or b""
 
     def start_next_cycle(self) -> None:
-        self.conn.start_next_cycle()
-        self._raw = bytearray(self.conn.trailing_data[0])
+        self.conn.start_next_cycle()     # raises h11.LocalProtocolError unless both sides are done
+        trailing, closed = self.conn.trailing_data
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        self._raw = bytearray(trailing)
+        self._head_ok = False
+        self._eof = closed
 
 
 async def serve_std_http(stream: trio.abc.Stream, services: Services, session: Session) -> None:
     cfg = services.config.http
     reader = StdRequestReader(cfg.max_header_bytes, cfg.max_body_bytes)
-    conn = reader.conn
 
     async def send(event: h11.Event) -> None:
         data = reader.send(event)
@@ -156,7 +262,7 @@ async def serve_std_http(stream: trio.abc.Stream, services: Services, session: S
             event = reader.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            if conn.they_are_waiting_for_100_continue:
+            if reader.conn.they_are_waiting_for_100_continue:
                 await send(h11.InformationalResponse(status_code=100, headers=[]))
             with trio.move_on_at(deadline):
                 data = await stream.receive_some(65536)
@@ -207,14 +313,14 @@ async def serve_std_http(stream: trio.abc.Stream, services: Services, session: S
             except HTTPParseError as exc:
                 services.metrics.protocol_errors.labels("http", exc.error).inc()
                 session.close_reason = f"bad request: {exc}"
-                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                if reader.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     body = HttpError(exc.status, exc.error, exc.detail).body()
                     try:
                         await respond(exc.status, body, b"application/json", [(b"connection", b"close")])
                     except h11.LocalProtocolError:
                         pass
                 return
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+            if reader.conn.our_state is h11.MUST_CLOSE or reader.conn.their_state is h11.MUST_CLOSE:
                 return
             try:
                 reader.start_next_cycle()
