@@ -243,6 +243,52 @@ def test_empty_lines_before_a_request_line_are_ignored(gateway):
     assert spool_stats(gateway.data_dir)["records"] == 1
 
 
+def _headers(head: bytes) -> dict[bytes, bytes]:
+    lines = head.split(b"\r\n")[1:]
+    return {name.lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)}
+
+
+@pytest.mark.parametrize("method, path, status, allow", [
+    (b"PUT", b"/v1/telemetry", 405, b"POST"),
+    (b"HEAD", b"/v1/telemetry", 405, b"POST"),
+    (b"DELETE", b"/healthz", 405, b"GET, HEAD"),
+    (b"OPTIONS", b"/metrics", 405, b"GET, HEAD"),
+    (b"PATCH", b"/v1/devices/m-1", 405, b"GET, HEAD"),
+    (b"GET", b"/v1/devices/m-1/commands", 405, b"POST"),
+    (b"FOO", b"/healthz", 501, None),                # a method no one registered
+    (b"get", b"/healthz", 501, None),                # methods are case-sensitive
+    (b"M!#$", b"/v1/telemetry", 501, None),
+    (b"PUT", b"/nope", 501, None),                   # served on no resource: the method is the problem
+    (b"GET", b"/nope", 404, None),
+])
+def test_a_method_not_served_gets_405_or_501(gateway, method, path, status, allow):
+    """RFC 9110 9.1, 15.5.6, 15.6.2: any token is a method; never a parse error."""
+    raw = (method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    head, _, body = _exchange(gateway, raw).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status)
+    assert _headers(head).get(b"allow") == allow
+    if method == b"HEAD":
+        assert body == b""
+    else:
+        errors = {404: "not_found", 405: "method_not_allowed", 501: "not_implemented"}
+        assert json.loads(body)["error"] == errors[status]
+    assert spool_stats(gateway.data_dir)["records"] == 0
+
+
+@pytest.mark.parametrize("path", [b"/healthz", b"/v1/devices/never-seen", b"/nope"])
+def test_head_is_answered_like_get_without_a_body(gateway, path):
+    """RFC 9110 9.3.2: the same status and Content-Length, no body; the GET
+    pipelined behind it is read from right after the HEAD's head."""
+    get = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n"
+    reply = _exchange(gateway, b"HEAD" + get[3:] + b"\r\n" + get + b"Connection: close\r\n\r\n")
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    get_head, _, get_body = rest.partition(b"\r\n\r\n")
+    assert get_head.startswith(b"HTTP/1.1 ") and head.split(b"\r\n")[0] == get_head.split(b"\r\n")[0]
+    assert _headers(head)[b"content-length"] == _headers(get_head)[b"content-length"] == b"%d" % len(get_body)
+    assert get_body
+
+
 def test_chunked_body_is_accepted(gateway):
     body = json.dumps([READING, READING]).encode()
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10]) for i in range(0, len(body), 10))

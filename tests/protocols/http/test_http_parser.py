@@ -302,6 +302,13 @@ def test_a_bad_head_is_refused_at_its_first_bad_byte(data, status):
     assert run_std(data[:-1]) == ([], before)
 
 
+@pytest.mark.parametrize("method", [b"PUT", b"HEAD", b"get", b"M!#$%&'*+-.^_`|~9"])
+def test_any_token_is_a_method(method):
+    """RFC 9110 9.1: the API answers 405 or 501 to methods it does not serve."""
+    requests, end = agree(method + b" /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert end == "clean" and requests[0][0] == method.decode()
+
+
 @pytest.mark.parametrize("empties", [1, 2, 4])
 def test_empty_lines_before_a_request_line_are_ignored(empties):
     """RFC 9112 2.2, e.g. the CRLF old clients send after a POST body."""

@@ -30,6 +30,13 @@ _FORMATS = {
     "application/x-ndjson": "ndjson", "application/ndjson": "ndjson", "application/jsonl": "ndjson",
     "application/msgpack": "msgpack", "application/x-msgpack": "msgpack", "application/vnd.msgpack": "msgpack",
 }
+# RFC 9110 9.1: the methods the gateway serves on some resource, and the
+# others it knows of. A known method a resource does not allow gets 405 with
+# Allow; a method the gateway does not recognize at all, or one it serves on
+# no resource asked for an unknown one, gets 501 (never 404: the method, not
+# the path, is what cannot be served).
+_SERVED = frozenset({"GET", "HEAD", "POST"})
+_KNOWN = _SERVED | {"PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 # Whole-payload rejections and the status they map to.
 _WHOLE_STATUS = {"malformed": 400, "not_object": 400, "too_large": 413}
 
@@ -188,12 +195,24 @@ def _route(svc: Services, req: RequestView, engine: str) -> Answer | Pending:
         if info is None:
             raise HttpError(404, "not_found", "device never seen")
         return _ok(200, info)
+    if req.method not in _SERVED:
+        raise _not_implemented(req.method)
     raise HttpError(404, "not_found", f"no resource {path}")
 
 
+def _not_implemented(method: str) -> HttpError:
+    return HttpError(501, "not_implemented", f"method {method!r} is not implemented")
+
+
 def _allow(req: RequestView, method: str) -> None:
-    if req.method != method:
-        raise HttpError(405, "method_not_allowed", f"use {method}", [(b"allow", method.encode())])
+    """Only ``method`` here (HEAD too where it is GET: RFC 9110 9.3.2)."""
+    got = req.method
+    if got == method or (got == "HEAD" and method == "GET"):
+        return
+    if got not in _KNOWN:
+        raise _not_implemented(got)
+    allow = b"GET, HEAD" if method == "GET" else method.encode()
+    raise HttpError(405, "method_not_allowed", f"use {allow.decode()}", [(b"allow", allow)])
 
 
 def _decompress(body: bytes | memoryview, encoding: str, limit: int) -> bytes | memoryview:

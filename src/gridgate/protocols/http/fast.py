@@ -63,6 +63,12 @@ def render_response(answer: Answer, close: bool) -> bytes:
     return b"".join(parts)
 
 
+def _head_only(answer: Answer, close: bool) -> bytes:
+    """The response to a HEAD: the GET answer's head, its Content-Length included."""
+    data = render_response(answer, close)
+    return data[:len(data) - len(answer[1])]
+
+
 async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: Session) -> None:
     cfg = services.config.http
     http = _parser
@@ -112,7 +118,7 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
     continued = False            # 100 Continue sent for the current request
     with session.read_scope:
         while True:
-            begun: list[Answer | Pending] = []
+            begun: list[Answer | Pending | bytes] = []
             close = False
             error: HTTPParseError | None = None
             state = 0
@@ -121,7 +127,13 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
                     state = parser.next()
                     if state != REQUEST:
                         break
-                    begun.append(begin_request(services, parser, "fast"))
+                    started = begin_request(services, parser, "fast")
+                    if parser.method == "HEAD" and type(started) is not Pending:
+                        # RFC 9110 9.3.2: GET's answer without its body, rendered
+                        # now (only a POST is ever a Pending telemetry write)
+                        begun.append(_head_only(started, not parser.keep_alive))
+                    else:
+                        begun.append(started)
                     continued = False
                     if not parser.keep_alive:
                         close = True
@@ -137,8 +149,11 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
                 for item in begun:
                     if type(item) is Pending:
                         await item.done.wait()
-                for i, item in enumerate(begun):
-                    answer = item.result() if type(item) is Pending else item
+                for i, entry in enumerate(begun):
+                    if isinstance(entry, bytes):
+                        out.append(entry)
+                        continue
+                    answer = entry.result() if type(entry) is Pending else entry
                     out.append(render_response(answer, close and i == last))
                 await send_all(b"".join(out))
                 phase = 0

@@ -274,12 +274,13 @@ async def serve_std_http(stream: trio.abc.Stream, services: Services, session: S
             return None
 
     async def respond(status: int, body: bytes, content_type: bytes,
-                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
+                      extra: list[tuple[bytes, bytes]] | None = None, head: bool = False) -> None:
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                    (b"server", _SERVER), *(extra or [])]
-        # one write per response, as net/http's buffered writer does
+        # one write per response, as net/http's buffered writer does; a HEAD
+        # gets GET's head alone (h11 refuses body bytes to a HEAD)
         await stream.send_all(reader.send(h11.Response(status_code=status, headers=headers))
-                              + reader.send(h11.Data(data=body)) + reader.send(h11.EndOfMessage()))
+                              + (b"" if head else reader.send(h11.Data(data=body))) + reader.send(h11.EndOfMessage()))
 
     with session.read_scope:
         while True:
@@ -309,7 +310,7 @@ async def serve_std_http(stream: trio.abc.Stream, services: Services, session: S
                         return
                 request.body = b"".join(body_parts)
                 status, body, content_type, extra = await handle_request(services, request, engine="std")
-                await respond(status, body, content_type, extra)
+                await respond(status, body, content_type, extra, head=request.method == "HEAD")
             except HTTPParseError as exc:
                 services.metrics.protocol_errors.labels("http", exc.error).inc()
                 session.close_reason = f"bad request: {exc}"
