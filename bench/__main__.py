@@ -6,6 +6,10 @@ Every server is started here on free loopback ports and driven in the same
 run, in alternating rounds; results.json, report.md and PNG plots go to
 --out. Compare the ratios, not the absolute numbers: the load generators
 share this machine's cores with the servers.
+
+It needs the optional dependencies (pip install -e '.[bench]'): matplotlib
+for the plots, uvicorn and httptools for the pipelines reference, py-spy for
+--profile; a missing one is named before anything starts (exit code 2).
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report
+from bench import procs, report
 
 SCENARIOS = ("pipelines", "mqtt", "conns", "sinks")
+EXIT_MISSING = 2          # an optional dependency is not installed: nothing was run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.rounds < 1:
         parser.error("--duration must be > 0 and --rounds >= 1")
-    args.out.mkdir(parents=True, exist_ok=True)
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    missing = procs.missing_bench_dependencies(scenarios, args.profile)
+    if missing:
+        print(f"python -m bench: missing {', '.join(missing)} (optional [bench] dependencies"
+              f"{'; py-spy for --profile' if 'py-spy' in missing else ''}); nothing was run. "
+              f"Install them with: {procs.INSTALL_HINT}", file=sys.stderr)
+        return EXIT_MISSING
+    args.out.mkdir(parents=True, exist_ok=True)
     results = {"machine": report.machine(), "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None
                                                                                       else argv),
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scenarios": {}}

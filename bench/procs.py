@@ -4,6 +4,7 @@ httptools reference app, the bare Trio floor app, gridgate-loadgen and wrk;
 plus RSS and py-spy."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -173,10 +174,43 @@ class Server:
         return self.proc.returncode
 
 
+INSTALL_HINT = "pip install -e '.[bench]'"
+# Python modules of the [bench] extra each scenario needs: every scenario
+# writes PNG plots (matplotlib); pipelines also runs the uvicorn + httptools
+# reference (python -m uvicorn in this interpreter).
+SCENARIO_MODULES = {"pipelines": ("matplotlib", "uvicorn", "httptools"), "mqtt": ("matplotlib",),
+                    "conns": ("matplotlib",), "sinks": ("matplotlib",)}
+
+
+def _py_spy_path(which=shutil.which) -> str | None:
+    spy = which("py-spy") or str(BIN / "py-spy")
+    return spy if Path(spy).exists() else None
+
+
+def missing_bench_dependencies(scenarios: list[str], profile: bool, find_spec=importlib.util.find_spec,
+                               which=shutil.which) -> list[str]:
+    """What the [bench] extra should have installed and `scenarios` (with
+    --profile: py-spy too) would fail on, in order; empty when all is there.
+    Asked before any server starts, so a missing plotting library does not
+    surface after a whole scenario's run."""
+    needed = [m for name in scenarios for m in SCENARIO_MODULES.get(name, ())]
+    missing = []
+    for module in dict.fromkeys(needed):
+        try:
+            found = find_spec(module) is not None
+        except (ImportError, ValueError):     # a broken install, or a module with no spec
+            found = False
+        if not found:
+            missing.append(module)
+    if profile and _py_spy_path(which) is None:
+        missing.append("py-spy")
+    return missing
+
+
 def py_spy() -> str:
-    spy = shutil.which("py-spy") or str(BIN / "py-spy")
-    if not Path(spy).exists():
-        raise RuntimeError("py-spy is not installed (pip install -e '.[bench]')")
+    spy = _py_spy_path()
+    if spy is None:
+        raise RuntimeError(f"py-spy is not installed ({INSTALL_HINT})")
     return spy
 
 
