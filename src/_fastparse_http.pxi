@@ -28,13 +28,16 @@ cdef enum:
     _HT_S_CHUNK_LINE = 2
     _HT_S_CHUNK_DATA = 3
     _HT_S_CHUNK_CRLF = 4
-    _HT_S_LAST_CRLF = 5
+    _HT_S_TRAILERS = 5
+    _HT_MAX_CHUNK_DIGITS = 20    # the twin's MAX_CHUNK_DIGITS
     _HT_MAX_EMPTY_LINES = 4      # empty lines ignored before a request line (the twin's MAX_EMPTY_LINES)
 
 cdef unsigned char[256] _ht_TCHAR
 cdef unsigned char[256] _ht_VCHAR
 cdef unsigned char[256] _ht_VALUE
 cdef unsigned char[256] _ht_HEX
+cdef unsigned char[256] _ht_QDTEXT
+cdef unsigned char[256] _ht_QPAIR
 
 
 cdef void _ht_init_tables():
@@ -44,6 +47,8 @@ cdef void _ht_init_tables():
         _ht_VCHAR[i] = 0x21 <= i <= 0x7E
         _ht_VALUE[i] = i == 0x09 or 0x20 <= i <= 0x7E or i >= 0x80
         _ht_HEX[i] = 0
+        _ht_QDTEXT[i] = i == 0x09 or i == 0x20 or i == 0x21 or 0x23 <= i <= 0x5B or 0x5D <= i <= 0x7E or i >= 0x80
+        _ht_QPAIR[i] = i == 0x09 or 0x20 <= i <= 0x7E or i >= 0x80
     for i in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
         _ht_TCHAR[i] = 1
     for i in b"0123456789abcdefABCDEF":
@@ -89,6 +94,32 @@ cdef inline Py_ssize_t _ht_find_crlf(const unsigned char* p, Py_ssize_t start, P
             return i
         i += 1
     return -1
+
+
+cdef inline Py_ssize_t _ht_field_line(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* colon) except -2:
+    """The CR ending the field line at p[i] (its colon in colon[0]), -1 until it is in."""
+    cdef Py_ssize_t start = i
+    if p[i] == 0x20 or p[i] == 0x09:
+        raise _ht_bad("obs-fold (a field line starting with whitespace) is refused")
+    while i < n and _ht_TCHAR[p[i]]:
+        i += 1
+    if i >= n:
+        return -1
+    if p[i] != 0x3A or i == start:
+        raise _ht_bad("field name is not a token followed by a colon")
+    colon[0] = i
+    i += 1
+    while i < n and _ht_VALUE[p[i]]:
+        i += 1
+    if i >= n:
+        return -1
+    if p[i] != 0x0D:
+        raise _ht_bad("bare LF or a control byte in a field value")
+    if i + 1 >= n:
+        return -1
+    if p[i + 1] != 0x0A:
+        raise _ht_bad("bare CR in a field value")
+    return i
 
 
 cdef class HTTPRequestParser:
@@ -323,30 +354,13 @@ cdef class HTTPRequestParser:
 
     cdef Py_ssize_t _header_line(self, const unsigned char* p, Py_ssize_t i, Py_ssize_t n) except -2:
         """The index of the CR ending the header line at p[i], -1 until it is in."""
-        cdef Py_ssize_t start = i, colon, v_start, v_end, j, m
+        cdef Py_ssize_t start = i, colon = 0, v_start, v_end, j, m
         cdef unsigned char c
         cdef bytes name
         cdef char* q
-        if p[i] == 0x20 or p[i] == 0x09:
-            raise _ht_bad("obs-fold (a header line starting with whitespace) is refused")
-        while i < n and _ht_TCHAR[p[i]]:
-            i += 1
-        if i >= n:
+        i = _ht_field_line(p, i, n, &colon)
+        if i < 0:
             return -1
-        if p[i] != 0x3A or i == start:
-            raise _ht_bad("header field name is not a token followed by a colon")
-        colon = i
-        i += 1
-        while i < n and _ht_VALUE[p[i]]:
-            i += 1
-        if i >= n:
-            return -1
-        if p[i] != 0x0D:
-            raise _ht_bad("bare LF or a control byte in a header value")
-        if i + 1 >= n:
-            return -1
-        if p[i + 1] != 0x0A:
-            raise _ht_bad("bare CR in a header value")
         v_start = colon + 1
         v_end = i
         while v_start < v_end and _ht_is_ows(p[v_start]):
@@ -474,20 +488,22 @@ cdef class HTTPRequestParser:
     # -- chunked body ------------------------------------------------------------
 
     cdef bint _read_chunks(self) except -1:
+        # chunk lines and trailer lines are judged byte by byte as they arrive,
+        # like head lines (the twin's docstring has the grammar)
         cdef const unsigned char* p = self._ptr()
-        cdef Py_ssize_t n = self._len()
-        cdef Py_ssize_t eol, take
+        cdef Py_ssize_t total = self._len()
+        cdef Py_ssize_t eol, take, limit, n, i, mark
         while True:
             if self._state == _HT_S_CHUNK_LINE:
-                eol = _ht_find_crlf(p, self._pos, n)
+                limit = self._pos + self.max_header_bytes
+                eol = self._chunk_line(p, self._pos, total if total < limit else limit)
                 if eol < 0:
-                    if n - self._pos > self.max_header_bytes:
-                        raise _ht_bad("chunk size line too long")
+                    if total > limit:
+                        raise _ht_bad("chunk line too long")
                     return False
-                self._chunk_line(p, self._pos, eol)
                 self._pos = eol + 2
             elif self._state == _HT_S_CHUNK_DATA:
-                take = n - self._pos
+                take = total - self._pos
                 if take > self._remaining:
                     take = self._remaining
                 if take == 0:
@@ -499,7 +515,7 @@ cdef class HTTPRequestParser:
                     self._state = _HT_S_CHUNK_CRLF
                     self._remaining = 2
             elif self._state == _HT_S_CHUNK_CRLF:
-                while self._remaining and self._pos < n:
+                while self._remaining and self._pos < total:
                     if p[self._pos] != (0x0D if self._remaining == 2 else 0x0A):
                         raise _ht_bad("chunk data not followed by CRLF")
                     self._pos += 1
@@ -507,51 +523,119 @@ cdef class HTTPRequestParser:
                 if self._remaining:
                     return False
                 self._state = _HT_S_CHUNK_LINE
-            else:  # _HT_S_LAST_CRLF
-                if self._pos >= n:
+            else:  # _HT_S_TRAILERS: field lines, parsed and ignored (RFC 9112 7.1.2)
+                limit = self._pos + self._remaining
+                n = total if total < limit else limit
+                i = self._pos
+                if i < n and p[i] == 0x0D:
+                    if i + 1 < n:
+                        if p[i + 1] != 0x0A:
+                            raise _ht_bad("bare CR in the trailer section")
+                        self._pos = i + 2
+                        return True
+                    eol = -1
+                elif i < n:
+                    eol = _ht_field_line(p, i, n, &mark)
+                else:
+                    eol = -1
+                if eol < 0:
+                    if total > limit:
+                        raise _ht_Error(431, "header_too_large", "trailer section exceeds max_header_bytes")
                     return False
-                if p[self._pos] == 0x0A:
-                    self._pos += 1
-                    return True
-                if p[self._pos] != 0x0D:
-                    raise _ht_bad("trailer fields are not supported")
-                if self._pos + 1 >= n:
-                    return False
-                if p[self._pos + 1] != 0x0A:
-                    raise _ht_bad("trailer fields are not supported")
-                self._pos += 2
-                return True
+                self._remaining -= eol + 2 - i
+                self._pos = eol + 2
 
-    cdef int _chunk_line(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end) except -1:
-        cdef Py_ssize_t i = start, digits
+    cdef Py_ssize_t _chunk_line(self, const unsigned char* p, Py_ssize_t i, Py_ssize_t n) except -2:
+        """The index of the CR ending the chunk line at p[i], -1 until it is in."""
+        cdef Py_ssize_t start = i, ws, mark
         cdef unsigned long long size = 0
         cdef bint huge = False
         cdef unsigned char c
-        while i < end and _ht_HEX[p[i]]:
+        while i < n and _ht_HEX[p[i]]:
             c = p[i]
             if size > (<unsigned long long>1 << 56):
                 huge = True
             else:
                 size = size * 16 + (c - 0x30 if c <= 0x39 else (c | 0x20) - 0x57)
             i += 1
-        digits = i - start
-        if digits == 0 or digits > 20:
-            raise _ht_bad("bad chunk size")
-        if i < end and p[i] == 0x3B:
-            while i < end:
-                if p[i] == 0x0A:
-                    raise _ht_bad("bad chunk extension")
+            if i - start > _HT_MAX_CHUNK_DIGITS:
+                raise _ht_bad("chunk size has too many digits")
+        if i >= n:
+            return -1
+        if i == start:
+            raise _ht_bad("chunk size is not a hex number")
+        while True:
+            ws = i
+            while i < n and _ht_is_ows(p[i]):
                 i += 1
-        else:
-            while i < end:
-                if not _ht_is_ows(p[i]):
-                    raise _ht_bad("bad chunk size")
+            if i >= n:
+                return -1
+            c = p[i]
+            if c == 0x0D:
+                if i > ws:
+                    raise _ht_bad("whitespace at the end of a chunk line")
+                break
+            if c != 0x3B:
+                raise _ht_bad("bad chunk size or extension")
+            i += 1
+            while i < n and _ht_is_ows(p[i]):
                 i += 1
+            mark = i
+            while i < n and _ht_TCHAR[p[i]]:
+                i += 1
+            if i >= n:
+                return -1
+            if i == mark:
+                raise _ht_bad("chunk extension without a name")
+            ws = i
+            while i < n and _ht_is_ows(p[i]):
+                i += 1
+            if i >= n:
+                return -1
+            if p[i] != 0x3D:
+                i = ws                   # the whitespace belongs to what follows
+                continue
+            i += 1
+            while i < n and _ht_is_ows(p[i]):
+                i += 1
+            if i >= n:
+                return -1
+            if p[i] == 0x22:
+                i += 1
+                while True:
+                    if i >= n:
+                        return -1
+                    c = p[i]
+                    if c == 0x22:
+                        i += 1
+                        break
+                    if c == 0x5C:
+                        i += 1
+                        if i >= n:
+                            return -1
+                        if not _ht_QPAIR[p[i]]:
+                            raise _ht_bad("bad quoted-pair in a chunk extension")
+                    elif not _ht_QDTEXT[c]:
+                        raise _ht_bad("bad byte in a quoted chunk extension")
+                    i += 1
+            else:
+                mark = i
+                while i < n and _ht_TCHAR[p[i]]:
+                    i += 1
+                if i >= n:
+                    return -1
+                if i == mark:
+                    raise _ht_bad("chunk extension without a value after '='")
+        if i + 1 >= n:
+            return -1
+        if p[i + 1] != 0x0A:
+            raise _ht_bad("bare CR in a chunk line")
         if huge or size > <unsigned long long>(self.max_body_bytes - len(self._chunks)):
             raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
         if size == 0:
-            self._state = _HT_S_LAST_CRLF
+            self._state = _HT_S_TRAILERS
+            self._remaining = self.max_header_bytes
         else:
             self._state = _HT_S_CHUNK_DATA
             self._remaining = <Py_ssize_t>size
-        return 0
+        return i

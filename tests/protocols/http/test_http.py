@@ -298,6 +298,41 @@ def test_chunked_body_is_accepted(gateway):
     assert spool_stats(gateway.data_dir)["records"] == 2
 
 
+def _chunked(body: bytes, size: bytes = b"%x", ext: bytes = b"", last: bytes = b"0", trailers: bytes = b"") -> bytes:
+    return (size % len(body) + ext + b"\r\n" + body + b"\r\n" + last + b"\r\n" + trailers + b"\r\n")
+
+
+@pytest.mark.parametrize("size, ext, last, trailers", [
+    (b"%X", b"", b"000", b""),                                       # upper-case hex; 000 ends the body
+    (b"00%x", b' ; a = b ; c="d \\" e"', b"0;f", b""),              # extensions: BWS, token, quoted-string
+    (b"%x", b"", b"0", b"X-Checksum: 1\r\nX-Empty:\r\n"),             # trailers: parsed and ignored
+])
+def test_chunked_grammar_is_accepted(gateway, size, ext, last, trailers):
+    body = json.dumps([READING, READING]).encode()
+    reply = _exchange(gateway, HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                      + _chunked(body, size, ext, last, trailers))
+    assert reply.startswith(b"HTTP/1.1 202 ") and b'"accepted":2' in reply
+    assert spool_stats(gateway.data_dir)["records"] == 2
+
+
+@pytest.mark.parametrize("size, ext, last, trailers", [
+    (b"%x ", b"", b"0", b""),                                        # whitespace, no extension
+    (b"%x", b";", b"0", b""),
+    (b"%x", b";a=", b"0", b""),
+    (b"%x", b';a="b', b"0", b""),
+    (b"%x", b";a\rb", b"0", b""),                                    # bare CR
+    (b"%x", b"", b"0\n", b""),                                        # bare LF
+    (b"%x", b"", b"0", b" X: y\r\n"),                                 # obs-fold in a trailer
+    (b"%x", b"", b"0", b"X: y\n"),
+])
+def test_chunked_grammar_is_refused(gateway, size, ext, last, trailers):
+    body = json.dumps([READING]).encode()
+    reply = _exchange(gateway, HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(body, size, ext, last, trailers))
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"] == "bad_request"
+    assert spool_stats(gateway.data_dir)["records"] == 0
+
+
 def test_post_without_a_length_gets_411(gateway):
     reply = _exchange(gateway, HEAD + b"Connection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 411 ")

@@ -182,7 +182,8 @@ def test_a_request_split_byte_by_byte(http_impl):
 
 
 def test_chunked_body_is_decoded(http_impl):
-    data = POST + b"Transfer-Encoding: Chunked\r\n\r\n4;name=v\r\n[1,2\r\n2 \r\n,3\r\n1\r\n]\r\n0\r\n\r\n"
+    data = (POST + b"Transfer-Encoding: Chunked\r\n\r\n4;name=v\r\n[1,2\r\n2 ; q = \"a\\\"b\"\r\n,3\r\n1\r\n]\r\n"
+            b"0\r\n\r\n")
     assert agree(data) == ([("POST", "/v1/telemetry", "1.1", [(b"host", b"gw"),
                                                                (b"content-type", b"application/json"),
                                                                (b"transfer-encoding", b"chunked")],
@@ -234,7 +235,9 @@ def test_post_without_length_has_an_empty_body(http_impl):
     (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "bad_request"),
     (POST + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n", 400, "bad_request"),
     (POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n", 400, "bad_request"),
-    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: 1\r\n\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n X-Trailer: 1\r\n\r\n", 400, "bad_request"),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: " + b"a" * MAX_HEAD + b"\r\n\r\n",
+     431, "header_too_large"),
     (POST + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 21 + b"1\r\n", 400, "bad_request"),
     (POST + b"Transfer-Encoding: chunked\r\n\r\n41\r\n", 413, "too_large"),
     (POST + b"Content-Length: 65\r\n\r\n", 413, "too_large"),
@@ -325,6 +328,51 @@ def test_a_transfer_encoding_list_with_empty_elements_is_chunked(te):
     assert end == "clean" and requests[0][4] == b"{}"
 
 
+CHUNKED = POST + b"Transfer-Encoding: chunked\r\n\r\n"
+GOOD_CHUNKS = [
+    b"2\r\n{}\r\n0\r\n\r\n",
+    b"002\r\n{}\r\n000\r\n\r\n",                            # leading zeros; 000 ends the body
+    b"2;a\r\n{}\r\n0;b=c\r\n\r\n",
+    b"2 ;a = b ;c\r\n{}\r\n0\r\n\r\n",                        # BWS around ; and = (RFC 9112 7.1.1)
+    b'2;a="q \\" ;\t\xe4"\r\n{}\r\n0\r\n\r\n',                 # quoted-string with quoted-pairs
+    b"2\r\n{}\r\n0\r\nX-Trailer: 1\r\nX-Other:\r\n\r\n",         # trailers: parsed and ignored
+]
+BAD_CHUNKS = [
+    b"2 \r\n{}\r\n0\r\n\r\n",                                # whitespace with no extension
+    b" 2\r\n{}\r\n0\r\n\r\n",
+    b"0x2\r\n{}\r\n0\r\n\r\n",
+    b"2;\r\n{}\r\n0\r\n\r\n",                                 # extension without a name
+    b"2;a=\r\n{}\r\n0\r\n\r\n",
+    b"2;a b\r\n{}\r\n0\r\n\r\n",
+    b"2;a=\"b\r\n{}\r\n0\r\n\r\n",                             # unterminated quoted-string
+    b"2;a=b\"c\"\r\n{}\r\n0\r\n\r\n",
+    b"2;a\rb\r\n{}\r\n0\r\n\r\n",                              # bare CR in an extension
+    b"2\n{}\r\n0\r\n\r\n",                                     # bare LF after a size
+    b"2\r\n{}\n0\r\n\r\n",
+    b"2\r\n{}\r\n0\n\r\n",
+    b"2\r\n{}\r\n0\r\n\n",                                     # bare LF ending the body
+    b"2\r\n{}\r\n0\r\nX: y\n\r\n",
+    b"2\r\n{}\r\n0\r\n X: y\r\n\r\n",                          # obs-fold in the trailers
+    b"2\r\n{}\r\n0\r\nX y\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("chunks", GOOD_CHUNKS)
+def test_chunk_grammar_accepted(chunks):
+    requests, end = agree(CHUNKED + chunks + post(b"[]"), [len(CHUNKED) + 3])
+    assert end == "clean" and [r[4] for r in requests] == [b"{}", b"[]"]
+
+
+@pytest.mark.parametrize("chunks", BAD_CHUNKS)
+def test_chunk_grammar_refused(chunks):
+    data = CHUNKED + chunks + post(b"[]")
+    assert agree(data, [len(CHUNKED) + 3]) == ([], (400, "bad_request"))
+    assert run_std(data) == ([], (400, "bad_request"))
+    # refused at the bad byte, before the body could end
+    assert refused_at(_http_py, data) == refused_at(_fastparse, data)
+    assert refused_at(_http_py, data)[0] < len(CHUNKED) + len(chunks)
+
+
 def test_slow_sender_costs_linear_time(http_impl):
     """The fast engine alone: its parser appends to one buffer, never rebuilds
     it (h11, under the std engine, keeps its own buffer)."""
@@ -366,9 +414,13 @@ def chunked_bodies(draw):
     for _ in range(draw(st.integers(0, 3))):
         data = draw(st.binary(min_size=1, max_size=20))
         n = len(data)
-        size = draw(mostly([b"%x" % n], [b"%X" % n, b"%x;e=1" % n, b"%x " % n, b"0%x" % n, b"z", b"%x\n" % n], 3))
+        size = draw(mostly([b"%x" % n], [b"%X" % n, b"%x;e=1" % n, b"%x " % n, b"0%x" % n, b"z", b"%x\n" % n,
+                                         b"%x ; e = v" % n, b'%x;e="q\\"d"' % n, b"%x;e=" % n, b"%x;" % n,
+                                         b'%x;e="' % n, b"%x;e\rf" % n], 3))
         out += size + draw(EOLS) + data + draw(mostly([b"\r\n"], [b"", b"\n", b"XX"], 10))
-    return out + draw(mostly([b"0\r\n\r\n"], [b"0\r\n\n", b"0\r\nX: y\r\n\r\n", b"0;z\r\n\r\n", b"0\r\n"]))
+    return out + draw(mostly([b"0\r\n\r\n"], [b"0\r\n\n", b"0\r\nX: y\r\n\r\n", b"0;z\r\n\r\n", b"0\r\n",
+                                               b"000\r\n\r\n", b"0\r\n X: y\r\n\r\n", b"0\r\nX: y\n\r\n",
+                                               b"0\r\nX y\r\n\r\n", b"0\r\nA: 1\r\nB: 2\r\n\r\n"]))
 
 
 @st.composite

@@ -40,11 +40,15 @@ arbitrary bytes):
   at all: an empty body (``has_length`` is false so the API can answer 411).
 * Host: a second one -> 400 when seen; none in HTTP/1.1 -> 400 at the end
   of the head.
-* Chunked bodies: a chunk line is 1-20 hex digits, then either a chunk
-  extension (``;`` and anything but LF, ignored) or optional SP/HTAB, then
-  CRLF; chunk data is followed by CRLF. The decoded size is held to
-  ``max_body_bytes`` (413). Trailer fields are refused (400): after the last
-  chunk comes CRLF (a bare LF is tolerated there, as h11 does).
+* Chunked bodies (RFC 9112 7.1), judged byte by byte like the head: a chunk
+  line is ``1*HEXDIG *( BWS ";" BWS token [ BWS "=" BWS ( token /
+  quoted-string ) ] ) CRLF`` (extensions ignored; whitespace only around
+  ``;`` and ``=``; at most ``MAX_CHUNK_DIGITS`` digits, leading zeros
+  included, so ``000`` ends a body); anything else -> 400, and so does chunk
+  data not followed by CRLF. The decoded size is held to ``max_body_bytes``
+  (413, at the chunk line that would pass it). After the last chunk, the
+  trailer section: field lines by the header grammar, parsed and ignored,
+  then CRLF; longer than ``max_header_bytes`` -> 431.
 * ``keep_alive``: HTTP/1.1 without a ``close`` token in Connection.
   ``expect_continue``: HTTP/1.1 with ``Expect: 100-continue``.
 
@@ -68,12 +72,15 @@ _VCHAR = frozenset(range(0x21, 0x7F))
 _VALUE = frozenset([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _DIGITS = frozenset(b"0123456789")
+_QDTEXT = frozenset([0x09, 0x20, 0x21, *range(0x23, 0x5C), *range(0x5D, 0x7F), *range(0x80, 0x100)])
+_QPAIR = frozenset([0x09, 0x20, *range(0x21, 0x7F), *range(0x80, 0x100)])   # what may follow a backslash
 _OWS = b" \t"
 _VERSION = b"HTTP/d.d"           # d: a digit
+MAX_CHUNK_DIGITS = 20           # leading zeros count: a bound, not a size limit
 MAX_EMPTY_LINES = 4              # empty lines ignored before a request line (RFC 9112 2.2)
 
 # states of the body reader
-_S_HEAD, _S_LENGTH, _S_CHUNK_LINE, _S_CHUNK_DATA, _S_CHUNK_CRLF, _S_LAST_CRLF = range(6)
+_S_HEAD, _S_LENGTH, _S_CHUNK_LINE, _S_CHUNK_DATA, _S_CHUNK_CRLF, _S_TRAILERS = range(6)
 
 
 def _bad(detail: str) -> HTTPParseError:
@@ -263,29 +270,35 @@ class HTTPRequestParser:
 
     def _header_line(self, buf: bytes | bytearray, i: int, n: int) -> int:
         """The index of the CR ending the header line at buf[i], -1 until it is in."""
+        colon, eol = self._field_line(buf, i, n)
+        if eol >= 0:
+            self._field(bytes(buf[i:colon]).lower(), bytes(buf[colon + 1:eol]).strip(_OWS))
+        return eol
+
+    def _field_line(self, buf: bytes | bytearray, i: int, n: int) -> tuple[int, int]:
+        """(colon, CR ending the line) of the field line at buf[i]; the CR is -1 until it is in."""
         start = i
         if buf[i] == 0x20 or buf[i] == 0x09:
-            raise _bad("obs-fold (a header line starting with whitespace) is refused")
+            raise _bad("obs-fold (a field line starting with whitespace) is refused")
         while i < n and buf[i] in _TCHAR:
             i += 1
         if i >= n:
-            return -1
+            return 0, -1
         if buf[i] != 0x3A or i == start:
-            raise _bad("header field name is not a token followed by a colon")
+            raise _bad("field name is not a token followed by a colon")
         colon = i
         i += 1
         while i < n and buf[i] in _VALUE:
             i += 1
         if i >= n:
-            return -1
+            return 0, -1
         if buf[i] != 0x0D:
-            raise _bad("bare LF or a control byte in a header value")
+            raise _bad("bare LF or a control byte in a field value")
         if i + 1 >= n:
-            return -1
+            return 0, -1
         if buf[i + 1] != 0x0A:
-            raise _bad("bare CR in a header value")
-        self._field(bytes(buf[start:colon]).lower(), bytes(buf[colon + 1:i]).strip(_OWS))
-        return i
+            raise _bad("bare CR in a field value")
+        return colon, i
 
     def _field(self, name: bytes, value: bytes) -> None:
         """One complete header field: the rules of the fields that frame the request."""
@@ -358,17 +371,19 @@ class HTTPRequestParser:
     # -- chunked body ------------------------------------------------------------
 
     def _read_chunks(self) -> bool:
-        """Decode what has arrived; True once the last chunk and CRLF are in."""
+        """Decode what has arrived; True once the last chunk and the trailer
+        section are in. Chunk lines and trailer lines are judged byte by byte
+        as they arrive, like head lines."""
         buf = self._buf
         while True:
             state = self._state
             if state == _S_CHUNK_LINE:
-                eol = buf.find(b"\r\n", self._pos)
+                limit = self._pos + self.max_header_bytes
+                eol = self._chunk_line(buf, self._pos, min(len(buf), limit))
                 if eol < 0:
-                    if len(buf) - self._pos > self.max_header_bytes:
-                        raise _bad("chunk size line too long")
+                    if len(buf) > limit:
+                        raise _bad("chunk line too long")
                     return False
-                self._chunk_line(bytes(buf[self._pos:eol]))
                 self._pos = eol + 2
             elif state == _S_CHUNK_DATA:
                 take = min(self._remaining, len(buf) - self._pos)
@@ -389,39 +404,117 @@ class HTTPRequestParser:
                 if self._remaining:
                     return False
                 self._state = _S_CHUNK_LINE
-            else:  # _S_LAST_CRLF
-                if self._pos >= len(buf):
+            else:  # _S_TRAILERS: field lines, parsed and ignored (RFC 9112 7.1.2)
+                limit = self._pos + self._remaining     # the section's allowance left
+                n = min(len(buf), limit)
+                i = self._pos
+                if i < n and buf[i] == 0x0D:
+                    if i + 1 < n:
+                        if buf[i + 1] != 0x0A:
+                            raise _bad("bare CR in the trailer section")
+                        self._pos = i + 2
+                        return True
+                    eol = -1
+                elif i < n:
+                    eol = self._field_line(buf, i, n)[1]
+                else:
+                    eol = -1
+                if eol < 0:
+                    if len(buf) > limit:
+                        raise HTTPParseError(431, "header_too_large", "trailer section exceeds max_header_bytes")
                     return False
-                first = buf[self._pos]
-                if first == 0x0A:
-                    self._pos += 1
-                    return True
-                if first != 0x0D:
-                    raise _bad("trailer fields are not supported")
-                if self._pos + 1 >= len(buf):
-                    return False
-                if buf[self._pos + 1] != 0x0A:
-                    raise _bad("trailer fields are not supported")
-                self._pos += 2
-                return True
+                self._remaining -= eol + 2 - i
+                self._pos = eol + 2
 
-    def _chunk_line(self, line: bytes) -> None:
-        n = 0
-        while n < len(line) and line[n] in _HEX:
-            n += 1
-        if n == 0 or n > 20:
-            raise _bad("bad chunk size")
-        rest = line[n:]
-        if rest[:1] == b";":
-            if b"\n" in rest:
-                raise _bad("bad chunk extension")
-        elif rest.strip(_OWS):
-            raise _bad("bad chunk size")
-        size = int(line[:n], 16)
+    def _chunk_line(self, buf: bytes | bytearray, i: int, n: int) -> int:
+        """The index of the CR ending the chunk line at buf[i], -1 until it is in.
+
+        chunk-size [ chunk-ext ] CRLF (RFC 9112 7.1, 7.1.1): 1*HEXDIG, then
+        *( BWS ";" BWS token [ BWS "=" BWS ( token / quoted-string ) ] ).
+        """
+        start = i
+        while i < n and buf[i] in _HEX:
+            i += 1
+            if i - start > MAX_CHUNK_DIGITS:
+                raise _bad("chunk size has too many digits")
+        if i >= n:
+            return -1
+        if i == start:
+            raise _bad("chunk size is not a hex number")
+        digits = bytes(buf[start:i])
+        while True:
+            ws = i
+            while i < n and (buf[i] == 0x20 or buf[i] == 0x09):
+                i += 1
+            if i >= n:
+                return -1
+            c = buf[i]
+            if c == 0x0D:
+                if i > ws:
+                    raise _bad("whitespace at the end of a chunk line")
+                break
+            if c != 0x3B:
+                raise _bad("bad chunk size or extension")
+            i += 1
+            while i < n and (buf[i] == 0x20 or buf[i] == 0x09):
+                i += 1
+            name = i
+            while i < n and buf[i] in _TCHAR:
+                i += 1
+            if i >= n:
+                return -1
+            if i == name:
+                raise _bad("chunk extension without a name")
+            ws = i
+            while i < n and (buf[i] == 0x20 or buf[i] == 0x09):
+                i += 1
+            if i >= n:
+                return -1
+            if buf[i] != 0x3D:
+                i = ws                   # the whitespace belongs to what follows
+                continue
+            i += 1
+            while i < n and (buf[i] == 0x20 or buf[i] == 0x09):
+                i += 1
+            if i >= n:
+                return -1
+            if buf[i] == 0x22:
+                i += 1
+                while True:
+                    if i >= n:
+                        return -1
+                    c = buf[i]
+                    if c == 0x22:
+                        i += 1
+                        break
+                    if c == 0x5C:
+                        i += 1
+                        if i >= n:
+                            return -1
+                        if buf[i] not in _QPAIR:
+                            raise _bad("bad quoted-pair in a chunk extension")
+                    elif c not in _QDTEXT:
+                        raise _bad("bad byte in a quoted chunk extension")
+                    i += 1
+            else:
+                value = i
+                while i < n and buf[i] in _TCHAR:
+                    i += 1
+                if i >= n:
+                    return -1
+                if i == value:
+                    raise _bad("chunk extension without a value after '='")
+        if i + 1 >= n:
+            return -1
+        if buf[i + 1] != 0x0A:
+            raise _bad("bare CR in a chunk line")
+        size = int(digits, 16)
         if size > self.max_body_bytes - len(self._chunks):
             raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
         if size == 0:
-            self._state = _S_LAST_CRLF
+            self._state = _S_TRAILERS
+            self._remaining = self.max_header_bytes
         else:
             self._state = _S_CHUNK_DATA
             self._remaining = size
+        return i
