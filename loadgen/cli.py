@@ -14,6 +14,13 @@ percentiles instead of slowing the load down. ``mqtt`` works against any
 MQTT 3.1.1 broker; ``http`` posts to gridgate's ``/v1/telemetry``; ``ws``
 sends ``{"seq": n, "readings": [...]}`` envelopes on gridgate's WebSocket
 channel ``/v1/ws`` and counts a reading acked when its ``{"ack": n}`` arrives.
+
+The load generator reports its own CPU (user + system, from getrusage, over
+the run, summed over every process with ``--procs``) per acknowledged reading
+(per sent reading when nothing is acknowledged), in the table and in
+``--json`` (``loadgen_cpu_us_per_reading``), and warns when one of its
+processes used more than 85% of a core over the run: then it, not the
+server, is likely the bottleneck.
 """
 from __future__ import annotations
 
@@ -28,8 +35,8 @@ import trio
 
 from loadgen.device import DeviceOptions
 from loadgen.limits import check_capacity, parse_ip_range, raise_open_file_limit
-from loadgen.runner import RunPlan, SelfCheck, run_share
-from loadgen.stats import Stats
+from loadgen.runner import RunPlan, SelfCheck, process_cpu_s, run_share
+from loadgen.stats import Stats, cpu_bottleneck_warning
 
 EXIT_USAGE = 2
 
@@ -227,8 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.procs == 1:
         stats, warnings = trio.run(_run_local, plans[0], progress)
     else:
+        parent_cpu = process_cpu_s()
         stats, warnings = trio.run(_run_workers, plans, progress)
+        # the workers measured their own runs; the parent's merging counts too
+        stats.cpu_s += process_cpu_s() - parent_cpu
     progress.end()
+    busy = cpu_bottleneck_warning(stats.cpu_shares)
+    if busy is not None:
+        warnings.append(busy)
     print(stats.table())
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -4,6 +4,7 @@ numbers describe the load generator rather than the server."""
 from __future__ import annotations
 
 import random
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from loadgen.mqtt_device import MqttDevice
 from loadgen.stats import Stats
 from loadgen.ws_device import WsDevice
 
-__all__ = ["RunPlan", "run_share", "run_device", "SelfCheck", "DEVICE_KINDS"]
+__all__ = ["RunPlan", "run_share", "run_device", "SelfCheck", "DEVICE_KINDS", "process_cpu_s"]
 
 # DeviceOptions.protocol -> the kind of device that speaks it
 DEVICE_KINDS: dict[str, type[Device]] = {"mqtt": MqttDevice, "http": HttpDevice, "ws": WsDevice}
@@ -81,9 +82,20 @@ async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float
     await drive(device, start, deadline, rng or random.Random(index))
 
 
+def process_cpu_s() -> float:
+    """User + system CPU seconds this process (all its threads) has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def run_share(plan: RunPlan, stats: Stats, check: SelfCheck,
                     tick: Callable[[], None] | None = None) -> None:
-    """Run devices ``plan.first .. plan.first + plan.count - 1`` for ``plan.duration`` s."""
+    """Run devices ``plan.first .. plan.first + plan.count - 1`` for ``plan.duration`` s.
+
+    Adds this process's CPU over the run (connects, sending, the drain of the
+    last acks and the progress ticks) to ``stats.cpu_s`` and its share of a
+    core to ``stats.cpu_shares``."""
+    cpu_start = process_cpu_s()
     stats.devices += plan.count
     start = trio.current_time()
     deadline = start + plan.duration
@@ -107,5 +119,9 @@ async def run_share(plan: RunPlan, stats: Stats, check: SelfCheck,
                     # lockstep storms); a busy loop catches up instead of
                     # drifting further behind with every sleep.
                     await trio.sleep_until(start + (n + rng.uniform(0.5, 1.5)) / plan.connect_rate)
-        stats.elapsed_s = trio.current_time() - start
+        elapsed = trio.current_time() - start
+        stats.elapsed_s = elapsed
         monitor.cancel()
+    cpu = process_cpu_s() - cpu_start
+    stats.cpu_s += cpu
+    stats.cpu_shares.append(cpu / elapsed if elapsed > 0 else 0.0)

@@ -12,12 +12,15 @@ from dataclasses import asdict, dataclass, field
 
 from hdrh.histogram import HdrHistogram
 
-__all__ = ["Stats", "new_histogram", "PERCENTILES"]
+__all__ = ["Stats", "new_histogram", "PERCENTILES", "cpu_bottleneck_warning", "BUSY_SHARE"]
 
 LOWEST_US = 1
 HIGHEST_US = 60_000_000
 SIGNIFICANT = 3
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+# A load-generating process whose CPU over the run exceeds this share of one
+# core is (part of) the bottleneck: its devices wait for it, not the server.
+BUSY_SHARE = 0.85
 
 
 def new_histogram() -> HdrHistogram:
@@ -41,6 +44,12 @@ class Stats:
     rejected: int = 0           # readings the server answered as rejected (ws; also counted in errors)
     commands: int = 0           # downlink commands received and acknowledged (ws)
     elapsed_s: float = 0.0
+    # The load generator's own CPU, measured (getrusage, user + system, all
+    # threads) over the run: cpu_s sums every process of the run (workers and,
+    # with --procs, the parent); cpu_shares has one entry per process that
+    # drives devices: its CPU seconds over its elapsed seconds (1.0 = a core).
+    cpu_s: float = 0.0
+    cpu_shares: list[float] = field(default_factory=list)
     histogram: HdrHistogram = field(default_factory=new_histogram, repr=False)
 
     def record_latency_us(self, value: int) -> None:
@@ -51,6 +60,8 @@ class Stats:
                      "errors", "replayed", "dropped", "unacked_at_drop", "behind", "rejected", "commands"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
+        self.cpu_s += other.cpu_s
+        self.cpu_shares = self.cpu_shares + other.cpu_shares
         self.histogram.add(other.histogram)
 
     # -- wire format between worker and parent --------------------------------
@@ -79,8 +90,18 @@ class Stats:
         out["max"] = h.get_max_value() / 1000.0
         return out
 
+    def cpu_us_per_reading(self) -> float | None:
+        """The load generator's CPU per acknowledged reading (per sent reading
+        when nothing is acknowledged, as at MQTT QoS 0), in microseconds; None
+        when no reading was sent or no CPU was measured."""
+        readings = self.acked if self.acked else self.sent
+        if not readings or not self.cpu_shares:
+            return None
+        return self.cpu_s * 1e6 / readings
+
     def summary(self) -> dict:
         rate = self.acked if self.acked else self.sent
+        per_reading = self.cpu_us_per_reading()
         return {
             "devices": self.devices, "connected": self.connected, "peak_connected": self.peak_connected,
             "connects": self.connects,
@@ -91,6 +112,10 @@ class Stats:
             "readings_per_s": round(rate / self.elapsed_s, 1) if self.elapsed_s else 0.0,
             "latency_ms": self.latency_ms(),
             "latency_samples": self.histogram.get_total_count(),
+            "loadgen_cpu_s": round(self.cpu_s, 3),
+            "loadgen_cpu_us_per_reading": None if per_reading is None else round(per_reading, 3),
+            "loadgen_cpu_per": "acked" if self.acked else "sent",
+            "loadgen_cpu_share_per_process": [round(x, 3) for x in self.cpu_shares],
         }
 
     def table(self) -> str:
@@ -108,7 +133,29 @@ class Stats:
             ("ack latency ms", " ".join(f"{k}={fmt(v)}" for k, v in lat.items())
              + f" ({s['latency_samples']} samples)"),
         ]
+        if s["loadgen_cpu_us_per_reading"] is not None:
+            shares = s["loadgen_cpu_share_per_process"]
+            rows.append(("loadgen CPU", f"{s['loadgen_cpu_us_per_reading']:.2f} us per {s['loadgen_cpu_per']} reading "
+                                        f"({s['loadgen_cpu_s']:.2f} s user+sys; "
+                                        + ("" if len(shares) == 1 else f"{len(shares)} processes, busiest ")
+                                        + f"{max(shares):.0%} of a core)"))
         if s["commands"]:
             rows.insert(5, ("commands", f"{s['commands']} received and acknowledged"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cpu_bottleneck_warning(shares: list[float], busy: float = BUSY_SHARE) -> str | None:
+    """A warning when the load generator is likely the bottleneck: its
+    processes together used more than ``busy`` of a core each over the run
+    (CPU s > busy x elapsed s x processes), or one of them did (its devices
+    then waited for it). ``shares``: each process's CPU s / elapsed s."""
+    if not shares:
+        return None
+    mean, busiest = sum(shares) / len(shares), max(shares)
+    if busiest <= busy:
+        return None
+    where = (f"{busiest:.0%} of a core" if len(shares) == 1 else
+             f"{mean:.0%} of a core per process on average over {len(shares)} processes, the busiest {busiest:.0%}")
+    return (f"load generator used {where} over the run (above {busy:.0%}): it is likely the bottleneck, so the "
+            f"rates describe it as much as the server; use more --procs, fewer devices, or another machine")

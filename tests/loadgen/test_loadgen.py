@@ -28,7 +28,7 @@ from loadgen.limits import check_capacity, parse_ip_range
 from loadgen.mqtt_device import MqttDevice
 from loadgen.runner import RunPlan, SelfCheck, run_share
 from loadgen.schedule import Schedule, intended_time
-from loadgen.stats import Stats, new_histogram
+from loadgen.stats import Stats, cpu_bottleneck_warning, new_histogram
 
 LOADGEN = [sys.executable, "-m", "loadgen.cli"]
 PERCENTILE_KEYS = ["p50", "p90", "p99", "p99.9", "max"]
@@ -61,6 +61,49 @@ def test_histogram_merge_across_processes_is_exact():
     assert merged.histogram.get_total_count() == whole.get_total_count()
     for pct in (50, 90, 99, 99.9, 100):
         assert merged.histogram.get_value_at_percentile(pct) == whole.get_value_at_percentile(pct)
+
+
+def test_cpu_per_reading_is_over_acked_readings_and_merges_across_processes():
+    a = Stats(sent=300_000, acked=300_000, cpu_s=1.5, cpu_shares=[0.3])
+    b = Stats(sent=100_000, acked=100_000, cpu_s=0.5, cpu_shares=[0.1])
+    assert a.cpu_us_per_reading() == pytest.approx(5.0)
+    merged = Stats()
+    for part in (a, b):
+        merged.merge(Stats.from_wire(part.to_wire()))     # as workers ship them
+    assert (merged.cpu_s, merged.cpu_shares) == (2.0, [0.3, 0.1])
+    assert merged.cpu_us_per_reading() == pytest.approx(5.0)
+    summary = merged.summary()
+    assert summary["loadgen_cpu_us_per_reading"] == 5.0 and summary["loadgen_cpu_per"] == "acked"
+    assert summary["loadgen_cpu_share_per_process"] == [0.3, 0.1]
+    assert re.search(r"^loadgen CPU +5\.00 us per acked reading \(2\.00 s user\+sys; 2 processes, busiest 30% "
+                     r"of a core\)$", merged.table(), re.MULTILINE), merged.table()
+    # nothing acknowledged (MQTT QoS 0): per sent reading
+    qos0 = Stats(sent=400_000, cpu_s=1.0, cpu_shares=[0.2])
+    assert qos0.cpu_us_per_reading() == pytest.approx(2.5) and qos0.summary()["loadgen_cpu_per"] == "sent"
+    # nothing sent (--idle), or nothing measured: no figure rather than a made-up one
+    assert Stats(cpu_s=1.0, cpu_shares=[0.2]).cpu_us_per_reading() is None
+    assert Stats(sent=10, acked=10).summary()["loadgen_cpu_us_per_reading"] is None
+    assert "loadgen CPU" not in Stats(sent=10, acked=10).table()
+
+
+@pytest.mark.parametrize("shares, expected", [
+    ([], None),
+    ([0.5], None),
+    ([0.85], None),                                       # at the threshold, not above it
+    ([0.9], "load generator used 90% of a core over the run (above 85%)"),
+    ([0.99, 0.98, 0.97], "load generator used 98% of a core per process on average over 3 processes, "
+                         "the busiest 99% over the run"),
+    # one busy worker of two: its devices waited for it, though the mean is 60%
+    ([0.3, 0.9], "load generator used 60% of a core per process on average over 2 processes, the busiest 90%"),
+    ([0.84, 0.8], None),
+])
+def test_the_load_generator_warns_when_it_is_the_bottleneck(shares, expected):
+    warning = cpu_bottleneck_warning(shares)
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning is not None and warning.startswith(expected)
+        assert "likely the bottleneck" in warning and "--procs" in warning
 
 
 @pytest.mark.parametrize("args, message", [
@@ -303,6 +346,18 @@ async def run_loadgen(tmp_path, name: str, *args: str) -> dict:
         assert re.search(rf"^{row} +{result[row]}$", table, re.MULTILINE), table
     p999 = result["latency_ms"]["p99.9"]
     assert ("p99.9=-" if p999 is None else f"p99.9={p999:.2f}") in table
+    # its own CPU, measured over the run, per acked (or, unacknowledged, sent) reading
+    per_reading = result["loadgen_cpu_us_per_reading"]
+    readings = result["acked"] or result["sent"]
+    assert len(result["loadgen_cpu_share_per_process"]) == result["options"]["procs"]
+    if readings:
+        assert per_reading > 0 and result["loadgen_cpu_s"] > 0
+        assert per_reading == pytest.approx(result["loadgen_cpu_s"] * 1e6 / readings, rel=1e-3, abs=1e-3)
+        row = re.search(r"^loadgen CPU +([\d.]+) us per (acked|sent) reading", table, re.MULTILINE)
+        assert row and float(row.group(1)) == pytest.approx(per_reading, abs=0.006), table
+        assert row.group(2) == result["loadgen_cpu_per"]
+    else:
+        assert per_reading is None
     return result
 
 
@@ -327,6 +382,18 @@ async def test_1000_devices_against_gridgate_acked_equals_spool(tmp_path):
     assert_latency_accounted(result, 5)
     stored = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
     assert stored["records"] == result["acked"]
+
+
+async def test_loadgen_cpu_per_reading_over_two_worker_processes(tmp_path):
+    async with gridgate_process(tmp_path / "data") as gw:
+        result = await run_loadgen(tmp_path, "procs", "mqtt", "--target", f"127.0.0.1:{gw.mqtt[1]}",
+                                   "--devices", "40", "--procs", "2", "--qos", "1", "--duration", "2")
+    assert result["acked"] == result["sent"] > 0
+    shares = result["loadgen_cpu_share_per_process"]
+    assert len(shares) == 2 and all(0 < s for s in shares)
+    # the parent's share of the work is counted too: the total is at least the workers' own
+    assert result["loadgen_cpu_s"] >= sum(shares) * 2 - 0.01
+    assert result["loadgen_cpu_us_per_reading"] > 0
 
 
 async def wait_for_line(stream: trio.abc.ReceiveStream, marker: bytes, seen: bytearray) -> None:
