@@ -6,6 +6,18 @@ stream has acknowledged every one of them: a JetStream ack means the message
 is stored (on a quorum of the stream's replicas when ``replicas`` > 1), which
 is what "durable" means for this sink.
 
+Publishing
+    A sliding window of at most ``max_inflight`` publishes (default
+    ``DEFAULT_MAX_INFLIGHT``, shared by concurrent writes) is in flight;
+    each ack lets the next record go. Every publish asks for its ack on its
+    own reply subject under one inbox subscription of the sink, so there is
+    no task or timer per record. A publish is retried (same msg-id) only when
+    it failed itself: no ack within ``ack_timeout_s`` of when THAT publish
+    was sent, the connection dropped after it was sent, no stream answered,
+    or JetStream answered with a transient error. The window keeps the acks
+    waiting to be read few enough that, even with the machine under load,
+    they are read long before their timeouts: timeouts do not cascade.
+
 Wire format
     The message body is the normalized :class:`~gridgate.ingest.records.Record`
     encoded as **MessagePack** by msgspec: a map with the keys ``device_id``,
@@ -43,9 +55,10 @@ Trio and asyncio
     the future's done-callback, which runs on the asyncio thread, calls
     ``TrioToken.run_sync_soon(event.set)`` - the one thread-safe way into Trio
     - and the Trio task sleeps on a ``trio.Event``. Cancelling the Trio task
-    cancels the asyncio task (``future.cancel()``), which cancels every
-    publish in flight; records already acked stay stored and de-duplicate if
-    the batch is written again.
+    cancels the asyncio task (``future.cancel()``): no further record is
+    published and the write's window slots are given back. Records already
+    acked, or published and still to be stored, de-duplicate if the batch
+    is written again.
 """
 from __future__ import annotations
 
@@ -53,10 +66,12 @@ import asyncio
 import concurrent.futures
 import functools
 import hashlib
+import heapq
 import logging
 import random
 import re
 import threading
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -78,6 +93,13 @@ log = logging.getLogger("gridgate.sinks.nats")
 T = TypeVar("T")
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
+NO_RESPONDERS_STATUS = "503"
+# Publishes in flight at once, across every write of one sink. Enough to keep
+# a local or LAN JetStream busy (the acks of a window come back long before
+# ack_timeout_s), small enough that a loaded machine reads every ack of the
+# window in a few ms rather than letting them queue past their timeouts.
+DEFAULT_MAX_INFLIGHT = 512
 MAX_TOKEN_CHARS = 128
 
 
@@ -238,6 +260,236 @@ def _is_fatal(e: BaseException) -> bool:
     return isinstance(e, nats.js.errors.APIError) and e.code is not None and 400 <= e.code < 500
 
 
+class _Disconnected(Exception):
+    """The connection dropped while a publish waited for its ack."""
+
+    def __str__(self) -> str:
+        return "the connection dropped before the ack came"
+
+
+class _PubAck(msgspec.Struct):
+    """A JetStream publish ack: ``{"stream", "seq", "duplicate"}``, or ``{"error": {...}}``."""
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+
+def _api_error(err: dict[str, Any]) -> nats.js.errors.APIError:
+    """The nats-py error of an ack's ``error`` object (``from_error`` raises it)."""
+    fields = {"code": err.get("code"), "err_code": err.get("err_code"), "description": err.get("description")}
+    try:
+        nats.js.errors.APIError.from_error(fields)
+    except nats.js.errors.APIError as e:
+        return e
+    return nats.js.errors.APIError(**fields)      # pragma: no cover - from_error always raises
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Window:
+    """One ``write``'s publishes, driven on the asyncio thread.
+
+    A sliding window: a record is published while the sink has a free slot
+    (``max_inflight``, shared by concurrent writes), and every ack frees one.
+    Each publish asks for its ack on ``<inbox>.<write>.<index>.<attempt>``; one
+    subscription of the sink routes acks here. A publish is retried, with the
+    same msg-id, only when THAT publish failed: its ack did not come within
+    ``ack_timeout_s`` of when it was sent, the connection dropped after it
+    was sent, no stream answered, or JetStream answered with a transient
+    error; after a jittered backoff that grows per record. An ack of any
+    attempt of a record counts (the record is stored). Errors no retry fixes
+    end the write at once; so does the write's deadline.
+    """
+
+    def __init__(self, sink: NATSSink, key: str, items: list[tuple[str, bytes, str]]) -> None:
+        self.sink = sink
+        self.key = key
+        self.items = items
+        self.n = len(items)
+        self.loop = asyncio.get_running_loop()
+        self.reply_prefix = f"{sink._inbox}.{key}."
+        self.attempts = [0] * self.n            # publishes sent so far, per record
+        self.outstanding = bytearray(self.n)    # 1: its latest publish waits for an ack
+        self.acked = bytearray(self.n)
+        self.n_acked = 0
+        self.duplicates = 0
+        self.inflight = 0                       # slots this write holds
+        self.next = 0                           # first record never published
+        self.retries: list[tuple[float, int]] = []              # heap of (not before, index)
+        self.sent: deque[tuple[float, int, int, int]] = deque()  # (ack due, index, attempt, epoch), in send order
+        self.last_error: dict[int, BaseException] = {}
+        self.failure: int | None = None          # index of a record that failed for good
+        self.starved = False                    # waiting for a slot another write holds
+        self.wake: asyncio.Future[None] | None = None
+
+    # -- driven by run() ---------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Publish every record; the number of acks that said duplicate.
+
+        Raises:
+            _PublishFailed: a record failed for good, or was not acked by the deadline.
+        """
+        loop, sink = self.loop, self.sink
+        deadline = loop.time() + sink.write_timeout_s
+        while self.n_acked < self.n:
+            if self.failure is not None:
+                raise self._failed(self.failure)
+            now = loop.time()
+            if now >= deadline:
+                raise self._failed(self._first_unacked())
+            self._expire(now)
+            await self._fill()
+            if self.n_acked >= self.n or self.failure is not None:
+                continue
+            wake_at = deadline
+            if self.sent:
+                wake_at = min(wake_at, self.sent[0][0])
+            if self.retries and not self.starved:
+                wake_at = min(wake_at, self.retries[0][0])
+            await self._sleep_until(wake_at)
+        return self.duplicates
+
+    async def _sleep_until(self, when: float) -> None:
+        """Sleep until loop time ``when``, or until an ack, a failure or a freed slot pokes us."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self.wake = fut
+        handle = self.loop.call_at(when, _wake, fut)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            self.wake = None
+
+    def poke(self) -> None:
+        fut = self.wake
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _expire(self, now: float) -> None:
+        """Fail the publishes whose ack is overdue, or that were sent before a disconnect."""
+        sent, epoch = self.sent, self.sink._connection_epoch
+        while sent:
+            due, index, attempt, sent_epoch = sent[0]
+            if not self.outstanding[index] or attempt != self.attempts[index]:
+                sent.popleft()                  # acked, or failed and retried since
+            elif sent_epoch != epoch:
+                sent.popleft()
+                self._attempt_failed(index, attempt, _Disconnected())
+            elif due <= now:
+                sent.popleft()
+                self._attempt_failed(index, attempt, nats.errors.TimeoutError())
+            else:
+                break
+
+    async def _fill(self) -> None:
+        """Publish retries that are due, then new records, while the sink has free slots."""
+        sink, loop, items, retries = self.sink, self.loop, self.items, self.retries
+        publish = sink._nc.publish
+        ack_timeout = sink.ack_timeout_s
+        headers_stream = sink.stream
+        self.starved = False
+        while self.failure is None:
+            now = loop.time()
+            if retries and retries[0][0] <= now:
+                if self.acked[retries[0][1]]:   # acked by an earlier attempt meanwhile
+                    heapq.heappop(retries)
+                    continue
+                from_retries = True
+            elif self.next < self.n:
+                from_retries = False
+            else:
+                return
+            if sink._free_slots <= 0:
+                self.starved = True
+                return
+            if from_retries:
+                index = heapq.heappop(retries)[1]
+            else:
+                index = self.next
+                self.next += 1
+            subject, payload, mid = items[index]
+            attempt = self.attempts[index] + 1
+            self.attempts[index] = attempt
+            self.outstanding[index] = 1
+            self.inflight += 1
+            sink._free_slots -= 1
+            sink.publishes += 1
+            self.sent.append((now + ack_timeout, index, attempt, sink._connection_epoch))
+            try:
+                await publish(subject, payload, reply=f"{self.reply_prefix}{index}.{attempt}",
+                              headers={MSG_ID_HEADER: mid, EXPECTED_STREAM_HEADER: headers_stream})
+            except (OSError, nats.errors.Error) as e:
+                # not sent: closed, draining, too big, or the reconnect buffer is full
+                self._attempt_failed(index, attempt, e)
+
+    # -- ack routing (the sink's subscription callback) ------------------------------------
+
+    def on_ack(self, index: int, attempt: int, msg: Any) -> None:
+        if not 0 <= index < self.n or self.acked[index]:
+            return                              # a later ack of a record already acked
+        headers = msg.headers
+        if headers and headers.get("Status") == NO_RESPONDERS_STATUS:
+            self._attempt_failed(index, attempt, nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            ack = _ack_decoder.decode(msg.data)
+        except msgspec.DecodeError as e:
+            self._attempt_failed(index, attempt, e)
+            return
+        if ack.error is not None:
+            self._attempt_failed(index, attempt, _api_error(ack.error))
+            return
+        self.acked[index] = 1
+        self.n_acked += 1
+        if ack.duplicate:
+            self.duplicates += 1
+        if self.outstanding[index]:
+            self.outstanding[index] = 0
+            self._release(1)
+        self.poke()
+
+    def _attempt_failed(self, index: int, attempt: int, error: BaseException) -> None:
+        """Publish ``attempt`` of record ``index`` failed: retry it after a pause, or end the write."""
+        if self.acked[index] or not self.outstanding[index] or attempt != self.attempts[index]:
+            return                              # an older attempt's news: the newer one is still out
+        self.outstanding[index] = 0
+        self._release(1)
+        self.last_error[index] = error
+        if _is_fatal(error):
+            if self.failure is None:
+                self.failure = index
+        else:
+            pause = min(1.0, 0.05 * 2 ** min(attempt - 1, 5)) * (0.5 + random.random())
+            heapq.heappush(self.retries, (self.loop.time() + pause, index))
+        self.poke()
+
+    def _release(self, count: int) -> None:
+        self.inflight -= count
+        self.sink._release_slots(count, self)
+
+    def release_all(self) -> None:
+        """The write is over (done, failed or cancelled): give back every slot it holds."""
+        count, self.inflight = self.inflight, 0
+        self.sink._release_slots(count, self)
+
+    # -- outcome -----------------------------------------------------------------------
+
+    def _first_unacked(self) -> int:
+        return next(i for i in range(self.n) if not self.acked[i])
+
+    def _failed(self, index: int) -> _PublishFailed:
+        subject, _, mid = self.items[index]
+        return _PublishFailed(subject, mid, self.last_error.get(index), self.attempts[index])
+
+
 # -- the sink -------------------------------------------------------------------------
 
 class NATSSink:
@@ -254,20 +506,24 @@ class NATSSink:
       time, else :class:`SinkWriteError`. Transient failures (no ack yet, the
       stream leader being re-elected, the client reconnecting) are retried
       with backoff within it, with the same msg-id, so retries never duplicate.
-    - ``ack_timeout_s``: how long one publish attempt waits for its ack.
+    - ``ack_timeout_s``: how long one publish attempt waits for its ack, counted
+      from when that publish was sent (not from the start of the write).
     - ``connect_timeout_s``: bound on :meth:`open` (connect and stream set-up).
     - ``reconnect_wait_s``: pause between reconnect attempts to a server; the
       client reconnects forever (across ``servers`` and the cluster's other nodes).
-    - ``max_inflight``: publishes in flight at once. A batch up to this size is
-      entirely in flight before the sink waits for any ack; a larger one keeps
-      this many in flight (bounded memory, DESIGN section 1).
+    - ``max_inflight``: publishes in flight at once, shared by every write of the
+      sink (a sliding window: each ack lets the next record go). Bounded memory
+      (DESIGN section 1), and bounded ack latency: a window's acks are read in
+      milliseconds even on a loaded machine, so they do not queue past their
+      ``ack_timeout_s`` and set off retries that load the machine further.
     """
 
     def __init__(self, *, servers: Sequence[str] | str = ("nats://127.0.0.1:4222",), stream: str = "TELEMETRY",
                  subject: str = "telemetry.{region}.{device_id}", replicas: int = 1,
                  duplicate_window_s: float = 120.0, stream_subjects: Sequence[str] | None = None,
                  write_timeout_s: float = 10.0, ack_timeout_s: float = 2.0, connect_timeout_s: float = 10.0,
-                 reconnect_wait_s: float = 0.5, max_inflight: int = 10_000, name: str = "gridgate") -> None:
+                 reconnect_wait_s: float = 0.5, max_inflight: int = DEFAULT_MAX_INFLIGHT,
+                 name: str = "gridgate") -> None:
         self.servers = [servers] if isinstance(servers, str) else list(servers)
         if not self.servers or not all(isinstance(s, str) and s for s in self.servers):
             raise ValueError("nats servers must be a non-empty list of URLs")
@@ -296,11 +552,20 @@ class NATSSink:
         # counters, for metrics and tests: records acked, of which JetStream called duplicates
         self.published = 0
         self.duplicates = 0
+        # publish attempts sent (a retry counts again): equals ``published`` when nothing was retried
+        self.publishes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._nc: Any = None
         self._js: Any = None
-        self._inflight: asyncio.Semaphore | None = None
+        # the write side, all on the asyncio thread: the ack inbox, the writes in
+        # progress by key, the sink-wide window, and a count of disconnects
+        self._inbox = ""
+        self._inbox_len = 0
+        self._windows: dict[str, _Window] = {}
+        self._window_seq = 0
+        self._free_slots = max_inflight
+        self._connection_epoch = 0
         self._last_conn_error: BaseException | None = None
         self._logged_errors: set[str] = set()
         self._closed = False
@@ -394,10 +659,6 @@ class NATSSink:
             self._logged_errors.add(key)
             log.warning("nats: %s", key)
 
-    async def _disconnected_cb(self) -> None:
-        if not self._closed:
-            log.warning("nats: disconnected; reconnecting (writes wait, or fail after write_timeout_s)")
-
     async def _reconnected_cb(self) -> None:
         self._logged_errors.clear()
         url = self._nc.connected_url if self._nc is not None else None
@@ -406,7 +667,6 @@ class NATSSink:
     async def _async_open(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout_s
-        self._inflight = asyncio.Semaphore(self.max_inflight)
         nc = NATSClient()
         try:
             # nats-py annotates the three timeouts int; it hands them to
@@ -431,6 +691,10 @@ class NATSSink:
         self._nc = nc
         self._js = nc.jetstream(timeout=min(5.0, self.connect_timeout_s))
         try:
+            # One subscription takes the acks of every publish: <inbox>.<write>.<index>.<attempt>
+            self._inbox = nc.new_inbox()
+            self._inbox_len = len(self._inbox) + 1
+            await nc.subscribe(self._inbox + ".>", cb=self._on_ack)
             await self._ensure_stream(deadline)
         except BaseException:
             self._nc = self._js = None
@@ -524,65 +788,44 @@ class NATSSink:
         self.duplicates += duplicates
 
     async def _publish_all(self, items: list[tuple[str, bytes, str]]) -> int:
-        """All publishes in flight (up to ``max_inflight``), then wait for every ack."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.write_timeout_s
-        tasks = [loop.create_task(self._publish_one(subject, payload, mid, deadline))
-                 for subject, payload, mid in items]
+        """Publish ``items`` through a :class:`_Window`; the number JetStream called duplicates."""
+        self._window_seq += 1
+        window = _Window(self, str(self._window_seq), items)
+        self._windows[window.key] = window
         try:
-            # Each task gives up by ``deadline`` on its own; the margin is a safety net.
-            done, pending = await asyncio.wait(tasks, timeout=self.write_timeout_s + 5.0,
-                                               return_when=asyncio.FIRST_EXCEPTION)
-        except BaseException:             # the Trio side was cancelled: stop every publish
-            for t in tasks:
-                t.cancel()
-            # collect the outcomes in the background so none is logged as "never retrieved"
-            asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        failure = next((t.exception() for t in tasks if t in done and t.exception() is not None), None)
-        if failure is None and not pending:
-            return sum(1 for t in tasks if t.result().duplicate)
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        acked = sum(1 for t in tasks if t.done() and not t.cancelled() and t.exception() is None)
-        n = len(items)
-        if isinstance(failure, _PublishFailed):
-            what = str(failure)
-        elif failure is not None:
-            what = f"{type(failure).__name__}: {failure}"
-        else:
-            what = "no ack before the deadline"
-        err = SinkWriteError(f"NATS JetStream stream {self.stream!r}: {acked} of {n} records acked, "
-                             f"{n - acked} not (write_timeout_s {self.write_timeout_s:g}); first failure: {what}")
-        raise err from (failure.cause if isinstance(failure, _PublishFailed) else failure)
+            return await window.run()
+        except _PublishFailed as failure:
+            n, acked = window.n, window.n_acked
+            raise SinkWriteError(f"NATS JetStream stream {self.stream!r}: {acked} of {n} records acked, "
+                                 f"{n - acked} not (write_timeout_s {self.write_timeout_s:g}); "
+                                 f"first failure: {failure}") from failure.cause
+        finally:
+            self._windows.pop(window.key, None)
+            window.release_all()
 
-    async def _publish_one(self, subject: str, payload: bytes, mid: str, deadline: float) -> Any:
-        loop = asyncio.get_running_loop()
-        assert self._inflight is not None
-        async with self._inflight:
-            backoff = 0.05
-            attempts = 0
-            last: BaseException | None = None
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise _PublishFailed(subject, mid, last, attempts)
-                attempts += 1
-                try:
-                    return await self._js.publish(subject, payload, timeout=min(remaining, self.ack_timeout_s),
-                                                  stream=self.stream, headers={MSG_ID_HEADER: mid})
-                except (TimeoutError, OSError, nats.errors.Error) as e:
-                    if _is_fatal(e):
-                        raise _PublishFailed(subject, mid, e, attempts) from e
-                    last = e
-                # Transient: the same msg-id again after a jittered, growing pause.
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise _PublishFailed(subject, mid, last, attempts)
-                await asyncio.sleep(min(remaining, backoff * (0.5 + random.random())))
-                backoff = min(backoff * 2, 1.0)
+    def _release_slots(self, count: int, by: _Window) -> None:
+        """Give ``count`` sink-wide in-flight slots back; wake a write that waited for one."""
+        self._free_slots += count
+        if count and len(self._windows) > 1:
+            for w in self._windows.values():
+                if w is not by and w.starved:
+                    w.poke()
+
+    async def _on_ack(self, msg: Any) -> None:
+        """Every ack (or no-responders status) of every publish: ``<inbox>.<write>.<index>.<attempt>``."""
+        key, _, rest = msg.subject[self._inbox_len:].partition(".")
+        window = self._windows.get(key)
+        if window is None:               # a late ack of a finished write: its record is stored, nothing waits
+            return
+        index, _, attempt = rest.partition(".")
+        window.on_ack(int(index), int(attempt), msg)
+
+    async def _disconnected_cb(self) -> None:
+        self._connection_epoch += 1
+        for w in list(self._windows.values()):
+            w.poke()
+        if not self._closed:
+            log.warning("nats: disconnected; reconnecting (writes wait, or fail after write_timeout_s)")
 
     # -- close ----------------------------------------------------------------------
 
