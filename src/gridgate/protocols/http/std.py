@@ -61,6 +61,9 @@ _REQUEST_LINE_PREFIX = re.compile(
     rb"(?:" + _TOKEN + rb"(?: (?:[\x21-\x7e]+(?: (?:"
     + _prefixes(b"H", b"T", b"T", b"P", b"/", b"[0-9]", rb"\.", b"[0-9]", b"\r") + rb")?)?)?)?|\r)?")
 _HEADER_LINE_PREFIX = re.compile(rb"(?:" + _TOKEN + rb"(?::" + _VALUE + rb"\r?)?|\r)?")
+_WHOLE_HEAD = re.compile(_TOKEN + rb" [\x21-\x7e]+ HTTP/([0-9]\.[0-9])\r\n(?:" + _TOKEN + rb":" + _VALUE
+                         + rb"\r\n)*\r\n")
+_FRAMING_FIELD = re.compile(rb"\r\n(content-length|transfer-encoding|host):[ \t]*([^\r]*)")    # on a lower-cased head
 _DIGITS = re.compile(rb"[0-9]+")
 _TE_FIELD = re.compile(rb"(?<=\n)transfer-encoding:[^\r]*\r\n", re.IGNORECASE)
 _CODING = re.compile(_TOKEN)
@@ -68,6 +71,64 @@ _CODING = re.compile(_TOKEN)
 
 def _bad(detail: str) -> HTTPParseError:
     return HTTPParseError(400, "bad_request", detail)
+
+
+class _Framing:
+    """The rules of the fields that frame a request, applied field by field
+    in the order they came, then at the end of the head."""
+
+    __slots__ = ("version", "max_body_bytes", "hosts", "te_fields", "has_length", "te", "te_chunked", "te_other")
+
+    def __init__(self, version: bytes, max_body_bytes: int) -> None:
+        if version not in (b"1.0", b"1.1"):
+            raise HTTPParseError(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+        self.version = version
+        self.max_body_bytes = max_body_bytes
+        self.hosts = self.te_fields = 0
+        self.has_length = self.te = self.te_chunked = self.te_other = False
+
+    def field(self, name: bytes, value: bytes) -> None:
+        """One field: ``name`` lower-case, ``value`` without its OWS."""
+        if name == b"content-length":
+            if self.has_length:
+                raise _bad("more than one Content-Length")
+            if _DIGITS.fullmatch(value) is None:
+                raise _bad("Content-Length is not a decimal number")
+            if self.te:
+                raise _bad("both Transfer-Encoding and Content-Length")
+            if len(value) > 18 or int(value) > self.max_body_bytes:
+                raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
+            self.has_length = True
+        elif name == b"transfer-encoding":
+            if self.version == b"1.0":
+                raise _bad("Transfer-Encoding in an HTTP/1.0 request")
+            if self.has_length:
+                raise _bad("both Transfer-Encoding and Content-Length")
+            self.te = True
+            self.te_fields += 1 if value.lower() == b"chunked" else 2
+            for coding in (c.strip(b" \t") for c in value.split(b",")):
+                if not coding:
+                    continue
+                if self.te_chunked:
+                    raise _bad("a transfer coding after chunked")
+                if coding.lower() == b"chunked":
+                    self.te_chunked = True
+                elif _CODING.fullmatch(coding):
+                    self.te_other = True
+                else:
+                    raise _bad("malformed transfer coding")
+        elif name == b"host":
+            self.hosts += 1
+            if self.hosts > 1:
+                raise _bad("more than one Host header")
+
+    def end(self) -> None:
+        if self.version == b"1.1" and self.hosts == 0:
+            raise _bad("HTTP/1.1 needs exactly one Host header")
+        if self.te and not self.te_chunked:
+            raise _bad("the final transfer coding is not chunked")
+        if self.te and self.te_other:
+            raise HTTPParseError(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
 
 
 def scan_raw_head(raw: bytes | bytearray, max_header_bytes: int,
@@ -89,58 +150,30 @@ def scan_raw_head(raw: bytes | bytearray, max_header_bytes: int,
     if start // 2 > MAX_EMPTY_LINES:
         raise _bad("too many empty lines before the request line")
     end = window.find(b"\r\n\r\n", start)
+    framing: _Framing | None = None
+    whole = _WHOLE_HEAD.fullmatch(window, start, end + 4) if end >= 0 else None
+    if whole is not None:
+        # The common case, a whole head and every line well-formed: one match,
+        # then only the fields that frame the request, in their order.
+        # (Lower-cased: these fields' rules ignore case, and re.IGNORECASE is slow.)
+        framing = _Framing(whole.group(1), max_body_bytes)
+        for name, value in _FRAMING_FIELD.findall(window.lower(), start, end + 2):
+            framing.field(name, value.rstrip(b" \t"))
+        framing.end()
+        return start, end + 4, framing.te, framing.te_fields > 1
     lines = window[start:end if end >= 0 else len(window)].split(b"\r\n")
     partial = lines.pop() if end < 0 else None
-    version = b""
-    hosts = 0
-    te_fields = 0
-    has_length = te = te_chunked = te_other = False
-    for k, line in enumerate(lines):
-        if k == 0:
+    for line in lines:                    # judged in order: the first bad line is the answer
+        if framing is None:
             m = _REQUEST_LINE.fullmatch(line)
             if m is None:
                 raise _bad("malformed request line")
-            version = m.group(3)
-            if version not in (b"1.0", b"1.1"):
-                raise HTTPParseError(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+            framing = _Framing(m.group(3), max_body_bytes)
             continue
         m = _HEADER_LINE.fullmatch(line)
         if m is None:
             raise _bad("malformed header line (obs-fold, bare CR or LF, a control byte...)")
-        name = m.group(1).lower()
-        value = line[m.end(1) + 1:].strip(b" \t")
-        if name == b"content-length":
-            if has_length:
-                raise _bad("more than one Content-Length")
-            if _DIGITS.fullmatch(value) is None:
-                raise _bad("Content-Length is not a decimal number")
-            if te:
-                raise _bad("both Transfer-Encoding and Content-Length")
-            if len(value) > 18 or int(value) > max_body_bytes:
-                raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
-            has_length = True
-        elif name == b"transfer-encoding":
-            if version == b"1.0":
-                raise _bad("Transfer-Encoding in an HTTP/1.0 request")
-            if has_length:
-                raise _bad("both Transfer-Encoding and Content-Length")
-            te = True
-            te_fields += 1 if value.lower() == b"chunked" else 2
-            for coding in (c.strip(b" \t") for c in value.split(b",")):
-                if not coding:
-                    continue
-                if te_chunked:
-                    raise _bad("a transfer coding after chunked")
-                if coding.lower() == b"chunked":
-                    te_chunked = True
-                elif _CODING.fullmatch(coding):
-                    te_other = True
-                else:
-                    raise _bad("malformed transfer coding")
-        elif name == b"host":
-            hosts += 1
-            if hosts > 1:
-                raise _bad("more than one Host header")
+        framing.field(m.group(1).lower(), line[m.end(1) + 1:].strip(b" \t"))
     if partial is not None:
         prefix = _HEADER_LINE_PREFIX if lines else _REQUEST_LINE_PREFIX
         if prefix.fullmatch(partial) is None:
@@ -148,13 +181,9 @@ def scan_raw_head(raw: bytes | bytearray, max_header_bytes: int,
         if len(raw) > max_header_bytes:
             raise HTTPParseError(431, "header_too_large", "request head exceeds max_header_bytes")
         return start, -1, False, False
-    if version == b"1.1" and hosts == 0:
-        raise _bad("HTTP/1.1 needs exactly one Host header")
-    if te and not te_chunked:
-        raise _bad("the final transfer coding is not chunked")
-    if te and te_other:
-        raise HTTPParseError(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
-    return start, end + 4, te, te_fields > 1
+    assert framing is not None    # a whole head has a request line (CRLF CRLF is found after one)
+    framing.end()
+    return start, end + 4, framing.te, framing.te_fields > 1
 
 
 MAX_CHUNK_DIGITS = 20
