@@ -36,6 +36,12 @@ def _readyz(server: procs.Server) -> dict:
             return json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return json.loads(err.read())
+    except OSError as err:          # refused, reset, timed out: say whether gridgate is still running
+        code = server.proc.poll()
+        state = "running" if code is None else f"exited with code {code}"
+        tail = "\n".join(server.lines[-15:])
+        raise RuntimeError(f"gridgate did not answer /readyz on {host}:{port} after the load ({err}; it is "
+                           f"{state}); its log ends:\n{tail}") from err
 
 
 def _external(kind: str, work: Path):
@@ -99,4 +105,12 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                "pending_at_end": max(r["pending_at_end"] for r in mine),
                "drain_s": max(r["drain_s"] for r in mine)}
         for kind in KINDS if (mine := [r for r in results["runs"] if r["kind"] == kind])}
+    summary = results["summary"]
+    spool = summary.get("spool", {}).get("readings_per_s")
+    for kind, row in summary.items():
+        # each sink's median next to the spool's, both from this run
+        row["ratio_to_spool"] = round(row["readings_per_s"] / spool, 2) if spool else None
+        if kind != "spool" and spool:
+            log(f"  {kind}: {row['readings_per_s']:,.0f} readings/s, {row['ratio_to_spool']:.2f}x the spool's "
+                f"{spool:,.0f} (medians)")
     return results

@@ -677,6 +677,9 @@ class NATSSink:
                 allow_reconnect=True, max_reconnect_attempts=-1,   # a gateway never gives up on its sink
                 reconnect_time_wait=self.reconnect_wait_s,  # type: ignore[arg-type]
                 drain_timeout=max(1.0, self.write_timeout_s),  # type: ignore[arg-type]
+                # subjects are sanitized tokens of a checked template, replies our own inbox:
+                # the client's per-publish regex checks would find nothing
+                skip_subject_validation=True,
                 error_cb=self._error_cb, disconnected_cb=self._disconnected_cb,
                 reconnected_cb=self._reconnected_cb,
             ), timeout=self.connect_timeout_s)
