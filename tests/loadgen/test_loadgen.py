@@ -25,7 +25,7 @@ from binaries import require
 from gatewayproc import GatewayProcess, gridgate_env, spool_stats
 from loadgen.device import OFFLINE_BUFFER, Device, DeviceOptions, drive
 from loadgen.limits import check_capacity, parse_ip_range
-from loadgen.mqtt_device import MqttDevice
+from loadgen.mqtt_device import MqttDevice, RawSocketStream
 from loadgen.runner import RunPlan, SelfCheck, run_share
 from loadgen.schedule import Schedule, intended_time
 from loadgen.stats import Stats, cpu_bottleneck_warning, new_histogram
@@ -312,6 +312,69 @@ async def test_an_offline_device_buffers_and_replays_what_it_owes(broker_factory
     assert stats.histogram.get_count_at_value(1) == 5 + 10
     assert stats.histogram.get_total_count() == stats.acked
     assert latency_ms(stats)["max"] == pytest.approx((back - oldest) * 1000, rel=HDR)
+
+
+class ChunkStream:
+    """What a device reads from: the given chunks, one per receive_some, then EOF."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+def puback(pid: int) -> bytes:
+    return b"\x40\x02" + pid.to_bytes(2, "big")
+
+
+async def test_acks_are_counted_exactly_however_the_reads_split_them(autojump_clock):
+    stats = Stats()
+    dev = MqttDevice(0, DeviceOptions(host="x", port=1, qos=1, inflight=100, batch=2), stats, None)
+    t0 = trio.current_time()
+    dev.inflight.update({1: t0 - 0.5, 2: t0 - 0.5, 3: t0 - 0.25, 4: t0 - 0.125, 300: t0 - 1.0})
+    chunks = [
+        puback(1) + puback(2) + puback(3)[:2],           # whole PUBACKs, then half of one
+        puback(3)[2:] + puback(99),                       # its other half; an ack of nothing in flight
+        b"\xd0\x00" + puback(4)[:1],                      # a PINGRESP, then a PUBACK a byte at a time
+        puback(4)[1:3], puback(4)[3:] + puback(300),
+    ]
+    with pytest.raises(ConnectionError, match="server closed the connection"):
+        await dev.reader(ChunkStream(chunks))
+    assert dev.inflight == {}
+    assert stats.acked == 5 * 2                            # 5 acked messages of 2 readings
+    assert stats.histogram.get_total_count() == 10
+    # no time passed while reading: each latency is its intended time's age
+    for ms, count in [(500, 4), (250, 2), (125, 2), (1000, 2)]:
+        assert stats.histogram.get_count_at_value(ms * 1000) == count
+
+
+async def test_raw_socket_stream_sends_everything_and_refuses_a_second_sender():
+    a, b = trio.socket.socketpair()
+    ours = RawSocketStream(socket.socket(fileno=a.detach()))
+    peer = trio.SocketStream(b)
+    data = bytes(range(256)) * 16384                       # 4 MiB: more than the kernel's buffers
+    received = bytearray()
+
+    async def read_slowly() -> None:
+        while len(received) < len(data):
+            await trio.sleep(0.001)
+            received.extend(await peer.receive_some(1 << 16))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_slowly)
+        nursery.start_soon(ours.send_all, data)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await ours.send_all(b"x")
+    assert bytes(received) == data
+    await peer.send_all(b"ack")
+    assert await ours.receive_some(10) == b"ack"
+    await peer.aclose()
+    assert await ours.receive_some(10) == b""
+    await ours.aclose()
+    assert ours.socket.fileno() == -1
 
 
 # -- runs over loopback against real servers ---------------------------------------------
