@@ -353,6 +353,46 @@ async def test_large_write_under_a_small_window(server):
 
 
 @needs_nats
+async def test_a_cancelled_write_hands_its_window_to_a_waiting_one(server):
+    # Real time (a real server). The first write takes the whole window and
+    # gets no ack (the server is down); the second waits for a slot. When the
+    # first is cancelled its slots must go to the second at once, not when
+    # the second's own deadline (30 s) comes.
+    sink = await NATSSink.open(servers=[server.url], stream=STREAM, subject=TEMPLATE, max_inflight=8,
+                               write_timeout_s=30, ack_timeout_s=30, reconnect_wait_s=0.1)
+    try:
+        await sink.write(records(10))
+        await in_thread(server.kill)
+        with trio.fail_after(5):
+            while sink._nc.is_connected:           # the client has seen the server go
+                await trio.sleep(0.01)
+        second: list[str] = []
+
+        async def first():
+            with trio.move_on_after(1.0):
+                await sink.write(records(100, start=10))
+
+        async def write_second():
+            await sink.write(records(100, start=110))
+            second.append("done")
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                await trio.sleep(0.3)
+                nursery.start_soon(write_second)   # no free slot: it waits
+                await trio.sleep(1.2)              # the first is cancelled by now
+                assert sink._free_slots == 0       # ... and the second took its slots
+                await in_thread(server.restart)
+        assert second == ["done"] and sink.published == 110
+        await wait_for_free_window(sink)
+    finally:
+        await sink.aclose()
+    stored = {mid for _, mid, _ in await in_thread(stream_messages, [server.url])}
+    assert {msg_id(r) for r in records(10) + records(100, start=110)} <= stored
+
+
+@needs_nats
 async def test_acks_do_not_time_out_while_the_loop_is_busy(server):
     # The stall a colleague saw: under CPU load, with every publish of a big
     # batch in flight, acks queued behind each other past the ack timeout and

@@ -804,12 +804,12 @@ class NATSSink:
                                  f"first failure: {failure}") from failure.cause
         finally:
             self._windows.pop(window.key, None)
-            window.release_all()
+            window.release_all()          # wakes a write that waits for these slots
 
     def _release_slots(self, count: int, by: _Window) -> None:
         """Give ``count`` sink-wide in-flight slots back; wake a write that waited for one."""
         self._free_slots += count
-        if count and len(self._windows) > 1:
+        if count:
             for w in self._windows.values():
                 if w is not by and w.starved:
                     w.poke()
