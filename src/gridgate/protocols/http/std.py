@@ -191,6 +191,11 @@ _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|"
                          + _QUOTED + rb"))?)*")
 _LONG_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{%d}" % (MAX_CHUNK_DIGITS + 1))
+# A chunk line still arriving: a beginning of one, so it is refused at its first bad byte.
+_EXT = rb"[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?"
+_CHUNK_LINE_PREFIX = re.compile(
+    rb"[0-9A-Fa-f]*|[0-9A-Fa-f]+(?:" + _EXT + rb")*(?:[ \t]+|[ \t]*;[ \t]*(?:" + _TOKEN + rb"[ \t]*(?:=[ \t]*(?:"
+    + rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*\\?' + rb")?)?)?|\r)?")
 
 
 class ChunkedBodyCheck:
@@ -199,8 +204,8 @@ class ChunkedBodyCheck:
     h11's chunk reader lets whitespace, any extension and bare CR through in
     chunk lines and bare LF or obs-fold in trailers, and refuses the
     whitespace RFC 9112 7.1.1 allows around ``;`` (the grammar is in
-    gridgate/protocols/http/parser_py.py). A line is judged when its CRLF is
-    in; a bare CR or LF, or too many size digits, as soon as they arrive.
+    gridgate/protocols/http/parser_py.py). A line is judged as it arrives
+    (the part in must begin a valid one), and whole when its CRLF is in.
     Bytes after the body (the next request's) pass through unjudged."""
 
     def __init__(self, max_header_bytes: int, max_body_bytes: int) -> None:
@@ -245,6 +250,9 @@ class ChunkedBodyCheck:
             if self.state == 0 and _LONG_CHUNK_SIZE.match(line):
                 raise HTTPParseError(400, "bad_request", "chunk size has too many digits")
             if eol < 0:
+                prefix = _CHUNK_LINE_PREFIX if self.state == 0 else _HEADER_LINE_PREFIX
+                if prefix.fullmatch(line) is None:
+                    raise HTTPParseError(400, "bad_request", "malformed chunk or trailer line")
                 if len(buf) > room:
                     if self.state == 0:
                         raise HTTPParseError(400, "bad_request", "chunk line too long")
