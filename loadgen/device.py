@@ -98,6 +98,15 @@ class Device:
     async def sender(self, stream: Any, schedule: Schedule | None, deadline: float) -> None:
         opts, stats = self.opts, self.stats
         window = opts.inflight
+        # A full window waits for an ack or the deadline. Not a cancel scope
+        # per wait (entering and leaving one cost more CPU than the window's
+        # frames): one task sets the current ack_event at the deadline. No
+        # checkpoint lies between the deadline check below and the wait, so
+        # a wait that starts before the deadline is woken by it.
+        bounded = self.background is not None
+        if bounded:
+            assert self.background is not None
+            self.background.start_soon(self._wake_at, deadline)
         while True:
             now = trio.current_time()
             if now >= deadline:
@@ -105,8 +114,11 @@ class Device:
             free = window - len(self.inflight) if self.windowed else window
             if free <= 0:
                 self.ack_event = trio.Event()
-                with trio.move_on_at(deadline):
+                if bounded:
                     await self.ack_event.wait()
+                else:
+                    with trio.move_on_at(deadline):
+                        await self.ack_event.wait()
                 continue
             dues: list[float] = []
             if self.replay:
@@ -128,6 +140,10 @@ class Device:
             self.last_send = now
             if not self.windowed:
                 await trio.lowlevel.checkpoint()
+
+    async def _wake_at(self, deadline: float) -> None:
+        await trio.sleep_until(deadline)
+        self.ack_event.set()
 
     async def send(self, stream: Any, dues: list[float]) -> None:
         """Send one message per intended time in ``dues`` (all in one write)
