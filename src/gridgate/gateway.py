@@ -27,8 +27,18 @@ import trio
 # The accept() errors Trio's own SocketListener.accept skips (the peer's
 # handshake failed between SYN and accept; the listener is fine). Private,
 # but taken from Trio rather than copied so the burst path below (which
-# calls accept() itself) skips exactly what Trio's path skips.
-from trio._highlevel_socket import _ignorable_accept_errnos
+# calls accept() itself) skips exactly what Trio's path skips; should a Trio
+# release move it, the list as of Trio 0.35 keeps the gateway importable.
+try:
+    from trio._highlevel_socket import _ignorable_accept_errnos
+except ImportError:  # pragma: no cover - depends on the Trio release
+    _ignorable_accept_errnos = {
+        getattr(errno, name) for name in (
+            "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+            "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT",
+            "ETIMEDOUT", "ECONNRESET",
+        ) if hasattr(errno, name)
+    }
 
 from gridgate import hotpath
 from gridgate.config import Config, parse_address
