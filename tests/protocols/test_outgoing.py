@@ -4,7 +4,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from gridgate.protocols.outgoing import Outgoing
+from gridgate.protocols.outgoing import Outgoing, wait_acks_sent
 
 
 class SlowPeer:
@@ -54,3 +54,34 @@ async def test_wait_sent_serves_several_waiters_and_returns_at_once_when_idle(nu
         waiters.start_soon(waiter)
         waiters.start_soon(waiter)
     assert done == [1.0, 1.0]
+
+
+class Owner:
+    """What wait_acks_sent needs of a session (OwesAcks)."""
+
+    def __init__(self) -> None:
+        self.pending = 1
+        self.acks_done: trio.Event | None = None
+        self.out: Outgoing[bytes] | None = None
+
+
+async def test_wait_acks_sent_waits_for_the_ack_then_for_its_send(nursery, autojump_clock):
+    peer = SlowPeer()
+    owner = Owner()
+    start = trio.current_time()
+
+    async def durable_after_2s() -> None:
+        await trio.sleep(2)
+        owner.out = Outgoing(peer.send, nursery.start_soon)
+        owner.out.put(b"ack")
+        owner.pending -= 1
+        assert owner.acks_done is not None
+        owner.acks_done.set()
+
+    nursery.start_soon(durable_after_2s)
+    await wait_acks_sent(owner)
+    assert trio.current_time() - start == 3.0           # 2 s to durable, 1 s to send
+    assert peer.batches == [(start + 3, [b"ack"])]
+    owner.pending = 0
+    await wait_acks_sent(owner)                         # nothing owed: at once
+    assert trio.current_time() - start == 3.0

@@ -10,11 +10,11 @@ let the session stop reading a peer that does not read its acks;
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sized
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
-__all__ = ["Outgoing"]
+__all__ = ["Outgoing", "OwesAcks", "wait_acks_sent"]
 
 T = TypeVar("T", bound=Sized)
 
@@ -73,3 +73,28 @@ class Outgoing(Generic[T]):
                 self._in_flight = 0
             if self._sent is not None:
                 self._sent.set()
+
+
+class OwesAcks(Protocol):
+    """A session that owes its peer acks: ``pending`` readings submitted whose
+    acks are not queued yet (it sets ``acks_done``, when there is one, as
+    ``pending`` reaches 0), and the ``out`` queue the acks go through."""
+
+    pending: int
+    acks_done: trio.Event | None
+
+    @property
+    def out(self) -> Outgoing[Any] | None: ...
+
+
+async def wait_acks_sent(owner: OwesAcks) -> None:
+    """Until every submitted reading is acked and the acks are sent (a graceful
+    stop's last duty to a connection)."""
+    while True:
+        while owner.pending:
+            owner.acks_done = trio.Event()
+            await owner.acks_done.wait()
+        out = owner.out
+        if out is None or out.idle:
+            return
+        await out.wait_sent()

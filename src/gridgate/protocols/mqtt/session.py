@@ -47,7 +47,7 @@ from gridgate.protocols.mqtt.events import (
     Subscribe,
     Unsubscribe,
 )
-from gridgate.protocols.outgoing import Outgoing
+from gridgate.protocols.outgoing import Outgoing, wait_acks_sent
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -83,7 +83,7 @@ class MQTTConnection:
     __slots__ = (
         "stream", "svc", "session", "protocol", "codec", "ack_durable", "client_id", "telemetry_topic",
         "subscribed_qos", "qos2_unreleased", "downlink", "protocol_error", "_next_ns", "pending",
-        "closed", "_fd", "_side", "_out", "_idle",
+        "closed", "_fd", "_side", "out", "acks_done",
     )
 
     def __init__(self, stream: trio.abc.Stream, services: Services, session: Session,
@@ -116,8 +116,8 @@ class MQTTConnection:
         self._side: SideTasks | None = None
         # Bytes the socket did not take at once, and their writer task: made
         # on first need (most connections never need them).
-        self._out: Outgoing[bytes] | None = None
-        self._idle: trio.Event | None = None
+        self.out: Outgoing[bytes] | None = None
+        self.acks_done: trio.Event | None = None
 
     @property
     def command_topic(self) -> str:
@@ -141,10 +141,10 @@ class MQTTConnection:
         events: list[Event] | None
         try:
             while True:
-                if self._out is not None and self._out.size > max_outgoing:
+                if self.out is not None and self.out.size > max_outgoing:
                     # The client does not read its acks: stop reading it.
                     session.paused = True
-                    await self._out.wait_sent()
+                    await self.out.wait_sent()
                     session.paused = False
                 if receive_some is None:
                     # Straight to the socket: SocketStream.receive_some and
@@ -197,7 +197,7 @@ class MQTTConnection:
                 # still owed, until the gateway's drain deadline. A client
                 # that closed or broke the protocol gets none.
                 with trio.CancelScope(deadline=deadline, shield=True):
-                    await self._wait_idle()
+                    await wait_acks_sent(self)
             raise
         finally:
             self.closed = True
@@ -357,7 +357,7 @@ class MQTTConnection:
         """
         if self.closed:
             return
-        out = self._out
+        out = self.out
         if self._fd >= 0 and (out is None or out.idle):
             try:
                 sent = os.write(self._fd, data)
@@ -370,7 +370,7 @@ class MQTTConnection:
                 return
             data = data[sent:]
         if out is None:
-            out = self._out = Outgoing(self._send_all, self._side_tasks().start_soon)
+            out = self.out = Outgoing(self._send_all, self._side_tasks().start_soon)
         out.put(data)
 
     async def _send_commands(self, sends: list[Send]) -> None:
@@ -385,8 +385,8 @@ class MQTTConnection:
         def on_durable() -> None:
             self.pending -= 1
             self._write(acks)
-            if not self.pending and self._idle is not None:
-                self._idle.set()
+            if not self.pending and self.acks_done is not None:
+                self.acks_done.set()
         return on_durable
 
     async def _send_all(self, chunks: list[bytes]) -> None:
@@ -395,19 +395,9 @@ class MQTTConnection:
     async def _flush(self) -> None:
         """Wait (bounded) until what is queued is sent: a refusing CONNACK,
         the last acks."""
-        if self._out is not None:
+        if self.out is not None:
             with trio.move_on_after(FLUSH_TIMEOUT_S):
-                await self._out.wait_sent()
-
-    async def _wait_idle(self) -> None:
-        """Until every submitted reading is acked and the acks are sent."""
-        while True:
-            while self.pending:
-                self._idle = trio.Event()
-                await self._idle.wait()
-            if self._out is None or self._out.idle:
-                return
-            await self._out.wait_sent()
+                await self.out.wait_sent()
 
 
 async def serve_mqtt_stream(stream: trio.abc.Stream, services: Services, session: Session,

@@ -35,7 +35,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from gridgate.downlink.commands import CommandOutbox, Send, open_channel
 from gridgate.ingest.pipeline import WorkItem
 from gridgate.ingest.records import DEVICE_ID_RE, Record, Rejection
-from gridgate.protocols.outgoing import Outgoing
+from gridgate.protocols.outgoing import Outgoing, wait_acks_sent
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -248,7 +248,7 @@ class WSDeviceChannel:
         self.out: Outgoing[bytes | str] | None = None
         self.pending = 0             # seq'd messages submitted, ack not yet queued
         self.closed = False
-        self._idle = trio.Event()
+        self.acks_done: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self.outbox: CommandOutbox | None = None
 
@@ -269,7 +269,7 @@ class WSDeviceChannel:
                 result = await self._read_loop()
                 # Graceful stop: the acks owed still go out (the gateway bounds the wait).
                 if session.read_scope.cancelled_caught:
-                    await self._wait_acks_sent()
+                    await wait_acks_sent(self)
                 nursery.cancel_scope.cancel()
         finally:
             self.closed = True
@@ -370,21 +370,12 @@ class WSDeviceChannel:
                     self.pending -= 1   # never queued, so never acked
                 raise
 
-    async def _wait_acks_sent(self) -> None:
-        while True:
-            while self.pending:
-                self._idle = trio.Event()
-                await self._idle.wait()
-            if self.out is None or self.out.idle:
-                return
-            await self.out.wait_sent()
-
     def _make_on_durable(self, seq: int, records: list[Record], rejections: list[Rejection],
                          binary: bool) -> Callable[[], None]:
         def on_durable() -> None:
             self.pending -= 1
-            if not self.pending:
-                self._idle.set()
+            if not self.pending and self.acks_done is not None:
+                self.acks_done.set()
             if self.closed:
                 return
             ack = {"ack": seq, "accepted": len(records), "rejected": len(rejections),
