@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from gatewayproc import gridgate_env, run_cli
-from gridgate.config import Config, ConfigError, parse_address
+from gridgate.config import Config, ConfigError, is_loopback_host, parse_address
 from gridgate.ingest.rules import FieldRule
 
 IDENTITY = {"ENVIRONMENT": "test", "SERVICE_NAME": "gg"}
@@ -28,8 +28,9 @@ def test_missing_identity_and_bad_values_are_reported_together(tmp_path):
         Config.load(path, env={"GRIDGATE_MQTT_MAX_PACKET_BYTES": "lots"})
     problems = info.value.problems
     assert problems == [
-        "[nonsense]: unknown section (known: connections, devices, downlink, fields, http, influxdb, mqtt, nats, "
-        "payload, pipeline, service, sink, spool, websocket)",
+        "[nonsense]: unknown section (known: admin, auth, connections, devices, downlink, fields, http, "
+        "influxdb, mqtt, nats, "
+        "payload, pipeline, service, sink, spool, tls, websocket)",
         "mqtt.max_packet_bytes (from GRIDGATE_MQTT_MAX_PACKET_BYTES): Expected `int`, got `str` (got 'lots')",
         "connections.idle_timeout_s: Expected `float` > 0.0 (got -5)",
         "pipeline.ack: Invalid enum value 'maybe' (got 'maybe')",
@@ -151,3 +152,46 @@ def test_serving_process_tunes_the_cyclic_gc():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+# -- secure by default (DESIGN section 10) ----------------------------------
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.8.9.1", True), ("::1", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("10.1.2.3", False), ("gateway.example", False),
+])
+def test_is_loopback_host(host, loopback):
+    assert is_loopback_host(host) is loopback
+
+
+def test_exposed_listener_without_credentials_is_refused_with_one_line():
+    with pytest.raises(ConfigError) as info:
+        Config.load(env={**IDENTITY, "GRIDGATE_MQTT_LISTEN": "0.0.0.0:1883"})
+    assert info.value.problems == [
+        "mqtt.listen=0.0.0.0:1883 is not a loopback address and no credential store is set: "
+        "set auth.password_file, auth.jwt_keys_file or tls.client_ca_file, "
+        "or auth.allow_anonymous = true to serve anyone on purpose"]
+
+
+@pytest.mark.parametrize("extra", [
+    {"GRIDGATE_AUTH_ALLOW_ANONYMOUS": "true"},
+    {"GRIDGATE_AUTH_PASSWORD_FILE": "/etc/gridgate/passwd"},
+    {"GRIDGATE_AUTH_JWT_KEYS_FILE": "/etc/gridgate/keys.toml"},
+])
+def test_exposed_listener_with_a_credential_store_or_anonymous_on_purpose_starts(extra):
+    config = Config.load(env={**IDENTITY, "GRIDGATE_HTTP_LISTEN": "0.0.0.0:8080", **extra})
+    assert config.http.listen == "0.0.0.0:8080"
+
+
+def test_tls_listener_needs_a_certificate():
+    with pytest.raises(ConfigError) as info:
+        Config.load(env={**IDENTITY, "GRIDGATE_MQTT_TLS_LISTEN": "127.0.0.1:8883",
+                         "GRIDGATE_TLS_REQUIRE_CLIENT_CERT": "true"})
+    assert info.value.problems == ["a tls_listen is set but tls.cert_file and tls.key_file are not",
+                                   "tls.require_client_cert needs tls.client_ca_file"]
+
+
+def test_serve_on_an_exposed_address_without_credentials_exits_2(tmp_path):
+    out = run_cli("serve", "--mqtt", "0.0.0.0:0", "--data-dir", str(tmp_path), env=gridgate_env())
+    assert out.returncode == 2
+    assert "mqtt.listen=0.0.0.0:0 is not a loopback address and no credential store is set" in out.stderr

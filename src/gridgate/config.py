@@ -9,6 +9,7 @@ know which environment it serves must not start.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from gridgate.ingest.rules import DEFAULT_FIELD_RULES, FieldRule, PayloadLimits,
 __all__ = [
     "Config", "ConfigError", "ServiceConfig", "MQTTConfig", "HTTPConfig", "ConnectionsConfig",
     "PipelineConfig", "PayloadConfig", "SinkConfig", "SpoolConfig", "WebSocketConfig", "DownlinkConfig",
-    "parse_address",
+    "AuthConfig", "AdminConfig", "TLSConfig", "parse_address", "is_loopback_host",
 ]
 
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -48,6 +49,7 @@ class ServiceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class MQTTConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:1883"
+    tls_listen: str = ""                             # MQTT over TLS (mqtts), e.g. "0.0.0.0:8883"
     max_packet_bytes: Annotated[int, Meta(ge=64, le=268_435_460)] = 1_048_576
     receive_bytes: Annotated[int, Meta(ge=512, le=16_777_216)] = 65_536
     # Unacknowledged outgoing bytes per connection before we stop reading it.
@@ -56,6 +58,7 @@ class MQTTConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class HTTPConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:8080"
+    tls_listen: str = ""                             # HTTPS, e.g. "0.0.0.0:8443"
     # "fast": the compiled parser and validator; "std": h11 and the pure-Python
     # validator (DESIGN section 5). Same behaviour, different inner workings.
     engine: Literal["fast", "std"] = "fast"
@@ -68,6 +71,7 @@ class HTTPConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class WebSocketConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:8083"
+    tls_listen: str = ""                             # wss, e.g. "0.0.0.0:8084"
     # A bigger message closes the connection with 1009 (also bounds one MQTT
     # packet carried over /mqtt, which may span several messages).
     max_message_bytes: Annotated[int, Meta(ge=1024, le=268_435_456)] = 1_048_576
@@ -152,6 +156,44 @@ class SpoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fsync: bool = False
 
 
+class AuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``[auth]``: credential stores, the ACL and what failures cost (DESIGN section 10)."""
+
+    # A listener on a non-loopback address needs a credential store, or this
+    # set on purpose (mosquitto 2.0's rule).
+    allow_anonymous: bool = False
+    password_file: str = ""                          # mosquitto_passwd's format ($7$ and $6$)
+    jwt_keys_file: str = ""                          # TOML or JSON {id: PEM | [PEM, ...]}
+    jwt_audience: str = "gridgate"
+    jwt_max_lifetime_s: Annotated[int, Meta(ge=1, le=31_536_000)] = 86_400
+    acl_file: str = ""                               # mosquitto's acl_file format
+    failure_delay_ms: Annotated[int, Meta(ge=0, le=60_000)] = 1000
+    failures_before_ban: Annotated[int, Meta(ge=1, le=1_000_000)] = 10
+    failure_window_s: PositiveFloat = 60.0
+    ban_s: Annotated[float, Meta(ge=0)] = 300.0
+    cache_s: Annotated[float, Meta(ge=0)] = 300.0    # successful checks remembered this long
+
+
+class AdminConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``[admin]``: who may use the admin API (DESIGN section 10)."""
+
+    tokens_file: str = ""                            # TOML [[token]] {name, sha256, scopes}
+    metrics_token_required: bool = False
+
+
+class TLSConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``[tls]``: the certificate of every TLS listener, and client certificates."""
+
+    cert_file: str = ""                              # PEM, ECDSA or RSA (chain after the leaf)
+    key_file: str = ""
+    client_ca_file: str = ""                         # CAs that sign device certificates (mutual TLS)
+    require_client_cert: bool = False
+    crl_file: str = ""                               # PEM CRLs of client_ca_file's CAs
+    identity: Literal["cn", "san"] = "cn"            # which certificate name is the device id
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    handshake_timeout_s: PositiveFloat = 10.0
+
+
 _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "service": ServiceConfig,
     "mqtt": MQTTConfig,
@@ -165,6 +207,9 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "spool": SpoolConfig,
     "influxdb": InfluxDBConfig,
     "nats": NATSConfig,
+    "auth": AuthConfig,
+    "admin": AdminConfig,
+    "tls": TLSConfig,
 }
 
 
@@ -187,6 +232,9 @@ class Config(msgspec.Struct, kw_only=True):
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     influxdb: InfluxDBConfig = msgspec.field(default_factory=InfluxDBConfig)
     nats: NATSConfig = msgspec.field(default_factory=NATSConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
 
     # -- construction -----------------------------------------------------
 
@@ -283,12 +331,28 @@ class Config(msgspec.Struct, kw_only=True):
         if not self.service.service_name:
             out.append("service.service_name is not set "
                        "(set SERVICE_NAME, GRIDGATE_SERVICE_SERVICE_NAME or [service] service_name)")
-        for section, key in (("mqtt", "listen"), ("http", "listen"), ("websocket", "listen")):
-            value = getattr(getattr(self, section), key)
-            try:
-                parse_address(value)
-            except ValueError as exc:
-                out.append(f"{section}.{key}: {exc}")
+        exposed: list[str] = []
+        for section in ("mqtt", "http", "websocket"):
+            for key in ("listen", "tls_listen"):
+                value = getattr(getattr(self, section), key)
+                try:
+                    address = parse_address(value)
+                except ValueError as exc:
+                    out.append(f"{section}.{key}: {exc}")
+                    continue
+                if address is not None and not is_loopback_host(address[0]):
+                    exposed.append(f"{section}.{key}={value}")
+        if any(getattr(self, s).tls_listen for s in ("mqtt", "http", "websocket")):
+            if not self.tls.cert_file or not self.tls.key_file:
+                out.append("a tls_listen is set but tls.cert_file and tls.key_file are not")
+        if self.tls.require_client_cert and not self.tls.client_ca_file:
+            out.append("tls.require_client_cert needs tls.client_ca_file")
+        if self.tls.crl_file and not self.tls.client_ca_file:
+            out.append("tls.crl_file needs tls.client_ca_file")
+        if exposed and not self.has_credential_store and not self.auth.allow_anonymous:
+            out.append(f"{', '.join(exposed)} is not a loopback address and no credential store is set: "
+                       "set auth.password_file, auth.jwt_keys_file or tls.client_ca_file, "
+                       "or auth.allow_anonymous = true to serve anyone on purpose")
         if self.connections.reap_interval_s > self.connections.idle_timeout_s:
             out.append("connections.reap_interval_s must not exceed connections.idle_timeout_s")
         if not self.payload.location_levels or any(not lvl for lvl in self.payload.location_levels):
@@ -298,6 +362,11 @@ class Config(msgspec.Struct, kw_only=True):
                 out.append(f"fields.{name}: min {rule.min} is greater than max {rule.max}")
         out.extend(device_config_problems(self.devices, self.downlink.devices_file, self.downlink.max_command_bytes))
         return out
+
+    @property
+    def has_credential_store(self) -> bool:
+        """Whether any way to authenticate a device is configured."""
+        return bool(self.auth.password_file or self.auth.jwt_keys_file or self.tls.client_ca_file)
 
     def device_configs(self) -> dict[str, dict[str, Any]]:
         """``[devices.*]`` merged with ``[downlink] devices_file`` (read now).
@@ -423,6 +492,20 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):  # nested device config: an inline table
         return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen host only accepts connections from this machine.
+
+    A name other than ``localhost`` counts as exposed: what it resolves to can
+    change under us.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_address(text: str) -> tuple[str, int] | None:

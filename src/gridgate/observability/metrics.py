@@ -75,5 +75,30 @@ class Metrics:
         self.pipeline_queue = Gauge(
             "gridgate_pipeline_queue_items", "Work items waiting for the batcher", registry=r)
 
+        # -- security (DESIGN section 10); labels never carry a secret or an id
+        self.auth_successes = Counter(
+            "gridgate_auth_successes", "Successful authentications", ["protocol", "method"], registry=r)
+        self.auth_failures = Counter(
+            "gridgate_auth_failures", "Failed authentications, by reason", ["protocol", "reason"], registry=r)
+        self.auth_cache_hits = Counter(
+            "gridgate_auth_cache_hits", "Authentications answered from the cache of successful checks",
+            ["protocol"], registry=r)
+        self.auth_bans = Counter(
+            "gridgate_auth_bans", "Source addresses banned for repeated authentication failures", registry=r)
+        self.auth_banned_connections = Counter(
+            "gridgate_auth_banned_connections", "Connections closed because their source address is banned",
+            ["protocol"], registry=r)
+        self.not_authorized = Counter(
+            "gridgate_not_authorized", "Publishes, readings and subscriptions the ACL refused",
+            ["protocol", "action"], registry=r)
+        self.tls_handshake_failures = Counter(
+            "gridgate_tls_handshake_failures", "TLS handshakes that failed", ["listener", "reason"], registry=r)
+        self.tls_handshake_seconds = Histogram(
+            "gridgate_tls_handshake_seconds", "Time to complete a TLS handshake", ["listener"], registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.credential_reloads = Counter(
+            "gridgate_credential_reloads", "SIGHUP reloads of certificates, credentials, ACL and tokens",
+            ["result"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

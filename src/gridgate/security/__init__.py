@@ -1,0 +1,1 @@
+"""Identity, encryption and authorization (DESIGN section 10)."""
