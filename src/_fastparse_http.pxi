@@ -138,6 +138,7 @@ cdef class HTTPRequestParser:
     cdef int _hstate                 # 0: before the request line, 1: header lines
     cdef int _empties
     cdef int _hosts
+    cdef int _authorizations
     cdef bint _te                    # a Transfer-Encoding field was seen
     cdef bint _te_chunked            # ... and its last coding so far is chunked
     cdef bint _te_other              # ... with a coding other than chunked before it
@@ -150,6 +151,7 @@ cdef class HTTPRequestParser:
     cdef readonly bint expect_continue
     cdef readonly str content_type
     cdef readonly str content_encoding
+    cdef readonly str authorization
     cdef readonly long long content_length
     cdef readonly bint chunked
     cdef readonly bint has_length
@@ -177,6 +179,8 @@ cdef class HTTPRequestParser:
         self.expect_continue = False
         self.content_type = ""
         self.content_encoding = ""
+        self.authorization = ""
+        self._authorizations = 0
         self.content_length = -1
         self.chunked = False
         self.has_length = False
@@ -419,6 +423,12 @@ cdef class HTTPRequestParser:
             self.content_type = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
         elif _ht_lower_eq(p + name, m, b"content-encoding", 16):
             self.content_encoding = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
+        elif _ht_lower_eq(p + name, m, b"authorization", 13):
+            # Two credentials in one request: which one a proxy checked is a guess.
+            self._authorizations += 1
+            if self._authorizations > 1:
+                raise _ht_bad("more than one Authorization header")
+            self.authorization = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
         return 0
 
     cdef int _codings(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end) except -1:

@@ -61,6 +61,7 @@ class HTTPRequestParser:
     expect_continue: bool
     content_type: str
     content_encoding: str
+    authorization: str
     content_length: int
     chunked: bool
     has_length: bool

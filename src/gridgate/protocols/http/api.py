@@ -46,7 +46,8 @@ class Request:
     """The std engine's request: a fresh object and header dict per request.
 
     The fast engine passes its per-connection parser instead; both offer
-    method, target, body, content_type, content_encoding and has_length.
+    method, target, body, content_type, content_encoding, authorization
+    and has_length.
     """
     method: str
     target: str
@@ -60,6 +61,10 @@ class Request:
     @property
     def content_encoding(self) -> str:
         return self.headers.get("content-encoding", "")
+
+    @property
+    def authorization(self) -> str:
+        return self.headers.get("authorization", "")
 
     @property
     def has_length(self) -> bool:
@@ -80,6 +85,8 @@ class RequestView(Protocol):
     def content_type(self) -> str: ...
     @property
     def content_encoding(self) -> str: ...
+    @property
+    def authorization(self) -> str: ...
     @property
     def has_length(self) -> bool: ...
 

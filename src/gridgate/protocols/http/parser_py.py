@@ -110,6 +110,8 @@ class HTTPRequestParser:
         self.expect_continue = False
         self.content_type = ""
         self.content_encoding = ""
+        self.authorization = ""
+        self._authorizations = 0
         self.content_length = -1
         self.chunked = False
         self.has_length = False
@@ -346,6 +348,12 @@ class HTTPRequestParser:
             self.content_type = value.decode("latin-1")
         elif name == b"content-encoding":
             self.content_encoding = value.decode("latin-1")
+        elif name == b"authorization":
+            # Two credentials in one request: which one a proxy checked is a guess.
+            self._authorizations += 1
+            if self._authorizations > 1:
+                raise _bad("more than one Authorization header")
+            self.authorization = value.decode("latin-1")
 
     def _end_of_head(self) -> None:
         http11 = self.http_version == "1.1"

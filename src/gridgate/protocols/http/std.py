@@ -63,7 +63,8 @@ _REQUEST_LINE_PREFIX = re.compile(
 _HEADER_LINE_PREFIX = re.compile(rb"(?:" + _TOKEN + rb"(?::" + _VALUE + rb"\r?)?|\r)?")
 _WHOLE_HEAD = re.compile(_TOKEN + rb" [\x21-\x7e]+ HTTP/([0-9]\.[0-9])\r\n(?:" + _TOKEN + rb":" + _VALUE
                          + rb"\r\n)*\r\n")
-_FRAMING_FIELD = re.compile(rb"\r\n(content-length|transfer-encoding|host):[ \t]*([^\r]*)")    # on a lower-cased head
+# on a lower-cased head
+_FRAMING_FIELD = re.compile(rb"\r\n(content-length|transfer-encoding|host|authorization):[ \t]*([^\r]*)")
 _DIGITS = re.compile(rb"[0-9]+")
 _TE_FIELD = re.compile(rb"(?<=\n)transfer-encoding:[^\r]*\r\n", re.IGNORECASE)
 _CODING = re.compile(_TOKEN)
@@ -77,14 +78,15 @@ class _Framing:
     """The rules of the fields that frame a request, applied field by field
     in the order they came, then at the end of the head."""
 
-    __slots__ = ("version", "max_body_bytes", "hosts", "te_fields", "has_length", "te", "te_chunked", "te_other")
+    __slots__ = ("version", "max_body_bytes", "hosts", "authorizations", "te_fields", "has_length", "te",
+                 "te_chunked", "te_other")
 
     def __init__(self, version: bytes, max_body_bytes: int) -> None:
         if version not in (b"1.0", b"1.1"):
             raise HTTPParseError(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
         self.version = version
         self.max_body_bytes = max_body_bytes
-        self.hosts = self.te_fields = 0
+        self.hosts = self.authorizations = self.te_fields = 0
         self.has_length = self.te = self.te_chunked = self.te_other = False
 
     def field(self, name: bytes, value: bytes) -> None:
@@ -121,6 +123,11 @@ class _Framing:
             self.hosts += 1
             if self.hosts > 1:
                 raise _bad("more than one Host header")
+        elif name == b"authorization":
+            # Two credentials in one request: which one a proxy checked is a guess.
+            self.authorizations += 1
+            if self.authorizations > 1:
+                raise _bad("more than one Authorization header")
 
     def end(self) -> None:
         if self.version == b"1.1" and self.hosts == 0:
