@@ -357,13 +357,23 @@ cdef class HTTPRequestParser:
         return i
 
     cdef Py_ssize_t _header_line(self, const unsigned char* p, Py_ssize_t i, Py_ssize_t n) except -2:
-        """The index of the CR ending the header line at p[i], -1 until it is in."""
-        cdef Py_ssize_t start = i, colon = 0, v_start, v_end, j, m
+        """The index of the CR ending the header line at p[i], -1 until it is in.
+
+        A framing field's value still arriving is judged as far as it has
+        come, left to right, and whole at the CRLF (the twin's _header_line).
+        """
+        cdef Py_ssize_t start = i, colon = -1, v_start, v_end, j, m
         cdef unsigned char c
         cdef bytes name
         cdef char* q
         i = _ht_field_line(p, i, n, &colon)
         if i < 0:
+            if colon > start:
+                v_start = colon + 1
+                v_end = n - 1 if p[n - 1] == 0x0D else n
+                while v_start < v_end and _ht_is_ows(p[v_start]):
+                    v_start += 1
+                self._framing_field(p, start, colon - start, v_start, v_end, False)
             return -1
         v_start = colon + 1
         v_end = i
@@ -383,39 +393,10 @@ cdef class HTTPRequestParser:
 
     cdef int _field(self, const unsigned char* p, Py_ssize_t name, Py_ssize_t m, Py_ssize_t v_start,
                     Py_ssize_t v_end) except -1:
-        """One complete header field: the rules of the fields that frame the request."""
-        cdef Py_ssize_t i
-        cdef long long length
-        if _ht_lower_eq(p + name, m, b"content-length", 14):
-            if self.content_length >= 0:
-                raise _ht_bad("more than one Content-Length")
-            if v_end == v_start:
-                raise _ht_bad("Content-Length is not a decimal number")
-            for i in range(v_start, v_end):
-                if not 0x30 <= p[i] <= 0x39:
-                    raise _ht_bad("Content-Length is not a decimal number")
-            if self._te:
-                raise _ht_bad("both Transfer-Encoding and Content-Length")
-            if v_end - v_start > 18:
-                raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
-            length = 0
-            for i in range(v_start, v_end):
-                length = length * 10 + (p[i] - 0x30)
-            if length > self.max_body_bytes:
-                raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
-            self.content_length = length
-        elif _ht_lower_eq(p + name, m, b"transfer-encoding", 17):
-            if self.http_version == "1.0":
-                raise _ht_bad("Transfer-Encoding in an HTTP/1.0 request")
-            if self.content_length >= 0:
-                raise _ht_bad("both Transfer-Encoding and Content-Length")
-            self._te = True
-            self._codings(p, v_start, v_end)
-        elif _ht_lower_eq(p + name, m, b"host", 4):
-            self._hosts += 1
-            if self._hosts > 1:
-                raise _ht_bad("more than one Host header")
-        elif _ht_lower_eq(p + name, m, b"connection", 10):
+        """One complete header field."""
+        if self._framing_field(p, name, m, v_start, v_end, True):
+            return 0
+        if _ht_lower_eq(p + name, m, b"connection", 10):
             self._connection_tokens(p, v_start, v_end)
         elif _ht_lower_eq(p + name, m, b"expect", 6):
             self.expect_continue = _ht_lower_eq(p + v_start, v_end - v_start, b"100-continue", 12)
@@ -423,17 +404,67 @@ cdef class HTTPRequestParser:
             self.content_type = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
         elif _ht_lower_eq(p + name, m, b"content-encoding", 16):
             self.content_encoding = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
-        elif _ht_lower_eq(p + name, m, b"authorization", 13):
-            # Two credentials in one request: which one a proxy checked is a guess.
-            self._authorizations += 1
-            if self._authorizations > 1:
-                raise _ht_bad("more than one Authorization header")
-            self.authorization = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
         return 0
 
-    cdef int _codings(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end) except -1:
-        """A Transfer-Encoding list: tokens, empty elements ignored (RFC 9110 5.6.1)."""
+    cdef int _framing_field(self, const unsigned char* p, Py_ssize_t name, Py_ssize_t m, Py_ssize_t v_start,
+                            Py_ssize_t v_end, bint complete) except -1:
+        """The rules of the fields that frame a request (and of Authorization),
+        left to right: p[v_start:v_end] is what has arrived of the value; only
+        a complete one is recorded. 1 if the field is one of them, else 0."""
+        cdef Py_ssize_t i, digits = 0
+        cdef long long length = 0
+        cdef bint ows = False
+        cdef unsigned char c
+        if _ht_lower_eq(p + name, m, b"content-length", 14):
+            if self.content_length >= 0:
+                raise _ht_bad("more than one Content-Length")
+            if self._te:
+                raise _ht_bad("both Transfer-Encoding and Content-Length")
+            for i in range(v_start, v_end):
+                c = p[i]
+                if c == 0x20 or c == 0x09:
+                    ows = True
+                    continue
+                if ows or not 0x30 <= c <= 0x39:
+                    raise _ht_bad("Content-Length is not a decimal number")
+                # stops at max_body_bytes, so it cannot overflow
+                length = length * 10 + (c - 0x30)
+                digits += 1
+                if length > self.max_body_bytes:
+                    raise _ht_Error(413, "too_large", "request body exceeds max_body_bytes")
+            if complete:
+                if digits == 0:
+                    raise _ht_bad("Content-Length is not a decimal number")
+                self.content_length = length
+            return 1
+        if _ht_lower_eq(p + name, m, b"transfer-encoding", 17):
+            if self.http_version == "1.0":
+                raise _ht_bad("Transfer-Encoding in an HTTP/1.0 request")
+            if self.content_length >= 0:
+                raise _ht_bad("both Transfer-Encoding and Content-Length")
+            self._codings(p, v_start, v_end, complete)
+            return 1
+        if _ht_lower_eq(p + name, m, b"host", 4):
+            if self._hosts:
+                raise _ht_bad("more than one Host header")
+            if complete:
+                self._hosts = 1
+            return 1
+        if _ht_lower_eq(p + name, m, b"authorization", 13):
+            # Two credentials in one request: which one a proxy checked is a guess.
+            if self._authorizations:
+                raise _ht_bad("more than one Authorization header")
+            if complete:
+                self._authorizations = 1
+                self.authorization = PyUnicode_DecodeLatin1(<const char*>p + v_start, v_end - v_start, NULL)
+            return 1
+        return 0
+
+    cdef int _codings(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end, bint complete) except -1:
+        """A Transfer-Encoding list: tokens, empty elements ignored (RFC 9110
+        5.6.1); the last one may still be arriving unless ``complete``."""
         cdef Py_ssize_t i = start, a, b, j
+        cdef bint chunked = self._te_chunked, other = self._te_other
         while i <= end:
             a = i
             while i < end and p[i] != 0x2C:
@@ -446,16 +477,22 @@ cdef class HTTPRequestParser:
                 b -= 1
             if a == b:
                 continue
-            if self._te_chunked:
+            if chunked:
                 # RFC 9112 6.3: chunked must be the final coding, and applied once
                 raise _ht_bad("a transfer coding after chunked")
-            if _ht_lower_eq(p + a, b - a, b"chunked", 7):
-                self._te_chunked = True
-                continue
             for j in range(a, b):
                 if not _ht_TCHAR[p[j]]:
                     raise _ht_bad("malformed transfer coding")
-            self._te_other = True
+            if i > end and not complete:
+                break                    # a token still arriving
+            if _ht_lower_eq(p + a, b - a, b"chunked", 7):
+                chunked = True
+            else:
+                other = True
+        if complete:
+            self._te = True
+            self._te_chunked = chunked
+            self._te_other = other
         return 0
 
     cdef int _end_of_head(self) except -1:

@@ -217,6 +217,15 @@ UNFINISHED = [
     (HEAD + b"Host: y\r\n", 400),
     (HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n", 400),
     (HEAD + b"Transfer-Encoding: chunked, gzip\r\n", 400),
+    # a framing field's value that never ends is judged as far as it came
+    (HEAD + b"Content-Length: 2\r\nContent-Length:", 400),
+    (HEAD + b"Content-Length: 2,", 400),
+    (HEAD + b"Content-Length: 2 3", 400),
+    (HEAD + b"Content-Length: 99999999999999999999999", 413),
+    (HEAD + b"Transfer-Encoding: chunked, g", 400),
+    (HEAD + b"Transfer-Encoding: chunked\r\nContent-Length:", 400),
+    (HEAD + b"Host:", 400),
+    (HEAD + b"Authorization: Basic eA==\r\nAuthorization: B", 400),
 ]
 
 

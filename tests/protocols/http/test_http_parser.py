@@ -280,14 +280,26 @@ EARLY = [
     (b"GET / HTTP/1.1\r\nX-A: a\x7f", 400),
     (b"GET / HTTP/1.1\r\nHost: x\n", 400),
     (b"GET / HTTP/1.1\r\nHost: x\r\r", 400),
-    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n", 400),
-    (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n", 400),
-    (b"POST / HTTP/1.1\r\nContent-Length: 1,1\r\n", 400),
-    (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n", 413),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n", 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n", 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", 400),
-    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n", 400),
+    # a framing field is judged as far as it has arrived: at its name, then
+    # its value byte by byte (the rest of the line need not come)
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost:", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nAuthorization: x\r\nauthorization:", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length:", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 1,", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 1 2", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 0x", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: -", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: \r\n", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 0000000000000000000000" + b"%d" % (MAX_BODY + 1), 413),
+    (b"POST / HTTP/1.1\r\nContent-Length: " + b"%d" % (MAX_BODY + 1), 413),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length:", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding:", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, g", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked,,\t, c", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gz i", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip;", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: c", 400),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding:", 400),
 ]
 
 
@@ -397,11 +409,13 @@ VERSIONS = mostly([b"HTTP/1.1"], [b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.2", b"HTTP/
                                   b"HTTP/1.x", b"HTTP/11.1"], 10)
 LEADING = mostly([b""], [b"\r\n", b"\r\n\r\n", b"\r\n" * 4, b"\r\n" * 5, b"\n", b"\r"], 20)
 HEADER_NAMES = mostly([b"Content-Type", b"X-A", b"Connection", b"Expect"],
-                      [b"Host", b"Content-Length", b"Transfer-Encoding", b"host", b"X A", b"", b"X-\xff"], 12)
+                      [b"Host", b"Content-Length", b"Transfer-Encoding", b"host", b"X A", b"", b"X-\xff",
+                       b"Authorization", b"content-length"], 12)
 HEADER_VALUES = mostly([b"x", b"a\tb", b"keep-alive", b"100-continue"],
                        [b"0", b"2", b"2, 2", b" 2 ", b"chunked", b"Chunked", b"gzip", b"close", b"", b"a\x01",
                         b"\xe4", b"a\rb", b"65", b"99999999999999999999999", b"chunked, gzip", b"gzip, chunked",
-                        b"chunked,", b", chunked", b"chunked;q=1", b"a\x7f"], 12)
+                        b"chunked,", b", chunked", b"chunked;q=1", b"a\x7f", b"1 2", b"0x", b"-1", b"+1",
+                        b"000000000000000000000000000002", b"gz ip", b"chunked,,\t,", b"\tchunked\t"], 12)
 SEPARATORS = mostly([b": ", b":"], [b" :", b":\t", b"::"], 8)
 EOLS = mostly([b"\r\n"], [b"\n", b"\r", b"\r\n "], 30)
 

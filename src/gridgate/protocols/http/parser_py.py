@@ -75,6 +75,7 @@ _DIGITS = frozenset(b"0123456789")
 _QDTEXT = frozenset([0x09, 0x20, 0x21, *range(0x23, 0x5C), *range(0x5D, 0x7F), *range(0x80, 0x100)])
 _QPAIR = frozenset([0x09, 0x20, *range(0x21, 0x7F), *range(0x80, 0x100)])   # what may follow a backslash
 _OWS = b" \t"
+_FRAMING_NAMES = frozenset((b"content-length", b"transfer-encoding", b"host", b"authorization"))
 _VERSION = b"HTTP/d.d"           # d: a digit
 MAX_CHUNK_DIGITS = 20           # leading zeros count: a bound, not a size limit
 MAX_EMPTY_LINES = 4              # empty lines ignored before a request line (RFC 9112 2.2)
@@ -185,9 +186,10 @@ class HTTPRequestParser:
         """Take every head line that is complete; True once the empty line is in.
 
         Lines are taken as they arrive and a line's bytes are judged as they
-        arrive, so a head is refused at its first bad byte, not at its end; a
-        field's own rules (Content-Length, Host...) are applied when its CRLF
-        is in. Only the line still arriving is looked at again on the next call.
+        arrive, so a head is refused at its first bad byte, not at its end;
+        the rules of the fields that frame the request (Content-Length,
+        Transfer-Encoding, Host) too, as far as a value has arrived. Only the
+        line still arriving is looked at again on the next call.
         """
         buf = self._buf
         limit = self._pos + self.max_header_bytes
@@ -271,10 +273,20 @@ class HTTPRequestParser:
         return i
 
     def _header_line(self, buf: bytes | bytearray, i: int, n: int) -> int:
-        """The index of the CR ending the header line at buf[i], -1 until it is in."""
+        """The index of the CR ending the header line at buf[i], -1 until it is in.
+
+        A framing field's value still arriving is judged as far as it has
+        come (``Content-Length: 1,`` is refused at the comma), so the rules
+        of _framing_field are applied left to right, and whole at the CRLF.
+        """
         colon, eol = self._field_line(buf, i, n)
         if eol >= 0:
             self._field(bytes(buf[i:colon]).lower(), bytes(buf[colon + 1:eol]).strip(_OWS))
+        elif colon:
+            name = bytes(buf[i:colon]).lower()
+            if name in _FRAMING_NAMES:
+                end = n - 1 if buf[n - 1] == 0x0D else n
+                self._framing_field(name, bytes(buf[colon + 1:end]).lstrip(_OWS), False)
         return eol
 
     def _field_line(self, buf: bytes | bytearray, i: int, n: int) -> tuple[int, int]:
@@ -293,52 +305,21 @@ class HTTPRequestParser:
         while i < n and buf[i] in _VALUE:
             i += 1
         if i >= n:
-            return 0, -1
+            return colon, -1
         if buf[i] != 0x0D:
             raise _bad("bare LF or a control byte in a field value")
         if i + 1 >= n:
-            return 0, -1
+            return colon, -1
         if buf[i + 1] != 0x0A:
             raise _bad("bare CR in a field value")
         return colon, i
 
     def _field(self, name: bytes, value: bytes) -> None:
-        """One complete header field: the rules of the fields that frame the request."""
+        """One complete header field."""
         self.headers.append((name, value))
-        if name == b"content-length":
-            if self.content_length >= 0:
-                raise _bad("more than one Content-Length")
-            if not value or not _DIGITS.issuperset(value):
-                raise _bad("Content-Length is not a decimal number")
-            if self._te:
-                raise _bad("both Transfer-Encoding and Content-Length")
-            if len(value) > 18 or int(value) > self.max_body_bytes:
-                raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
-            self.content_length = int(value)
-        elif name == b"transfer-encoding":
-            if self.http_version == "1.0":
-                raise _bad("Transfer-Encoding in an HTTP/1.0 request")
-            if self.content_length >= 0:
-                raise _bad("both Transfer-Encoding and Content-Length")
-            self._te = True
-            for coding in value.split(b","):
-                coding = coding.strip(_OWS)
-                if not coding:           # RFC 9110 5.6.1: empty list elements are ignored
-                    continue
-                if self._te_chunked:
-                    # RFC 9112 6.3: chunked must be the final coding, and applied once
-                    raise _bad("a transfer coding after chunked")
-                if coding.lower() == b"chunked":
-                    self._te_chunked = True
-                elif _TCHAR.issuperset(coding):
-                    self._te_other = True
-                else:
-                    raise _bad("malformed transfer coding")
-        elif name == b"host":
-            self._hosts += 1
-            if self._hosts > 1:
-                raise _bad("more than one Host header")
-        elif name == b"connection":
+        if name in _FRAMING_NAMES:
+            self._framing_field(name, value, True)
+        if name == b"connection":
             for token in value.split(b","):
                 if token.strip(_OWS).lower() == b"close":
                     self.keep_alive = False
@@ -348,12 +329,73 @@ class HTTPRequestParser:
             self.content_type = value.decode("latin-1")
         elif name == b"content-encoding":
             self.content_encoding = value.decode("latin-1")
+
+    def _framing_field(self, name: bytes, value: bytes, complete: bool) -> None:
+        """The rules of the fields that frame a request (and of Authorization),
+        judged left to right so that a value still arriving is refused at its
+        first bad byte: ``value`` is what has arrived of it, leading OWS
+        stripped; ``complete``: its CRLF is in, and only then is what it says
+        recorded."""
+        if name == b"content-length":
+            if self.content_length >= 0:
+                raise _bad("more than one Content-Length")
+            if self._te:
+                raise _bad("both Transfer-Encoding and Content-Length")
+            length = digits = 0
+            ows = False
+            for c in value:
+                if c == 0x20 or c == 0x09:
+                    ows = True
+                    continue
+                if ows or not 0x30 <= c <= 0x39:
+                    raise _bad("Content-Length is not a decimal number")
+                # leading zeros are digits of a valid length; a value past
+                # the limit is refused before the rest of it arrives
+                length = length * 10 + c - 0x30
+                digits += 1
+                if length > self.max_body_bytes:
+                    raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
+            if complete:
+                if not digits:
+                    raise _bad("Content-Length is not a decimal number")
+                self.content_length = length
+        elif name == b"transfer-encoding":
+            if self.http_version == "1.0":
+                raise _bad("Transfer-Encoding in an HTTP/1.0 request")
+            if self.content_length >= 0:
+                raise _bad("both Transfer-Encoding and Content-Length")
+            chunked, other = self._te_chunked, self._te_other
+            codings = value.split(b",")
+            last = len(codings) - 1
+            for k, coding in enumerate(codings):
+                coding = coding.strip(_OWS)
+                if not coding:           # RFC 9110 5.6.1: empty list elements are ignored
+                    continue
+                if chunked:
+                    # RFC 9112 6.3: chunked must be the final coding, and applied once
+                    raise _bad("a transfer coding after chunked")
+                if not _TCHAR.issuperset(coding):
+                    raise _bad("malformed transfer coding")
+                if k == last and not complete:
+                    continue             # a token still arriving
+                if coding.lower() == b"chunked":
+                    chunked = True
+                else:
+                    other = True
+            if complete:
+                self._te, self._te_chunked, self._te_other = True, chunked, other
+        elif name == b"host":
+            if self._hosts:
+                raise _bad("more than one Host header")
+            if complete:
+                self._hosts = 1
         elif name == b"authorization":
             # Two credentials in one request: which one a proxy checked is a guess.
-            self._authorizations += 1
-            if self._authorizations > 1:
+            if self._authorizations:
                 raise _bad("more than one Authorization header")
-            self.authorization = value.decode("latin-1")
+            if complete:
+                self._authorizations = 1
+                self.authorization = value.decode("latin-1")
 
     def _end_of_head(self) -> None:
         http11 = self.http_version == "1.1"

@@ -65,7 +65,8 @@ _WHOLE_HEAD = re.compile(_TOKEN + rb" [\x21-\x7e]+ HTTP/([0-9]\.[0-9])\r\n(?:" +
                          + rb"\r\n)*\r\n")
 # on a lower-cased head
 _FRAMING_FIELD = re.compile(rb"\r\n(content-length|transfer-encoding|host|authorization):[ \t]*([^\r]*)")
-_DIGITS = re.compile(rb"[0-9]+")
+_LEADING_DIGITS = re.compile(rb"[0-9]*")
+_OWS_ONLY = re.compile(rb"[ \t]*")
 _TE_FIELD = re.compile(rb"(?<=\n)transfer-encoding:[^\r]*\r\n", re.IGNORECASE)
 _CODING = re.compile(_TOKEN)
 
@@ -89,45 +90,54 @@ class _Framing:
         self.hosts = self.authorizations = self.te_fields = 0
         self.has_length = self.te = self.te_chunked = self.te_other = False
 
-    def field(self, name: bytes, value: bytes) -> None:
-        """One field: ``name`` lower-case, ``value`` without its OWS."""
+    def field(self, name: bytes, value: bytes, complete: bool = True) -> None:
+        """One field: ``name`` lower-case, ``value`` without its OWS; or, not
+        ``complete``, what has arrived of a value (leading OWS stripped),
+        judged as far as it goes and not recorded."""
         if name == b"content-length":
             if self.has_length:
                 raise _bad("more than one Content-Length")
-            if _DIGITS.fullmatch(value) is None:
-                raise _bad("Content-Length is not a decimal number")
             if self.te:
                 raise _bad("both Transfer-Encoding and Content-Length")
-            if len(value) > 18 or int(value) > self.max_body_bytes:
+            digits = _LEADING_DIGITS.match(value).group()  # type: ignore[union-attr]  # [0-9]* always matches
+            significant = digits.lstrip(b"0")
+            # the digits come first: a length past the limit is refused
+            # before any bad byte after it
+            if len(significant) > 18 or int(significant or b"0") > self.max_body_bytes:
                 raise HTTPParseError(413, "too_large", "request body exceeds max_body_bytes")
-            self.has_length = True
+            if _OWS_ONLY.fullmatch(value, len(digits)) is None or (complete and not digits):
+                raise _bad("Content-Length is not a decimal number")
+            if complete:
+                self.has_length = True
         elif name == b"transfer-encoding":
             if self.version == b"1.0":
                 raise _bad("Transfer-Encoding in an HTTP/1.0 request")
             if self.has_length:
                 raise _bad("both Transfer-Encoding and Content-Length")
-            self.te = True
-            self.te_fields += 1 if value.lower() == b"chunked" else 2
-            for coding in (c.strip(b" \t") for c in value.split(b",")):
+            chunked, other = self.te_chunked, self.te_other
+            codings = [c.strip(b" \t") for c in value.split(b",")]
+            for k, coding in enumerate(codings):
                 if not coding:
                     continue
-                if self.te_chunked:
+                if chunked:
                     raise _bad("a transfer coding after chunked")
-                if coding.lower() == b"chunked":
-                    self.te_chunked = True
-                elif _CODING.fullmatch(coding):
-                    self.te_other = True
-                else:
+                if not _CODING.fullmatch(coding):
                     raise _bad("malformed transfer coding")
+                if complete or k < len(codings) - 1:
+                    chunked = chunked or coding.lower() == b"chunked"
+                    other = other or coding.lower() != b"chunked"
+            if complete:
+                self.te, self.te_chunked, self.te_other = True, chunked, other
+                self.te_fields += 1 if value.lower() == b"chunked" else 2
         elif name == b"host":
-            self.hosts += 1
-            if self.hosts > 1:
+            if self.hosts:
                 raise _bad("more than one Host header")
+            self.hosts += complete
         elif name == b"authorization":
             # Two credentials in one request: which one a proxy checked is a guess.
-            self.authorizations += 1
-            if self.authorizations > 1:
+            if self.authorizations:
                 raise _bad("more than one Authorization header")
+            self.authorizations += complete
 
     def end(self) -> None:
         if self.version == b"1.1" and self.hosts == 0:
@@ -185,6 +195,10 @@ def scan_raw_head(raw: bytes | bytearray, max_header_bytes: int,
         prefix = _HEADER_LINE_PREFIX if lines else _REQUEST_LINE_PREFIX
         if prefix.fullmatch(partial) is None:
             raise _bad("malformed request head")
+        name, colon, value = partial.partition(b":")
+        if framing is not None and colon:
+            # a framing field's value is judged as far as it has arrived
+            framing.field(name.lower(), value.rstrip(b"\r").lstrip(b" \t"), complete=False)
         if len(raw) > max_header_bytes:
             raise HTTPParseError(431, "header_too_large", "request head exceeds max_header_bytes")
         return start, -1, False, False
