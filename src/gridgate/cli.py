@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data-dir", metavar="DIR", default=None)
     export.add_argument("--rejected", action="store_true", help="export the dead-letter store")
     export.add_argument("--limit", type=int, metavar="N", default=None)
+
+    passwd = sub.add_parser("passwd",
+                            help="add or replace a device's line in a password file (mosquitto_passwd's format)")
+    passwd.add_argument("file", metavar="FILE", help="the password file (made if missing, mode 0600)")
+    passwd.add_argument("id", metavar="ID", help="the device id (or other identity)")
+    passwd.add_argument("-b", dest="password", metavar="PASSWORD",
+                        help="the password on the command line (visible to other users: prefer the prompt)")
+    passwd.add_argument("--iterations", type=int, default=None, metavar="N",
+                        help="PBKDF2 iterations (default 101, mosquitto_passwd's)")
     return parser
 
 
@@ -191,6 +200,12 @@ def _cmd_spool(args: argparse.Namespace) -> int:
     return spool_cli.export_command(data_dir, rejected=args.rejected, limit=args.limit)
 
 
+def _cmd_passwd(args: argparse.Namespace) -> int:
+    from gridgate.security import passwd_file
+
+    return passwd_file.passwd_command(args.file, args.id, args.password, args.iterations)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -203,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_check_config(args)
     if args.command == "spool":
         return _cmd_spool(args)
+    if args.command == "passwd":
+        return _cmd_passwd(args)
     parser.print_help()
     return EXIT_CONFIG
 
