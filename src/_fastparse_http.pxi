@@ -330,6 +330,9 @@ cdef class HTTPRequestParser:
             if k == 5 or k == 7:
                 if not 0x30 <= c <= 0x39:
                     raise _ht_bad("malformed HTTP version")
+                if (k == 5 and c != 0x31) or (k == 7 and c != 0x30 and c != 0x31):
+                    # well-formed, and not 1.0 or 1.1 whatever follows
+                    raise _ht_Error(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
             elif c != <unsigned char>shape[k]:
                 raise _ht_bad("malformed HTTP version")
             i += 1

@@ -271,7 +271,9 @@ EARLY = [
     (b"GET / HTTP/1.1 ", 400),
     (b"GET / HTTP/1.1\n", 400),
     (b"GET / HTTP/1.1\rX", 400),
-    (b"GET / HTTP/2.0\r\n", 505),
+    (b"GET / HTTP/2", 505),
+    (b"GET / HTTP/1.2", 505),
+    (b"GET / HTTP/0", 505),
     (b"GET / HTTP/1.1\r\n ", 400),                                           # whitespace before the first field
     (b"GET / HTTP/1.1\r\nHost: x\r\n\t", 400),                               # obs-fold
     (b"GET / HTTP/1.1\r\nX ", 400),

@@ -253,6 +253,9 @@ class HTTPRequestParser:
             c = buf[i]
             if not (c in _DIGITS if k == 5 or k == 7 else c == _VERSION[k]):
                 raise _bad("malformed HTTP version")
+            if (k == 5 and c != 0x31) or (k == 7 and c != 0x30 and c != 0x31):
+                # well-formed, and not 1.0 or 1.1 whatever follows
+                raise HTTPParseError(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
             i += 1
         if i >= n:
             return -1

@@ -56,6 +56,7 @@ def _prefixes(*atoms: bytes) -> bytes:
 
 _EMPTY_LINES = re.compile(rb"(?:\r\n)*")
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
+_VERSION_SO_FAR = re.compile(_TOKEN + rb" [\x21-\x7e]+ HTTP/([0-9])(?:\.([0-9])?)?")
 _HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):" + _VALUE)
 _REQUEST_LINE_PREFIX = re.compile(
     rb"(?:" + _TOKEN + rb"(?: (?:[\x21-\x7e]+(?: (?:"
@@ -148,6 +149,14 @@ class _Framing:
             raise HTTPParseError(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
 
 
+def _judge_version_so_far(line: bytes) -> None:
+    """A request line whose version so far is well-formed and not 1.0 or
+    1.1 gets 505 whatever follows (judged left to right, as the fast parsers)."""
+    m = _VERSION_SO_FAR.match(line)
+    if m is not None and (m.group(1) != b"1" or m.group(2) not in (None, b"0", b"1")):
+        raise HTTPParseError(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+
+
 def scan_raw_head(raw: bytes | bytearray, max_header_bytes: int,
                   max_body_bytes: int) -> tuple[int, int, bool, bool]:
     """Judge the head at the start of ``raw`` as far as it has arrived.
@@ -184,6 +193,7 @@ def scan_raw_head(raw: bytes | bytearray, max_header_bytes: int,
         if framing is None:
             m = _REQUEST_LINE.fullmatch(line)
             if m is None:
+                _judge_version_so_far(line)
                 raise _bad("malformed request line")
             framing = _Framing(m.group(3), max_body_bytes)
             continue
@@ -195,6 +205,8 @@ def scan_raw_head(raw: bytes | bytearray, max_header_bytes: int,
         prefix = _HEADER_LINE_PREFIX if lines else _REQUEST_LINE_PREFIX
         if prefix.fullmatch(partial) is None:
             raise _bad("malformed request head")
+        if not lines:
+            _judge_version_so_far(partial)
         name, colon, value = partial.partition(b":")
         if framing is not None and colon:
             # a framing field's value is judged as far as it has arrived
