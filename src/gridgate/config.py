@@ -24,7 +24,7 @@ from gridgate.ingest.rules import DEFAULT_FIELD_RULES, FieldRule, PayloadLimits,
 __all__ = [
     "Config", "ConfigError", "ServiceConfig", "MQTTConfig", "HTTPConfig", "ConnectionsConfig",
     "PipelineConfig", "PayloadConfig", "SinkConfig", "SpoolConfig", "WebSocketConfig", "DownlinkConfig",
-    "AuthConfig", "AdminConfig", "TLSConfig", "parse_address", "is_loopback_host",
+    "AuthConfig", "AdminConfig", "TLSConfig", "LimitsConfig", "LimitRule", "parse_address", "is_loopback_host",
 ]
 
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -194,6 +194,42 @@ class TLSConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     handshake_timeout_s: PositiveFloat = 10.0
 
 
+RULE_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.@#-]{0,63}$"
+
+
+class LimitRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[[limits.rule]]``: one bucket shared by every reading the rule matches
+    (the seed's ``protocol@vendor#region`` resources). An absent selector matches all."""
+
+    name: Annotated[str, Meta(pattern=RULE_NAME_RE)]
+    protocol: Literal["mqtt", "mqtt-ws", "http", "ws"] | None = None
+    vendor: str | None = None
+    region: str | None = None
+    device: str | None = None                        # a glob: "meter-*"
+    readings_per_s: PositiveFloat
+    burst: Annotated[int, Meta(ge=0)] = 0            # 0 = one second's worth
+
+
+class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``[limits]``: flow control and abuse resistance (DESIGN section 11); 0 = off."""
+
+    device_readings_per_s: Annotated[float, Meta(ge=0)] = 0.0
+    device_readings_burst: NonNegInt = 0             # 0 = one second's worth
+    device_bytes_per_s: Annotated[float, Meta(ge=0)] = 0.0
+    device_bytes_burst: NonNegInt = 0
+    mqtt5_on_limit: Literal["pause", "reject"] = "pause"
+    accept_rate_per_s: Annotated[float, Meta(ge=0)] = 0.0
+    max_connections_per_ip: NonNegInt = 0
+    flapping_max_connects: Annotated[int, Meta(ge=1, le=1_000_000)] = 15
+    flapping_window_s: PositiveFloat = 60.0
+    flapping_ban_s: Annotated[float, Meta(ge=0)] = 300.0    # 0 = flapping detection off
+    shed_commit_latency_ms: Annotated[float, Meta(ge=0)] = 0.0
+    # Bounds of the per-device and per-client-id tables: the least recently
+    # seen entries go first (a flood of fresh ids cannot grow memory).
+    max_tracked: Annotated[int, Meta(ge=100, le=10_000_000)] = 200_000
+    rule: list[LimitRule] = msgspec.field(default_factory=list)
+
+
 _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "service": ServiceConfig,
     "mqtt": MQTTConfig,
@@ -210,6 +246,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "auth": AuthConfig,
     "admin": AdminConfig,
     "tls": TLSConfig,
+    "limits": LimitsConfig,
 }
 
 
@@ -235,6 +272,7 @@ class Config(msgspec.Struct, kw_only=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
 
     # -- construction -----------------------------------------------------
 
@@ -349,6 +387,9 @@ class Config(msgspec.Struct, kw_only=True):
             out.append("tls.require_client_cert needs tls.client_ca_file")
         if self.tls.crl_file and not self.tls.client_ca_file:
             out.append("tls.crl_file needs tls.client_ca_file")
+        names = [rule.name for rule in self.limits.rule]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            out.append(f"limits.rule: the name {name!r} is used more than once (each names its own metrics)")
         if exposed and not self.has_credential_store and not self.auth.allow_anonymous:
             out.append(f"{', '.join(exposed)} is not a loopback address and no credential store is set: "
                        "set auth.password_file, auth.jwt_keys_file or tls.client_ca_file, "
@@ -490,7 +531,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):  # nested device config: an inline table
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        # TOML has no null: an absent key is the default
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
     raise TypeError(f"cannot render {value!r} as TOML")
 
 
