@@ -100,5 +100,25 @@ class Metrics:
             "gridgate_credential_reloads", "SIGHUP reloads of certificates, credentials, ACL and tokens",
             ["result"], registry=r)
 
+        # -- flow control (DESIGN section 11); "limit" is a rule name or "_device"
+        self.readings_limited = Counter(
+            "gridgate_readings_limited", "Readings that found their bucket empty (paused or refused)",
+            ["limit", "protocol"], registry=r)
+        self.limit_paused_seconds = Counter(
+            "gridgate_limit_paused_seconds", "Seconds connections stopped reading for a limit", ["limit"], registry=r)
+        self.http_429 = Counter(
+            "gridgate_http_429", "HTTP requests answered 429 for a limit", ["limit"], registry=r)
+        self.bans = Counter(
+            "gridgate_bans", "Bans issued, by reason", ["reason"], registry=r)
+        self.banned_connects = Counter(
+            "gridgate_banned_connects", "Connections refused because their client id or address is banned",
+            ["protocol", "reason"], registry=r)
+        self.connections_shed = Counter(
+            "gridgate_connections_shed", "New connections refused while the sink's commit p99 is over the threshold",
+            ["protocol"], registry=r)
+        self.connections_over_ip_limit = Counter(
+            "gridgate_connections_over_ip_limit", "Connections refused: max_connections_per_ip reached",
+            ["protocol"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
