@@ -6,7 +6,7 @@ import gc
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gridgate import __version__
 
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from gridgate.config import Config
 
 EXIT_CONFIG = 2
+E = TypeVar("E", bound=BaseException)
 
 # The cyclic GC's first threshold for ``gridgate serve`` (CPython's default is
 # 700). Nearly everything a reading allocates is freed by reference counting,
@@ -118,6 +119,7 @@ def tune_gc() -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
+    from gridgate.config import ConfigError
     from gridgate.gateway import ListenError
 
     config = _load_config(args.config, _overrides(args))
@@ -129,11 +131,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
              config.service.service_name)
 
     tune_gc()
-    failed: list[BaseException] = []
+    failed: list[OSError] = []
+    unusable: list[ConfigError] = []
     try:
         trio.run(_serve_until_stopped, config, log)
+    except* ConfigError as group:  # the password file, JWT keys or ACL (read at start): every problem
+        unusable.extend(_leaves(group))
     except* OSError as group:  # a listener could not bind, the data dir is unusable, ...
         failed.extend(_leaves(group))
+    for problem in unusable:
+        print(f"gridgate: {problem}", file=sys.stderr)
+    if unusable:
+        return EXIT_CONFIG
     for exc in failed:
         if isinstance(exc, ListenError):   # names the listener and its address itself
             log.error("%s", exc)
@@ -142,11 +151,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+def _leaves(group: BaseExceptionGroup[E]) -> list[E]:
     """The errors themselves, however deep the nurseries nested them."""
-    out: list[OSError] = []
+    out: list[E] = []
     for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        else:
+            out.append(exc)
     return out
 
 

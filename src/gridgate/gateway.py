@@ -53,6 +53,7 @@ from gridgate.protocols.http.std import serve_std_http
 from gridgate.protocols.mqtt.session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection, serve_mqtt_stream
 from gridgate.protocols.services import Services
 from gridgate.protocols.websocket.session import serve_websocket_connection
+from gridgate.security.authenticator import Authenticator, load_authenticator
 from gridgate.sinks.base import Sink
 from gridgate.sinks.forwarding import Forwarder
 from gridgate.storage.spool import SpoolSink
@@ -201,7 +202,8 @@ class Gateway:
     """A running gateway. Created by ``serve``; read ``addresses`` for the
     bound listeners, call ``stop()`` for a graceful shutdown."""
 
-    def __init__(self, config: Config, spool: SpoolSink, sink: Sink | None, metrics: Metrics) -> None:
+    def __init__(self, config: Config, spool: SpoolSink, sink: Sink | None, metrics: Metrics,
+                 auth: Authenticator | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.spool = spool
@@ -244,6 +246,7 @@ class Gateway:
             not_ready_reasons=self.not_ready_reasons,
             sink_status=self.sink_status,
             serve_mqtt_stream=serve_mqtt_stream,
+            auth=auth,
         )
         self._stop = trio.Event()
         self._listeners: list[trio.SocketListener] = []
@@ -635,9 +638,11 @@ async def serve(config: Config, sink: Sink | None = None, *,
     """
     config.validate()
     metrics = Metrics()
+    # the password file, JWT keys and ACL: every problem of every file at once (ConfigError)
+    auth = load_authenticator(config, metrics)
     spool = await SpoolSink.open(config.spool.data_dir, fsync=config.spool.fsync,
                                  max_bytes=config.spool.max_bytes)
-    gateway = Gateway(config, spool, sink, metrics)
+    gateway = Gateway(config, spool, sink, metrics, auth)
     try:
         await gateway._run(task_status)
     finally:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from gridgate.ingest.durable_timeouts import DurableTimeouts
     from gridgate.ingest.pipeline import Pipeline
     from gridgate.observability.metrics import Metrics
+    from gridgate.security.authenticator import Authenticator
 
 __all__ = ["Services", "ServeMQTTStream"]
 
@@ -54,6 +55,10 @@ class Services:
     not_ready_reasons: Callable[[], list[str]]
     sink_status: Callable[[], dict[str, Any]]
     serve_mqtt_stream: ServeMQTTStream
+    # Identity and authorization (gridgate.security); None when no credential
+    # store and no ACL is configured: then every check is skipped, anonymous
+    # clients are served as before, and a session pays one attribute test.
+    auth: Authenticator | None = None
     # The validator's bound methods, looked up once (sessions call them per read).
     validate: Callable[..., Any] = field(init=False)
     validate_into: Callable[..., int] = field(init=False)

@@ -48,6 +48,7 @@ from gridgate.protocols.mqtt.events import (
     Unsubscribe,
 )
 from gridgate.protocols.outgoing import Outgoing, wait_acks_sent
+from gridgate.security.authenticator import Authenticator, AuthFailure, Identity, source_address
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -61,6 +62,8 @@ log = logging.getLogger("gridgate.mqtt")
 CONNACK_ACCEPTED = 0
 CONNACK_IDENTIFIER_REJECTED = 2
 CONNACK_SERVER_UNAVAILABLE = 3
+CONNACK_BAD_CREDENTIALS = 4
+CONNACK_NOT_AUTHORIZED = 5
 
 _take_publishes = _mqtt.take_publishes
 
@@ -83,7 +86,7 @@ class MQTTConnection:
     __slots__ = (
         "stream", "svc", "session", "protocol", "codec", "ack_durable", "client_id", "telemetry_topic",
         "subscribed_qos", "qos2_unreleased", "downlink", "protocol_error", "_next_ns", "pending",
-        "closed", "_fd", "_side", "out", "acks_done",
+        "closed", "_fd", "_side", "out", "acks_done", "identity", "allowed_topics",
     )
 
     def __init__(self, stream: trio.abc.Stream, services: Services, session: Session,
@@ -118,6 +121,12 @@ class MQTTConnection:
         # on first need (most connections never need them).
         self.out: Outgoing[bytes] | None = None
         self.acks_done: trio.Event | None = None
+        # Who authenticated (None: anonymous, or no credential store at all).
+        self.identity: Identity | None = None
+        # With an Authenticator: the telemetry topics the ACL lets this client
+        # write. A publish to any other topic is judged one by one (_take_judged).
+        # None without one: no check at all.
+        self.allowed_topics: frozenset[str] | None = None
 
     @property
     def command_topic(self) -> str:
@@ -233,11 +242,23 @@ class MQTTConnection:
                     self.qos2_unreleased = set()       # made for the first QoS 2 publish only
                 # the publishes that make up nearly every read, in compiled code
                 start = i
+                run, base = events, 0
+                if self.allowed_topics is not None:
+                    # an ACL applies: hand on only the publishes to topics it grants
+                    end = _granted_run(events, i, self.allowed_topics)
+                    if end == i:
+                        first_ns = self._take_judged(ev, records, rejections, durable_pubacks, durable_pubrecs)
+                        received_ns = received_ns or first_ns
+                        i += 1
+                        continue
+                    if end < n_events:         # a publish to judge alone follows: stop before it
+                        run, base, start, i = events[i:end], i, 0, 0
                 i, self._next_ns, first_ns = _take_publishes(
-                    events, i, self.telemetry_topic, validate_into, self.protocol, self.client_id, self._next_ns,
+                    run, i, self.telemetry_topic, validate_into, self.protocol, self.client_id, self._next_ns,
                     time.time_ns, self.qos2_unreleased, records, rejections, durable_pubacks, durable_pubrecs)
                 if i == start:          # cannot happen (the set is made above); never spin on it
                     raise RuntimeError("take_publishes took no publish")
+                i += base
                 if not received_ns:
                     received_ns = first_ns
                 continue
@@ -249,7 +270,7 @@ class MQTTConnection:
             elif type(ev) is PingReq:
                 out.append(_mqtt.encode_pingresp())
             elif type(ev) is Connect:
-                answer = self._connect(ev)
+                answer = await self._connect(ev)
                 out.append(answer)
                 if self.client_id is None:
                     keep_open = False
@@ -257,6 +278,8 @@ class MQTTConnection:
             elif type(ev) is Subscribe:
                 command_topic = self.command_topic
                 codes = [min(qos, 1) if topic == command_topic else 0x80 for topic, qos in ev.topics]
+                if self.svc.auth is not None:
+                    codes = self._judge_subscriptions(self.svc.auth, ev.topics, codes)
                 if codes and any(c != 0x80 for c in codes):
                     self.subscribed_qos = max(c for c in codes if c != 0x80)
                     if self.downlink is not None:
@@ -305,13 +328,18 @@ class MQTTConnection:
                     raise
         return keep_open
 
-    def _connect(self, ev: Connect) -> bytes:
+    async def _connect(self, ev: Connect) -> bytes:
         client_id = ev.client_id
         if not DEVICE_ID_RE.match(client_id):
             self.svc.metrics.protocol_errors.labels(self.protocol, "identifier_rejected").inc()
             log.warning("rejecting MQTT client id %r from %s: not a valid device id", client_id, self.session.remote)
             self.session.close_reason = "identifier rejected"
             return _mqtt.encode_connack(False, CONNACK_IDENTIFIER_REJECTED)
+        auth = self.svc.auth
+        if auth is not None:
+            refused = await self._authenticate(auth, ev, client_id)
+            if refused is not None:
+                return refused
         self.client_id = client_id
         self.telemetry_topic = f"devices/{client_id}/telemetry"
         conns = self.svc.conns
@@ -325,6 +353,83 @@ class MQTTConnection:
         if device_config is not None:
             self._offer_command(new_command(UPDATE_CONFIG, device_config))
         return _mqtt.encode_connack(False, CONNACK_ACCEPTED)
+
+    async def _authenticate(self, auth: Authenticator, ev: Connect, client_id: str) -> bytes | None:
+        """Who the client is, and whether it may be ``client_id``: None when
+        it may (``identity`` and ``allowed_topics`` set), else the refusing
+        CONNACK: 0x04 wrong credentials (after the failure delay), 0x05 not
+        authorized (none given where required, a client id it may not use,
+        or a banned address: at once)."""
+        address = source_address(self.session.remote)
+        identity: Identity | None = None
+        try:
+            if ev.username is None and ev.password is None:
+                auth.refuse_banned(self.protocol, address)
+                if not auth.anonymous_allowed:
+                    self.svc.metrics.auth_failures.labels(self.protocol, "no_credentials").inc()
+                    return self._refuse(CONNACK_NOT_AUTHORIZED, "not authorized: no credentials")
+            else:
+                identity = await auth.check_password(self.protocol, address, ev.username or "", ev.password or b"",
+                                                     client_id)
+        except AuthFailure as exc:
+            return self._refuse(CONNACK_NOT_AUTHORIZED if exc.reason == "banned" else CONNACK_BAD_CREDENTIALS,
+                                f"not authorized: {exc.reason}")
+        if not auth.may_use_client_id(identity, client_id):
+            self.svc.metrics.not_authorized.labels(self.protocol, "connect").inc()
+            log.warning("refusing MQTT client id %r from %s: identity %r may not use it", client_id,
+                        self.session.remote, identity.name if identity else None)
+            return self._refuse(CONNACK_NOT_AUTHORIZED, "not authorized: client id")
+        self.identity = identity
+        name = identity.name if identity is not None else None
+        telemetry_topic = f"devices/{client_id}/telemetry"
+        self.allowed_topics = frozenset(t for t in (telemetry_topic, "telemetry")
+                                        if auth.acl.may_write(name, client_id, t))
+        return None
+
+    def _refuse(self, code: int, reason: str) -> bytes:
+        self.session.close_reason = reason
+        return _mqtt.encode_connack(False, code)
+
+    def _take_judged(self, ev: Publish, records: list[Record], rejections: list[Rejection], pubacks: list[int],
+                     pubrecs: list[int]) -> int:
+        """One publish to a topic not known to be granted: the ACL decides.
+        Granted, it goes the usual way (a reading, or bad_topic); refused, it
+        is dead-lettered ``not_authorized`` and still acknowledged (nothing
+        is lost). Returns its receive time."""
+        auth = self.svc.auth
+        assert auth is not None and self.client_id is not None
+        name = self.identity.name if self.identity is not None else None
+        if auth.acl.may_write(name, self.client_id, ev.topic):
+            _, self._next_ns, first_ns = _take_publishes(
+                [ev], 0, self.telemetry_topic, self.svc.validate_into, self.protocol, self.client_id, self._next_ns,
+                time.time_ns, self.qos2_unreleased, records, rejections, pubacks, pubrecs)
+            return first_ns
+        now = time.time_ns()
+        if ev.qos == 2:
+            assert self.qos2_unreleased is not None          # made by _handle for the first QoS 2 publish
+            pubrecs.append(ev.packet_id)
+            if ev.packet_id in self.qos2_unreleased:
+                return now                                   # a redelivery: dead-lettered once
+            self.qos2_unreleased.add(ev.packet_id)
+        elif ev.qos == 1:
+            pubacks.append(ev.packet_id)
+        self.svc.metrics.not_authorized.labels(self.protocol, "publish").inc()
+        rejections.append(Rejection(reason="not_authorized", field="topic", index=None, device_id=self.client_id,
+                                    raw=bytes(ev.payload), detail=f"topic {ev.topic!r} is not writable by this client"))
+        return now
+
+    def _judge_subscriptions(self, auth: Authenticator, topics: list[tuple[str, int]], codes: list[int]) -> list[int]:
+        """The SUBACK codes with the ACL's refusals (0x80) applied, counted."""
+        name = self.identity.name if self.identity is not None else None
+        client_id = self.client_id or ""
+        out = []
+        for (topic, _), code in zip(topics, codes, strict=True):
+            if code != 0x80 and not auth.acl.may_read(name, client_id, topic):
+                code = 0x80
+            if code == 0x80:
+                self.svc.metrics.not_authorized.labels(self.protocol, "subscribe").inc()
+            out.append(code)
+        return out
 
     def _offer_command(self, command: Command) -> bool:
         if self.downlink is None:
@@ -398,6 +503,18 @@ class MQTTConnection:
         if self.out is not None:
             with trio.move_on_after(FLUSH_TIMEOUT_S):
                 await self.out.wait_sent()
+
+
+def _granted_run(events: list[Event], i: int, granted: frozenset[str]) -> int:
+    """The end of the run of publishes from events[i] whose topics are all in
+    ``granted`` (i itself when the first is not)."""
+    n = len(events)
+    while i < n:
+        ev = events[i]
+        if type(ev) is not Publish or ev.topic not in granted:
+            break
+        i += 1
+    return i
 
 
 async def serve_mqtt_stream(stream: trio.abc.Stream, services: Services, session: Session,
