@@ -148,6 +148,9 @@ class NATSConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     subject: str = "telemetry.{region}.{device_id}"
     replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     duplicate_window_s: PositiveFloat = 120.0        # JetStream drops a replayed Nats-Msg-Id within this
+    # 1: one message per reading. N > 1: the records of a write grouped by
+    # subject, at most N per message (a MessagePack array; gridgate.sinks.nats).
+    readings_per_message: Annotated[int, Meta(ge=1, le=10_000)] = 1
 
 
 class SpoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

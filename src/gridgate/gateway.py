@@ -129,6 +129,7 @@ async def open_external_sink(config: Config) -> Sink:
         nats = config.nats
         return await NATSSink.open(servers=nats.servers, stream=nats.stream, subject=nats.subject,
                                    replicas=nats.replicas, duplicate_window_s=nats.duplicate_window_s,
+                                   readings_per_message=nats.readings_per_message,
                                    write_timeout_s=config.sink.write_timeout_s,
                                    connect_timeout_s=config.sink.write_timeout_s)
     raise ValueError(f"sink kind {config.sink.kind!r} has no external sink")

@@ -13,7 +13,7 @@ import nats.js.errors
 from gridgate.ingest.records import Record
 from gridgate.sinks.nats import MSG_ID_HEADER, decode_record
 
-__all__ = ["stream_info", "stream_messages", "in_asyncio"]
+__all__ = ["stream_info", "stream_messages", "stream_raw", "in_asyncio"]
 
 STREAM = "TELEMETRY"
 _GET_AT_ONCE = 500          # get_msg requests in flight at once
@@ -43,7 +43,14 @@ def stream_messages(urls: list[str], stream: str = STREAM, limit: int | None = N
 
     A stream gridgate has not created yet reads as empty.
     """
-    async def fn(js: Any) -> list[tuple[str, str, Record]]:
+    return [(subject, headers[MSG_ID_HEADER], decode_record(data))
+            for subject, headers, data in stream_raw(urls, stream, limit)]
+
+
+def stream_raw(urls: list[str], stream: str = STREAM,
+               limit: int | None = None) -> list[tuple[str, dict[str, str], bytes]]:
+    """(subject, headers, body) of the stream's messages (the first ``limit``), in order."""
+    async def fn(js: Any) -> list[tuple[str, dict[str, str], bytes]]:
         try:
             info = await js.stream_info(stream)
         except nats.js.errors.NotFoundError:
@@ -57,6 +64,6 @@ def stream_messages(urls: list[str], stream: str = STREAM, limit: int | None = N
         for start in range(first, last + 1, _GET_AT_ONCE):
             msgs = await asyncio.gather(*(js.get_msg(stream, seq)
                                           for seq in range(start, min(start + _GET_AT_ONCE, last + 1))))
-            out += [(m.subject, m.headers[MSG_ID_HEADER], decode_record(m.data)) for m in msgs]
+            out += [(m.subject, dict(m.headers or {}), m.data) for m in msgs]
         return out
     return in_asyncio(urls, fn)

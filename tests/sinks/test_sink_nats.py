@@ -5,24 +5,33 @@ import re
 import threading
 import time
 
+import httpx
 import msgspec
 import pytest
 import trio
-from jetstream_reader import in_asyncio, stream_info, stream_messages
+from jetstream_reader import in_asyncio, stream_info, stream_messages, stream_raw
+from prometheus_client.parser import text_string_to_metric_families
 
+import gridgate
+from gridgate.config import Config, ConfigError, HTTPConfig, NATSConfig, SinkConfig
 from gridgate.ingest.records import Record
 from gridgate.sinks.base import Sink
 from gridgate.sinks.nats import (
+    READINGS_HEADER,
     NATSSink,
     SinkOpenError,
     SinkWriteError,
     SubjectTemplate,
+    batch_msg_id,
     decode_record,
+    decode_records,
     encode_record,
+    encode_records,
     msg_id,
     sanitize_token,
     subject_covers,
 )
+from inprocess import make_config
 from natsproc import NatsCluster, NatsServer, free_port
 
 needs_nats = pytest.mark.usefixtures("nats_server_binary")
@@ -144,7 +153,8 @@ def test_constructor_validates_config():
     assert sink.servers == ["nats://127.0.0.1:4222"] and sink.stream_subjects == ["telemetry.*.*"]
     assert isinstance(sink, Sink)
     for kwargs in ({"servers": []}, {"stream": "a.b"}, {"stream": "a b"}, {"replicas": 0}, {"replicas": 7},
-                   {"subject": "x.{a}b"}, {"write_timeout_s": 0}, {"duplicate_window_s": -1}, {"max_inflight": 0}):
+                   {"subject": "x.{a}b"}, {"write_timeout_s": 0}, {"duplicate_window_s": -1}, {"max_inflight": 0},
+                   {"readings_per_message": 0}, {"readings_per_message": 10_001}):
         with pytest.raises(ValueError):
             NATSSink(**kwargs)
 
@@ -491,3 +501,205 @@ async def test_cluster_r3_survives_sigkill_of_the_stream_leader(cluster):
     acked = {msg_id(r) for b in batches for r in b}
     stored = [mid for _, mid, _ in await in_thread(stream_messages, live)]
     assert len(stored) == 2000 and set(stored) == acked      # nothing acked is missing, nothing twice
+
+
+# -- the batched format (readings_per_message > 1) ------------------------------------
+
+BATCH_TEMPLATE = "telemetry.{region}"
+
+
+def by_subject(batch: list[Record], template: str = BATCH_TEMPLATE) -> dict[str, list[Record]]:
+    """The records of each rendered subject, in their order (dicts keep first-seen order)."""
+    render, out = SubjectTemplate(template).render, {}
+    for r in batch:
+        out.setdefault(render(r), []).append(r)
+    return out
+
+
+def test_batched_messages_group_by_subject_keep_order_and_hold_at_most_n():
+    sink = NATSSink(subject=BATCH_TEMPLATE, readings_per_message=3)
+    batch = records(22)                  # four regions in turn: 6, 6, 5 and 5 readings
+    items, readings = sink._batch_messages(batch)
+    assert [s for s, _, _ in items] == [s for s in ("telemetry.eu-west", "telemetry.ap_east", "telemetry.us_east",
+                                                    "telemetry._") for _ in range(2)]
+    assert readings == [3, 3, 3, 3, 3, 2, 3, 2]
+    bodies = [msgspec.msgpack.decode(body, type=list[Record]) for _, body, _ in items]   # as a consumer decodes
+    assert [len(b) for b in bodies] == readings
+    assert bodies[0] == [batch[0], batch[4], batch[8]]
+    for subject, group in by_subject(batch).items():
+        assert [r for (s, _, _), body in zip(items, bodies, strict=True) if s == subject for r in body] == group
+    mids = [mid for _, _, mid in items]
+    assert mids == [batch_msg_id(b) for b in bodies] and len(set(mids)) == len(mids)
+    assert all(re.fullmatch(r"readings:\d+:[0-9a-f]{32}", mid) for mid in mids)
+    # the same readings again, received later over another protocol: the same messages, the same ids
+    replay = [msgspec.structs.replace(r, received_ns=r.received_ns + 7, protocol="http") for r in batch]
+    assert [mid for _, _, mid in sink._batch_messages(replay)[0]] == mids
+    # grouped differently (the first reading left out): both eu-west messages change, the rest do not
+    shifted = {mid for _, _, mid in sink._batch_messages(batch[1:])[0]}
+    assert set(mids) - shifted == set(mids[:2]) and len(shifted - set(mids)) == 2
+
+
+def test_a_batched_message_too_big_for_the_server_is_halved_until_it_fits():
+    sink = NATSSink(subject=BATCH_TEMPLATE, readings_per_message=100)
+    batch = records(40)                  # ten readings per region
+    sink._max_body = len(encode_records(batch[:3])) + 10     # room for about three readings
+    items, readings = sink._batch_messages(batch)
+    assert all(len(body) <= sink._max_body for _, body, _ in items)
+    assert readings[:4] == [2, 3, 2, 3] and sum(readings) == 40      # 10 -> 5 + 5 -> (2 + 3) + (2 + 3)
+    assert [r for _, body, _ in items for r in decode_records(body)] == [
+        r for group in by_subject(batch).values() for r in group]
+    assert [mid for _, _, mid in sink._batch_messages(batch)[0]] == [mid for _, _, mid in items]   # cut alike
+
+
+def test_readings_per_message_config_key_and_bounds():
+    assert NATSConfig().readings_per_message == 1
+    env = {"ENVIRONMENT": "t", "SERVICE_NAME": "s"}
+    assert Config.load(env={**env, "GRIDGATE_NATS_READINGS_PER_MESSAGE": "500"}).nats.readings_per_message == 500
+    for bad in ("0", "10001"):
+        with pytest.raises(ConfigError, match="readings_per_message"):
+            Config.load(env={**env, "GRIDGATE_NATS_READINGS_PER_MESSAGE": bad})
+
+
+def consume(urls: list[str], count: int) -> list[tuple[str, dict[str, str], list[Record]]]:
+    """A durable pull consumer on the whole stream, as a batch-taking consumer
+    would run it: fetch, decode each body as a list of records, ack."""
+    async def fn(js):
+        sub = await js.pull_subscribe("telemetry.>", durable="batch-reader", stream=STREAM)
+        out: list[tuple[str, dict[str, str], list[Record]]] = []
+        for _ in range(50):              # bounded: each fetch waits at most 2 s
+            if len(out) >= count:
+                break
+            for m in await sub.fetch(count - len(out), timeout=2):
+                out.append((m.subject, dict(m.headers or {}), msgspec.msgpack.decode(m.data, type=list[Record])))
+                await m.ack_sync()               # confirmed, so consumer_info below sees it
+        info = await sub.consumer_info()
+        assert info.num_pending == 0 and info.num_ack_pending == 0       # nothing more, every one acked
+        return out
+    return in_asyncio(urls, fn)
+
+
+@needs_nats
+async def test_batched_format_round_trip_through_a_jetstream_consumer(server):
+    batch = records(1000)                # 250 readings per region
+    async with NATSSink(servers=[server.url], stream=STREAM, subject=BATCH_TEMPLATE, readings_per_message=100,
+                        write_timeout_s=60) as sink:
+        await sink.write(batch)
+        # 4 regions x (100 + 100 + 50): one publish per message, every reading counted
+        assert (sink.published, sink.messages, sink.publishes, sink.retries, sink.duplicates) == (1000, 12, 12, 0, 0)
+        assert sink.inflight == 0
+    got = await in_thread(consume, [server.url], 12)
+    assert [(subject, len(body)) for subject, _, body in got] == [
+        (subject, n) for subject in ("telemetry.eu-west", "telemetry.ap_east", "telemetry.us_east", "telemetry._")
+        for n in (100, 100, 50)]
+    for subject, headers, body in got:
+        assert headers[READINGS_HEADER] == str(len(body))
+        assert headers["Nats-Msg-Id"] == batch_msg_id(body)
+        assert {SubjectTemplate(BATCH_TEMPLATE).render(r) for r in body} == {subject}   # the subject rule
+    groups = by_subject(batch)
+    for subject, group in groups.items():
+        assert [r for s, _, body in got if s == subject for r in body] == group        # exact records, in order
+    assert (await in_thread(stream_info, [server.url])).config.subjects == ["telemetry.*"]
+
+
+@needs_nats
+async def test_a_replayed_batch_is_deduplicated_and_one_grouped_differently_is_not(server):
+    batch = records(600)
+    async with NATSSink(servers=[server.url], stream=STREAM, subject=BATCH_TEMPLATE, readings_per_message=50,
+                        write_timeout_s=60) as sink:
+        await sink.write(batch)
+        assert (sink.published, sink.messages, sink.duplicates) == (600, 12, 0)
+        # the replay of a failed write, or a device resending: the same messages, dropped by JetStream
+        await sink.write([msgspec.structs.replace(r, received_ns=r.received_ns + 5, protocol="http")
+                          for r in batch])
+        assert (sink.published, sink.messages, sink.duplicates) == (1200, 24, 600)
+        assert (await in_thread(stream_info, [server.url])).state.messages == 12
+        # the same readings cut elsewhere make new messages and are stored again
+        # (at-least-once; the module docstring says so, consumers de-duplicate by reading)
+        await sink.write(batch[:100])
+        assert sink.duplicates == 600
+    raw = await in_thread(stream_raw, [server.url])
+    assert len(raw) == 16
+    readings = [r for _, _, data in raw for r in decode_records(data)]
+    assert len(readings) == 700 and len({msg_id(r) for r in readings}) == 600      # by reading: 600 distinct
+
+
+@needs_nats
+async def test_a_batched_write_fails_when_one_message_is_not_acked(server):
+    # The stream refuses messages over 4 KiB (JetStream answers the publish
+    # with an error, which no retry fixes). One region's message is over it,
+    # the others are not: the write must fail as a whole, and count nothing.
+    async def create(js):
+        await js.add_stream(name=STREAM, subjects=["telemetry.>"], max_msg_size=4096)
+    await in_thread(in_asyncio, [server.url], create)
+    small = records(12)                                     # three readings per region
+    big = [msgspec.structs.replace(r, tags={"region": "big"}) for r in records(60, start=12)]
+    async with NATSSink(servers=[server.url], stream=STREAM, subject=BATCH_TEMPLATE, readings_per_message=100,
+                        write_timeout_s=5) as sink:
+        assert len(encode_records(big)) > 4096 > len(encode_records(small[:3]))
+        with trio.fail_after(10):
+            with pytest.raises(SinkWriteError, match=r"4 of 5 messages acked \(12 of 72 records\), 1 not") as exc:
+                await sink.write(small + big)
+        assert "telemetry.big" in str(exc.value)
+        assert (sink.published, sink.messages) == (0, 0)
+        await sink.write(small)                             # what was acked de-duplicates on the replay
+        assert (sink.published, sink.duplicates) == (12, 12)
+    assert (await in_thread(stream_info, [server.url])).state.messages == 4
+
+
+@needs_nats
+async def test_a_batched_write_to_a_killed_server_fails_then_its_replay_lands_once(server):
+    # Real time (a real server), as in the unbatched test above: the outcome is checked, not the seconds.
+    first, failed = records(400), records(400, start=400)
+    sink = await NATSSink.open(servers=[server.url], stream=STREAM, subject=BATCH_TEMPLATE,
+                               readings_per_message=100, write_timeout_s=2.0, ack_timeout_s=0.5,
+                               reconnect_wait_s=0.1)
+    try:
+        await sink.write(first)
+        await in_thread(server.kill)
+        with trio.fail_after(15):
+            with pytest.raises(SinkWriteError, match=r"0 of 4 messages acked \(0 of 400 records\)"):
+                await sink.write(failed)
+        assert sink.retries >= 1                            # the same msg-ids sent again before giving up
+        await in_thread(server.restart)
+        with trio.fail_after(30):
+            await sink.write(failed)                        # gridgate replays the failed batch
+        assert (sink.published, sink.messages) == (800, 8)
+    finally:
+        await sink.aclose()
+    raw = await in_thread(stream_raw, [server.url])
+    assert len(raw) == 8                                    # a buffered retry of the failed write de-duplicated
+    assert sorted(msg_id(r) for _, _, data in raw for r in decode_records(data)) == sorted(
+        msg_id(r) for r in first + failed)
+
+
+def scrape(text: str) -> dict[str, float]:
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name.startswith("gridgate_nats_")}
+
+
+@needs_nats
+async def test_nats_counters_are_exported_to_metrics(server, nursery, tmp_path):
+    # A whole gateway: [nats] readings_per_message reaches the sink, and /metrics reads its counters.
+    config = make_config(tmp_path, http=HTTPConfig(listen="127.0.0.1:0"),
+                         sink=SinkConfig(kind="nats", write_timeout_s=10),
+                         nats=NATSConfig(servers=[server.url], subject=BATCH_TEMPLATE, readings_per_message=50))
+    gateway = await nursery.start(gridgate.serve, config)
+    host, port = gateway.addresses["http"]
+    body = b"\n".join(b'{"device_id": "m-%d", "temperature": 21, "location": "%s/x", "timestamp_ms": %d}'
+                      % (i, (b"eu", b"us")[i % 2], 1_764_000_000_000 + i) for i in range(80))
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as client:
+        with trio.fail_after(20):
+            resp = await client.post("/v1/telemetry", content=body, headers={"Content-Type": "application/x-ndjson"})
+            assert resp.status_code == 202, resp.text
+            sink = gateway.forwarder.sink
+            assert isinstance(sink, NATSSink) and sink.readings_per_message == 50
+            values = scrape((await client.get("/metrics")).text)
+    # 80 readings in one or more batches of the pipeline, each grouped by the two regions
+    assert values["gridgate_nats_published_readings_total"] == sink.published == 80
+    assert values["gridgate_nats_messages_total"] == sink.messages
+    assert 2 <= sink.messages < 80
+    assert values["gridgate_nats_publishes_total"] == sink.publishes == sink.messages
+    assert values["gridgate_nats_retries_total"] == 0
+    assert values["gridgate_nats_duplicate_readings_total"] == 0
+    assert values["gridgate_nats_publishes_in_flight"] == 0
+    gateway.stop()

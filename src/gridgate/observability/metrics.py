@@ -6,9 +6,82 @@ increment once per socket read or per batch, never per byte.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable, Iterable
+from typing import Protocol, runtime_checkable
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "JetStreamCounters"]
+
+
+@runtime_checkable
+class JetStreamCounters(Protocol):
+    """The counts the NATS JetStream sink keeps (``gridgate.sinks.nats.NATSSink``)."""
+
+    @property
+    def published(self) -> int: ...
+    @property
+    def duplicates(self) -> int: ...
+    @property
+    def messages(self) -> int: ...
+    @property
+    def publishes(self) -> int: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def inflight(self) -> int: ...
+
+
+class _JetStreamCollector(Collector):
+    """The JetStream sink's own counters, read when /metrics is scraped.
+
+    Read at scrape time rather than mirrored into Counter objects: the sink
+    counts on its asyncio thread and per write already, so the hot path
+    pays nothing more, and a sink opened later (after a failed start) or
+    none at all is simply what the source returns then.
+    """
+
+    def __init__(self, source: Callable[[], object]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        # the names, so the registry refuses a clash at register time whatever the sink is then
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        sink = self._source()
+        if isinstance(sink, JetStreamCounters):
+            return self._families(sink)
+        return []
+
+    @staticmethod
+    def _families(sink: JetStreamCounters | None) -> list[Metric]:
+        out: list[Metric] = []
+        for name, doc, value in (
+                ("gridgate_nats_published_readings", "Readings JetStream acknowledged (successful writes; "
+                 "duplicates included)", None if sink is None else sink.published),
+                ("gridgate_nats_duplicate_readings", "Readings in messages JetStream acknowledged as duplicates "
+                 "(Nats-Msg-Id seen within the duplicate window)", None if sink is None else sink.duplicates),
+                ("gridgate_nats_messages", "Messages JetStream acknowledged (successful writes; with "
+                 "readings_per_message > 1 a message carries several readings)",
+                 None if sink is None else sink.messages),
+                ("gridgate_nats_publishes", "Publish attempts sent to JetStream (a retry counts again)",
+                 None if sink is None else sink.publishes),
+                ("gridgate_nats_retries", "Publish attempts that were retries (no ack in time, disconnect, "
+                 "transient JetStream error)", None if sink is None else sink.retries)):
+            family = CounterMetricFamily(name, doc)
+            if value is not None:
+                family.add_metric([], value)
+            out.append(family)
+        inflight = GaugeMetricFamily("gridgate_nats_publishes_in_flight",
+                                     "Publishes sent to JetStream and waiting for their ack")
+        if sink is not None:
+            inflight.add_metric([], sink.inflight)
+        out.append(inflight)
+        return out
 
 
 class Metrics:
@@ -119,6 +192,11 @@ class Metrics:
         self.connections_over_ip_limit = Counter(
             "gridgate_connections_over_ip_limit", "Connections refused: max_connections_per_ip reached",
             ["protocol"], registry=r)
+
+    def watch_jetstream(self, source: Callable[[], object]) -> None:
+        """Export the counters of the JetStream sink ``source()`` returns at each
+        scrape (nothing while it returns None or another kind of sink)."""
+        self.registry.register(_JetStreamCollector(source))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -145,6 +145,8 @@ class Forwarder:
         self.replayed = 0
         self._pending_added = trio.Event()
         metrics.breaker_state.labels(name).set(0)
+        # a JetStream sink's own counters, read at scrape time from whichever sink is open then
+        metrics.watch_jetstream(lambda: self.sink)
 
     def _breaker_changed(self, state: BreakerState) -> None:
         self.metrics.breaker_state.labels(self.name).set(int(state))

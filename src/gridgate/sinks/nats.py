@@ -9,9 +9,9 @@ is what "durable" means for this sink.
 Publishing
     A sliding window of at most ``max_inflight`` publishes (default
     ``DEFAULT_MAX_INFLIGHT``, shared by concurrent writes) is in flight;
-    each ack lets the next record go. Every publish asks for its ack on its
+    each ack lets the next message go. Every publish asks for its ack on its
     own reply subject under one inbox subscription of the sink, so there is
-    no task or timer per record. A publish is retried (same msg-id) only when
+    no task or timer per message. A publish is retried (same msg-id) only when
     it failed itself: no ack within ``ack_timeout_s`` of when THAT publish
     was sent, the connection dropped after it was sent, no stream answered,
     or JetStream answered with a transient error. The window keeps the acks
@@ -26,6 +26,40 @@ Wire format
     because it is what the gateway already decodes in its hot path, it is
     smaller than JSON, and keeps ints and floats apart; a consumer decodes
     it with ``msgspec.msgpack.decode(data, type=Record)`` or any msgpack library.
+
+Batched format (opt-in: ``readings_per_message`` > 1, ``[nats] readings_per_message``)
+    The records of one write are grouped by their rendered subject (groups in
+    the order their first record came, records in their order within a
+    group) and each group is cut into messages of at most
+    ``readings_per_message`` readings. The body is a MessagePack **array** of
+    the same record maps (``msgspec.msgpack.decode(data, type=list[Record])``)
+    and the header ``Gridgate-Readings: <count>`` says so (it is on every
+    message of this format, a message of one reading too; a message without
+    it is the one-reading format above). A message that would pass the
+    server's ``max_payload`` is halved until it fits.
+
+    The subject rule: every reading in a message has that message's subject.
+    So batching only helps where many readings of a write share a subject:
+    with ``subject = "telemetry.{region}"`` a write of 1,000 readings from
+    three regions is a handful of messages, while with the default
+    ``telemetry.{region}.{device_id}`` most messages still carry one reading
+    (and a consumer filtering on a device's subject still gets only that
+    device's readings). A write is durable only when the ack of every one of
+    its messages is in; if one is missing the write fails as a whole.
+
+    The ``Nats-Msg-Id`` of a batch message is ``readings:<count>:<hash>``, the
+    hash being BLAKE2b-128 of the very content each reading's own msg-id is
+    a hash of (device id, ts_ns, fields, tags), for all its readings in
+    order: two messages get the same id exactly when they carry the same
+    readings (the same per-reading msg-ids) in the same order. So the replay
+    of a failed write, or of pending records in the same batches, is
+    de-duplicated by JetStream. A replay grouped differently (the pipeline
+    cut the batch elsewhere, a device resent a subset, the store-and-forward
+    replayer's batches do not line up with the live ones) makes different
+    messages and is stored again: the batched format is at-least-once per
+    reading, and a consumer that must be exact de-duplicates by reading
+    (:func:`msg_id` of each decoded record gives the same id the one-reading
+    format would have used).
 
 Subjects
     ``{device_id}``, ``{protocol}`` and ``{<tag name>}`` (for instance
@@ -86,7 +120,8 @@ from nats.js.api import StorageType, StreamConfig
 from gridgate.ingest.records import Record
 
 __all__ = ["NATSSink", "SinkWriteError", "SinkOpenError", "SubjectTemplate", "sanitize_token", "msg_id",
-           "encode_record", "decode_record", "subject_covers"]
+           "encode_record", "decode_record", "subject_covers", "batch_msg_id", "encode_records", "decode_records",
+           "READINGS_HEADER", "MAX_READINGS_PER_MESSAGE"]
 
 log = logging.getLogger("gridgate.sinks.nats")
 
@@ -101,6 +136,13 @@ NO_RESPONDERS_STATUS = "503"
 # window in a few ms rather than letting them queue past their timeouts.
 DEFAULT_MAX_INFLIGHT = 512
 MAX_TOKEN_CHARS = 128
+# The batched format's header: its value is the number of readings in the body.
+READINGS_HEADER = "Gridgate-Readings"
+MAX_READINGS_PER_MESSAGE = 10_000
+# Bytes of a message's max_payload left to its headers (msg-id, expected
+# stream, readings, and the NATS/1.0 header line): a batch body is cut to
+# fit the rest.
+HEADER_ROOM = 1024
 
 
 class SinkWriteError(Exception):
@@ -210,6 +252,30 @@ def decode_record(data: bytes) -> Record:
     return _payload_decoder.decode(data)
 
 
+_batch_decoder = msgspec.msgpack.Decoder(list[Record])
+
+
+def batch_msg_id(records: Sequence[Record]) -> str:
+    """The ``Nats-Msg-Id`` of a batched message (see the module docstring).
+
+    One hash over what every reading's :func:`msg_id` hashes, in order,
+    rather than a hash of the msg-ids themselves: the same readings in the
+    same order give the same id either way, and this costs a fifth (one
+    encode and one digest per message instead of one per reading).
+    """
+    content = _id_encoder.encode([(r.device_id, r.ts_ns, r.fields, r.tags) for r in records])
+    return f"readings:{len(records)}:{hashlib.blake2b(content, digest_size=16).hexdigest()}"
+
+
+def encode_records(records: Sequence[Record]) -> bytes:
+    """A batched message's body: a MessagePack array of record maps."""
+    return _payload_encoder.encode(records)
+
+
+def decode_records(data: bytes) -> list[Record]:
+    return _batch_decoder.decode(data)
+
+
 # -- the Trio <-> asyncio bridge ------------------------------------------------------
 
 async def _wait_future(fut: concurrent.futures.Future[T]) -> T:
@@ -296,46 +362,51 @@ def _wake(fut: asyncio.Future[None]) -> None:
 class _Window:
     """One ``write``'s publishes, driven on the asyncio thread.
 
-    A sliding window: a record is published while the sink has a free slot
+    A sliding window: a message is published while the sink has a free slot
     (``max_inflight``, shared by concurrent writes), and every ack frees one.
     Each publish asks for its ack on ``<inbox>.<write>.<index>.<attempt>``; one
     subscription of the sink routes acks here. A publish is retried, with the
     same msg-id, only when THAT publish failed: its ack did not come within
     ``ack_timeout_s`` of when it was sent, the connection dropped after it
     was sent, no stream answered, or JetStream answered with a transient
-    error; after a jittered backoff that grows per record. An ack of any
-    attempt of a record counts (the record is stored). Errors no retry fixes
-    end the write at once; so does the write's deadline.
+    error; after a jittered backoff that grows per message. An ack of any
+    attempt of a message counts (the message is stored). Errors no retry
+    fixes end the write at once; so does the write's deadline.
+
+    ``readings`` is None for the one-reading format, else the number of
+    readings in each message (the batched format: its header says so).
     """
 
-    def __init__(self, sink: NATSSink, key: str, items: list[tuple[str, bytes, str]]) -> None:
+    def __init__(self, sink: NATSSink, key: str, items: list[tuple[str, bytes, str]],
+                 readings: list[int] | None = None) -> None:
         self.sink = sink
         self.key = key
         self.items = items
+        self.readings = readings
         self.n = len(items)
         self.loop = asyncio.get_running_loop()
         self.reply_prefix = f"{sink._inbox}.{key}."
-        self.attempts = [0] * self.n            # publishes sent so far, per record
+        self.attempts = [0] * self.n            # publishes sent so far, per message
         self.outstanding = bytearray(self.n)    # 1: its latest publish waits for an ack
         self.acked = bytearray(self.n)
         self.n_acked = 0
-        self.duplicates = 0
+        self.duplicates = 0                     # readings in messages JetStream called duplicates
         self.inflight = 0                       # slots this write holds
-        self.next = 0                           # first record never published
+        self.next = 0                           # first message never published
         self.retries: list[tuple[float, int]] = []              # heap of (not before, index)
         self.sent: deque[tuple[float, int, int, int]] = deque()  # (ack due, index, attempt, epoch), in send order
         self.last_error: dict[int, BaseException] = {}
-        self.failure: int | None = None          # index of a record that failed for good
+        self.failure: int | None = None          # index of a message that failed for good
         self.starved = False                    # waiting for a slot another write holds
         self.wake: asyncio.Future[None] | None = None
 
     # -- driven by run() ---------------------------------------------------------------
 
     async def run(self) -> int:
-        """Publish every record; the number of acks that said duplicate.
+        """Publish every message; the number of readings in those JetStream called duplicates.
 
         Raises:
-            _PublishFailed: a record failed for good, or was not acked by the deadline.
+            _PublishFailed: a message failed for good, or was not acked by the deadline.
         """
         loop, sink = self.loop, self.sink
         deadline = loop.time() + sink.write_timeout_s
@@ -390,8 +461,8 @@ class _Window:
                 break
 
     async def _fill(self) -> None:
-        """Publish retries that are due, then new records, while the sink has free slots."""
-        sink, loop, items, retries = self.sink, self.loop, self.items, self.retries
+        """Publish retries that are due, then new messages, while the sink has free slots."""
+        sink, loop, items, retries, readings = self.sink, self.loop, self.items, self.retries, self.readings
         publish = sink._nc.publish
         ack_timeout = sink.ack_timeout_s
         headers_stream = sink.stream
@@ -412,6 +483,7 @@ class _Window:
                 return
             if from_retries:
                 index = heapq.heappop(retries)[1]
+                sink.retries += 1
             else:
                 index = self.next
                 self.next += 1
@@ -423,9 +495,11 @@ class _Window:
             sink._free_slots -= 1
             sink.publishes += 1
             self.sent.append((now + ack_timeout, index, attempt, sink._connection_epoch))
+            headers = {MSG_ID_HEADER: mid, EXPECTED_STREAM_HEADER: headers_stream}
+            if readings is not None:
+                headers[READINGS_HEADER] = str(readings[index])
             try:
-                await publish(subject, payload, reply=f"{self.reply_prefix}{index}.{attempt}",
-                              headers={MSG_ID_HEADER: mid, EXPECTED_STREAM_HEADER: headers_stream})
+                await publish(subject, payload, reply=f"{self.reply_prefix}{index}.{attempt}", headers=headers)
             except (OSError, nats.errors.Error) as e:
                 # not sent: closed, draining, too big, or the reconnect buffer is full
                 self._attempt_failed(index, attempt, e)
@@ -434,7 +508,7 @@ class _Window:
 
     def on_ack(self, index: int, attempt: int, msg: Any) -> None:
         if not 0 <= index < self.n or self.acked[index]:
-            return                              # a later ack of a record already acked
+            return                              # a later ack of a message already acked
         headers = msg.headers
         if headers and headers.get("Status") == NO_RESPONDERS_STATUS:
             self._attempt_failed(index, attempt, nats.js.errors.NoStreamResponseError())
@@ -450,14 +524,14 @@ class _Window:
         self.acked[index] = 1
         self.n_acked += 1
         if ack.duplicate:
-            self.duplicates += 1
+            self.duplicates += 1 if self.readings is None else self.readings[index]
         if self.outstanding[index]:
             self.outstanding[index] = 0
             self._release(1)
         self.poke()
 
     def _attempt_failed(self, index: int, attempt: int, error: BaseException) -> None:
-        """Publish ``attempt`` of record ``index`` failed: retry it after a pause, or end the write."""
+        """Publish ``attempt`` of message ``index`` failed: retry it after a pause, or end the write."""
         if self.acked[index] or not self.outstanding[index] or attempt != self.attempts[index]:
             return                              # an older attempt's news: the newer one is still out
         self.outstanding[index] = 0
@@ -512,10 +586,13 @@ class NATSSink:
     - ``reconnect_wait_s``: pause between reconnect attempts to a server; the
       client reconnects forever (across ``servers`` and the cluster's other nodes).
     - ``max_inflight``: publishes in flight at once, shared by every write of the
-      sink (a sliding window: each ack lets the next record go). Bounded memory
+      sink (a sliding window: each ack lets the next message go). Bounded memory
       (DESIGN section 1), and bounded ack latency: a window's acks are read in
       milliseconds even on a loaded machine, so they do not queue past their
       ``ack_timeout_s`` and set off retries that load the machine further.
+    - ``readings_per_message``: 1 (the default) publishes one message per
+      record; N > 1 the batched format of the module docstring (records
+      grouped by subject, at most N per message).
     """
 
     def __init__(self, *, servers: Sequence[str] | str = ("nats://127.0.0.1:4222",), stream: str = "TELEMETRY",
@@ -523,7 +600,7 @@ class NATSSink:
                  duplicate_window_s: float = 120.0, stream_subjects: Sequence[str] | None = None,
                  write_timeout_s: float = 10.0, ack_timeout_s: float = 2.0, connect_timeout_s: float = 10.0,
                  reconnect_wait_s: float = 0.5, max_inflight: int = DEFAULT_MAX_INFLIGHT,
-                 name: str = "gridgate") -> None:
+                 readings_per_message: int = 1, name: str = "gridgate") -> None:
         self.servers = [servers] if isinstance(servers, str) else list(servers)
         if not self.servers or not all(isinstance(s, str) and s for s in self.servers):
             raise ValueError("nats servers must be a non-empty list of URLs")
@@ -538,6 +615,9 @@ class NATSSink:
                 raise ValueError(f"nats {key} must be > 0, not {value}")
         if max_inflight < 1:
             raise ValueError(f"nats max_inflight must be >= 1, not {max_inflight}")
+        if not 1 <= readings_per_message <= MAX_READINGS_PER_MESSAGE:
+            raise ValueError(f"nats readings_per_message must be 1..{MAX_READINGS_PER_MESSAGE}, "
+                             f"not {readings_per_message}")
         self.stream = stream
         self.template = SubjectTemplate(subject)
         self.stream_subjects = list(stream_subjects) if stream_subjects else [self.template.wildcard]
@@ -548,12 +628,20 @@ class NATSSink:
         self.connect_timeout_s = float(connect_timeout_s)
         self.reconnect_wait_s = float(reconnect_wait_s)
         self.max_inflight = max_inflight
+        self.readings_per_message = readings_per_message
         self.name = name
-        # counters, for metrics and tests: records acked, of which JetStream called duplicates
+        # Counters, for /metrics (read at scrape time) and tests. Records acked
+        # by successful writes, and how many of them JetStream called duplicates:
         self.published = 0
         self.duplicates = 0
-        # publish attempts sent (a retry counts again): equals ``published`` when nothing was retried
+        # messages acked by successful writes (equals ``published`` in the one-reading format)
+        self.messages = 0
+        # publish attempts sent, and of those the retries (a retry counts in both):
+        # ``publishes`` equals ``messages`` when nothing was retried or failed
         self.publishes = 0
+        self.retries = 0
+        # a batch body is cut to fit the server's max_payload (known once connected)
+        self._max_body = 1024 * 1024 - HEADER_ROOM
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._nc: Any = None
@@ -693,6 +781,7 @@ class NATSSink:
             raise
         self._nc = nc
         self._js = nc.jetstream(timeout=min(5.0, self.connect_timeout_s))
+        self._max_body = max(1, nc.max_payload - HEADER_ROOM)
         try:
             # One subscription takes the acks of every publish: <inbox>.<write>.<index>.<attempt>
             self._inbox = nc.new_inbox()
@@ -772,12 +861,17 @@ class NATSSink:
 
     # -- write ----------------------------------------------------------------------
 
+    @property
+    def inflight(self) -> int:
+        """Publishes sent and waiting for their ack now, across every write."""
+        return self.max_inflight - self._free_slots
+
     async def write(self, batch: Sequence[Record]) -> None:
         """Publish every record; return when JetStream acked all of them.
 
         Raises:
-            SinkWriteError: some record was not acked within ``write_timeout_s``
-                (or was refused); records that were acked stay stored, and
+            SinkWriteError: some message was not acked within ``write_timeout_s``
+                (or was refused); messages that were acked stay stored, and
                 writing the batch again de-duplicates them.
         """
         if not batch:
@@ -785,22 +879,64 @@ class NATSSink:
         if self._closed or self._nc is None:
             raise SinkWriteError("NATS sink is not open")
         render = self.template.render
-        items = [(render(r), encode_record(r), msg_id(r)) for r in batch]
-        duplicates = await self._call(self._publish_all(items))
-        self.published += len(items)
+        readings: list[int] | None = None
+        if self.readings_per_message == 1:
+            items = [(render(r), encode_record(r), msg_id(r)) for r in batch]
+        else:
+            items, readings = self._batch_messages(batch)
+        duplicates = await self._call(self._publish_all(items, readings))
+        self.published += len(batch)
+        self.messages += len(items)
         self.duplicates += duplicates
 
-    async def _publish_all(self, items: list[tuple[str, bytes, str]]) -> int:
-        """Publish ``items`` through a :class:`_Window`; the number JetStream called duplicates."""
+    def _batch_messages(self, batch: Sequence[Record]) -> tuple[list[tuple[str, bytes, str]], list[int]]:
+        """The batched format's messages of one write, and the readings in each."""
+        render, per_message = self.template.render, self.readings_per_message
+        groups: dict[str, list[Record]] = {}     # by subject, in the order each first came
+        for r in batch:
+            subject = render(r)
+            group = groups.get(subject)
+            if group is None:
+                groups[subject] = [r]
+            else:
+                group.append(r)
+        items: list[tuple[str, bytes, str]] = []
+        readings: list[int] = []
+        for subject, group in groups.items():
+            for start in range(0, len(group), per_message):
+                self._add_message(subject, group[start:start + per_message], items, readings)
+        return items, readings
+
+    def _add_message(self, subject: str, records: list[Record], items: list[tuple[str, bytes, str]],
+                     readings: list[int]) -> None:
+        body = encode_records(records)
+        if len(body) > self._max_body and len(records) > 1:
+            # Too big for the server: halves, each cut again if need be. The
+            # same records always split alike, so a replay keeps its msg-ids.
+            half = len(records) // 2
+            self._add_message(subject, records[:half], items, readings)
+            self._add_message(subject, records[half:], items, readings)
+            return
+        items.append((subject, body, batch_msg_id(records)))
+        readings.append(len(records))
+
+    async def _publish_all(self, items: list[tuple[str, bytes, str]], readings: list[int] | None) -> int:
+        """Publish ``items`` through a :class:`_Window`; the readings JetStream called duplicates."""
         self._window_seq += 1
-        window = _Window(self, str(self._window_seq), items)
+        window = _Window(self, str(self._window_seq), items, readings)
         self._windows[window.key] = window
         try:
             return await window.run()
         except _PublishFailed as failure:
             n, acked = window.n, window.n_acked
-            raise SinkWriteError(f"NATS JetStream stream {self.stream!r}: {acked} of {n} records acked, "
-                                 f"{n - acked} not (write_timeout_s {self.write_timeout_s:g}); "
+            if readings is None:
+                what = f"{acked} of {n} records acked, {n - acked} not"
+            else:
+                stored = sum(c for c, ok in zip(readings, window.acked, strict=True) if ok)
+                what = (f"{acked} of {n} messages acked ({stored} of {sum(readings)} records), "
+                        f"{n - acked} not")
+            raise SinkWriteError(f"NATS JetStream stream {self.stream!r}: {what} "
+                                 f"(write_timeout_s {self.write_timeout_s:g}); "
                                  f"first failure: {failure}") from failure.cause
         finally:
             self._windows.pop(window.key, None)
