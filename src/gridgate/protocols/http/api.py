@@ -17,11 +17,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gridgate.downlink import commands as downlink
 from gridgate.ingest.pipeline import WorkItem
 from gridgate.ingest.records import DEVICE_ID_RE, Record, Rejection
+from gridgate.security.authenticator import Authenticator, AuthFailure, Identity, source_address
 
 if TYPE_CHECKING:
     from gridgate.protocols.services import Services
 
-__all__ = ["Request", "HttpError", "Pending", "begin_request", "handle_request"]
+__all__ = ["Request", "HttpError", "Pending", "NeedsAuth", "NEEDS_AUTH", "begin_request", "begin_authenticated",
+           "handle_request", "authenticate", "CHALLENGE"]
 
 _json = msgspec.json.Encoder()
 JSON = b"application/json"
@@ -153,31 +155,83 @@ def _error(err: HttpError) -> Answer:
     return err.status, err.body(), JSON, err.extra
 
 
-async def handle_request(services: Services, request: Request, engine: str) -> Answer:
-    """Route and answer one request (waits for durable on telemetry)."""
+@final
+class NeedsAuth:
+    """What ``begin_request`` returns for a request that must be
+    authenticated first (a check may wait: the failure delay): the engine
+    calls ``begin_authenticated``, which awaits it and begins the request."""
+    __slots__ = ()
+
+
+NEEDS_AUTH = NeedsAuth()
+# RFC 9110 11.6.1: the schemes a 401 offers.
+CHALLENGE = (b"www-authenticate", b'Bearer realm="gridgate", Basic realm="gridgate", charset="UTF-8"')
+
+
+async def handle_request(services: Services, request: Request, engine: str, remote: str = "") -> Answer:
+    """Route and answer one request (waits for durable on telemetry);
+    ``remote`` is the peer (bans are per address)."""
     started = begin_request(services, request, engine)
+    if type(started) is NeedsAuth:
+        started = await begin_authenticated(services, request, engine, remote)
     if type(started) is Pending:
         return await started.answer()
+    assert type(started) is tuple
     return started
 
 
-def begin_request(services: Services, request: RequestView, engine: str) -> Answer | Pending:
-    """Route one request without waiting: an Answer, or a Pending telemetry write.
+def begin_request(services: Services, request: RequestView, engine: str, authenticated: bool = False,
+                  identity: Identity | None = None) -> Answer | Pending | NeedsAuth:
+    """Route one request without waiting: an Answer, a Pending telemetry
+    write, or NEEDS_AUTH (then see ``begin_authenticated``). ``identity``:
+    who ``begin_authenticated`` found the client to be (None: anonymous).
 
     Everything the request holds (the body included) is used before this
     returns, so the caller may reuse its buffers at once.
     """
     try:
-        return _route(services, request, engine)
+        return _route(services, request, engine, authenticated, identity)
     except HttpError as err:
         return _error(err)
 
 
-def _route(svc: Services, req: RequestView, engine: str) -> Answer | Pending:
+async def authenticate(auth: Authenticator, authorization: str, remote: str, protocol: str) -> Identity | None:
+    """Who the ``Authorization`` header proves the client to be.
+
+    Raises:
+        HttpError: 401 with WWW-Authenticate for missing or invalid
+            credentials (invalid ones after the failure delay); 403 at once
+            from a banned address. The body never says which part was wrong.
+    """
+    try:
+        return await auth.check_authorization(protocol, source_address(remote), authorization)
+    except AuthFailure as exc:
+        if exc.reason == "banned":
+            raise HttpError(403, "banned", "too many failed authentications from this address") from None
+        detail = "credentials required" if exc.reason == "no_credentials" else "invalid credentials"
+        raise HttpError(401, "unauthorized", detail, [CHALLENGE]) from None
+
+
+async def begin_authenticated(services: Services, request: RequestView, engine: str, remote: str) -> Answer | Pending:
+    """Authenticate a request ``begin_request`` said NEEDS_AUTH, then begin it."""
+    assert services.auth is not None
+    try:
+        identity = await authenticate(services.auth, request.authorization, remote, "http")
+    except HttpError as err:
+        return _error(err)
+    started = begin_request(services, request, engine, True, identity)
+    assert type(started) is not NeedsAuth
+    return started
+
+
+def _route(svc: Services, req: RequestView, engine: str, authenticated: bool,
+           identity: Identity | None) -> Answer | Pending | NeedsAuth:
     path = req.target.split("?", 1)[0]
     if path == "/v1/telemetry":
         _allow(req, "POST")
-        return _telemetry(svc, req, engine)
+        if svc.auth is not None and not authenticated:
+            return NEEDS_AUTH           # before the body is even looked at
+        return _telemetry(svc, req, engine, identity)
     if path == "/healthz":
         _allow(req, "GET")
         return _ok(200, {"status": "ok"})
@@ -239,7 +293,7 @@ def _decompress(body: bytes | memoryview, encoding: str, limit: int) -> bytes | 
     return out
 
 
-def _telemetry(svc: Services, req: RequestView, engine: str) -> Pending:
+def _telemetry(svc: Services, req: RequestView, engine: str, identity: Identity | None) -> Pending:
     cfg = svc.config.http
     if not req.has_length:
         raise HttpError(411, "length_required", "send Content-Length or Transfer-Encoding: chunked")
@@ -252,6 +306,8 @@ def _telemetry(svc: Services, req: RequestView, engine: str) -> Pending:
     received_ns = time.time_ns()
     validator = svc.std_validator if engine == "std" else svc.validator
     records, rejections = validator.validate(body, fmt, "http", None, received_ns)
+    if svc.auth is not None and records:
+        records = authorize_readings(svc.auth, identity, records, rejections, "http")
     done = trio.Event()
     item = WorkItem(records, rejections, "http", received_ns, done.set)
     if not svc.pipeline.try_submit(item):
@@ -259,6 +315,39 @@ def _telemetry(svc: Services, req: RequestView, engine: str) -> Pending:
     pending = Pending(done, records, rejections)
     svc.durable_timeouts.add(pending)
     return pending
+
+
+def authorize_readings(auth: Authenticator, identity: Identity | None, records: list[Record],
+                       rejections: list[Rejection], protocol: str) -> list[Record]:
+    """The records whose device ``identity`` may write (a write to
+    ``devices/{id}/telemetry``); each other one becomes a ``not_authorized``
+    rejection at its batch index (``rejections`` grows, kept in index order),
+    its raw bytes the normalized record, as sink_refused ones are."""
+    name = identity.name if identity is not None else None
+    may = auth.acl.may_write_device
+    if all(may(name, r.device_id) for r in records):
+        return records                   # the usual case: nothing allocated
+    # a record's batch index: the validator emits one record or one
+    # rejection per item, in order, so records fill the indices rejections leave
+    taken = {r.index for r in rejections}
+    kept: list[Record] = []
+    index = 0
+    refused = 0
+    for record in records:
+        while index in taken:
+            index += 1
+        if may(name, record.device_id):
+            kept.append(record)
+        else:
+            refused += 1
+            rejections.append(Rejection(reason="not_authorized", field="device_id", index=index,
+                                        device_id=record.device_id, raw=_json.encode(record),
+                                        detail="this identity may not write readings of this device"))
+        index += 1
+    rejections.sort(key=lambda r: -1 if r.index is None else r.index)
+    if auth.metrics is not None:
+        auth.metrics.not_authorized.labels(protocol, "write").inc(refused)
+    return kept
 
 
 def _command(svc: Services, req: RequestView, device_id: str) -> Answer:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from gridgate.errors import HTTPParseError
-from gridgate.protocols.http.api import Answer, HttpError, Pending, begin_request
+from gridgate.protocols.http.api import Answer, HttpError, NeedsAuth, Pending, begin_authenticated, begin_request
 from gridgate.protocols.http.parser import parser as _parser
 
 if TYPE_CHECKING:
@@ -128,6 +128,9 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
                     if state != REQUEST:
                         break
                     started = begin_request(services, parser, "fast")
+                    if type(started) is NeedsAuth:
+                        # the parser keeps this request while the check waits: nothing else reads it
+                        started = await begin_authenticated(services, parser, "fast", session.remote)
                     if parser.method == "HEAD" and type(started) is not Pending:
                         # RFC 9110 9.3.2: GET's answer without its body, rendered
                         # now (only a POST is ever a Pending telemetry write)

@@ -483,7 +483,7 @@ async def serve_std_http(stream: trio.abc.Stream, services: Services, session: S
                     else:                              # closed mid-body
                         return
                 request.body = b"".join(body_parts)
-                status, body, content_type, extra = await handle_request(services, request, engine="std")
+                status, body, content_type, extra = await handle_request(services, request, "std", session.remote)
                 await respond(status, body, content_type, extra, head=request.method == "HEAD")
             except HTTPParseError as exc:
                 services.metrics.protocol_errors.labels("http", exc.error).inc()

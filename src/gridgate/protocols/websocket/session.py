@@ -36,6 +36,7 @@ from gridgate.downlink.commands import CommandOutbox, Send, open_channel
 from gridgate.ingest.pipeline import WorkItem
 from gridgate.ingest.records import DEVICE_ID_RE, Record, Rejection
 from gridgate.protocols.outgoing import Outgoing, wait_acks_sent
+from gridgate.security.authenticator import Authenticator, AuthFailure, source_address
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -157,6 +158,11 @@ async def serve_websocket_connection(stream: trio.abc.Stream, services: Services
                                                         "detail": f"no WebSocket endpoint {path}"}))
                 nursery.cancel_scope.cancel()
                 return
+            # /mqtt authenticates in its CONNECT, as MQTT over TCP does
+            if services.auth is not None and not mqtt and \
+                    not await _authorize_upgrade(services.auth, services, session, request, query):
+                nursery.cancel_scope.cancel()
+                return
             ws = await request.accept(subprotocol="mqtt" if mqtt and offered_mqtt else None)
         except ConnectionClosed:
             session.close_reason = "client left during the handshake"
@@ -191,6 +197,49 @@ async def serve_websocket_connection(stream: trio.abc.Stream, services: Services
                     services.metrics.protocol_errors.labels(session.protocol, "too_large").inc()
                     session.close_reason = f"message over websocket.max_message_bytes {cfg.max_message_bytes}"
             nursery.cancel_scope.cancel()
+
+
+_CHALLENGE = (b"www-authenticate", b'Bearer realm="gridgate", Basic realm="gridgate", charset="UTF-8"')
+
+
+async def _authorize_upgrade(auth: Authenticator, services: Services, session: Session,
+                             request: trio_websocket.WebSocketRequest, query: str) -> bool:
+    """Whether a /v1/ws upgrade may proceed: its Authorization header proves
+    an identity that may write the ``device_id`` it names. Refused: 401 with
+    WWW-Authenticate (missing or invalid credentials, the latter after the
+    failure delay), 403 (a banned address, at once; or a device the
+    identity may not write). True leaves the request to be accepted."""
+    headers = [v for k, v in request.headers if k.lower() == b"authorization"]
+    status, error, detail = 0, "", ""
+    if len(headers) > 1:
+        status, error, detail = 400, "bad_request", "more than one Authorization header"
+    else:
+        header = headers[0].decode("latin-1") if headers else ""
+        try:
+            identity = await auth.check_authorization("ws", source_address(session.remote), header)
+        except AuthFailure as exc:
+            if exc.reason == "banned":
+                status, error, detail = 403, "banned", "too many failed authentications from this address"
+            else:
+                status, error = 401, "unauthorized"
+                detail = "credentials required" if exc.reason == "no_credentials" else "invalid credentials"
+        else:
+            device_id = parse_qs(query).get("device_id", [""])[0]
+            name = identity.name if identity is not None else None
+            # a bad or missing device_id is refused after the upgrade (1008), as without credentials
+            if DEVICE_ID_RE.match(device_id) and not (auth.may_use_client_id(identity, device_id)
+                                                      and auth.acl.may_write_device(name, device_id)):
+                services.metrics.not_authorized.labels("ws", "connect").inc()
+                status, error, detail = 403, "not_authorized", "this identity may not write this device"
+    if not status:
+        return True
+    session.close_reason = f"upgrade refused: {error}"
+    extra = [(b"content-type", b"application/json")] + ([_CHALLENGE] if status == 401 else [])
+    try:
+        await request.reject(status, extra_headers=extra, body=_json.encode({"error": error, "detail": detail}))
+    except ConnectionClosed:
+        pass
+    return False
 
 
 def _policy(services: Services, session: Session, why: str, detail: str) -> tuple[int, str]:
