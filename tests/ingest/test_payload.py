@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from gatewayproc import spool_export, spool_stats
-from gridgate.config import PayloadConfig
+from gridgate.config import AuthConfig, PayloadConfig
 from gridgate.ingest.records import REASONS, Record, Rejection
 from gridgate.ingest.rules import FieldRule, PayloadRules
 from inprocess import MemorySink, connect_memory, read_exactly
@@ -421,6 +421,23 @@ async def test_a_publish_to_another_topic_is_dead_lettered_as_bad_topic(start_ga
     assert (stats["records"], stats["rejected"]) == (2, 1)
 
 
+async def test_a_publish_the_acl_refuses_is_dead_lettered_as_not_authorized(start_gateway, nursery, tmp_path):
+    # an ACL and no credential store: anonymous clients, held to what the file grants them
+    (tmp_path / "acl").write_text("pattern write devices/%c/telemetry\n")
+    gateway = await start_gateway(auth=AuthConfig(acl_file=str(tmp_path / "acl")))
+    client = await connect_memory(gateway, nursery, "meter-7")
+    before = time.time_ns()
+    await client.send_all(gen_publish("telemetry", qos=1, mid=3, payload=b'{"humidity": 40}')
+                          + gen_publish("devices/meter-7/telemetry", qos=1, mid=4, payload=b'{"humidity": 41}'))
+    assert await read_exactly(client, 8) == gen_puback(3) + gen_puback(4)
+    (row,) = await dead_letters(tmp_path)
+    assert without_received_ns(row, before) == {
+        "protocol": "mqtt", "reason": "not_authorized", "field": "topic", "index": None, "device_id": "meter-7",
+        "detail": "topic 'telemetry' is not writable by this client", "raw": b64(b'{"humidity": 40}')}
+    stats = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
+    assert (stats["records"], stats["rejected"]) == (1, 1)
+
+
 class PickySink(MemorySink):
     """A custom sink that can never take a record with a field named ``time``
     (as InfluxDB reserves it): it says so the way gridgate.sinks.forwarding
@@ -463,6 +480,7 @@ async def test_a_record_a_custom_sink_refuses_for_good_is_dead_lettered_as_sink_
 END_TO_END = {
     "too_large": test_a_publish_over_max_payload_bytes_is_dead_lettered_as_too_large,
     "bad_topic": test_a_publish_to_another_topic_is_dead_lettered_as_bad_topic,
+    "not_authorized": test_a_publish_the_acl_refuses_is_dead_lettered_as_not_authorized,
     "sink_refused": test_a_record_a_custom_sink_refuses_for_good_is_dead_lettered_as_sink_refused,
 }
 

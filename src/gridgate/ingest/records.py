@@ -17,7 +17,7 @@ REASONS: tuple[str, ...] = (
     "malformed", "not_object", "missing_device_id", "bad_device_id",
     "identity_mismatch", "bad_timestamp", "future_timestamp", "bad_unit",
     "bad_type", "out_of_range", "bad_tag", "too_many_fields", "too_large",
-    "bad_topic", "sink_refused",
+    "bad_topic", "not_authorized", "sink_refused",
 )
 
 
