@@ -173,6 +173,26 @@ async def test_http_authorization_header(autojump_clock):
     assert await anon.check_authorization("http", "a", "") is None
 
 
+async def test_costly_hashes_run_off_the_event_loop(autojump_clock, monkeypatch):
+    text = format_line("meter-1", hash_password(b"right", iterations=auth_mod.INLINE_ITERATIONS + 1))
+    passwords, _ = PasswordFile.parse(text, "pw")
+    auth = Authenticator(_config(failure_delay_ms=0), passwords=passwords)
+    threads = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kw):
+        threads.append(fn)
+        return await run_sync(fn, *args, **kw)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    assert (await auth.check_password("mqtt", "a", "meter-1", b"right")).name == "meter-1"
+    with pytest.raises(AuthFailure):
+        await auth.check_password("mqtt", "a", "meter-1", b"wrong")
+    assert len(threads) == 2
+    # a cheap entry is hashed inline
+    assert (await _auth(failure_delay_ms=0).check_password("mqtt", "a", "meter-1", b"right")).name == "meter-1"
+    assert len(threads) == 2
+
+
 def test_may_use_client_id():
     auth = _auth()
     assert auth.may_use_client_id(None, "anything")
