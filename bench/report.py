@@ -355,13 +355,17 @@ def _plot_mqtt(res: dict, out: Path, machine_desc: str) -> list[Path]:
 def _sinks(res: dict, out: Path, machine_desc: str) -> list[str]:
     lines = ["## sinks: what each sink costs", "",
              f"`gridgate-loadgen mqtt --devices 100 --inflight 10 --qos 1 --procs 2 --duration {res['duration_s']:g}` "
-             f"into gridgate with `--sink spool|influxdb|nats`, {_rounds(res['rounds'])}, medians. A PUBACK leaves "
+             "into gridgate with `--sink spool|influxdb|nats` (nats-batch: `[nats] subject = "
+             f"\"telemetry.{{region}}\"`, `readings_per_message = 500`), {_rounds(res['rounds'])}, medians. "
+             "A PUBACK leaves "
              "once the batch is in the sink, or pending in the spool when the sink was too slow "
              "(store-and-forward): the pending column and the drain time show whether a sink kept up.", "",
-             "| sink | readings/s | p50 ms | p99 ms | pending at end | drain s |", "|---|---:|---:|---:|---:|---:|"]
+             "| sink | readings/s | x spool | p50 ms | p99 ms | pending at end | drain s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for kind, r in res["summary"].items():
-        lines.append(f"| {kind} | {_fmt(r['readings_per_s'])} | {_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} | "
-                     f"{r['pending_at_end']} | {r['drain_s']:g} |")
+        ratio = r.get("ratio_to_spool")
+        lines.append(f"| {kind} | {_fmt(r['readings_per_s'])} | {'-' if ratio is None else f'{ratio:.2f}'} | "
+                     f"{_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} | {r['pending_at_end']} | {r['drain_s']:g} |")
     if res.get("skipped"):
         lines.append(f"\nSkipped (server not installed): {', '.join(res['skipped'])}.")
     plot = _plot_sinks(res, out, machine_desc)

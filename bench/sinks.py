@@ -1,6 +1,8 @@
 """sinks: what each sink costs. The same MQTT QoS 1 load (acks after
 durable) into gridgate writing to the spool, to InfluxDB and to NATS
-JetStream, in alternating rounds of one run. InfluxDB and nats-server are
+JetStream (one reading per message, and ``nats-batch``: the batched format,
+``subject = "telemetry.{region}"``, ``readings_per_message = 500``), in
+alternating rounds of one run. InfluxDB and nats-server are
 started here (Debian packages influxdb, nats-server) on free loopback ports
 with throw-away data directories; a sink whose server is not installed is
 skipped and the report says so.
@@ -26,7 +28,13 @@ from bench import procs
 
 sys.path.insert(0, str(procs.ROOT / "tests"))   # the test suite's server starters
 
-KINDS = ("spool", "influxdb", "nats")
+KINDS = ("spool", "influxdb", "nats", "nats-batch")
+# nats-batch: the opt-in batched message format ([nats] readings_per_message)
+# on a per-region subject. The loadgen's readings all carry the location
+# "loadgen/site-a", so every reading of a write shares one subject: the
+# format's best case, which is the case it is meant for.
+BATCH_SUBJECT = "telemetry.{region}"
+BATCH_READINGS_PER_MESSAGE = 500
 
 
 def _readyz(server: procs.Server) -> dict:
@@ -53,12 +61,16 @@ def _external(kind: str, work: Path):
         influx = InfluxProcess(work / "influx")
         influx.start()
         return influx, {"GRIDGATE_SINK_KIND": "influxdb", "GRIDGATE_INFLUXDB_URL": influx.url}
-    if kind == "nats":
+    if kind in ("nats", "nats-batch"):
         if shutil.which("nats-server") is None:
             return None, None
         from natsproc import NatsServer
         server = NatsServer(work / "nats").start()
-        return server, {"GRIDGATE_SINK_KIND": "nats", "GRIDGATE_NATS_SERVERS": server.url}
+        env = {"GRIDGATE_SINK_KIND": "nats", "GRIDGATE_NATS_SERVERS": server.url}
+        if kind == "nats-batch":
+            env |= {"GRIDGATE_NATS_SUBJECT": BATCH_SUBJECT,
+                    "GRIDGATE_NATS_READINGS_PER_MESSAGE": str(BATCH_READINGS_PER_MESSAGE)}
+        return server, env
     return None, {}
 
 
@@ -96,7 +108,7 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                 if external is not None:
                     external.stop()
             results["runs"].append(run)
-            log(f"  round {rnd + 1}/{rounds} {kind:9s} {run['readings_per_s']:>10,.0f} readings/s  "
+            log(f"  round {rnd + 1}/{rounds} {kind:10s} {run['readings_per_s']:>10,.0f} readings/s  "
                 f"p99 {run['latency_ms']['p99']} ms  pending at end {run['pending_at_end']}")
     results["summary"] = {
         kind: {"readings_per_s": statistics.median(r["readings_per_s"] for r in mine),
