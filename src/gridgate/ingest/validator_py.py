@@ -33,7 +33,9 @@ MAX_DEPTH = 64
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}\Z")
 _TAG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]")
+# an escape of either half (high D800-DBFF or low DC00-DFFF): decoded strings are only
+# searched when the text has one
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _WS = " \t\n\r"
 
 _FORMAT_NAMES = {"json": "JSON", "msgpack": "MessagePack"}
