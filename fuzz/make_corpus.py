@@ -1,0 +1,151 @@
+"""Writes the seed corpus, fuzz/corpus/TARGET/, from the test suite's vectors.
+
+    python fuzz/make_corpus.py
+
+Each seed is the input layout of fuzz/targets.py: a config byte, a cut seed
+byte, then the bytes of a test vector: MQTT streams built with
+tests/mqtt_frames.py as tests/protocols/mqtt/test_mqtt_codec.py builds them
+(every ill-formed string of its section 1.5.3 table in every place), the
+HTTP requests of tests/protocols/http/test_http_parser.py (its refusal table,
+its byte-exact early refusals and its chunk grammar), and the readings of
+tests/ingest/test_payload.py (the design sample and every rejection, as JSON
+and as MessagePack). File names are the content's sha1 (libFuzzer's naming),
+so rerunning rewrites the same files; inputs the fuzzer found and that were
+added by hand stay.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests")]
+
+from mqtt_frames import (  # noqa: E402 (tests/ is put on the path just above)
+    gen_connack,
+    gen_connect,
+    gen_disconnect,
+    gen_packet,
+    gen_pingreq,
+    gen_puback,
+    gen_pubcomp,
+    gen_publish,
+    gen_pubrec,
+    gen_pubrel,
+    gen_subscribe,
+    gen_unsubscribe,
+)
+
+
+def load(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mqtt_seeds() -> list[bytes]:
+    codec_tests = load("tests/protocols/mqtt/test_mqtt_codec.py")
+    connect = gen_connect("meter-1")
+    seeds = [
+        connect,
+        connect + gen_publish("t/meter-1", payload=b'{"temperature":21.5}') + gen_pingreq() + gen_disconnect(),
+        connect + gen_publish("a/b", qos=1, mid=7, payload=b"x" * 40, retain=True) + gen_puback(7),
+        connect + gen_publish("a/b", qos=2, mid=9, payload=b"{}", dup=True) + gen_pubrel(9) + gen_pubrec(3)
+        + gen_pubcomp(3),
+        connect + gen_subscribe(1, [("a/+/b", 1), ("#", 2), ("c/#", 0)]) + gen_unsubscribe(2, ["a/+/b", "c/#"]),
+        gen_connect("c", keepalive=60, clean_session=False, will_topic="w/t", will_payload=b"bye", will_qos=1,
+                    will_retain=True, username="u", password=b"p"),
+        gen_connect("old", proto_name=b"MQIsdp", proto_ver=3),
+        gen_connect("", clean_session=False),                        # identifier_rejected
+        gen_connect("c", proto_ver=5),                                # unsupported_protocol
+        connect + connect,                                            # duplicate_connect
+        gen_publish("a", payload=b"{}"),                              # expected_connect
+        connect + gen_connack(0),                                     # unexpected_packet
+        connect + gen_disconnect() + gen_pingreq(),                   # data_after_disconnect
+        connect + gen_packet(0x30, b"\x00\x01a" + b"p" * 200),        # over the 64-byte limit
+        connect + b"\x30\xff\xff\xff\xff\x01",                        # 5-byte remaining length
+        connect + gen_packet(0x32, b"\x00\x01a\x00\x00"),              # packet id 0
+        connect + gen_packet(0x36, b"\x00\x01a\x00\x01"),              # QoS 3
+        connect + gen_subscribe(1, [("a/#/b", 0)]),                   # bad filter
+        connect + gen_subscribe(1, [("a", 3)]),                       # QoS 3 requested
+        connect + gen_packet(0x82, b"\x00\x01"),                      # no topic filter
+        # for take_publishes: the telemetry topics, every QoS, JSON and MessagePack, a batch, a redelivery
+        connect + gen_publish("devices/meter-1/telemetry", qos=1, mid=3, payload=b'{"temperature": 21.5}')
+        + gen_publish("telemetry", qos=2, mid=1, payload=b'[{"x": 1}, {"x": "a"}]') + gen_pingreq()
+        + gen_publish("telemetry", qos=2, mid=4, payload=b"\x81\xa1x\x01")
+        + gen_publish("telemetry", qos=2, mid=4, dup=True, payload=b"\x81\xa1x\x01"),
+        connect + gen_publish("devices/other/telemetry", qos=1, mid=2, payload=b'{"x": 1}')
+        + gen_publish("telemetry", payload=b"") + gen_publish("telemetry", payload=b" {\"x\": 2}"),
+    ]
+    for raw in codec_tests.ILL_FORMED.values():
+        seeds += [codec_tests._string_in(where, raw) for where in codec_tests.WHERE]
+    return seeds
+
+
+def http_seeds() -> list[bytes]:
+    parser_tests = load("tests/protocols/http/test_http_parser.py")
+    refusals = [args[0] for mark in parser_tests.test_refusals.pytestmark if mark.name == "parametrize"
+                for args in mark.args[1]]
+    post = parser_tests.post
+    seeds = [
+        post(b'{"device_id":"m","temperature":21.5}') + post(b"[]"),
+        post(b'{"a":1}', b"Content-Encoding: gzip\r\nExpect: 100-continue\r\nAuthorization: Bearer x\r\n"),
+        b"GET /healthz HTTP/1.0\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Close\r\n\r\nGARBAGE",
+        *refusals,
+        *[data for data, _status in parser_tests.EARLY],
+        *[parser_tests.CHUNKED + chunks + post(b"[]") for chunks in parser_tests.GOOD_CHUNKS],
+        *[parser_tests.CHUNKED + chunks for chunks in parser_tests.BAD_CHUNKS],
+    ]
+    return seeds
+
+
+def validator_seeds() -> list[tuple[int, bytes]]:
+    payload_tests = load("tests/ingest/test_payload.py")
+    readings: list[object] = [payload_tests.SAMPLE, [payload_tests.SAMPLE, payload_tests.SAMPLE],
+                              *[row[0] for row in payload_tests.REJECTIONS]]
+    seeds: list[tuple[int, bytes]] = []
+    for reading in readings:
+        seeds.append((0, json.dumps(reading).encode()))               # json, no device id
+        seeds.append((1 | 4, msgspec.msgpack.encode(reading)))         # msgpack, device id from the connection
+    seeds.append((2, b"\n".join(json.dumps(r).encode() for r in readings[:4])))  # ndjson
+    seeds += [(0, raw) for raw in (b"NaN", b'{"x": NaN}', b'{"x": 1e400}', b"{", b"", b'"\\ud800"',
+                                   b"\xef\xbb\xbf{}", b'{"x": 1}x', b"\xff")]
+    seeds += [(1, b"\xc1"), (1, msgspec.msgpack.encode({"x": float("nan")}))]
+    return seeds
+
+
+def write(target: str, seeds: list[tuple[int, bytes]]) -> int:
+    folder = ROOT / "fuzz" / "corpus" / target
+    folder.mkdir(parents=True, exist_ok=True)
+    for config, payload in seeds:
+        data = bytes([config, len(payload) & 0xFF]) + payload
+        (folder / hashlib.sha1(data).hexdigest()).write_bytes(data)
+    return len(seeds)
+
+
+def main() -> None:
+    # MQTT: the 4096-byte limit, and 64 for the stream made to exceed it; every 4th fed byte by byte,
+    mqtt = mqtt_seeds()
+    # and every other one's events through take_publishes
+    write("mqtt", [((0 if b"p" * 200 in s else 1) | (4 if i % 4 == 0 else 0) | (8 if i % 2 == 0 or b"telemetry" in s
+                                                                                else 0), s)
+                   for i, s in enumerate(mqtt)])
+    # HTTP: head 256 and body 64 (the test file's limits); every 4th also byte by byte
+    http = http_seeds()
+    write("http", [(1 | (1 << 2) | (16 if i % 4 == 0 else 0), s) for i, s in enumerate(http)])
+    write("validator", validator_seeds())
+    for target in ("mqtt", "http", "validator"):
+        print(target, len(list((ROOT / "fuzz" / "corpus" / target).iterdir())))
+
+
+if __name__ == "__main__":
+    main()

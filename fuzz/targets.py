@@ -1,0 +1,221 @@
+"""The fuzz targets' checks: one input -> the compiled hot path and its
+pure-Python twin run on it, and any disagreement raises ``Disagreement``.
+
+Plain functions of ``bytes`` with no atheris in them, so the same checks run
+under the fuzzer (fuzz/run.py), in the normal suite over the committed corpus
+(tests/test_fuzz_corpus.py) and under the sanitizers (``make test-asan``).
+
+Input layout, the same for every target so that a seed is readable: byte 0
+picks the configuration (limits, format, ...), byte 1 seeds the read
+boundaries of the chunked feed, the rest is what a peer sends. What a peer
+sends is copied into a ``bytes`` object of its own, exactly its size, so that
+an overread in the compiled code leaves the allocation (and, under
+AddressSanitizer with PYTHONMALLOC=malloc, hits a redzone) rather than
+reading the fuzzer's neighbouring bytes.
+
+Only the codecs' own error classes may escape a parser (MQTTProtocolError,
+HTTPParseError); the validator never raises. Anything else escapes these
+functions as it is: a crash to the fuzzer, a failure to pytest.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from gridgate import _fastparse
+from gridgate.errors import HTTPParseError, MQTTProtocolError
+from gridgate.ingest import validator_py
+from gridgate.ingest.rules import PayloadRules
+from gridgate.protocols.http import parser_py
+from gridgate.protocols.mqtt import codec_py
+from gridgate.protocols.mqtt.events import Connect
+
+__all__ = ["Disagreement", "TARGETS", "check_mqtt", "check_http", "check_validator", "split_input"]
+
+
+class Disagreement(AssertionError):
+    """The compiled code and its twin differ on one input."""
+
+
+def split_input(data: bytes) -> tuple[int, int, bytes]:
+    """(config byte, cut seed byte, payload as a bytes object of its own)."""
+    config = data[0] if len(data) > 0 else 0
+    seed = data[1] if len(data) > 1 else 0
+    return config, seed, bytes(bytearray(data[2:]))
+
+
+def cuts(payload: bytes, seed: int) -> list[bytes]:
+    """The payload cut into up to 8 reads at places the seed picks (each a bytes object of its own)."""
+    rng = random.Random(seed)
+    points = sorted({rng.randrange(len(payload) + 1) for _ in range(rng.randrange(9))}) if payload else []
+    edges = [0, *points, len(payload)]
+    return [bytes(bytearray(payload[a:b])) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def agree(what: str, compiled: object, twin: object, data: bytes) -> None:
+    if compiled != twin:
+        raise Disagreement(f"{what}: compiled {compiled!r} != twin {twin!r} on input {data!r}")
+
+
+# -- MQTT 3.1.1 codec ---------------------------------------------------------------------------
+
+MQTT_MAX_PACKET = (64, 4096, 1 << 20, 268_435_460)
+
+
+def run_mqtt(impl: ModuleType, reads: list[bytes], max_packet_bytes: int) -> list[object]:
+    """What the codec did, read by read: events and state after each, then the error if any."""
+    codec = impl.MQTTCodec(max_packet_bytes=max_packet_bytes)
+    trace: list[object] = []
+    try:
+        for chunk in reads:
+            events = codec.feed(chunk)
+            trace.append((events, codec.connected, codec.protocol_level, codec.buffered))
+    except MQTTProtocolError as exc:
+        trace.append(("error", exc.reason, exc.return_code))
+        if exc.reason not in codec_py.MQTT_ERROR_REASONS or exc.return_code not in (None, 1, 2):
+            raise Disagreement(f"{impl.__name__}: undocumented error {exc!r}") from exc
+        # dead after the first error: every later feed raises an equal error
+        try:
+            codec.feed(b"\x00")
+        except MQTTProtocolError as again:
+            if again != exc:
+                raise Disagreement(f"{impl.__name__}: {again!r} after {exc!r}") from again
+        else:
+            raise Disagreement(f"{impl.__name__}: feed after {exc!r} did not raise") from exc
+    return trace
+
+
+class Clock:
+    """Deterministic receive times for take_publishes: a fixed start, +3 ns a call."""
+
+    def __init__(self) -> None:
+        self.now = 1_000
+
+    def __call__(self) -> int:
+        self.now += 3
+        return self.now
+
+
+def run_take_publishes(impl: ModuleType, validator: Any, events: list[object], client_id: str) -> list[object]:
+    """An MQTT session's walk over one read's events: take_publishes from each
+    run of PUBLISHes, stepping over the other events, QoS 2 ids in one set."""
+    unreleased: set[int] = {1}
+    clock = Clock()
+    trace: list[object] = []
+    start, next_ns = 0, 0
+    while start < len(events):
+        records: list[object] = []
+        rejections: list[object] = []
+        pubacks: list[int] = []
+        pubrecs: list[int] = []
+        stop, next_ns, first = impl.take_publishes(
+            events, start, f"devices/{client_id}/telemetry", validator.validate_into, "mqtt", client_id, next_ns,
+            clock, unreleased, records, rejections, pubacks, pubrecs)
+        trace.append((stop, next_ns, first, records, rejections, pubacks, pubrecs, sorted(unreleased)))
+        start = stop if stop > start else start + 1
+    return trace
+
+
+def check_mqtt(data: bytes) -> None:
+    """Config bits 0-1: max_packet_bytes; bit 2: also fed one byte per read;
+    bit 3: the events then go through take_publishes (a session's step over
+    them: topic check, validation, acks), compiled and twin, each with the
+    compiled and the twin validator."""
+    config, seed, stream = split_input(data)
+    max_packet = MQTT_MAX_PACKET[config & 3]
+    plans = [[stream], cuts(stream, seed)]
+    if config & 4 and len(stream) <= 2048:
+        plans.append([stream[i:i + 1] for i in range(len(stream))])
+    traces = []
+    for reads in plans:
+        twin = run_mqtt(codec_py, reads, max_packet)
+        agree(f"MQTT codec, {len(reads)} reads", run_mqtt(_fastparse, reads, max_packet), twin, data)
+        traces.append(twin)
+    if config & 8:
+        events: list[object] = [e for step in traces[1] if type(step) is tuple and type(step[0]) is list
+                                for e in step[0]]
+        client_id = next((e.client_id for e in events if type(e) is Connect), "") or "m1"
+        walks = [run_take_publishes(impl, validator, events, client_id)
+                 for impl in (_fastparse, codec_py) for validator in VALIDATORS[0]]
+        for walk in walks[1:]:
+            agree("take_publishes", walk, walks[0], data)
+
+
+# -- HTTP/1.1 request parser ----------------------------------------------------------------------
+
+HTTP_MAX_HEAD = (64, 256, 16384, 16384)
+HTTP_MAX_BODY = (0, 64, 4096, 1 << 20)
+HTTP_FIELDS = ("method", "target", "http_version", "headers", "keep_alive", "expect_continue", "content_type",
+               "content_encoding", "authorization", "content_length", "chunked", "has_length")
+
+
+def run_http(impl: ModuleType, reads: list[bytes], max_head: int, max_body: int) -> list[object]:
+    """What the parser did, read by read: each next() state, each request's fields, then the error if any."""
+    parser = impl.HTTPRequestParser(max_head, max_body)
+    trace: list[object] = []
+    try:
+        for chunk in reads:
+            parser.feed(chunk)
+            while True:
+                state = parser.next()
+                trace.append((state, parser.buffered, parser.head_done))
+                if state != impl.REQUEST:
+                    break
+                trace.append(tuple(getattr(parser, name) for name in HTTP_FIELDS) + (bytes(parser.body),))
+                if not parser.keep_alive:
+                    return trace
+    except HTTPParseError as exc:
+        trace.append(("error", exc.status, exc.error))
+        if exc.status not in (400, 413, 431, 501, 505):
+            raise Disagreement(f"{impl.__name__}: undocumented status {exc!r}") from exc
+    return trace
+
+
+def check_http(data: bytes) -> None:
+    """Config bits 0-1: max_header_bytes; bits 2-3: max_body_bytes; bit 4: also one byte per read."""
+    config, seed, stream = split_input(data)
+    max_head, max_body = HTTP_MAX_HEAD[config & 3], HTTP_MAX_BODY[(config >> 2) & 3]
+    plans = [[stream], cuts(stream, seed)]
+    if config & 16 and len(stream) <= 2048:
+        plans.append([stream[i:i + 1] for i in range(len(stream))])
+    for reads in plans:
+        agree(f"HTTP parser, {len(reads)} reads", run_http(_fastparse, reads, max_head, max_body),
+              run_http(parser_py, reads, max_head, max_body), data)
+
+
+# -- payload validator ----------------------------------------------------------------------------
+
+FORMATS = ("json", "msgpack", "ndjson", "json")
+RULES = (PayloadRules(), PayloadRules(max_fields=6, max_tags=4))
+NOW = 1_732_406_400_000_000_000
+VALIDATORS: list[tuple[Any, Any]] = [(_fastparse.Validator(rules), validator_py.Validator(rules)) for rules in RULES]
+
+
+def run_validator(validator: Any, payload: bytes | memoryview, fmt: str, device_id: str | None) -> object:
+    result = validator.validate(payload, fmt, "mqtt", device_id, NOW)
+    records: list[object] = ["earlier"]
+    rejections: list[object] = ["earlier"]
+    count = validator.validate_into(payload, fmt, "mqtt", device_id, NOW, records, rejections)
+    return result, count, records, rejections
+
+
+def check_validator(data: bytes) -> None:
+    """Config bits 0-1: format; bit 2: a device id from the connection; bit 3: the
+    tight rules (6 fields, 4 tags); bit 4: the payload as a memoryview slice of a
+    larger buffer (as MQTT hands it over)."""
+    config, _seed, payload = split_input(data)
+    fmt = FORMATS[config & 3]
+    device_id = "meter-1" if config & 4 else None
+    compiled, twin = VALIDATORS[(config >> 3) & 1]
+    view: bytes | memoryview = memoryview(b"\0" + payload + b"\0")[1:-1] if config & 16 else payload
+    agree(f"validator, {fmt}", run_validator(compiled, view, fmt, device_id),
+          run_validator(twin, view, fmt, device_id), data)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "mqtt": check_mqtt,
+    "http": check_http,
+    "validator": check_validator,
+}
