@@ -85,6 +85,19 @@ class GatewayProcess:
     def ws(self) -> tuple[str, int]:
         return self.addresses["ws"]
 
+    # the TLS listeners, when the config sets their tls_listen
+    @property
+    def mqtts(self) -> tuple[str, int]:
+        return self.addresses["mqtts"]
+
+    @property
+    def https(self) -> tuple[str, int]:
+        return self.addresses["https"]
+
+    @property
+    def wss(self) -> tuple[str, int]:
+        return self.addresses["wss"]
+
     def metric(self, line_prefix: str) -> float:
         """The value of the first /metrics sample line starting with ``line_prefix`` (0 when absent)."""
         conn = http.client.HTTPConnection(*self.http, timeout=10)

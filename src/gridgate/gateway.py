@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
@@ -54,6 +55,7 @@ from gridgate.protocols.mqtt.session import CONNACK_SERVER_UNAVAILABLE, MQTTConn
 from gridgate.protocols.services import Services
 from gridgate.protocols.websocket.session import serve_websocket_connection
 from gridgate.security.authenticator import Authenticator, load_authenticator
+from gridgate.security.tls import handshake as tls_handshake, server_context
 from gridgate.sinks.base import Sink
 from gridgate.sinks.forwarding import Forwarder
 from gridgate.storage.spool import SpoolSink
@@ -204,8 +206,10 @@ class Gateway:
     bound listeners, call ``stop()`` for a graceful shutdown."""
 
     def __init__(self, config: Config, spool: SpoolSink, sink: Sink | None, metrics: Metrics,
-                 auth: Authenticator | None = None) -> None:
+                 auth: Authenticator | None = None, *, tls_context: ssl.SSLContext | None = None) -> None:
         self.config = config
+        # the server context of the mqtts, https and wss listeners (security.tls); None: none is set
+        self.tls_context = tls_context
         self.metrics = metrics
         self.spool = spool
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -396,11 +400,25 @@ class Gateway:
     # -- listeners --------------------------------------------------------------
 
     async def _bind_listeners(self) -> list[tuple[str, trio.SocketListener, StreamHandler]]:
-        """Bind every configured listener; raise ListenError for the first that cannot bind."""
+        """Bind every configured listener; raise ListenError for the first that cannot bind.
+
+        The TLS listeners (mqtts, https, wss) serve the same handlers as the
+        plain ones, on the stream their handshake made (``_tls_handler``).
+        """
+        config = self.config
+        listeners_wanted: list[tuple[str, str, StreamHandler]] = [
+            ("mqtt", config.mqtt.listen, self.handle_mqtt),
+            ("http", config.http.listen, self.handle_http),
+            ("ws", config.websocket.listen, self.handle_ws),
+        ]
+        if self.tls_context is not None:
+            listeners_wanted += [
+                ("mqtts", config.mqtt.tls_listen, self._tls_handler("mqtts", self.handle_mqtt)),
+                ("https", config.http.tls_listen, self._tls_handler("https", self.handle_http)),
+                ("wss", config.websocket.tls_listen, self._tls_handler("wss", self.handle_ws)),
+            ]
         bound: list[tuple[str, trio.SocketListener, StreamHandler]] = []
-        for name, address, handler in (("mqtt", self.config.mqtt.listen, self.handle_mqtt),
-                                       ("http", self.config.http.listen, self.handle_http),
-                                       ("ws", self.config.websocket.listen, self.handle_ws)):
+        for name, address, handler in listeners_wanted:
             parsed = parse_address(address)
             if parsed is None:
                 continue
@@ -414,6 +432,42 @@ class Gateway:
             self.addresses[name] = (sockname[0], sockname[1])
             bound.extend((name, listener, handler) for listener in listeners)
         return bound
+
+    def _tls_handler(self, listener: str, handler: StreamHandler) -> StreamHandler:
+        """``handler`` behind a TLS server handshake.
+
+        The handshake runs in the connection's own task (the accept loop
+        only starts it), under ``[tls] handshake_timeout_s``: a client that
+        stalls or sends plaintext costs its own task, never the accept loop
+        or other connections, and is closed and counted
+        (``gridgate_tls_handshake_failures``). A finished handshake hands
+        ``handler`` the ``trio.SSLStream``; having no ``.socket`` and not
+        being a SocketStream, it takes the sessions' generic
+        receive_some/send_all path, never their raw-socket shortcut.
+        """
+        context = self.tls_context
+        assert context is not None
+        timeout_s = self.config.tls.handshake_timeout_s
+        metrics = self.metrics
+
+        async def handle_tls(stream: trio.abc.Stream) -> None:
+            # https_compatible: devices drop TCP without a close_notify, and
+            # every protocol here frames its own messages (MQTT lengths,
+            # Content-Length, WebSocket frames), so an EOF without one is an
+            # end like any other, and closing does not wait for the client's.
+            tls_stream = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+            try:
+                done = await tls_handshake(tls_stream, listener=listener, timeout_s=timeout_s, metrics=metrics)
+            except Exception as exc:       # a bug must cost this connection only; Cancelled passes
+                metrics.tls_handshake_failures.labels(listener, "other").inc()
+                log.error("%s TLS handshake from %s failed: %s", listener, _peer(stream), exc, exc_info=exc)
+                done = False
+            if not done:
+                await trio.aclose_forcefully(tls_stream)
+                return
+            await handler(tls_stream)
+
+        return handle_tls
 
     async def _accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream], name: str,
                            handler: StreamHandler, *,
@@ -598,6 +652,8 @@ def _listener_label(name: str, listener: trio.abc.Listener[trio.abc.Stream]) -> 
 
 
 def _peer(stream: trio.abc.Stream) -> str:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream         # the TCP connection under TLS
     sock = getattr(stream, "socket", None)
     try:
         return _fmt_addr(sock.getpeername()) if sock is not None else type(stream).__name__
@@ -641,9 +697,13 @@ async def serve(config: Config, sink: Sink | None = None, *,
     metrics = Metrics()
     # the password file, JWT keys and ACL: every problem of every file at once (ConfigError)
     auth = load_authenticator(config, metrics)
+    # the certificate, key, client CAs and CRL of the TLS listeners (ConfigError)
+    tls_context: ssl.SSLContext | None = None
+    if config.mqtt.tls_listen or config.http.tls_listen or config.websocket.tls_listen:
+        tls_context = server_context(config.tls)
     spool = await SpoolSink.open(config.spool.data_dir, fsync=config.spool.fsync,
                                  max_bytes=config.spool.max_bytes)
-    gateway = Gateway(config, spool, sink, metrics, auth)
+    gateway = Gateway(config, spool, sink, metrics, auth, tls_context=tls_context)
     try:
         await gateway._run(task_status)
     finally:

@@ -293,9 +293,11 @@ async def test_a_revoked_client_certificate_is_refused_and_another_still_accepte
     metrics = Metrics()
     revoked, good = ca.issue(cn="meter-1"), ca.issue(cn="meter-2")
     ctx = mtls_context(tmp_path, ca, revoked=[revoked])
-    ok, _, _ = await run_handshake(ctx, client_context(ca, revoked), metrics)
+    ok, _, error = await run_handshake(ctx, client_context(ca, revoked), metrics)
     assert not ok
     assert failures(metrics, "revoked") == 1
+    # the device is told why (the alert trio.SSLStream left unsent is sent)
+    assert isinstance(error.__cause__, ssl.SSLError) and error.__cause__.reason == "SSLV3_ALERT_CERTIFICATE_REVOKED"
     ok, server, _ = await run_handshake(ctx, client_context(ca, good), metrics)
     assert ok and certificate_identity(server, "cn") == "meter-2"
 

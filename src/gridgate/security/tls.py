@@ -62,6 +62,10 @@ _VERIFY_CODES = {
 
 TLSStream = trio.SSLStream[Any]
 
+# How long the alert of a failed handshake may take to leave; then the
+# connection is closed without it.
+_ALERT_TIMEOUT_S = 1.0
+
 
 def _refuse_encrypted_key() -> bytes:
     # Without a password callback OpenSSL would prompt on the terminal and
@@ -195,9 +199,29 @@ async def handshake(stream: TLSStream, *, listener: str, timeout_s: float, metri
         metrics.tls_handshake_failures.labels(listener, failure).inc()
         # The OpenSSL message names reasons, never key material.
         log.debug("%s TLS handshake failed (%s): %s", listener, failure, detail)
+        if failure != "timeout":
+            await _send_alert(stream)
         return False
     metrics.tls_handshake_seconds.labels(listener).observe(trio.current_time() - start)
     return True
+
+
+async def _send_alert(stream: TLSStream) -> None:
+    """Send the alert OpenSSL wrote for a failed handshake, best effort.
+
+    trio.SSLStream leaves it unsent in its outgoing buffer when the
+    handshake raises; sent, it tells a device why (``certificate revoked``,
+    ``unknown ca``) instead of a bare close. The buffer is private to Trio:
+    should a release rename it, the device gets the bare close again.
+    """
+    outgoing = getattr(stream, "_outgoing", None)
+    if not isinstance(outgoing, ssl.MemoryBIO) or not outgoing.pending:
+        return
+    with trio.move_on_after(_ALERT_TIMEOUT_S):
+        try:
+            await stream.transport_stream.send_all(outgoing.read())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 def certificate_identity(stream: TLSStream, mode: Literal["cn", "san"]) -> str | None:
