@@ -49,7 +49,10 @@ _REASONS = {
     "UNKNOWN_PROTOCOL": "plaintext",
     "UNSUPPORTED_PROTOCOL": "protocol_version", "NO_PROTOCOLS_AVAILABLE": "protocol_version",
     "VERSION_TOO_LOW": "protocol_version", "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+    "INAPPROPRIATE_FALLBACK": "protocol_version",    # a downgrade the client itself flagged (TLS_FALLBACK_SCSV)
+    # nothing both sides support: suites, signature algorithms or key exchange groups
     "NO_SHARED_CIPHER": "no_shared_cipher", "NO_SUITABLE_SIGNATURE_ALGORITHM": "no_shared_cipher",
+    "NO_SUITABLE_KEY_SHARE": "no_shared_cipher", "NO_SHARED_GROUPS": "no_shared_cipher",
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_certificate",
 }
 # X509 verify codes of a client certificate that was refused
@@ -147,7 +150,8 @@ def failure_reason(exc: BaseException) -> str:
 
     ``plaintext`` (not TLS: an MQTT or HTTP client on the TLS port),
     ``protocol_version`` (SSLv3, TLS 1.0/1.1, or 1.2 under min_version 1.3),
-    ``no_shared_cipher``, ``no_certificate`` (required and not sent),
+    ``no_shared_cipher`` (no common suite, signature algorithm or key
+    exchange group), ``no_certificate`` (required and not sent),
     ``unknown_ca``, ``revoked``, ``crl`` (the issuer's CRL is missing or out
     of date), ``bad_certificate`` (expired, not yet valid, any other refusal
     of the client certificate), ``closed`` (the client went away mid-way,
