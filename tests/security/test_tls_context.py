@@ -322,3 +322,23 @@ async def test_certificate_identity(tmp_path, ca, names, cn, san):
     assert ok
     assert certificate_identity(server, "cn") == cn
     assert certificate_identity(server, "san") == san
+
+
+async def test_an_optional_client_certificate_that_is_sent_is_still_verified(tmp_path, ca):
+    metrics = Metrics()
+    stranger = CA("ecdsa", "another CA").issue(cn="meter-1")
+    ok, _, _ = await run_handshake(mtls_context(tmp_path, ca, required=False), client_context(ca, stranger), metrics)
+    assert not ok
+    assert failures(metrics, "unknown_ca") == 1
+
+
+async def test_a_crl_file_without_the_issuers_crl_refuses_its_certificates(tmp_path, ca):
+    # VERIFY_CRL_CHECK_LEAF: no CRL for the issuer is no proof it is not revoked
+    metrics = Metrics()
+    other = CA("ecdsa", "another CA")
+    (tmp_path / "crl.pem").write_bytes(other.crl([]))
+    ctx = server_context(config_for(tmp_path, ca.server(), client_ca_file=ca.write(tmp_path),
+                                    require_client_cert=True, crl_file=str(tmp_path / "crl.pem")))
+    ok, _, _ = await run_handshake(ctx, client_context(ca, ca.issue(cn="meter-1")), metrics)
+    assert not ok
+    assert failures(metrics, "crl") == 1
