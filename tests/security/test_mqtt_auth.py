@@ -16,6 +16,7 @@ import json
 
 import pytest
 import trio
+import trio.testing
 
 from gridgate.config import AuthConfig, ConnectionsConfig, MQTTConfig
 from gridgate.security.passwords import format_line, hash_password
@@ -241,3 +242,40 @@ async def test_1000_failed_logins_ban_the_address_and_others_are_served(autojump
     assert value("gridgate_auth_failures_total", {"protocol": "mqtt", "reason": "bad_password"}) == 10
     assert trio.current_time() - start < LONG          # the ban (LONG) held throughout
     assert (await stats(gw))["records"] == 1
+
+
+async def test_a_verified_client_certificate_is_the_identity(autojump_clock, start_gateway, nursery, credentials):
+    """mqtts: the certificate's CN comes before any user name and password
+    (the TLS listener hands the session the trio.SSLStream it made)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("gridgate.test").configure_cert(server_ctx)
+    ca.configure_trust(server_ctx)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    ca.issue_cert("meter-1.devices", common_name="meter-1").configure_cert(client_ctx)
+    gw = await start_gateway(auth=AuthConfig(password_file=str(credentials), failure_delay_ms=1000))
+
+    async def tls_connect(client_id: str, **kw) -> bytes:
+        client_raw, server_raw = trio.testing.memory_stream_pair()
+        server = trio.SSLStream(server_raw, server_ctx, server_side=True)
+        client = trio.SSLStream(client_raw, client_ctx, server_hostname="gridgate.test")
+
+        async def serve() -> None:
+            await server.do_handshake()
+            await gw.handle_mqtt(server)
+        nursery.start_soon(serve)
+        await client.send_all(gen_connect(client_id, **kw))
+        return await read_exactly(client, 4)
+
+    assert await tls_connect("meter-1") == gen_connack(0)
+    # the certificate wins over a wrong password, and binds the client id
+    assert await tls_connect("meter-1", username="meter-1", password=b"wrong") == gen_connack(0)
+    assert await tls_connect("meter-2") == gen_connack(5)
+    value = gw.metrics.registry.get_sample_value
+    assert value("gridgate_auth_successes_total", {"protocol": "mqtt", "method": "certificate"}) == 3

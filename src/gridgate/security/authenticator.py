@@ -32,6 +32,7 @@ from gridgate.config import ConfigError
 from gridgate.security.acl import ACL
 from gridgate.security.jwt_keys import JWTKeys, JWTRejected, looks_like_jwt
 from gridgate.security.passwords import MAX_PASSWORD_BYTES, PasswordFile, PasswordHash, hash_password
+from gridgate.security.tls import certificate_identity
 
 if TYPE_CHECKING:
     from gridgate.config import Config
@@ -71,7 +72,7 @@ _DUMMY = hash_password(b"gridgate", salt=b"\0" * 12)
 @dataclass(frozen=True, slots=True)
 class Identity:
     """An authenticated principal: a device id, or one the ACL lets write
-    for other devices. ``method``: "password" or "jwt"."""
+    for other devices. ``method``: "password", "jwt" or "certificate"."""
 
     name: str
     method: str
@@ -126,6 +127,7 @@ class Authenticator:
         self.failure_window_s = auth.failure_window_s
         self.ban_s = auth.ban_s
         self.cache_s = auth.cache_s
+        self.certificate_mode = config.tls.identity
         # credential hash -> (identity, monotonic expiry)
         self._cache: dict[bytes, tuple[Identity, float]] = {}
         # address -> [failures, window start]
@@ -309,6 +311,20 @@ class Authenticator:
             raise await self._fail(protocol, address, reason, exc.detail, client_id or "?") from None
         # cached no longer than the token lives (exp is wall-clock time)
         return self._remember(key, name, "jwt", protocol, exp - time.time())
+
+    def certificate(self, protocol: str, stream: object) -> Identity | None:
+        """The identity of the client certificate the TLS handshake of
+        ``stream`` verified (its CN or first SAN, ``[tls] identity``); None
+        when ``stream`` is not TLS or carries no verified certificate. A
+        certificate comes before any user name and password (DESIGN section 10)."""
+        if not isinstance(stream, trio.SSLStream):
+            return None
+        name = certificate_identity(stream, self.certificate_mode)
+        if not name:
+            return None
+        if self.metrics is not None:
+            self.metrics.auth_successes.labels(protocol, "certificate").inc()
+        return Identity(name, "certificate")
 
     # -- authorization ------------------------------------------------------------------
 

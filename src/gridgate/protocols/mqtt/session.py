@@ -355,15 +355,18 @@ class MQTTConnection:
         return _mqtt.encode_connack(False, CONNACK_ACCEPTED)
 
     async def _authenticate(self, auth: Authenticator, ev: Connect, client_id: str) -> bytes | None:
-        """Who the client is, and whether it may be ``client_id``: None when
+        """Who the client is (its verified client certificate, else its user
+        name and password), and whether it may be ``client_id``: None when
         it may (``identity`` and ``allowed_topics`` set), else the refusing
         CONNACK: 0x04 wrong credentials (after the failure delay), 0x05 not
         authorized (none given where required, a client id it may not use,
         or a banned address: at once)."""
         address = source_address(self.session.remote)
-        identity: Identity | None = None
+        identity = auth.certificate(self.protocol, self.stream)      # mqtts with a client certificate
         try:
-            if ev.username is None and ev.password is None:
+            if identity is not None:
+                auth.refuse_banned(self.protocol, address)
+            elif ev.username is None and ev.password is None:
                 auth.refuse_banned(self.protocol, address)
                 if not auth.anonymous_allowed:
                     self.svc.metrics.auth_failures.labels(self.protocol, "no_credentials").inc()
