@@ -163,3 +163,53 @@ async def test_websocket_upgrades(autojump_clock, gateway, jwt_key):
         await ws.send_message(json.dumps({"seq": 1, "readings": [{"battery_mv": 5}]}))
         assert json.loads(await ws.get_message())["accepted"] == 1
     assert await counts(gw) == (1, 0)
+
+
+async def test_a_verified_client_certificate_is_the_identity(autojump_clock, gateway, nursery):
+    """https and wss: the certificate's CN, before any Authorization header
+    (the TLS listener hands the connection the trio.SSLStream it made)."""
+    import ssl
+
+    import trio.testing
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("gridgate.test").configure_cert(server_ctx)
+    ca.configure_trust(server_ctx)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    ca.issue_cert("meter-1.devices", common_name="meter-1").configure_cert(client_ctx)
+    gw = await gateway()
+
+    async def tls_stream(handler) -> trio.SSLStream:
+        client_raw, server_raw = trio.testing.memory_stream_pair()
+        server = trio.SSLStream(server_raw, server_ctx, server_side=True, https_compatible=True)
+        client = trio.SSLStream(client_raw, client_ctx, server_hostname="gridgate.test", https_compatible=True)
+
+        async def serve() -> None:
+            await server.do_handshake()
+            await handler(server)
+        nursery.start_soon(serve)
+        return client
+
+    client = await tls_stream(gw.handle_http)
+    batch = json.dumps([{"device_id": "meter-1", "battery_mv": 1}, {"device_id": "meter-2", "battery_mv": 2}])
+    # no Authorization header; a wrong one is not even looked at
+    await client.send_all(post(batch.encode()) + post(batch.encode(), basic("meter-1", "wrong")))
+    buf = bytearray()
+    for _ in range(2):
+        status, _, body = await read_response(client, buf)
+        answer = json.loads(body)
+        assert status == 202 and (answer["accepted"], answer["errors"][0]["reason"]) == (1, "not_authorized")
+    client = await tls_stream(gw.handle_ws)
+    async with trio.open_nursery() as ws_nursery:
+        ws = await trio_websocket.wrap_client_stream(ws_nursery, client, "gridgate.test", "/v1/ws?device_id=meter-1")
+        await ws.send_message(json.dumps({"seq": 1, "readings": [{"battery_mv": 5}]}))
+        assert json.loads(await ws.get_message())["accepted"] == 1
+        await ws.aclose()
+    assert await counts(gw) == (3, 2)
+    value = gw.metrics.registry.get_sample_value
+    assert value("gridgate_auth_successes_total", {"protocol": "http", "method": "certificate"}) == 1
+    assert value("gridgate_auth_successes_total", {"protocol": "ws", "method": "certificate"}) == 1

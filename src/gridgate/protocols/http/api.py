@@ -168,12 +168,14 @@ NEEDS_AUTH = NeedsAuth()
 CHALLENGE = (b"www-authenticate", b'Bearer realm="gridgate", Basic realm="gridgate", charset="UTF-8"')
 
 
-async def handle_request(services: Services, request: Request, engine: str, remote: str = "") -> Answer:
+async def handle_request(services: Services, request: Request, engine: str, remote: str = "",
+                         certificate: Identity | None = None) -> Answer:
     """Route and answer one request (waits for durable on telemetry);
-    ``remote`` is the peer (bans are per address)."""
+    ``remote`` is the peer (bans are per address), ``certificate`` the
+    identity its verified client certificate proves, if any."""
     started = begin_request(services, request, engine)
     if type(started) is NeedsAuth:
-        started = await begin_authenticated(services, request, engine, remote)
+        started = await begin_authenticated(services, request, engine, remote, certificate)
     if type(started) is Pending:
         return await started.answer()
     assert type(started) is tuple
@@ -212,13 +214,19 @@ async def authenticate(auth: Authenticator, authorization: str, remote: str, pro
         raise HttpError(401, "unauthorized", detail, [CHALLENGE]) from None
 
 
-async def begin_authenticated(services: Services, request: RequestView, engine: str, remote: str) -> Answer | Pending:
-    """Authenticate a request ``begin_request`` said NEEDS_AUTH, then begin it."""
+async def begin_authenticated(services: Services, request: RequestView, engine: str, remote: str,
+                              certificate: Identity | None = None) -> Answer | Pending:
+    """Authenticate a request ``begin_request`` said NEEDS_AUTH, then begin
+    it. A connection's verified client certificate (https) is its identity,
+    before any Authorization header."""
     assert services.auth is not None
-    try:
-        identity = await authenticate(services.auth, request.authorization, remote, "http")
-    except HttpError as err:
-        return _error(err)
+    if certificate is not None:
+        identity: Identity | None = certificate
+    else:
+        try:
+            identity = await authenticate(services.auth, request.authorization, remote, "http")
+        except HttpError as err:
+            return _error(err)
     started = begin_request(services, request, engine, True, identity)
     assert type(started) is not NeedsAuth
     return started

@@ -112,6 +112,8 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
                     view = view[sent:]
             except OSError as exc:       # reset or EPIPE: as SocketStream reports it
                 raise trio.BrokenResourceError(str(exc)) from exc
+    # https with a verified client certificate: the identity of every request on it
+    certificate = services.auth.certificate("http", stream) if services.auth is not None else None
     inf = float("inf")
     deadline = inf               # for the head or body now arriving; inf while idle
     phase = 0                    # 0 idle (the reaper watches), 1 head arriving, 2 body arriving
@@ -130,7 +132,7 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
                     started = begin_request(services, parser, "fast")
                     if type(started) is NeedsAuth:
                         # the parser keeps this request while the check waits: nothing else reads it
-                        started = await begin_authenticated(services, parser, "fast", session.remote)
+                        started = await begin_authenticated(services, parser, "fast", session.remote, certificate)
                     if parser.method == "HEAD" and type(started) is not Pending:
                         # RFC 9110 9.3.2: GET's answer without its body, rendered
                         # now (only a POST is ever a Pending telemetry write)

@@ -418,6 +418,8 @@ class StdRequestReader:
 async def serve_std_http(stream: trio.abc.Stream, services: Services, session: Session) -> None:
     cfg = services.config.http
     reader = StdRequestReader(cfg.max_header_bytes, cfg.max_body_bytes)
+    # https with a verified client certificate: the identity of every request on it
+    certificate = services.auth.certificate("http", stream) if services.auth is not None else None
 
     async def send(event: h11.Event) -> None:
         data = reader.send(event)
@@ -483,7 +485,8 @@ async def serve_std_http(stream: trio.abc.Stream, services: Services, session: S
                     else:                              # closed mid-body
                         return
                 request.body = b"".join(body_parts)
-                status, body, content_type, extra = await handle_request(services, request, "std", session.remote)
+                status, body, content_type, extra = await handle_request(services, request, "std", session.remote,
+                                                                         certificate)
                 await respond(status, body, content_type, extra, head=request.method == "HEAD")
             except HTTPParseError as exc:
                 services.metrics.protocol_errors.labels("http", exc.error).inc()

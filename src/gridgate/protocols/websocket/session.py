@@ -160,7 +160,7 @@ async def serve_websocket_connection(stream: trio.abc.Stream, services: Services
                 return
             # /mqtt authenticates in its CONNECT, as MQTT over TCP does
             if services.auth is not None and not mqtt and \
-                    not await _authorize_upgrade(services.auth, services, session, request, query):
+                    not await _authorize_upgrade(services.auth, services, session, request, query, stream):
                 nursery.cancel_scope.cancel()
                 return
             ws = await request.accept(subprotocol="mqtt" if mqtt and offered_mqtt else None)
@@ -203,9 +203,10 @@ _CHALLENGE = (b"www-authenticate", b'Bearer realm="gridgate", Basic realm="gridg
 
 
 async def _authorize_upgrade(auth: Authenticator, services: Services, session: Session,
-                             request: trio_websocket.WebSocketRequest, query: str) -> bool:
-    """Whether a /v1/ws upgrade may proceed: its Authorization header proves
-    an identity that may write the ``device_id`` it names. Refused: 401 with
+                             request: trio_websocket.WebSocketRequest, query: str, stream: trio.abc.Stream) -> bool:
+    """Whether a /v1/ws upgrade may proceed: its verified client certificate
+    (wss), else its Authorization header, proves an identity that may write
+    the ``device_id`` it names. Refused: 401 with
     WWW-Authenticate (missing or invalid credentials, the latter after the
     failure delay), 403 (a banned address, at once; or a device the
     identity may not write). True leaves the request to be accepted."""
@@ -216,7 +217,9 @@ async def _authorize_upgrade(auth: Authenticator, services: Services, session: S
     else:
         header = headers[0].decode("latin-1") if headers else ""
         try:
-            identity = await auth.check_authorization("ws", source_address(session.remote), header)
+            identity = auth.certificate("ws", stream)
+            if identity is None:
+                identity = await auth.check_authorization("ws", source_address(session.remote), header)
         except AuthFailure as exc:
             if exc.reason == "banned":
                 status, error, detail = 403, "banned", "too many failed authentications from this address"
