@@ -230,13 +230,14 @@ class Authenticator:
             AuthFailure: after the failure delay (at once when banned).
         """
         self.refuse_banned(protocol, address)
-        if self.jwt_keys is not None and looks_like_jwt(password):
-            token = password.decode("ascii")
-            return await self._check_jwt(protocol, address, token, client_id)
-        key = self.credentials_key(b"password", username, password)
+        # the cache first, whatever the password is: a reconnecting device
+        # costs one hash (a JWT without sub proves the client id: it is in the key)
+        key = self.credentials_key(b"mqtt", username, password, client_id or "")
         identity = self.cached(key, protocol)
         if identity is not None:
             return identity
+        if self.jwt_keys is not None and looks_like_jwt(password):
+            return await self._check_jwt(protocol, address, password.decode("ascii"), client_id, key)
         return await self._check_password_file(protocol, address, username, password, key)
 
     async def check_authorization(self, protocol: str, address: str, header: str) -> Identity | None:
@@ -295,13 +296,7 @@ class Authenticator:
         return entry.verify(password)
 
     async def _check_jwt(self, protocol: str, address: str, token: str, client_id: str | None,
-                         key: bytes | None = None) -> Identity:
-        if key is None:
-            # a token without sub proves the client id: it is part of what was proved
-            key = self.credentials_key(b"jwt", client_id or "", token)
-        identity = self.cached(key, protocol)
-        if identity is not None:
-            return identity
+                         key: bytes) -> Identity:
         if self.jwt_keys is None:
             raise await self._fail(protocol, address, "bad_token", "no jwt_keys_file is configured", "?")
         try:
