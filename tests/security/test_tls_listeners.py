@@ -35,18 +35,16 @@ class TLSGateway:
         self.ca_file = self.ca.write(tmp_path, "ca")
         cert, key = self.ca.server(kind).write(tmp_path, "server")
         tls = [f'cert_file = "{cert}"', f'key_file = "{key}"', f"handshake_timeout_s = {handshake_timeout_s}"]
-        auth = ""
         if client_certs:
+            # the only credential store: a verified certificate names the device (its CN)
             tls += [f'client_ca_file = "{self.ca_file}"', "require_client_cert = true"]
-            # who a certificate names is the authenticator's to use; here only TLS is judged
-            auth = "[auth]\nallow_anonymous = true\n"
         if revoked is not None:
             (tmp_path / "crl.pem").write_bytes(self.ca.crl(revoked))
             tls.append(f'crl_file = "{tmp_path / "crl.pem"}"')
         config = tmp_path / "gridgate.toml"
         config.write_text(
             '[mqtt]\ntls_listen = "127.0.0.1:0"\n[http]\ntls_listen = "127.0.0.1:0"\n'
-            '[websocket]\ntls_listen = "127.0.0.1:0"\n' + auth + "[tls]\n" + "\n".join(tls) + "\n")
+            '[websocket]\ntls_listen = "127.0.0.1:0"\n[tls]\n' + "\n".join(tls) + "\n")
         self.proc = GatewayProcess(tmp_path / "data", "--config", str(config), "--http-engine", engine)
 
     def client_context(self, leaf: Leaf | None = None) -> ssl.SSLContext:
@@ -207,6 +205,8 @@ def test_mutual_tls_accepts_a_device_certificate_and_refuses_the_rest(mosquitto_
         assert gw.failures("mqtts", "unknown_ca") == 1
         assert gw.failures("mqtts", "no_certificate") == 1
         assert gw.handshakes("mqtts") == 1
+        # no password: the certificate named the device
+        assert gw.proc.metric('gridgate_auth_successes_total{method="certificate",protocol="mqtt"}') == 1
 
         # the same certificates over https
         host, port = gw.proc.https
