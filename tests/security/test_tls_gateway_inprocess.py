@@ -74,3 +74,28 @@ async def test_serve_refuses_an_unusable_certificate_before_it_listens(tmp_path,
     assert info.value.problems == [
         f"tls.cert_file {tls.cert_file} / tls.key_file {tmp_path / 'missing.key'}: No such file or directory"]
     assert not (tmp_path / "data").exists()        # refused before the spool was opened
+
+
+async def test_a_graceful_stop_closes_open_tls_connections_and_ends(tmp_path, pki):
+    tls, client_ctx = pki
+    sink = MemorySink()
+    config = make_config(tmp_path, mqtt=MQTTConfig(listen="", tls_listen="127.0.0.1:0"),
+                         http=HTTPConfig(listen="", tls_listen="127.0.0.1:0"), tls=tls)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config, sink)
+            mqtt = await trio.open_ssl_over_tcp_stream(*gateway.addresses["mqtts"], ssl_context=client_ctx)
+            await mqtt.send_all(gen_connect("meter-1") + gen_publish("telemetry", qos=1, mid=1,
+                                                                        payload=b'{"battery_mv": 3300}'))
+            assert await read_exactly(mqtt, 8) == gen_connack(0) + gen_puback(1)
+            # an https client that connected and said nothing yet: idle keep-alive
+            https = await trio.open_ssl_over_tcp_stream(*gateway.addresses["https"], ssl_context=client_ctx)
+            await https.do_handshake()
+            gateway.stop()
+            for stream in (mqtt, https):
+                try:
+                    assert await stream.receive_some(1024) == b""
+                except trio.BrokenResourceError:
+                    pass                 # closed without close_notify: the TCP connection ended all the same
+        # serve() returned: the nursery ended with it
+    assert [r.fields for b in sink.batches for r in b] == [{"battery_mv": 3300}]
