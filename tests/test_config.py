@@ -29,7 +29,7 @@ def test_missing_identity_and_bad_values_are_reported_together(tmp_path):
     problems = info.value.problems
     assert problems == [
         "[nonsense]: unknown section (known: admin, auth, connections, devices, downlink, fields, http, "
-        "influxdb, mqtt, nats, "
+        "influxdb, limits, mqtt, nats, "
         "payload, pipeline, service, sink, spool, tls, websocket)",
         "mqtt.max_packet_bytes (from GRIDGATE_MQTT_MAX_PACKET_BYTES): Expected `int`, got `str` (got 'lots')",
         "connections.idle_timeout_s: Expected `float` > 0.0 (got -5)",
