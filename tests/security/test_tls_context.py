@@ -76,6 +76,10 @@ async def run_handshake(context: ssl.SSLContext, client: ssl.SSLContext | bytes 
                 assert await stream.receive_some(4) == b"pong"
             except trio.BrokenResourceError as exc:
                 client_error.append(exc)
+                # as a real client's socket closes (trio's client leaves its own alert unsent)
+                await trio.aclose_forcefully(stream)
+        elif client == b"close":
+            await client_end.aclose()
         elif client is not None:
             await client_end.send_all(client)
             with trio.move_on_after(timeout_s + 1):
@@ -342,3 +346,15 @@ async def test_a_crl_file_without_the_issuers_crl_refuses_its_certificates(tmp_p
     ok, _, _ = await run_handshake(ctx, client_context(ca, ca.issue(cn="meter-1")), metrics)
     assert not ok
     assert failures(metrics, "crl") == 1
+
+
+async def test_a_client_that_goes_away_or_refuses_our_certificate_is_closed(tmp_path, ca):
+    metrics = Metrics()
+    ctx = server_context(config_for(tmp_path, ca.server()))
+    ok, _, _ = await run_handshake(ctx, b"close", metrics)          # a port probe: connect, close
+    assert not ok
+    distrustful = ssl.create_default_context(cadata=CA("ecdsa", "another CA").cert_pem.decode())
+    ok, _, error = await run_handshake(ctx, distrustful, metrics)   # it does not trust our CA: its alert
+    assert not ok and isinstance(error, trio.BrokenResourceError)
+    assert failures(metrics, "closed") == 2
+    assert failures(metrics, "other") == 0
