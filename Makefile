@@ -63,7 +63,7 @@ ASAN_ENV       = PYTHONPATH=$(ASAN_DIR)/site LD_PRELOAD=$$($(SAN_CC) -print-file
 ASAN_TESTS    := tests/protocols/mqtt/test_mqtt_codec.py tests/protocols/mqtt/test_mqtt_hypothesis.py \
                  tests/protocols/mqtt/test_mqtt_take_publishes.py tests/protocols/http/test_http_parser.py \
                  tests/ingest/test_payload.py tests/ingest/test_payload_hypothesis.py tests/test_fuzz_corpus.py \
-                 tests/ingest/test_payload_fuzz_regressions.py
+                 tests/ingest/test_payload_fuzz_regressions.py tests/test_hotpath_truncations.py
 
 asan-build: $(STAMP)
 	$(LOCK) env CC=$(SAN_CC) CFLAGS="$(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
@@ -75,9 +75,12 @@ asan-build: $(STAMP)
 	$(SAN_CC) $(SAN_FLAGS) -fno-sanitize=object-size -O1 -shared -fPIC sanitize/canary.c -o $(ASAN_DIR)/canary.so
 
 # HYPOTHESIS_MAX_EXAMPLES: every property test of these suites reads it.
+# --capture=sys: a sanitizer writes its report to file descriptor 2 and ends
+# the process, so pytest must not hold fd 2 (its capture file dies unread).
 test-asan: asan-build
 	$(ASAN_ENV) $(PY) sanitize/check_active.py $(ASAN_DIR)
-	$(ASAN_ENV) HYPOTHESIS_MAX_EXAMPLES=$(ASAN_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider $(ASAN_TESTS)
+	$(ASAN_ENV) HYPOTHESIS_MAX_EXAMPLES=$(ASAN_EXAMPLES) $(PY) -m pytest -q --capture=sys -p no:cacheprovider \
+	  $(ASAN_TESTS)
 
 # Coverage-guided fuzzing (fuzz/run.py, atheris): each target SECONDS seconds
 # on the normal build, steered by the coverage of the pure-Python twin, the
