@@ -210,3 +210,33 @@ def test_loading_reports_every_problem_of_every_file(tmp_path):
         load_authenticator(config)
     assert len(info.value.problems) == 4
     assert load_authenticator(Config(service=ServiceConfig(environment="t", service_name="t"))) is None
+
+
+async def test_reload_swaps_all_or_nothing_and_empties_the_cache(autojump_clock, tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text(format_line("meter-1", hash_password(b"one")) + format_line("meter-2", hash_password(b"two")))
+    acl = tmp_path / "acl"
+    acl.write_text("pattern write devices/%u/telemetry\n")
+    config = Config(service=ServiceConfig(environment="t", service_name="t"),
+                    auth=AuthConfig(password_file=str(pw), acl_file=str(acl), failure_delay_ms=0))
+    auth = load_authenticator(config)
+    one = await auth.check_password("mqtt", "a", "meter-1", b"one")
+    assert auth.still_valid(one) and auth.acl.may_write_device("meter-1", "meter-1")
+    # a broken file: every problem said, the old set kept
+    pw.write_text("garbage\n")
+    acl.write_text("topic sometimes x\n")
+    assert len(auth.reload(config)) == 2
+    assert (await auth.check_password("mqtt", "a", "meter-2", b"two")).name == "meter-2"
+    # meter-1 removed, meter-2's password changed, the ACL narrowed: effective at once, cache or not
+    pw.write_text(format_line("meter-2", hash_password(b"new")))
+    acl.write_text("user meter-2\ntopic write devices/meter-2/telemetry\n")
+    assert auth.reload(config) == []
+    assert not auth.still_valid(one)
+    assert auth.still_valid(Identity("meter-2", "password"))
+    for user, password in [("meter-1", b"one"), ("meter-2", b"two")]:
+        with pytest.raises(AuthFailure):
+            await auth.check_password("mqtt", "a", user, password)
+    assert (await auth.check_password("mqtt", "a", "meter-2", b"new")).name == "meter-2"
+    assert not auth.acl.may_write_device("meter-1", "meter-1") and auth.acl.may_write_device("meter-2", "meter-2")
+    assert auth.still_valid(Identity("meter-9", "certificate"))
+    assert not auth.still_valid(None)               # anonymous clients are not served with a store

@@ -321,6 +321,37 @@ class Authenticator:
             self.metrics.auth_successes.labels(protocol, "certificate").inc()
         return Identity(name, "certificate")
 
+    # -- reloading ------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> list[str]:
+        """Read the password file, JWT keys and ACL again (SIGHUP). All or
+        nothing: with any problem the old set stays and the problems are
+        returned, for the caller to log; else the new set replaces it and the
+        cache of successful checks is emptied, so a removed or changed
+        credential stops working at its next check. Bans and failure counts
+        stay. Connections already open keep the topic grants they got at
+        connect; ``still_valid`` says which may stay open."""
+        passwords, jwt_keys, acl, problems = _load_stores(config)
+        if problems:
+            return problems
+        self.passwords, self.jwt_keys, self.acl = passwords, jwt_keys, acl
+        self.anonymous_allowed = config.auth.allow_anonymous or not config.has_credential_store
+        self._cache.clear()
+        return []
+
+    def still_valid(self, identity: Identity | None) -> bool:
+        """Whether a connection authenticated as ``identity`` may stay open
+        after a reload: its id is still in the store that proved it (a
+        certificate's validity is the TLS reload's to judge); an anonymous
+        one while anonymous clients are served."""
+        if identity is None:
+            return self.anonymous_allowed
+        if identity.method == "password":
+            return self.passwords is not None and identity.name in self.passwords.entries
+        if identity.method == "jwt":
+            return self.jwt_keys is not None and identity.name in self.jwt_keys.keys
+        return True
+
     # -- authorization ------------------------------------------------------------------
 
     def may_use_client_id(self, identity: Identity | None, client_id: str) -> bool:
@@ -331,16 +362,10 @@ class Authenticator:
         return self.acl.may_write(identity.name, client_id, f"devices/{client_id}/telemetry")
 
 
-def load_authenticator(config: Config, metrics: Metrics | None = None) -> Authenticator | None:
-    """The Authenticator of ``config``: None when no credential store and no
-    ACL is configured (every check is then skipped: the anonymous default).
-
-    Raises:
-        ConfigError: every problem of every file at once.
-    """
+def _load_stores(config: Config) -> tuple[PasswordFile | None, JWTKeys | None, ACL, list[str]]:
+    """Read the password file, JWT keys and ACL of ``config``: every problem
+    of every file, and what could be read."""
     auth = config.auth
-    if not (config.has_credential_store or auth.acl_file):
-        return None
     problems: list[str] = []
     passwords = jwt_keys = None
     acl = ACL()
@@ -353,6 +378,19 @@ def load_authenticator(config: Config, metrics: Metrics | None = None) -> Authen
     if auth.acl_file:
         acl, found = ACL.load(auth.acl_file)
         problems += found
+    return passwords, jwt_keys, acl, problems
+
+
+def load_authenticator(config: Config, metrics: Metrics | None = None) -> Authenticator | None:
+    """The Authenticator of ``config``: None when no credential store and no
+    ACL is configured (every check is then skipped: the anonymous default).
+
+    Raises:
+        ConfigError: every problem of every file at once.
+    """
+    if not (config.has_credential_store or config.auth.acl_file):
+        return None
+    passwords, jwt_keys, acl, problems = _load_stores(config)
     if problems:
         raise ConfigError(problems)
     return Authenticator(config, passwords=passwords, jwt_keys=jwt_keys, acl=acl, metrics=metrics)
