@@ -167,7 +167,7 @@ async def _serve_until_stopped(config: Config, log: logging.Logger) -> None:
 
     from gridgate.gateway import Gateway, serve
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def run_gateway(task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
@@ -177,6 +177,9 @@ async def _serve_until_stopped(config: Config, log: logging.Logger) -> None:
             gateway = await nursery.start(run_gateway)
             count = 0
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    gateway.reload_credentials()      # problems are logged; the old set stays
+                    continue
                 count += 1
                 name = signal.Signals(signum).name
                 if count == 1:

@@ -289,6 +289,29 @@ class Gateway:
         """Begin a graceful shutdown; ``serve`` returns once it is done."""
         self._stop.set()
 
+    def reload_credentials(self) -> list[str]:
+        """SIGHUP: read the password file, JWT keys and ACL again and close
+        the connections whose identity is gone (security.authenticator).
+        A reload with any problem keeps the old set: returns the problems
+        (each also logged), and closes nothing."""
+        auth = self.services.auth
+        if auth is None:
+            return []
+        problems = auth.reload(self.config)
+        if problems:
+            self.metrics.credential_reloads.labels("failed").inc()
+            for problem in problems:
+                log.error("credentials reload failed, the old set stays: %s", problem)
+            return problems
+        self.metrics.credential_reloads.labels("ok").inc()
+        closed = 0
+        for session in self.conns:
+            if session.identity is not None and not auth.still_valid(session.identity):
+                session.close("credentials removed")
+                closed += 1
+        log.info("credentials reloaded; %d connections whose credentials were removed closed", closed)
+        return []
+
     async def _run(self, task_status: trio.TaskStatus[Gateway]) -> None:
         try:
             # Bound before any task starts, so a port in use is raised as the

@@ -142,3 +142,38 @@ def test_websockets_client(secured):
         assert json.loads(ws.recv(timeout=20)) == {"ack": 7, "accepted": 1, "rejected": 0, "errors": []}
     assert gw.stop() == 0, gw.log()
     assert spool_stats(gw.data_dir)["records"] == 1
+
+
+def _wait_for_line(gw, text: str, after: int, timeout: float = 30) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in gw.lines[after:]):
+        assert time.monotonic() < deadline, gw.log()
+        time.sleep(0.05)
+
+
+def test_sighup_reloads_the_password_file(secured, tmp_path):
+    import signal
+
+    from gatewayproc import run_cli
+    gw, _ = secured
+    passwd = tmp_path / "passwd"
+    assert run_cli("passwd", str(passwd), "meter-3", "-b", "three").returncode == 0
+    denied = mosquitto_pub(gw.mqtt, "-i", "meter-3", "-u", "meter-3", "-P", "three", "-t", "telemetry", "-m", "{}")
+    assert denied.returncode != 0                          # not read yet
+    mark = len(gw.lines)
+    gw.proc.send_signal(signal.SIGHUP)
+    _wait_for_line(gw, "credentials reloaded", mark)
+    ok = mosquitto_pub(gw.mqtt, "-i", "meter-3", "-u", "meter-3", "-P", "three", "-t", "telemetry",
+                       "-m", '{"battery_mv": 3000}')
+    assert ok.returncode == 0, ok.stderr
+    # a broken file: said in the log, the old set stays, the gateway serves on
+    good = passwd.read_text()
+    passwd.write_text(good + "broken line\n")
+    mark = len(gw.lines)
+    gw.proc.send_signal(signal.SIGHUP)
+    _wait_for_line(gw, "credentials reload failed", mark)
+    assert mosquitto_pub(gw.mqtt, "-i", "meter-3", "-u", "meter-3", "-P", "three", "-t", "telemetry",
+                         "-m", '{"battery_mv": 3001}').returncode == 0
+    assert gw.stop() == 0, gw.log()
+    assert spool_stats(gw.data_dir)["records"] == 2

@@ -279,3 +279,25 @@ async def test_a_verified_client_certificate_is_the_identity(autojump_clock, sta
     assert await tls_connect("meter-2") == gen_connack(5)
     value = gw.metrics.registry.get_sample_value
     assert value("gridgate_auth_successes_total", {"protocol": "mqtt", "method": "certificate"}) == 3
+
+
+async def test_a_credentials_reload_closes_the_connections_whose_credentials_were_removed(
+        autojump_clock, gateway_with, credentials):
+    gw, addr = await gateway_with(password_file=str(credentials))
+    one, connack1, _ = await connect(addr, "meter-1", "meter-1", b"one pw")
+    two, connack2, _ = await connect(addr, "meter-2", "meter-2", b"two")
+    assert connack1 == connack2 == gen_connack(0)
+    # a broken file: the old set stays, nobody is closed
+    credentials.write_text("meter-2 without a hash\n")
+    problems = gw.reload_credentials()
+    assert len(problems) == 1 and "passwd:1" in problems[0]
+    # meter-1 removed
+    credentials.write_text(format_line("meter-2", hash_password(b"two")))
+    assert gw.reload_credentials() == []
+    assert await closed(one)
+    await two.send_all(gen_publish("telemetry", 1, b'{"battery_mv": 1}', mid=1))
+    assert await read_exactly(two, 4) == gen_puback(1)
+    assert (await connect(addr, "meter-1", "meter-1", b"one pw"))[1] == gen_connack(4)
+    value = gw.metrics.registry.get_sample_value
+    assert value("gridgate_credential_reloads_total", {"result": "failed"}) == 1
+    assert value("gridgate_credential_reloads_total", {"result": "ok"}) == 1

@@ -40,7 +40,7 @@ class Session:
     __slots__ = (
         "id", "protocol", "remote", "device_id", "connected_at", "last_seen", "paused",
         "keepalive_timeout", "cancel_scope", "_read_scope", "drain_deadline", "close_reason", "connected_wall",
-        "_heap_due", "send_command", "__weakref__",
+        "_heap_due", "send_command", "identity", "__weakref__",
     )
 
     def __init__(self, protocol: str, remote: str, cancel_scope: trio.CancelScope) -> None:
@@ -68,6 +68,12 @@ class Session:
         # (the downlink stage): takes its command, opaque here, returns False when the
         # connection's command queue is full. None: no downlink here.
         self.send_command: Callable[[Any], bool] | None = None
+        # Who the connection authenticated as (a gridgate.security Identity,
+        # opaque here), set by a protocol session that authenticates once per
+        # connection; a credentials reload closes it when that identity is gone.
+        # None: not authenticated that way (no credential store, or HTTP, which
+        # authenticates every request).
+        self.identity: Any = None
 
     @property
     def read_scope(self) -> trio.CancelScope:

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from gridgate.config import Config
     from gridgate.observability.metrics import Metrics
 
-__all__ = ["Identity", "AuthFailure", "Authenticator", "FAILURE_REASONS", "load_authenticator", "source_address"]
+__all__ = ["Identity", "ANONYMOUS", "AuthFailure", "Authenticator", "FAILURE_REASONS", "load_authenticator",
+           "source_address"]
 
 log = logging.getLogger("gridgate.auth")
 K = TypeVar("K")
@@ -76,6 +77,11 @@ class Identity:
 
     name: str
     method: str
+
+
+# What a connection served without credentials (anonymous on purpose) is,
+# for a reload to judge (Session.identity).
+ANONYMOUS = Identity("", "anonymous")
 
 
 class AuthFailure(Exception):
@@ -344,7 +350,7 @@ class Authenticator:
         after a reload: its id is still in the store that proved it (a
         certificate's validity is the TLS reload's to judge); an anonymous
         one while anonymous clients are served."""
-        if identity is None:
+        if identity is None or identity.method == "anonymous":
             return self.anonymous_allowed
         if identity.method == "password":
             return self.passwords is not None and identity.name in self.passwords.entries

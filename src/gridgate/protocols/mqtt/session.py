@@ -48,7 +48,7 @@ from gridgate.protocols.mqtt.events import (
     Unsubscribe,
 )
 from gridgate.protocols.outgoing import Outgoing, wait_acks_sent
-from gridgate.security.authenticator import Authenticator, AuthFailure, Identity, source_address
+from gridgate.security.authenticator import ANONYMOUS, Authenticator, AuthFailure, Identity, source_address
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -383,6 +383,7 @@ class MQTTConnection:
                         self.session.remote, identity.name if identity else None)
             return self._refuse(CONNACK_NOT_AUTHORIZED, "not authorized: client id")
         self.identity = identity
+        self.session.identity = identity if identity is not None else ANONYMOUS      # for a credentials reload
         name = identity.name if identity is not None else None
         telemetry_topic = f"devices/{client_id}/telemetry"
         self.allowed_topics = frozenset(t for t in (telemetry_topic, "telemetry")

@@ -36,7 +36,7 @@ from gridgate.downlink.commands import CommandOutbox, Send, open_channel
 from gridgate.ingest.pipeline import WorkItem
 from gridgate.ingest.records import DEVICE_ID_RE, Record, Rejection
 from gridgate.protocols.outgoing import Outgoing, wait_acks_sent
-from gridgate.security.authenticator import Authenticator, AuthFailure, source_address
+from gridgate.security.authenticator import ANONYMOUS, Authenticator, AuthFailure, Identity, source_address
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -212,6 +212,7 @@ async def _authorize_upgrade(auth: Authenticator, services: Services, session: S
     identity may not write). True leaves the request to be accepted."""
     headers = [v for k, v in request.headers if k.lower() == b"authorization"]
     status, error, detail = 0, "", ""
+    identity: Identity | None = None
     if len(headers) > 1:
         status, error, detail = 400, "bad_request", "more than one Authorization header"
     else:
@@ -235,6 +236,7 @@ async def _authorize_upgrade(auth: Authenticator, services: Services, session: S
                 services.metrics.not_authorized.labels("ws", "connect").inc()
                 status, error, detail = 403, "not_authorized", "this identity may not write this device"
     if not status:
+        session.identity = identity if identity is not None else ANONYMOUS      # for a credentials reload
         return True
     session.close_reason = f"upgrade refused: {error}"
     extra = [(b"content-type", b"application/json")] + ([_CHALLENGE] if status == 401 else [])
