@@ -209,7 +209,18 @@ async def test_a_verified_client_certificate_is_the_identity(autojump_clock, gat
         await ws.send_message(json.dumps({"seq": 1, "readings": [{"battery_mv": 5}]}))
         assert json.loads(await ws.get_message())["accepted"] == 1
         await ws.aclose()
+    # MQTT over wss (/mqtt): the certificate is the identity of its CONNECT too
+    from mqtt_frames import gen_connack, gen_connect
+    for client_id, code in (("meter-1", 0), ("meter-2", 5)):
+        client = await tls_stream(gw.handle_ws)
+        async with trio.open_nursery() as ws_nursery:
+            ws = await trio_websocket.wrap_client_stream(ws_nursery, client, "gridgate.test", "/mqtt",
+                                                         subprotocols=["mqtt"])
+            await ws.send_message(gen_connect(client_id))
+            assert await ws.get_message() == gen_connack(code)
+            await ws.aclose()
     assert await counts(gw) == (3, 2)
     value = gw.metrics.registry.get_sample_value
     assert value("gridgate_auth_successes_total", {"protocol": "http", "method": "certificate"}) == 1
     assert value("gridgate_auth_successes_total", {"protocol": "ws", "method": "certificate"}) == 1
+    assert value("gridgate_auth_successes_total", {"protocol": "mqtt-ws", "method": "certificate"}) == 2

@@ -317,9 +317,12 @@ class Authenticator:
         """The identity of the client certificate the TLS handshake of
         ``stream`` verified (its CN or first SAN, ``[tls] identity``); None
         when ``stream`` is not TLS or carries no verified certificate. A
-        certificate comes before any user name and password (DESIGN section 10)."""
+        certificate comes before any user name and password (DESIGN section 10).
+        A stream carried over another (MQTT over wss) names it ``transport``."""
         if not isinstance(stream, trio.SSLStream):
-            return None
+            stream = getattr(stream, "transport", None)
+            if not isinstance(stream, trio.SSLStream):
+                return None
         name = certificate_identity(stream, self.certificate_mode)
         if not name:
             return None

@@ -100,10 +100,13 @@ class WebSocketStream(trio.abc.Stream):
     several packets - the codec reassembles), ``b""`` once the peer closed.
     ``send_all`` sends one binary message. A text message ends the stream
     and sets ``close_code`` to 1003 (MQTT over WebSocket is binary only).
+    ``transport`` is the connection under the WebSocket (a trio.SSLStream
+    over wss: its client certificate is the MQTT session's identity).
     """
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: WebSocketConnection, transport: trio.abc.Stream | None = None) -> None:
         self.ws = ws
+        self.transport = transport
         self.close_code: int | None = None
         self._pending = memoryview(b"")
 
@@ -175,7 +178,7 @@ async def serve_websocket_connection(stream: trio.abc.Stream, services: Services
                     code, reason = _policy(services, session, "no_subprotocol", "MQTT over WebSocket needs the "
                                                                                 "subprotocol 'mqtt'")
                 else:
-                    code, reason = await _run_mqtt(ws, services, session)
+                    code, reason = await _run_mqtt(ws, services, session, stream)
             else:
                 device_id = parse_qs(query).get("device_id", [""])[0]
                 if not DEVICE_ID_RE.match(device_id):
@@ -266,9 +269,10 @@ async def _pinger(ws: WebSocketConnection, interval: float) -> None:
             return
 
 
-async def _run_mqtt(ws: WebSocketConnection, services: Services, session: Session) -> tuple[int, str]:
+async def _run_mqtt(ws: WebSocketConnection, services: Services, session: Session,
+                    transport: trio.abc.Stream) -> tuple[int, str]:
     services.conns.set_protocol(session, "mqtt-ws")
-    stream = WebSocketStream(ws)
+    stream = WebSocketStream(ws, transport)
     error = None
     async with trio.open_nursery() as nursery:
         if services.config.websocket.ping_interval_s > 0:
