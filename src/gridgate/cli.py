@@ -6,6 +6,8 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gridgate import __version__
@@ -134,8 +136,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     failed: list[OSError] = []
     unusable: list[ConfigError] = []
     try:
-        trio.run(_serve_until_stopped, config, log)
-    except* ConfigError as group:  # the password file, JWT keys or ACL (read at start): every problem
+        trio.run(_serve_until_stopped, config, log, partial(_reload_config, args.config, _overrides(args), log))
+    except* ConfigError as group:  # the password file, JWT keys, ACL, admin tokens (read at start): every problem
         unusable.extend(_leaves(group))
     except* OSError as group:  # a listener could not bind, the data dir is unusable, ...
         failed.extend(_leaves(group))
@@ -162,7 +164,21 @@ def _leaves(group: BaseExceptionGroup[E]) -> list[E]:
     return out
 
 
-async def _serve_until_stopped(config: Config, log: logging.Logger) -> None:
+def _reload_config(path: str | None, overrides: dict[str, dict[str, Any]], log: logging.Logger) -> Config | None:
+    """SIGHUP: the config read again the way it was at start (file, environment,
+    flags); None, with every problem logged, when it is unusable."""
+    from gridgate.config import Config, ConfigError
+
+    try:
+        return Config.load(path, overrides=overrides)
+    except ConfigError as exc:
+        log.error("SIGHUP: the new configuration is unusable, keeping the running one:\n%s",
+                  "\n".join(f"  - {p}" for p in exc.problems))
+        return None
+
+
+async def _serve_until_stopped(config: Config, log: logging.Logger,
+                               reload: Callable[[], Config | None] | None = None) -> None:
     import trio
 
     from gridgate.gateway import Gateway, serve
@@ -179,6 +195,11 @@ async def _serve_until_stopped(config: Config, log: logging.Logger) -> None:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     gateway.reload_credentials()      # problems are logged; the old set stays
+                    new = reload() if reload is not None else None
+                    if new is not None:
+                        gateway.reload(new)
+                    else:
+                        gateway.metrics.reloads.labels("failed").inc()
                     continue
                 count += 1
                 name = signal.Signals(signum).name

@@ -42,18 +42,21 @@ except ImportError:  # pragma: no cover - depends on the Trio release
     }
 
 from gridgate import hotpath
-from gridgate.config import Config, parse_address
+from gridgate.config import Config, ConfigError, is_loopback_host, parse_address
 from gridgate.connections.manager import ConnManager, Session
 from gridgate.ingest.durable_timeouts import DurableTimeouts
 from gridgate.ingest.pipeline import Pipeline, WorkItem
 from gridgate.ingest.records import Record, Rejection
 from gridgate.ingest.validator import validator, validator_py
+from gridgate.limits.buckets import TokenBucket
+from gridgate.limits.guard import FlowGuard
 from gridgate.observability.metrics import Metrics
 from gridgate.protocols.http.fast import serve_fast_http
 from gridgate.protocols.http.std import serve_std_http
 from gridgate.protocols.mqtt.session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection, serve_mqtt_stream
 from gridgate.protocols.services import Services
 from gridgate.protocols.websocket.session import serve_websocket_connection
+from gridgate.security.admin_tokens import AdminGate, AdminTokens
 from gridgate.security.authenticator import Authenticator, load_authenticator
 from gridgate.security.tls import handshake as tls_handshake, server_context
 from gridgate.sinks.base import Sink
@@ -206,7 +209,8 @@ class Gateway:
     bound listeners, call ``stop()`` for a graceful shutdown."""
 
     def __init__(self, config: Config, spool: SpoolSink, sink: Sink | None, metrics: Metrics,
-                 auth: Authenticator | None = None, *, tls_context: ssl.SSLContext | None = None) -> None:
+                 auth: Authenticator | None = None, *, tls_context: ssl.SSLContext | None = None,
+                 admin_tokens: AdminTokens | None = None) -> None:
         self.config = config
         # the server context of the mqtts, https and wss listeners (security.tls); None: none is set
         self.tls_context = tls_context
@@ -238,6 +242,11 @@ class Gateway:
             metrics=metrics,
         )
         self.durable_timeouts = DurableTimeouts(config.http.durable_timeout_s)
+        device_configs = config.device_configs()
+        self.limits = FlowGuard(config.limits, metrics, region_tag=config.payload.location_levels[0],
+                                device_configs=device_configs)
+        self.admin = AdminGate(admin_tokens or AdminTokens({}), required=admin_required(config),
+                               metrics_token_required=config.admin.metrics_token_required)
         # All a session gets of the gateway (gridgate.protocols.services).
         self.services = Services(
             config=config, metrics=metrics, conns=self.conns, pipeline=self.pipeline,
@@ -245,13 +254,15 @@ class Gateway:
             # the std HTTP engine's validator: always the pure-Python reference
             std_validator=validator_py.Validator(rules),
             durable_timeouts=self.durable_timeouts,
-            device_configs=config.device_configs(),
+            device_configs=device_configs,
             poll_durable=spool.poll,
             connection_nursery=lambda: self.connection_nursery,
             not_ready_reasons=self.not_ready_reasons,
             sink_status=self.sink_status,
             serve_mqtt_stream=serve_mqtt_stream,
             auth=auth,
+            limits=self.limits,
+            admin=self.admin,
         )
         self._stop = trio.Event()
         self._listeners: list[trio.SocketListener] = []
@@ -271,11 +282,39 @@ class Gateway:
 
     async def _write(self, records: list[Record], dead: list[tuple[str, int, Rejection]],
                      on_commit: Callable[[], None] | None = None) -> None:
+        # Commit latency feeds shedding (DESIGN section 11) when it is on.
+        started = trio.current_time() if self.limits.latency.enabled else None
         if self.forwarder is None:
+            if started is not None and on_commit is not None:
+                on_commit = partial(self._timed_commit, on_commit, started)
+                started = None
             await self.spool.write_batch(records, dead, on_commit=on_commit)
         else:
             # dead letters always stay in the spool; records go to the sink or pending
             await self.forwarder.write(records, dead)
+        if started is not None:
+            self.limits.record_commit(trio.current_time() - started)
+
+    def _timed_commit(self, on_commit: Callable[[], None], started: float) -> None:
+        self.limits.record_commit(trio.current_time() - started)
+        on_commit()
+
+    # What a SIGHUP applies without a restart; other changed sections are named
+    # in the log and wait for one.
+    RELOADABLE = ("limits",)
+
+    def reload(self, config: Config) -> None:
+        """Apply a re-read configuration (SIGHUP): the limits now; connections stay."""
+        import msgspec
+
+        self.limits.reload(config.limits)
+        ignored = [name for name in ("mqtt", "http", "websocket", "connections", "pipeline", "payload", "sink",
+                                     "spool", "influxdb", "nats", "downlink", "service")
+                   if msgspec.to_builtins(getattr(config, name)) != msgspec.to_builtins(getattr(self.config, name))]
+        self.config.limits = config.limits
+        self.metrics.reloads.labels("ok").inc()
+        log.info("SIGHUP: reloaded %s%s", ", ".join(self.RELOADABLE),
+                 f"; changed and applied only at restart: {', '.join(ignored)}" if ignored else "")
 
     def sink_status(self) -> dict[str, object]:
         """For /readyz: which sink, and for an external one its breaker and pending records."""
@@ -510,7 +549,9 @@ class Gateway:
         # and 1,000 clients connecting at once to a busy gateway waited
         # seconds in the backlog (wrk's p99 was 7 s). Closed with the loop,
         # so the port stops listening when the listener is closed.
-        burst_socket = _dup_listening_socket(listener)
+        # With accept_rate_per_s the excess waits in the kernel backlog: one
+        # accept at a time, paced by the listener's bucket.
+        burst_socket = None if self.config.limits.accept_rate_per_s else _dup_listening_socket(listener)
         try:
             await self._accept_connections(listener, name, handler, burst_socket)
         except Exception as exc:       # Cancelled is not an Exception: a stop passes through
@@ -542,9 +583,16 @@ class Gateway:
         self._accept_scopes.append(scope)
         # one name for all: trio would otherwise format a new string per task
         task_name = f"gridgate.{name}-connection"
+        rate = self.config.limits.accept_rate_per_s
+        pace = TokenBucket(rate, rate, trio.current_time()) if rate else None
         with scope:
             while True:
                 try:
+                    if pace is not None:
+                        wait = pace.wait_for(1, trio.current_time())
+                        if wait:
+                            await trio.sleep(wait)
+                        pace.take(1, trio.current_time())
                     stream = await listener.accept()
                     conn_nursery.start_soon(handler, stream, name=task_name)
                     if burst_socket is not None:
@@ -581,28 +629,31 @@ class Gateway:
         wrapping it: that would be one more frame on the stack of every idle
         device connection.
         """
-        if self.conns.full():
+        held = self._admit(stream, "mqtt")
+        if held is None:
             return self._refuse(stream, "mqtt", b"\x20\x02\x00" + bytes([CONNACK_SERVER_UNAVAILABLE]))
-        return self._serve_connection(stream, "mqtt", _serve_mqtt)
+        return self._serve_connection(stream, "mqtt", _serve_mqtt, held)
 
     async def handle_http(self, stream: trio.abc.Stream) -> None:
         """Serve one HTTP/1.1 connection (keep-alive, pipelining) on any Trio stream."""
-        if self.conns.full():
-            body = b'{"error": "overloaded", "detail": "max_connections reached"}'
+        held = self._admit(stream, "http")
+        if held is None:
+            body = b'{"error": "overloaded", "detail": "not taking new connections now"}'
             await self._refuse(stream, "http", b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
                                b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
                                + str(len(body)).encode() + b"\r\n\r\n" + body)
             return
         serve = serve_fast_http if self.config.http.engine == "fast" else serve_std_http
-        await self._serve_connection(stream, "http", serve)
+        await self._serve_connection(stream, "http", serve, held)
 
     async def handle_ws(self, stream: trio.abc.Stream) -> None:
         """Serve one WebSocket connection (/v1/ws or MQTT on /mqtt) on any Trio stream."""
-        if self.conns.full():
+        held = self._admit(stream, "ws")
+        if held is None:
             await self._refuse(stream, "ws", b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n"
                                b"connection: close\r\ncontent-length: 0\r\n\r\n")
             return
-        await self._serve_connection(stream, "ws", serve_websocket_connection)
+        await self._serve_connection(stream, "ws", serve_websocket_connection, held)
 
     def not_ready_reasons(self) -> list[str]:
         """Why /readyz is 503; empty when listeners are up and the sink takes writes."""
@@ -624,7 +675,21 @@ class Gateway:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_connection(self, stream: trio.abc.Stream, protocol: str, serve: ServeFn) -> None:
+    def _admit(self, stream: trio.abc.Stream, protocol: str) -> str | None:
+        """Whether a new connection is taken: None when refused
+        (max_connections, shedding while the sink's commit p99 is over the
+        threshold, max_connections_per_ip); else the address whose place it
+        holds until _serve_connection ends."""
+        limits = self.limits
+        if self.conns.full() or limits.shedding(protocol):
+            return None
+        # counted whether or not a limit is set, so a limit set by SIGHUP
+        # counts the connections already open
+        address = _peer_host(stream)
+        return address if limits.acquire_address(address, protocol) else None
+
+    async def _serve_connection(self, stream: trio.abc.Stream, protocol: str, serve: ServeFn,
+                                held_address: str = "") -> None:
         remote = _peer(stream)
         scope = trio.CancelScope()
         session = Session(protocol, remote, scope)
@@ -642,6 +707,8 @@ class Gateway:
                       exc_info=group)
         finally:
             self.conns.unregister(session)
+            if held_address:
+                self.limits.release_address(held_address)
             await trio.aclose_forcefully(stream)
 
     # -- logs ----------------------------------------------------------------------
@@ -684,6 +751,29 @@ def _peer(stream: trio.abc.Stream) -> str:
         return "?"
 
 
+def _peer_host(stream: trio.abc.Stream) -> str:
+    """The peer's address without the port: what per-address limits count."""
+    sock = getattr(stream, "socket", None)
+    try:
+        addr = sock.getpeername() if sock is not None else None
+    except OSError:
+        return "?"
+    return addr[0] if isinstance(addr, tuple) else type(stream).__name__
+
+
+def admin_required(config: Config) -> bool:
+    """DESIGN section 10: the admin API needs a token whenever a credential
+    store or a tokens file is configured, or a listener is not loopback-only."""
+    if config.has_credential_store or config.admin.tokens_file:
+        return True
+    for section in (config.mqtt, config.http, config.websocket):
+        for text in (section.listen, section.tls_listen):
+            address = parse_address(text)
+            if address is not None and not is_loopback_host(address[0]):
+                return True
+    return False
+
+
 def _fmt_addr(addr: Any) -> str:
     if isinstance(addr, (str, bytes)):       # AF_UNIX (an embedder's socket pair: "")
         return f"unix:{addr!r}" if addr else "unix"
@@ -720,13 +810,18 @@ async def serve(config: Config, sink: Sink | None = None, *,
     metrics = Metrics()
     # the password file, JWT keys and ACL: every problem of every file at once (ConfigError)
     auth = load_authenticator(config, metrics)
+    admin_tokens = None
+    if config.admin.tokens_file:       # every problem of the file at once, before anything opens
+        admin_tokens, problems = AdminTokens.load(config.admin.tokens_file)
+        if problems:
+            raise ConfigError(problems)
     # the certificate, key, client CAs and CRL of the TLS listeners (ConfigError)
     tls_context: ssl.SSLContext | None = None
     if config.mqtt.tls_listen or config.http.tls_listen or config.websocket.tls_listen:
         tls_context = server_context(config.tls)
     spool = await SpoolSink.open(config.spool.data_dir, fsync=config.spool.fsync,
                                  max_bytes=config.spool.max_bytes)
-    gateway = Gateway(config, spool, sink, metrics, auth, tls_context=tls_context)
+    gateway = Gateway(config, spool, sink, metrics, auth, tls_context=tls_context, admin_tokens=admin_tokens)
     try:
         await gateway._run(task_status)
     finally:

@@ -92,7 +92,9 @@ class Metrics:
         self.connections_opened = Counter(
             "gridgate_connections_opened", "Connections accepted", ["protocol"], registry=r)
         self.connections_refused = Counter(
-            "gridgate_connections_refused", "Connections refused (max_connections reached)", ["protocol"], registry=r)
+            "gridgate_connections_refused",
+            "Connections refused at accept (max_connections, max_connections_per_ip, shedding)", ["protocol"],
+            registry=r)
         self.connections_reaped = Counter(
             "gridgate_connections_reaped", "Connections dropped for silence", ["why"], registry=r)
         self.connections_taken_over = Counter(
@@ -189,6 +191,8 @@ class Metrics:
         self.connections_shed = Counter(
             "gridgate_connections_shed", "New connections refused while the sink's commit p99 is over the threshold",
             ["protocol"], registry=r)
+        self.reloads = Counter(
+            "gridgate_reloads", "SIGHUP reloads of the configuration, by result", ["result"], registry=r)
         self.connections_over_ip_limit = Counter(
             "gridgate_connections_over_ip_limit", "Connections refused: max_connections_per_ip reached",
             ["protocol"], registry=r)

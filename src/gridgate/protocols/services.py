@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from gridgate.errors import MQTTProtocolError
     from gridgate.ingest.durable_timeouts import DurableTimeouts
     from gridgate.ingest.pipeline import Pipeline
+    from gridgate.limits.guard import FlowGuard
     from gridgate.observability.metrics import Metrics
+    from gridgate.security.admin_tokens import AdminGate
     from gridgate.security.authenticator import Authenticator
 
 __all__ = ["Services", "ServeMQTTStream"]
@@ -55,6 +57,10 @@ class Services:
     not_ready_reasons: Callable[[], list[str]]
     sink_status: Callable[[], dict[str, Any]]
     serve_mqtt_stream: ServeMQTTStream
+    # Flow control: quotas, bans, shedding (DESIGN section 11).
+    limits: FlowGuard
+    # Who may use the admin API (DESIGN section 10).
+    admin: AdminGate
     # Identity and authorization (gridgate.security); None when no credential
     # store and no ACL is configured: then every check is skipped, anonymous
     # clients are served as before, and a session pays one attribute test.

@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SCOPES", "AdminToken", "AdminTokens", "new_token", "entry_toml"]
+__all__ = ["SCOPES", "AdminGate", "AdminToken", "AdminTokens", "new_token", "entry_toml"]
 
 # What each scope opens (the routes are in protocols/http/api.py).
 SCOPES = {
@@ -139,3 +139,28 @@ def entry_toml(name: str, token: str, scopes: list[str]) -> str:
                          else f"at least one --scope is needed: {', '.join(SCOPES)}")
     quoted = ", ".join(f'"{s}"' for s in dict.fromkeys(scopes))
     return f'[[token]]\nname = "{name}"\nsha256 = "{_digest(token)}"\nscopes = [{quoted}]\n'
+
+
+class AdminGate:
+    """Who may use the admin API. ``required`` (DESIGN section 10): whenever a
+    credential store or a tokens file is configured, or a listener binds a
+    non-loopback address; then only a known token with the route's scope
+    opens it (no tokens file: nothing does). Otherwise it is open, as on a
+    development machine."""
+
+    def __init__(self, tokens: AdminTokens, *, required: bool, metrics_token_required: bool = False) -> None:
+        self.tokens = tokens
+        self.required = required
+        self.metrics_token_required = metrics_token_required
+
+    def check(self, authorization: str, scopes: tuple[str, ...]) -> tuple[int, str, str] | None:
+        """None when the request may go on, else (status, error, detail);
+        ``scopes``: any of them opens the route (empty: any known token)."""
+        if not self.required:
+            return None
+        token = self.tokens.check(authorization) if authorization else None
+        if token is None:
+            return 401, "unauthorized", "the admin API needs Authorization: Bearer <admin token>"
+        if scopes and not token.scopes.intersection(scopes):
+            return 403, "forbidden", f"admin token {token.name!r} lacks the scope {' or '.join(scopes)}"
+        return None

@@ -5,10 +5,12 @@ they differ only in how they parse and frame, never in behaviour.
 """
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, final
+from urllib.parse import unquote
 
 import msgspec
 import trio
@@ -37,8 +39,10 @@ _FORMATS = {
 # Allow; a method the gateway does not recognize at all, or one it serves on
 # no resource asked for an unknown one, gets 501 (never 404: the method, not
 # the path, is what cannot be served).
-_SERVED = frozenset({"GET", "HEAD", "POST"})
-_KNOWN = _SERVED | {"PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+_SERVED = frozenset({"GET", "HEAD", "POST", "DELETE"})
+_KNOWN = _SERVED | {"PUT", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+# A 401 of the admin API says how to authenticate (RFC 9110 11.6.1).
+_ADMIN_CHALLENGE = [(b"www-authenticate", b'Bearer realm="gridgate-admin"')]
 # Whole-payload rejections and the status they map to.
 _WHOLE_STATUS = {"malformed": 400, "not_object": 400, "too_large": 413}
 
@@ -251,15 +255,33 @@ def _route(svc: Services, req: RequestView, engine: str, authenticated: bool,
         return _ok(200, {"status": "ready", "sink": svc.sink_status()})
     if path == "/metrics":
         _allow(req, "GET")
+        if svc.admin.metrics_token_required:
+            _admin(svc, req, ())
         return 200, svc.metrics.render(), CONTENT_TYPE_LATEST.encode(), []
     if path == "/v1/connections":
         _allow(req, "GET")
+        _admin(svc, req, ("devices:read",))
         return _ok(200, {"total": len(svc.conns), "by_protocol": svc.conns.by_protocol()})
+    if path == "/v1/bans":
+        _allow(req, "GET")
+        _admin(svc, req, ("devices:read", "bans:write"))
+        now = trio.current_time()
+        return _ok(200, {"bans": [{"kind": b.kind, "key": b.key, "reason": b.reason,
+                                   "expires_in_s": round(b.until - now, 3)} for b in svc.limits.bans.active(now)]})
+    if path.startswith("/v1/bans/") and path.count("/") == 4:
+        _allow(req, "DELETE")
+        _admin(svc, req, ("bans:write",))
+        kind, _, key = path[len("/v1/bans/"):].partition("/")
+        if not svc.limits.bans.lift(kind, unquote(key)):
+            raise HttpError(404, "not_found", f"no {kind} ban on {unquote(key)!r}")
+        return _ok(200, {"lifted": {"kind": kind, "key": unquote(key)}})
     if path.startswith("/v1/devices/") and path.endswith("/commands") and path.count("/") == 4:
         _allow(req, "POST")
+        _admin(svc, req, ("commands:write",))
         return _command(svc, req, path[len("/v1/devices/"):-len("/commands")])
     if path.startswith("/v1/devices/") and path.count("/") == 3:
         _allow(req, "GET")
+        _admin(svc, req, ("devices:read",))
         info = svc.conns.device_info(path[len("/v1/devices/"):])
         if info is None:
             raise HttpError(404, "not_found", "device never seen")
@@ -267,6 +289,14 @@ def _route(svc: Services, req: RequestView, engine: str, authenticated: bool,
     if req.method not in _SERVED:
         raise _not_implemented(req.method)
     raise HttpError(404, "not_found", f"no resource {path}")
+
+
+def _admin(svc: Services, req: RequestView, scopes: tuple[str, ...]) -> None:
+    """The admin API's gate: 401 without a known admin token, 403 without the scope."""
+    refused = svc.admin.check(req.authorization, scopes)
+    if refused is not None:
+        status, error, detail = refused
+        raise HttpError(status, error, detail, list(_ADMIN_CHALLENGE) if status == 401 else [])
 
 
 def _not_implemented(method: str) -> HttpError:
@@ -316,6 +346,14 @@ def _telemetry(svc: Services, req: RequestView, engine: str, identity: Identity 
     records, rejections = validator.validate(body, fmt, "http", None, received_ns)
     if svc.auth is not None and records:
         records = authorize_readings(svc.auth, identity, records, rejections, "http")
+    limits = svc.limits
+    if limits.readings_limited and records:
+        # all or nothing: a request over a quota stores nothing and is not
+        # dead-lettered (a flood must not fill the dead-letter store)
+        charge = limits.admit(records, "http", records[0].device_id, len(body))
+        if charge.wait > 0:
+            raise HttpError(429, "rate_limited", f"over the limit {charge.name!r}; retry later",
+                            [(b"retry-after", b"%d" % max(1, math.ceil(charge.wait)))])
     done = trio.Event()
     item = WorkItem(records, rejections, "http", received_ns, done.set)
     if not svc.pipeline.try_submit(item):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import trio
@@ -29,10 +30,9 @@ __all__ = ["serve_fast_http", "render_response"]
 
 log = logging.getLogger("gridgate.http")
 
-_REASONS = {100: b"Continue", 200: b"OK", 202: b"Accepted", 400: b"Bad Request", 404: b"Not Found",
-            405: b"Method Not Allowed", 408: b"Request Timeout", 411: b"Length Required",
-            413: b"Content Too Large", 415: b"Unsupported Media Type", 431: b"Request Header Fields Too Large",
-            501: b"Not Implemented", 503: b"Service Unavailable", 505: b"HTTP Version Not Supported"}
+# Every status the API can answer (401, 403, 429 ... too), with RFC 9110's
+# name for 413 (Python 3.11's table still has the old one).
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus} | {413: b"Content Too Large"}
 _HEADS: dict[tuple[int, bytes], bytes] = {}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE = b"connection: close\r\n"

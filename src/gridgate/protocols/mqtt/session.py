@@ -193,8 +193,9 @@ class MQTTConnection:
                 except MQTTProtocolError as exc:
                     self._protocol_error(exc)
                     break
+                nbytes = len(data)
                 data = None
-                if not await self._handle(events):
+                if not await self._handle(events, nbytes):
                     break
                 events = None
                 poll_durable()
@@ -224,8 +225,8 @@ class MQTTConnection:
 
     # -- events -------------------------------------------------------------
 
-    async def _handle(self, events: list[Event]) -> bool:
-        """Act on the events of one read. False: close the connection."""
+    async def _handle(self, events: list[Event], nbytes: int = 0) -> bool:
+        """Act on the events of one read (``nbytes`` long). False: close the connection."""
         out: list[bytes] = []
         records: list[Record] = []
         rejections: list[Rejection] = []
@@ -326,6 +327,11 @@ class MQTTConnection:
                     if acks:
                         self.pending -= 1
                     raise
+            limits = self.svc.limits
+            if limits.readings_limited and records:
+                # Over a quota, what arrived is kept and acked as usual; the
+                # next read waits (TCP backpressure slows the device).
+                await limits.pause(self.session, records, self.protocol, self.client_id, nbytes)
         return keep_open
 
     async def _connect(self, ev: Connect) -> bytes:
@@ -340,6 +346,13 @@ class MQTTConnection:
             refused = await self._authenticate(auth, ev, client_id)
             if refused is not None:
                 return refused
+        ban = self.svc.limits.on_connect(client_id, self.protocol)
+        if ban is not None:
+            # a device stuck in a reconnect loop (or banned by an operator)
+            log.warning("refusing MQTT client id %r from %s: banned (%s) for %.0f s more", client_id,
+                        self.session.remote, ban.reason, ban.until - trio.current_time())
+            self.session.close_reason = f"banned: {ban.reason}"
+            return _mqtt.encode_connack(False, CONNACK_NOT_AUTHORIZED)
         self.client_id = client_id
         self.telemetry_topic = f"devices/{client_id}/telemetry"
         conns = self.svc.conns

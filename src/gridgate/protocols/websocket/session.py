@@ -388,6 +388,10 @@ class WSDeviceChannel:
                 payload = bytes(top["readings"])
         records, rejections = self.svc.validate(payload, fmt, "ws", self.device_id, received_ns)
         await self._submit(records, rejections, received_ns, seq)
+        limits = self.svc.limits
+        if limits.readings_limited and records:
+            # over a quota: this message is kept and acked, the next is read later
+            await limits.pause(self.session, records, "ws", self.device_id, len(data))
         if len(rejections) == 1 and rejections[0].index is None:
             # The whole message was refused (undecodable, not an object or
             # array, over the payload limits): dead-lettered above, and a bad frame.
