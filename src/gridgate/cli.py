@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the password on the command line (visible to other users: prefer the prompt)")
     passwd.add_argument("--iterations", type=int, default=None, metavar="N",
                         help="PBKDF2 iterations (default 101, mosquitto_passwd's)")
+
+    admin_token = sub.add_parser("admin-token",
+                                 help="make an admin API token: prints it once, and the [[token]] entry to add")
+    admin_token.add_argument("name", metavar="NAME", help="who or what holds it (shown in logs and 403s)")
+    admin_token.add_argument("--scope", dest="scopes", action="append", required=True, metavar="S",
+                             help="devices:read, commands:write or bans:write (repeat for several)")
     return parser
 
 
@@ -242,6 +248,22 @@ def _cmd_passwd(args: argparse.Namespace) -> int:
     return passwd_file.passwd_command(args.file, args.id, args.password, args.iterations)
 
 
+def _cmd_admin_token(args: argparse.Namespace) -> int:
+    from gridgate.security.admin_tokens import entry_toml, new_token
+
+    token = new_token()
+    try:
+        entry = entry_toml(args.name, token, args.scopes)
+    except ValueError as exc:
+        print(f"gridgate admin-token: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    # The token on stdout alone (for `TOKEN=$(gridgate admin-token ...)`),
+    # the entry on stderr: only its digest, safe to paste into the file.
+    print(token)
+    print(f"# add to [admin] tokens_file; the token above is shown only now\n{entry}", end="", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -256,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_spool(args)
     if args.command == "passwd":
         return _cmd_passwd(args)
+    if args.command == "admin-token":
+        return _cmd_admin_token(args)
     parser.print_help()
     return EXIT_CONFIG
 
