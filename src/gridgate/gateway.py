@@ -301,13 +301,23 @@ class Gateway:
 
     # What a SIGHUP applies without a restart; other changed sections are named
     # in the log and wait for one.
-    RELOADABLE = ("limits",)
+    RELOADABLE = ("limits", "admin tokens")
 
     def reload(self, config: Config) -> None:
-        """Apply a re-read configuration (SIGHUP): the limits now; connections stay."""
+        """Apply a re-read configuration (SIGHUP): the limits and the admin
+        tokens (a tokens file with any problem keeps the old tokens);
+        connections stay."""
         import msgspec
 
         self.limits.reload(config.limits)
+        if config.admin.tokens_file:
+            tokens, problems = AdminTokens.load(config.admin.tokens_file)
+            if problems:
+                self.metrics.reloads.labels("failed").inc()
+                for problem in problems:
+                    log.error("SIGHUP: admin tokens not reloaded, the old ones stay: %s", problem)
+            else:
+                self.admin.tokens = tokens
         ignored = [name for name in ("mqtt", "http", "websocket", "connections", "pipeline", "payload", "sink",
                                      "spool", "influxdb", "nats", "downlink", "service")
                    if msgspec.to_builtins(getattr(config, name)) != msgspec.to_builtins(getattr(self.config, name))]

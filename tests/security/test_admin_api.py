@@ -87,3 +87,26 @@ def test_a_bad_tokens_file_stops_the_start_with_every_problem(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "token 'a': sha256 must be 64 lower-case hex digits" in out.stderr
     assert "token 'b': scopes must be a non-empty list" in out.stderr
+
+
+def test_sighup_reloads_the_admin_tokens(tmp_path):
+    import signal
+    import time
+
+    curl_bin = require("curl")
+    first = make_token(tmp_path, "first", "devices:read")
+    gw = GatewayProcess(tmp_path / "data", env=gridgate_env(GRIDGATE_ADMIN_TOKENS_FILE=str(tmp_path / "admin.toml")))
+    try:
+        url = "http://{}:{}/v1/connections".format(*gw.http)
+        assert curl(curl_bin, url, "-H", f"Authorization: Bearer {first}")[0] == 200
+        (tmp_path / "admin.toml").write_text("")
+        second = make_token(tmp_path, "second", "devices:read")      # the file now holds only this one
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not any("SIGHUP: reloaded" in line for line in gw.lines):
+            assert time.monotonic() < deadline, gw.log()
+            time.sleep(0.05)
+        assert curl(curl_bin, url, "-H", f"Authorization: Bearer {first}")[0] == 401
+        assert curl(curl_bin, url, "-H", f"Authorization: Bearer {second}")[0] == 200
+    finally:
+        assert gw.stop() == 0, gw.log()
