@@ -202,11 +202,12 @@ def scan_raw_head(raw: bytes | bytearray, max_header_bytes: int,
             raise _bad("malformed header line (obs-fold, bare CR or LF, a control byte...)")
         framing.field(m.group(1).lower(), line[m.end(1) + 1:].strip(b" \t"))
     if partial is not None:
+        if not lines:
+            # the version's digits come before any bad byte after them
+            _judge_version_so_far(partial)
         prefix = _HEADER_LINE_PREFIX if lines else _REQUEST_LINE_PREFIX
         if prefix.fullmatch(partial) is None:
             raise _bad("malformed request head")
-        if not lines:
-            _judge_version_so_far(partial)
         name, colon, value = partial.partition(b":")
         if framing is not None and colon:
             # a framing field's value is judged as far as it has arrived
