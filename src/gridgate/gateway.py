@@ -58,7 +58,7 @@ from gridgate.protocols.services import Services
 from gridgate.protocols.websocket.session import serve_websocket_connection
 from gridgate.security.admin_tokens import AdminGate, AdminTokens
 from gridgate.security.authenticator import Authenticator, load_authenticator
-from gridgate.security.tls import handshake as tls_handshake, server_context
+from gridgate.security.tls import CertificateJudge, handshake as tls_handshake, peer_certificate, server_context
 from gridgate.sinks.base import Sink
 from gridgate.sinks.forwarding import Forwarder
 from gridgate.storage.spool import SpoolSink
@@ -214,6 +214,9 @@ class Gateway:
         self.config = config
         # the server context of the mqtts, https and wss listeners (security.tls); None: none is set
         self.tls_context = tls_context
+        # the TLS stream under each live TLS connection, for a SIGHUP that
+        # revokes or distrusts the certificate it was accepted with
+        self._tls_streams: dict[Session, trio.SSLStream[Any]] = {}
         self.metrics = metrics
         self.spool = spool
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -310,6 +313,7 @@ class Gateway:
         import msgspec
 
         self.limits.reload(config.limits)
+        self.reload_tls(config)
         if config.admin.tokens_file:
             tokens, problems = AdminTokens.load(config.admin.tokens_file)
             if problems:
@@ -325,6 +329,38 @@ class Gateway:
         self.metrics.reloads.labels("ok").inc()
         log.info("SIGHUP: reloaded %s%s", ", ".join(self.RELOADABLE),
                  f"; changed and applied only at restart: {', '.join(ignored)}" if ignored else "")
+
+    def reload_tls(self, config: Config) -> None:
+        """SIGHUP: the certificate, key, client CAs and CRL read again; new
+        handshakes use them at once. A connection whose client certificate the
+        new set refuses (revoked, expired, its CA gone; none where one is now
+        required) is closed; the others stay. Any problem keeps the old set."""
+        if self.tls_context is None:
+            return
+        try:
+            context = server_context(config.tls)
+            judge = CertificateJudge(config.tls)
+        except (ConfigError, OSError, ValueError) as exc:   # OSError, ValueError: what cryptography refused
+            self.metrics.reloads.labels("failed").inc()
+            for problem in exc.problems if isinstance(exc, ConfigError) else [f"tls: {exc}"]:
+                log.error("SIGHUP: TLS not reloaded, the old certificates and CRL stay: %s", problem)
+            return
+        self.tls_context = context
+        self.config.tls = config.tls
+        closed = 0
+        for session, stream in list(self._tls_streams.items()):
+            der = peer_certificate(stream)
+            if der is None:
+                why = "a client certificate is now required" if config.tls.require_client_cert else None
+            elif config.tls.client_ca_file:
+                refusal = judge.refusal(der)
+                why = f"client certificate {refusal}" if refusal else None
+            else:
+                why = None
+            if why is not None:
+                session.close(why)
+                closed += 1
+        log.info("SIGHUP: TLS reloaded; %d connections whose certificate is no longer accepted closed", closed)
 
     def sink_status(self) -> dict[str, object]:
         """For /readyz: which sink, and for an external one its breaker and pending records."""
@@ -517,12 +553,12 @@ class Gateway:
         being a SocketStream, it takes the sessions' generic
         receive_some/send_all path, never their raw-socket shortcut.
         """
-        context = self.tls_context
-        assert context is not None
         timeout_s = self.config.tls.handshake_timeout_s
         metrics = self.metrics
 
         async def handle_tls(stream: trio.abc.Stream) -> None:
+            context = self.tls_context      # read per connection: a SIGHUP may have replaced it
+            assert context is not None
             # https_compatible: devices drop TCP without a close_notify, and
             # every protocol here frames its own messages (MQTT lengths,
             # Content-Length, WebSocket frames), so an EOF without one is an
@@ -704,6 +740,8 @@ class Gateway:
         scope = trio.CancelScope()
         session = Session(protocol, remote, scope)
         self.conns.register(session)
+        if isinstance(stream, trio.SSLStream):
+            self._tls_streams[session] = stream
         try:
             with scope:
                 await serve(stream, self.services, session)
@@ -717,6 +755,7 @@ class Gateway:
                       exc_info=group)
         finally:
             self.conns.unregister(session)
+            self._tls_streams.pop(session, None)
             if held_address:
                 self.limits.release_address(held_address)
             await trio.aclose_forcefully(stream)

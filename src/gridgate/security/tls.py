@@ -18,11 +18,13 @@ import ssl
 from typing import Any, Literal
 
 import trio
+from cryptography.exceptions import InvalidSignature
 
 from gridgate.config import ConfigError, TLSConfig
 from gridgate.observability.metrics import Metrics
 
-__all__ = ["INTERMEDIATE_TLS12_CIPHERS", "server_context", "handshake", "failure_reason", "certificate_identity"]
+__all__ = ["INTERMEDIATE_TLS12_CIPHERS", "server_context", "handshake", "failure_reason", "certificate_identity",
+           "CertificateJudge", "peer_certificate"]
 
 log = logging.getLogger("gridgate.security.tls")
 
@@ -247,3 +249,62 @@ def certificate_identity(stream: TLSStream, mode: Literal["cn", "san"]) -> str |
         if kind in ("DNS", "URI") and value:
             return str(value)
     return None
+
+
+class CertificateJudge:
+    """Whether a client certificate verified at some past handshake would
+    still be accepted by the current ``[tls]`` (a SIGHUP reload): signed by
+    one of ``client_ca_file``'s CAs, not revoked by ``crl_file``, not expired.
+    Built once per reload; judging one connection is a dictionary lookup and
+    a signature check, no handshake."""
+
+    def __init__(self, tls: TLSConfig) -> None:
+        from cryptography import x509
+
+        self._cas: list[x509.Certificate] = []
+        self._revoked: dict[bytes, set[int]] = {}          # issuer DER name -> serials
+        if tls.client_ca_file:
+            with open(tls.client_ca_file, "rb") as f:
+                self._cas = x509.load_pem_x509_certificates(f.read())
+        if tls.crl_file:
+            with open(tls.crl_file, "rb") as f:
+                data = f.read()
+            for block in re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", data, re.S):
+                crl = x509.load_pem_x509_crl(block)
+                serials = self._revoked.setdefault(crl.issuer.public_bytes(), set())
+                serials.update(r.serial_number for r in crl)
+
+    def refusal(self, der: bytes) -> str | None:
+        """None when the certificate (DER) still passes, else why not:
+        ``revoked``, ``unknown_ca`` or ``expired``."""
+        import datetime
+
+        from cryptography import x509
+
+        cert = x509.load_der_x509_certificate(der)
+        if cert.serial_number in self._revoked.get(cert.issuer.public_bytes(), ()):
+            return "revoked"
+        if cert.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
+            return "expired"
+        for ca in self._cas:
+            if ca.subject == cert.issuer:
+                try:
+                    cert.verify_directly_issued_by(ca)
+                except (ValueError, TypeError, InvalidSignature):
+                    continue
+                return None
+        return "unknown_ca"
+
+
+def peer_certificate(stream: object) -> bytes | None:
+    """The DER client certificate a TLS handshake of ``stream`` (or of the
+    stream it is carried over) verified, if any."""
+    if not isinstance(stream, trio.SSLStream):
+        stream = getattr(stream, "transport", None)
+        if not isinstance(stream, trio.SSLStream):
+            return None
+    try:
+        der = stream.getpeercert(binary_form=True)
+    except (ValueError, trio.BrokenResourceError, trio.ClosedResourceError):
+        return None
+    return der if isinstance(der, bytes) else None
