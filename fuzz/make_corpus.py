@@ -142,6 +142,10 @@ def main() -> None:
     # HTTP: head 256 and body 64 (the test file's limits); every 4th also byte by byte
     http = http_seeds()
     write("http", [(1 | (1 << 2) | (16 if i % 4 == 0 else 0), s) for i, s in enumerate(http)])
+    # the encoders (config bit 4): topic length, topic, payload; the cut seed picks QoS, flags and ids
+    write("mqtt", [(16, bytes([len(topic)]) + topic + payload) for topic, payload in (
+        (b"devices/m1/commands", b'{"type": "REBOOT"}'), (b"t", b""), (b"a/+", b"x"), (b"", b"\x00\x01\x02\x80"),
+        (b"\xed\xa0\x80", b"p"), ("\u00e9/\U0001f600".encode(), b"\x00\x07" + b"y" * 40))])
     write("validator", validator_seeds())
     for target in ("mqtt", "http", "validator"):
         print(target, len(list((ROOT / "fuzz" / "corpus" / target).iterdir())))

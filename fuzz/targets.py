@@ -118,12 +118,60 @@ def run_take_publishes(impl: ModuleType, validator: Any, events: list[object], c
     return trace
 
 
+def outcome(call: Callable[[], object]) -> object:
+    """A call's result, or the class of the ValueError/TypeError it raised (encoders refuse misuse with those)."""
+    try:
+        return call()
+    except (ValueError, TypeError) as exc:
+        return type(exc)
+
+
+def encode_all(impl: ModuleType, seed: int, stream: bytes) -> list[object]:
+    """The server's encoders on arguments cut from the stream: a topic (its bytes
+    decoded with its invalid bytes as lone surrogates or as U+FFFD, so invalid topics come too), a payload,
+    QoS and flags from the seed, packet ids and SUBACK codes from the bytes."""
+    cut = stream[0] if stream else 0
+    topic = stream[1:1 + cut].decode("utf-8", "surrogateescape" if seed & 64 else "replace")
+    payload = stream[1 + cut:]
+    qos, pid = seed & 3, int.from_bytes(payload[:2], "big") if seed & 4 else seed >> 3
+    ids = [int.from_bytes(payload[i:i + 2], "big") for i in range(0, min(len(payload), 64) - 1, 2)]
+    return [
+        outcome(lambda: impl.encode_publish(topic, payload, qos, pid, bool(seed & 32), bool(seed & 128))),
+        outcome(lambda: impl.encode_suback(pid, payload[:300])),
+        outcome(lambda: impl.encode_acks(4 + (seed & 3), ids)),
+        outcome(lambda: impl.encode_connack(bool(seed & 32), seed & 7)),
+    ]
+
+
+def check_mqtt_encoders(data: bytes) -> None:
+    """Both sets of encoders give the same bytes or refuse alike, and a PUBLISH
+    they encode decodes back to its fields."""
+    _config, seed, stream = split_input(data)
+    encoded = encode_all(_fastparse, seed, stream)
+    agree("MQTT encoders", encoded, encode_all(codec_py, seed, stream), data)
+    if type(encoded[0]) is bytes:
+        for impl in (_fastparse, codec_py):
+            events = impl.MQTTCodec(max_packet_bytes=1 << 20).feed(ROUND_TRIP_CONNECT + encoded[0])
+            publish = events[1]
+            again = impl.encode_publish(publish.topic, publish.payload, publish.qos, publish.packet_id,
+                                        publish.retain, publish.dup)
+            agree(f"{impl.__name__}: PUBLISH encoded, decoded, encoded again", again, encoded[0], data)
+
+
+# a CONNECT of client id "c" (MQTT 3.1.1, clean session)
+ROUND_TRIP_CONNECT = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x00\x00\x01c"
+
+
 def check_mqtt(data: bytes) -> None:
     """Config bits 0-1: max_packet_bytes; bit 2: also fed one byte per read;
     bit 3: the events then go through take_publishes (a session's step over
     them: topic check, validation, acks), compiled and twin, each with the
-    compiled and the twin validator."""
+    compiled and the twin validator; bit 4: the server's encoders instead,
+    on arguments cut from the stream (check_mqtt_encoders)."""
     config, seed, stream = split_input(data)
+    if config & 16:
+        check_mqtt_encoders(data)
+        return
     max_packet = MQTT_MAX_PACKET[config & 3]
     plans = [[stream], cuts(stream, seed)]
     if config & 4 and len(stream) <= 2048:
