@@ -49,7 +49,9 @@ def gateway(start_gateway, tmp_path, engine, jwt_key):
         auth.setdefault("failure_delay_ms", int(DELAY_S * 1000))
         auth.setdefault("ban_s", LONG)
         gw = await start_gateway(
-            http=HTTPConfig(listen="127.0.0.1:0", engine=engine),
+            # the spool commits on a thread: meanwhile the autojump clock leaps to the next
+            # deadline, and a 30 s durable timeout would answer 503 (tests/autojump.py)
+            http=HTTPConfig(listen="127.0.0.1:0", engine=engine, durable_timeout_s=LONG),
             websocket=WebSocketConfig(listen="127.0.0.1:0"),
             connections=ConnectionsConfig(idle_timeout_s=LONG, reap_interval_s=LONG / 10),
             auth=AuthConfig(password_file=str(tmp_path / "passwd"), jwt_keys_file=str(tmp_path / "keys.json"),
