@@ -3,6 +3,7 @@
     gridgate-loadgen mqtt --target HOST:PORT --devices N --duration S [--rate R] [--qos 0|1]
         [--inflight W] [--batch K] [--procs P] [--source-ips A-B] [--payload json|msgpack]
         [--idle] [--connect-rate C] [--keepalive K] [--json FILE]
+        [--reconnect | --no-reconnect] [--backoff-min B] [--backoff-max M]
     gridgate-loadgen http ...   (the same, without --qos and --keepalive)
     gridgate-loadgen ws ...     (the same, without --qos)
 
@@ -14,6 +15,14 @@ percentiles instead of slowing the load down. ``mqtt`` works against any
 MQTT 3.1.1 broker; ``http`` posts to gridgate's ``/v1/telemetry``; ``ws``
 sends ``{"seq": n, "readings": [...]}`` envelopes on gridgate's WebSocket
 channel ``/v1/ws`` and counts a reading acked when its ``{"ack": n}`` arrives.
+
+A device whose connection drops, or whose connect is refused (CONNACK != 0,
+ECONNREFUSED, a reset, a timeout), waits and tries again (``--reconnect``,
+the default) until ``--duration`` ends: exponential backoff with full jitter,
+the n-th wait since its last good connect uniform in [0, min(M, B * 2**n)).
+What was unacknowledged at the drop, and what fell due while it was away, is
+sent again after the reconnect (``replayed``). ``--no-reconnect``: a device
+that drops or is refused stops (counted in ``errors``).
 
 The load generator reports its own CPU (user + system, from getrusage, over
 the run, summed over every process with ``--procs``) per acknowledged reading
@@ -109,6 +118,13 @@ def _common(m: argparse.ArgumentParser) -> None:
                    help="new connections per second over the fleet (with jitter); 0 = all at once")
     m.add_argument("--client-prefix", default="loadgen", help="client ids are PREFIX-000000 ...")
     m.add_argument("--json", metavar="FILE", help="write the results (and the merged histogram) as JSON")
+    m.add_argument("--reconnect", action=argparse.BooleanOptionalAction, default=True,
+                   help="after a drop or a refused connect, back off and connect again (default); "
+                        "--no-reconnect: such a device stops")
+    m.add_argument("--backoff-min", type=_positive_float, default=0.1, metavar="B",
+                   help="bound of the first wait after a drop or failure, doubled per failure (default 0.1 s)")
+    m.add_argument("--backoff-max", type=_positive_float, default=5.0, metavar="M",
+                   help="cap of the wait's bound (default 5 s); each wait is uniform in [0, bound)")
 
 
 def _plans(args: argparse.Namespace, sources: tuple[str, ...]) -> list[RunPlan]:
@@ -116,7 +132,8 @@ def _plans(args: argparse.Namespace, sources: tuple[str, ...]) -> list[RunPlan]:
     device = DeviceOptions(
         host=host, port=port, qos=getattr(args, "qos", 1), inflight=args.inflight, batch=args.batch,
         rate_per_device=args.rate / args.devices, payload=args.payload, idle=args.idle,
-        keepalive=getattr(args, "keepalive", 60), client_prefix=args.client_prefix, protocol=args.protocol)
+        keepalive=getattr(args, "keepalive", 60), client_prefix=args.client_prefix, protocol=args.protocol,
+        reconnect=args.reconnect, backoff_base=args.backoff_min, backoff_max=args.backoff_max)
     plans, first = [], 0
     for p in range(args.procs):
         count = args.devices // args.procs + (1 if p < args.devices % args.procs else 0)
@@ -223,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.procs > args.devices:
         parser.error(f"--procs {args.procs} is more than --devices {args.devices}")
+    if args.backoff_min > args.backoff_max:
+        parser.error(f"--backoff-min {args.backoff_min:g} is more than --backoff-max {args.backoff_max:g}")
     fd_limit = raise_open_file_limit()
     problems = check_capacity(args.devices, args.procs, fd_limit, len(sources))
     if problems:

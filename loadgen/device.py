@@ -18,7 +18,7 @@ import trio
 from loadgen.schedule import Schedule
 from loadgen.stats import Stats
 
-__all__ = ["DeviceOptions", "Device", "drive", "OFFLINE_BUFFER", "READING"]
+__all__ = ["DeviceOptions", "Device", "Backoff", "drive", "OFFLINE_BUFFER", "READING"]
 
 OFFLINE_BUFFER = 500          # readings a device keeps while disconnected (the seed's edge cache)
 
@@ -40,8 +40,9 @@ class DeviceOptions:
     client_prefix: str = "loadgen"
     connect_timeout: float = 10.0
     drain_timeout: float = 10.0
-    backoff_base: float = 0.1
-    backoff_max: float = 5.0
+    backoff_base: float = 0.1             # --backoff-min: the first reconnect's bound, doubled per failure
+    backoff_max: float = 5.0              # --backoff-max: the cap of that bound
+    reconnect: bool = True                # False (--no-reconnect): a drop or refusal ends the device
     protocol: str = "mqtt"                # "mqtt", "http" or "ws"
 
 
@@ -176,6 +177,41 @@ class Device:
                 await self.ack_event.wait()
 
 
+class Backoff:
+    """Exponential backoff with full jitter (AWS Architecture Blog, "Exponential
+    Backoff And Jitter"): the n-th wait since the last good connect is
+    ``uniform(0, min(cap, base * 2**n))``.
+
+    Full jitter, not +-50% around the exponential: a fleet that dropped at
+    once must not come back in waves at base, 2 base, 4 base ...; spread
+    over the whole bound, each attempt's arrivals are as flat as they can be.
+    Seeded per device (``rng``), so a run's schedule is reproducible."""
+
+    __slots__ = ("base", "cap", "rng", "attempt")
+    base: float
+    cap: float
+    rng: random.Random
+    attempt: int
+
+    def __init__(self, base: float, cap: float, rng: random.Random) -> None:
+        self.base, self.cap, self.rng, self.attempt = base, cap, rng, 0
+
+    def bound(self) -> float:
+        """The upper bound of the next wait."""
+        # the exponent is capped first: base * 2**1100 is not a float
+        return min(self.cap, self.base * (1 << min(self.attempt, 64)))
+
+    def next_delay(self) -> float:
+        """The next wait, and one more attempt counted."""
+        delay = self.rng.random() * self.bound()
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        """A connect succeeded: the next drop starts again from ``base``."""
+        self.attempt = 0
+
+
 async def drive(dev: Device, start: float, deadline: float, rng: random.Random) -> None:
     """Run ``dev`` until ``deadline``: connect (with backoff), send, and
     after a drop reconnect and replay what it buffered."""
@@ -185,6 +221,10 @@ async def drive(dev: Device, start: float, deadline: float, rng: random.Random) 
         background.cancel_scope.cancel()
 
 
+async def _sleep_before_deadline(delay: float, deadline: float) -> None:
+    await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+
+
 async def _run_connections(dev: Device, opts: DeviceOptions, stats: Stats, start: float, deadline: float,
                            rng: random.Random) -> None:
     schedule = None
@@ -192,18 +232,19 @@ async def _run_connections(dev: Device, opts: DeviceOptions, stats: Stats, start
         # spread devices over the first period so they do not all fire at once
         schedule = Schedule(start, opts.rate_per_device / opts.batch,
                             offset=rng.random() * opts.batch / opts.rate_per_device)
-    attempt = 0
+    backoff = Backoff(opts.backoff_base, opts.backoff_max, rng)
     was_connected = False
     while trio.current_time() < deadline:
         try:
             stream = await dev.connect()
         except (OSError, ConnectionError, trio.TooSlowError):
+            # refused (CONNACK != 0, ECONNREFUSED, a reset) or timed out
             stats.errors += 1
-            delay = min(opts.backoff_max, opts.backoff_base * 2 ** attempt) * rng.uniform(0.5, 1.5)
-            attempt += 1
-            await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+            if not opts.reconnect:
+                return
+            await _sleep_before_deadline(backoff.next_delay(), deadline)
             continue
-        attempt = 0
+        backoff.reset()
         stats.connects += 1
         stats.connected += 1
         stats.peak_connected = max(stats.peak_connected, stats.connected)
@@ -238,8 +279,11 @@ async def _run_connections(dev: Device, opts: DeviceOptions, stats: Stats, start
         stats.unacked_at_drop += len(dev.inflight) * opts.batch
         dev.replay = sorted(dev.replay + dev.owed())[-OFFLINE_BUFFER:]
         dev.inflight.clear()
-        delay = min(opts.backoff_max, opts.backoff_base) * rng.uniform(0.5, 1.5)
-        await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+        if not opts.reconnect:
+            return
+        # the first wait after a drop is attempt 0 of the ladder: a whole
+        # fleet dropped at once spreads over [0, base) before its first try
+        await _sleep_before_deadline(backoff.next_delay(), deadline)
 
 
 def _buffer_missed(dev: Device, schedule: Schedule, stats: Stats) -> None:

@@ -7,6 +7,7 @@ sent reading acknowledged and every acknowledged reading in the spool."""
 from __future__ import annotations
 
 import functools
+import http.client
 import json
 import math
 import random
@@ -23,7 +24,7 @@ import trio.testing
 
 from binaries import require
 from gatewayproc import GatewayProcess, gridgate_env, spool_stats
-from loadgen.device import OFFLINE_BUFFER, Device, DeviceOptions, drive
+from loadgen.device import OFFLINE_BUFFER, Backoff, Device, DeviceOptions, drive
 from loadgen.limits import check_capacity, parse_ip_range
 from loadgen.mqtt_device import MqttDevice, RawSocketStream
 from loadgen.runner import RunPlan, SelfCheck, run_share
@@ -116,6 +117,9 @@ def test_the_load_generator_warns_when_it_is_the_bottleneck(shares, expected):
     (["--procs", "20"], "--procs 20 is more than --devices 10"),
     (["--source-ips", "10.0.0.1-10.0.0.5"], "only loopback addresses (127.0.0.0/8) are allowed"),
     (["--source-ips", "127.0.0.9-127.0.0.2"], "the range ends before it starts"),
+    (["--backoff-min", "0"], "0 must be greater than 0"),
+    (["--backoff-max", "-2"], "-2 is not a number >= 0"),
+    (["--backoff-min", "3", "--backoff-max", "2"], "--backoff-min 3 is more than --backoff-max 2"),
 ])
 def test_argument_errors_are_clear(args, message):
     out = run_with_bad_args("mqtt", args)
@@ -266,7 +270,7 @@ async def test_a_stalled_server_shows_in_the_open_loop_percentiles(broker_factor
 
 class MidRandom(random.Random):
     """Every jitter at its midpoint: a device's schedule offset is half a
-    period and each backoff is exactly min(backoff_max, backoff_base * 2**n)."""
+    period and each backoff is exactly min(backoff_max, backoff_base * 2**n) / 2."""
 
     def random(self) -> float:
         return 0.5
@@ -275,43 +279,116 @@ class MidRandom(random.Random):
         return (a + b) / 2
 
 
-# One device, 10 readings/s due at 0.05, 0.15, ... s; the broker acks those of
-# [0, 0.5) (5), holds back those of [0.5, 1.0) (5, unacked at the drop), drops
-# the connection at 1.0 and refuses until `back`. Backoff 0.25 s after the drop,
-# then failed connects at 1.25, 1.5, 2.0, 3.0, 4.0, ... (0.25, 0.5, then 1.0 s
-# apart) until `back`. On reconnect, what is owed is the 5 unacked readings and
-# those due in [1.0, back), at most OFFLINE_BUFFER (500) of them, newest kept;
-# then 10 more on time until the deadline, back + 1.0.
+# One device, 16 readings/s due at (k + 0.5) / 16 s; the broker acks those of
+# [0, 0.5) (8), holds back those of [0.5, 1.0) (8, unacked at the drop), drops
+# the connection at 1.0 and refuses until `back`. Full jitter at its midpoint
+# with base 0.5 and cap 2.0: waits of 0.25, 0.5, 1.0, 1.0, ... s, so tries at
+# 1.25, 1.75, 2.75, 3.75, 4.75, ... until one at or after `back` connects
+# (times in quarters of a second: exact in binary, and never a reading's due
+# time). On reconnect, what is owed is the 8 unacked readings and those due in
+# [1.0, reconnect), at most OFFLINE_BUFFER (500) of them, newest kept; then 16
+# more on time until the deadline, reconnect + 1.0.
 OUTAGES = [
-    # back, failed connects, readings owed on reconnect, kept (= replayed), oldest kept
-    (3.0, 3, 5 + 20, 25, 0.55),
-    (60.0, 3 + 57, 5 + 590, OFFLINE_BUFFER, 10.05),
+    # back, reconnect, failed connects, readings owed on reconnect, kept (= replayed), oldest kept
+    (3.0, 3.75, 3, 8 + 44, 52, 8.5 / 16),
+    (40.0, 40.75, 3 + 37, 8 + 636, OFFLINE_BUFFER, 152.5 / 16),
 ]
 
 
-@pytest.mark.parametrize("back, failed, owed, kept, oldest", OUTAGES, ids=["2s-outage", "59s-outage"])
-async def test_an_offline_device_buffers_and_replays_what_it_owes(broker_factory, autojump_clock, back, failed, owed,
-                                                                  kept, oldest):
+@pytest.mark.parametrize("back, reconnect, failed, owed, kept, oldest", OUTAGES, ids=["2s-outage", "39s-outage"])
+async def test_an_offline_device_buffers_and_replays_what_it_owes(broker_factory, autojump_clock, back, reconnect,
+                                                                  failed, owed, kept, oldest):
     t0 = trio.current_time()
     broker = broker_factory(mute_at=t0 + 0.5, drop_at=t0 + 1.0, refuse_until=t0 + back)
     stats = Stats()
-    opts = DeviceOptions(host="broker", port=1883, qos=1, inflight=1000, rate_per_device=10.0,
-                         backoff_base=0.25, backoff_max=1.0)
-    await drive(MqttDevice(0, opts, stats, None), t0, t0 + back + 1.0, MidRandom())
-    assert trio.current_time() == t0 + back + 1.0
-    assert broker.connects == [t0, t0 + back]
+    opts = DeviceOptions(host="broker", port=1883, qos=1, inflight=1000, rate_per_device=16.0,
+                         backoff_base=0.5, backoff_max=2.0)
+    await drive(MqttDevice(0, opts, stats, None), t0, t0 + reconnect + 1.0, MidRandom())
+    assert trio.current_time() == t0 + reconnect + 1.0
+    assert broker.connects == [t0, t0 + reconnect]
     assert (stats.connects, stats.reconnects, stats.errors) == (2, 1, 1 + failed)   # the drop, then the refusals
-    assert stats.unacked_at_drop == 5
+    assert stats.unacked_at_drop == 8
     assert (stats.dropped, stats.replayed) == (owed - kept, kept)
-    assert stats.sent == 5 + 5 + kept + 10
+    assert stats.sent == 8 + 8 + kept + 16
     # what was unacked at the drop was sent twice (unless the buffer dropped it):
     # every reading sent is acked but those
-    assert stats.acked == stats.sent - stats.unacked_at_drop == 5 + kept + 10
+    assert stats.acked == stats.sent - stats.unacked_at_drop == 8 + kept + 16
     # the on-time readings took no time; each replayed one waited from its
     # intended time until the reconnect, the oldest kept the longest
-    assert stats.histogram.get_count_at_value(1) == 5 + 10
+    assert stats.histogram.get_count_at_value(1) == 8 + 16
     assert stats.histogram.get_total_count() == stats.acked
-    assert latency_ms(stats)["max"] == pytest.approx((back - oldest) * 1000, rel=HDR)
+    assert latency_ms(stats)["max"] == pytest.approx((reconnect - oldest) * 1000, rel=HDR)
+
+
+async def test_without_reconnect_a_dropped_device_stops(broker_factory, autojump_clock):
+    t0 = trio.current_time()
+    broker = broker_factory(mute_at=t0 + 0.5, drop_at=t0 + 1.0, refuse_until=t0 + 1.5)
+    stats = Stats()
+    opts = DeviceOptions(host="broker", port=1883, qos=1, inflight=1000, rate_per_device=16.0, reconnect=False)
+    await drive(MqttDevice(0, opts, stats, None), t0, t0 + 10.0, MidRandom())
+    # it ends at the drop, long before its deadline, and never tries again
+    assert trio.current_time() == t0 + 1.0
+    assert broker.connects == [t0]
+    assert (stats.connects, stats.reconnects, stats.errors, stats.connected) == (1, 0, 1, 0)
+    assert (stats.sent, stats.acked, stats.unacked_at_drop, stats.replayed) == (16, 8, 8, 0)
+
+
+async def test_without_reconnect_a_refused_device_stops(broker_factory, autojump_clock):
+    t0 = trio.current_time()
+    broker = broker_factory(drop_at=t0, refuse_until=t0 + 1.0)
+    stats = Stats()
+    opts = DeviceOptions(host="broker", port=1883, qos=1, rate_per_device=16.0, reconnect=False)
+    await drive(MqttDevice(0, opts, stats, None), t0, t0 + 10.0, MidRandom())
+    assert trio.current_time() == t0 and broker.connects == []
+    assert (stats.connects, stats.errors, stats.sent) == (0, 1, 0)
+
+
+class SeqRandom(random.Random):
+    """random() returns the given values in turn (then fails the test)."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__(0)
+        self.values = list(values)
+
+    def random(self) -> float:
+        return self.values.pop(0)
+
+
+def test_backoff_bounds_double_from_base_up_to_the_cap_and_reset():
+    backoff = Backoff(0.1, 1.0, SeqRandom([1.0 - 1e-12] * 7 + [0.5]))
+    bounds = []
+    for _ in range(7):
+        bounds.append(backoff.bound())
+        assert backoff.next_delay() == pytest.approx(bounds[-1], rel=1e-9)   # random() at its top
+    assert bounds == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
+    assert backoff.attempt == 7
+    backoff.reset()
+    assert (backoff.attempt, backoff.bound()) == (0, 0.1)
+    assert backoff.next_delay() == pytest.approx(0.05)        # full jitter: random() x bound, from 0
+
+
+def test_backoff_after_many_failures_stays_at_the_cap():
+    backoff = Backoff(0.1, 5.0, SeqRandom([0.25]))
+    backoff.attempt = 5000            # 0.1 * 2**5000 is not a float: the bound is the cap
+    assert backoff.next_delay() == 1.25
+
+
+def test_backoff_with_a_seed_is_full_jitter_and_reproducible():
+    def delays(seed: int) -> list[float]:
+        backoff = Backoff(0.1, 5.0, random.Random(seed))
+        return [backoff.next_delay() for _ in range(2000)]
+
+    first = delays(7)
+    assert first == delays(7) and first != delays(8)
+    # each is uniform(0, min(5, 0.1 * 2**n)): the same draws, scaled by the bound
+    reference = random.Random(7)
+    assert first == [reference.random() * (0.1 * 2 ** n if n < 6 else 5.0) for n in range(2000)]
+    # past the cap (n >= 6), spread over the whole of [0, 5): not clustered
+    # around the midpoint as +-50% jitter would be
+    capped = first[6:]
+    assert 0 <= min(capped) < 0.05 and 4.95 < max(capped) < 5.0
+    quarters = [sum(1 for d in capped if q * 1.25 <= d < (q + 1) * 1.25) for q in range(4)]
+    assert all(400 <= n <= 600 for n in quarters), quarters
 
 
 class ChunkStream:
@@ -564,6 +641,64 @@ async def test_devices_reconnect_and_replay_after_the_server_restarts(tmp_path):
                                                    rate_per_device=20.0, backoff_base=0.05, backoff_max=0.5),
         devices=10, duration=6.0)
     await assert_replayed_after_the_restart(stats, data, 10)
+
+
+def gridgate_mqtt_connections(gw: GatewayProcess) -> int:
+    """The gateway's own count of open MQTT connections (GET /v1/connections)."""
+    conn = http.client.HTTPConnection(*gw.http, timeout=10)
+    try:
+        conn.request("GET", "/v1/connections")
+        return int(json.loads(conn.getresponse().read())["by_protocol"].get("mqtt", 0))
+    finally:
+        conn.close()
+
+
+async def wait_for_mqtt_connections(gw: GatewayProcess, n: int, within: float) -> None:
+    with trio.fail_after(within):
+        while await trio.to_thread.run_sync(gridgate_mqtt_connections, gw) < n:
+            await trio.sleep(0.1)
+
+
+async def test_the_cli_fleet_reconnects_with_backoff_after_a_gateway_restart(tmp_path):
+    """200 devices over two loadgen processes; the gateway is stopped (SIGTERM,
+    as an operator restarts it) once it holds them all, and started again on
+    the same ports and data dir: every device reconnects, the new gateway
+    holds all 200 again, and every acknowledged reading is in the spool."""
+    data, devices = tmp_path / "data", 200
+    mqtt_port, http_port = free_port(), free_port()
+    ports = ("--mqtt", f"127.0.0.1:{mqtt_port}", "--http", f"127.0.0.1:{http_port}", "--ws", "")
+    start = functools.partial(GatewayProcess, data, *ports)
+    servers = [await trio.to_thread.run_sync(start)]
+    result: dict = {}
+
+    async def fleet() -> None:
+        result.update(await run_loadgen(
+            tmp_path, "restart", "mqtt", "--target", f"127.0.0.1:{mqtt_port}", "--devices", str(devices),
+            "--procs", "2", "--rate", "400", "--inflight", "10", "--duration", "12", "--reconnect",
+            "--backoff-min", "0.05", "--backoff-max", "1"))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fleet)
+            await wait_for_mqtt_connections(servers[0], devices, within=30)
+            await trio.sleep(1)                                       # readings flowing
+            assert await trio.to_thread.run_sync(servers[0].stop) == 0, servers[0].log()
+            servers.append(await trio.to_thread.run_sync(start))
+            # back within the backoff cap of 1 s plus a connect each, on a loaded machine
+            await wait_for_mqtt_connections(servers[1], devices, within=8)
+        assert await trio.to_thread.run_sync(servers[1].stop) == 0, servers[1].log()
+    finally:
+        for server in servers:
+            await trio.to_thread.run_sync(server.kill)
+    assert result, "the loadgen did not finish"
+    # each device connected to the first gateway, dropped once and connected to the second
+    assert (result["connects"], result["reconnects"], result["peak_connected"]) == (2 * devices, devices, devices)
+    assert result["errors"] >= devices and result["dropped"] == 0
+    # readings due while the gateway was down were sent after the reconnect
+    assert result["replayed"] > 0
+    assert result["acked"] == result["sent"] - result["unacked_at_drop"] > 0
+    stored = await trio.to_thread.run_sync(spool_stats, data)
+    assert result["acked"] <= stored["records"] <= result["sent"]
 
 
 @pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 16_000,
