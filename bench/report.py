@@ -61,6 +61,8 @@ def write(results: dict, out: Path) -> str:
         lines += _conns(scenarios["conns"], out, results["machine"])
     if "sinks" in scenarios:
         lines += _sinks(scenarios["sinks"], out, results["machine"])
+    if "storm" in scenarios:
+        lines += storm_table(scenarios["storm"])
     lines += _profiles(scenarios, out)
     if results.get("failed"):
         lines += ["## Failed scenarios", "", *[f"- {k}: {v[:500]}" for k, v in results["failed"].items()], ""]
@@ -464,6 +466,62 @@ def _plot_conns(res: dict, out: Path, machine_desc: str) -> Path:
 
 
 # -- profiles --------------------------------------------------------------------
+
+def storm_table(res: dict) -> list[str]:
+    """The reconnect storm, one column per accept_rate_per_s setting (README's table too)."""
+    runs = res["runs"]
+    lines = ["## storm: the fleet reconnects after a gateway restart", "",
+             f"{res['devices']:,} MQTT devices (`gridgate-loadgen mqtt --procs {res['loadgen_procs']} --source-ips "
+             f"{res['source_ips']} --rate {res['devices'] * res['reading_rate_per_device']:g} --qos 1 --reconnect "
+             f"--backoff-min {res['backoff_min_s']:g} --backoff-max {res['backoff_max_s']:g}`: a reading every "
+             f"{1 / res['reading_rate_per_device']:g} s each) drop at once (SIGTERM) and reconnect to the gateway "
+             "started again on the same ports and data dir. Probes: one HTTP client posting one reading at a "
+             f"time ({res['http_rate']:g}/s, open loop) and {res['probe_devices']} MQTT devices "
+             f"({res['probe_rate']:g} readings/s, QoS 1), connected before the fleet, measured from then until "
+             f"the gateway counts every device again; at rest: {res['baseline_s']:g} s before the restart.", ""]
+    ok = [r for r in runs if "error" not in r]
+    if ok:
+        def name(r: dict) -> str:
+            rate = r["accept_rate_per_s"]
+            return f"accept_rate_per_s = {rate:,.0f}" if rate else "accept_rate_per_s off"
+
+        def secs(x) -> str:
+            return "not all within the bound" if x is None else f"{x:.1f} s"
+
+        rows = [
+            ("all connected again, after SIGTERM", [secs(r["reconnect_s"]) for r in ok]),
+            ("... after the new gateway listened", [secs(r["reconnect_after_ready_s"]) for r in ok]),
+            ("graceful stop / restart gap", [f"{r['stop_s']:.1f} s / {r['restart_gap_s']:.1f} s" for r in ok]),
+            ("HTTP client p99 in the storm (at rest)",
+             [f"{_fmt(r['storm_http']['p99'], 1)} ms ({_fmt(r['rest_http']['p99'], 1)} ms)" for r in ok]),
+            ("HTTP client max in the storm",
+             [f"{_fmt(r['storm_http']['max'], 1)} ms ({r['storm_http']['samples']} requests)" for r in ok]),
+            ("MQTT probe p99 in the storm (at rest)",
+             [f"{_fmt(r['storm_mqtt']['p99'], 1)} ms ({_fmt(r['rest_mqtt']['p99'], 1)} ms)" for r in ok]),
+            ("MQTT probe max in the storm",
+             [f"{_fmt(r['storm_mqtt']['max'], 1)} ms ({r['storm_mqtt']['samples']} readings)" for r in ok]),
+            ("gateway peak RSS after the restart (before)",
+             [f"{r['peak_rss_kb'] / 1024:,.0f} MiB ({r['peak_rss_before_kb'] / 1024:,.0f} MiB)" for r in ok]),
+            ("gridgate_accept_errors after the restart (before)",
+             [f"{r['accept_errors']} ({r['accept_errors_before']})" for r in ok]),
+            ("fleet connects / reconnects / errors",
+             [f"{r['fleet']['connects']:,} / {r['fleet']['reconnects']:,} / {r['fleet']['errors']:,}" for r in ok]),
+            ("fleet readings replayed / dropped",
+             [f"{r['fleet']['replayed']:,} / {r['fleet']['dropped']:,}" for r in ok]),
+            ("spool records >= acked (fleet and probes)",
+             [f"{r['spool_records']:,} >= {r['acked_total']:,}: {'yes' if r['nothing_lost'] else '**NO**'}"
+              for r in ok]),
+        ]
+        lines += ["| | " + " | ".join(name(r) for r in ok) + " |", "|---|" + "---:|" * len(ok),
+                  *[f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows], ""]
+        warned = [(name(r), w) for r in ok for w in r.get("fleet_warnings", [])]
+        if warned:
+            lines += ["Load generator warnings:", "", *[f"- {n}: {w}" for n, w in warned], ""]
+    for r in runs:
+        if "error" in r:
+            lines += [f"- accept_rate_per_s = {r['accept_rate_per_s']:g} FAILED: {r['error'][:500]}", ""]
+    return lines
+
 
 def profile_top(speedscope: Path, n: int = 8) -> tuple[int, list[tuple[str, float, float]]]:
     """Samples, and the top functions by own (leaf) share with their total
