@@ -226,3 +226,36 @@ async def test_a_verified_client_certificate_is_the_identity(autojump_clock, gat
     assert value("gridgate_auth_successes_total", {"protocol": "http", "method": "certificate"}) == 1
     assert value("gridgate_auth_successes_total", {"protocol": "ws", "method": "certificate"}) == 1
     assert value("gridgate_auth_successes_total", {"protocol": "mqtt-ws", "method": "certificate"}) == 2
+
+
+async def test_an_operator_sees_and_lifts_an_address_ban(autojump_clock, start_gateway, tmp_path, engine):
+    from gridgate.config import AdminConfig
+    from gridgate.security.admin_tokens import entry_toml, new_token
+
+    (tmp_path / "passwd").write_text(format_line("meter-1", hash_password(b"one pw")))
+    admin = new_token()
+    (tmp_path / "admin.toml").write_text(entry_toml("ops", admin, ["bans:write"]))
+    gw = await start_gateway(
+        http=HTTPConfig(listen="127.0.0.1:0", engine=engine, durable_timeout_s=LONG),
+        connections=ConnectionsConfig(idle_timeout_s=LONG, reap_interval_s=LONG / 10),
+        auth=AuthConfig(password_file=str(tmp_path / "passwd"), failure_delay_ms=1000, failures_before_ban=3,
+                        ban_s=600),
+        admin=AdminConfig(tokens_file=str(tmp_path / "admin.toml")))
+    for _ in range(3):
+        assert (await exchange(gw, post(extra=basic("meter-1", "wrong"))))[0] == 401
+    as_admin = b"Authorization: Bearer " + admin.encode() + b"\r\n"
+    get_bans = b"GET /v1/bans HTTP/1.1\r\nHost: gw\r\n" + as_admin + b"\r\n"
+    status, _, body, _ = await exchange(gw, get_bans, source="127.0.0.2")
+    assert status == 200
+    [ban] = body["bans"]
+    assert (ban["kind"], ban["key"], ban["reason"]) == ("address", "127.0.0.1", "auth_failures")
+    assert 590 < ban["expires_in_s"] <= 600
+    # device credentials never open the admin API
+    status, _, _, _ = await exchange(gw, b"GET /v1/bans HTTP/1.1\r\nHost: gw\r\n" + basic("meter-1", "one pw")
+                                     + b"\r\n", source="127.0.0.2")
+    assert status == 401
+    lift = b"DELETE /v1/bans/address/127.0.0.1 HTTP/1.1\r\nHost: gw\r\n" + as_admin + b"\r\n"
+    assert (await exchange(gw, lift, source="127.0.0.2"))[0] == 200
+    assert (await exchange(gw, lift, source="127.0.0.2"))[0] == 404
+    status, _, _, _ = await exchange(gw, post(b'{"device_id": "meter-1", "battery_mv": 1}', basic("meter-1", "one pw")))
+    assert status == 202

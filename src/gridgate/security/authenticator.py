@@ -153,6 +153,17 @@ class Authenticator:
             return False
         return True
 
+    def active_bans(self) -> list[tuple[str, float]]:
+        """(address, monotonic end) of every ban in force, for GET /v1/bans."""
+        now = trio.current_time()
+        return sorted(((a, until) for a, until in self._bans.items() if until > now), key=lambda b: b[1])
+
+    def lift_ban(self, address: str) -> bool:
+        """DELETE /v1/bans/address/{address}: True if a ban was in force."""
+        until = self._bans.pop(address, None)
+        self._failures.pop(address, None)
+        return until is not None and until > trio.current_time()
+
     def refuse_banned(self, protocol: str, address: str) -> None:
         """Raise AuthFailure("banned") if ``address`` is banned (counted), at once."""
         if self._bans and self.is_banned(address):

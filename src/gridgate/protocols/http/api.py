@@ -266,15 +266,24 @@ def _route(svc: Services, req: RequestView, engine: str, authenticated: bool,
         _allow(req, "GET")
         _admin(svc, req, ("devices:read", "bans:write"))
         now = trio.current_time()
-        return _ok(200, {"bans": [{"kind": b.kind, "key": b.key, "reason": b.reason,
-                                   "expires_in_s": round(b.until - now, 3)} for b in svc.limits.bans.active(now)]})
+        bans = [{"kind": b.kind, "key": b.key, "reason": b.reason, "expires_in_s": round(b.until - now, 3)}
+                for b in svc.limits.bans.active(now)]
+        if svc.auth is not None:     # addresses banned for failed authentications (security.authenticator)
+            bans += [{"kind": "address", "key": address, "reason": "auth_failures",
+                      "expires_in_s": round(until - now, 3)} for address, until in svc.auth.active_bans()]
+        return _ok(200, {"bans": bans})
     if path.startswith("/v1/bans/") and path.count("/") == 4:
         _allow(req, "DELETE")
         _admin(svc, req, ("bans:write",))
         kind, _, key = path[len("/v1/bans/"):].partition("/")
-        if not svc.limits.bans.lift(kind, unquote(key)):
-            raise HttpError(404, "not_found", f"no {kind} ban on {unquote(key)!r}")
-        return _ok(200, {"lifted": {"kind": kind, "key": unquote(key)}})
+        key = unquote(key)
+        if kind == "address" and svc.auth is not None:
+            lifted = svc.auth.lift_ban(key)
+        else:
+            lifted = svc.limits.bans.lift(kind, key)
+        if not lifted:
+            raise HttpError(404, "not_found", f"no {kind} ban on {key!r}")
+        return _ok(200, {"lifted": {"kind": kind, "key": key}})
     if path.startswith("/v1/devices/") and path.endswith("/commands") and path.count("/") == 4:
         _allow(req, "POST")
         _admin(svc, req, ("commands:write",))
