@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sink", choices=["spool", "influxdb", "nats"],
                        help="where readings go (default spool; influxdb/nats keep the spool as store-and-forward)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", metavar="N", default="1",
+                       help="N gateway processes on the same ports (SO_REUSEPORT) under a supervisor; "
+                            "auto = one per CPU (default 1: no supervisor)")
+    # set by the supervisor of --workers N for its workers (gridgate.cluster.supervisor)
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--listen", action="append", default=[], metavar="NAME=HOST:PORT", help=argparse.SUPPRESS)
 
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", metavar="FILE")
@@ -87,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    return {
+    overrides = {
         "mqtt": {"listen": args.mqtt},
         "http": {"listen": args.http, "engine": args.http_engine},
         "websocket": {"listen": args.ws},
@@ -96,6 +104,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "sink": {"kind": args.sink},
         "service": {"log_level": args.log_level},
     }
+    if getattr(args, "listen", None):     # a worker: the ports its supervisor reserved win over everything
+        from gridgate.cluster.supervisor import LISTENERS
+
+        for item in args.listen:
+            name, _, address = item.partition("=")
+            section, key = LISTENERS[name]
+            overrides[section][key] = address
+    return overrides
 
 
 def _load_config(path: str | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config | None:
@@ -108,10 +124,10 @@ def _load_config(path: str | None, overrides: dict[str, dict[str, Any]] | None =
         return None
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=fmt,
         stream=sys.stderr,
     )
 
@@ -130,10 +146,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from gridgate.config import ConfigError
     from gridgate.gateway import ListenError
 
+    workers = _workers(args.workers)
+    if workers is None:
+        return EXIT_CONFIG
     config = _load_config(args.config, _overrides(args))
     if config is None:
         return EXIT_CONFIG
-    _setup_logging(config.service.log_level)
+    on_ready: Callable[[], None] | None = None
+    if args.worker_index is not None:
+        from gridgate.cluster import worker
+
+        if args.worker_of is not None:
+            worker.die_with_parent(args.worker_of)
+        _setup_logging(config.service.log_level, worker.log_format(args.worker_index))
+        if args.ready_fd is not None:
+            on_ready = partial(worker.notify_ready, args.ready_fd)
+    elif workers > 1:
+        from gridgate.cluster import supervisor
+
+        _setup_logging(config.service.log_level,
+                       "%(asctime)s %(levelname)s %(name)s supervisor[%(process)d]: %(message)s")
+        logging.getLogger("gridgate").info("gridgate %s starting %d workers: environment=%s service=%s",
+                                           __version__, workers, config.service.environment,
+                                           config.service.service_name)
+        return supervisor.supervise(config, args.argv, workers)
+    else:
+        _setup_logging(config.service.log_level)
     log = logging.getLogger("gridgate")
     log.info("gridgate %s starting: environment=%s service=%s", __version__, config.service.environment,
              config.service.service_name)
@@ -142,7 +180,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     failed: list[OSError] = []
     unusable: list[ConfigError] = []
     try:
-        trio.run(_serve_until_stopped, config, log, partial(_reload_config, args.config, _overrides(args), log))
+        trio.run(partial(_serve_until_stopped, config, log,
+                         partial(_reload_config, args.config, _overrides(args), log),
+                         reuse_port=args.worker_index is not None, on_ready=on_ready))
     except* ConfigError as group:  # the password file, JWT keys, ACL, admin tokens (read at start): every problem
         unusable.extend(_leaves(group))
     except* OSError as group:  # a listener could not bind, the data dir is unusable, ...
@@ -157,6 +197,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         else:
             log.error("cannot start: %s", exc)
     return 1 if failed else 0
+
+
+def _workers(text: str) -> int | None:
+    """``--workers``: a count, or ``auto`` (one per CPU); None (and why, on stderr) if neither."""
+    import os
+
+    if text == "auto":
+        return os.cpu_count() or 1
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 1024:
+        print(f"gridgate: --workers {text!r}: a number from 1 to 1024, or auto", file=sys.stderr)
+        return None
+    return count
 
 
 def _leaves(group: BaseExceptionGroup[E]) -> list[E]:
@@ -184,7 +240,8 @@ def _reload_config(path: str | None, overrides: dict[str, dict[str, Any]], log: 
 
 
 async def _serve_until_stopped(config: Config, log: logging.Logger,
-                               reload: Callable[[], Config | None] | None = None) -> None:
+                               reload: Callable[[], Config | None] | None = None, *,
+                               reuse_port: bool = False, on_ready: Callable[[], None] | None = None) -> None:
     import trio
 
     from gridgate.gateway import Gateway, serve
@@ -193,10 +250,12 @@ async def _serve_until_stopped(config: Config, log: logging.Logger,
         async with trio.open_nursery() as nursery:
 
             async def run_gateway(task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
-                await serve(config, task_status=task_status)
+                await serve(config, reuse_port=reuse_port, task_status=task_status)
                 nursery.cancel_scope.cancel()  # stopped: end the signal watcher too
 
             gateway = await nursery.start(run_gateway)
+            if on_ready is not None:
+                on_ready()
             count = 0
             async for signum in signals:
                 if signum == signal.SIGHUP:
@@ -267,6 +326,7 @@ def _cmd_admin_token(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]   # for the workers of --workers N
     if args.version:
         print(_version_text())
         return 0

@@ -269,6 +269,9 @@ class Gateway:
         )
         self._stop = trio.Event()
         self._listeners: list[trio.SocketListener] = []
+        # --workers N (gridgate.cluster): every worker binds the same ports
+        # with SO_REUSEPORT and the kernel spreads the connections among them.
+        self.reuse_port = False
         self._accept_scopes: list[trio.CancelScope] = []
         self._conn_nursery: trio.Nursery | None = None
         # Listeners whose accept loop ended while the gateway runs on (for
@@ -532,7 +535,10 @@ class Gateway:
                 continue
             host, port = parsed
             try:
-                listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+                if self.reuse_port:
+                    listeners = await open_reuseport_listeners(port, host)
+                else:
+                    listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
             except OSError as exc:
                 raise ListenError(name, _fmt_addr((host, port)), exc) from exc
             self._listeners.extend(listeners)
@@ -830,7 +836,34 @@ def _fmt_addr(addr: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def serve(config: Config, sink: Sink | None = None, *,
+async def open_reuseport_listeners(port: int, host: str) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners`` with SO_REUSEPORT: one listening socket per
+    address of ``host``, each joining the port's group (same user) so the
+    kernel balances new connections among the processes that listen on it."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, type_, proto, _, sockaddr in infos:
+            sock = trio.socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:   # as trio does: the IPv4 address gets its own socket
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock.bind(sockaddr)
+                sock.listen(4096)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
+
+
+async def serve(config: Config, sink: Sink | None = None, *, reuse_port: bool = False,
                 task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a gateway until ``gateway.stop()`` or cancellation.
 
@@ -839,6 +872,8 @@ async def serve(config: Config, sink: Sink | None = None, *,
         sink: a custom sink (``write(batch)`` / ``aclose()``), behind the same
             circuit breaker and store-and-forward as the built-in external
             sinks; None = the sink of ``config.sink.kind``.
+        reuse_port: bind the listeners with SO_REUSEPORT (a worker of
+            ``gridgate serve --workers N``; the port is shared, not refused).
 
     Returns once the gateway stopped. ``task_status.started(gateway)`` is
     called when every listener is bound, so ``await nursery.start(serve,
@@ -871,6 +906,7 @@ async def serve(config: Config, sink: Sink | None = None, *,
     spool = await SpoolSink.open(config.spool.data_dir, fsync=config.spool.fsync,
                                  max_bytes=config.spool.max_bytes)
     gateway = Gateway(config, spool, sink, metrics, auth, tls_context=tls_context, admin_tokens=admin_tokens)
+    gateway.reuse_port = reuse_port
     try:
         await gateway._run(task_status)
     finally:
