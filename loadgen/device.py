@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from loadgen.connect import open_tcp
 from loadgen.schedule import Schedule
 from loadgen.stats import Stats
 
@@ -61,9 +62,10 @@ class Device:
     """
 
     # How a device opens its TCP connection (``trio.open_tcp_stream``'s
-    # signature). A test may put an in-memory server behind it to run a fleet
-    # under the autojump clock.
-    open_stream = staticmethod(trio.open_tcp_stream)
+    # signature; ``open_tcp`` connects to an IP address directly, cheaply
+    # when refused). A test may put an in-memory server behind it to run a
+    # fleet under the autojump clock.
+    open_stream = staticmethod(open_tcp)
 
     goodbye = b""                 # bytes that end a connection cleanly (MQTT: DISCONNECT)
     windowed = True               # False: nothing is acknowledged, so the window never fills (MQTT QoS 0)

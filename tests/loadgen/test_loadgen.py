@@ -10,6 +10,7 @@ import functools
 import http.client
 import json
 import math
+import os
 import random
 import re
 import resource
@@ -24,6 +25,7 @@ import trio.testing
 
 from binaries import require
 from gatewayproc import GatewayProcess, gridgate_env, spool_stats
+from loadgen.connect import open_tcp
 from loadgen.device import OFFLINE_BUFFER, Backoff, Device, DeviceOptions, drive
 from loadgen.limits import check_capacity, parse_ip_range
 from loadgen.mqtt_device import MqttDevice, RawSocketStream
@@ -792,3 +794,26 @@ async def test_ws_devices_reconnect_and_replay_after_the_server_restarts(tmp_pat
                                                  rate_per_device=20.0, backoff_base=0.05, backoff_max=0.5),
         devices=10, duration=6.0)
     await assert_replayed_after_the_restart(stats, data, 10)
+
+
+async def test_open_tcp_connects_from_the_source_address_and_fails_cheaply_when_refused():
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    async with listener:
+        stream = await open_tcp("127.0.0.1", port, local_address="127.0.0.5")
+        server = await listener.accept()
+        assert server.socket.getpeername()[0] == "127.0.0.5"
+        await stream.send_all(b"x")
+        assert await server.receive_some(1) == b"x"
+        await stream.aclose()
+        await server.aclose()
+        # a name goes through trio.open_tcp_stream, and still connects
+        named = await open_tcp("localhost", port)
+        await (await listener.accept()).aclose()
+        await named.aclose()
+    # nothing listens there now: refused, and the socket is not leaked
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with pytest.raises(ConnectionRefusedError):
+            await open_tcp("127.0.0.1", port, local_address="127.0.0.5")
+    assert len(os.listdir("/proc/self/fd")) == fds
