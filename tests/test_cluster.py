@@ -131,6 +131,20 @@ def _post(addr: tuple[str, int], body: dict[str, object]) -> int:
         conn.close()
 
 
+def _metrics(addr: tuple[str, int], name: str) -> float:
+    """The sum of /metrics samples ``name{...}`` (or ``name``), on a connection of its own."""
+    conn = http.client.HTTPConnection(*addr, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        assert resp.status == 200, text
+    finally:
+        conn.close()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
+
+
 def _publish_once(addr: tuple[str, int], cid: str, count: int) -> None:
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid)
     client.connect(*addr, keepalive=30)
@@ -161,6 +175,11 @@ def test_two_workers_share_the_ports_and_each_keeps_a_shard(cluster, tmp_path):
         t.start()
     for t in threads:
         t.join(60)
+
+    # /metrics on whichever worker answers: the sum over both (each alone has only its share)
+    for _ in range(10):
+        assert _metrics(c.addresses["http"], "gridgate_readings_accepted_total") == 240
+        assert _metrics(c.addresses["http"], "gridgate_connections_opened_total") >= 60
 
     # SIGHUP reaches every worker (each re-reads the config)
     c.proc.send_signal(signal.SIGHUP)
@@ -258,6 +277,9 @@ def test_kill_9_of_a_worker_mid_stream_loses_no_acked_reading(cluster):
         # new connections reach the restarted worker too
         for i in range(30):
             assert _post(c.addresses["http"], {"device_id": f"http-{i:02d}", "battery_mv": 3700}) == 202
+        # the summed counters keep what the killed worker counted
+        acked_now = sum(len(acked(cid)) for cid in sent)
+        assert _metrics(c.addresses["http"], "gridgate_readings_accepted_total") >= acked_now + 30
     finally:
         stop.set()
         for t in threads:

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import trio
+from prometheus_client import multiprocess
 
 from gridgate.cluster import shard_dir
 from gridgate.config import Config, parse_address
@@ -116,8 +119,13 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, config: Config, argv: list[str], workers: int, addresses: dict[str, str]) -> None:
+    def __init__(self, config: Config, argv: list[str], workers: int, addresses: dict[str, str],
+                 metrics_dir: str) -> None:
         self.config = config
+        # prometheus-client's multiprocess mode: each worker's values in files
+        # here, /metrics on any worker sums them (gridgate.observability.metrics)
+        self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+        self.metrics_dir = metrics_dir
         self.argv = argv
         self.addresses = addresses
         self.slots = [_Slot(i) for i in range(workers)]
@@ -145,7 +153,7 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         try:
             proc = await trio.lowlevel.open_process(self._command(slot.index, write_fd), pass_fds=(write_fd,),
-                                                    process_group=0)
+                                                    process_group=0, env=self.env)
         finally:
             os.close(write_fd)
         slot.proc = proc
@@ -182,6 +190,8 @@ class Supervisor:
                 log.info("worker-%d restarted (pid %d)", slot.index, proc.pid)
             code = await proc.wait()
             slot.proc = None
+            # its live gauges (connections, queue) leave the sums; its counters stay in them
+            multiprocess.mark_process_dead(proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             if self.stopping():
                 slot.stop_codes.append(code)
                 return
@@ -269,8 +279,11 @@ def supervise(config: Config, argv: list[str], workers: int) -> int:
     except ListenError as exc:
         log.error("%s", exc)
         return 1
+    # fresh each start: files of an earlier run would be summed into the counters
+    metrics_dir = tempfile.mkdtemp(prefix="gridgate-metrics-")
     try:
-        return trio.run(Supervisor(config, argv, workers, addresses).run)
+        return trio.run(Supervisor(config, argv, workers, addresses, metrics_dir).run)
     finally:
         for sock in held:
             sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)

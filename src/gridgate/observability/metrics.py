@@ -3,13 +3,20 @@
 Each Gateway owns its own CollectorRegistry, so several gateways can live in
 one process (tests, embedding) without their counters colliding. Hot paths
 increment once per socket read or per batch, never per byte.
+
+The workers of ``gridgate serve --workers N`` run in prometheus-client's
+multiprocess mode: their supervisor sets PROMETHEUS_MULTIPROC_DIR, every
+value lives in a file there, and /metrics on any worker reports the sum over
+all of them (gauges: over the live ones). The JetStream collector is the
+exception: read from the worker's own sink, so per worker.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -88,7 +95,8 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.connections = Gauge(
-            "gridgate_connections", "Live device connections", ["protocol"], registry=r)
+            "gridgate_connections", "Live device connections", ["protocol"], registry=r,
+            multiprocess_mode="livesum")
         self.connections_opened = Counter(
             "gridgate_connections_opened", "Connections accepted", ["protocol"], registry=r)
         self.connections_refused = Counter(
@@ -122,10 +130,10 @@ class Metrics:
             "gridgate_sink_write_errors", "Failed sink writes (retried; nothing is dropped)", ["error"], registry=r)
         self.breaker_state = Gauge(
             "gridgate_sink_breaker_state", "Circuit breaker of the external sink: 0 closed, 1 half-open, 2 open",
-            ["sink"], registry=r)
+            ["sink"], registry=r, multiprocess_mode="livemax")     # the worst worker's
         self.pending_records = Gauge(
             "gridgate_pending_records", "Records stored in the spool awaiting replay to the external sink",
-            registry=r)
+            registry=r, multiprocess_mode="livesum")
         self.replayed_records = Counter(
             "gridgate_replayed_records", "Pending records replayed to the external sink", ["sink"], registry=r)
         self.external_write_seconds = Histogram(
@@ -148,7 +156,8 @@ class Metrics:
             "gridgate_readings_unwritten_at_shutdown", "Readings (records and rejections) still queued at "
             "shutdown that could not be written in time: lost, and logged", ["protocol"], registry=r)
         self.pipeline_queue = Gauge(
-            "gridgate_pipeline_queue_items", "Work items waiting for the batcher", registry=r)
+            "gridgate_pipeline_queue_items", "Work items waiting for the batcher", registry=r,
+            multiprocess_mode="livesum")
 
         # -- security (DESIGN section 10); labels never carry a secret or an id
         self.auth_successes = Counter(
@@ -200,7 +209,18 @@ class Metrics:
     def watch_jetstream(self, source: Callable[[], object]) -> None:
         """Export the counters of the JetStream sink ``source()`` returns at each
         scrape (nothing while it returns None or another kind of sink)."""
-        self.registry.register(_JetStreamCollector(source))
+        self._jetstream = _JetStreamCollector(source)
+        self.registry.register(self._jetstream)
+
+    _jetstream: _JetStreamCollector | None = None
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory:
+            return generate_latest(self.registry)
+        # a worker of --workers N: every worker's values, from their files
+        summed = CollectorRegistry()
+        multiprocess.MultiProcessCollector(summed, directory)  # type: ignore[no-untyped-call]
+        if self._jetstream is not None:
+            summed.register(self._jetstream)
+        return generate_latest(summed)
