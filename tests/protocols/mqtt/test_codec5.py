@@ -468,7 +468,8 @@ def test_good_utf8_is_kept() -> None:
 
 
 def test_connect_variable_header_example() -> None:
-    """Figure 3-? of 3.1.2.12: name, version 5, flags 0xCE, keepalive 10, Session Expiry 10."""
+    """The Variable Header example of 3.1.2.12 (name, version 5, flags 0xCE, keepalive 10, Session Expiry 10)
+    with a Will carrying every Will property."""
     will = block(b"\x18" + u32(5), b"\x01\x01", b"\x02" + u32(60), b"\x03" + pack_string("text/plain"),
                  b"\x08" + pack_string("r/t"), b"\x09" + pack_string(b"c"),
                  b"\x26" + pack_string("a") + pack_string("b"))
@@ -511,8 +512,8 @@ def test_connect_empty_client_id_is_left_to_the_session() -> None:
     (connect5(name=b"MQTX"), 0x84),
     (connect5(flags=0x03), 0x81),                    # reserved flag (MQTT-3.1.2-3)
     (connect5(flags=0x1e, payload=block() + pack_string("t") + pack_string(b"")), 0x81),   # Will QoS 3
-    (connect5(flags=0x0a), 0x81),                    # Will QoS without Will flag (MQTT-3.1.2-11)
-    (connect5(flags=0x22), 0x81),                    # Will Retain without Will flag (MQTT-3.1.2-13)
+    (connect5(flags=0x0a), 0x81),                    # Will QoS without Will flag (MQTT-3.1.2-11/13)
+    (connect5(flags=0x22), 0x81),                    # Will Retain without Will flag (MQTT-3.1.2-15)
     (connect5(flags=0x06, payload=block() + pack_string("a/#") + pack_string(b"")), 0x82),   # Will topic
     (connect5(flags=0x06, payload=block() + pack_string("") + pack_string(b"")), 0x82),
     (connect5(flags=0x06, payload=block(b"\x23\x00\x01") + pack_string("t") + pack_string(b"")), 0x81),
@@ -578,7 +579,7 @@ def test_topic_alias_sets_then_resolves() -> None:
 
 
 @pytest.mark.parametrize(("data", "code", "alias_max"), [
-    (publish5("t", props=block(b"\x23" + u16(3))), 0x94, 2),       # above the maximum (MQTT-3.3.2-10)
+    (publish5("t", props=block(b"\x23" + u16(3))), 0x94, 2),       # above the maximum (MQTT-3.3.2-9)
     (publish5("t", props=block(b"\x23" + u16(1))), 0x94, 0),       # no aliases granted
     (publish5("t", props=block(b"\x23" + u16(0))), 0x94, 2),       # alias 0 (MQTT-3.3.2-8)
     (publish5("", props=block(b"\x23" + u16(1))), 0x82, 2),        # alias without a mapping
@@ -718,7 +719,7 @@ def test_disconnect(body: bytes, event: Disconnect5) -> None:
 
 
 def test_disconnect_session_expiry_rule() -> None:
-    # MQTT-3.14.2-2: non-zero in DISCONNECT after 0 (or absent) in CONNECT
+    # 3.14.2.2.2: non-zero in DISCONNECT after 0 (or absent) in CONNECT
     after_connect(0x82, packet(0xE0, b"\x00" + block(b"\x11" + u32(10))))
     with_expiry = connect5(props=block(b"\x11" + u32(60)))
     [_, event] = decode(with_expiry + packet(0xE0, b"\x00" + block(b"\x11" + u32(10))))
@@ -830,6 +831,8 @@ def test_pingresp_disconnect_auth() -> None:
     for bad in (0x04, 0x10, 0x84):
         with pytest.raises(ValueError):
             codec5_py.encode_disconnect(bad)
+    with pytest.raises(ValueError):      # MQTT-3.14.2-2: not from the server
+        codec5_py.encode_disconnect(0x8B, Properties(session_expiry_interval=0))
     assert codec5_py.encode_auth() == b"\xf0\x00"
     assert codec5_py.encode_auth(0x18, Properties(authentication_method="M", authentication_data=b"s")) == \
         packet(0xF0, b"\x18" + block(b"\x15" + pack_string("M"), b"\x16" + pack_string(b"s")))

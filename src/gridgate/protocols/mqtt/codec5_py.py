@@ -28,7 +28,7 @@ Subscription Identifier from a client MQTT-3.3.4-6), acks with the
 omission rules (remaining length 2: Success without properties; 3: a
 reason code without properties), SUBSCRIBE options (reserved bits 0x81,
 QoS 3 and Retain Handling 3 0x82, No Local on a shared subscription 0x82),
-DISCONNECT (the Session Expiry rule MQTT-3.14.2-2), AUTH (only after a
+DISCONNECT (the Session Expiry rule of 3.14.2.2.2), AUTH (only after a
 CONNECT with an Authentication Method, the same method, reason 0x18/0x19).
 What it leaves to the session: topic filter syntax (SUBACK 0x8F),
 Receive Maximum, Retain Available, Maximum QoS, packet ids in use.
@@ -177,7 +177,7 @@ class MQTT5Codec:
             (the Maximum Packet Size the server sends in CONNACK).
         topic_alias_maximum: the Topic Alias Maximum the server sends in
             CONNACK; 0 (the default, as when CONNACK omits it) refuses every
-            alias (MQTT-3.3.2-9/10 -> 0x94).
+            alias (MQTT-3.2.2-17/18, MQTT-3.3.2-9 -> 0x94).
     """
 
     __slots__ = ("_max", "_alias_max", "_aliases", "_partial", "_header_len", "_need", "_connected",
@@ -354,7 +354,7 @@ class MQTT5Codec:
         if alias is not None:
             if alias > self._alias_max:
                 raise MQTT5Error(TOPIC_ALIAS_INVALID, f"Topic Alias {alias} above the maximum {self._alias_max} "
-                                                      "(MQTT-3.3.2-10)")
+                                                      "(MQTT-3.3.2-9/12)")
             if topic:
                 self._aliases[alias] = topic     # 3.3.2.3.4: a name with an alias sets the mapping
             else:
@@ -408,7 +408,7 @@ class MQTT5Codec:
         expiry = props.session_expiry_interval
         if expiry and not self._session_expiry:
             raise MQTT5Error(PROTOCOL_ERROR, "non-zero Session Expiry Interval in DISCONNECT after 0 in CONNECT "
-                                             "(MQTT-3.14.2-2)")
+                                             "(3.14.2.2.2)")
         self._disconnected = True
         return Disconnect5(code, props)
 
@@ -444,9 +444,9 @@ class MQTT5Codec:
         will_qos = (flags >> 3) & 3
         will_retain = bool(flags & 0x20)
         if not will_flag and (will_qos or will_retain):
-            raise MQTT5Error(MALFORMED_PACKET, "Will QoS/Retain without the Will flag (MQTT-3.1.2-11/13)")
+            raise MQTT5Error(MALFORMED_PACKET, "Will QoS/Retain without the Will flag (MQTT-3.1.2-11/13/15)")
         if will_qos == 3:
-            raise MQTT5Error(MALFORMED_PACKET, "Will QoS 3 (MQTT-3.1.2-12)")
+            raise MQTT5Error(MALFORMED_PACKET, "Will QoS 3 (3.1.2.6)")
         props, pos = decode_properties(buf, pos, end, CONNECT)
         if props.authentication_data is not None and props.authentication_method is None:
             raise MQTT5Error(PROTOCOL_ERROR, "Authentication Data without Authentication Method (3.1.2.11.10)")
@@ -566,6 +566,8 @@ def encode_disconnect(reason_code: int = 0, properties: Properties | None = None
     code = _code(DISCONNECT, reason_code, "DISCONNECT")
     if code == 0x04:
         raise ValueError("0x04 Disconnect with Will Message is sent by clients only (3.14.2.1)")
+    if properties is not None and properties.session_expiry_interval is not None:
+        raise ValueError("a server's DISCONNECT carries no Session Expiry Interval (MQTT-3.14.2-2)")
     props = encode_properties(properties, DISCONNECT)
     if props == b"\x00":
         return _packet(0xE0, b"" if code == 0 else bytes((code,)))

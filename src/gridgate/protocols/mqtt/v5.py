@@ -241,8 +241,8 @@ def check_utf8(raw: bytes) -> str:
         # isprintable() is a cheap pre-filter for the common all-printable-ASCII case
         bad = _FORBIDDEN.search(text)
         if bad is not None:
-            raise MQTT5Error(MALFORMED_PACKET, f"string contains U+{ord(bad.group()):04X} "
-                                               "(MQTT-1.5.4-2, section 1.5.4)")
+            rule = "MQTT-1.5.4-2" if bad.group() == "\x00" else "section 1.5.4, refused as a MUST"
+            raise MQTT5Error(MALFORMED_PACKET, f"string contains U+{ord(bad.group()):04X} ({rule})")
     return text
 
 
