@@ -352,6 +352,27 @@ def test_a_port_in_use_stops_the_start_with_the_listener_named(tmp_path):
     assert "worker-0" not in out.stderr     # refused before any worker started
 
 
-def test_bad_workers_value_is_a_usage_error():
-    out = run_cli("serve", "--workers", "zero")
-    assert out.returncode == 2 and "--workers 'zero'" in out.stderr
+def test_bad_workers_value_is_a_config_error():
+    for value in ("zero", "0"):
+        out = run_cli("serve", "--workers", value)
+        assert out.returncode == 2 and "service.workers" in out.stderr, out.stderr
+
+
+def test_workers_from_the_environment(tmp_path):
+    env = gridgate_env(GRIDGATE_SERVICE_WORKERS="2")
+    proc = subprocess.Popen([str(BIN), "serve", "--mqtt", "", "--http", "127.0.0.1:0", "--ws", "",
+                             "--data-dir", str(tmp_path / "d")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    try:
+        deadline = time.monotonic() + 60
+        line = "-"
+        while time.monotonic() < deadline and line and not ("supervisor" in line and " listening " in line):
+            line = proc.stderr.readline()        # "" at EOF: it exited
+        assert " listening " in line and line.rstrip().endswith("workers=2"), line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

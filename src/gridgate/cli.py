@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sink", choices=["spool", "influxdb", "nats"],
                        help="where readings go (default spool; influxdb/nats keep the spool as store-and-forward)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--workers", metavar="N", default="1",
+    serve.add_argument("--workers", metavar="N|auto", type=_workers_arg,
                        help="N gateway processes on the same ports (SO_REUSEPORT) under a supervisor; "
-                            "auto = one per CPU (default 1: no supervisor)")
+                            "auto = one per CPU (default [service] workers, 1: no supervisor)")
     # set by the supervisor of --workers N for its workers (gridgate.cluster.supervisor)
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
@@ -102,7 +102,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "spool": {"data_dir": args.data_dir},
         "connections": {"idle_timeout_s": args.idle_timeout},
         "sink": {"kind": args.sink},
-        "service": {"log_level": args.log_level},
+        "service": {"log_level": args.log_level, "workers": args.workers},
     }
     if getattr(args, "listen", None):     # a worker: the ports its supervisor reserved win over everything
         from gridgate.cluster.supervisor import LISTENERS
@@ -146,12 +146,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from gridgate.config import ConfigError
     from gridgate.gateway import ListenError
 
-    workers = _workers(args.workers)
-    if workers is None:
-        return EXIT_CONFIG
     config = _load_config(args.config, _overrides(args))
     if config is None:
         return EXIT_CONFIG
+    workers = config.service.workers
+    if workers == "auto":
+        import os
+
+        workers = os.cpu_count() or 1
     on_ready: Callable[[], None] | None = None
     if args.worker_index is not None:
         from gridgate.cluster import worker
@@ -199,20 +201,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _workers(text: str) -> int | None:
-    """``--workers``: a count, or ``auto`` (one per CPU); None (and why, on stderr) if neither."""
-    import os
-
-    if text == "auto":
-        return os.cpu_count() or 1
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if not 1 <= count <= 1024:
-        print(f"gridgate: --workers {text!r}: a number from 1 to 1024, or auto", file=sys.stderr)
-        return None
-    return count
+def _workers_arg(text: str) -> int | str:
+    """``--workers``: a count as an int, anything else as given ([service] workers judges it)."""
+    return int(text) if text.isdigit() else text
 
 
 def _leaves(group: BaseExceptionGroup[E]) -> list[E]:

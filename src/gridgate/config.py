@@ -45,6 +45,9 @@ class ServiceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     service_name: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     summary_interval_s: PositiveFloat = 60.0
+    # gateway processes on the same ports under a supervisor (gridgate.cluster);
+    # "auto": one per CPU; 1: a lone gateway, no supervisor
+    workers: Annotated[int, Meta(ge=1, le=1024)] | Literal["auto"] = 1
 
 
 class MQTTConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
