@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -973,10 +974,11 @@ def test_publish_round_trip(topic_: str, payload: bytes, qos: int, pid: int, ret
 
 
 @st.composite
-def any_properties(draw: st.DrawFn, ptype: int) -> Properties:
+def any_properties(draw: st.DrawFn, ptype: int, four_byte_max: int = 2**32 - 1) -> Properties:
     """Valid properties for ``ptype``: any subset of the table's allowed ones."""
     values: dict[int, st.SearchStrategy] = {
-        v5.BYTE: st.sampled_from([0, 1]), v5.TWO_BYTE: st.integers(1, 65535), v5.FOUR_BYTE: st.integers(1, 2**32 - 1),
+        v5.BYTE: st.sampled_from([0, 1]), v5.TWO_BYTE: st.integers(1, 65535),
+        v5.FOUR_BYTE: st.integers(1, four_byte_max),
         v5.VBI: st.integers(1, v5.MAX_VBI), v5.UTF8: text, v5.BINARY: st.binary(max_size=8),
         v5.UTF8_PAIR: st.tuples(text, text)}
     chosen: dict[str, object] = {}
@@ -1156,3 +1158,101 @@ def _will_props():
     p.ContentType = "text/plain"
     p.UserProperty = ("why", "gone")
     return p
+
+
+# -- hypothesis: CONNECT round trips, and the server's encoders read back by paho -----------------------------
+
+
+@SETTINGS
+@given(st.data())
+def test_connect_round_trip(data: st.DataObject) -> None:
+    props = data.draw(any_properties(v5.CONNECT))
+    if props.authentication_method is None and props.authentication_data is not None:
+        props = msgspec.structs.replace(props, authentication_data=None)   # 3.1.2.11.10: Data needs a Method
+    will = None
+    if data.draw(st.booleans()):
+        will = Will5(data.draw(topic), data.draw(st.binary(max_size=16)), data.draw(st.integers(0, 2)),
+                     data.draw(st.booleans()), data.draw(any_properties(v5.WILL)))
+    username = data.draw(st.none() | text)
+    password = data.draw(st.none() | st.binary(max_size=8))
+    expected = Connect5(data.draw(st.booleans()), data.draw(u16s), data.draw(text), will, username, password,
+                        props)
+    flags = (expected.clean_start << 1 | (will is not None) << 2 | (will.qos if will else 0) << 3
+             | (bool(will and will.retain)) << 5 | (password is not None) << 6 | (username is not None) << 7)
+    payload = b""
+    if will is not None:
+        payload += v5.encode_properties(will.properties, v5.WILL) + pack_string(will.topic) + pack_string(will.payload)
+    if username is not None:
+        payload += pack_string(username)
+    if password is not None:
+        payload += pack_string(password)
+    raw = connect5(expected.client_id, expected.keepalive, flags, v5.encode_properties(props, v5.CONNECT), payload)
+    events, error = _run(raw, data.draw(st.lists(st.integers(0, 400), max_size=4)))
+    assert error is None, error
+    assert events == [expected]
+
+
+def _paho_view(raw_block: bytes, ptype: int) -> dict[str, object]:
+    """A property block as paho-mqtt's unpacker reads it: {attr: value} in our types."""
+    from paho.mqtt.properties import Properties as PahoProperties
+
+    theirs = PahoProperties(_paho_packet_type(ptype))
+    theirs.unpack(raw_block)
+    out: dict[str, object] = {}
+    for spec in v5.PROPERTIES:
+        name = spec.name.replace(" ", "")
+        if not hasattr(theirs, name):
+            continue
+        value = getattr(theirs, name)
+        if spec.attr == "user_properties":
+            value = tuple(tuple(p) for p in value)
+        elif spec.attr == "subscription_identifiers":
+            value = tuple(value)
+        elif spec.type == v5.BINARY:
+            value = bytes(value)
+        out[spec.attr] = value
+    return out
+
+
+def _encode_server_packet(ptype: int, props: Properties) -> bytes:
+    """The packet's encoder with ``props``; returns its property block, cut out by hand (sections 3.2 - 3.15)."""
+    if ptype == v5.CONNACK:
+        raw, skip = codec5_py.encode_connack(False, 0x80, props), 2           # flags, reason code
+    elif ptype == v5.PUBLISH:
+        raw, skip = codec5_py.encode_publish("t", b"", 1, 1, properties=props), 5   # topic "t", packet id
+    elif ptype in (v5.PUBACK, v5.PUBREC, v5.PUBREL, v5.PUBCOMP):
+        encode = {v5.PUBACK: codec5_py.encode_puback, v5.PUBREC: codec5_py.encode_pubrec,
+                  v5.PUBREL: codec5_py.encode_pubrel, v5.PUBCOMP: codec5_py.encode_pubcomp}[ptype]
+        raw, skip = encode(1, 0x92 if ptype in (v5.PUBREL, v5.PUBCOMP) else 0x10, props), 3
+    elif ptype == v5.SUBACK:
+        raw, skip = codec5_py.encode_suback(1, [0x8F], props), 2
+    elif ptype == v5.UNSUBACK:
+        raw, skip = codec5_py.encode_unsuback(1, [0x8F], props), 2
+    elif ptype == v5.DISCONNECT:
+        raw, skip = codec5_py.encode_disconnect(0x8B, props), 1
+    else:
+        raw, skip = codec5_py.encode_auth(0x18, props), 1
+    # the fixed header: the type byte and a remaining length of 1 to 4 bytes
+    i = 1
+    while raw[i] & 0x80:
+        i += 1
+    body = raw[i + 1:]
+    if len(body) == skip:       # an ack without properties: no Property Length at all (3.4.2.2.1)
+        return b"\x00"
+    return body[skip:]
+
+
+SERVER_PACKETS = [v5.CONNACK, v5.PUBLISH, v5.PUBACK, v5.PUBREC, v5.PUBREL, v5.PUBCOMP, v5.SUBACK, v5.UNSUBACK,
+                  v5.DISCONNECT, v5.AUTH]
+
+
+@SETTINGS
+@given(st.data())
+def test_server_encoders_read_back_by_paho(data: st.DataObject) -> None:
+    """Every server packet with any properties it may carry, its property block read by paho-mqtt's decoder."""
+    ptype = data.draw(st.sampled_from(SERVER_PACKETS))
+    props = data.draw(any_properties(ptype, four_byte_max=v5.MAX_VBI))   # paho range-checks Maximum Packet Size
+    if ptype == v5.DISCONNECT:
+        props = msgspec.structs.replace(props, session_expiry_interval=None)   # MQTT-3.14.2-2
+    present = {k: v for k, v in msgspec.structs.asdict(props).items() if v is not None and v != ()}
+    assert _paho_view(_encode_server_packet(ptype, props), ptype) == present
