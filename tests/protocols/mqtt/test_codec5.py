@@ -1256,3 +1256,35 @@ def test_server_encoders_read_back_by_paho(data: st.DataObject) -> None:
         props = msgspec.structs.replace(props, session_expiry_interval=None)   # MQTT-3.14.2-2
     present = {k: v for k, v in msgspec.structs.asdict(props).items() if v is not None and v != ()}
     assert _paho_view(_encode_server_packet(ptype, props), ptype) == present
+
+
+def test_mosquitto_pub_mqttv5() -> None:
+    """mosquitto_pub -V mqttv5 with CONNECT and PUBLISH properties (-D), decoded by the codec."""
+    import subprocess
+
+    from binaries import require
+
+    server = _Server(0x00)
+    server.start()
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    subprocess.run([
+        require("mosquitto_pub"), "-V", "mqttv5", "-h", "127.0.0.1", "-p", str(server.port), "-i", "meter-9",
+        "-q", "1", "-t", "devices/meter-9/telemetry", "-m", '{"temperature": 21}',
+        "-D", "connect", "session-expiry-interval", "30", "-D", "connect", "receive-maximum", "5",
+        "-D", "publish", "user-property", "traceparent", traceparent,
+        "-D", "publish", "user-property", "tracestate", "rojo=1",
+        "-D", "publish", "content-type", "application/json", "-D", "publish", "payload-format-indicator", "1",
+        "-D", "publish", "message-expiry-interval", "60", "-D", "publish", "response-topic", "devices/meter-9/r",
+        "-D", "publish", "correlation-data", "c-1", "-D", "publish", "topic-alias", "1",
+    ], check=True, timeout=20, capture_output=True)
+    server.join(10)
+    assert server.error is None, server.error
+    connect, publish, disconnect = server.events
+    assert (connect.client_id, connect.properties.session_expiry_interval, connect.properties.receive_maximum) == (
+        "meter-9", 30, 5)
+    assert publish == Publish5("devices/meter-9/telemetry", b'{"temperature": 21}', 1, publish.packet_id, False,
+                               False, Properties(
+        payload_format_indicator=1, message_expiry_interval=60, content_type="application/json",
+        response_topic="devices/meter-9/r", correlation_data=b"c-1", topic_alias=1,
+        user_properties=(("traceparent", traceparent), ("tracestate", "rojo=1"))))
+    assert isinstance(disconnect, Disconnect5) and disconnect.reason_code == 0
