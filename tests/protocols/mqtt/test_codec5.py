@@ -1288,3 +1288,26 @@ def test_mosquitto_pub_mqttv5() -> None:
         response_topic="devices/meter-9/r", correlation_data=b"c-1", topic_alias=1,
         user_properties=(("traceparent", traceparent), ("tracestate", "rojo=1"))))
     assert isinstance(disconnect, Disconnect5) and disconnect.reason_code == 0
+
+
+@pytest.mark.parametrize("encode", [
+    lambda p, m: codec5_py.encode_connack(False, 0x87, p, max_packet_size=m),
+    lambda p, m: codec5_py.encode_puback(1, 0x99, p, max_packet_size=m),
+    lambda p, m: codec5_py.encode_pubrec(1, 0x99, p, max_packet_size=m),
+    lambda p, m: codec5_py.encode_pubrel(1, 0x92, p, max_packet_size=m),
+    lambda p, m: codec5_py.encode_pubcomp(1, 0x92, p, max_packet_size=m),
+    lambda p, m: codec5_py.encode_suback(1, [0x8F], p, max_packet_size=m),
+    lambda p, m: codec5_py.encode_unsuback(1, [0x8F], p, max_packet_size=m),
+    lambda p, m: codec5_py.encode_disconnect(0x99, p, max_packet_size=m),
+    lambda p, m: codec5_py.encode_auth(0x18, p, max_packet_size=m),
+], ids=["connack", "puback", "pubrec", "pubrel", "pubcomp", "suback", "unsuback", "disconnect", "auth"])
+def test_reason_string_and_user_properties_dropped_to_fit(encode) -> None:
+    """MQTT-3.4.2-2/3 and siblings: over the client's Maximum Packet Size, the
+    Reason String and User Properties go, and only they."""
+    keep = Properties(authentication_method="M") if encode(None, None)[0] >> 4 == v5.AUTH else NONE
+    full = msgspec.structs.replace(keep, reason_string="out_of_range: temperature",
+                                   user_properties=(("k", "v" * 40),))
+    whole = encode(full, None)
+    assert encode(full, len(whole)) == whole                  # fits exactly: kept
+    assert encode(full, 10_000) == whole
+    assert encode(full, len(whole) - 1) == encode(keep, None)  # one byte short: both dropped

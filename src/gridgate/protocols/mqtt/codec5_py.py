@@ -32,11 +32,19 @@ DISCONNECT (the Session Expiry rule of 3.14.2.2.2), AUTH (only after a
 CONNECT with an Authentication Method, the same method, reason 0x18/0x19).
 What it leaves to the session: topic filter syntax (SUBACK 0x8F),
 Receive Maximum, Retain Available, Maximum QoS, packet ids in use.
+
+The encoders give the shortest form the spec allows, and those with a
+Reason String take the client's Maximum Packet Size (``max_packet_size``):
+over it, the Reason String and User Properties are left out, as the spec
+allows for exactly those two (a PUBLISH over it is for the session to
+discard, MQTT-3.1.2-28).
 """
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+import msgspec
 
 from gridgate.protocols.mqtt.events import PingReq
 from gridgate.protocols.mqtt.events5 import (
@@ -496,63 +504,88 @@ def _packet(first: int, body: bytes) -> bytes:
     return bytes((first,)) + encode_vbi(len(body)) + body
 
 
-def encode_connack(session_present: bool, reason_code: int = 0, properties: Properties | None = None) -> bytes:
-    """CONNACK (3.2); the Property Length is always present (3.2.2.3)."""
+def _fit(build: Callable[[Properties | None], bytes], properties: Properties | None,
+         max_packet_size: int | None) -> bytes:
+    """``build(properties)``, or, when that exceeds the client's Maximum Packet
+    Size, ``build`` without Reason String and User Properties: the spec lets a
+    sender drop exactly those two to fit, never the packet (MQTT-3.2.2-19/20,
+    MQTT-3.4.2-2/3 and their siblings in 3.5 - 3.15). What still does not fit
+    is the caller's to handle."""
+    raw = build(properties)
+    if max_packet_size is None or len(raw) <= max_packet_size or properties is None:
+        return raw
+    return build(msgspec.structs.replace(properties, reason_string=None, user_properties=()))
+
+
+def encode_connack(session_present: bool, reason_code: int = 0, properties: Properties | None = None,
+                   max_packet_size: int | None = None) -> bytes:
+    """CONNACK (3.2); the Property Length is always present (3.2.2.3).
+    ``max_packet_size``: the client's Maximum Packet Size, see ``_fit``."""
     code = _code(CONNACK, reason_code, "CONNACK")
     if session_present and code:
         raise ValueError("Session Present with a non-zero reason code (MQTT-3.2.2-6)")
-    return _packet(0x20, bytes((1 if session_present else 0, code)) + encode_properties(properties, CONNACK))
+    head = bytes((1 if session_present else 0, code))
+    return _fit(lambda p: _packet(0x20, head + encode_properties(p, CONNACK)), properties, max_packet_size)
 
 
 def _encode_ack(ptype: int, first: int, packet_id: int, reason_code: int, properties: Properties | None,
-                what: str) -> bytes:
+                what: str, max_packet_size: int | None) -> bytes:
     pid = _pid(packet_id)
     code = _code(ptype, reason_code, what)
-    props = encode_properties(properties, ptype)
-    # The omission rules (3.4.2.1, 3.4.2.2.1): no properties -> no Property
-    # Length; Success and no properties -> no reason code either.
-    if props == b"\x00":
-        return _packet(first, pid if code == 0 else pid + bytes((code,)))
-    return _packet(first, pid + bytes((code,)) + props)
+
+    def build(p: Properties | None) -> bytes:
+        props = encode_properties(p, ptype)
+        # The omission rules (3.4.2.1, 3.4.2.2.1): no properties -> no Property
+        # Length; Success and no properties -> no reason code either.
+        if props == b"\x00":
+            return _packet(first, pid if code == 0 else pid + bytes((code,)))
+        return _packet(first, pid + bytes((code,)) + props)
+    return _fit(build, properties, max_packet_size)
 
 
-def encode_puback(packet_id: int, reason_code: int = 0, properties: Properties | None = None) -> bytes:
+def encode_puback(packet_id: int, reason_code: int = 0, properties: Properties | None = None,
+                   max_packet_size: int | None = None) -> bytes:
     """PUBACK (3.4), shortest form the spec allows."""
-    return _encode_ack(PUBACK, 0x40, packet_id, reason_code, properties, "PUBACK")
+    return _encode_ack(PUBACK, 0x40, packet_id, reason_code, properties, "PUBACK", max_packet_size)
 
 
-def encode_pubrec(packet_id: int, reason_code: int = 0, properties: Properties | None = None) -> bytes:
+def encode_pubrec(packet_id: int, reason_code: int = 0, properties: Properties | None = None,
+                   max_packet_size: int | None = None) -> bytes:
     """PUBREC (3.5)."""
-    return _encode_ack(PUBREC, 0x50, packet_id, reason_code, properties, "PUBREC")
+    return _encode_ack(PUBREC, 0x50, packet_id, reason_code, properties, "PUBREC", max_packet_size)
 
 
-def encode_pubrel(packet_id: int, reason_code: int = 0, properties: Properties | None = None) -> bytes:
+def encode_pubrel(packet_id: int, reason_code: int = 0, properties: Properties | None = None,
+                   max_packet_size: int | None = None) -> bytes:
     """PUBREL (3.6), flags 0b0010."""
-    return _encode_ack(PUBREL, 0x62, packet_id, reason_code, properties, "PUBREL")
+    return _encode_ack(PUBREL, 0x62, packet_id, reason_code, properties, "PUBREL", max_packet_size)
 
 
-def encode_pubcomp(packet_id: int, reason_code: int = 0, properties: Properties | None = None) -> bytes:
+def encode_pubcomp(packet_id: int, reason_code: int = 0, properties: Properties | None = None,
+                    max_packet_size: int | None = None) -> bytes:
     """PUBCOMP (3.7)."""
-    return _encode_ack(PUBCOMP, 0x70, packet_id, reason_code, properties, "PUBCOMP")
+    return _encode_ack(PUBCOMP, 0x70, packet_id, reason_code, properties, "PUBCOMP", max_packet_size)
 
 
 def _encode_sub_ack(ptype: int, first: int, packet_id: int, reason_codes: Iterable[int],
-                    properties: Properties | None, what: str) -> bytes:
+                    properties: Properties | None, what: str, max_packet_size: int | None) -> bytes:
     pid = _pid(packet_id)
     codes = bytes(_code(ptype, c, what) for c in reason_codes)
     if not codes:
         raise ValueError(f"{what} needs one reason code per topic filter, and there is at least one")
-    return _packet(first, pid + encode_properties(properties, ptype) + codes)
+    return _fit(lambda p: _packet(first, pid + encode_properties(p, ptype) + codes), properties, max_packet_size)
 
 
-def encode_suback(packet_id: int, reason_codes: Iterable[int], properties: Properties | None = None) -> bytes:
+def encode_suback(packet_id: int, reason_codes: Iterable[int], properties: Properties | None = None,
+                  max_packet_size: int | None = None) -> bytes:
     """SUBACK (3.9): one reason code per Topic Filter, in order (MQTT-3.8.4-6)."""
-    return _encode_sub_ack(SUBACK, 0x90, packet_id, reason_codes, properties, "SUBACK")
+    return _encode_sub_ack(SUBACK, 0x90, packet_id, reason_codes, properties, "SUBACK", max_packet_size)
 
 
-def encode_unsuback(packet_id: int, reason_codes: Iterable[int], properties: Properties | None = None) -> bytes:
+def encode_unsuback(packet_id: int, reason_codes: Iterable[int], properties: Properties | None = None,
+                    max_packet_size: int | None = None) -> bytes:
     """UNSUBACK (3.11): one reason code per Topic Filter (MQTT-3.11.3-1)."""
-    return _encode_sub_ack(UNSUBACK, 0xB0, packet_id, reason_codes, properties, "UNSUBACK")
+    return _encode_sub_ack(UNSUBACK, 0xB0, packet_id, reason_codes, properties, "UNSUBACK", max_packet_size)
 
 
 def encode_pingresp() -> bytes:
@@ -560,7 +593,8 @@ def encode_pingresp() -> bytes:
     return b"\xd0\x00"
 
 
-def encode_disconnect(reason_code: int = 0, properties: Properties | None = None) -> bytes:
+def encode_disconnect(reason_code: int = 0, properties: Properties | None = None,
+                      max_packet_size: int | None = None) -> bytes:
     """DISCONNECT (3.14) from the server, shortest form: remaining length 0
     for Normal disconnection without properties, 1 for a reason code alone."""
     code = _code(DISCONNECT, reason_code, "DISCONNECT")
@@ -568,22 +602,29 @@ def encode_disconnect(reason_code: int = 0, properties: Properties | None = None
         raise ValueError("0x04 Disconnect with Will Message is sent by clients only (3.14.2.1)")
     if properties is not None and properties.session_expiry_interval is not None:
         raise ValueError("a server's DISCONNECT carries no Session Expiry Interval (MQTT-3.14.2-2)")
-    props = encode_properties(properties, DISCONNECT)
-    if props == b"\x00":
-        return _packet(0xE0, b"" if code == 0 else bytes((code,)))
-    return _packet(0xE0, bytes((code,)) + props)
+
+    def build(p: Properties | None) -> bytes:
+        props = encode_properties(p, DISCONNECT)
+        if props == b"\x00":
+            return _packet(0xE0, b"" if code == 0 else bytes((code,)))
+        return _packet(0xE0, bytes((code,)) + props)
+    return _fit(build, properties, max_packet_size)
 
 
-def encode_auth(reason_code: int = 0, properties: Properties | None = None) -> bytes:
+def encode_auth(reason_code: int = 0, properties: Properties | None = None,
+                max_packet_size: int | None = None) -> bytes:
     """AUTH (3.15) from the server: 0x00 Success or 0x18 Continue; remaining
     length 0 for Success without properties (3.15.2.1)."""
     code = _code(AUTH, reason_code, "AUTH")
     if code == 0x19:
         raise ValueError("0x19 Re-authenticate is sent by clients only (3.15.2.1)")
-    props = encode_properties(properties, AUTH)
-    if code == 0 and props == b"\x00":
-        return b"\xf0\x00"
-    return _packet(0xF0, bytes((code,)) + props)
+
+    def build(p: Properties | None) -> bytes:
+        props = encode_properties(p, AUTH)
+        if code == 0 and props == b"\x00":
+            return b"\xf0\x00"
+        return _packet(0xF0, bytes((code,)) + props)
+    return _fit(build, properties, max_packet_size)
 
 
 def encode_publish(topic: str, payload: bytes | bytearray | memoryview, qos: int = 0, packet_id: int = 0,
