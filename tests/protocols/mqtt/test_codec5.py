@@ -1052,6 +1052,7 @@ class _Server(threading.Thread):
     def __init__(self, puback_code: int) -> None:
         super().__init__(daemon=True)
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(20)   # a client that never comes ends the thread, not the run
         self.port = self.listener.getsockname()[1]
         self.puback_code = puback_code
         self.events: list = []
