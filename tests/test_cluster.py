@@ -215,11 +215,13 @@ def test_kill_9_of_a_worker_mid_stream_loses_no_acked_reading(cluster):
     stop = threading.Event()
     sent: dict[str, list[paho.MQTTMessageInfo]] = {}
     errors: list[str] = []
+    connects: list[str] = []
     devices = 16
 
     def device(cid: str) -> None:
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid)
         client.reconnect_delay_set(min_delay=0.1, max_delay=1)   # paho's loop reconnects on its own
+        client.on_connect = lambda *_: connects.append(cid)
         infos = sent.setdefault(cid, [])
         try:
             client.connect(host, port, keepalive=30)
@@ -285,6 +287,8 @@ def test_kill_9_of_a_worker_mid_stream_loses_no_acked_reading(cluster):
         for t in threads:
             t.join(60)
     assert errors == []
+    # the kill cut live connections: their devices connected again (16 on one worker: a chance of 2**-16)
+    assert len(connects) > devices
     assert c.stop() == 0
 
     stored: dict[str, set[int]] = {}
@@ -376,3 +380,18 @@ def test_workers_from_the_environment(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code(tmp_path):
+    # Config.load accepts this file (the supervisor's own check); the password
+    # file is read by each worker's gateway, which refuses it: exit 2
+    (tmp_path / "pw").write_text("garbage line without colon\n")
+    (tmp_path / "bad.toml").write_text(f'[auth]\npassword_file = "{tmp_path / "pw"}"\n')
+    out = subprocess.run([str(BIN), "serve", "--config", str(tmp_path / "bad.toml"), "--workers", "2",
+                          "--mqtt", "127.0.0.1:0", "--http", "127.0.0.1:0", "--ws", "",
+                          "--data-dir", str(tmp_path / "d")],
+                         capture_output=True, text=True, timeout=120, env=gridgate_env())
+    assert out.returncode == 2, out.stderr
+    assert "not 'id:hash'" in out.stderr
+    assert re.search(r"worker-\d did not start \(exit code 2\): stopping the others", out.stderr), out.stderr
+    assert " listening " not in out.stderr

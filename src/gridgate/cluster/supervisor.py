@@ -59,6 +59,7 @@ STOP_TIMEOUT_S = 2 * DRAIN_TIMEOUT_S + 15.0
 class WorkerStartError(Exception):
     def __init__(self, index: int, code: int | None) -> None:
         super().__init__(f"worker-{index} did not start ({describe_exit(code)})")
+        self.index = index
         self.code = code
 
 
@@ -212,35 +213,49 @@ class Supervisor:
                     pass
 
     async def run(self) -> int:
-        failed: BaseException | None = None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            try:
-                async with trio.open_nursery() as nursery:
-                    try:
-                        for slot in self.slots:
-                            await nursery.start(self._run_slot, slot)
-                    except WorkerStartError:
-                        self._stop.set()
-                        self._signal_all(signal.SIGTERM)
-                        raise
+            async with trio.open_nursery() as nursery:
+                failed = await self._start_all(nursery)
+                if failed is None:
                     log.info("listening %s workers=%d", " ".join(f"{k}={v}" for k, v in self.addresses.items()),
                              len(self.slots))
                     log.info("supervisor pid %d; %s; data_dir=%s (one spool shard per worker: worker-<i>/)",
                              os.getpid(), ", ".join(f"worker-{s.index} pid {s.proc.pid}" for s in self.slots
                                                     if s.proc is not None), self.config.spool.data_dir)
                     await self._watch_signals(signals, nursery)
-            except* WorkerStartError as group:
-                failed = group.exceptions[0]
-            if failed is not None:
-                assert isinstance(failed, WorkerStartError)
-                log.error("%s: stopping the others", failed)
-                return failed.code if failed.code is not None and failed.code > 0 else 1
+                else:
+                    log.error("%s: stopping the others", failed)
+                    self._stop.set()
+                    self._signal_all(signal.SIGTERM)
+                    with trio.move_on_after(STOP_TIMEOUT_S):
+                        for slot in self.slots:
+                            if slot.proc is not None:   # the slot's own task may wait too: trio serializes
+                                await slot.proc.wait()
+                    nursery.cancel_scope.cancel()
+        if failed is not None:
+            return failed.code if failed.code is not None and failed.code > 0 else 1
         unclean = [(s.index, c) for s in self.slots for c in s.stop_codes
                    if c not in (0, -signal.SIGTERM, -signal.SIGINT)]
         for index, code in unclean:
             log.error("worker-%d stopped with %s", index, describe_exit(code))
         log.info("stopped: %d workers", len(self.slots))
         return 1 if unclean else 0
+
+    async def _start_all(self, nursery: trio.Nursery) -> WorkerStartError | None:
+        """Start every worker at once; the first that could not start, if any
+        (the others are up then, or failed too)."""
+        failures: list[WorkerStartError] = []
+
+        async def start_one(slot: _Slot) -> None:
+            try:
+                await nursery.start(self._run_slot, slot)
+            except WorkerStartError as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as starting:
+            for slot in self.slots:
+                starting.start_soon(start_one, slot)
+        return min(failures, key=lambda f: f.index) if failures else None
 
     async def _watch_signals(self, signals: AsyncIterator[int], nursery: trio.Nursery) -> None:
         count = 0
