@@ -374,7 +374,7 @@ def test_workers_from_the_environment(tmp_path):
         while time.monotonic() < deadline and line and not ("supervisor" in line and " listening " in line):
             line = proc.stderr.readline()        # "" at EOF: it exited
         assert " listening " in line and line.rstrip().endswith("workers=2"), line
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)          # Ctrl-C: as SIGTERM
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
@@ -395,3 +395,11 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code(tmp_path)
     assert "not 'id:hash'" in out.stderr
     assert re.search(r"worker-\d did not start \(exit code 2\): stopping the others", out.stderr), out.stderr
     assert " listening " not in out.stderr
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(cluster):
+    c = cluster("2")
+    c.proc.kill()                              # no chance to forward anything
+    c.proc.wait(10)
+    # PR_SET_PDEATHSIG: each worker gets SIGTERM and stops on its own
+    assert all(_wait_gone(pid, 30) for pid in c.pids.values())
