@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
     m.add_argument("--qos", type=int, choices=(0, 1), default=1)
     m.add_argument("--keepalive", type=int, default=60, metavar="K", help="MQTT keepalive, seconds")
+    m.add_argument("--tls", action="store_true", help="MQTT over TLS (mqtts); the server's name is checked")
+    m.add_argument("--cafile", metavar="FILE", default="",
+                   help="PEM CAs the server's certificate chains to (with --tls; default: the system's)")
     w.add_argument("--keepalive", type=_positive_int, default=60, metavar="K",
                    help="send a WebSocket ping when nothing was sent for K/2 seconds")
     return parser
@@ -133,7 +136,8 @@ def _plans(args: argparse.Namespace, sources: tuple[str, ...]) -> list[RunPlan]:
         host=host, port=port, qos=getattr(args, "qos", 1), inflight=args.inflight, batch=args.batch,
         rate_per_device=args.rate / args.devices, payload=args.payload, idle=args.idle,
         keepalive=getattr(args, "keepalive", 60), client_prefix=args.client_prefix, protocol=args.protocol,
-        reconnect=args.reconnect, backoff_base=args.backoff_min, backoff_max=args.backoff_max)
+        reconnect=args.reconnect, backoff_base=args.backoff_min, backoff_max=args.backoff_max,
+        tls=getattr(args, "tls", False), cafile=getattr(args, "cafile", ""))
     plans, first = [], 0
     for p in range(args.procs):
         count = args.devices // args.procs + (1 if p < args.devices % args.procs else 0)
@@ -240,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.procs > args.devices:
         parser.error(f"--procs {args.procs} is more than --devices {args.devices}")
+    if getattr(args, "cafile", "") and not args.tls:
+        parser.error("--cafile needs --tls")
     if args.backoff_min > args.backoff_max:
         parser.error(f"--backoff-min {args.backoff_min:g} is more than --backoff-max {args.backoff_max:g}")
     fd_limit = raise_open_file_limit()

@@ -45,6 +45,8 @@ class DeviceOptions:
     backoff_max: float = 5.0              # --backoff-max: the cap of that bound
     reconnect: bool = True                # False (--no-reconnect): a drop or refusal ends the device
     protocol: str = "mqtt"                # "mqtt", "http" or "ws"
+    tls: bool = False                     # --tls: MQTT over TLS (loadgen.tls)
+    cafile: str = ""                      # --cafile: the CAs the server's certificate chains to ("" = system's)
 
 
 class Device:

@@ -22,6 +22,7 @@ import trio
 from gridgate.protocols.mqtt.codec import codec
 from loadgen.device import READING, Device, DeviceOptions
 from loadgen.stats import Stats
+from loadgen.tls import TlsSocketStream, client_context
 
 __all__ = ["MqttDevice", "RawSocketStream", "build_connect"]
 
@@ -119,10 +120,16 @@ class MqttDevice(Device):
 
     # -- one connection --------------------------------------------------------
 
-    async def connect(self) -> trio.abc.Stream | RawSocketStream:
+    async def connect(self) -> trio.abc.Stream | RawSocketStream | TlsSocketStream:
         with trio.fail_after(self.opts.connect_timeout):
             stream = await self.open_stream(self.opts.host, self.opts.port, local_address=self.local_address)
-            if isinstance(stream, trio.SocketStream):
+            if self.opts.tls:
+                context = client_context(self.opts.cafile)
+                if isinstance(stream, trio.SocketStream):
+                    stream = await TlsSocketStream.handshake(stream, context, self.opts.host)
+                else:           # a test's in-memory stream: trio's own TLS over it
+                    stream = trio.SSLStream(stream, context, server_hostname=self.opts.host)
+            elif isinstance(stream, trio.SocketStream):
                 stream = RawSocketStream.take(stream)
             try:
                 await stream.send_all(self.connect_frame)
@@ -140,7 +147,7 @@ class MqttDevice(Device):
             raise ConnectionError(f"CONNACK refused, return code {connack[3]}")
         return stream
 
-    async def reader(self, stream: trio.abc.Stream | RawSocketStream) -> None:
+    async def reader(self, stream: trio.abc.Stream | RawSocketStream | TlsSocketStream) -> None:
         buf = b""
         while True:
             data = await stream.receive_some(65536)
@@ -218,7 +225,7 @@ class MqttDevice(Device):
             parts.append(tail)
         return b"".join(parts)
 
-    async def pinger(self, stream: trio.abc.Stream | RawSocketStream) -> None:
+    async def pinger(self, stream: trio.abc.Stream | RawSocketStream | TlsSocketStream) -> None:
         interval = max(self.opts.keepalive / 2, 0.5)
         while True:
             await trio.sleep(interval)
