@@ -1,6 +1,6 @@
 """System benchmarks of DESIGN section 9.
 
-    python -m bench {pipelines,mqtt,conns,sinks,storm,all} [--duration S] [--rounds N] [--out DIR] [--profile]
+    python -m bench {pipelines,mqtt,conns,sinks,storm,tls,all} [--duration S] [--rounds N] [--out DIR] [--profile]
 
 Every server is started here on free loopback ports and driven in the same
 run, in alternating rounds; results.json, report.md and PNG plots go to
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench import procs, report
 
-SCENARIOS = ("pipelines", "mqtt", "conns", "sinks", "storm")
+SCENARIOS = ("pipelines", "mqtt", "conns", "sinks", "storm", "tls")
 EXIT_MISSING = 2          # an optional dependency is not installed: nothing was run
 
 

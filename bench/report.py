@@ -63,6 +63,10 @@ def write(results: dict, out: Path) -> str:
         lines += _sinks(scenarios["sinks"], out, results["machine"])
     if "storm" in scenarios:
         lines += storm_table(scenarios["storm"])
+    if "tls" in scenarios:
+        from bench import tls  # bench.tls imports this module for profile_top
+
+        lines += tls.table(scenarios["tls"])
     lines += _profiles(scenarios, out)
     if results.get("failed"):
         lines += ["## Failed scenarios", "", *[f"- {k}: {v[:500]}" for k, v in results["failed"].items()], ""]
