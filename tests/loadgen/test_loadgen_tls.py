@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from gatewayproc import GatewayProcess, gridgate_env, spool_stats
 from loadgen.tls import TlsSocketStream, client_context
@@ -76,9 +77,15 @@ async def test_tls_socket_stream_moves_more_than_the_buffers_hold_both_ways(pki)
     big = bytes(range(256)) * (1 << 16)
     got = bytearray()
 
+    checked = trio.Event()
+
     async def server() -> None:
         conn, _ = await listener.accept()
         stream = trio.SSLStream(trio.SocketStream(conn), server_ctx, server_side=True)
+        await stream.do_handshake()
+        # read nothing until the client's second sender was refused: its
+        # first send_all is then surely still waiting on a full socket
+        await checked.wait()
         received = bytearray()
         while len(received) < len(big):
             received += await stream.receive_some(65536)
@@ -93,10 +100,11 @@ async def test_tls_socket_stream_moves_more_than_the_buffers_hold_both_ways(pki)
         with trio.fail_after(30):
             async with trio.open_nursery() as inner:
                 inner.start_soon(client.send_all, big)
-                # a second sender at once is refused, never interleaved
-                await trio.lowlevel.checkpoint()
+                # a second sender while the first waits on the socket is refused, never interleaved
+                await trio.testing.wait_all_tasks_blocked()
                 with pytest.raises(trio.BusyResourceError):
                     await client.send_all(b"x")
+                checked.set()
             while True:
                 chunk = await client.receive_some(65536)
                 if not chunk:
