@@ -796,22 +796,30 @@ def _listener_label(name: str, listener: trio.abc.Listener[trio.abc.Stream]) -> 
         return f"{name} listener"
 
 
-def _peer(stream: trio.abc.Stream) -> str:
+def _peer_address(stream: trio.abc.Stream) -> Any:
+    """The peer's socket address (looking through TLS to the TCP connection
+    under it); None for a stream without a socket, "?" once it is gone."""
     if isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream         # the TCP connection under TLS
     sock = getattr(stream, "socket", None)
     try:
-        return _fmt_addr(sock.getpeername()) if sock is not None else type(stream).__name__
+        return sock.getpeername() if sock is not None else None
     except OSError:
         return "?"
 
 
+def _peer(stream: trio.abc.Stream) -> str:
+    addr = _peer_address(stream)
+    if addr == "?":
+        return "?"
+    return _fmt_addr(addr) if addr is not None else type(stream).__name__
+
+
 def _peer_host(stream: trio.abc.Stream) -> str:
-    """The peer's address without the port: what per-address limits count."""
-    sock = getattr(stream, "socket", None)
-    try:
-        addr = sock.getpeername() if sock is not None else None
-    except OSError:
+    """The peer's address without the port: what per-address limits count
+    (under TLS too: otherwise every TLS client would share one place)."""
+    addr = _peer_address(stream)
+    if addr == "?":
         return "?"
     return addr[0] if isinstance(addr, tuple) else type(stream).__name__
 
