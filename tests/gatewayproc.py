@@ -51,13 +51,16 @@ class GatewayProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env=env if env is not None else gridgate_env())
         self.lines: list[str] = []
+        self._new_line = threading.Condition()
         self.addresses: dict[str, tuple[str, int]] = {}
         ready = threading.Event()
 
         def pump() -> None:
             assert self.proc.stderr is not None
             for line in self.proc.stderr:
-                self.lines.append(line.rstrip("\n"))
+                with self._new_line:
+                    self.lines.append(line.rstrip("\n"))
+                    self._new_line.notify_all()
                 m = _LISTENING.search(line)
                 if m and not ready.is_set():
                     for part in m.group(1).split():
@@ -109,6 +112,13 @@ class GatewayProcess:
 
     def log(self) -> str:
         return "\n".join(self.lines)
+
+    def wait_for_line(self, text: str, timeout: float = 20.0) -> None:
+        """Return once a log line containing ``text`` is in (woken by each new
+        line, no polling); AssertionError with the log after ``timeout``."""
+        with self._new_line:
+            if not self._new_line.wait_for(lambda: any(text in line for line in self.lines), timeout):
+                raise AssertionError(f"no log line with {text!r} within {timeout}s:\n{self.log()}")
 
     def alive(self) -> bool:
         return self.proc.poll() is None

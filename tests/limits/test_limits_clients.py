@@ -169,7 +169,7 @@ def test_sighup_reloads_the_limits_and_a_bad_file_keeps_the_running_ones(tmp_pat
         clients.append(first)
         config.write_text("[limits]\nmax_connections_per_ip = 2\n")
         gw.proc.send_signal(signal.SIGHUP)
-        wait_for_line(gw, "SIGHUP: reloaded limits")
+        gw.wait_for_line("SIGHUP: reloaded limits")
         second = RawClient(gw.mqtt)
         assert second.connect("meter-2") == gen_connack(0)
         clients.append(second)
@@ -179,17 +179,11 @@ def test_sighup_reloads_the_limits_and_a_bad_file_keeps_the_running_ones(tmp_pat
         assert first.closed_by_server() is False                        # no connection dropped
         config.write_text("[limits]\nmax_connections_per_ip = -1\nbogus = 1\n")
         gw.proc.send_signal(signal.SIGHUP)
-        wait_for_line(gw, "SIGHUP: the new configuration is unusable, keeping the running one")
-        wait_for_line(gw, "limits.bogus: unknown key")
+        gw.wait_for_line("SIGHUP: the new configuration is unusable, keeping the running one")
+        gw.wait_for_line("limits.bogus: unknown key")
         assert RawClient(gw.mqtt).connect("meter-4") == gen_connack(3)  # still 2
     finally:
         for c in clients:
             c.close()
         assert gw.stop() == 0, gw.log()
 
-
-def wait_for_line(gw: GatewayProcess, text: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(text in line for line in gw.lines):
-        assert time.monotonic() < deadline, f"no log line with {text!r}:\n{gw.log()}"
-        time.sleep(0.05)

@@ -6,20 +6,12 @@ from __future__ import annotations
 import signal
 import ssl
 import threading
-import time
 
 import paho.mqtt.client as paho
 
 from binaries import require
 from security.pki import CA, Leaf
 from security.test_tls_listeners import TLSGateway, mqtts_publish
-
-
-def wait_for_line(gw: TLSGateway, text: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(text in line for line in gw.proc.lines):
-        assert time.monotonic() < deadline, f"no log line with {text!r}:\n{gw.proc.log()}"
-        time.sleep(0.05)
 
 
 class Device:
@@ -59,7 +51,7 @@ def test_sighup_with_a_new_crl_closes_the_revoked_device_and_keeps_the_others(tm
         assert a.publish_acked() and b.publish_acked()
         (tmp_path / "crl.pem").write_bytes(ca.crl([leaf_a]))
         gw.proc.proc.send_signal(signal.SIGHUP)
-        wait_for_line(gw, "SIGHUP: TLS reloaded; 1 connections whose certificate is no longer accepted closed")
+        gw.proc.wait_for_line("SIGHUP: TLS reloaded; 1 connections whose certificate is no longer accepted closed")
         assert a.disconnected.wait(20)
         assert not b.disconnected.is_set() and b.publish_acked()
         # meter-a is refused at the handshake from now on (mosquitto_pub over the files it used)
@@ -69,7 +61,7 @@ def test_sighup_with_a_new_crl_closes_the_revoked_device_and_keeps_the_others(tm
         # a CRL that does not load: the old set stays, meter-b goes on, meter-a stays out
         (tmp_path / "crl.pem").write_text("not a CRL\n")
         gw.proc.proc.send_signal(signal.SIGHUP)
-        wait_for_line(gw, "SIGHUP: TLS not reloaded, the old certificates and CRL stay")
+        gw.proc.wait_for_line("SIGHUP: TLS not reloaded, the old certificates and CRL stay")
         assert b.publish_acked()
         assert mqtts_publish(mosquitto_pub, gw, "meter-a", "--cert", str(tmp_path / "meter-a.crt"),
                              "--key", str(tmp_path / "meter-a.key")).returncode != 0
