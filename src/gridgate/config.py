@@ -378,17 +378,12 @@ class Config(msgspec.Struct, kw_only=True):
         if not self.service.service_name:
             out.append("service.service_name is not set "
                        "(set SERVICE_NAME, GRIDGATE_SERVICE_SERVICE_NAME or [service] service_name)")
-        exposed: list[str] = []
-        for section in ("mqtt", "http", "websocket"):
-            for key in ("listen", "tls_listen"):
-                value = getattr(getattr(self, section), key)
-                try:
-                    address = parse_address(value)
-                except ValueError as exc:
-                    out.append(f"{section}.{key}: {exc}")
-                    continue
-                if address is not None and not is_loopback_host(address[0]):
-                    exposed.append(f"{section}.{key}={value}")
+        for section, key, value in self._listen_addresses():
+            try:
+                parse_address(value)
+            except ValueError as exc:
+                out.append(f"{section}.{key}: {exc}")
+        exposed = self.exposed_listeners()
         if any(getattr(self, s).tls_listen for s in ("mqtt", "http", "websocket")):
             if not self.tls.cert_file or not self.tls.key_file:
                 out.append("a tls_listen is set but tls.cert_file and tls.key_file are not")
@@ -411,6 +406,23 @@ class Config(msgspec.Struct, kw_only=True):
             if rule.min is not None and rule.max is not None and rule.min > rule.max:
                 out.append(f"fields.{name}: min {rule.min} is greater than max {rule.max}")
         out.extend(device_config_problems(self.devices, self.downlink.devices_file, self.downlink.max_command_bytes))
+        return out
+
+    def _listen_addresses(self) -> list[tuple[str, str, str]]:
+        return [(section, key, getattr(getattr(self, section), key))
+                for section in ("mqtt", "http", "websocket") for key in ("listen", "tls_listen")]
+
+    def exposed_listeners(self) -> list[str]:
+        """``section.key=HOST:PORT`` of every listener bound to a non-loopback
+        address (one that does not parse is a problem, not listed here)."""
+        out = []
+        for section, key, value in self._listen_addresses():
+            try:
+                address = parse_address(value)
+            except ValueError:
+                continue
+            if address is not None and not is_loopback_host(address[0]):
+                out.append(f"{section}.{key}={value}")
         return out
 
     @property

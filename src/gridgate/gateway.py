@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - depends on the Trio release
     }
 
 from gridgate import hotpath
-from gridgate.config import Config, ConfigError, is_loopback_host, parse_address
+from gridgate.config import Config, ConfigError, parse_address
 from gridgate.connections.manager import ConnManager, Session
 from gridgate.ingest.durable_timeouts import DurableTimeouts
 from gridgate.ingest.pipeline import Pipeline, WorkItem
@@ -827,14 +827,7 @@ def _peer_host(stream: trio.abc.Stream) -> str:
 def admin_required(config: Config) -> bool:
     """DESIGN section 10: the admin API needs a token whenever a credential
     store or a tokens file is configured, or a listener is not loopback-only."""
-    if config.has_credential_store or config.admin.tokens_file:
-        return True
-    for section in (config.mqtt, config.http, config.websocket):
-        for text in (section.listen, section.tls_listen):
-            address = parse_address(text)
-            if address is not None and not is_loopback_host(address[0]):
-                return True
-    return False
+    return bool(config.has_credential_store or config.admin.tokens_file or config.exposed_listeners())
 
 
 def _fmt_addr(addr: Any) -> str:
