@@ -251,10 +251,11 @@ def test_ill_formed_strings_are_bad_utf8_section_1_5_3(mqtt_impl, where, raw):
     assert error_of(mqtt_impl, _string_in(where, raw)) == err("bad_utf8")
 
 
-@pytest.mark.parametrize("text", ["\u00e9", "\u20ac", "\U0001f600", "\ufeff", "\uffff", "a b"])
+@pytest.mark.parametrize("text", ["\u00e9", "\u20ac", "\U0001f600", "\ufeff", "a b"])
 def test_well_formed_strings_decode(mqtt_impl, text):
-    # U+FEFF and the non-character U+FFFF are well-formed (1.5.3: "MUST NOT
-    # be skipped or stripped" / "SHOULD NOT" but may be accepted)
+    # U+FEFF is kept as it is (MQTT-1.5.3-3: "MUST NOT be skipped or
+    # stripped"); control characters and non-characters are refused
+    # (tests/protocols/mqtt/test_mqtt311_strict.py)
     events = decode(mqtt_impl, gen_connect(text, username=text) + gen_subscribe(2, [(text, 1)])
                     + gen_publish(text, payload=b"1"))
     assert events == [Connect("MQTT", 4, True, 0, text, None, text, None), Subscribe(2, [(text, 1)]),
@@ -713,6 +714,9 @@ VIOLATIONS = {
     "MQTT-4.7.1-3 '+' inside a level": (C + gen_unsubscribe(1, ["a+/b"]), "bad_topic_filter"),
     "MQTT-4.7.3-1 empty filter": (C + gen_subscribe(1, [("", 0)]), "bad_topic_filter"),
     "filter with U+0000": (C + gen_unsubscribe(1, ["a\x00"]), "bad_utf8"),
+    "topic with a control character": (C + gen_publish("a\x1b[2J", payload=b"{}"), "bad_char"),
+    "MQTT 3.1 client id over 23 bytes": (gen_connect("m" * 24, proto_name=b"MQIsdp", proto_ver=3),
+                                         "identifier_rejected", 2),
 }
 
 
@@ -724,7 +728,7 @@ def test_violation(mqtt_impl, name):
 
 def test_violations_cover_every_documented_reason():
     assert {case[1] for case in VIOLATIONS.values()} == set(MQTT_ERROR_REASONS)
-    assert len(set(MQTT_ERROR_REASONS)) == len(MQTT_ERROR_REASONS) == 13
+    assert len(set(MQTT_ERROR_REASONS)) == len(MQTT_ERROR_REASONS) == 14
 
 
 def test_precedence_first_byte_then_length_then_body(mqtt_impl):

@@ -104,6 +104,12 @@ def whole_events_before_error(stream: bytes, max_packet_bytes: int) -> list:
 cuts_strategy = st.lists(st.integers(min_value=0), max_size=8)
 
 
+def _refused(ch: str) -> bool:
+    """A control character or non-character (bad_char; U+0000 is bad_utf8)."""
+    cp = ord(ch)
+    return 0 < cp < 0x20 or 0x7F <= cp <= 0x9F or 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE
+
+
 # -- 1. arbitrary and mutated input ---------------------------------------------------------------
 
 
@@ -116,7 +122,10 @@ def test_arbitrary_bytes_same_result_in_both(data, with_connect, cuts):
 # Packets that are valid alone, or nearly (packet id 0, QoS 3, odd filters):
 # a stream of these, with a few bytes overwritten, reaches deep into every
 # decoder instead of failing on the first byte.
-level = st.text(alphabet=st.sampled_from("ab/+#\u00e9\x00"), max_size=6)
+# with control characters and non-characters, refused (bad_char), and their
+# accepted neighbours
+level = st.text(alphabet=st.sampled_from("ab/+#\u00e9\x00\x01\x1f\x7f\u0085\u00a0\ufdd0\ufdf0\ufffe\uffff"
+                                         "\U0001fffe\U0010fffd"), max_size=6)
 packets = st.one_of(
     st.builds(lambda t, p, q, m, r, d: gen_publish(t, qos=q, mid=m if q else 0, payload=p, retain=r, dup=d and q > 0),
               level, st.binary(max_size=40), st.integers(0, 2), st.integers(0, 3), st.booleans(), st.booleans()),
@@ -129,6 +138,7 @@ packets = st.one_of(
     st.builds(lambda c, k, w, u, p: gen_connect(c, keepalive=k, will_topic=w, username=u, password=p),
               st.text(max_size=4), st.integers(0, 65535), st.none() | level, st.none() | st.text(max_size=3),
               st.none() | st.binary(max_size=3)),
+    st.builds(lambda c: gen_connect(c, proto_name=b"MQIsdp", proto_ver=3), st.text(min_size=20, max_size=26)),
 )
 
 
@@ -154,9 +164,25 @@ def test_mutated_connects_same_result_in_both(frame, flips, cuts):
     check_same_everywhere(bytes(stream), cuts)
 
 
+@SETTINGS
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12), st.booleans(), cuts_strategy)
+def test_a_string_is_refused_exactly_when_it_holds_u0000_a_control_character_or_a_non_character(text, as_id, cuts):
+    frame = gen_connect(text) if as_id else gen_connect("c", username=text)
+    whole = check_same_everywhere(frame, cuts)
+    # the oracle: section 1.5.3 read independently of the codec
+    if "\x00" in text:
+        assert whole[1] == ("bad_utf8", None)
+    elif any(_refused(ch) for ch in text):
+        assert whole[1] == ("bad_char", None)
+    else:
+        assert whole == ([Connect("MQTT", 4, True, 0, text if as_id else "c", None, None if as_id else text, None)],
+                         None)
+
+
 # -- 2. round trips ------------------------------------------------------------------------------------
 
-name_char = st.characters(blacklist_characters="+#/\x00", blacklist_categories=("Cs",))
+name_char = st.characters(blacklist_characters="+#/\x00", blacklist_categories=("Cs",)).filter(
+    lambda c: not _refused(c))
 topic_names = st.lists(st.text(alphabet=name_char, max_size=8), min_size=1, max_size=4).map("/".join).filter(bool)
 filter_level = st.one_of(st.text(alphabet=name_char, max_size=6), st.just("+"))
 topic_filters = st.builds(lambda levels, hash_: "/".join(levels + (["#"] if hash_ else [])),
@@ -203,7 +229,8 @@ def client_packets(draw):
 def connects(draw):
     level = draw(st.sampled_from([(b"MQTT", 4, "MQTT"), (b"MQIsdp", 3, "MQIsdp")]))
     clean = draw(st.booleans())
-    client_id = draw(client_ids.filter(lambda c: c or clean))
+    # an MQTT 3.1 client id is at most 23 bytes
+    client_id = draw(client_ids.filter(lambda c: (c or clean) and (level[1] == 4 or len(c.encode()) <= 23)))
     keepalive = draw(st.integers(0, 65535))
     will = draw(st.none() | st.builds(Will, topic_names, st.binary(max_size=20), st.integers(0, 2), st.booleans()))
     username = draw(st.none() | st.text(alphabet=name_char, max_size=10))

@@ -38,11 +38,21 @@ Only ``gridgate.errors.MQTTProtocolError`` escapes ``feed`` (encoders raise
     The protocol name/level pair is neither "MQTT"/4 (3.1.1) nor "MQIsdp"/3
     (3.1) (MQTT-3.1.2-1/2). The session answers CONNACK 0x01 and closes.
 ``identifier_rejected`` (``return_code=2``)
-    A zero-byte client id with CleanSession 0 (MQTT-3.1.3-8). The session
-    answers CONNACK 0x02 and closes.
+    A zero-byte client id with CleanSession 0 (MQTT-3.1.3-8), or an MQTT 3.1
+    (``MQIsdp``) client id over 23 bytes (MQTT 3.1 allows 1 to 23
+    characters). The session answers CONNACK 0x02 and closes.
 ``bad_utf8``
     A string that is not well-formed UTF-8 (including UTF-16 surrogates
     U+D800..U+DFFF and overlong forms) or contains U+0000 (MQTT-1.5.3-1/2).
+``bad_char``
+    A well-formed string holding a control character (U+0001..U+001F,
+    U+007F..U+009F) or a non-character (U+FDD0..U+FDEF, and U+nFFFE/U+nFFFF
+    in every plane). Section 1.5.3 lets a receiver close the connection for
+    these ("MAY"); gridgate always does: a device id, a topic or a user name
+    with one is a mistake or an attack, and it would reach logs, metrics
+    labels and sinks. Checked after ``bad_utf8`` (a string with U+0000 and
+    a control character is ``bad_utf8``). Applies to every UTF-8 string of
+    every packet: client id, Will topic, user name, topic names and filters.
 ``bad_flags``
     Fixed-header flags other than table 2.2.2 requires (PUBREL, SUBSCRIBE,
     UNSUBSCRIBE 0b0010, every other non-PUBLISH packet 0) (MQTT-2.2.2-1/2);
@@ -96,6 +106,7 @@ most ``max_packet_bytes`` of memory.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Iterable
 
 from gridgate.errors import MQTTProtocolError
@@ -137,7 +148,7 @@ __all__ = [
 
 MQTT_ERROR_REASONS = (
     "malformed", "too_large", "expected_connect", "duplicate_connect", "unsupported_protocol",
-    "identifier_rejected", "bad_utf8", "bad_flags", "bad_topic", "bad_topic_filter", "bad_packet_id",
+    "identifier_rejected", "bad_utf8", "bad_char", "bad_flags", "bad_topic", "bad_topic_filter", "bad_packet_id",
     "unexpected_packet", "data_after_disconnect",
 )
 
@@ -195,14 +206,29 @@ _FIRST_BYTE_ERRORS = (
 # -- fields ---------------------------------------------------------------------
 
 
+# Control characters and non-characters: the code points section 1.5.3 lets
+# a receiver refuse, refused here always (see ``bad_char``).
+_NONCHARS = "".join(f"\\U{(plane << 16) | 0xFFFE:08x}\\U{(plane << 16) | 0xFFFF:08x}" for plane in range(17))
+_FORBIDDEN = re.compile(f"[\\x01-\\x1f\\x7f-\\x9f\\ufdd0-\\ufdef{_NONCHARS}]")
+
+# MQTT 3.1 (section 3.1 of its spec): a client id is 1 to 23 characters.
+MQTT31_MAX_CLIENT_ID_BYTES = 23
+
+
 def _utf8(raw: bytes) -> str:
-    """An MQTT UTF-8 string (section 1.5.3)."""
+    """An MQTT UTF-8 string (section 1.5.3), strictly: see ``bad_utf8`` and ``bad_char``."""
     try:
         text = raw.decode("utf-8")  # strict: refuses surrogates and overlong forms (MQTT-1.5.3-1)
     except UnicodeDecodeError:
         raise MQTTProtocolError("bad_utf8", "string is not well-formed UTF-8 (MQTT-1.5.3-1)") from None
-    if "\x00" in text:
-        raise MQTTProtocolError("bad_utf8", "string contains U+0000 (MQTT-1.5.3-2)")
+    # printable ASCII (nearly every topic and id) needs no further look
+    if not (text.isascii() and text.isprintable()):
+        if "\x00" in text:
+            raise MQTTProtocolError("bad_utf8", "string contains U+0000 (MQTT-1.5.3-2)")
+        bad = _FORBIDDEN.search(text)
+        if bad is not None:
+            raise MQTTProtocolError("bad_char", f"string contains U+{ord(bad.group()):04X}, a control character or "
+                                                "non-character (section 1.5.3, refused as a MUST)")
     return text
 
 
@@ -504,7 +530,8 @@ class MQTTCodec:
             raise MQTTProtocolError("malformed", "password flag without user name flag (MQTT-3.1.2-22)")
         # Payload, in this order (3.1.3): client id, Will topic and message,
         # user name, password.
-        client_id, pos = _string(buf, pos, end)
+        raw_client_id, pos = _binary(buf, pos, end)
+        client_id = _utf8(raw_client_id)
         will = None
         if will_flag:
             will_topic, pos = _string(buf, pos, end)
@@ -521,6 +548,9 @@ class MQTTCodec:
         if not client_id and not clean:
             raise MQTTProtocolError("identifier_rejected", "zero-byte client id needs CleanSession 1 "
                                                            "(MQTT-3.1.3-8)", 2)
+        if level == 3 and len(raw_client_id) > MQTT31_MAX_CLIENT_ID_BYTES:
+            raise MQTTProtocolError("identifier_rejected", f"MQTT 3.1 client id of {len(raw_client_id)} bytes, "
+                                                           f"more than {MQTT31_MAX_CLIENT_ID_BYTES}", 2)
         self._connected = True
         self._level = level
         return Connect(name.decode("ascii"), level, clean, keepalive, client_id, will, username, password)
