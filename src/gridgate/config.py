@@ -48,11 +48,19 @@ class ServiceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # gateway processes on the same ports under a supervisor (gridgate.cluster);
     # "auto": one per CPU; 1: a lone gateway, no supervisor
     workers: Annotated[int, Meta(ge=1, le=1024)] | Literal["auto"] = 1
+    # Load balancers (CIDRs) whose connections may begin with a PROXY protocol
+    # header; a listener with proxy_protocol set takes connections from these only.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    # a trusted proxy's header must be complete within this, or the connection is closed
+    proxy_header_timeout_s: PositiveFloat = 5.0
 
 
 class MQTTConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:1883"
     tls_listen: str = ""                             # MQTT over TLS (mqtts), e.g. "0.0.0.0:8883"
+    # "v1" or "v2": both listeners of this section take only connections from
+    # [service] trusted_proxies that begin with that PROXY protocol header
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
     max_packet_bytes: Annotated[int, Meta(ge=64, le=268_435_460)] = 1_048_576
     receive_bytes: Annotated[int, Meta(ge=512, le=16_777_216)] = 65_536
     # Unacknowledged outgoing bytes per connection before we stop reading it.
@@ -62,6 +70,9 @@ class MQTTConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class HTTPConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:8080"
     tls_listen: str = ""                             # HTTPS, e.g. "0.0.0.0:8443"
+    # "v1" or "v2": both listeners of this section take only connections from
+    # [service] trusted_proxies that begin with that PROXY protocol header
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
     # "fast": the compiled parser and validator; "std": h11 and the pure-Python
     # validator (DESIGN section 5). Same behaviour, different inner workings.
     engine: Literal["fast", "std"] = "fast"
@@ -75,6 +86,9 @@ class HTTPConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class WebSocketConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:8083"
     tls_listen: str = ""                             # wss, e.g. "0.0.0.0:8084"
+    # "v1" or "v2": both listeners of this section take only connections from
+    # [service] trusted_proxies that begin with that PROXY protocol header
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
     # A bigger message closes the connection with 1009 (also bounds one MQTT
     # packet carried over /mqtt, which may span several messages).
     max_message_bytes: Annotated[int, Meta(ge=1024, le=268_435_456)] = 1_048_576
@@ -387,6 +401,7 @@ class Config(msgspec.Struct, kw_only=True):
         if any(getattr(self, s).tls_listen for s in ("mqtt", "http", "websocket")):
             if not self.tls.cert_file or not self.tls.key_file:
                 out.append("a tls_listen is set but tls.cert_file and tls.key_file are not")
+        out.extend(self._proxy_problems())
         if self.tls.require_client_cert and not self.tls.client_ca_file:
             out.append("tls.require_client_cert needs tls.client_ca_file")
         if self.tls.crl_file and not self.tls.client_ca_file:
@@ -406,6 +421,20 @@ class Config(msgspec.Struct, kw_only=True):
             if rule.min is not None and rule.max is not None and rule.min > rule.max:
                 out.append(f"fields.{name}: min {rule.min} is greater than max {rule.max}")
         out.extend(device_config_problems(self.devices, self.downlink.devices_file, self.downlink.max_command_bytes))
+        return out
+
+    def _proxy_problems(self) -> list[str]:
+        out = []
+        for cidr in self.service.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                out.append(f"service.trusted_proxies: {cidr!r} is not an address or CIDR (e.g. 10.0.0.0/8, ::1)")
+        proxied = [f"{section}.proxy_protocol" for section in ("mqtt", "http", "websocket")
+                   if getattr(self, section).proxy_protocol != "off"]
+        if proxied and not self.service.trusted_proxies:
+            out.append(f"{', '.join(proxied)} is set but service.trusted_proxies is empty: name the load balancers' "
+                       "addresses (CIDRs) whose PROXY headers are believed")
         return out
 
     def _listen_addresses(self) -> list[tuple[str, str, str]]:

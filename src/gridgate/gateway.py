@@ -21,7 +21,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -54,6 +54,8 @@ from gridgate.observability.metrics import Metrics
 from gridgate.protocols.http.fast import serve_fast_http
 from gridgate.protocols.http.std import serve_std_http
 from gridgate.protocols.mqtt.session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection, serve_mqtt_stream
+from gridgate.protocols.proxied import FirstRefusals, ProxiedStream, TrustedProxies, accept_proxy_header
+from gridgate.protocols.proxy_protocol import ProxyProtocolError
 from gridgate.protocols.services import Services
 from gridgate.protocols.websocket.session import serve_websocket_connection
 from gridgate.security.admin_tokens import AdminGate, AdminTokens
@@ -87,6 +89,17 @@ DRAIN_TIMEOUT_S = 10.0
 
 # What an accept loop starts per connection (Gateway.handle_mqtt and the like).
 StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
+
+# A client's (address, port) as a trusted proxy's PROXY header names it.
+ClientAddress = tuple[str, int]
+
+
+class ClientHandler(Protocol):
+    """A StreamHandler that can be told the client's address (behind a PROXY
+    protocol header the TCP peer is the load balancer, not the client)."""
+
+    def __call__(self, stream: trio.abc.Stream, /, *, client: ClientAddress | None = None) -> Awaitable[None]: ...
+
 
 # A protocol handler: serves one connection until it ends.
 ServeFn = Callable[[trio.abc.Stream, Services, Session], Awaitable[None]]
@@ -277,6 +290,8 @@ class Gateway:
         # Listeners whose accept loop ended while the gateway runs on (for
         # /readyz): "mqtt listener 127.0.0.1:1883" -> why.
         self._stopped_listeners: dict[str, str] = {}
+        # peers already logged for a refused PROXY header (each logged once)
+        self._proxy_refusals_logged = FirstRefusals()
 
     # -- sink composition ---------------------------------------------------
 
@@ -517,22 +532,30 @@ class Gateway:
         plain ones, on the stream their handshake made (``_tls_handler``).
         """
         config = self.config
-        listeners_wanted: list[tuple[str, str, StreamHandler]] = [
-            ("mqtt", config.mqtt.listen, self.handle_mqtt),
-            ("http", config.http.listen, self.handle_http),
-            ("ws", config.websocket.listen, self.handle_ws),
+        listeners_wanted: list[tuple[str, str, ClientHandler, str]] = [
+            ("mqtt", config.mqtt.listen, self.handle_mqtt, config.mqtt.proxy_protocol),
+            ("http", config.http.listen, self.handle_http, config.http.proxy_protocol),
+            ("ws", config.websocket.listen, self.handle_ws, config.websocket.proxy_protocol),
         ]
         if self.tls_context is not None:
             listeners_wanted += [
-                ("mqtts", config.mqtt.tls_listen, self._tls_handler("mqtts", self.handle_mqtt)),
-                ("https", config.http.tls_listen, self._tls_handler("https", self.handle_http)),
-                ("wss", config.websocket.tls_listen, self._tls_handler("wss", self.handle_ws)),
+                ("mqtts", config.mqtt.tls_listen, self._tls_handler("mqtts", self.handle_mqtt),
+                 config.mqtt.proxy_protocol),
+                ("https", config.http.tls_listen, self._tls_handler("https", self.handle_http),
+                 config.http.proxy_protocol),
+                ("wss", config.websocket.tls_listen, self._tls_handler("wss", self.handle_ws),
+                 config.websocket.proxy_protocol),
             ]
         bound: list[tuple[str, trio.SocketListener, StreamHandler]] = []
-        for name, address, handler in listeners_wanted:
+        for name, address, client_handler, proxy_protocol in listeners_wanted:
             parsed = parse_address(address)
             if parsed is None:
                 continue
+            handler: StreamHandler = client_handler
+            if proxy_protocol != "off":
+                # the PROXY header comes first, before any TLS handshake
+                handler = self._proxy_handler(name, 1 if proxy_protocol == "v1" else 2, client_handler,
+                                              tls=name in ("mqtts", "https", "wss"))
             host, port = parsed
             try:
                 if self.reuse_port:
@@ -547,7 +570,7 @@ class Gateway:
             bound.extend((name, listener, handler) for listener in listeners)
         return bound
 
-    def _tls_handler(self, listener: str, handler: StreamHandler) -> StreamHandler:
+    def _tls_handler(self, listener: str, handler: ClientHandler) -> ClientHandler:
         """``handler`` behind a TLS server handshake.
 
         The handshake runs in the connection's own task (the accept loop
@@ -562,7 +585,7 @@ class Gateway:
         timeout_s = self.config.tls.handshake_timeout_s
         metrics = self.metrics
 
-        async def handle_tls(stream: trio.abc.Stream) -> None:
+        async def handle_tls(stream: trio.abc.Stream, /, *, client: ClientAddress | None = None) -> None:
             context = self.tls_context      # read per connection: a SIGHUP may have replaced it
             assert context is not None
             # https_compatible: devices drop TCP without a close_notify, and
@@ -574,14 +597,48 @@ class Gateway:
                 done = await tls_handshake(tls_stream, listener=listener, timeout_s=timeout_s, metrics=metrics)
             except Exception as exc:       # a bug must cost this connection only; Cancelled passes
                 metrics.tls_handshake_failures.labels(listener, "other").inc()
-                log.error("%s TLS handshake from %s failed: %s", listener, _peer(stream), exc, exc_info=exc)
+                log.error("%s TLS handshake from %s failed: %s", listener,
+                          _fmt_addr(client) if client is not None else _peer(stream), exc, exc_info=exc)
                 done = False
             if not done:
                 await trio.aclose_forcefully(tls_stream)
                 return
-            await handler(tls_stream)
+            await handler(tls_stream, client=client)
 
         return handle_tls
+
+    def _proxy_handler(self, listener: str, version: int, handler: ClientHandler, *, tls: bool) -> StreamHandler:
+        """``handler`` behind a PROXY protocol header (DESIGN section 12):
+        only from ``[service] trusted_proxies``, complete within
+        ``proxy_header_timeout_s``, read in the connection's own task like a
+        TLS handshake. Anything else closes the connection, counted in
+        ``gridgate_proxy_protocol_refused{listener, reason}`` and logged once
+        per peer address. The handler then sees the client's address (logs,
+        limits, bans); LOCAL (the proxy's health check) and UNKNOWN keep the
+        proxy's. On a plain listener a client certificate the proxy verified
+        (PP2_SUBTYPE_SSL_CN) is the connection's certificate identity; on a
+        TLS listener the gateway's own handshake decides.
+        """
+        trusted = TrustedProxies(self.config.service.trusted_proxies)
+        timeout_s = self.config.service.proxy_header_timeout_s
+        refused = self.metrics.proxy_protocol_refused
+        logged = self._proxy_refusals_logged
+
+        async def handle_proxied(stream: trio.abc.Stream) -> None:
+            assert isinstance(stream, trio.SocketStream), "PROXY listeners are socket listeners"
+            try:
+                header = await accept_proxy_header(stream, version=version, trusted=trusted, timeout_s=timeout_s)
+            except ProxyProtocolError as exc:
+                refused.labels(listener, exc.reason).inc()
+                if logged.first(_peer_host(stream)):
+                    log.warning("%s: closing a connection from %s: PROXY v%d header refused (%s); further "
+                                "refusals from this address are only counted", listener, _peer(stream), version, exc)
+                await trio.aclose_forcefully(stream)
+                return
+            cn = header.ssl.verified_cn if header.ssl is not None and not tls else None
+            await handler(ProxiedStream(stream, cn) if cn else stream, client=header.client_address)
+
+        return handle_proxied
 
     async def _accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream], name: str,
                            handler: StreamHandler, *,
@@ -673,22 +730,24 @@ class Gateway:
 
     # -- per-connection wrapper ---------------------------------------------------
 
-    def handle_mqtt(self, stream: trio.abc.Stream) -> Coroutine[Any, Any, None]:
+    def handle_mqtt(self, stream: trio.abc.Stream, /, *,
+                    client: ClientAddress | None = None) -> Coroutine[Any, Any, None]:
         """Serve one MQTT connection on any Trio stream (TCP, WebSocket,
-        in-memory): ``await`` it or ``start_soon`` it.
+        in-memory): ``await`` it or ``start_soon`` it. ``client``: the
+        client's address when the stream's peer is a proxy in front of it.
 
         A plain function returning the coroutine to run, not an ``async def``
         wrapping it: that would be one more frame on the stack of every idle
         device connection.
         """
-        held = self._admit(stream, "mqtt")
+        held = self._admit(stream, "mqtt", client)
         if held is None:
             return self._refuse(stream, "mqtt", b"\x20\x02\x00" + bytes([CONNACK_SERVER_UNAVAILABLE]))
-        return self._serve_connection(stream, "mqtt", _serve_mqtt, held)
+        return self._serve_connection(stream, "mqtt", _serve_mqtt, held, client)
 
-    async def handle_http(self, stream: trio.abc.Stream) -> None:
+    async def handle_http(self, stream: trio.abc.Stream, /, *, client: ClientAddress | None = None) -> None:
         """Serve one HTTP/1.1 connection (keep-alive, pipelining) on any Trio stream."""
-        held = self._admit(stream, "http")
+        held = self._admit(stream, "http", client)
         if held is None:
             body = b'{"error": "overloaded", "detail": "not taking new connections now"}'
             await self._refuse(stream, "http", b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -696,16 +755,16 @@ class Gateway:
                                + str(len(body)).encode() + b"\r\n\r\n" + body)
             return
         serve = serve_fast_http if self.config.http.engine == "fast" else serve_std_http
-        await self._serve_connection(stream, "http", serve, held)
+        await self._serve_connection(stream, "http", serve, held, client)
 
-    async def handle_ws(self, stream: trio.abc.Stream) -> None:
+    async def handle_ws(self, stream: trio.abc.Stream, /, *, client: ClientAddress | None = None) -> None:
         """Serve one WebSocket connection (/v1/ws or MQTT on /mqtt) on any Trio stream."""
-        held = self._admit(stream, "ws")
+        held = self._admit(stream, "ws", client)
         if held is None:
             await self._refuse(stream, "ws", b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n"
                                b"connection: close\r\ncontent-length: 0\r\n\r\n")
             return
-        await self._serve_connection(stream, "ws", serve_websocket_connection, held)
+        await self._serve_connection(stream, "ws", serve_websocket_connection, held, client)
 
     def not_ready_reasons(self) -> list[str]:
         """Why /readyz is 503; empty when listeners are up and the sink takes writes."""
@@ -727,7 +786,7 @@ class Gateway:
         finally:
             await trio.aclose_forcefully(stream)
 
-    def _admit(self, stream: trio.abc.Stream, protocol: str) -> str | None:
+    def _admit(self, stream: trio.abc.Stream, protocol: str, client: ClientAddress | None = None) -> str | None:
         """Whether a new connection is taken: None when refused
         (max_connections, shedding while the sink's commit p99 is over the
         threshold, max_connections_per_ip); else the address whose place it
@@ -737,12 +796,12 @@ class Gateway:
             return None
         # counted whether or not a limit is set, so a limit set by SIGHUP
         # counts the connections already open
-        address = _peer_host(stream)
+        address = client[0] if client is not None else _peer_host(stream)
         return address if limits.acquire_address(address, protocol) else None
 
     async def _serve_connection(self, stream: trio.abc.Stream, protocol: str, serve: ServeFn,
-                                held_address: str = "") -> None:
-        remote = _peer(stream)
+                                held_address: str = "", client: ClientAddress | None = None) -> None:
+        remote = _fmt_addr(client) if client is not None else _peer(stream)
         scope = trio.CancelScope()
         session = Session(protocol, remote, scope)
         self.conns.register(session)

@@ -180,6 +180,9 @@ class Metrics:
         self.tls_handshake_seconds = Histogram(
             "gridgate_tls_handshake_seconds", "Time to complete a TLS handshake", ["listener"], registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.proxy_protocol_refused = Counter(
+            "gridgate_proxy_protocol_refused", "Connections to a proxy_protocol listener closed before a valid "
+            "PROXY header from a trusted proxy", ["listener", "reason"], registry=r)
         self.credential_reloads = Counter(
             "gridgate_credential_reloads", "SIGHUP reloads of certificates, credentials, ACL and tokens",
             ["result"], registry=r)

@@ -103,6 +103,14 @@ def source_address(remote: str) -> str:
     return host if sep and port.isdigit() and ":" not in host else remote
 
 
+def _proxy_certificate_cn(stream: object) -> str | None:
+    for candidate in (stream, getattr(stream, "transport", None)):
+        name = getattr(candidate, "proxy_certificate_cn", None)
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
 def _bounded_insert(table: dict[K, V], key: K, value: V, limit: int, expired: Callable[[V], bool]) -> None:
     """Set ``table[key]``; at ``limit`` entries drop the ``expired`` ones
     first, then the oldest tenth if that freed too few (one scan per tenth
@@ -329,12 +337,18 @@ class Authenticator:
         ``stream`` verified (its CN or first SAN, ``[tls] identity``); None
         when ``stream`` is not TLS or carries no verified certificate. A
         certificate comes before any user name and password (DESIGN section 10).
-        A stream carried over another (MQTT over wss) names it ``transport``."""
-        if not isinstance(stream, trio.SSLStream):
-            stream = getattr(stream, "transport", None)
+        A stream carried over another (MQTT over wss) names it ``transport``.
+        Behind a load balancer that ended TLS, the CN of a client certificate
+        it verified (a PROXY v2 SSL TLV from a trusted proxy, checked by the
+        gateway) is the stream's ``proxy_certificate_cn``: the same identity
+        when ``[tls] identity = "cn"`` (the proxy sends no SANs)."""
+        name = _proxy_certificate_cn(stream) if self.certificate_mode == "cn" else None
+        if name is None:
             if not isinstance(stream, trio.SSLStream):
-                return None
-        name = certificate_identity(stream, self.certificate_mode)
+                stream = getattr(stream, "transport", None)
+                if not isinstance(stream, trio.SSLStream):
+                    return None
+            name = certificate_identity(stream, self.certificate_mode)
         if not name:
             return None
         if self.metrics is not None:
