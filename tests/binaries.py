@@ -1,5 +1,5 @@
 """External programs the tests drive (mosquitto, mosquitto_pub, mosquitto_sub,
-wrk, curl, stdbuf): skipped on a developer's machine that lacks one, a
+wrk, curl, stdbuf, haproxy): skipped on a developer's machine that lacks one, a
 failure where every one must be there.
 
 CI (``.ci/run``) installs every binary the suite uses and sets

@@ -630,7 +630,9 @@ class Gateway:
                 header = await accept_proxy_header(stream, version=version, trusted=trusted, timeout_s=timeout_s)
             except ProxyProtocolError as exc:
                 refused.labels(listener, exc.reason).inc()
-                if logged.first(_peer_host(stream)):
+                peer = _peer_host(stream)
+                # "?": gone before it was looked at (a probe that connects and leaves): no one to name
+                if peer != "?" and logged.first(peer):
                     log.warning("%s: closing a connection from %s: PROXY v%d header refused (%s); further "
                                 "refusals from this address are only counted", listener, _peer(stream), version, exc)
                 await trio.aclose_forcefully(stream)
