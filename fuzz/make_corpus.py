@@ -123,6 +123,32 @@ def validator_seeds() -> list[tuple[int, bytes]]:
     return seeds
 
 
+def proxy_seeds() -> list[tuple[int, bytes]]:
+    """Config bit 0 set: a v1 listener; bit 3: also fed byte by byte. The
+    parser tests' refusal tables and valid headers of every kind, each with
+    the first bytes of a CONNECT after it."""
+    from proxy_headers import ssl_tlv, tlv, v1, v2
+
+    parser_tests = load("tests/protocols/test_proxy_protocol.py")
+    seeds: list[tuple[int, bytes]] = []
+    for test, version in ((parser_tests.test_v1_refusals, 1), (parser_tests.test_v2_refusals, 2)):
+        for mark in test.pytestmark:
+            if mark.name == "parametrize":
+                seeds += [(version & 1, args[0]) for args in mark.args[1]]
+    tail = b"\x10\x0c\x00\x04MQTT"
+    seeds += [
+        (1 | 8, v1("192.0.2.7", "10.0.0.1", 56324, 1883) + tail),
+        (1, v1("2001:db8::7", "2001:db8::1", 1, 65535) + tail),
+        (1, b"PROXY UNKNOWN whatever\r\n" + tail),
+        (8, v2("192.0.2.7", "10.0.0.1", 56324, 1883, tlvs=ssl_tlv("meter-7"), crc=True) + tail),
+        (0, v2("2001:db8::7", "2001:db8::1", 4000, 8883, tlvs=tlv(1, b"mqtt") + tlv(2, b"gw")) + tail),
+        (0, v2(unix=(b"/run/a.sock", b"/run/b.sock")) + tail),
+        (0, v2(command=0) + tail),
+        (2, v2("192.0.2.7", "10.0.0.1", 1, 2, tlvs=tlv(0xE0, b"x" * 40))),       # over a 52-byte cap
+    ]
+    return seeds
+
+
 def write(target: str, seeds: list[tuple[int, bytes]]) -> int:
     folder = ROOT / "fuzz" / "corpus" / target
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,7 +173,8 @@ def main() -> None:
         (b"devices/m1/commands", b'{"type": "REBOOT"}'), (b"t", b""), (b"a/+", b"x"), (b"", b"\x00\x01\x02\x80"),
         (b"\xed\xa0\x80", b"p"), ("\u00e9/\U0001f600".encode(), b"\x00\x07" + b"y" * 40))])
     write("validator", validator_seeds())
-    for target in ("mqtt", "http", "validator"):
+    write("proxy", proxy_seeds())
+    for target in ("mqtt", "http", "validator", "proxy"):
         print(target, len(list((ROOT / "fuzz" / "corpus" / target).iterdir())))
 
 

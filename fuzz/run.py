@@ -2,7 +2,7 @@
 
     python fuzz/run.py TARGET [libFuzzer options] [corpus dirs]
 
-TARGET is one of fuzz/targets.py's ``TARGETS`` (mqtt, http, validator); the
+TARGET is one of fuzz/targets.py's ``TARGETS`` (mqtt, http, validator, proxy); the
 rest goes to libFuzzer as it is (``make fuzz`` passes -max_total_time, a
 scratch corpus in build/fuzz/ that new inputs go to, then the committed seeds
 in fuzz/corpus/TARGET/, which libFuzzer only reads).
@@ -30,7 +30,8 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 with atheris.instrument_imports(include=["gridgate.protocols.mqtt.codec_py", "gridgate.protocols.http.parser_py",
-                                         "gridgate.ingest.validator_py", "targets"]):
+                                         "gridgate.ingest.validator_py", "gridgate.protocols.proxy_protocol",
+                                         "targets"]):
     import targets
 
 

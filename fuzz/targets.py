@@ -14,7 +14,9 @@ AddressSanitizer with PYTHONMALLOC=malloc, hits a redzone) rather than
 reading the fuzzer's neighbouring bytes.
 
 Only the codecs' own error classes may escape a parser (MQTTProtocolError,
-HTTPParseError); the validator never raises. Anything else escapes these
+HTTPParseError, ProxyProtocolError); the validator never raises. The PROXY
+protocol parser has no compiled side: its target checks that whole, chunked
+and byte-wise feeds agree and that a peeking shell never reads past the header. Anything else escapes these
 functions as it is: a crash to the fuzzer, a failure to pytest.
 """
 from __future__ import annotations
@@ -31,8 +33,15 @@ from gridgate.ingest.rules import PayloadRules
 from gridgate.protocols.http import parser_py
 from gridgate.protocols.mqtt import codec_py
 from gridgate.protocols.mqtt.events import Connect
+from gridgate.protocols.proxy_protocol import (
+    NEED_DATA,
+    PROXY_ERROR_REASONS,
+    ProxyHeader,
+    ProxyHeaderParser,
+    ProxyProtocolError,
+)
 
-__all__ = ["Disagreement", "TARGETS", "check_mqtt", "check_http", "check_validator", "split_input"]
+__all__ = ["Disagreement", "TARGETS", "check_mqtt", "check_http", "check_validator", "check_proxy", "split_input"]
 
 
 class Disagreement(AssertionError):
@@ -262,8 +271,67 @@ def check_validator(data: bytes) -> None:
           run_validator(twin, view, fmt, device_id), data)
 
 
+# -- PROXY protocol header ----------------------------------------------------------------------
+# Pure Python (read once per connection, not the hot path): no compiled side.
+# The checks are the parser's own promises: only ProxyProtocolError escapes,
+# any split of the bytes gives the same outcome, and header_part never lets a
+# shell consume a byte past the header.
+
+PROXY_MAX_HEADER = (1024, 52, 4096, 65551)
+
+
+def run_proxy(version: int, reads: list[bytes], max_header: int) -> object:
+    parser = ProxyHeaderParser(1 if version == 1 else 2, max_header_bytes=max_header)
+    try:
+        for i, chunk in enumerate(reads):
+            parser.receive_data(chunk)
+            event = parser.next_event()
+            if event is not NEED_DATA:
+                return ("header", event, parser.trailing + b"".join(reads[i + 1:]))
+        return "need_data"
+    except ProxyProtocolError as exc:
+        if exc.reason not in PROXY_ERROR_REASONS:
+            raise Disagreement(f"undocumented reason {exc!r}") from exc
+        return ("error", exc.reason, exc.detail)
+
+
+def peek_and_take(version: int, payload: bytes, window: int, max_header: int) -> tuple[object, int]:
+    """What a MSG_PEEK shell ends with, peeking ``window`` bytes at a time, and how many it consumed."""
+    parser = ProxyHeaderParser(1 if version == 1 else 2, max_header_bytes=max_header)
+    pos = 0
+    try:
+        while parser.next_event() is NEED_DATA and pos < len(payload):
+            take = parser.header_part(payload[pos:pos + window])
+            if take < 1:
+                raise Disagreement(f"header_part {take} before the header ended, on {payload!r}")
+            parser.receive_data(payload[pos:pos + take])
+            pos += take
+        return parser.next_event(), pos
+    except ProxyProtocolError as exc:
+        return ("error", exc.reason), pos
+
+
+def check_proxy(data: bytes) -> None:
+    """config bit 0: a v1 listener (else v2); bits 1-2: max_header_bytes; bit 3: also byte by byte."""
+    config, seed, payload = split_input(data)
+    version = 1 if config & 1 else 2
+    max_header = PROXY_MAX_HEADER[(config >> 1) & 3]
+    whole = run_proxy(version, [payload], max_header)
+    splits = [cuts(payload, seed)]
+    if config & 8:
+        splits.append([payload[i:i + 1] for i in range(len(payload))])
+    for reads in splits:
+        other = run_proxy(version, reads, max_header)
+        if other != whole:
+            raise Disagreement(f"proxy: {whole!r} whole but {other!r} in {len(reads)} reads, on {data!r}")
+    result, consumed = peek_and_take(version, payload, 1 + seed % 64, max_header)
+    if isinstance(result, ProxyHeader) and consumed != result.length:
+        raise Disagreement(f"proxy: consumed {consumed} bytes of a {result.length}-byte header, on {data!r}")
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "mqtt": check_mqtt,
     "http": check_http,
     "validator": check_validator,
+    "proxy": check_proxy,
 }
