@@ -403,3 +403,24 @@ def test_workers_do_not_outlive_a_killed_supervisor(cluster):
     c.proc.wait(10)
     # PR_SET_PDEATHSIG: each worker gets SIGTERM and stops on its own
     assert all(_wait_gone(pid, 30) for pid in c.pids.values())
+
+
+def test_workers_outlive_the_thread_that_started_them(cluster):
+    """Regression: the workers were forked from a Trio worker thread, and
+    PR_SET_PDEATHSIG fires when that thread ends (Trio retires idle threads
+    after 10 s): every worker was SIGTERMed 10 s after its start, then
+    restarted, forever. Now the supervisor forks from its main thread."""
+    c = cluster("2")
+    before = dict(c.pids)
+    time.sleep(12)                              # past Trio's 10 s idle-thread timeout
+    assert not [line for line in c.lines if "died" in line or "received SIGTERM" in line], c.log()
+    assert all(_alive(pid) for pid in before.values())
+    assert c.stop() == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

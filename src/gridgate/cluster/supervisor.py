@@ -28,6 +28,7 @@ import trio
 from prometheus_client import multiprocess
 
 from gridgate.cluster import shard_dir
+from gridgate.cluster.children import Child, spawn
 from gridgate.config import Config, parse_address
 from gridgate.gateway import DRAIN_TIMEOUT_S, ListenError
 
@@ -115,7 +116,7 @@ def reserve_ports(config: Config) -> tuple[dict[str, str], list[socket.socket]]:
 @dataclass
 class _Slot:
     index: int
-    proc: trio.Process | None = None
+    proc: Child | None = None
     stop_codes: list[int] = field(default_factory=list)
 
 
@@ -148,13 +149,12 @@ class Supervisor:
             cmd += ["--listen", f"{name}={address}"]
         return cmd
 
-    async def _spawn(self, slot: _Slot) -> tuple[trio.Process, bool]:
+    async def _spawn(self, slot: _Slot) -> tuple[Child, bool]:
         """Start worker ``slot.index``; True once it reports its listeners bound,
         False when it exits (or hangs past START_TIMEOUT_S) before that."""
         read_fd, write_fd = os.pipe()
         try:
-            proc = await trio.lowlevel.open_process(self._command(slot.index, write_fd), pass_fds=(write_fd,),
-                                                    process_group=0, env=self.env)
+            proc = spawn(self._command(slot.index, write_fd), pass_fds=(write_fd,), env=self.env)
         finally:
             os.close(write_fd)
         slot.proc = proc
