@@ -21,6 +21,7 @@ from gatewayproc import BIN, gridgate_env, run_cli, spool_export, spool_stats
 
 _SUPERVISOR_LISTENING = re.compile(r"supervisor\[\d+\]: listening (.*) workers=(\d+)$")
 _WORKER_PIDS = re.compile(r"worker-(\d+) pid (\d+)")
+_PRIVATE_NATS = re.compile(r"private nats-server for the workers' cluster on \S+ \(pid (\d+)\)")
 
 
 class Cluster:
@@ -36,6 +37,7 @@ class Cluster:
         self.addresses: dict[str, tuple[str, int]] = {}
         self.workers = 0
         self.pids: dict[int, int] = {}
+        self.nats_pid = 0
         ready = threading.Event()
 
         def pump() -> None:
@@ -44,6 +46,9 @@ class Cluster:
                 line = line.rstrip("\n")
                 self.lines.append(line)
                 m = _SUPERVISOR_LISTENING.search(line)
+                nats = _PRIVATE_NATS.search(line)
+                if nats:
+                    self.nats_pid = int(nats.group(1))
                 if m:
                     for part in m.group(1).split():
                         name, _, addr = part.partition("=")
@@ -403,6 +408,8 @@ def test_workers_do_not_outlive_a_killed_supervisor(cluster):
     c.proc.wait(10)
     # PR_SET_PDEATHSIG: each worker gets SIGTERM and stops on its own
     assert all(_wait_gone(pid, 30) for pid in c.pids.values())
+    # and neither does the private nats-server of their cluster
+    assert _wait_gone(c.nats_pid, 30)
 
 
 def test_workers_outlive_the_thread_that_started_them(cluster):
@@ -424,3 +431,57 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_workers_are_one_cluster_commands_reach_a_device_on_any_worker(cluster):
+    c = cluster("2")
+    c.wait_for_line(r"cluster: node \S+ joined over NATS", count=2)
+    c.wait_for_line(r"cluster: node \S+ joined \(", count=2)    # each has heard the other
+    got: dict[str, list[bytes]] = {}
+    clients = []
+    for i in range(8):
+        cid = f"meter-{i}"
+        got[cid] = []
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid)
+        client.on_message = lambda cl, u, msg, cid=cid: got[cid].append(msg.payload)
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *a, ev=subscribed: ev.set()
+        client.connect(*c.addresses["mqtt"], keepalive=30)
+        client.loop_start()
+        client.subscribe(f"devices/{cid}/commands", qos=1)
+        assert subscribed.wait(10)
+        clients.append(client)
+    try:
+        for cid in got:
+            # each POST on a connection of its own: the kernel puts it on either worker
+            deadline = time.monotonic() + 15
+            while True:
+                conn = http.client.HTTPConnection(*c.addresses["http"], timeout=10)
+                conn.request("POST", f"/v1/devices/{cid}/commands", json.dumps({"type": "ping"}),
+                             {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                conn.close()
+                # 404 only until the other worker has heard the device's bind
+                if resp.status == 202 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert resp.status == 202, cid
+        deadline = time.monotonic() + 15
+        while not all(got.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(len(v) == 1 for v in got.values()), got
+    finally:
+        for client in clients:
+            client.disconnect()
+            client.loop_stop()
+    assert c.stop() == 0
+
+
+def test_workers_without_nats_server_exit_2_saying_what_to_install(tmp_path):
+    env = gridgate_env(PATH="/nonexistent")
+    out = subprocess.run([str(BIN), "serve", "--workers", "2", "--mqtt", "127.0.0.1:0", "--http", "127.0.0.1:0",
+                          "--ws", "127.0.0.1:0", "--data-dir", str(tmp_path / "d")],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2, out.stderr
+    assert "install nats-server (apt-get install nats-server) or set [cluster] nats_servers" in out.stderr

@@ -28,7 +28,7 @@ def test_missing_identity_and_bad_values_are_reported_together(tmp_path):
         Config.load(path, env={"GRIDGATE_MQTT_MAX_PACKET_BYTES": "lots"})
     problems = info.value.problems
     assert problems == [
-        "[nonsense]: unknown section (known: admin, auth, connections, devices, downlink, fields, http, "
+        "[nonsense]: unknown section (known: admin, auth, cluster, connections, devices, downlink, fields, http, "
         "influxdb, limits, mqtt, nats, "
         "payload, pipeline, service, sink, spool, tls, websocket)",
         "mqtt.max_packet_bytes (from GRIDGATE_MQTT_MAX_PACKET_BYTES): Expected `int`, got `str` (got 'lots')",

@@ -245,6 +245,10 @@ async def _serve_until_stopped(config: Config, log: logging.Logger,
                 nursery.cancel_scope.cancel()  # stopped: end the signal watcher too
 
             gateway = await nursery.start(run_gateway)
+            if config.cluster.nats_servers:
+                from gridgate.cluster.node import ClusterNode
+
+                await nursery.start(ClusterNode(gateway, config.cluster).run)
             if on_ready is not None:
                 on_ready()
             count = 0

@@ -24,7 +24,8 @@ from gridgate.ingest.rules import DEFAULT_FIELD_RULES, FieldRule, PayloadLimits,
 __all__ = [
     "Config", "ConfigError", "ServiceConfig", "MQTTConfig", "HTTPConfig", "ConnectionsConfig",
     "PipelineConfig", "PayloadConfig", "SinkConfig", "SpoolConfig", "WebSocketConfig", "DownlinkConfig",
-    "AuthConfig", "AdminConfig", "TLSConfig", "LimitsConfig", "LimitRule", "parse_address", "is_loopback_host",
+    "AuthConfig", "AdminConfig", "TLSConfig", "LimitsConfig", "LimitRule", "ClusterConfig", "parse_address",
+    "is_loopback_host",
 ]
 
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -170,6 +171,22 @@ class NATSConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     readings_per_message: Annotated[int, Meta(ge=1, le=10_000)] = 1
 
 
+class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``[cluster]``: gateways that act as one over NATS (DESIGN section 12; gridgate.cluster.node)."""
+
+    # empty: no cluster (a lone gateway; with --workers N > 1 the supervisor
+    # starts a private nats-server and fills this in for its workers)
+    nats_servers: list[str] = msgspec.field(default_factory=list)
+    node: str = ""                                   # default hostname-pid
+    subject_prefix: str = "gridgate.cluster"
+    heartbeat_s: Annotated[float, Meta(ge=0.05, le=60)] = 1.0
+    # a node silent this long is dead: its devices are forgotten
+    presence_timeout_s: Annotated[float, Meta(ge=0.2, le=600)] = 5.0
+    request_timeout_s: Annotated[float, Meta(ge=0.05, le=60)] = 2.0
+    connect_timeout_s: PositiveFloat = 10.0
+    max_devices: Annotated[int, Meta(ge=1)] = 5_000_000
+
+
 class SpoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = "./gridgate-data"
     max_bytes: NonNegInt = 0          # 0 = unlimited
@@ -266,6 +283,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "spool": SpoolConfig,
     "influxdb": InfluxDBConfig,
     "nats": NATSConfig,
+    "cluster": ClusterConfig,
     "auth": AuthConfig,
     "admin": AdminConfig,
     "tls": TLSConfig,
@@ -292,6 +310,7 @@ class Config(msgspec.Struct, kw_only=True):
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     influxdb: InfluxDBConfig = msgspec.field(default_factory=InfluxDBConfig)
     nats: NATSConfig = msgspec.field(default_factory=NATSConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
@@ -413,6 +432,12 @@ class Config(msgspec.Struct, kw_only=True):
             out.append(f"{', '.join(exposed)} is not a loopback address and no credential store is set: "
                        "set auth.password_file, auth.jwt_keys_file or tls.client_ca_file, "
                        "or auth.allow_anonymous = true to serve anyone on purpose")
+        if self.cluster.presence_timeout_s < 2 * self.cluster.heartbeat_s:
+            out.append("cluster.presence_timeout_s must be at least twice cluster.heartbeat_s "
+                       "(one late heartbeat must not declare a node dead)")
+        prefix = self.cluster.subject_prefix
+        if not prefix or any(not t or any(c in t for c in " *>\t") for t in prefix.split(".")):
+            out.append(f"cluster.subject_prefix {prefix!r} must be dot-separated NATS subject tokens without wildcards")
         if self.connections.reap_interval_s > self.connections.idle_timeout_s:
             out.append("connections.reap_interval_s must not exceed connections.idle_timeout_s")
         if not self.payload.location_levels or any(not lvl for lvl in self.payload.location_levels):

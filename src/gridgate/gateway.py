@@ -341,7 +341,7 @@ class Gateway:
             else:
                 self.admin.tokens = tokens
         ignored = [name for name in ("mqtt", "http", "websocket", "connections", "pipeline", "payload", "sink",
-                                     "spool", "influxdb", "nats", "downlink", "service")
+                                     "spool", "influxdb", "nats", "cluster", "downlink", "service")
                    if msgspec.to_builtins(getattr(config, name)) != msgspec.to_builtins(getattr(self.config, name))]
         self.config.limits = config.limits
         self.metrics.reloads.labels("ok").inc()

@@ -29,6 +29,7 @@ from prometheus_client import multiprocess
 
 from gridgate.cluster import shard_dir
 from gridgate.cluster.children import Child, spawn
+from gridgate.cluster.private_nats import NatsNotInstalled, PrivateNats, find_nats_server
 from gridgate.config import Config, parse_address
 from gridgate.gateway import DRAIN_TIMEOUT_S, ListenError
 
@@ -131,6 +132,8 @@ class Supervisor:
         self.argv = argv
         self.addresses = addresses
         self.slots = [_Slot(i) for i in range(workers)]
+        # the private nats-server to start for the workers' cluster (none when [cluster] nats_servers is set)
+        self.nats_binary: str | None = None
         self._stop = trio.Event()
         self._all_stopped = trio.Event()
         self._running = workers
@@ -214,24 +217,33 @@ class Supervisor:
 
     async def run(self) -> int:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            async with trio.open_nursery() as nursery:
-                failed = await self._start_all(nursery)
-                if failed is None:
-                    log.info("listening %s workers=%d", " ".join(f"{k}={v}" for k, v in self.addresses.items()),
-                             len(self.slots))
-                    log.info("supervisor pid %d; %s; data_dir=%s (one spool shard per worker: worker-<i>/)",
-                             os.getpid(), ", ".join(f"worker-{s.index} pid {s.proc.pid}" for s in self.slots
-                                                    if s.proc is not None), self.config.spool.data_dir)
-                    await self._watch_signals(signals, nursery)
-                else:
-                    log.error("%s: stopping the others", failed)
-                    self._stop.set()
-                    self._signal_all(signal.SIGTERM)
-                    with trio.move_on_after(STOP_TIMEOUT_S):
-                        for slot in self.slots:
-                            if slot.proc is not None:   # the slot's own task may wait too: trio serializes
-                                await slot.proc.wait()
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as outer:
+                if self.nats_binary is not None:
+                    nats = await outer.start(PrivateNats(self.nats_binary).run)
+                    self.env["GRIDGATE_CLUSTER_NATS_SERVERS"] = nats.url
+                code = await self._run_workers(signals)
+                outer.cancel_scope.cancel()          # the private nats-server goes after the workers
+        return code
+
+    async def _run_workers(self, signals: AsyncIterator[int]) -> int:
+        async with trio.open_nursery() as nursery:
+            failed = await self._start_all(nursery)
+            if failed is None:
+                log.info("listening %s workers=%d", " ".join(f"{k}={v}" for k, v in self.addresses.items()),
+                         len(self.slots))
+                log.info("supervisor pid %d; %s; data_dir=%s (one spool shard per worker: worker-<i>/)",
+                         os.getpid(), ", ".join(f"worker-{s.index} pid {s.proc.pid}" for s in self.slots
+                                                if s.proc is not None), self.config.spool.data_dir)
+                await self._watch_signals(signals, nursery)
+            else:
+                log.error("%s: stopping the others", failed)
+                self._stop.set()
+                self._signal_all(signal.SIGTERM)
+                with trio.move_on_after(STOP_TIMEOUT_S):
+                    for slot in self.slots:
+                        if slot.proc is not None:   # the slot's own task may wait too: trio serializes
+                            await slot.proc.wait()
+                nursery.cancel_scope.cancel()
         if failed is not None:
             return failed.code if failed.code is not None and failed.code > 0 else 1
         unclean = [(s.index, c) for s in self.slots for c in s.stop_codes
@@ -289,6 +301,13 @@ class Supervisor:
 
 def supervise(config: Config, argv: list[str], workers: int) -> int:
     """Run the supervisor until SIGTERM/SIGINT; the process's exit code."""
+    nats_binary = None
+    if not config.cluster.nats_servers:
+        try:
+            nats_binary = find_nats_server()
+        except NatsNotInstalled as exc:
+            log.error("%s", exc)
+            return 2
     try:
         addresses, held = reserve_ports(config)
     except ListenError as exc:
@@ -297,7 +316,9 @@ def supervise(config: Config, argv: list[str], workers: int) -> int:
     # fresh each start: files of an earlier run would be summed into the counters
     metrics_dir = tempfile.mkdtemp(prefix="gridgate-metrics-")
     try:
-        return trio.run(Supervisor(config, argv, workers, addresses, metrics_dir).run)
+        supervisor = Supervisor(config, argv, workers, addresses, metrics_dir)
+        supervisor.nats_binary = nats_binary
+        return trio.run(supervisor.run)
     finally:
         for sock in held:
             sock.close()

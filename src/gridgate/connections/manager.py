@@ -15,14 +15,14 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 if TYPE_CHECKING:
     from gridgate.observability.metrics import Metrics
 
-__all__ = ["Session", "ConnManager"]
+__all__ = ["Session", "ConnManager", "DeviceObserver"]
 
 log = logging.getLogger("gridgate.connections")
 
@@ -105,6 +105,16 @@ class Session:
         return f"<Session {self.id} {self.protocol} {self.device_id or '-'} {self.remote}>"
 
 
+class DeviceObserver(Protocol):
+    """Told when a device gets or loses its session here (the cluster node,
+    gridgate.cluster.node, announces it to the other nodes). Called on the
+    Trio thread from inside the registry: must not block or raise."""
+
+    def device_bound(self, session: Session) -> None: ...
+
+    def device_unbound(self, session: Session) -> None: ...
+
+
 class ConnManager:
     """Knows every live session by id and by device id."""
 
@@ -127,6 +137,8 @@ class ConnManager:
         # wall-clock epoch offsets for reporting connected_at / last_seen
         self.reaped = 0
         self.taken_over = 0
+        # None on a lone gateway; the cluster node when there is a cluster
+        self.observer: DeviceObserver | None = None
 
     # -- registry ---------------------------------------------------------
 
@@ -172,6 +184,8 @@ class ConnManager:
         if session.device_id is not None and self._by_device.get(session.device_id) is session:
             del self._by_device[session.device_id]
             self._remember(session)
+            if self.observer is not None:
+                self.observer.device_unbound(session)
         if not self._sessions:
             self._empty.set()
         log.debug("disconnect %s %s from %s (%s)", session.protocol, session.device_id or "-",
@@ -214,6 +228,8 @@ class ConnManager:
         old = self._by_device.get(device_id)
         session.device_id = device_id
         self._by_device[device_id] = session
+        if self.observer is not None and old is not session:
+            self.observer.device_bound(session)
         if old is not None and old is not session:
             self.taken_over += 1
             self.metrics.connections_taken_over.labels(old.protocol).inc()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import trio
@@ -26,12 +26,31 @@ if TYPE_CHECKING:
     from gridgate.security.admin_tokens import AdminGate
     from gridgate.security.authenticator import Authenticator
 
-__all__ = ["Services", "ServeMQTTStream"]
+__all__ = ["Services", "ServeMQTTStream", "ClusterView"]
 
 # Serve MQTT on any byte stream as ``protocol``; returns the protocol error
 # that closed it, if one did (the WebSocket session picks its close code from
 # it). gridgate.protocols.mqtt.session.serve_mqtt_stream.
 ServeMQTTStream = Callable[["trio.abc.Stream", "Services", "Session", str], Awaitable["MQTTProtocolError | None"]]
+
+
+class ClusterView(Protocol):
+    """The other gateways of a cluster, as the HTTP API needs them
+    (gridgate.cluster.node). Each awaitable bounds its own wait and answers
+    (status, JSON object, extra headers), never raises."""
+
+    def holder(self, device_id: str) -> str | None:
+        """The other node that holds the device now, as far as this one knows."""
+
+    def command(self, node: str, device_id: str, body: bytes) -> Awaitable[tuple[int, Any, list[tuple[bytes, bytes]]]]:
+        """POST /v1/devices/{id}/commands, answered by ``node``."""
+
+    def device(self, node: str, device_id: str,
+               known_here: dict[str, object] | None) -> Awaitable[tuple[int, Any, list[tuple[bytes, bytes]]]]:
+        """GET /v1/devices/{id}, answered by ``node`` (``known_here``: this node's own record, if any)."""
+
+    def connections(self, here: dict[str, Any]) -> Awaitable[tuple[int, Any, list[tuple[bytes, bytes]]]]:
+        """GET /v1/connections summed over the cluster (``here``: this node's counts)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -65,6 +84,9 @@ class Services:
     # store and no ACL is configured: then every check is skipped, anonymous
     # clients are served as before, and a session pays one attribute test.
     auth: Authenticator | None = None
+    # The other gateways (gridgate.cluster), set once the node has joined;
+    # None on a lone gateway.
+    cluster: ClusterView | None = None
     # The validator's bound methods, looked up once (sessions call them per read).
     validate: Callable[..., Any] = field(init=False)
     validate_into: Callable[..., int] = field(init=False)

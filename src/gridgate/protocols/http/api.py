@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, final
+from typing import TYPE_CHECKING, Any, Protocol, final
 from urllib.parse import unquote
 
 import msgspec
@@ -22,10 +23,15 @@ from gridgate.ingest.records import DEVICE_ID_RE, Record, Rejection
 from gridgate.security.authenticator import Authenticator, AuthFailure, Identity, source_address
 
 if TYPE_CHECKING:
+    from gridgate.connections.manager import Session
     from gridgate.protocols.services import Services
 
 __all__ = ["Request", "HttpError", "Pending", "NeedsAuth", "NEEDS_AUTH", "begin_request", "begin_authenticated",
-           "handle_request", "authenticate", "CHALLENGE"]
+           "handle_request", "authenticate", "CHALLENGE", "deliver_command", "RemoteReply"]
+
+# What another cluster node answered (gridgate.cluster): status, the JSON
+# object, extra headers.
+RemoteReply = tuple[int, Any, list[tuple[bytes, bytes]]]
 
 _json = msgspec.json.Encoder()
 JSON = b"application/json"
@@ -117,18 +123,39 @@ def _ok(status: int, obj: object) -> Answer:
 
 @final        # callers tell it from an Answer with `type(x) is Pending`
 class Pending:
-    """A telemetry request handed to the pipeline, waiting to be durable.
+    """A telemetry request handed to the pipeline, waiting to be durable;
+    or (``later``) a request another cluster node answers.
 
     The fast engine begins every request of a pipelined read before it
     waits for the first, so their records share one group commit.
     """
-    __slots__ = ("done", "records", "rejections", "expired")
+    __slots__ = ("done", "records", "rejections", "expired", "final")
 
     def __init__(self, done: trio.Event, records: list[Record], rejections: list[Rejection]) -> None:
         self.done = done
         self.records = records
         self.rejections = rejections
         self.expired = False
+        self.final: Answer | None = None
+
+    @classmethod
+    def later(cls, svc: Services, reply: Awaitable[RemoteReply]) -> Pending:
+        """A request answered by ``reply`` (a cluster node's; it bounds its own
+        wait), awaited by a task of the connection nursery so the engine waits
+        for it as for a durable write."""
+        pending = cls(trio.Event(), [], [])
+
+        async def wait() -> None:
+            try:
+                status, obj, extra = await reply
+                pending.final = (status, _json.encode(obj), JSON, extra)
+            finally:
+                if pending.final is None:      # cancelled (the gateway stops): answer, do not hang
+                    pending.final = _error(HttpError(503, "cluster_unavailable", "the gateway is stopping"))
+                pending.done.set()
+
+        svc.connection_nursery().start_soon(wait)
+        return pending
 
     def expire(self) -> None:
         """The durable timeout passed (gridgate.ingest.durable_timeouts): answer 503 now."""
@@ -141,6 +168,8 @@ class Pending:
 
     def result(self) -> Answer:
         """The answer once done is set: 202/400/413..., or the 503 of a durable timeout."""
+        if self.final is not None:
+            return self.final
         if self.expired:
             return _error(HttpError(503, "sink_unavailable", "not yet durable; retry later (it may be stored twice)",
                                     [(b"retry-after", b"5")]))
@@ -261,7 +290,10 @@ def _route(svc: Services, req: RequestView, engine: str, authenticated: bool,
     if path == "/v1/connections":
         _allow(req, "GET")
         _admin(svc, req, ("devices:read",))
-        return _ok(200, {"total": len(svc.conns), "by_protocol": svc.conns.by_protocol()})
+        here = {"total": len(svc.conns), "by_protocol": svc.conns.by_protocol()}
+        if svc.cluster is not None:
+            return Pending.later(svc, svc.cluster.connections(here))
+        return _ok(200, here)
     if path == "/v1/bans":
         _allow(req, "GET")
         _admin(svc, req, ("devices:read", "bans:write"))
@@ -291,7 +323,12 @@ def _route(svc: Services, req: RequestView, engine: str, authenticated: bool,
     if path.startswith("/v1/devices/") and path.count("/") == 3:
         _allow(req, "GET")
         _admin(svc, req, ("devices:read",))
-        info = svc.conns.device_info(path[len("/v1/devices/"):])
+        device_id = path[len("/v1/devices/"):]
+        info = svc.conns.device_info(device_id)
+        if svc.cluster is not None and (info is None or not info["online"]):
+            node = svc.cluster.holder(device_id)
+            if node is not None:
+                return Pending.later(svc, svc.cluster.device(node, device_id, info))
         if info is None:
             raise HttpError(404, "not_found", "device never seen")
         return _ok(200, info)
@@ -405,7 +442,7 @@ def authorize_readings(auth: Authenticator, identity: Identity | None, records: 
     return kept
 
 
-def _command(svc: Services, req: RequestView, device_id: str) -> Answer:
+def _command(svc: Services, req: RequestView, device_id: str) -> Answer | Pending:
     """POST /v1/devices/{id}/commands (DESIGN section 6): hand the command to
     the connection that holds the device now; 202 once it has it."""
     if not DEVICE_ID_RE.match(device_id):
@@ -419,11 +456,37 @@ def _command(svc: Services, req: RequestView, device_id: str) -> Answer:
     body = _decompress(req.body, req.content_encoding.strip().lower(), limit)
     if len(body) > limit:
         raise HttpError(413, "too_large", f"command body exceeds downlink.max_command_bytes {limit}")
+    command = _parse_command(bytes(body), limit)
+    session = svc.conns.get_device(device_id)
+    if session is None and svc.cluster is not None:
+        node = svc.cluster.holder(device_id)
+        if node is not None:      # another gateway of the cluster holds it: it delivers
+            return Pending.later(svc, svc.cluster.command(node, device_id, bytes(body)))
+    return _deliver(svc, device_id, command, session)
+
+
+def _parse_command(body: bytes, limit: int) -> downlink.Command:
     try:
-        command = downlink.parse_command(bytes(body), limit)
+        return downlink.parse_command(body, limit)
     except downlink.CommandError as exc:
         raise HttpError(exc.status, exc.error, exc.detail) from None
-    session = svc.conns.get_device(device_id)
+
+
+def deliver_command(svc: Services, device_id: str, body: bytes) -> RemoteReply:
+    """A command another cluster node was POSTed for a device this node
+    holds (the body was checked there, and is checked again here): what
+    POST /v1/devices/{id}/commands answers, for that node to send on."""
+    try:
+        if not DEVICE_ID_RE.match(device_id):
+            raise HttpError(400, "bad_device_id", "device id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+        command = _parse_command(body, svc.config.downlink.max_command_bytes)
+        status, data, _, extra = _deliver(svc, device_id, command, svc.conns.get_device(device_id))
+        return status, msgspec.json.decode(data), extra
+    except HttpError as err:
+        return err.status, {"error": err.error, "detail": err.detail}, err.extra
+
+
+def _deliver(svc: Services, device_id: str, command: downlink.Command, session: Session | None) -> Answer:
     send = session.send_command if session is not None and not session.cancel_scope.cancel_called else None
     if send is None:
         raise HttpError(404, "device_offline", f"no live connection holds device {device_id!r}")

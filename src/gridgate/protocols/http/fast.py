@@ -121,6 +121,7 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
     with session.read_scope:
         while True:
             begun: list[Answer | Pending | bytes] = []
+            heads: list[int] | None = None   # HEAD requests answered later (a cluster node's GET)
             close = False
             error: HTTPParseError | None = None
             state = 0
@@ -134,10 +135,11 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
                         # the parser keeps this request while the check waits: nothing else reads it
                         started = await begin_authenticated(services, parser, "fast", session.remote, certificate)
                     if parser.method == "HEAD" and type(started) is not Pending:
-                        # RFC 9110 9.3.2: GET's answer without its body, rendered
-                        # now (only a POST is ever a Pending telemetry write)
+                        # RFC 9110 9.3.2: GET's answer without its body, rendered now
                         begun.append(_head_only(started, not parser.keep_alive))
                     else:
+                        if parser.method == "HEAD":
+                            heads = (heads or []) + [len(begun)]
                         begun.append(started)
                     continued = False
                     if not parser.keep_alive:
@@ -159,7 +161,10 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
                         out.append(entry)
                         continue
                     answer = entry.result() if type(entry) is Pending else entry
-                    out.append(render_response(answer, close and i == last))
+                    if heads is not None and i in heads:
+                        out.append(_head_only(answer, close and i == last))
+                    else:
+                        out.append(render_response(answer, close and i == last))
                 await send_all(b"".join(out))
                 phase = 0
             if error is not None:
