@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import trustme
 from paho.mqtt.enums import CallbackAPIVersion
+from websockets.sync.client import connect as ws_connect
 
 from binaries import require
 from gatewayproc import GatewayProcess, gridgate_env, run_cli
@@ -154,6 +155,17 @@ def test_http_through_haproxy_send_proxy_v1(behind_haproxy):
         assert setup.metric('gridgate_connections_opened_total{protocol="http"}') >= 1
     finally:
         conn.close()
+
+
+def test_websocket_through_haproxy_send_proxy_v2(behind_haproxy):
+    setup = behind_haproxy
+    host, port = setup.proxy.frontends["ws"]
+    sock = socket.create_connection((host, port), timeout=20, source_address=("127.0.0.10", 0))
+    auth = {"authorization": "Basic " + base64.b64encode(b"meter-3:pw3").decode()}
+    with ws_connect(f"ws://{host}:{port}/v1/ws?device_id=meter-3", sock=sock, additional_headers=auth) as ws:
+        ws.send(json.dumps({"seq": 1, "readings": [{"battery_mv": 3000}]}))
+        assert json.loads(ws.recv(timeout=20)) == {"ack": 1, "accepted": 1, "rejected": 0, "errors": []}
+        assert remote_of(setup, "meter-3").startswith("127.0.0.10:")
 
 
 def test_max_connections_per_ip_applies_to_the_client_address(behind_haproxy):
