@@ -3,6 +3,7 @@ every refusal with its reason, ``header_part`` never past the header's end,
 and hypothesis over arbitrary bytes and splits."""
 from __future__ import annotations
 
+import ipaddress
 import os
 
 import pytest
@@ -82,6 +83,14 @@ def test_v1_tcp6():
     header, _ = parse(1, v1("2001:db8::7", "2001:db8::1", 65535, 0))
     assert header.source == ("2001:db8::7", 65535) and header.destination == ("2001:db8::1", 0)
     assert header.family == "inet6"
+
+
+def test_an_ipv4_mapped_source_is_the_ipv4_client():
+    for data, version in ((v1("::ffff:192.0.2.7", "::ffff:10.0.0.1", 1, 2), 1),
+                          (v2("::ffff:192.0.2.7", "::1", 1, 2), 2)):
+        header, _ = parse(version, data)
+        assert header.source == (str(ipaddress.IPv6Address("::ffff:192.0.2.7")), 1)
+        assert header.client_address == ("192.0.2.7", 1)
 
 
 def test_v1_unknown_keeps_the_proxy_address():
@@ -308,6 +317,12 @@ def test_header_part_never_consumes_past_the_header(version, data, window):
         assert consumed == result.length
 
 
+def client(address: str, port: int) -> tuple[str, int]:
+    """What client_address names: an IPv4-mapped IPv6 source as its IPv4 address."""
+    mapped = ipaddress.ip_address(address).ipv4_mapped if ":" in address else None
+    return (str(mapped) if mapped is not None else address), port
+
+
 ipv4 = st.ip_addresses(v=4).map(str)
 ipv6 = st.ip_addresses(v=6).map(str)
 ports = st.integers(0, 65535)
@@ -322,7 +337,7 @@ def test_generated_v2_headers_round_trip(pair, sport, dport, tlvs, cn, crc, cuts
     raw_tlvs = b"".join(tlv(k, v) for k, v in tlvs) + ssl_tlv(cn)
     data = v2(pair[0], pair[1], sport, dport, tlvs=raw_tlvs, crc=crc)
     header, rest = outcome(2, splits(data + b"\x10", cuts))
-    assert header.client_address == (pair[0], sport) and header.destination == (pair[1], dport)
+    assert header.client_address == client(pair[0], sport) and header.destination == (pair[1], dport)
     assert header.ssl.verified_cn == cn and rest == b"\x10"
     assert header.tlvs[:len(tlvs)] == tuple(tlvs)
 
@@ -332,5 +347,5 @@ def test_generated_v2_headers_round_trip(pair, sport, dport, tlvs, cn, crc, cuts
        cuts=st.lists(st.integers(0, 120), max_size=8))
 def test_generated_v1_headers_round_trip(pair, sport, dport, cuts):
     header, rest = outcome(1, splits(v1(pair[0], pair[1], sport, dport) + b"GET", cuts))
-    assert header.client_address == (pair[0], sport) and header.destination == (pair[1], dport)
+    assert header.client_address == client(pair[0], sport) and header.destination == (pair[1], dport)
     assert rest == b"GET"

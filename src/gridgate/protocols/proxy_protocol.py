@@ -148,10 +148,16 @@ class ProxyHeader:
 
     @property
     def client_address(self) -> _AddressPair | None:
-        """The client's IP address and port, when the header names one."""
-        if self.command == "proxy" and self.family in ("inet", "inet6"):
-            return self.source
-        return None
+        """The client's IP address and port, when the header names one. An
+        IPv4-mapped IPv6 source (a proxy listening dual-stack) is given as
+        the IPv4 address, so that limits and bans count one client as one."""
+        if self.command != "proxy" or self.family not in ("inet", "inet6") or self.source is None:
+            return None
+        if self.family == "inet6":
+            mapped = ipaddress.IPv6Address(self.source[0]).ipv4_mapped
+            if mapped is not None:
+                return str(mapped), self.source[1]
+        return self.source
 
 
 class ProxyHeaderParser:
