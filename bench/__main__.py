@@ -1,6 +1,7 @@
 """System benchmarks of DESIGN section 9.
 
-    python -m bench {pipelines,mqtt,conns,sinks,storm,tls,all} [--duration S] [--rounds N] [--out DIR] [--profile]
+    python -m bench {pipelines,mqtt,conns,sinks,storm,tls,workers,all} [--duration S] [--rounds N] [--out DIR]
+                    [--profile] [--workers 1,2]
 
 Every server is started here on free loopback ports and driven in the same
 run, in alternating rounds; results.json, report.md and PNG plots go to
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from bench import procs, report
 
-SCENARIOS = ("pipelines", "mqtt", "conns", "sinks", "storm", "tls")
+SCENARIOS = ("pipelines", "mqtt", "conns", "sinks", "storm", "tls", "workers")
 EXIT_MISSING = 2          # an optional dependency is not installed: nothing was run
 
 
@@ -34,10 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="py-spy record each gridgate server in one extra run per scenario (flame graph SVG + "
                              "speedscope JSON in OUT/profiles; not counted in the medians)")
+    parser.add_argument("--workers", type=_workers_list, default=None, metavar="N,M",
+                        help="the gridgate --workers counts of the workers scenario (default 1,2); "
+                             "'mqtt --workers 1,2' runs that scenario")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.rounds < 1:
         parser.error("--duration must be > 0 and --rounds >= 1")
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.workers is not None and args.scenario == "mqtt":
+        scenarios = ["workers"]         # the issue's spelling: gridgate with N workers against mosquitto
     missing = procs.missing_bench_dependencies(scenarios, args.profile)
     if missing:
         print(f"python -m bench: missing {', '.join(missing)} (optional [bench] dependencies"
@@ -52,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in scenarios:
         module = __import__(f"bench.{name}", fromlist=["run"])
         print(f"{name}:", flush=True)
+        extra = {"workers": args.workers} if name == "workers" and args.workers is not None else {}
         try:
             results["scenarios"][name] = module.run(args.duration, args.rounds, args.out, args.profile,
-                                                    log=lambda line: print(line, flush=True))
+                                                    log=lambda line: print(line, flush=True), **extra)
         except Exception as exc:  # one scenario failing must not lose the others' results
             failed[name] = f"{type(exc).__name__}: {exc}"
             print(f"{name} FAILED: {failed[name]}", file=sys.stderr, flush=True)
@@ -68,6 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m bench: failed scenario(s): {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _workers_list(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers takes counts like 1,2, not {text!r}") from None
+    if not counts or any(n < 1 or n > 64 for n in counts) or list(counts) != sorted(set(counts)):
+        raise argparse.ArgumentTypeError(f"--workers takes increasing counts from 1 to 64, like 1,2: {text!r}")
+    return counts
 
 
 if __name__ == "__main__":

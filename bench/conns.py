@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import procs
@@ -73,7 +74,7 @@ def _counter(name: str, server: procs.Server):
     """How many client connections the server holds now. Call it once the
     server has settled: mosquitto's baseline (its listener) is counted then,
     after the readiness probe's connection is gone."""
-    if name == "gridgate":
+    if name.startswith("gridgate"):
         http = server.addresses["http"]
 
         def count() -> int:
@@ -86,8 +87,10 @@ def _counter(name: str, server: procs.Server):
     return count
 
 
-def _one(name: str, n: int) -> dict:
-    server = procs.mqtt_contender(name)
+def _one(name: str, n: int, start: Callable[[], procs.Server] | None = None) -> dict:
+    """RSS per connection of contender ``name`` holding ``n`` idle connections;
+    ``start``: how to start it (default: the mqtt bench's contender of that name)."""
+    server = start() if start is not None else procs.mqtt_contender(name)
     loadgen: subprocess.Popen | None = None
     ramp = n / CONNECT_RATE
     # bounded: the loadgen's own duration is the hard stop; we normally end

@@ -52,8 +52,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and every live descendant (a supervisor's workers, its private nats-server)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except FileNotFoundError:
+                pass
+    return out
+
+
 class Server:
-    """A server child process with its address, peak RSS and optional py-spy."""
+    """A server child process with its address, peak RSS and optional py-spy.
+
+    ``tree``: RSS and CPU are summed over the process and its descendants
+    (``gridgate serve --workers N``)."""
+
+    tree = False
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str] | None = None,
                  address: tuple[str, int] | None = None, ready_timeout: float = 30.0) -> None:
@@ -103,14 +127,17 @@ class Server:
     def pid(self) -> int:
         return self.proc.pid
 
+    def _pids(self) -> list[int]:
+        return tree_pids(self.pid) if self.tree else [self.pid]
+
     def peak_rss_kb(self) -> int:
-        return rss_kb(self.pid, "VmHWM")
+        return sum(rss_kb(p, "VmHWM") for p in self._pids())
 
     def rss_kb(self) -> int:
-        return rss_kb(self.pid)
+        return sum(rss_kb(p) for p in self._pids())
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        return sum(cpu_seconds(p) for p in self._pids())
 
     def profile(self, out_dir: Path, label: str, duration: float) -> None:
         """py-spy record this server for `duration` s, into OUT/LABEL.svg (flame
@@ -178,7 +205,7 @@ INSTALL_HINT = "pip install -e '.[bench]'"
 # Python modules of the [bench] extra each scenario needs: every scenario
 # writes PNG plots (matplotlib); pipelines also runs the uvicorn + httptools
 # reference (python -m uvicorn in this interpreter).
-SCENARIO_MODULES = {"pipelines": ("matplotlib", "uvicorn", "httptools"), "mqtt": ("matplotlib",),
+SCENARIO_MODULES = {"pipelines": ("matplotlib", "uvicorn", "httptools"), "mqtt": ("matplotlib",), "workers": (),
                     "conns": ("matplotlib",), "sinks": ("matplotlib",), "tls": ("cryptography",)}
 
 
@@ -236,6 +263,29 @@ def gridgate(engine: str = "fast", mqtt: bool = False, extra_env: dict[str, str]
            "--ws", "", "--http-engine", engine, "--data-dir", str(data_dir)]
     env = {"ENVIRONMENT": "bench", "SERVICE_NAME": "gridgate-bench", **(extra_env or {})}
     server = Server(f"gridgate-{engine}", cmd, env)
+    server.data_dir = data_dir
+    return server
+
+
+def gridgate_workers(workers: int, data_dir: Path | None = None, ready_timeout: float = 90.0) -> Server:
+    """``gridgate serve --workers N`` (MQTT and HTTP), measured as a process
+    tree; ready once the supervisor says every worker is up (N > 1)."""
+    if workers == 1:
+        server = gridgate(mqtt=True, data_dir=data_dir)
+        server.tree = True
+        return server
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="gridgate-bench-"))
+    cmd = [str(BIN / "gridgate"), "serve", "--workers", str(workers), "--http", "127.0.0.1:0",
+           "--mqtt", "127.0.0.1:0", "--ws", "", "--data-dir", str(data_dir)]
+    server = Server(f"gridgate-w{workers}", cmd, {"ENVIRONMENT": "bench", "SERVICE_NAME": "gridgate-bench"},
+                    ready_timeout=ready_timeout)
+    deadline = time.monotonic() + ready_timeout
+    while not any("supervisor pid" in line for line in list(server.lines)):
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"gridgate --workers {workers} did not start: " + "\n".join(server.lines[-20:]))
+        time.sleep(0.05)
+    server.tree = True
     server.data_dir = data_dir
     return server
 

@@ -67,6 +67,10 @@ def write(results: dict, out: Path) -> str:
         from bench import tls  # bench.tls imports this module for profile_top
 
         lines += tls.table(scenarios["tls"])
+    if "workers" in scenarios:
+        from bench import workers
+
+        lines += workers.table(scenarios["workers"])
     lines += _profiles(scenarios, out)
     if results.get("failed"):
         lines += ["## Failed scenarios", "", *[f"- {k}: {v[:500]}" for k, v in results["failed"].items()], ""]
