@@ -180,7 +180,8 @@ async def test_unsupported_protocol_level_gets_connack_1(autojump_clock, start_g
     gateway = await start_gateway(MemorySink())
     client, server = trio.testing.memory_stream_pair()
     nursery.start_soon(gateway.handle_mqtt, server)
-    await client.send_all(gen_connect("meter-5", proto_ver=5))
+    # level 5 is served by the MQTT 5 session (tests/protocols/mqtt/test_mqtt5_session.py)
+    await client.send_all(gen_connect("meter-6", proto_ver=6))
     assert await read_exactly(client, 4) == gen_connack(1)
     await wait_closed(client)
     assert protocol_errors(gateway) == {("mqtt", "unsupported_protocol"): 1.0}

@@ -66,6 +66,13 @@ class MQTTConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     receive_bytes: Annotated[int, Meta(ge=512, le=16_777_216)] = 65_536
     # Unacknowledged outgoing bytes per connection before we stop reading it.
     max_outgoing_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
+    # MQTT 5 (DESIGN section 4), sent in CONNACK: QoS 1/2 publishes a client
+    # may have unacknowledged (more: DISCONNECT 0x93); topic aliases it may set
+    # (0 = none); the longest keepalive served (0 = the client's), lowering a
+    # longer one by Server Keep Alive.
+    receive_maximum: Annotated[int, Meta(ge=1, le=65_535)] = 1024
+    topic_alias_maximum: Annotated[int, Meta(ge=0, le=65_535)] = 16
+    max_keepalive_s: Annotated[int, Meta(ge=0, le=65_535)] = 0
 
 
 class HTTPConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

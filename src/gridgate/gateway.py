@@ -53,7 +53,8 @@ from gridgate.limits.guard import FlowGuard
 from gridgate.observability.metrics import Metrics
 from gridgate.protocols.http.fast import serve_fast_http
 from gridgate.protocols.http.std import serve_std_http
-from gridgate.protocols.mqtt.session import CONNACK_SERVER_UNAVAILABLE, MQTTConnection, serve_mqtt_stream
+from gridgate.protocols.mqtt.session import CONNACK_SERVER_UNAVAILABLE
+from gridgate.protocols.mqtt.session5 import VersionedMQTTConnection, serve_mqtt_stream
 from gridgate.protocols.proxied import FirstRefusals, ProxiedStream, TrustedProxies, accept_proxy_header
 from gridgate.protocols.proxy_protocol import ProxyProtocolError
 from gridgate.protocols.services import Services
@@ -106,7 +107,7 @@ ServeFn = Callable[[trio.abc.Stream, Services, Session], Awaitable[None]]
 
 
 def _serve_mqtt(stream: trio.abc.Stream, services: Services, session: Session) -> Coroutine[Any, Any, None]:
-    return MQTTConnection(stream, services, session).run()     # no wrapping frame (see Gateway.handle_mqtt)
+    return VersionedMQTTConnection(stream, services, session).run()     # no wrapping frame (see Gateway.handle_mqtt)
 
 
 def raise_open_file_limit() -> tuple[int, int]:

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from gridgate.connections.manager import Session
     from gridgate.protocols.services import Services
 
-__all__ = ["MQTTConnection", "serve_mqtt_stream"]
+__all__ = ["MQTTConnection"]
 
 log = logging.getLogger("gridgate.mqtt")
 
@@ -134,7 +134,11 @@ class MQTTConnection:
 
     # -- lifecycle ----------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, head: bytes | None = None) -> None:
+        """Serve the connection until it ends. ``head``: bytes already read
+        from it (a session for another protocol version took them over);
+        None: read the CONNECT's protocol level first, and hand a level-5
+        connection to the MQTT 5.0 session."""
         # One coroutine frame for the whole read loop: each frame on an idle
         # connection's stack is a few hundred bytes of RSS at 15k connections.
         session = self.session
@@ -149,7 +153,12 @@ class MQTTConnection:
         data: bytes | bytearray | None
         events: list[Event] | None
         try:
-            while True:
+            if head is None:
+                head = await self._read_connect_head(size)
+                if _connect_level(head, self.codec.max_packet_bytes) == 5 and await self._serve_v5(head):
+                    return
+            keep_reading = await self._handle_head(head)
+            while keep_reading:
                 if self.out is not None and self.out.size > max_outgoing:
                     # The client does not read its acks: stop reading it.
                     session.paused = True
@@ -213,6 +222,53 @@ class MQTTConnection:
             self.closed = True
             if self._side is not None:
                 self._side.cancel()
+
+    async def _read_connect_head(self, size: int) -> bytes:
+        """The connection's first bytes, read until they show the CONNECT's
+        protocol level or cannot be a CONNECT (at most 13 bytes decide);
+        b"" when the client closed first. Runs once per connection, so the
+        read loop itself pays nothing for telling versions apart."""
+        head = b""
+        chunk: bytes | bytearray
+        fd = self._fd
+        while True:
+            if fd >= 0:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    chunk = os.read(fd, size)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:       # reset by the peer
+                    self.session.close_reason = self.session.close_reason or f"connection lost: {exc.strerror}"
+                    return b""
+            else:
+                chunk = await self.stream.receive_some(size)
+            if not chunk:
+                return head
+            head += chunk
+            self.session.last_seen = trio.current_time()
+            if _connect_level(head, self.codec.max_packet_bytes) is not None:
+                return head
+
+    async def _serve_v5(self, head: bytes) -> bool:
+        """Serve a level-5 CONNECT's connection to its end (True), or leave
+        it to this session (False: the 3.1.1 codec answers CONNACK 0x01).
+        session5's subclass serves it; this module cannot, as session5
+        builds on it."""
+        return False
+
+    async def _handle_head(self, head: bytes) -> bool:
+        """What ``run`` does with each read, for the bytes read before the
+        loop. False: close the connection."""
+        if not head:
+            self.session.close_reason = self.session.close_reason or "client closed"
+            return False
+        try:
+            events = self.codec.feed(head)
+        except MQTTProtocolError as exc:
+            self._protocol_error(exc)
+            return False
+        return await self._handle(events, len(head))
 
     def _protocol_error(self, exc: MQTTProtocolError) -> None:
         self.protocol_error = exc
@@ -339,8 +395,7 @@ class MQTTConnection:
         if not DEVICE_ID_RE.match(client_id):
             self.svc.metrics.protocol_errors.labels(self.protocol, "identifier_rejected").inc()
             log.warning("rejecting MQTT client id %r from %s: not a valid device id", client_id, self.session.remote)
-            self.session.close_reason = "identifier rejected"
-            return _mqtt.encode_connack(False, CONNACK_IDENTIFIER_REJECTED)
+            return self._refuse(CONNACK_IDENTIFIER_REJECTED, "identifier rejected")
         auth = self.svc.auth
         if auth is not None:
             refused = await self._authenticate(auth, ev, client_id)
@@ -351,20 +406,24 @@ class MQTTConnection:
             # a device stuck in a reconnect loop (or banned by an operator)
             log.warning("refusing MQTT client id %r from %s: banned (%s) for %.0f s more", client_id,
                         self.session.remote, ban.reason, ban.until - trio.current_time())
-            self.session.close_reason = f"banned: {ban.reason}"
-            return _mqtt.encode_connack(False, CONNACK_NOT_AUTHORIZED)
+            return self._refuse(CONNACK_NOT_AUTHORIZED, f"banned: {ban.reason}")
         self.client_id = client_id
         self.telemetry_topic = f"devices/{client_id}/telemetry"
         conns = self.svc.conns
         conns.bind_device(self.session, client_id)
-        if ev.keepalive:
-            conns.set_keepalive(self.session, 1.5 * ev.keepalive)
+        answer = self._accept(ev)
         # The downlink state is built with the first command, so the many
         # connections that never get one cost nothing for it.
         self.session.send_command = self._offer_command
         device_config = self.svc.device_configs.get(client_id)
         if device_config is not None:
             self._offer_command(new_command(UPDATE_CONFIG, device_config))
+        return answer
+
+    def _accept(self, ev: Connect) -> bytes:
+        """The accepted client's keepalive set, and its CONNACK."""
+        if ev.keepalive:
+            self.svc.conns.set_keepalive(self.session, 1.5 * ev.keepalive)
         return _mqtt.encode_connack(False, CONNACK_ACCEPTED)
 
     async def _authenticate(self, auth: Authenticator, ev: Connect, client_id: str) -> bytes | None:
@@ -522,6 +581,38 @@ class MQTTConnection:
                 await self.out.wait_sent()
 
 
+def _connect_level(head: bytes, max_packet_bytes: int) -> int | None:
+    """The protocol level of the CONNECT that ``head`` starts with (section
+    3.1.2.1/2, the same place in 3.1.1 and 5.0); -1 when ``head`` is no
+    "MQTT" CONNECT or one over ``max_packet_bytes`` (the 3.1.1 codec judges
+    it: 3.1's "MQIsdp", garbage, too large); None while more bytes are
+    needed to tell."""
+    n = len(head)
+    if not n:
+        return None
+    if head[0] != 0x10:
+        return -1
+    i, length = 1, 0
+    while True:                         # the remaining length, 1 to 4 bytes
+        if i >= n:
+            return None
+        if i > 4:
+            return -1
+        length |= (head[i] & 0x7F) << (7 * (i - 1))
+        i += 1
+        if not head[i - 1] & 0x80:
+            break
+    if i + length > max_packet_bytes:
+        return -1
+    if n < i + 2:
+        return None
+    if head[i] != 0 or head[i + 1] != 4:
+        return -1
+    if n < i + 7:
+        return None
+    return head[i + 6] if head[i + 2:i + 6] == b"MQTT" else -1
+
+
 def _granted_run(events: list[Event], i: int, granted: frozenset[str]) -> int:
     """The end of the run of publishes from events[i] whose topics are all in
     ``granted`` (i itself when the first is not)."""
@@ -532,18 +623,3 @@ def _granted_run(events: list[Event], i: int, granted: frozenset[str]) -> int:
             break
         i += 1
     return i
-
-
-async def serve_mqtt_stream(stream: trio.abc.Stream, services: Services, session: Session,
-                            protocol: str) -> MQTTProtocolError | None:
-    """The MQTT session's one entry point for transports other than TCP.
-
-    Serves MQTT on any Trio byte stream (MQTT over WebSocket hands in its
-    message stream) as ``protocol``, until the connection ends; returns the
-    protocol error that closed it, if one did, so the transport can choose
-    how to close. Other protocols reach this through
-    ``Services.serve_mqtt_stream``, never by importing this module.
-    """
-    conn = MQTTConnection(stream, services, session, protocol=protocol)
-    await conn.run()
-    return conn.protocol_error

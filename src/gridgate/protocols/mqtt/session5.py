@@ -1,0 +1,495 @@
+"""The MQTT 5.0 session (DESIGN section 4): the 3.1.1 session's Trio shell
+and connection lifecycle around the 5.0 codec.
+
+``MQTTConnection.run`` reads the first CONNECT's protocol level and hands a
+level-5 connection here with the bytes it read. What 5.0 changes is this
+module's: the CONNACK with the server's properties and the 5.0 reason codes,
+a PUBACK/PUBREC per reading that says what became of it (0x00 only once
+durable, 0x99 with the rejection's reason code as Reason String, 0x90, 0x87),
+Receive Maximum, the decoder chosen by Payload Format Indicator / Content
+Type, and a DISCONNECT with a reason before the server closes. The read
+loop, authentication, takeover, acks on durable and downlink are the 3.1.1
+session's, shared by inheritance.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from gridgate.downlink.commands import Send, encode_command
+from gridgate.ingest.pipeline import WorkItem
+from gridgate.ingest.records import Record, Rejection
+from gridgate.protocols.mqtt.codec5 import codec5
+from gridgate.protocols.mqtt.events import PingReq
+from gridgate.protocols.mqtt.events5 import (
+    Auth,
+    Connect5,
+    Disconnect5,
+    Event5,
+    PubAck5,
+    Publish5,
+    PubRel5,
+    Subscribe5,
+    Unsubscribe5,
+)
+from gridgate.protocols.mqtt.session import (
+    CONNACK_BAD_CREDENTIALS,
+    CONNACK_IDENTIFIER_REJECTED,
+    CONNACK_NOT_AUTHORIZED,
+    MQTTConnection,
+)
+from gridgate.protocols.mqtt.v5 import (
+    BAD_AUTHENTICATION_METHOD,
+    BAD_USER_NAME_OR_PASSWORD,
+    BANNED,
+    CLIENT_IDENTIFIER_NOT_VALID,
+    IMPLEMENTATION_SPECIFIC_ERROR,
+    KEEP_ALIVE_TIMEOUT,
+    NO_SUBSCRIPTION_EXISTED,
+    NOT_AUTHORIZED,
+    PACKET_IDENTIFIER_NOT_FOUND,
+    PAYLOAD_FORMAT_INVALID,
+    RECEIVE_MAXIMUM_EXCEEDED,
+    RETAIN_NOT_SUPPORTED,
+    SERVER_SHUTTING_DOWN,
+    SESSION_TAKEN_OVER,
+    SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
+    SUCCESS,
+    TOPIC_FILTER_INVALID,
+    TOPIC_NAME_INVALID,
+    WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED,
+    MQTT5Error,
+    Properties,
+    valid_topic_filter,
+)
+
+if TYPE_CHECKING:
+    from gridgate.connections.manager import Session
+    from gridgate.errors import MQTTProtocolError
+    from gridgate.protocols.services import Services
+
+__all__ = ["MQTT5Connection", "VersionedMQTTConnection", "serve_mqtt_stream", "puback_reason", "decoder_format",
+           "close_code"]
+
+log = logging.getLogger("gridgate.mqtt")
+
+# The 3.1.1 session's refusals (its CONNACK codes) as 5.0 reason codes.
+_REFUSALS = {
+    CONNACK_IDENTIFIER_REJECTED: CLIENT_IDENTIFIER_NOT_VALID,
+    CONNACK_BAD_CREDENTIALS: BAD_USER_NAME_OR_PASSWORD,
+    CONNACK_NOT_AUTHORIZED: NOT_AUTHORIZED,
+}
+
+# A rejection's reason code (DESIGN section 3) -> the PUBACK/PUBREC reason
+# code; every other reason is the payload's fault: 0x99.
+_PUBLISH_REASONS = {
+    "bad_topic": TOPIC_NAME_INVALID,
+    "not_authorized": NOT_AUTHORIZED,
+    "sink_refused": IMPLEMENTATION_SPECIFIC_ERROR,
+}
+
+# Session.close_reason (set by whoever closed it: the reaper, a takeover, a
+# graceful stop) -> the reason code of the DISCONNECT sent before closing.
+_CLOSE_REASONS = (
+    ("taken over", SESSION_TAKEN_OVER),
+    ("reaped: ", KEEP_ALIVE_TIMEOUT),
+    ("gateway shutting down", SERVER_SHUTTING_DOWN),
+    ("credentials removed", NOT_AUTHORIZED),                 # a SIGHUP reload dropped its identity
+    ("client certificate ", NOT_AUTHORIZED),                 # ... revoked its certificate
+    ("a client certificate is now required", NOT_AUTHORIZED),
+)
+
+_CONTENT_TYPES = {"application/json": "json", "application/msgpack": "msgpack",
+                  "application/x-msgpack": "msgpack", "application/vnd.msgpack": "msgpack"}
+# The bytes that can start a JSON document: 3.1.1's rule (codec_py.take_publishes) when nothing says.
+_JSON_FIRST = frozenset(b'{["-0123456789tfn \t\r\n')
+
+
+def decoder_format(payload: bytes | memoryview, props: Properties) -> str:
+    """The decoder for a PUBLISH's payload: its Content Type when that names
+    JSON or MessagePack, else JSON when the Payload Format Indicator says
+    UTF-8, else the first byte decides (as for 3.1.1)."""
+    if props.content_type is not None:
+        fmt = _CONTENT_TYPES.get(props.content_type.split(";", 1)[0].strip().lower())
+        if fmt is not None:
+            return fmt
+    if props.payload_format_indicator == 1:
+        return "json"
+    return "json" if not payload or payload[0] in _JSON_FIRST else "msgpack"
+
+
+def _describe(rejection: Rejection) -> str:
+    """``out_of_range: temperature``: the dead letter's reason code and what it blames."""
+    return f"{rejection.reason}: {rejection.field or rejection.detail}"
+
+
+def puback_reason(stored: int, rejections: list[Rejection]) -> tuple[int, str | None]:
+    """The PUBACK/PUBREC reason code and Reason String for one PUBLISH whose
+    payload gave ``stored`` records and ``rejections`` (DESIGN section 4):
+    0x00 when anything was stored (a batch's rejected items counted in the
+    Reason String), else the first rejection's code."""
+    if not rejections:
+        return SUCCESS, None
+    first = _describe(rejections[0])
+    total = stored + len(rejections)
+    if stored:
+        return SUCCESS, f"{len(rejections)} of {total} items rejected, first {first}"
+    code = _PUBLISH_REASONS.get(rejections[0].reason, PAYLOAD_FORMAT_INVALID)
+    if len(rejections) > 1:
+        return code, f"{first} ({len(rejections)} of {total} items rejected)"
+    return code, first
+
+
+def close_code(reason: str | None) -> int | None:
+    """The reason code of the DISCONNECT owed to a connection closed for
+    ``reason`` (``Session.close_reason``); None: close without one."""
+    if reason is None:
+        return None
+    for prefix, code in _CLOSE_REASONS:
+        if reason.startswith(prefix):
+            return code
+    return None
+
+
+class MQTT5Connection(MQTTConnection):
+    """One MQTT 5.0 client connection (TCP, TLS or WebSocket)."""
+
+    __slots__ = ("problem_info", "client_max_packet", "receive_maximum", "inflight", "goodbye")
+
+    def __init__(self, stream: trio.abc.Stream, services: Services, session: Session,
+                 protocol: str = "mqtt") -> None:
+        super().__init__(stream, services, session, protocol)
+        config = services.config.mqtt
+        # the shared read loop uses what both codecs have: feed() and connected
+        self.codec = codec5.MQTT5Codec(  # type: ignore[assignment]
+            config.max_packet_bytes, config.topic_alias_maximum)
+        # Request Problem Information (3.1.2.11.7): 0 -> no Reason String
+        # on anything but CONNACK and DISCONNECT.
+        self.problem_info = True
+        self.client_max_packet: int | None = None      # the client's Maximum Packet Size
+        self.receive_maximum = config.receive_maximum
+        # QoS 1 publishes whose PUBACK is not written yet (QoS 2 ones are
+        # qos2_unreleased): against receive_maximum.
+        self.inflight = 0
+        self.goodbye = False        # a DISCONNECT was sent or is owed no more
+
+    async def run(self, head: bytes | None = None) -> None:
+        try:
+            await super().run(head)
+        except trio.Cancelled:
+            await self._say_goodbye(close_code(self.session.close_reason))
+            raise
+
+    async def _say_goodbye(self, code: int | None) -> None:
+        """The DISCONNECT a server sends before it closes (section 4.13): to
+        a socket, only if it takes it now; to another stream, within a
+        second. A closing connection waits for nobody."""
+        if code is None or self.goodbye or not self.codec.connected:
+            return
+        self.goodbye = True
+        data = codec5.encode_disconnect(code, None, self.client_max_packet)
+        if self._fd >= 0:
+            if self.out is None or self.out.idle:
+                try:
+                    os.write(self._fd, data)
+                except OSError:
+                    pass             # full or gone: the close says enough
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                pass
+
+    def _protocol_error(self, exc: MQTTProtocolError) -> None:
+        self.protocol_error = exc
+        self.svc.metrics.protocol_errors.labels(self.protocol, exc.reason).inc()
+        log.warning("closing MQTT 5 connection from %s (%s): %s", self.session.remote,
+                    self.client_id or "before CONNECT", exc)
+        self.session.close_reason = f"protocol error: {exc.reason}"
+        if not isinstance(exc, MQTT5Error):
+            return
+        if exc.return_code is not None and not self.codec.connected:
+            self._write(codec5.encode_connack(False, exc.return_code, self._reason_props(exc.detail), None))
+        elif self.codec.connected:
+            self._disconnect(exc.reason_code, exc.detail)
+
+    def _disconnect(self, code: int, detail: str) -> None:
+        self.goodbye = True
+        self._write(codec5.encode_disconnect(code, self._reason_props(detail, always=True), self.client_max_packet))
+
+    def _reason_props(self, text: str | None, always: bool = False) -> Properties | None:
+        """A Reason String, unless the client asked for none (always: CONNACK
+        and DISCONNECT, where the spec lets the server send it anyway)."""
+        if text is None or not (self.problem_info or always):
+            return None
+        return Properties(reason_string=text[:256])
+
+    # -- CONNECT --------------------------------------------------------------
+
+    def _refuse(self, code: int, reason: str) -> bytes:
+        self.session.close_reason = reason
+        v5_code = BANNED if "banned" in reason else _REFUSALS[code]
+        return codec5.encode_connack(False, v5_code, self._reason_props(reason, always=True), self.client_max_packet)
+
+    async def _connect5(self, ev: Connect5) -> bytes:
+        props = ev.properties
+        if props.request_problem_information == 0:
+            self.problem_info = False
+        self.client_max_packet = props.maximum_packet_size
+        if props.authentication_method is not None:
+            # enhanced authentication (section 4.12): no method is configured
+            self.svc.metrics.protocol_errors.labels(self.protocol, "bad_authentication_method").inc()
+            self.session.close_reason = "bad authentication method"
+            return codec5.encode_connack(False, BAD_AUTHENTICATION_METHOD, self._reason_props(
+                f"authentication method {props.authentication_method[:64]!r} is not supported", always=True),
+                self.client_max_packet)
+        if ev.will is not None and ev.will.retain:
+            # Retain Available is 0: a retained Will is refused (MQTT-3.2.2-13)
+            self.svc.metrics.protocol_errors.labels(self.protocol, "retain_not_supported").inc()
+            self.session.close_reason = "retained will"
+            return codec5.encode_connack(False, RETAIN_NOT_SUPPORTED, self._reason_props(
+                "retained messages are not supported", always=True), self.client_max_packet)
+        return await self._connect(ev)    # type: ignore[arg-type]  # same fields as a 3.1.1 Connect
+
+    def _accept(self, ev: object) -> bytes:
+        assert isinstance(ev, Connect5)
+        config = self.svc.config.mqtt
+        keepalive = ev.keepalive
+        server_keepalive = None
+        if config.max_keepalive_s and (keepalive == 0 or keepalive > config.max_keepalive_s):
+            keepalive = server_keepalive = config.max_keepalive_s
+        if keepalive:
+            self.svc.conns.set_keepalive(self.session, 1.5 * keepalive)
+        props = Properties(
+            receive_maximum=self.receive_maximum,
+            maximum_packet_size=config.max_packet_bytes,
+            topic_alias_maximum=config.topic_alias_maximum or None,
+            retain_available=0,
+            wildcard_subscription_available=0,
+            subscription_identifier_available=0,
+            shared_subscription_available=0,
+            server_keep_alive=server_keepalive,
+        )
+        return codec5.encode_connack(False, SUCCESS, props, self.client_max_packet)
+
+    # -- events -----------------------------------------------------------------
+
+    async def _handle(self, events: list[Event5], nbytes: int = 0) -> bool:  # type: ignore[override]
+        """Act on the events of one read. False: close the connection."""
+        out: list[bytes] = []
+        records: list[Record] = []
+        rejections: list[Rejection] = []
+        acks: list[bytes] = []
+        qos1_acks = 0
+        received_ns = 0
+        keep_open = True
+        for ev in events:
+            if type(ev) is Publish5:
+                if self.client_id is None:
+                    continue      # cannot happen: the codec takes nothing before CONNECT
+                if ev.retain:
+                    # Retain Available is 0 (MQTT-3.3.1-? / table 3-? : 0x9A)
+                    self._disconnect(RETAIN_NOT_SUPPORTED, "retained messages are not supported")
+                    self.session.close_reason = "protocol error: retain_not_supported"
+                    keep_open = False
+                    break
+                now = time.time_ns()
+                publish_ns = now if now > self._next_ns else self._next_ns
+                received_ns = received_ns or publish_ns
+                if ev.qos == 2:
+                    if self.qos2_unreleased is None:
+                        self.qos2_unreleased = set()
+                    if ev.packet_id in self.qos2_unreleased:
+                        acks.append(codec5.encode_pubrec(ev.packet_id, SUCCESS, None, self.client_max_packet))
+                        continue      # a redelivery of readings already held: stored once
+                n_before = len(rejections)
+                stored = self._take(ev, publish_ns, records, rejections)
+                code, text = puback_reason(stored, rejections[n_before:])
+                if ev.qos == 1:
+                    qos1_acks += 1
+                    acks.append(codec5.encode_puback(ev.packet_id, code, self._reason_props(text),
+                                                     self.client_max_packet))
+                elif ev.qos == 2:
+                    if code < 0x80:
+                        # held until PUBREL; a failed PUBREC ends the exchange (4.3.3)
+                        self.qos2_unreleased.add(ev.packet_id)      # type: ignore[union-attr]
+                    acks.append(codec5.encode_pubrec(ev.packet_id, code, self._reason_props(text),
+                                                     self.client_max_packet))
+                if self.inflight + qos1_acks + len(self.qos2_unreleased or ()) > self.receive_maximum:
+                    self._disconnect(RECEIVE_MAXIMUM_EXCEEDED,
+                                     f"more than Receive Maximum {self.receive_maximum} publishes unacknowledged")
+                    self.session.close_reason = "protocol error: receive_maximum_exceeded"
+                    self.svc.metrics.protocol_errors.labels(self.protocol, "receive_maximum_exceeded").inc()
+                    keep_open = False
+                    break
+            elif type(ev) is PubRel5:
+                known = self.qos2_unreleased is not None and ev.packet_id in self.qos2_unreleased
+                if known:
+                    self.qos2_unreleased.discard(ev.packet_id)      # type: ignore[union-attr]
+                out.append(codec5.encode_pubcomp(ev.packet_id, SUCCESS if known else PACKET_IDENTIFIER_NOT_FOUND))
+            elif type(ev) is PingReq:
+                out.append(codec5.encode_pingresp())
+            elif type(ev) is Connect5:
+                out.append(await self._connect5(ev))
+                if self.client_id is None:
+                    keep_open = False
+                    break
+            elif type(ev) is Subscribe5:
+                out.append(self._subscribe(ev))
+            elif type(ev) is Unsubscribe5:
+                subscribed = self.subscribed_qos is not None and self.command_topic in ev.topic_filters
+                if subscribed:
+                    self.subscribed_qos = None
+                    if self.downlink is not None:
+                        self.downlink.outbox.set_ready(False)
+                command_topic = self.command_topic
+                out.append(codec5.encode_unsuback(
+                    ev.packet_id, [SUCCESS if subscribed and t == command_topic else NO_SUBSCRIPTION_EXISTED
+                                   for t in ev.topic_filters], None, self.client_max_packet))
+            elif type(ev) is Disconnect5:
+                self.session.close_reason = "client disconnected"
+                self.goodbye = True
+                keep_open = False
+                break
+            elif type(ev) is PubAck5:
+                if self.downlink is not None:
+                    self.downlink.outbox.ack(ev.packet_id)  # a downlink command arrived
+            elif type(ev) is Auth:
+                pass  # the codec lets AUTH through only after a CONNECT with a method, which is refused
+        ack_bytes = b"".join(acks)
+        if ack_bytes and not self.ack_durable:
+            out.append(ack_bytes)
+            ack_bytes = b""
+            qos1_acks = 0
+        if out:
+            self._write(b"".join(out) if len(out) > 1 else out[0])
+        if records or rejections or ack_bytes:
+            item = WorkItem(records, rejections, self.protocol, received_ns or time.time_ns(),
+                            self._on_durable5(ack_bytes, qos1_acks) if ack_bytes else None)
+            if ack_bytes:
+                self.pending += 1
+                self.inflight += qos1_acks
+            pipeline = self.svc.pipeline
+            if not pipeline.try_submit(item):
+                try:
+                    await pipeline.submit(item, self.session)
+                except BaseException:
+                    if ack_bytes:
+                        self.pending -= 1
+                        self.inflight -= qos1_acks
+                    raise
+            limits = self.svc.limits
+            if limits.readings_limited and records:
+                await limits.pause(self.session, records, self.protocol, self.client_id, nbytes)
+        return keep_open
+
+    def _take(self, ev: Publish5, publish_ns: int, records: list[Record], rejections: list[Rejection]) -> int:
+        """Validate one PUBLISH into ``records`` and ``rejections``; returns
+        how many records it gave."""
+        client_id = self.client_id
+        assert client_id is not None
+        topic = ev.topic
+        if self.allowed_topics is not None and topic not in self.allowed_topics:
+            auth = self.svc.auth
+            assert auth is not None
+            name = self.identity.name if self.identity is not None else None
+            if not auth.acl.may_write(name, client_id, topic):
+                self.svc.metrics.not_authorized.labels(self.protocol, "publish").inc()
+                rejections.append(Rejection(reason="not_authorized", field="topic", index=None, device_id=client_id,
+                                            raw=bytes(ev.payload),
+                                            detail=f"topic {topic!r} is not writable by this client"))
+                return 0
+        if topic != self.telemetry_topic and topic != "telemetry":
+            rejections.append(Rejection(
+                reason="bad_topic", field="topic", index=None, device_id=client_id, raw=bytes(ev.payload),
+                detail=f"topic {topic!r} is not 'telemetry' or {self.telemetry_topic!r}"))
+            return 0
+        n_before = len(records)
+        fmt = decoder_format(ev.payload, ev.properties)
+        taken = self.svc.validate_into(ev.payload, fmt, self.protocol, client_id, publish_ns, records, rejections)
+        self._next_ns = publish_ns + taken + 1
+        return len(records) - n_before
+
+    def _subscribe(self, ev: Subscribe5) -> bytes:
+        command_topic = self.command_topic
+        # 0x80 stands for "refused" while the 3.1.1 session's ACL check runs
+        codes = [min(s.qos, 1) if s.topic_filter == command_topic else 0x80 for s in ev.subscriptions]
+        if self.svc.auth is not None:
+            codes = self._judge_subscriptions(self.svc.auth, [(s.topic_filter, s.qos) for s in ev.subscriptions],
+                                              codes)
+        v5_codes = []
+        for sub, code in zip(ev.subscriptions, codes, strict=True):
+            if code == 0x80:
+                topic = sub.topic_filter
+                if not valid_topic_filter(topic):
+                    code = TOPIC_FILTER_INVALID
+                elif topic.startswith("$share/"):
+                    code = SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+                elif "+" in topic or "#" in topic:
+                    code = WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED
+                else:
+                    code = NOT_AUTHORIZED
+            v5_codes.append(code)
+        granted = [c for c in v5_codes if c < 0x80]
+        if granted:
+            self.subscribed_qos = max(granted)
+            if self.downlink is not None:
+                self.downlink.outbox.set_ready(True, tracked=self.subscribed_qos >= 1)
+                self.downlink.wake()
+        return codec5.encode_suback(ev.packet_id, v5_codes, None, self.client_max_packet)
+
+    # -- output ---------------------------------------------------------------
+
+    def _on_durable5(self, acks: bytes, qos1_acks: int) -> Callable[[], None]:
+        def on_durable() -> None:
+            self.pending -= 1
+            self.inflight -= qos1_acks
+            self._write(acks)
+            if not self.pending and self.acks_done is not None:
+                self.acks_done.set()
+        return on_durable
+
+    async def _send_commands(self, sends: list[Send]) -> None:
+        topic = self.command_topic
+        # s.key: this outbox keys by MQTT packet id (packet_ids=True), an int; mypy sees Hashable
+        frames = [codec5.encode_publish(topic, encode_command(s.command), 1 if s.tracked else 0,
+                                        s.key if s.tracked else 0, False, s.dup)  # type: ignore[arg-type]
+                  for s in sends]
+        self._write(b"".join(frames))
+
+
+class VersionedMQTTConnection(MQTTConnection):
+    """What a listener serves: a 3.1/3.1.1 session that hands a level-5
+    CONNECT's connection to ``MQTT5Connection``. No slots of its own, so a
+    3.1.1 connection costs what it did."""
+
+    __slots__ = ()
+
+    async def _serve_v5(self, head: bytes) -> bool:
+        conn = MQTT5Connection(self.stream, self.svc, self.session, self.protocol)
+        try:
+            await conn.run(head)
+        finally:
+            self.protocol_error = conn.protocol_error
+        return True
+
+
+async def serve_mqtt_stream(stream: trio.abc.Stream, services: Services, session: Session,
+                            protocol: str) -> MQTTProtocolError | None:
+    """The MQTT session's one entry point for transports other than TCP.
+
+    Serves MQTT 3.1, 3.1.1 or 5.0 on any Trio byte stream (MQTT over
+    WebSocket hands in its message stream) as ``protocol``, until the
+    connection ends; returns the protocol error that closed it, if one did,
+    so the transport can choose how to close. Other protocols reach this
+    through ``Services.serve_mqtt_stream``, never by importing this module.
+    """
+    conn = VersionedMQTTConnection(stream, services, session, protocol=protocol)
+    await conn.run()
+    return conn.protocol_error
