@@ -223,3 +223,14 @@ def test_a_request_to_a_dead_node_forgets_it_before_its_presence_expires(nodes):
     assert (status, answer["error"]) == (404, "device_offline")
     assert b.metric('gridgate_cluster_nodes_lost_total{why="unreachable"}') == 1
     assert request(b, "GET", "/v1/devices/meter-4")[0] == 404
+
+
+def test_two_gateways_with_one_node_name_are_told_so(tmp_path, nats):
+    a = start_node(tmp_path, nats, "gw-same")
+    b = GatewayProcess(tmp_path / "data-b", "--config", str(tmp_path / "gw-same.toml"))
+    try:
+        a.wait_for_line("another gateway uses this node's name 'gw-same'")
+        b.wait_for_line("another gateway uses this node's name 'gw-same'")
+    finally:
+        a.kill()
+        b.kill()

@@ -69,6 +69,7 @@ class ClusterNode:
         self.prefix = config.subject_prefix
         self.incarnation = time.time_ns()
         self.joined = trio.Event()
+        self._name_clash_logged = False
         self.directory = Directory(self.name, presence_timeout_s=config.presence_timeout_s,
                                    max_devices=config.max_devices)
         self.bus = Bus(config.nats_servers, f"gridgate-{self.name}", connect_timeout_s=config.connect_timeout_s)
@@ -205,7 +206,15 @@ class ClusterNode:
 
     def _on_heartbeat(self, msg: BusMessage) -> None:
         hb = self._decode(msg)
-        if not isinstance(hb, m.Heartbeat) or hb.node == self.name:
+        if not isinstance(hb, m.Heartbeat):
+            return
+        if hb.node == self.name:
+            if hb.incarnation != self.incarnation and not self._name_clash_logged:
+                # two gateways configured with one [cluster] node name: each would take the other's
+                # requests and announcements for its own; say so loudly, once
+                self._name_clash_logged = True
+                log.error("cluster: another gateway uses this node's name %r: give each its own "
+                          "[cluster] node (or leave it unset: hostname-pid)", self.name)
             return
         known = hb.node in self.directory.nodes
         if self.directory.heartbeat(hb.node, hb.incarnation, hb.count, hb.digest, trio.current_time()) or (
