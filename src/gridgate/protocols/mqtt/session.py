@@ -357,8 +357,13 @@ class MQTTConnection:
             elif type(ev) is PubAck:
                 if self.downlink is not None:
                     self.downlink.outbox.ack(ev.packet_id)  # a downlink command arrived
-            elif type(ev) in (PubRec, PubComp):
-                pass  # QoS 2 acks: gridgate publishes at QoS <= 1, so none are owed
+            elif type(ev) is PubRec:
+                # gridgate publishes at QoS <= 1, so every PUBREC is unsolicited; its
+                # receiver answers PUBREL with the same packet id (MQTT-4.3.3-1), so a
+                # client that took a command for QoS 2 finishes its flow, not waits forever
+                out.append(_mqtt.encode_pubrel(ev.packet_id))
+            elif type(ev) is PubComp:
+                pass  # the end of such a flow: nothing is held for it
         acks = b""
         if durable_pubacks:
             acks = _mqtt.encode_acks(PUBACK, durable_pubacks)
