@@ -1,6 +1,6 @@
 """System benchmarks of DESIGN section 9.
 
-    python -m bench {pipelines,mqtt,conns,sinks,storm,tls,workers,all} [--duration S] [--rounds N] [--out DIR]
+    python -m bench {pipelines,mqtt,conns,sinks,storm,tls,workers,ws,all} [--duration S] [--rounds N] [--out DIR]
                     [--profile] [--workers 1,2]
 
 Every server is started here on free loopback ports and driven in the same
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench import procs, report
 
-SCENARIOS = ("pipelines", "mqtt", "conns", "sinks", "storm", "tls", "workers")
+SCENARIOS = ("pipelines", "mqtt", "conns", "sinks", "storm", "tls", "workers", "ws")
 EXIT_MISSING = 2          # an optional dependency is not installed: nothing was run
 
 

@@ -206,7 +206,7 @@ INSTALL_HINT = "pip install -e '.[bench]'"
 # writes PNG plots (matplotlib); pipelines also runs the uvicorn + httptools
 # reference (python -m uvicorn in this interpreter).
 SCENARIO_MODULES = {"pipelines": ("matplotlib", "uvicorn", "httptools"), "mqtt": ("matplotlib",), "workers": (),
-                    "conns": ("matplotlib",), "sinks": ("matplotlib",), "tls": ("cryptography",)}
+                    "conns": ("matplotlib",), "sinks": ("matplotlib",), "tls": ("cryptography",), "ws": ()}
 
 
 def _py_spy_path(which=shutil.which) -> str | None:

@@ -71,6 +71,10 @@ def write(results: dict, out: Path) -> str:
         from bench import workers
 
         lines += workers.table(scenarios["workers"])
+    if "ws" in scenarios:
+        from bench import ws
+
+        lines += ws.table(scenarios["ws"])
     lines += _profiles(scenarios, out)
     if results.get("failed"):
         lines += ["## Failed scenarios", "", *[f"- {k}: {v[:500]}" for k, v in results["failed"].items()], ""]

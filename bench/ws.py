@@ -1,0 +1,172 @@
+"""ws: the server CPU per acked reading of ``/v1/ws`` against MQTT and HTTP
+(issue 24, "WebSocket within 2x of MQTT").
+
+One gateway with its MQTT, HTTP and WebSocket listeners; in each round
+``gridgate-loadgen`` drives mqtt (QoS 1), http and ws in turn, DEVICES
+devices x INFLIGHT messages in flight x --duration seconds each, one
+reading per message. For every run: the gateway's user + sys CPU from
+/proc/PID/stat over the run (all its threads) divided by the readings the
+load generator counted as acked, and the load generator's own CPU per
+reading (its ``loadgen_cpu_us_per_reading``). The ratios ws / mqtt and
+http / mqtt are taken within each round (same machine state), then the
+median over rounds. Absolute microseconds depend on what else runs on the
+cores; compare the ratios.
+
+    python -m bench ws [--duration S] [--rounds N]
+    python -m bench.ws [--duration S] [--rounds N] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+
+PROTOCOLS = ("mqtt", "http", "ws")
+DEVICES = 20
+INFLIGHT = 10
+TARGET_WS_VS_MQTT = 2.0
+LOADGEN_BUDGET_US = 5.0
+
+Log = Callable[[str], None]
+
+
+def start_gateway() -> procs.Server:
+    data_dir = Path(tempfile.mkdtemp(prefix="gridgate-bench-ws-"))
+    cmd = [str(procs.BIN / "gridgate"), "serve", "--mqtt", "127.0.0.1:0", "--http", "127.0.0.1:0",
+           "--ws", "127.0.0.1:0", "--data-dir", str(data_dir)]
+    server = procs.Server("gridgate", cmd, {"ENVIRONMENT": "bench", "SERVICE_NAME": "gridgate-bench"})
+    for name in PROTOCOLS:
+        if name not in server.addresses:
+            server.stop()
+            raise RuntimeError(f"gridgate did not report its {name} listener: {server.addresses}")
+    return server
+
+
+def measure(server: procs.Server, protocol: str, duration: float) -> dict[str, Any]:
+    """One loadgen run against ``server``; its CPU per acked reading."""
+    opts: dict[str, Any] = {"devices": DEVICES, "inflight": INFLIGHT, "no_reconnect": True}
+    if protocol == "mqtt":
+        opts["qos"] = 1
+    cpu0 = server.cpu_seconds()
+    result = procs.loadgen(protocol, server.addresses[protocol], duration, **opts)
+    time.sleep(0.2)          # the last batch's fsync and acks, already counted by the loadgen
+    server_cpu = server.cpu_seconds() - cpu0
+    acked = result["acked"]
+    return {"protocol": protocol, "acked": acked, "errors": result["errors"],
+            "readings_per_s": result["readings_per_s"], "server_cpu_s": round(server_cpu, 3),
+            "server_cpu_us_per_reading": server_cpu * 1e6 / acked if acked else None,
+            "loadgen_cpu_us_per_reading": result.get("loadgen_cpu_us_per_reading")}
+
+
+def run(duration: float, rounds: int, out: Path, profile: bool, log: Log = print) -> dict[str, Any]:
+    """``python -m bench``'s entry: ``rounds`` rounds of mqtt, http, ws; with
+    ``profile``, one more ws run under py-spy (not counted)."""
+    server = start_gateway()
+    runs: list[dict[str, Any]] = []
+    profiled = None
+    try:
+        for round_ in range(rounds):
+            for protocol in PROTOCOLS:
+                r = measure(server, protocol, duration)
+                r["round"] = round_
+                runs.append(r)
+                log(f"  round {round_ + 1} {protocol:>4}: {r['acked']} acked, {r['readings_per_s']:.0f}/s, "
+                    f"server {_us(r['server_cpu_us_per_reading'])} us/reading, "
+                    f"loadgen {_us(r['loadgen_cpu_us_per_reading'])} us/reading, errors {r['errors']}")
+        if profile:
+            server.profile(out / "profiles", "ws-gateway", duration)
+            measure(server, "ws", duration)
+            profiled = server.finish_profile()
+    finally:
+        server.stop()
+    res = summarize(runs, duration)
+    if profiled is not None:
+        res["profile"] = profiled
+    return res
+
+
+def summarize(runs: list[dict[str, Any]], duration: float) -> dict[str, Any]:
+    per: dict[str, dict[str, float | None]] = {}
+    for protocol in PROTOCOLS:
+        mine = [r for r in runs if r["protocol"] == protocol]
+        per[protocol] = {key: _median(r[key] for r in mine)
+                         for key in ("server_cpu_us_per_reading", "loadgen_cpu_us_per_reading", "readings_per_s")}
+    ratios: dict[str, float | None] = {}
+    for protocol in ("http", "ws"):
+        within = []
+        for round_ in {r["round"] for r in runs}:
+            by = {r["protocol"]: r["server_cpu_us_per_reading"] for r in runs if r["round"] == round_}
+            if by.get("mqtt") and by.get(protocol):
+                within.append(by[protocol] / by["mqtt"])
+        ratios[f"{protocol}_vs_mqtt"] = _median(within)
+    ws_ratio = ratios["ws_vs_mqtt"]
+    return {"devices": DEVICES, "inflight": INFLIGHT, "duration_s": duration, "runs": runs, "per_protocol": per,
+            "ratios": ratios, "target_ws_vs_mqtt": TARGET_WS_VS_MQTT,
+            "target_met": None if ws_ratio is None else ws_ratio <= TARGET_WS_VS_MQTT}
+
+
+def table(res: dict[str, Any]) -> list[str]:
+    """Markdown rows for the report and the README."""
+    lines = ["## ws: server CPU per acked reading, /v1/ws vs MQTT and HTTP", "",
+             f"{res['devices']} devices x {res['inflight']} in flight x {res['duration_s']:g} s per run, "
+             "one reading per message, one gateway; ratios taken within each round, then the median", "",
+             "| protocol | server CPU us / acked reading | vs MQTT | readings/s | loadgen CPU us / reading |",
+             "|---|---:|---:|---:|---:|"]
+    for protocol in PROTOCOLS:
+        p = res["per_protocol"][protocol]
+        ratio = "1.00x" if protocol == "mqtt" else _x(res["ratios"].get(f"{protocol}_vs_mqtt"))
+        lines.append(f"| {protocol} | {_us(p['server_cpu_us_per_reading'])} | {ratio} | "
+                     f"{_us(p['readings_per_s'], 0)} | {_us(p['loadgen_cpu_us_per_reading'])} |")
+    met = res["target_met"]
+    lines += ["", f"ws <= {TARGET_WS_VS_MQTT:g}x MQTT's server CPU per reading: "
+              f"{'met' if met else 'not met' if met is not None else 'not measured'}; loadgen budget "
+              f"{LOADGEN_BUDGET_US:g} us per reading", ""]
+    if res.get("profile"):
+        from bench import report  # report imports this module for the table
+
+        total, top = report.profile_top(Path(res["profile"]["speedscope_json"]))
+        lines += [f"py-spy of the gateway in one more ws run ({total:,} samples; Python frames, compiled code "
+                  "under its caller): " + res["profile"]["flamegraph_svg"], "",
+                  "| function (own time, leaf) | own | total |", "|---|---:|---:|",
+                  *[f"| `{name}` | {a:.1%} | {b:.1%} |" for name, a, b in top], ""]
+    return lines
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _us(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ws", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per loadgen run (default 5)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of mqtt, http, ws (default 2)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.rounds < 1:
+        parser.error("--duration must be > 0 and --rounds >= 1")
+    res = run(args.duration, args.rounds, Path("."), False)
+    if args.json is not None:
+        args.json.write_text(json.dumps(res, indent=2))
+    print("\n".join(table(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
