@@ -261,9 +261,8 @@ class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     device_readings_burst: NonNegInt = 0             # 0 = one second's worth
     device_bytes_per_s: Annotated[float, Meta(ge=0)] = 0.0
     device_bytes_burst: NonNegInt = 0
-    # MQTT 5 clients over a limit: "reject" answers PUBACK 0x97 instead of
-    # pausing. Read once MQTT 5 sessions exist (issue 21); until then every
-    # MQTT client is paused.
+    # MQTT 5 clients over a limit: "reject" answers a QoS 1/2 PUBLISH with
+    # PUBACK/PUBREC 0x97 instead of pausing (QoS 0 and 3.1.1 are paused).
     mqtt5_on_limit: Literal["pause", "reject"] = "pause"
     accept_rate_per_s: Annotated[float, Meta(ge=0)] = 0.0
     max_connections_per_ip: NonNegInt = 0

@@ -85,6 +85,16 @@ class FlowGuard:
         finally:
             session.paused = False
 
+    def refuse_over_quota(self, records: Sequence[Record], protocol: str, device: str | None,
+                          nbytes: int) -> Charge:
+        """MQTT 5 under ``mqtt5_on_limit = "reject"``, per PUBLISH: all or
+        nothing like ``admit``; a non-zero wait means refused (PUBACK 0x97),
+        counted as limited, nothing debited. No 429 is counted."""
+        charge = self.limiter.admit(self._keys(records), protocol, device, nbytes, trio.current_time())
+        if charge.wait > 0:
+            self.metrics.readings_limited.labels(charge.name, protocol).inc(len(records) or 1)
+        return charge
+
     def admit(self, records: Sequence[Record], protocol: str, device: str | None, nbytes: int) -> Charge:
         """All or nothing: a zero wait, and the buckets debited; or how long
         to wait (``Retry-After``) with nothing debited, counted."""

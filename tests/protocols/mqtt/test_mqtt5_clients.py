@@ -32,12 +32,16 @@ def gateway(tmp_path):
 class Device:
     """A paho MQTT 5 client that remembers each PUBACK's reason code and Reason String by mid."""
 
-    def __init__(self, addr: tuple[str, int], client_id: str, connect_properties: Properties | None = None) -> None:
+    def __init__(self, addr: tuple[str, int], client_id: str, connect_properties: Properties | None = None,
+                 websocket: bool = False) -> None:
         self.acks: dict[int, tuple[int, str | None]] = {}
         self.acked = threading.Condition()
         self.connack: list[int] = []
         self.connected = threading.Event()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                                  transport="websockets" if websocket else "tcp")
+        if websocket:
+            self.client.ws_set_options(path="/mqtt")
         self.client.on_publish = self._on_publish
         self.client.on_connect = self._on_connect
         self.client.connect(*addr, keepalive=30, properties=connect_properties)
@@ -87,6 +91,21 @@ def test_paho_v5_learns_from_the_puback_what_became_of_each_reading(gateway):
     rejected = spool_export(gateway.data_dir, rejected=True)
     assert sorted((r["reason"], r["field"]) for r in rejected) == [
         ("bad_topic", "topic"), ("out_of_range", "battery_mv"), ("out_of_range", "temperature")]
+
+
+def test_paho_v5_over_websocket_gets_the_same_answers(gateway):
+    device = Device(gateway.ws, "meter-ws", websocket=True)
+    try:
+        assert device.connack == [0]
+        assert device.connack_properties.ReceiveMaximum == 1024
+        assert device.publish("telemetry", json.dumps({"temperature": 21.5})) == (0x00, None)
+        assert device.publish("telemetry", json.dumps({"temperature": 500})) == (0x99, "out_of_range: temperature")
+    finally:
+        device.close()
+    assert gateway.stop() == 0, gateway.log()
+    assert [(r["protocol"], r["fields"]) for r in spool_export(gateway.data_dir)] == [
+        ("mqtt-ws", {"temperature_mc": 21500})]
+    assert [r["reason"] for r in spool_export(gateway.data_dir, rejected=True)] == ["out_of_range"]
 
 
 def test_paho_v5_topic_alias_and_content_type(gateway):

@@ -10,6 +10,7 @@ it needs, never on elapsed time.
 """
 from __future__ import annotations
 
+import ssl
 import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,8 +20,9 @@ import trio
 import trio.testing
 
 import gridgate
-from gridgate.config import LimitsConfig, MQTTConfig
+from gridgate.config import AuthConfig, LimitsConfig, MQTTConfig, TLSConfig
 from gridgate.protocols.mqtt.session5 import close_code
+from gridgate.security.passwords import format_line, hash_password
 from inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_closed
 from mqtt5_frames import (
     AUTH_METHOD,
@@ -58,6 +60,7 @@ from mqtt5_frames import (
     unsubscribe5,
 )
 from mqtt_frames import gen_connack, gen_connect
+from security.pki import CA
 
 TIMEOUT = 20
 
@@ -305,6 +308,8 @@ async def test_qos2_pubrec_carries_the_reason_and_pubrel_completes():
         assert await read_packet(client) == pubcomp5(9)
         await client.send_all(pubrel5(9))
         assert await read_packet(client) == pubcomp5(9, 0x92)          # packet identifier not found
+        await client.send_all(pubrec5(44))                              # gridgate sent no QoS 2 PUBLISH
+        assert await read_packet(client) == pubrel5(44, 0x92)
         await client.send_all(publish5("telemetry", b'{"temperature": 500}', qos=2, mid=10))
         assert await read_packet(client) == pubrec5(10, 0x99, reason("out_of_range: temperature"))
         await client.send_all(disconnect5())
@@ -480,3 +485,85 @@ async def test_connect_announcing_more_than_max_packet_bytes_is_closed_at_its_fi
 ])
 def test_close_reason_to_disconnect_code(why, code):
     assert close_code(why) == code
+
+
+async def test_mqtts_serves_mqtt5_over_the_tls_stream(tmp_path):
+    ca = CA("ecdsa")
+    cert, key = ca.server().write(tmp_path, "server")
+    client_ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    async with serving(mqtt=MQTTConfig(listen="", tls_listen="127.0.0.1:0"),
+                       tls=TLSConfig(cert_file=cert, key_file=key)) as (gateway, _):
+        host, port = gateway.addresses["mqtts"]
+        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=client_ctx)
+        await stream.send_all(connect5("meter-1"))
+        assert await read_packet(stream) == server_connack()
+        await stream.send_all(publish5("telemetry", b'{"temperature": 500}', qos=1, mid=1))
+        assert await read_packet(stream) == puback5(1, 0x99, reason("out_of_range: temperature"))
+        await stream.send_all(disconnect5())
+        try:
+            await wait_closed(stream)
+        except trio.BrokenResourceError:
+            pass                  # the server closes TCP without a TLS close_notify
+
+
+
+async def test_over_quota_with_reject_is_0x97_counted_and_not_dead_lettered():
+    # one reading of burst, then one per 1,000 s: the second is over whatever the machine's speed
+    limits = LimitsConfig(device_readings_per_s=0.001, device_readings_burst=1, mqtt5_on_limit="reject")
+    sink = MemorySink()
+    async with serving(sink, limits=limits) as (gateway, nursery):
+        client = await connected(gateway, nursery)
+        await client.send_all(publish5("telemetry", b'{"n": 1}', qos=1, mid=1))
+        assert await read_packet(client) == puback5(1)
+        await client.send_all(publish5("telemetry", b'{"n": 2}', qos=1, mid=2))
+        assert await read_packet(client) == puback5(2, 0x97, reason("quota_exceeded: device"))
+        # the connection is not paused: it still answers at once
+        await client.send_all(pingreq5())
+        assert await read_packet(client) == pingresp5()
+        assert dead_letters(gateway) == []
+        assert [r.fields["n"] for b in sink.batches for r in b] == [1]
+        assert gateway.metrics.registry.get_sample_value(
+            "gridgate_readings_limited_total", {"limit": "_device", "protocol": "mqtt"}) == 1
+        assert gateway.metrics.registry.get_sample_value("gridgate_http_429_total", {"limit": "_device"}) is None
+
+
+async def test_over_quota_with_pause_acks_as_usual():
+    limits = LimitsConfig(device_readings_per_s=1000, device_readings_burst=1)
+    async with serving(limits=limits) as (gateway, nursery):
+        client = await connected(gateway, nursery)
+        for mid in (1, 2, 3):
+            await client.send_all(publish5("telemetry", b'{"n": 1}', qos=1, mid=mid))
+            assert await read_packet(client) == puback5(mid)
+
+
+@pytest.fixture
+def auth_config(tmp_path):
+    """meter-1 with password "pw", allowed by the ACL to write only its own telemetry topic."""
+    (tmp_path / "pw").write_text(format_line("meter-1", hash_password(b"pw")))
+    (tmp_path / "acl").write_text("user meter-1\ntopic write devices/meter-1/telemetry\n")
+    return AuthConfig(password_file=str(tmp_path / "pw"), acl_file=str(tmp_path / "acl"), failure_delay_ms=0)
+
+
+@pytest.mark.parametrize("client_id, username, password, code, text", [
+    ("meter-1", "meter-1", b"wrong", 0x86, "not authorized: bad_password"),
+    ("meter-1", None, None, 0x87, "not authorized: no credentials"),
+    ("meter-2", "meter-1", b"pw", 0x87, "not authorized: client id"),
+])
+async def test_authentication_refusals(auth_config, client_id, username, password, code, text):
+    async with serving(auth=auth_config) as (gateway, nursery):
+        client = await open_client(gateway, nursery)
+        await client.send_all(connect5(client_id, username=username, password=password))
+        assert await read_packet(client) == connack5(code, reason(text))
+        await wait_closed(client)
+
+
+async def test_publish_the_acl_refuses_is_0x87_and_dead_lettered(auth_config):
+    async with serving(auth=auth_config) as (gateway, nursery):
+        client = await open_client(gateway, nursery)
+        await client.send_all(connect5("meter-1", username="meter-1", password=b"pw"))
+        assert await read_packet(client) == server_connack()
+        await client.send_all(publish5("telemetry", b'{"n": 1}', qos=1, mid=1))
+        assert await read_packet(client) == puback5(1, 0x87, reason("not_authorized: topic"))
+        await client.send_all(publish5("devices/meter-1/telemetry", b'{"n": 1}', qos=1, mid=2))
+        assert await read_packet(client) == puback5(2)
+        assert [d["reason"] for d in dead_letters(gateway)] == ["not_authorized"]

@@ -33,6 +33,7 @@ from gridgate.protocols.mqtt.events5 import (
     Event5,
     PubAck5,
     Publish5,
+    PubRec5,
     PubRel5,
     Subscribe5,
     Unsubscribe5,
@@ -54,6 +55,7 @@ from gridgate.protocols.mqtt.v5 import (
     NOT_AUTHORIZED,
     PACKET_IDENTIFIER_NOT_FOUND,
     PAYLOAD_FORMAT_INVALID,
+    QUOTA_EXCEEDED,
     RECEIVE_MAXIMUM_EXCEEDED,
     RETAIN_NOT_SUPPORTED,
     SERVER_SHUTTING_DOWN,
@@ -289,6 +291,12 @@ class MQTT5Connection(MQTTConnection):
         qos1_acks = 0
         received_ns = 0
         keep_open = True
+        limits = self.svc.limits
+        # Over a quota a QoS 1/2 reading is refused with 0x97 instead of the
+        # connection being paused (QoS 0 has no answer to carry it: paused).
+        reject_over_limit = limits.readings_limited and limits.config.mqtt5_on_limit == "reject"
+        unpaid: list[Record] = []      # under "reject": QoS 0 readings, which only a pause can charge
+        unpaid_bytes = 0
         for ev in events:
             if type(ev) is Publish5:
                 if self.client_id is None:
@@ -308,9 +316,21 @@ class MQTT5Connection(MQTTConnection):
                     if ev.packet_id in self.qos2_unreleased:
                         acks.append(codec5.encode_pubrec(ev.packet_id, SUCCESS, None, self.client_max_packet))
                         continue      # a redelivery of readings already held: stored once
-                n_before = len(rejections)
+                n_before, r_before = len(rejections), len(records)
                 stored = self._take(ev, publish_ns, records, rejections)
                 code, text = puback_reason(stored, rejections[n_before:])
+                if stored and reject_over_limit and not ev.qos:
+                    unpaid.extend(records[r_before:])
+                    unpaid_bytes += len(ev.payload)
+                elif stored and reject_over_limit:
+                    charge = limits.refuse_over_quota(records[r_before:], self.protocol, self.client_id,
+                                                      len(ev.payload))
+                    if charge.wait > 0:
+                        # counted, not dead-lettered (a flood must not fill the store); the device keeps
+                        # the reading and may send it again
+                        del records[r_before:]
+                        del rejections[n_before:]
+                        code, text = QUOTA_EXCEEDED, f"quota_exceeded: {charge.name.lstrip('_')}"
                 if ev.qos == 1:
                     qos1_acks += 1
                     acks.append(codec5.encode_puback(ev.packet_id, code, self._reason_props(text),
@@ -360,6 +380,10 @@ class MQTT5Connection(MQTTConnection):
             elif type(ev) is PubAck5:
                 if self.downlink is not None:
                     self.downlink.outbox.ack(ev.packet_id)  # a downlink command arrived
+            elif type(ev) is PubRec5:
+                # gridgate publishes at QoS <= 1: no QoS 2 flow of ours has this id, which
+                # PUBREL says (4.3.3, 3.6.2.1), so the client's flow ends instead of waiting
+                out.append(codec5.encode_pubrel(ev.packet_id, PACKET_IDENTIFIER_NOT_FOUND))
             elif type(ev) is Auth:
                 pass  # the codec lets AUTH through only after a CONNECT with a method, which is refused
         ack_bytes = b"".join(acks)
@@ -384,8 +408,12 @@ class MQTT5Connection(MQTTConnection):
                         self.pending -= 1
                         self.inflight -= qos1_acks
                     raise
-            limits = self.svc.limits
-            if limits.readings_limited and records:
+            if reject_over_limit:
+                if unpaid:
+                    await limits.pause(self.session, unpaid, self.protocol, self.client_id, unpaid_bytes)
+            elif limits.readings_limited and records:
+                # Over a quota, what arrived is kept and acked as usual; the
+                # next read waits (TCP backpressure slows the device).
                 await limits.pause(self.session, records, self.protocol, self.client_id, nbytes)
         return keep_open
 
