@@ -349,3 +349,21 @@ def test_generated_v1_headers_round_trip(pair, sport, dport, cuts):
     header, rest = outcome(1, splits(v1(pair[0], pair[1], sport, dport) + b"GET", cuts))
     assert header.client_address == client(pair[0], sport) and header.destination == (pair[1], dport)
     assert rest == b"GET"
+
+
+@SETTINGS
+@given(text=st.one_of(st.ip_addresses(v=4).map(str),
+                      st.text(alphabet="0123456789.", min_size=1, max_size=17),
+                      st.lists(st.integers(0, 300).map(str), min_size=3, max_size=5).map(".".join)))
+def test_v1_ipv4_addresses_are_what_ipaddress_accepts(text):
+    """The dotted-quad fast path accepts exactly what ipaddress.IPv4Address does, unchanged."""
+    parser = ProxyHeaderParser(1)
+    parser.receive_data(f"PROXY TCP4 {text} 10.0.0.1 1 2\r\n".encode())
+    try:
+        expected = str(ipaddress.IPv4Address(text))
+    except ValueError:
+        with pytest.raises(ProxyProtocolError):
+            parser.next_event()
+    else:
+        header = parser.next_event()
+        assert isinstance(header, ProxyHeader) and header.source == (expected, 1) and expected == text
