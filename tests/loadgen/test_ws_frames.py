@@ -3,13 +3,15 @@ decoder reads them, its parser of the gateway's frames, and its handshake
 check against servers on in-memory streams."""
 from __future__ import annotations
 
+import re
+
 import trio
 import trio.testing
 
 from gridgate.protocols.websocket.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, FrameDecoder, encode_frame
 from loadgen.device import DeviceOptions
 from loadgen.stats import Stats
-from loadgen.ws_device import WsDevice, client_frame, parse_frames
+from loadgen.ws_device import WsDevice, _acks_pattern, client_frame, parse_frames
 
 
 def test_client_frames_are_read_by_the_gateway_decoder():
@@ -71,3 +73,18 @@ async def test_the_handshake_checks_the_status_and_the_accept_token():
     assert "wrong Sec-WebSocket-Accept" in await handshake_against(ok + b"Sec-WebSocket-Accept: bogus\r\n\r\n")
     refused = await handshake_against(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
     assert refused == "WebSocket handshake failed: 'HTTP/1.1 401 Unauthorized'"
+
+
+async def test_a_read_of_acks_is_taken_whole_and_anything_else_frame_by_frame():
+    dev = WsDevice(0, DeviceOptions(host="127.0.0.1", port=1, protocol="ws", batch=3), Stats(), None)
+    dev._frames([1.0] * 12)                      # seqs 1..12 in flight
+    acks = b"".join(encode_frame(OP_TEXT, b'{"ack":%d,"accepted":3,"rejected":0,"errors":[]}' % seq)
+                    for seq in range(1, 11))
+    pattern = _acks_pattern(3)
+    assert pattern.fullmatch(acks)
+    dev._acked([int(s) for s in re.findall(rb'"ack":(\d+)', acks)], 3)
+    assert dev.stats.acked == 30 and sorted(dev.inflight) == [11, 12]
+    # an ack of fewer readings, with errors or a command: not the fast path
+    for other in (b'{"ack":11,"accepted":2,"rejected":1,"errors":[{"index":0}]}', b'{"command":{"id":"c"}}',
+                  b'{"ack":11, "accepted":3,"rejected":0,"errors":[]}'):
+        assert not pattern.fullmatch(acks + encode_frame(OP_TEXT, other))
