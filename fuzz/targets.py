@@ -296,14 +296,15 @@ def run_proxy(version: int, reads: list[bytes], max_header: int) -> object:
 
 
 def peek_and_take(version: int, payload: bytes, window: int, max_header: int) -> tuple[object, int]:
-    """What a MSG_PEEK shell ends with, peeking ``window`` bytes at a time, and how many it consumed."""
+    """What the shell ends with (blind reads of header_bytes_certain, else a
+    peek of ``window`` bytes and header_part), and how many bytes it consumed."""
     parser = ProxyHeaderParser(1 if version == 1 else 2, max_header_bytes=max_header)
     pos = 0
     try:
         while parser.next_event() is NEED_DATA and pos < len(payload):
-            take = parser.header_part(payload[pos:pos + window])
+            take = parser.header_bytes_certain() or parser.header_part(payload[pos:pos + window])
             if take < 1:
-                raise Disagreement(f"header_part {take} before the header ended, on {payload!r}")
+                raise Disagreement(f"took {take} bytes before the header ended, on {payload!r}")
             parser.receive_data(payload[pos:pos + take])
             pos += take
         return parser.next_event(), pos

@@ -237,7 +237,24 @@ def test_crc32c_known_answer():
     assert crc32c(b"") == 0
 
 
-# -- header_part: what a shell may consume without passing the header ---------------------------
+# -- header_bytes_certain and header_part: what a shell may consume without passing the header ---
+
+def test_header_bytes_certain():
+    parser = ProxyHeaderParser(2)
+    data = v2("192.0.2.7", "10.0.0.1", 1, 2, tlvs=ssl_tlv("meter-7"))
+    assert parser.header_bytes_certain() == 16
+    parser.receive_data(data[:10])
+    assert parser.header_bytes_certain() == 6
+    parser.receive_data(data[10:16])
+    assert parser.header_bytes_certain() == len(data) - 16
+    parser.receive_data(data[16:])
+    assert parser.header_bytes_certain() == 0 and isinstance(parser.next_event(), ProxyHeader)
+    parser = ProxyHeaderParser(1)
+    assert parser.header_bytes_certain() == 15                     # b"PROXY UNKNOWN\r\n", the shortest
+    parser.receive_data(b"PROXY TCP4 192.0.2")
+    assert parser.header_bytes_certain() == 0                      # only the bytes can tell where it ends
+    parser.receive_data(b".7 10.0.0.1 1 2\r")
+    assert parser.header_bytes_certain() == 1
 
 def consume_with_lookahead(version: int, stream: bytes, window: int) -> tuple[object, int]:
     """What a shell peeking ``window`` bytes at a time ends with, and how many bytes it consumed."""
@@ -249,7 +266,8 @@ def consume_with_lookahead(version: int, stream: bytes, window: int) -> tuple[ob
                 break
         except ProxyProtocolError as exc:
             return exc.reason, pos
-        take = parser.header_part(stream[pos:pos + window])
+        # as the shell does: blind reads of what is certain, a peek when nothing is
+        take = parser.header_bytes_certain() or parser.header_part(stream[pos:pos + window])
         assert take >= 1
         parser.receive_data(stream[pos:pos + take])
         pos += take

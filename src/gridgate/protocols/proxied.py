@@ -9,14 +9,15 @@ Exactly the header, not a byte more: the MQTT session and the fast HTTP
 engine read a ``trio.SocketStream``'s file descriptor directly, so any byte
 of the client's protocol read here would have to be handed back through a
 wrapping stream, which turns those fast paths off for every connection
-behind the proxy (that is, all of them). So the header is peeked
-(MSG_PEEK), the parser says how much of what is waiting belongs to it, and
-only that much is received: the socket is handed on exactly where the
-client's own bytes begin.
+behind the proxy (that is, all of them). So no byte past the header
+is taken: v2 states its length in its first 16 bytes, and a v1 line is
+peeked (MSG_PEEK) to find its end before exactly that much is read. The
+socket is handed on exactly where the client's own bytes begin.
 """
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import Iterable
 
@@ -40,12 +41,26 @@ class TrustedProxies:
     carry a PROXY header. An IPv4-mapped IPv6 peer (``::ffff:10.0.0.5``, a
     dual-stack listener) is judged by its IPv4 address."""
 
+    # the proxies' own addresses, remembered: a handful, asked once per connection
+    KNOWN_MAX = 1024
+
     def __init__(self, cidrs: Iterable[str]) -> None:
         self.networks: tuple[_Network, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+        self._trusted: set[str] = set()
 
     def __contains__(self, host: object) -> bool:
         if not isinstance(host, str):
             return False
+        if host in self._trusted:
+            return True
+        # only trusted answers are kept: a flood from other addresses adds nothing
+        if self._judge(host):
+            if len(self._trusted) < self.KNOWN_MAX:
+                self._trusted.add(host)
+            return True
+        return False
+
+    def _judge(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host.split("%", 1)[0])      # a scoped IPv6 peer: fe80::1%eth0
         except ValueError:
@@ -83,20 +98,34 @@ async def accept_proxy_header(stream: trio.SocketStream, *, version: int, truste
 
 
 async def _read_exactly_the_header(sock: trio.socket.SocketType, parser: ProxyHeaderParser) -> ProxyHeader:
+    # Straight from the descriptor, as the MQTT session reads: a trio socket
+    # call yields to the scheduler even when the bytes are waiting, and a
+    # header nearly always arrives whole with the client's first packet. A v2
+    # header is read blind (its fixed part, then the length it gives); a v1
+    # line, whose end only the bytes can show, is peeked first.
+    fd = sock.fileno()
     while True:
         event = parser.next_event()
         if not isinstance(event, NeedData):
             return event
         try:
-            # never more than a whole header could be; the parser refuses more
-            waiting = await sock.recv(max(1, parser.max_header_bytes - parser.received), socket.MSG_PEEK)
-            if not waiting:
-                raise ProxyProtocolError("closed", f"EOF after {parser.received} header bytes")
-            take = parser.header_part(waiting)
-            # what was peeked is in the socket's buffer: this recv returns at once
-            parser.receive_data(await sock.recv(take))
+            take = parser.header_bytes_certain()
+            if not take:
+                # never more than a whole header could be; the parser refuses more
+                waiting = await sock.recv(max(1, parser.max_header_bytes - parser.received), socket.MSG_PEEK)
+                if not waiting:
+                    raise ProxyProtocolError("closed", f"EOF after {parser.received} header bytes")
+                take = parser.header_part(waiting)
+            try:
+                data = os.read(fd, take)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
         except OSError as exc:       # reset by the peer
             raise ProxyProtocolError("closed", f"{exc} after {parser.received} header bytes") from None
+        if not data:
+            raise ProxyProtocolError("closed", f"EOF after {parser.received} header bytes")
+        parser.receive_data(data)
 
 
 class ProxiedStream(trio.abc.HalfCloseableStream):

@@ -16,9 +16,10 @@ the per-reading hot path, so this is plain Python with no compiled twin
 
 Use: ``receive_data(bytes)`` then ``next_event()``, which returns the
 ``ProxyHeader`` or ``NEED_DATA``. A shell that must not read past the header
-(it hands the socket on to a session that reads it directly) asks
-``header_part(lookahead)`` how many of the bytes it peeked belong to the
-header, and consumes only those.
+(it hands the socket on to a session that reads it directly) reads
+``header_bytes_certain()`` bytes blind, and when that is 0 (a v1 line of
+unknown length) asks ``header_part(lookahead)`` how many of the bytes it
+peeked belong to the header, and consumes only those.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ __all__ = [
 
 V1_PREFIX: Final = b"PROXY "
 V1_MAX_BYTES: Final = 107                   # the spec's bound, CRLF included
+_V1_MIN_BYTES: Final = len(b"PROXY UNKNOWN\r\n")
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED_BYTES: Final = 16                  # signature, ver/cmd, fam/transport, length
 DEFAULT_MAX_HEADER_BYTES: Final = 1024
@@ -214,6 +216,23 @@ class ProxyHeaderParser:
             self._result = result
             return result
         return NEED_DATA
+
+    def header_bytes_certain(self) -> int:
+        """How many more bytes belong to the header whatever they turn out to
+        be, so a shell may read them blind: v2, up to its 16-byte fixed part,
+        then up to the length that gives; v1, up to the shortest line (15
+        bytes, ``PROXY UNKNOWN\\r\\n``), then 1 after a CR. 0 when only a
+        look at what is waiting can tell (``header_part``), or once complete."""
+        if self._result is not None or self._error is not None:
+            return 0
+        have = len(self._buf)
+        if self.version == 2:
+            if have < V2_FIXED_BYTES:
+                return V2_FIXED_BYTES - have
+            return max(0, V2_FIXED_BYTES + int.from_bytes(self._buf[14:16], "big") - have)
+        if have < _V1_MIN_BYTES:
+            return _V1_MIN_BYTES - have
+        return 1 if self._buf[-1] == 0x0D else 0
 
     def header_part(self, lookahead: bytes) -> int:
         """How many leading bytes of ``lookahead`` (bytes that would follow
