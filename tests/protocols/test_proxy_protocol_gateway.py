@@ -271,3 +271,30 @@ async def test_proxy_protocol_needs_trusted_proxies(tmp_path):
     assert caught.value.problems == [
         "mqtt.proxy_protocol is set but service.trusted_proxies is empty: name the load balancers' addresses "
         "(CIDRs) whose PROXY headers are believed"]
+
+
+@pytest.mark.parametrize("engine", ["fast", "std"])
+async def test_http_a_proxy_verified_certificate_cn_authenticates_every_request(autojump_clock, proxied_gateway,
+                                                                                tmp_path, engine):
+    passwd = tmp_path / "passwd"
+    passwd.write_text(format_line("meter-9", hash_password(b"pw")))
+    gw = await proxied_gateway(http=HTTPConfig(listen=LOOPBACK, proxy_protocol="v2", engine=engine),
+                               auth=AuthConfig(password_file=str(passwd), failure_delay_ms=100))
+
+    async def post(tlvs: bytes) -> bytes:
+        stream = await open_from(gw.addresses["http"])
+        body = b'{"device_id": "meter-7", "battery_mv": 1}'
+        await stream.send_all(v2("192.0.2.7", "10.0.0.1", 4242, 80, tlvs=tlvs)
+                              + b"POST /v1/telemetry HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(4096)
+            assert chunk
+            head += chunk
+        await stream.aclose()
+        return head.split(b" ", 2)[1]
+
+    assert await post(ssl_tlv("meter-7")) in (b"200", b"202")
+    assert await post(ssl_tlv("meter-7", verify=1)) == b"401"      # not verified: no identity, no credentials
+    assert await post(b"") == b"401"
