@@ -128,5 +128,14 @@ def test_trusted_proxies():
 
 def test_first_refusals_are_bounded():
     seen = FirstRefusals(limit=3)
-    assert [seen.first(h) for h in ("a", "a", "b", "c", "b")] == [True, False, True, True, False]
-    assert seen.first("d") is True and seen.first("a") is True     # full: forgotten, logged once more
+    assert [seen.first(h, 0.0) for h in ("a", "a", "b", "c", "b")] == [True, False, True, True, False]
+    assert seen.first("d", 0.0) is True and seen.first("a", 0.0) is True     # full: forgotten, logged once more
+
+
+def test_first_refusals_log_few_new_addresses_per_window():
+    seen = FirstRefusals(per_window=2, window_s=60.0)
+    assert [seen.first(f"2001:db8::{i}", 0.0) for i in range(5)] == [True, True, False, False, False]
+    assert seen.first("2001:db8::9", 59.9) is False
+    assert seen.first("2001:db8::9", 60.0) is True and seen.take_unlogged() == 4 and seen.take_unlogged() == 0
+    # one not logged is not remembered as logged: it is logged when the budget allows
+    assert seen.first("2001:db8::3", 61.0) is True

@@ -160,20 +160,39 @@ class ProxiedStream(trio.abc.HalfCloseableStream):
 
 
 class FirstRefusals:
-    """Which proxy peers were already logged for a refused header: one
-    warning per peer address, not one per connection (a misconfigured or
-    hostile source reconnecting in a loop would flood the log), in a set
-    bounded to ``limit`` addresses (emptied when full: a new flood is logged
-    once more, memory is not spent)."""
+    """Which refused peers to log: one warning per peer address, not one per
+    connection (a misconfigured or hostile source reconnecting in a loop would
+    flood the log), and at most ``per_window`` new addresses per ``window_s``
+    (a source with many addresses, an IPv6 prefix, would too); the rest are
+    only counted, and ``take_unlogged()`` says how many were. The set of
+    addresses seen is bounded to ``limit`` (emptied when full: such an address
+    is logged once more, memory is not spent)."""
 
-    def __init__(self, limit: int = 10_000) -> None:
+    def __init__(self, limit: int = 10_000, *, per_window: int = 20, window_s: float = 60.0) -> None:
         self.limit = limit
+        self.per_window = per_window
+        self.window_s = window_s
         self._seen: set[str] = set()
+        self._window_start = float("-inf")
+        self._in_window = 0
+        self._unlogged = 0
 
-    def first(self, host: str) -> bool:
+    def first(self, host: str, now: float) -> bool:
+        """Whether to log this refusal from ``host`` at time ``now``."""
         if host in self._seen:
             return False
+        if now - self._window_start >= self.window_s:
+            self._window_start, self._in_window = now, 0
+        if self._in_window >= self.per_window:
+            self._unlogged += 1
+            return False
+        self._in_window += 1
         if len(self._seen) >= self.limit:
             self._seen.clear()
         self._seen.add(host)
         return True
+
+    def take_unlogged(self) -> int:
+        """Refusals from new addresses not logged since the last call."""
+        count, self._unlogged = self._unlogged, 0
+        return count
