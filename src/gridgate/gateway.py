@@ -633,9 +633,12 @@ class Gateway:
                 refused.labels(listener, exc.reason).inc()
                 peer = _peer_host(stream)
                 # "?": gone before it was looked at (a probe that connects and leaves): no one to name
-                if peer != "?" and logged.first(peer):
+                if peer != "?" and logged.first(peer, trio.current_time()):
+                    unlogged = logged.take_unlogged()
                     log.warning("%s: closing a connection from %s: PROXY v%d header refused (%s); further "
-                                "refusals from this address are only counted", listener, _peer(stream), version, exc)
+                                "refusals from this address are only counted%s", listener, _peer(stream), version,
+                                exc, f" ({unlogged} from other addresses were counted, not logged, before this)"
+                                if unlogged else "")
                 await trio.aclose_forcefully(stream)
                 return
             cn = header.ssl.verified_cn if header.ssl is not None and not tls else None
