@@ -12,6 +12,7 @@ while staying one extension module.
 """
 
 include "_fastparse_mqtt.pxi"
+include "_fastparse_mqtt5.pxi"
 include "_fastparse_payload.pxi"
 include "_fastparse_http.pxi"
 include "_fastparse_spool.pxi"

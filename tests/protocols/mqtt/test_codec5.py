@@ -1,4 +1,7 @@
-"""The MQTT 5.0 codec (gridgate.protocols.mqtt.v5, codec5_py; pure-Python twin only).
+"""The MQTT 5.0 codec, one suite run against both twins (fixture ``impl``:
+``py-mqtt5`` = gridgate.protocols.mqtt.codec5_py with v5's property block
+codec, ``c-mqtt5`` = gridgate._fastparse's MQTT5Codec and mqtt5_* functions
+under the twin's names, as gridgate.protocols.mqtt.codec5 serves them).
 
 Expected bytes are built here with ``struct`` from the specification's
 figures (MQTT Version 5.0, sections cited), independently of the code under
@@ -15,14 +18,17 @@ import random
 import socket
 import struct
 import threading
+from types import SimpleNamespace
+from typing import Any
 
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from gridgate import _fastparse
 from gridgate.errors import MQTTProtocolError
 from gridgate.protocols.mqtt import codec5_py, v5
-from gridgate.protocols.mqtt.codec5_py import MQTT5Codec
+from gridgate.protocols.mqtt.codec5 import compiled_codec5
 from gridgate.protocols.mqtt.events import PingReq
 from gridgate.protocols.mqtt.events5 import (
     Auth,
@@ -41,8 +47,26 @@ from gridgate.protocols.mqtt.events5 import (
 from gridgate.protocols.mqtt.v5 import MQTT5Error, Properties
 from mqtt_frames import pack_remaining_length, pack_string
 
+# The ``impl`` fixture hands hypothesis tests a module-like namespace with no
+# state, so sharing it between examples is safe.
 SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "300")), deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+# The two twins, each as the codec5 API plus its property block codec (which
+# the tests check rule by rule): the pure-Python reference, then the compiled
+# one, imported directly so that a failed build fails here.
+Twin = Any
+PY_TWIN = SimpleNamespace(**{name: getattr(codec5_py, name) for name in codec5_py.__all__},
+                          decode_properties=v5.decode_properties, encode_properties=v5.encode_properties)
+C_TWIN = SimpleNamespace(**vars(compiled_codec5(_fastparse)), decode_properties=_fastparse.mqtt5_decode_properties,
+                         encode_properties=_fastparse.mqtt5_encode_properties)
+
+
+@pytest.fixture(params=[PY_TWIN, C_TWIN], ids=["py-mqtt5", "c-mqtt5"])
+def impl(request: pytest.FixtureRequest) -> Twin:
+    """The MQTT 5.0 codec under test: the pure-Python twin, then the compiled one."""
+    return request.param
+
 
 # -- builders (independent of the codec) ----------------------------------------------------
 
@@ -90,11 +114,11 @@ NONE = Properties()
 # -- feeding --------------------------------------------------------------------------------------
 
 
-def feed_whole(codec: MQTT5Codec, data: bytes) -> list:
+def feed_whole(codec: codec5_py.MQTT5Codec, data: bytes) -> list:
     return codec.feed(data)
 
 
-def feed_bytewise(codec: MQTT5Codec, data: bytes) -> list:
+def feed_bytewise(codec: codec5_py.MQTT5Codec, data: bytes) -> list:
     events: list = []
     for i in range(len(data)):
         events.extend(codec.feed(data[i:i + 1]))
@@ -102,7 +126,7 @@ def feed_bytewise(codec: MQTT5Codec, data: bytes) -> list:
 
 
 def _random_feeder(seed: int):
-    def feed_random(codec: MQTT5Codec, data: bytes) -> list:
+    def feed_random(codec: codec5_py.MQTT5Codec, data: bytes) -> list:
         rng = random.Random(seed)
         events: list = []
         i = 0
@@ -117,10 +141,10 @@ def _random_feeder(seed: int):
 FEEDERS = [feed_whole, feed_bytewise, _random_feeder(1), _random_feeder(2)]
 
 
-def decode(data: bytes, **kw) -> list:
+def decode(impl: Twin, data: bytes, **kw) -> list:
     results = []
     for feeder in FEEDERS:
-        codec = MQTT5Codec(**kw)
+        codec = impl.MQTT5Codec(**kw)
         results.append(feeder(codec, data))
         assert codec.buffered == 0
     for events in results[1:]:
@@ -128,10 +152,10 @@ def decode(data: bytes, **kw) -> list:
     return results[0]
 
 
-def error_of(data: bytes, **kw) -> MQTT5Error:
+def error_of(impl: Twin, data: bytes, **kw) -> MQTT5Error:
     errors = []
     for feeder in FEEDERS:
-        codec = MQTT5Codec(**kw)
+        codec = impl.MQTT5Codec(**kw)
         with pytest.raises(MQTT5Error) as info:
             feeder(codec, data)
         errors.append(info.value)
@@ -144,16 +168,16 @@ def error_of(data: bytes, **kw) -> MQTT5Error:
     return errors[0]
 
 
-def after_connect(code: int, data: bytes, **kw) -> None:
+def after_connect(impl: Twin, code: int, data: bytes, **kw) -> None:
     """``data`` after a good CONNECT raises ``code`` for a DISCONNECT (no CONNACK code)."""
-    e = error_of(CONNECT + data, **kw)
+    e = error_of(impl, CONNECT + data, **kw)
     assert (e.reason_code, e.return_code) == (code, None), e
     assert e.reason == v5.reason_name(code)
 
 
-def in_connect(code: int, data: bytes) -> None:
+def in_connect(impl: Twin, code: int, data: bytes) -> None:
     """A bad CONNECT raises ``code`` to answer with CONNACK (MQTT-3.14.0-1)."""
-    e = error_of(data)
+    e = error_of(impl, data)
     assert (e.reason_code, e.return_code) == (code, code), e
 
 
@@ -287,12 +311,12 @@ def test_every_property_is_listed() -> None:
 
 
 @pytest.mark.parametrize(("attr", "ptype", "value", "raw"), EVERY_PROPERTY, ids=[a for a, *_ in EVERY_PROPERTY])
-def test_every_property_round_trip(attr: str, ptype: int, value: object, raw: bytes) -> None:
+def test_every_property_round_trip(impl: Twin, attr: str, ptype: int, value: object, raw: bytes) -> None:
     props = Properties(**{attr: value})
-    encoded = v5.encode_properties(props, ptype)
+    encoded = impl.encode_properties(props, ptype)
     assert encoded == block(raw)
     framed = encoded + b"rest"
-    assert v5.decode_properties(framed, 0, len(framed), ptype) == (props, len(encoded))
+    assert impl.decode_properties(framed, 0, len(framed), ptype) == (props, len(encoded))
 
 
 def _paho_packet_type(ptype: int) -> int:
@@ -301,7 +325,7 @@ def _paho_packet_type(ptype: int) -> int:
 
 
 @pytest.mark.parametrize(("attr", "ptype", "value", "raw"), EVERY_PROPERTY, ids=[a for a, *_ in EVERY_PROPERTY])
-def test_every_property_agrees_with_paho(attr: str, ptype: int, value: object, raw: bytes) -> None:
+def test_every_property_agrees_with_paho(impl: Twin, attr: str, ptype: int, value: object, raw: bytes) -> None:
     """paho decodes what we encode, and we decode what paho encodes."""
     from paho.mqtt.properties import Properties as PahoProperties
 
@@ -315,9 +339,9 @@ def test_every_property_agrees_with_paho(attr: str, ptype: int, value: object, r
         paho_value = value[0]  # type: ignore[index]
     setattr(theirs, paho_name, paho_value)
     packed = theirs.pack()
-    assert v5.decode_properties(packed, 0, len(packed), ptype)[0] == Properties(**{attr: value})
+    assert impl.decode_properties(packed, 0, len(packed), ptype)[0] == Properties(**{attr: value})
     back = PahoProperties(_paho_packet_type(ptype))
-    back.unpack(v5.encode_properties(Properties(**{attr: value}), ptype))
+    back.unpack(impl.encode_properties(Properties(**{attr: value}), ptype))
     got = getattr(back, paho_name)
     if attr == "subscription_identifiers":
         got = tuple(got)
@@ -335,52 +359,52 @@ ALL_PLACES = [v5.CONNECT, v5.CONNACK, v5.PUBLISH, v5.PUBACK, v5.PUBREC, v5.PUBRE
 _RAW = {attr: raw for attr, _, _, raw in EVERY_PROPERTY}
 
 
-def block_error(raw_block: bytes, ptype: int) -> MQTT5Error:
+def block_error(impl: Twin, raw_block: bytes, ptype: int) -> MQTT5Error:
     with pytest.raises(MQTT5Error) as info:
-        v5.decode_properties(raw_block, 0, len(raw_block), ptype)
+        impl.decode_properties(raw_block, 0, len(raw_block), ptype)
     return info.value
 
 
 @pytest.mark.parametrize(("attr", "ptype"), [(p.attr, t) for p in v5.PROPERTIES for t in ALL_PLACES
                                              if t not in p.packets])
-def test_property_not_allowed_in_packet_is_malformed(attr: str, ptype: int) -> None:
+def test_property_not_allowed_in_packet_is_malformed(impl: Twin, attr: str, ptype: int) -> None:
     # 2.2.2.2: "an Identifier which is not valid for its packet type ... is a Malformed Packet"
-    assert block_error(block(_RAW[attr]), ptype).reason_code == 0x81
+    assert block_error(impl, block(_RAW[attr]), ptype).reason_code == 0x81
     with pytest.raises(ValueError):
-        v5.encode_properties(Properties(**{a: v for a, _, v, _ in EVERY_PROPERTY if a == attr}), ptype)
+        impl.encode_properties(Properties(**{a: v for a, _, v, _ in EVERY_PROPERTY if a == attr}), ptype)
 
 
 @pytest.mark.parametrize(("attr", "ptype"), [(p.attr, t) for p in v5.PROPERTIES for t in sorted(p.packets)
                                              if t not in p.repeat_in])
-def test_property_twice_is_protocol_error(attr: str, ptype: int) -> None:
+def test_property_twice_is_protocol_error(impl: Twin, attr: str, ptype: int) -> None:
     raw = _RAW[attr]
-    assert block_error(block(raw, raw), ptype).reason_code == 0x82
+    assert block_error(impl, block(raw, raw), ptype).reason_code == 0x82
 
 
-def test_user_property_repeats_everywhere_and_keeps_order() -> None:
+def test_user_property_repeats_everywhere_and_keeps_order(impl: Twin) -> None:
     pairs = (("b", "1"), ("a", "2"), ("b", "3"))
     raw = block(*(b"\x26" + pack_string(k) + pack_string(v) for k, v in pairs))
     for ptype in v5.PROPERTIES_BY_NAME["user_properties"].packets:
-        assert v5.decode_properties(raw, 0, len(raw), ptype)[0].user_properties == pairs
+        assert impl.decode_properties(raw, 0, len(raw), ptype)[0].user_properties == pairs
 
 
-def test_subscription_identifier_repeats_in_publish_only() -> None:
+def test_subscription_identifier_repeats_in_publish_only(impl: Twin) -> None:
     raw = block(b"\x0b\x01", b"\x0b\x80\x01")
-    assert v5.decode_properties(raw, 0, len(raw), v5.PUBLISH)[0].subscription_identifiers == (1, 128)
-    assert block_error(raw, v5.SUBSCRIBE).reason_code == 0x82
-    assert v5.encode_properties(Properties(subscription_identifiers=(1, 128)), v5.PUBLISH) == raw
+    assert impl.decode_properties(raw, 0, len(raw), v5.PUBLISH)[0].subscription_identifiers == (1, 128)
+    assert block_error(impl, raw, v5.SUBSCRIBE).reason_code == 0x82
+    assert impl.encode_properties(Properties(subscription_identifiers=(1, 128)), v5.PUBLISH) == raw
     with pytest.raises(ValueError):
-        v5.encode_properties(Properties(subscription_identifiers=(1, 128)), v5.SUBSCRIBE)
+        impl.encode_properties(Properties(subscription_identifiers=(1, 128)), v5.SUBSCRIBE)
 
 
 @pytest.mark.parametrize("ident", [0x00, 0x04, 0x0A, 0x10, 0x14, 0x1B, 0x20, 0x2B, 0x7F])
-def test_unknown_property_identifier_is_malformed(ident: int) -> None:
-    assert block_error(block(u8(ident) + b"\x00"), v5.PUBLISH).reason_code == 0x81
+def test_unknown_property_identifier_is_malformed(impl: Twin, ident: int) -> None:
+    assert block_error(impl, block(u8(ident) + b"\x00"), v5.PUBLISH).reason_code == 0x81
 
 
-def test_identifier_in_a_long_form_is_malformed() -> None:
+def test_identifier_in_a_long_form_is_malformed(impl: Twin) -> None:
     # 0x80 0x00 would be identifier 0 in two bytes: the VBI rule (MQTT-1.5.5-1) catches it first
-    assert block_error(block(b"\x81\x00\x00"), v5.PUBLISH).reason_code == 0x81
+    assert block_error(impl, block(b"\x81\x00\x00"), v5.PUBLISH).reason_code == 0x81
 
 
 # (attr, packet, the bad property, reason code)
@@ -405,8 +429,8 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize(("attr", "ptype", "raw", "code"), BAD_VALUES, ids=[f"{a}-{r.hex()}" for a, _, r, _ in
                                                                            BAD_VALUES])
-def test_value_out_of_range(attr: str, ptype: int, raw: bytes, code: int) -> None:
-    assert block_error(block(raw), ptype).reason_code == code
+def test_value_out_of_range(impl: Twin, attr: str, ptype: int, raw: bytes, code: int) -> None:
+    assert block_error(impl, block(raw), ptype).reason_code == code
 
 
 @pytest.mark.parametrize(("attr", "value"), [
@@ -414,12 +438,12 @@ def test_value_out_of_range(attr: str, ptype: int, raw: bytes, code: int) -> Non
     ("server_keep_alive", 65536), ("message_expiry_interval", 1 << 32), ("response_topic", "a/+"),
     ("content_type", "a\x00b"), ("reason_string", "tab\there"), ("user_properties", (("k", "\ufffe"),)),
 ])
-def test_encoder_refuses_what_the_decoder_would(attr: str, value: object) -> None:
+def test_encoder_refuses_what_the_decoder_would(impl: Twin, attr: str, value: object) -> None:
     ptype = next(t for a, t, _, _ in EVERY_PROPERTY if a == attr)
     if attr in ("receive_maximum", "maximum_packet_size"):
         ptype = v5.CONNACK
     with pytest.raises(ValueError):
-        v5.encode_properties(Properties(**{attr: value}), ptype)
+        impl.encode_properties(Properties(**{attr: value}), ptype)
 
 
 @pytest.mark.parametrize(("raw", "what"), [
@@ -434,8 +458,8 @@ def test_encoder_refuses_what_the_decoder_would(attr: str, value: object) -> Non
     (b"\x80", "Property Length cut off"),
     (b"\x80\x00", "Property Length in a long form"),
 ])
-def test_malformed_lengths(raw: bytes, what: str) -> None:
-    assert block_error(raw, v5.PUBLISH).reason_code == 0x81, what
+def test_malformed_lengths(impl: Twin, raw: bytes, what: str) -> None:
+    assert block_error(impl, raw, v5.PUBLISH).reason_code == 0x81, what
 
 
 BAD_UTF8 = [
@@ -451,24 +475,24 @@ BAD_UTF8 = [
 
 
 @pytest.mark.parametrize("raw", BAD_UTF8, ids=[r.hex() for r in BAD_UTF8])
-def test_bad_utf8_in_any_string_is_malformed(raw: bytes) -> None:
+def test_bad_utf8_in_any_string_is_malformed(impl: Twin, raw: bytes) -> None:
     for prop in (b"\x03" + pack_string(raw), b"\x26" + pack_string(raw) + pack_string("v"),
                  b"\x26" + pack_string("k") + pack_string(raw)):
-        assert block_error(block(prop), v5.PUBLISH).reason_code == 0x81
-    after_connect(0x81, publish5(raw))                            # topic name
-    in_connect(0x81, connect5(flags=0x82, payload=pack_string(raw)))   # user name
+        assert block_error(impl, block(prop), v5.PUBLISH).reason_code == 0x81
+    after_connect(impl, 0x81, publish5(raw))                            # topic name
+    in_connect(impl, 0x81, connect5(flags=0x82, payload=pack_string(raw)))   # user name
 
 
-def test_good_utf8_is_kept() -> None:
+def test_good_utf8_is_kept(impl: Twin) -> None:
     text = "zähler/€/𝄞/\ufdcf/\ufdf0/\ufffd"   # just outside the refused ranges
     raw = block(b"\x03" + pack_string(text))
-    assert v5.decode_properties(raw, 0, len(raw), v5.PUBLISH)[0].content_type == text
+    assert impl.decode_properties(raw, 0, len(raw), v5.PUBLISH)[0].content_type == text
 
 
 # -- CONNECT (3.1) -------------------------------------------------------------------------------------
 
 
-def test_connect_variable_header_example() -> None:
+def test_connect_variable_header_example(impl: Twin) -> None:
     """The Variable Header example of 3.1.2.12 (name, version 5, flags 0xCE, keepalive 10, Session Expiry 10)
     with a Will carrying every Will property."""
     will = block(b"\x18" + u32(5), b"\x01\x01", b"\x02" + u32(60), b"\x03" + pack_string("text/plain"),
@@ -476,7 +500,7 @@ def test_connect_variable_header_example() -> None:
                  b"\x26" + pack_string("a") + pack_string("b"))
     body = (b"\x00\x04MQTT\x05\xce\x00\x0a\x05\x11\x00\x00\x00\x0a" + pack_string("m1") + will
             + pack_string("devices/m1/status") + pack_string(b"gone") + pack_string("user") + pack_string(b"pw"))
-    [event] = decode(packet(0x10, body))
+    [event] = decode(impl, packet(0x10, body))
     assert event == Connect5(
         True, 10, "m1",
         Will5("devices/m1/status", b"gone", 1, False, Properties(
@@ -485,25 +509,25 @@ def test_connect_variable_header_example() -> None:
         "user", b"pw", Properties(session_expiry_interval=10))
 
 
-def test_connect_every_property() -> None:
+def test_connect_every_property(impl: Twin) -> None:
     props = block(b"\x11" + u32(300), b"\x21" + u16(20), b"\x27" + u32(4096), b"\x22" + u16(8), b"\x19\x01",
                   b"\x17\x00", b"\x26" + pack_string("k") + pack_string("v"), b"\x15" + pack_string("M"),
                   b"\x16" + pack_string(b"d"))
-    [event] = decode(connect5(props=props, flags=0x00, keepalive=0))
+    [event] = decode(impl, connect5(props=props, flags=0x00, keepalive=0))
     assert event == Connect5(False, 0, "meter-1", None, None, None, Properties(
         session_expiry_interval=300, receive_maximum=20, maximum_packet_size=4096, topic_alias_maximum=8,
         request_response_information=1, request_problem_information=0, user_properties=(("k", "v"),),
         authentication_method="M", authentication_data=b"d"))
 
 
-def test_connect_password_without_user_name_is_allowed_in_5() -> None:
+def test_connect_password_without_user_name_is_allowed_in_5(impl: Twin) -> None:
     # 3.1.2.9 (5.0) dropped 3.1.1's MQTT-3.1.2-22
-    [event] = decode(connect5(flags=0x42, payload=pack_string(b"secret")))
+    [event] = decode(impl, connect5(flags=0x42, payload=pack_string(b"secret")))
     assert event.password == b"secret" and event.username is None
 
 
-def test_connect_empty_client_id_is_left_to_the_session() -> None:
-    [event] = decode(connect5(client_id="", flags=0x00))
+def test_connect_empty_client_id_is_left_to_the_session(impl: Twin) -> None:
+    [event] = decode(impl, connect5(client_id="", flags=0x00))
     assert event.client_id == ""
 
 
@@ -529,52 +553,52 @@ def test_connect_empty_client_id_is_left_to_the_session() -> None:
     (b"\x10\x80\x00", 0x81),                         # remaining length in a long form
     (b"\x10\xff\xff\xff\xff\x01", 0x81),             # remaining length of 5 bytes
 ])
-def test_connect_errors_answer_with_connack(data: bytes, code: int) -> None:
-    in_connect(code, data)
+def test_connect_errors_answer_with_connack(impl: Twin, data: bytes, code: int) -> None:
+    in_connect(impl, code, data)
 
 
-def test_connect_too_large_is_0x95_in_connack() -> None:
-    e = error_of(connect5(client_id="x" * 100), max_packet_bytes=50)
+def test_connect_too_large_is_0x95_in_connack(impl: Twin) -> None:
+    e = error_of(impl, connect5(client_id="x" * 100), max_packet_bytes=50)
     assert (e.reason_code, e.return_code) == (0x95, 0x95)
 
 
 @pytest.mark.parametrize("data", [b"\x30\x00", b"\xc0\x00", b"\xf0\x00", b"\x20\x02\x00\x00"])
-def test_first_packet_not_connect_closes_without_connack(data: bytes) -> None:
-    e = error_of(data)
+def test_first_packet_not_connect_closes_without_connack(impl: Twin, data: bytes) -> None:
+    e = error_of(impl, data)
     assert (e.reason_code, e.return_code) == (0x82, None)    # MQTT-3.1.0-1: just close
 
 
-def test_second_connect_is_protocol_error() -> None:
-    after_connect(0x82, CONNECT)
+def test_second_connect_is_protocol_error(impl: Twin) -> None:
+    after_connect(impl, 0x82, CONNECT)
 
 
 # -- PUBLISH (3.3) ----------------------------------------------------------------------------------
 
 
-def test_publish_with_every_publish_property() -> None:
+def test_publish_with_every_publish_property(impl: Twin) -> None:
     props = block(b"\x01\x01", b"\x02" + u32(60), b"\x03" + pack_string("application/json"),
                   b"\x08" + pack_string("devices/m1/r"), b"\x09" + pack_string(b"\x01\x02"), b"\x23" + u16(3),
                   b"\x26" + pack_string("traceparent") + pack_string("00-ab-cd-01"),
                   b"\x26" + pack_string("tracestate") + pack_string("k=v"))
     data = CONNECT + publish5("devices/m1/telemetry", b'{"t":1}', qos=1, pid=9, props=props)
-    _, event = decode(data, topic_alias_maximum=16)
+    _, event = decode(impl, data, topic_alias_maximum=16)
     assert event == Publish5("devices/m1/telemetry", b'{"t":1}', 1, 9, False, False, Properties(
         payload_format_indicator=1, message_expiry_interval=60, content_type="application/json",
         response_topic="devices/m1/r", correlation_data=b"\x01\x02", topic_alias=3,
         user_properties=(("traceparent", "00-ab-cd-01"), ("tracestate", "k=v"))))
 
 
-def test_publish_flags_and_empty_payload() -> None:
-    _, a, b = decode(CONNECT + publish5("t", b"", qos=2, pid=1, flags=0b1101) + publish5("t", b"x", flags=0b0001))
+def test_publish_flags_and_empty_payload(impl: Twin) -> None:
+    _, a, b = decode(impl, CONNECT + publish5("t", b"", qos=2, pid=1, flags=0b1101) + publish5("t", b"x", flags=0b0001))
     assert (a.qos, a.dup, a.retain, bytes(a.payload)) == (2, True, True, b"")
     assert (b.qos, b.dup, b.retain, b.packet_id) == (0, False, True, 0)
 
 
-def test_topic_alias_sets_then_resolves() -> None:
+def test_topic_alias_sets_then_resolves(impl: Twin) -> None:
     alias = block(b"\x23" + u16(2))
     data = (CONNECT + publish5("devices/m1/telemetry", b"1", props=alias) + publish5("", b"2", props=alias)
             + publish5("telemetry", b"3", props=alias) + publish5("", b"4", props=alias))
-    events = decode(data, topic_alias_maximum=2)
+    events = decode(impl, data, topic_alias_maximum=2)
     assert [(e.topic, bytes(e.payload)) for e in events[1:]] == [
         ("devices/m1/telemetry", b"1"), ("devices/m1/telemetry", b"2"), ("telemetry", b"3"), ("telemetry", b"4")]
 
@@ -597,21 +621,21 @@ def test_topic_alias_sets_then_resolves() -> None:
     (packet(0x30, pack_string("t")), 0x81, 0),                      # no Property Length
     (packet(0x32, pack_string("t") + b"\x00"), 0x81, 0),            # ends inside the packet id
 ])
-def test_publish_errors(data: bytes, code: int, alias_max: int) -> None:
-    after_connect(code, data, topic_alias_maximum=alias_max)
+def test_publish_errors(impl: Twin, data: bytes, code: int, alias_max: int) -> None:
+    after_connect(impl, code, data, topic_alias_maximum=alias_max)
 
 
-def test_publish_too_large_before_the_body_arrives() -> None:
-    codec = MQTT5Codec(max_packet_bytes=100)
+def test_publish_too_large_before_the_body_arrives(impl: Twin) -> None:
+    codec = impl.MQTT5Codec(max_packet_bytes=100)
     codec.feed(CONNECT)
     with pytest.raises(MQTT5Error) as info:
         codec.feed(b"\x30\xff\x7f")        # announces 16,383 bytes: refused from the header alone
     assert (info.value.reason_code, info.value.return_code) == (0x95, None)
 
 
-def test_payload_is_a_slice_of_the_read() -> None:
+def test_payload_is_a_slice_of_the_read(impl: Twin) -> None:
     data = CONNECT + publish5("t", b"payload")
-    codec = MQTT5Codec()
+    codec = impl.MQTT5Codec()
     _, event = codec.feed(data)
     assert isinstance(event.payload, memoryview) and event.payload.obj is data
 
@@ -622,38 +646,38 @@ ACKS = [(0x40, PubAck5), (0x50, PubRec5), (0x62, PubRel5), (0x70, PubComp5)]
 
 
 @pytest.mark.parametrize(("first", "cls"), ACKS)
-def test_ack_omission_forms(first: int, cls: type) -> None:
+def test_ack_omission_forms(impl: Twin, first: int, cls: type) -> None:
     code = 0x10 if first < 0x60 else 0x92
     reason = block(b"\x1f" + pack_string("why"), b"\x26" + pack_string("k") + pack_string("v"))
     data = CONNECT + (packet(first, u16(7)) + packet(first, u16(8) + u8(code))
                       + packet(first, u16(9) + u8(code) + b"\x00") + packet(first, u16(10) + b"\x00" + reason))
-    assert decode(data)[1:] == [
+    assert decode(impl, data)[1:] == [
         cls(7, 0, NONE), cls(8, code, NONE), cls(9, code, NONE),
         cls(10, 0, Properties(reason_string="why", user_properties=(("k", "v"),)))]
 
 
 @pytest.mark.parametrize(("first", "cls"), ACKS)
-def test_ack_errors(first: int, cls: type) -> None:
-    after_connect(0x81, packet(first, u16(1)[:1]))                      # remaining length 1
-    after_connect(0x82, packet(first, u16(0)))                          # packet id 0
-    after_connect(0x82, packet(first, u16(1) + b"\x05"))                # no such reason code
+def test_ack_errors(impl: Twin, first: int, cls: type) -> None:
+    after_connect(impl, 0x81, packet(first, u16(1)[:1]))                      # remaining length 1
+    after_connect(impl, 0x82, packet(first, u16(0)))                          # packet id 0
+    after_connect(impl, 0x82, packet(first, u16(1) + b"\x05"))                # no such reason code
     bad_for_this = 0x92 if first < 0x60 else 0x99
-    after_connect(0x82, packet(first, u16(1) + u8(bad_for_this)))
-    after_connect(0x81, packet(first, u16(1) + b"\x00\x00\x00"))        # a byte after the properties
-    after_connect(0x81, packet(first, u16(1) + b"\x00" + block(b"\x23\x00\x01")))   # Topic Alias in an ack
-    after_connect(0x81, packet(first ^ 0x02, u16(1)))                   # wrong fixed-header flags
+    after_connect(impl, 0x82, packet(first, u16(1) + u8(bad_for_this)))
+    after_connect(impl, 0x81, packet(first, u16(1) + b"\x00\x00\x00"))        # a byte after the properties
+    after_connect(impl, 0x81, packet(first, u16(1) + b"\x00" + block(b"\x23\x00\x01")))   # Topic Alias in an ack
+    after_connect(impl, 0x81, packet(first ^ 0x02, u16(1)))                   # wrong fixed-header flags
 
 
 # -- SUBSCRIBE / UNSUBSCRIBE (3.8, 3.10) ---------------------------------------------------------------
 
 
-def test_subscribe_options_and_properties() -> None:
+def test_subscribe_options_and_properties(impl: Twin) -> None:
     body = (u16(5) + block(b"\x0b\x2a", b"\x26" + pack_string("k") + pack_string("v"))
             + pack_string("devices/m1/commands") + u8(0b00101101)    # RH 2, RAP 1, NL 1, QoS 1
             + pack_string("a/+/#") + u8(0b00010010)                 # RH 1, QoS 2
             + pack_string("$share/g/x") + u8(0x00)
             + pack_string("bad/#/filter") + u8(0x00))               # syntax left to SUBACK 0x8F
-    _, event = decode(CONNECT + packet(0x82, body))
+    _, event = decode(impl, CONNECT + packet(0x82, body))
     assert event == Subscribe5(5, (
         Subscription("devices/m1/commands", 1, True, True, 2), Subscription("a/+/#", 2, False, False, 1),
         Subscription("$share/g/x", 0), Subscription("bad/#/filter", 0)),
@@ -674,17 +698,17 @@ def test_subscribe_options_and_properties() -> None:
     (u16(1) + block(b"\x1f" + pack_string("r")) + pack_string("t") + b"\x00", 0x81),  # Reason String
     (u16(1) + b"\x00" + pack_string(b"\xff") + b"\x00", 0x81),  # bad UTF-8 filter
 ])
-def test_subscribe_errors(body: bytes, code: int) -> None:
-    after_connect(code, packet(0x82, body))
+def test_subscribe_errors(impl: Twin, body: bytes, code: int) -> None:
+    after_connect(impl, code, packet(0x82, body))
 
 
-def test_subscribe_flags() -> None:
-    after_connect(0x81, packet(0x80, u16(1) + b"\x00" + pack_string("t") + b"\x00"))
+def test_subscribe_flags(impl: Twin) -> None:
+    after_connect(impl, 0x81, packet(0x80, u16(1) + b"\x00" + pack_string("t") + b"\x00"))
 
 
-def test_unsubscribe() -> None:
+def test_unsubscribe(impl: Twin) -> None:
     body = u16(3) + block(b"\x26" + pack_string("k") + pack_string("v")) + pack_string("a/b") + pack_string("#")
-    _, event = decode(CONNECT + packet(0xA2, body))
+    _, event = decode(impl, CONNECT + packet(0xA2, body))
     assert event == Unsubscribe5(3, ("a/b", "#"), Properties(user_properties=(("k", "v"),)))
 
 
@@ -694,17 +718,17 @@ def test_unsubscribe() -> None:
     (u16(1) + block(b"\x0b\x01") + pack_string("t"), 0x81),     # Subscription Identifier not allowed
     (u16(1) + b"\x00" + pack_string("t") + b"\x00", 0x81),      # a stray byte: a cut-off length
 ])
-def test_unsubscribe_errors(body: bytes, code: int) -> None:
-    after_connect(code, packet(0xA2, body))
+def test_unsubscribe_errors(impl: Twin, body: bytes, code: int) -> None:
+    after_connect(impl, code, packet(0xA2, body))
 
 
 # -- PINGREQ, DISCONNECT, AUTH (3.12, 3.14, 3.15) ----------------------------------------------------------
 
 
-def test_pingreq() -> None:
-    assert decode(CONNECT + b"\xc0\x00\xc0\x00")[1:] == [PingReq(), PingReq()]
-    after_connect(0x81, b"\xc0\x01\x00")
-    after_connect(0x81, b"\xc1\x00")
+def test_pingreq(impl: Twin) -> None:
+    assert decode(impl, CONNECT + b"\xc0\x00\xc0\x00")[1:] == [PingReq(), PingReq()]
+    after_connect(impl, 0x81, b"\xc0\x01\x00")
+    after_connect(impl, 0x81, b"\xc1\x00")
 
 
 @pytest.mark.parametrize(("body", "event"), [
@@ -715,33 +739,33 @@ def test_pingreq() -> None:
      Disconnect5(0x81, Properties(reason_string="oops", user_properties=(("a", "b"),)))),
     (b"\x00" + block(b"\x11" + u32(0)), Disconnect5(0, Properties(session_expiry_interval=0))),
 ])
-def test_disconnect(body: bytes, event: Disconnect5) -> None:
-    assert decode(CONNECT + packet(0xE0, body))[1:] == [event]
+def test_disconnect(impl: Twin, body: bytes, event: Disconnect5) -> None:
+    assert decode(impl, CONNECT + packet(0xE0, body))[1:] == [event]
 
 
-def test_disconnect_session_expiry_rule() -> None:
+def test_disconnect_session_expiry_rule(impl: Twin) -> None:
     # 3.14.2.2.2: non-zero in DISCONNECT after 0 (or absent) in CONNECT
-    after_connect(0x82, packet(0xE0, b"\x00" + block(b"\x11" + u32(10))))
+    after_connect(impl, 0x82, packet(0xE0, b"\x00" + block(b"\x11" + u32(10))))
     with_expiry = connect5(props=block(b"\x11" + u32(60)))
-    [_, event] = decode(with_expiry + packet(0xE0, b"\x00" + block(b"\x11" + u32(10))))
+    [_, event] = decode(impl, with_expiry + packet(0xE0, b"\x00" + block(b"\x11" + u32(10))))
     assert event == Disconnect5(0, Properties(session_expiry_interval=10))
 
 
-def test_disconnect_errors() -> None:
-    after_connect(0x82, packet(0xE0, b"\x00\x00") + b"\xc0\x00")   # a byte after DISCONNECT (MQTT-3.14.4-1)
-    after_connect(0x82, packet(0xE0, b"\x05"))             # no such DISCONNECT code
-    after_connect(0x81, packet(0xE0, b"\x00\x00\x00"))     # a byte after the properties
-    after_connect(0x81, packet(0xE0, b"\x00" + block(b"\x23\x00\x01")))
-    after_connect(0x81, packet(0xE1, b""))
+def test_disconnect_errors(impl: Twin) -> None:
+    after_connect(impl, 0x82, packet(0xE0, b"\x00\x00") + b"\xc0\x00")   # a byte after DISCONNECT (MQTT-3.14.4-1)
+    after_connect(impl, 0x82, packet(0xE0, b"\x05"))             # no such DISCONNECT code
+    after_connect(impl, 0x81, packet(0xE0, b"\x00\x00\x00"))     # a byte after the properties
+    after_connect(impl, 0x81, packet(0xE0, b"\x00" + block(b"\x23\x00\x01")))
+    after_connect(impl, 0x81, packet(0xE1, b""))
 
 
 AUTH_CONNECT = connect5(props=block(b"\x15" + pack_string("SCRAM-SHA-256"), b"\x16" + pack_string(b"n,,")))
 
 
-def test_auth() -> None:
+def test_auth(impl: Twin) -> None:
     props = block(b"\x15" + pack_string("SCRAM-SHA-256"), b"\x16" + pack_string(b"c=biws"),
                   b"\x1f" + pack_string("r"), b"\x26" + pack_string("k") + pack_string("v"))
-    _, a, b = decode(AUTH_CONNECT + packet(0xF0, b"\x18" + props) + packet(0xF0, b"\x19" + props))
+    _, a, b = decode(impl, AUTH_CONNECT + packet(0xF0, b"\x18" + props) + packet(0xF0, b"\x19" + props))
     expected = Properties(authentication_method="SCRAM-SHA-256", authentication_data=b"c=biws",
                           reason_string="r", user_properties=(("k", "v"),))
     assert (a, b) == (Auth(0x18, expected), Auth(0x19, expected))
@@ -758,44 +782,45 @@ def test_auth() -> None:
     (AUTH_CONNECT, b"\x18" + block(b"\x15" + pack_string("SCRAM-SHA-256"), b"\x15" + pack_string("x")), 0x82),
     (AUTH_CONNECT, b"\x18" + block(b"\x11" + u32(1)), 0x81),                    # Session Expiry in AUTH
 ])
-def test_auth_errors(connect: bytes, body: bytes, code: int) -> None:
-    e = error_of(connect + packet(0xF0, body))
+def test_auth_errors(impl: Twin, connect: bytes, body: bytes, code: int) -> None:
+    e = error_of(impl, connect + packet(0xF0, body))
     assert (e.reason_code, e.return_code) == (code, None)
 
 
 @pytest.mark.parametrize("first", [0x00, 0x20, 0x90, 0xB0, 0xD0])
-def test_reserved_and_server_only_types(first: int) -> None:
-    after_connect(0x81 if first == 0 else 0x82, packet(first, b""))
+def test_reserved_and_server_only_types(impl: Twin, first: int) -> None:
+    after_connect(impl, 0x81 if first == 0 else 0x82, packet(first, b""))
 
 
 # -- encoders (server to client), bytes by hand -------------------------------------------------------
 
 
-def test_connack() -> None:
-    assert codec5_py.encode_connack(False) == b"\x20\x03\x00\x00\x00"   # Property Length always there
-    assert codec5_py.encode_connack(True, 0) == b"\x20\x03\x01\x00\x00"
+def test_connack(impl: Twin) -> None:
+    assert impl.encode_connack(False) == b"\x20\x03\x00\x00\x00"   # Property Length always there
+    assert impl.encode_connack(True, 0) == b"\x20\x03\x01\x00\x00"
     props = Properties(receive_maximum=1024, maximum_packet_size=1_048_576, topic_alias_maximum=16,
                        retain_available=0, wildcard_subscription_available=0, shared_subscription_available=0,
                        server_keep_alive=120)
     raw = block(b"\x13" + u16(120), b"\x21" + u16(1024), b"\x22" + u16(16), b"\x25\x00",
                 b"\x27" + u32(1_048_576), b"\x28\x00", b"\x2a\x00")
-    assert codec5_py.encode_connack(False, 0, props) == packet(0x20, b"\x00\x00" + raw)
-    assert codec5_py.encode_connack(False, 0x85, Properties(reason_string="bad id")) == packet(
+    assert impl.encode_connack(False, 0, props) == packet(0x20, b"\x00\x00" + raw)
+    assert impl.encode_connack(False, 0x85, Properties(reason_string="bad id")) == packet(
         0x20, b"\x00\x85" + block(b"\x1f" + pack_string("bad id")))
     for bad in ((True, 0x85), (False, 0x10), (False, 0x8E)):
         with pytest.raises(ValueError):
-            codec5_py.encode_connack(*bad)
+            impl.encode_connack(*bad)
     with pytest.raises(ValueError):
-        codec5_py.encode_connack(False, 0, Properties(topic_alias=1))
+        impl.encode_connack(False, 0, Properties(topic_alias=1))
 
 
-@pytest.mark.parametrize(("encode", "first", "codes"), [
-    (codec5_py.encode_puback, 0x40, (0x10, 0x99, 0x90, 0x87, 0x97, 0x83)),
-    (codec5_py.encode_pubrec, 0x50, (0x10, 0x99)),
-    (codec5_py.encode_pubrel, 0x62, (0x92,)),
-    (codec5_py.encode_pubcomp, 0x70, (0x92,)),
+@pytest.mark.parametrize(("name", "first", "codes"), [
+    ("puback", 0x40, (0x10, 0x99, 0x90, 0x87, 0x97, 0x83)),
+    ("pubrec", 0x50, (0x10, 0x99)),
+    ("pubrel", 0x62, (0x92,)),
+    ("pubcomp", 0x70, (0x92,)),
 ])
-def test_acks(encode, first: int, codes: tuple[int, ...]) -> None:
+def test_acks(impl: Twin, name: str, first: int, codes: tuple[int, ...]) -> None:
+    encode = getattr(impl, f"encode_{name}")
     assert encode(7) == bytes((first, 2, 0, 7))                           # Success, no properties: omitted
     for code in codes:
         assert encode(7, code) == bytes((first, 3, 0, 7, code))           # no properties: no Property Length
@@ -809,70 +834,70 @@ def test_acks(encode, first: int, codes: tuple[int, ...]) -> None:
             encode(*bad)
 
 
-def test_suback_unsuback() -> None:
-    assert codec5_py.encode_suback(5, [0, 1, 0x87, 0x8F]) == b"\x90\x07\x00\x05\x00\x00\x01\x87\x8f"
-    assert codec5_py.encode_suback(5, [0x87], Properties(reason_string="no")) == packet(
+def test_suback_unsuback(impl: Twin) -> None:
+    assert impl.encode_suback(5, [0, 1, 0x87, 0x8F]) == b"\x90\x07\x00\x05\x00\x00\x01\x87\x8f"
+    assert impl.encode_suback(5, [0x87], Properties(reason_string="no")) == packet(
         0x90, u16(5) + block(b"\x1f" + pack_string("no")) + b"\x87")
-    assert codec5_py.encode_unsuback(6, [0, 0x11]) == b"\xb0\x05\x00\x06\x00\x00\x11"
+    assert impl.encode_unsuback(6, [0, 0x11]) == b"\xb0\x05\x00\x06\x00\x00\x11"
     for bad in ((5, []), (5, [0x04]), (0, [0])):
         with pytest.raises(ValueError):
-            codec5_py.encode_suback(*bad)
+            impl.encode_suback(*bad)
     with pytest.raises(ValueError):
-        codec5_py.encode_unsuback(6, [0x01])      # Granted QoS is SUBACK's, not UNSUBACK's
+        impl.encode_unsuback(6, [0x01])      # Granted QoS is SUBACK's, not UNSUBACK's
 
 
-def test_pingresp_disconnect_auth() -> None:
-    assert codec5_py.encode_pingresp() == b"\xd0\x00"
-    assert codec5_py.encode_disconnect() == b"\xe0\x00"
-    assert codec5_py.encode_disconnect(0x8B) == b"\xe0\x01\x8b"
-    assert codec5_py.encode_disconnect(0x9C, Properties(server_reference="gw2:1883", reason_string="drain")) == \
+def test_pingresp_disconnect_auth(impl: Twin) -> None:
+    assert impl.encode_pingresp() == b"\xd0\x00"
+    assert impl.encode_disconnect() == b"\xe0\x00"
+    assert impl.encode_disconnect(0x8B) == b"\xe0\x01\x8b"
+    assert impl.encode_disconnect(0x9C, Properties(server_reference="gw2:1883", reason_string="drain")) == \
         packet(0xE0, b"\x9c" + block(b"\x1c" + pack_string("gw2:1883"), b"\x1f" + pack_string("drain")))
-    assert codec5_py.encode_disconnect(0, Properties(reason_string="bye")) == packet(
+    assert impl.encode_disconnect(0, Properties(reason_string="bye")) == packet(
         0xE0, b"\x00" + block(b"\x1f" + pack_string("bye")))
     for bad in (0x04, 0x10, 0x84):
         with pytest.raises(ValueError):
-            codec5_py.encode_disconnect(bad)
+            impl.encode_disconnect(bad)
     with pytest.raises(ValueError):      # MQTT-3.14.2-2: not from the server
-        codec5_py.encode_disconnect(0x8B, Properties(session_expiry_interval=0))
-    assert codec5_py.encode_auth() == b"\xf0\x00"
-    assert codec5_py.encode_auth(0x18, Properties(authentication_method="M", authentication_data=b"s")) == \
+        impl.encode_disconnect(0x8B, Properties(session_expiry_interval=0))
+    assert impl.encode_auth() == b"\xf0\x00"
+    assert impl.encode_auth(0x18, Properties(authentication_method="M", authentication_data=b"s")) == \
         packet(0xF0, b"\x18" + block(b"\x15" + pack_string("M"), b"\x16" + pack_string(b"s")))
     with pytest.raises(ValueError):
-        codec5_py.encode_auth(0x19)
+        impl.encode_auth(0x19)
 
 
-def test_publish_encoder() -> None:
+def test_publish_encoder(impl: Twin) -> None:
     props = Properties(message_expiry_interval=30, response_topic="devices/m1/acks", correlation_data=b"cmd-1",
                        subscription_identifiers=(1, 2))
-    assert codec5_py.encode_publish("devices/m1/commands", b"{}", 1, 4, properties=props) == packet(
+    assert impl.encode_publish("devices/m1/commands", b"{}", 1, 4, properties=props) == packet(
         0x32, pack_string("devices/m1/commands") + u16(4) + block(
             b"\x02" + u32(30), b"\x08" + pack_string("devices/m1/acks"), b"\x09" + pack_string(b"cmd-1"),
             b"\x0b\x01", b"\x0b\x02") + b"{}")
-    assert codec5_py.encode_publish("t", b"x") == b"\x30\x05\x00\x01t\x00x"
-    assert codec5_py.encode_publish("", b"x", properties=Properties(topic_alias=1)) == \
+    assert impl.encode_publish("t", b"x") == b"\x30\x05\x00\x01t\x00x"
+    assert impl.encode_publish("", b"x", properties=Properties(topic_alias=1)) == \
         b"\x30\x07\x00\x00\x03\x23\x00\x01x"
     for kw in ({"topic": ""}, {"topic": "a/#"}, {"qos": 3}, {"qos": 1}, {"packet_id": 1}, {"dup": True},
                {"properties": Properties(reason_string="x")}, {"topic": "a\x00"}):
         args = {"topic": "t", "payload": b"", **kw}
         with pytest.raises(ValueError):
-            codec5_py.encode_publish(**args)
+            impl.encode_publish(**args)
 
 
-def test_publish_encoder_round_trip_through_decoder() -> None:
+def test_publish_encoder_round_trip_through_decoder(impl: Twin) -> None:
     props = Properties(payload_format_indicator=1, content_type="application/msgpack", topic_alias=1,
                        user_properties=(("traceparent", "x"),))
-    raw = codec5_py.encode_publish("devices/m1/telemetry", b"\x81\xa1t\x01", 2, 9, True, True, props)
-    _, event = decode(CONNECT + raw, topic_alias_maximum=1)
+    raw = impl.encode_publish("devices/m1/telemetry", b"\x81\xa1t\x01", 2, 9, True, True, props)
+    _, event = decode(impl, CONNECT + raw, topic_alias_maximum=1)
     assert event == Publish5("devices/m1/telemetry", b"\x81\xa1t\x01", 2, 9, True, True, props)
 
 
-def test_server_packets_decoded_by_paho() -> None:
+def test_server_packets_decoded_by_paho(impl: Twin) -> None:
     """paho's own property and reason code decoders read our acks and CONNACK."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties as PahoProperties
     from paho.mqtt.reasoncodes import ReasonCode
 
-    raw = codec5_py.encode_puback(7, 0x99, Properties(reason_string="out_of_range: temperature"))
+    raw = impl.encode_puback(7, 0x99, Properties(reason_string="out_of_range: temperature"))
     assert raw[4] == 0x99 and ReasonCode(PacketTypes.PUBACK, identifier=raw[4]).getName() == \
         "Payload format invalid"
     paho = PahoProperties(PacketTypes.PUBACK)
@@ -892,8 +917,8 @@ def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     return out
 
 
-def _run(data: bytes, cuts: list[int]) -> tuple[list, MQTT5Error | None]:
-    codec = MQTT5Codec(max_packet_bytes=4096, topic_alias_maximum=4)
+def _run(impl: Twin, data: bytes, cuts: list[int]) -> tuple[list, MQTT5Error | None]:
+    codec = impl.MQTT5Codec(max_packet_bytes=4096, topic_alias_maximum=4)
     events: list = []
     try:
         for chunk in _chunks(data, cuts):
@@ -905,11 +930,11 @@ def _run(data: bytes, cuts: list[int]) -> tuple[list, MQTT5Error | None]:
 
 @SETTINGS
 @given(st.binary(max_size=300), st.booleans(), st.lists(st.integers(0, 400), max_size=6))
-def test_arbitrary_bytes_raise_only_the_codec_error(data: bytes, connected: bool, cuts: list[int]) -> None:
+def test_arbitrary_bytes_raise_only_the_codec_error(impl: Twin, data: bytes, connected: bool, cuts: list[int]) -> None:
     if connected:
         data = CONNECT + data
-    whole_events, whole_error = _run(data, [])
-    events, error = _run(data, cuts)
+    whole_events, whole_error = _run(impl, data, [])
+    events, error = _run(impl, data, cuts)
     # the same outcome however the stream is split (events before an error are dropped within one feed)
     assert (error is None) == (whole_error is None)
     if error is not None:
@@ -933,9 +958,9 @@ def mutated_stream(draw: st.DrawFn) -> bytes:
 
 @SETTINGS
 @given(mutated_stream(), st.lists(st.integers(0, 400), max_size=6))
-def test_mutated_streams(data: bytes, cuts: list[int]) -> None:
-    whole = _run(data, [])
-    split = _run(data, cuts)
+def test_mutated_streams(impl: Twin, data: bytes, cuts: list[int]) -> None:
+    whole = _run(impl, data, [])
+    split = _run(impl, data, cuts)
     assert (split[1] is None) == (whole[1] is None)
     if whole[1] is None:
         assert split[0] == whole[0]
@@ -965,10 +990,10 @@ def publish_properties(draw: st.DrawFn) -> Properties:
 @SETTINGS
 @given(topic, st.binary(max_size=64), st.sampled_from([0, 1, 2]), st.integers(1, 65535), st.booleans(),
        publish_properties(), st.lists(st.integers(0, 400), max_size=4))
-def test_publish_round_trip(topic_: str, payload: bytes, qos: int, pid: int, retain: bool, props: Properties,
-                            cuts: list[int]) -> None:
-    raw = codec5_py.encode_publish(topic_, payload, qos, pid if qos else 0, retain, bool(qos) and retain, props)
-    events, error = _run(CONNECT + raw, cuts)
+def test_publish_round_trip(impl: Twin, topic_: str, payload: bytes, qos: int, pid: int, retain: bool,
+                            props: Properties, cuts: list[int]) -> None:
+    raw = impl.encode_publish(topic_, payload, qos, pid if qos else 0, retain, bool(qos) and retain, props)
+    events, error = _run(impl, CONNECT + raw, cuts)
     assert error is None
     assert events[1] == Publish5(topic_, payload, qos, pid if qos else 0, retain, bool(qos) and retain, props)
 
@@ -997,16 +1022,16 @@ def any_properties(draw: st.DrawFn, ptype: int, four_byte_max: int = 2**32 - 1) 
 
 @SETTINGS
 @given(st.data())
-def test_property_blocks_round_trip_in_every_packet(data: st.DataObject) -> None:
+def test_property_blocks_round_trip_in_every_packet(impl: Twin, data: st.DataObject) -> None:
     ptype = data.draw(st.sampled_from(ALL_PLACES))
     props = data.draw(any_properties(ptype))
-    raw = v5.encode_properties(props, ptype)
-    assert v5.decode_properties(raw, 0, len(raw), ptype) == (props, len(raw))
+    raw = impl.encode_properties(props, ptype)
+    assert impl.decode_properties(raw, 0, len(raw), ptype) == (props, len(raw))
 
 
 @SETTINGS
 @given(st.data())
-def test_client_packets_round_trip(data: st.DataObject) -> None:
+def test_client_packets_round_trip(impl: Twin, data: st.DataObject) -> None:
     """Generated client-to-server packets built here decode to what they were built from."""
     pid = data.draw(st.integers(1, 65535))
     kind = data.draw(st.sampled_from(["ack", "subscribe", "unsubscribe", "disconnect"]))
@@ -1038,7 +1063,7 @@ def test_client_packets_round_trip(data: st.DataObject) -> None:
         raw = packet(0xE0, u8(code) + v5.encode_properties(props, v5.DISCONNECT))
         expected = Disconnect5(code, props)
     connect = connect5(props=block(b"\x11" + u32(1)))   # so a DISCONNECT may carry a Session Expiry
-    events, error = _run(connect + raw, data.draw(st.lists(st.integers(0, 400), max_size=4)))
+    events, error = _run(impl, connect + raw, data.draw(st.lists(st.integers(0, 400), max_size=4)))
     assert error is None, error
     assert events[1] == expected
 
@@ -1049,8 +1074,9 @@ def test_client_packets_round_trip(data: st.DataObject) -> None:
 class _Server(threading.Thread):
     """One connection on a loopback socket, decoded by MQTT5Codec; answers CONNACK and PUBACKs."""
 
-    def __init__(self, puback_code: int) -> None:
+    def __init__(self, impl: Twin, puback_code: int) -> None:
         super().__init__(daemon=True)
+        self.impl = impl
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(20)   # a client that never comes ends the thread, not the run
         self.port = self.listener.getsockname()[1]
@@ -1062,7 +1088,8 @@ class _Server(threading.Thread):
         try:
             conn, _ = self.listener.accept()
             conn.settimeout(10)
-            codec = MQTT5Codec(topic_alias_maximum=10)
+            impl = self.impl
+            codec = impl.MQTT5Codec(topic_alias_maximum=10)
             with conn:
                 while True:
                     data = conn.recv(65536)
@@ -1071,10 +1098,10 @@ class _Server(threading.Thread):
                     for ev in codec.feed(data):
                         self.events.append(ev)
                         if isinstance(ev, Connect5):
-                            conn.sendall(codec5_py.encode_connack(False, 0, Properties(
+                            conn.sendall(impl.encode_connack(False, 0, Properties(
                                 topic_alias_maximum=10, receive_maximum=10)))
                         elif isinstance(ev, Publish5) and ev.qos == 1:
-                            conn.sendall(codec5_py.encode_puback(ev.packet_id, self.puback_code, Properties(
+                            conn.sendall(impl.encode_puback(ev.packet_id, self.puback_code, Properties(
                                 reason_string="out_of_range: temperature") if self.puback_code else None))
                         elif isinstance(ev, Disconnect5):
                             return
@@ -1085,12 +1112,12 @@ class _Server(threading.Thread):
 
 
 @pytest.mark.parametrize("puback_code", [0x00, 0x99])
-def test_paho_mqttv5_client(puback_code: int) -> None:
+def test_paho_mqttv5_client(impl: Twin, puback_code: int) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties as PahoProperties
 
-    server = _Server(puback_code)
+    server = _Server(impl, puback_code)
     server.start()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="meter-7", protocol=mqtt.MQTTv5)
     acked: dict[int, object] = {}
@@ -1166,7 +1193,7 @@ def _will_props():
 
 @SETTINGS
 @given(st.data())
-def test_connect_round_trip(data: st.DataObject) -> None:
+def test_connect_round_trip(impl: Twin, data: st.DataObject) -> None:
     props = data.draw(any_properties(v5.CONNECT))
     if props.authentication_method is None and props.authentication_data is not None:
         props = msgspec.structs.replace(props, authentication_data=None)   # 3.1.2.11.10: Data needs a Method
@@ -1188,7 +1215,7 @@ def test_connect_round_trip(data: st.DataObject) -> None:
     if password is not None:
         payload += pack_string(password)
     raw = connect5(expected.client_id, expected.keepalive, flags, v5.encode_properties(props, v5.CONNECT), payload)
-    events, error = _run(raw, data.draw(st.lists(st.integers(0, 400), max_size=4)))
+    events, error = _run(impl, raw, data.draw(st.lists(st.integers(0, 400), max_size=4)))
     assert error is None, error
     assert events == [expected]
 
@@ -1215,24 +1242,24 @@ def _paho_view(raw_block: bytes, ptype: int) -> dict[str, object]:
     return out
 
 
-def _encode_server_packet(ptype: int, props: Properties) -> bytes:
+def _encode_server_packet(impl: Twin, ptype: int, props: Properties) -> bytes:
     """The packet's encoder with ``props``; returns its property block, cut out by hand (sections 3.2 - 3.15)."""
     if ptype == v5.CONNACK:
-        raw, skip = codec5_py.encode_connack(False, 0x80, props), 2           # flags, reason code
+        raw, skip = impl.encode_connack(False, 0x80, props), 2           # flags, reason code
     elif ptype == v5.PUBLISH:
-        raw, skip = codec5_py.encode_publish("t", b"", 1, 1, properties=props), 5   # topic "t", packet id
+        raw, skip = impl.encode_publish("t", b"", 1, 1, properties=props), 5   # topic "t", packet id
     elif ptype in (v5.PUBACK, v5.PUBREC, v5.PUBREL, v5.PUBCOMP):
-        encode = {v5.PUBACK: codec5_py.encode_puback, v5.PUBREC: codec5_py.encode_pubrec,
-                  v5.PUBREL: codec5_py.encode_pubrel, v5.PUBCOMP: codec5_py.encode_pubcomp}[ptype]
+        encode = {v5.PUBACK: impl.encode_puback, v5.PUBREC: impl.encode_pubrec,
+                  v5.PUBREL: impl.encode_pubrel, v5.PUBCOMP: impl.encode_pubcomp}[ptype]
         raw, skip = encode(1, 0x92 if ptype in (v5.PUBREL, v5.PUBCOMP) else 0x10, props), 3
     elif ptype == v5.SUBACK:
-        raw, skip = codec5_py.encode_suback(1, [0x8F], props), 2
+        raw, skip = impl.encode_suback(1, [0x8F], props), 2
     elif ptype == v5.UNSUBACK:
-        raw, skip = codec5_py.encode_unsuback(1, [0x8F], props), 2
+        raw, skip = impl.encode_unsuback(1, [0x8F], props), 2
     elif ptype == v5.DISCONNECT:
-        raw, skip = codec5_py.encode_disconnect(0x8B, props), 1
+        raw, skip = impl.encode_disconnect(0x8B, props), 1
     else:
-        raw, skip = codec5_py.encode_auth(0x18, props), 1
+        raw, skip = impl.encode_auth(0x18, props), 1
     # the fixed header: the type byte and a remaining length of 1 to 4 bytes
     i = 1
     while raw[i] & 0x80:
@@ -1249,23 +1276,23 @@ SERVER_PACKETS = [v5.CONNACK, v5.PUBLISH, v5.PUBACK, v5.PUBREC, v5.PUBREL, v5.PU
 
 @SETTINGS
 @given(st.data())
-def test_server_encoders_read_back_by_paho(data: st.DataObject) -> None:
+def test_server_encoders_read_back_by_paho(impl: Twin, data: st.DataObject) -> None:
     """Every server packet with any properties it may carry, its property block read by paho-mqtt's decoder."""
     ptype = data.draw(st.sampled_from(SERVER_PACKETS))
     props = data.draw(any_properties(ptype, four_byte_max=v5.MAX_VBI))   # paho range-checks Maximum Packet Size
     if ptype == v5.DISCONNECT:
         props = msgspec.structs.replace(props, session_expiry_interval=None)   # MQTT-3.14.2-2
     present = {k: v for k, v in msgspec.structs.asdict(props).items() if v is not None and v != ()}
-    assert _paho_view(_encode_server_packet(ptype, props), ptype) == present
+    assert _paho_view(_encode_server_packet(impl, ptype, props), ptype) == present
 
 
-def test_mosquitto_pub_mqttv5() -> None:
+def test_mosquitto_pub_mqttv5(impl: Twin) -> None:
     """mosquitto_pub -V mqttv5 with CONNECT and PUBLISH properties (-D), decoded by the codec."""
     import subprocess
 
     from binaries import require
 
-    server = _Server(0x00)
+    server = _Server(impl, 0x00)
     server.start()
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     subprocess.run([
@@ -1292,23 +1319,23 @@ def test_mosquitto_pub_mqttv5() -> None:
 
 
 @pytest.mark.parametrize("encode", [
-    lambda p, m: codec5_py.encode_connack(False, 0x87, p, max_packet_size=m),
-    lambda p, m: codec5_py.encode_puback(1, 0x99, p, max_packet_size=m),
-    lambda p, m: codec5_py.encode_pubrec(1, 0x99, p, max_packet_size=m),
-    lambda p, m: codec5_py.encode_pubrel(1, 0x92, p, max_packet_size=m),
-    lambda p, m: codec5_py.encode_pubcomp(1, 0x92, p, max_packet_size=m),
-    lambda p, m: codec5_py.encode_suback(1, [0x8F], p, max_packet_size=m),
-    lambda p, m: codec5_py.encode_unsuback(1, [0x8F], p, max_packet_size=m),
-    lambda p, m: codec5_py.encode_disconnect(0x99, p, max_packet_size=m),
-    lambda p, m: codec5_py.encode_auth(0x18, p, max_packet_size=m),
+    lambda impl, p, m: impl.encode_connack(False, 0x87, p, max_packet_size=m),
+    lambda impl, p, m: impl.encode_puback(1, 0x99, p, max_packet_size=m),
+    lambda impl, p, m: impl.encode_pubrec(1, 0x99, p, max_packet_size=m),
+    lambda impl, p, m: impl.encode_pubrel(1, 0x92, p, max_packet_size=m),
+    lambda impl, p, m: impl.encode_pubcomp(1, 0x92, p, max_packet_size=m),
+    lambda impl, p, m: impl.encode_suback(1, [0x8F], p, max_packet_size=m),
+    lambda impl, p, m: impl.encode_unsuback(1, [0x8F], p, max_packet_size=m),
+    lambda impl, p, m: impl.encode_disconnect(0x99, p, max_packet_size=m),
+    lambda impl, p, m: impl.encode_auth(0x18, p, max_packet_size=m),
 ], ids=["connack", "puback", "pubrec", "pubrel", "pubcomp", "suback", "unsuback", "disconnect", "auth"])
-def test_reason_string_and_user_properties_dropped_to_fit(encode) -> None:
+def test_reason_string_and_user_properties_dropped_to_fit(impl: Twin, encode) -> None:
     """MQTT-3.4.2-2/3 and siblings: over the client's Maximum Packet Size, the
     Reason String and User Properties go, and only they."""
-    keep = Properties(authentication_method="M") if encode(None, None)[0] >> 4 == v5.AUTH else NONE
+    keep = Properties(authentication_method="M") if encode(impl, None, None)[0] >> 4 == v5.AUTH else NONE
     full = msgspec.structs.replace(keep, reason_string="out_of_range: temperature",
                                    user_properties=(("k", "v" * 40),))
-    whole = encode(full, None)
-    assert encode(full, len(whole)) == whole                  # fits exactly: kept
-    assert encode(full, 10_000) == whole
-    assert encode(full, len(whole) - 1) == encode(keep, None)  # one byte short: both dropped
+    whole = encode(impl, full, None)
+    assert encode(impl, full, len(whole)) == whole                  # fits exactly: kept
+    assert encode(impl, full, 10_000) == whole
+    assert encode(impl, full, len(whole) - 1) == encode(impl, keep, None)  # one byte short: both dropped
