@@ -61,6 +61,7 @@ ASAN_ENV       = PYTHONPATH=$(ASAN_DIR)/site LD_PRELOAD=$$($(SAN_CC) -print-file
                  PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 \
                  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 ASAN_TESTS    := tests/protocols/mqtt/test_mqtt_codec.py tests/protocols/mqtt/test_mqtt_hypothesis.py \
+                 tests/protocols/mqtt/test_codec5.py tests/protocols/mqtt/test_codec5_differential.py \
                  tests/protocols/mqtt/test_mqtt_take_publishes.py tests/protocols/http/test_http_parser.py \
                  tests/ingest/test_payload.py tests/ingest/test_payload_hypothesis.py tests/test_fuzz_corpus.py \
                  tests/ingest/test_payload_fuzz_regressions.py tests/test_hotpath_truncations.py
@@ -90,7 +91,7 @@ test-asan: asan-build
 # inputs go to build/fuzz/TARGET/, failures to build/fuzz/artifacts/; the
 # committed seeds in fuzz/corpus/TARGET/ are only read.
 SECONDS      ?= 60
-FUZZ_TARGETS := mqtt http validator proxy
+FUZZ_TARGETS := mqtt mqtt5 http validator proxy
 FUZZ_STAMP   := $(VENV)/.fuzz-installed
 
 # the [fuzz] extra's packages, without reinstalling (and rebuilding) gridgate itself

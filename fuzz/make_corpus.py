@@ -149,6 +149,46 @@ def proxy_seeds() -> list[tuple[int, bytes]]:
     return seeds
 
 
+def mqtt5_seeds() -> list[tuple[int, bytes]]:
+    """tests/protocols/mqtt/test_codec5.py's error tables as streams (config: 4096-byte
+    limit, alias maximum 4, no head: each stream brings its CONNECT), a few valid
+    streams with every PUBLISH property, and arguments for the encoders (bit 7)."""
+    t = load("tests/protocols/mqtt/test_codec5.py")
+
+    def params(test: object) -> list[tuple]:
+        return [args for mark in test.pytestmark if mark.name == "parametrize"  # type: ignore[attr-defined]
+                for args in mark.args[1]]
+
+    every = t.block(b"\x01\x01", b"\x02" + t.u32(60), b"\x03" + t.pack_string("application/json"),
+                    b"\x08" + t.pack_string("devices/m1/r"), b"\x09" + t.pack_string(b"\x01\x02"),
+                    b"\x23" + t.u16(3), b"\x26" + t.pack_string("traceparent") + t.pack_string("00-ab-cd-01"))
+    alias = t.block(b"\x23" + t.u16(3))
+    streams = [
+        t.CONNECT + t.publish5("devices/m1/telemetry", b'{"t":1}', 1, 9, every) + t.publish5("", b"2", 1, 10, alias)
+        + t.packet(0x40, t.u16(7) + b"\x10" + t.block(b"\x1f" + t.pack_string("why"))) + t.packet(0x62, t.u16(8))
+        + b"\xc0\x00" + t.packet(0xE0, b"\x00"),
+        t.CONNECT + t.packet(0x82, t.u16(5) + t.block(b"\x0b\x2a") + t.pack_string("a/+/#") + b"\x2d")
+        + t.packet(0xA2, t.u16(3) + b"\x00" + t.pack_string("a/b")),
+        t.AUTH_CONNECT + t.packet(0xF0, b"\x18" + t.block(b"\x15" + t.pack_string("SCRAM-SHA-256"))),
+    ]
+    seeds = [(1 | 16, s) for s in streams]
+    seeds += [(1 | 16, data) for data, _code in params(t.test_connect_errors_answer_with_connack)]
+    seeds += [(1 | 16, t.CONNECT + data) for data, _code, _alias in params(t.test_publish_errors)]
+    seeds += [(1 | 16, t.CONNECT + t.packet(0x82, body)) for body, _code in params(t.test_subscribe_errors)]
+    seeds += [(1 | 16, t.CONNECT + t.packet(0xA2, body)) for body, _code in params(t.test_unsubscribe_errors)]
+    seeds += [(1 | 16, connect + t.packet(0xF0, body)) for connect, body, _code in params(t.test_auth_errors)]
+    seeds += [(1 | 16, t.CONNECT + t.packet(0xE0, body)) for body, _event in params(t.test_disconnect)]
+    # the encoders: topic length, topic, then packet id, codes and property bytes (fuzz/targets.py mqtt5_arguments)
+    seeds += [(128, bytes([len(topic)]) + topic + rest) for topic, rest in (
+        (b"devices/m1/commands", b"\x00\x07\x99\x00\x87\x00" + b"\x03abc" * 30),
+        (b"t", b"\x00\x01\x00\x8f\x00" + bytes(range(0, 120, 3))),
+        (b"a/+", b"\xff\xff\x92"), (b"", b"\x00\x00\x18\x00\x00\x00\x00\x06\x00\x01\xe9"),
+        # no properties, then a Reason String alone (the 17th property of the table)
+        (b"devices/m1/commands", b"\x00\x07\x00\x00" + b"\x01" * 30),
+        (b"devices/m1/commands", b"\x00\x07\x99\x00" + b"\x01" * 16 + b"\x03why!" + b"\x01" * 10 + b"{}"))]
+    return seeds
+
+
 def write(target: str, seeds: list[tuple[int, bytes]]) -> int:
     folder = ROOT / "fuzz" / "corpus" / target
     folder.mkdir(parents=True, exist_ok=True)
@@ -174,7 +214,8 @@ def main() -> None:
         (b"\xed\xa0\x80", b"p"), ("\u00e9/\U0001f600".encode(), b"\x00\x07" + b"y" * 40))])
     write("validator", validator_seeds())
     write("proxy", proxy_seeds())
-    for target in ("mqtt", "http", "validator", "proxy"):
+    write("mqtt5", mqtt5_seeds())
+    for target in ("mqtt", "http", "validator", "proxy", "mqtt5"):
         print(target, len(list((ROOT / "fuzz" / "corpus" / target).iterdir())))
 
 

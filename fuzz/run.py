@@ -2,7 +2,7 @@
 
     python fuzz/run.py TARGET [libFuzzer options] [corpus dirs]
 
-TARGET is one of fuzz/targets.py's ``TARGETS`` (mqtt, http, validator, proxy); the
+TARGET is one of fuzz/targets.py's ``TARGETS`` (mqtt, mqtt5, http, validator, proxy); the
 rest goes to libFuzzer as it is (``make fuzz`` passes -max_total_time, a
 scratch corpus in build/fuzz/ that new inputs go to, then the committed seeds
 in fuzz/corpus/TARGET/, which libFuzzer only reads).
@@ -29,7 +29,8 @@ import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-with atheris.instrument_imports(include=["gridgate.protocols.mqtt.codec_py", "gridgate.protocols.http.parser_py",
+with atheris.instrument_imports(include=["gridgate.protocols.mqtt.codec_py", "gridgate.protocols.mqtt.codec5_py",
+                                         "gridgate.protocols.mqtt.v5", "gridgate.protocols.http.parser_py",
                                          "gridgate.ingest.validator_py", "gridgate.protocols.proxy_protocol",
                                          "targets"]):
     import targets

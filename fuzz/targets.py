@@ -14,7 +14,8 @@ AddressSanitizer with PYTHONMALLOC=malloc, hits a redzone) rather than
 reading the fuzzer's neighbouring bytes.
 
 Only the codecs' own error classes may escape a parser (MQTTProtocolError,
-HTTPParseError, ProxyProtocolError); the validator never raises. The PROXY
+of which the 5.0 codec's MQTT5Error is one, HTTPParseError,
+ProxyProtocolError); the validator never raises. The PROXY
 protocol parser has no compiled side: its target checks that whole, chunked
 and byte-wise feeds agree and that a peeking shell never reads past the header. Anything else escapes these
 functions as it is: a crash to the fuzzer, a failure to pytest.
@@ -31,7 +32,8 @@ from gridgate.errors import HTTPParseError, MQTTProtocolError
 from gridgate.ingest import validator_py
 from gridgate.ingest.rules import PayloadRules
 from gridgate.protocols.http import parser_py
-from gridgate.protocols.mqtt import codec_py
+from gridgate.protocols.mqtt import codec5_py, codec_py, v5
+from gridgate.protocols.mqtt.codec5 import compiled_codec5
 from gridgate.protocols.mqtt.events import Connect
 from gridgate.protocols.proxy_protocol import (
     NEED_DATA,
@@ -41,7 +43,8 @@ from gridgate.protocols.proxy_protocol import (
     ProxyProtocolError,
 )
 
-__all__ = ["Disagreement", "TARGETS", "check_mqtt", "check_http", "check_validator", "check_proxy", "split_input"]
+__all__ = ["Disagreement", "TARGETS", "check_mqtt", "check_mqtt5", "check_http", "check_validator", "check_proxy",
+           "split_input"]
 
 
 class Disagreement(AssertionError):
@@ -200,6 +203,138 @@ def check_mqtt(data: bytes) -> None:
             agree("take_publishes", walk, walks[0], data)
 
 
+# -- MQTT 5.0 codec ------------------------------------------------------------------------------
+
+MQTT5_COMPILED = compiled_codec5(_fastparse)
+MQTT5_MAX_PACKET = (64, 4096, 1 << 20, codec5_py.MAX_PACKET_BYTES)
+MQTT5_ALIAS_MAX = (0, 1, 4, 65535)
+# What a stream may start with (config bits 5-6), so that the fuzzer reaches the
+# connected states without first having to find a valid CONNECT: nothing; a
+# CONNECT with Session Expiry 60; one with an Authentication Method (AUTH is
+# then allowed); one with a Will.
+MQTT5_HEADS = (
+    b"",
+    b"\x10\x15\x00\x04MQTT\x05\x02\x00\x3c\x05\x11\x00\x00\x00\x3c\x00\x03m-1",
+    b"\x10\x18\x00\x04MQTT\x05\x02\x00\x3c\x08\x15\x00\x05SCRAM\x00\x03m-1",
+    b"\x10\x1d\x00\x04MQTT\x05\x0e\x00\x3c\x00\x00\x03m-1\x02\x01\x01\x00\x03w/t\x00\x03bye",
+)
+_CONNACK_CODES = v5.REASON_CODES_BY_PACKET[v5.CONNACK]
+# an error is answered with a DISCONNECT, or with a CONNACK while in the CONNECT (0x84 is CONNACK's only)
+_ERROR_CODES = v5.REASON_CODES_BY_PACKET[v5.DISCONNECT] | _CONNACK_CODES
+
+
+def run_mqtt5(impl: Any, reads: list[bytes], max_packet_bytes: int, alias_max: int) -> list[object]:
+    """What the 5.0 codec did, read by read: events and state after each, then the error if any."""
+    codec = impl.MQTT5Codec(max_packet_bytes=max_packet_bytes, topic_alias_maximum=alias_max)
+    trace: list[object] = []
+    try:
+        for chunk in reads:
+            events = codec.feed(chunk)
+            trace.append((events, codec.connected, codec.buffered))
+    except v5.MQTT5Error as exc:
+        trace.append(("error", exc.reason_code, exc.return_code, exc.reason))
+        if exc.reason_code not in _ERROR_CODES or exc.return_code not in (None, *_CONNACK_CODES):
+            raise Disagreement(f"{_name(impl)}: undocumented error {exc!r}") from exc
+        try:
+            codec.feed(b"\xc0\x00")
+        except v5.MQTT5Error as again:
+            if again != exc:
+                raise Disagreement(f"{_name(impl)}: {again!r} after {exc!r}") from again
+        else:
+            raise Disagreement(f"{_name(impl)}: feed after {exc!r} did not raise") from exc
+    return trace
+
+
+def _name(impl: Any) -> str:
+    return "compiled" if impl is MQTT5_COMPILED else "twin"
+
+
+def _text(raw: bytes, seed: int) -> str:
+    """raw as a str, its invalid bytes as lone surrogates or U+FFFD (so invalid strings come too)."""
+    return raw.decode("utf-8", "surrogateescape" if seed & 64 else "replace")
+
+
+def mqtt5_arguments(seed: int, stream: bytes) -> tuple[Any, ...]:
+    """The encoders' arguments cut from the stream: a topic, a payload, a packet id,
+    reason codes and a Properties whose every field comes from the bytes (wrong
+    types and out of range values too)."""
+    cut = stream[0] if stream else 0
+    topic = _text(stream[1:1 + cut % 40], seed)
+    rest = stream[1 + cut % 40:]
+    pid = int.from_bytes(rest[:2], "big") if seed & 4 else seed >> 3
+    code = rest[2] if len(rest) > 2 else 0
+    codes = list(rest[3:3 + (seed & 3) + 1])
+    fields: dict[str, object] = {}
+    pos = 3 + (seed & 3) + 1
+    for spec in v5.PROPERTIES:
+        if pos >= len(rest):
+            break
+        pick, pos = rest[pos], pos + 1
+        if pick % 3:
+            continue
+        chunk, pos = rest[pos:pos + 1 + pick % 7], pos + 1 + pick % 7
+        if spec.type == v5.UTF8_PAIR:
+            fields[spec.attr] = ((_text(chunk[:2], seed), _text(chunk[2:], seed)),) * (1 + pick % 2)
+        elif spec.type in (v5.UTF8, v5.BINARY):
+            fields[spec.attr] = _text(chunk, seed) if (spec.type == v5.UTF8) != bool(pick & 64) else chunk
+        elif spec.type == v5.VBI:
+            fields[spec.attr] = (int.from_bytes(chunk, "big"),) * (1 + pick % 2)
+        else:
+            fields[spec.attr] = int.from_bytes(chunk, "big") if pick & 128 == 0 else str(pick)
+    props = v5.Properties(**fields) if not seed & 2 or fields else None  # type: ignore[arg-type]
+    max_size = None if seed & 32 else 8 + cut
+    return topic, rest[pos:], (seed >> 1) & 3, pid, code, codes, props, max_size, bool(seed & 128)
+
+
+def encode5_all(impl: Any, args: tuple[Any, ...]) -> list[object]:
+    topic, payload, qos, pid, code, codes, props, max_size, flag = args
+    return [
+        outcome(lambda: impl.encode_connack(flag, code, props, max_size)),
+        outcome(lambda: impl.encode_publish(topic, payload, qos, pid, flag, flag, props)),
+        outcome(lambda: impl.encode_puback(pid, code, props, max_size)),
+        outcome(lambda: impl.encode_pubrec(pid, code, props, max_size)),
+        outcome(lambda: impl.encode_pubrel(pid, code, props, max_size)),
+        outcome(lambda: impl.encode_pubcomp(pid, code, props, max_size)),
+        outcome(lambda: impl.encode_suback(pid, codes, props, max_size)),
+        outcome(lambda: impl.encode_unsuback(pid, codes, props, max_size)),
+        outcome(lambda: impl.encode_disconnect(code, props, max_size)),
+        outcome(lambda: impl.encode_auth(code, props, max_size)),
+    ]
+
+
+def check_mqtt5_encoders(data: bytes) -> None:
+    """Both sets of 5.0 encoders give the same bytes or refuse alike, and what they
+    encode as a client could send it (PUBLISH, the acks) both codecs decode alike."""
+    _config, seed, stream = split_input(data)
+    args = mqtt5_arguments(seed, stream)
+    encoded = encode5_all(MQTT5_COMPILED, args)
+    agree("MQTT 5.0 encoders", encoded, encode5_all(codec5_py, args), data)
+    for raw in encoded[1:6]:
+        if type(raw) is bytes:
+            reads = [MQTT5_HEADS[1] + raw]
+            agree("MQTT 5.0 codec on an encoder's packet", run_mqtt5(MQTT5_COMPILED, reads, 1 << 20, 65535),
+                  run_mqtt5(codec5_py, reads, 1 << 20, 65535), data)
+
+
+def check_mqtt5(data: bytes) -> None:
+    """Config bits 0-1: max_packet_bytes; bit 2: also fed one byte per read;
+    bits 3-4: topic_alias_maximum; bits 5-6: what the stream starts with
+    (MQTT5_HEADS); bit 7: the server's encoders instead, on arguments cut from
+    the stream (check_mqtt5_encoders)."""
+    config, seed, stream = split_input(data)
+    if config & 128:
+        check_mqtt5_encoders(data)
+        return
+    max_packet, alias_max = MQTT5_MAX_PACKET[config & 3], MQTT5_ALIAS_MAX[(config >> 3) & 3]
+    stream = MQTT5_HEADS[(config >> 5) & 3] + stream
+    plans = [[stream], cuts(stream, seed)]
+    if config & 4 and len(stream) <= 2048:
+        plans.append([stream[i:i + 1] for i in range(len(stream))])
+    for reads in plans:
+        agree(f"MQTT 5.0 codec, {len(reads)} reads", run_mqtt5(MQTT5_COMPILED, reads, max_packet, alias_max),
+              run_mqtt5(codec5_py, reads, max_packet, alias_max), data)
+
+
 # -- HTTP/1.1 request parser ----------------------------------------------------------------------
 
 HTTP_MAX_HEAD = (64, 256, 16384, 16384)
@@ -332,6 +467,7 @@ def check_proxy(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "mqtt": check_mqtt,
+    "mqtt5": check_mqtt5,
     "http": check_http,
     "validator": check_validator,
     "proxy": check_proxy,
