@@ -41,7 +41,7 @@ from loadgen.device import READING, Device, DeviceOptions
 from loadgen.mqtt_device import RawSocketStream  # the one driver of a raw socket (see connect)
 from loadgen.stats import Stats
 
-__all__ = ["WsDevice", "build_envelope", "client_frame", "parse_frames"]
+__all__ = ["WsDevice", "build_envelope", "client_frame", "handshake", "parse_frames"]
 
 _RECEIVE_BYTES = 65536
 _MAX_HEAD_BYTES = 16384              # of the server's handshake answer
@@ -141,6 +141,34 @@ def _accept_token(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _GUID).digest())
 
 
+async def handshake(stream: trio.abc.Stream | RawSocketStream, host_header: str, resource: str,
+                    subprotocol: str | None = None) -> bytes:
+    """The WebSocket upgrade on ``stream`` (ConnectionError if refused or
+    wrong); returns the bytes that came after the 101's head."""
+    key = base64.b64encode(os.urandom(16))
+    offer = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+    await stream.send_all(
+        f"GET {resource} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n".encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        if len(answer) > _MAX_HEAD_BYTES:
+            raise ConnectionError("WebSocket handshake failed: the answer's head is too long")
+        chunk = await stream.receive_some(_RECEIVE_BYTES)
+        if not chunk:
+            raise ConnectionError("WebSocket handshake failed: closed before the answer")
+        answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or parts[1] != b"101":
+        raise ConnectionError(f"WebSocket handshake failed: {status_line.decode('latin-1')!r}")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines)}
+    if headers.get(b"sec-websocket-accept") != _accept_token(key):
+        raise ConnectionError("WebSocket handshake failed: wrong Sec-WebSocket-Accept")
+    return bytes(rest)
+
+
 class WsDevice(Device):
     """Sends seq'd envelopes of ``--batch`` readings, up to ``--inflight`` unacknowledged."""
 
@@ -187,28 +215,7 @@ class WsDevice(Device):
         return stream
 
     async def _handshake(self, stream: trio.abc.Stream | RawSocketStream) -> bytes:
-        """The upgrade; returns the bytes that came after the 101's head."""
-        key = base64.b64encode(os.urandom(16))
-        await stream.send_all(
-            f"GET {self.resource} HTTP/1.1\r\nHost: {self.host_header}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            if len(answer) > _MAX_HEAD_BYTES:
-                raise ConnectionError("WebSocket handshake failed: the answer's head is too long")
-            chunk = await stream.receive_some(_RECEIVE_BYTES)
-            if not chunk:
-                raise ConnectionError("WebSocket handshake failed: closed before the answer")
-            answer += chunk
-        head, _, rest = answer.partition(b"\r\n\r\n")
-        status_line, *lines = head.split(b"\r\n")
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or parts[1] != b"101":
-            raise ConnectionError(f"WebSocket handshake failed: {status_line.decode('latin-1')!r}")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines)}
-        if headers.get(b"sec-websocket-accept") != _accept_token(key):
-            raise ConnectionError("WebSocket handshake failed: wrong Sec-WebSocket-Accept")
-        return rest
+        return await handshake(stream, self.host_header, self.resource)
 
     async def say_goodbye(self, stream: trio.abc.Stream | RawSocketStream) -> None:
         await self._send(stream, client_frame(OP_CLOSE, (1000).to_bytes(2, "big")))
