@@ -641,6 +641,12 @@ class Gateway:
                                 if unlogged else "")
                 await trio.aclose_forcefully(stream)
                 return
+            except Exception as exc:       # a bug must cost this connection only; Cancelled passes
+                refused.labels(listener, "internal_error").inc()
+                log.error("%s: reading the PROXY header from %s failed: %s", listener, _peer(stream), exc,
+                          exc_info=exc)
+                await trio.aclose_forcefully(stream)
+                return
             cn = header.ssl.verified_cn if header.ssl is not None and not tls else None
             await handler(ProxiedStream(stream, cn) if cn else stream, client=header.client_address)
 

@@ -298,3 +298,28 @@ async def test_http_a_proxy_verified_certificate_cn_authenticates_every_request(
     assert await post(ssl_tlv("meter-7")) in (b"200", b"202")
     assert await post(ssl_tlv("meter-7", verify=1)) == b"401"      # not verified: no identity, no credentials
     assert await post(b"") == b"401"
+
+
+async def test_a_bug_in_the_header_path_costs_only_its_connection(autojump_clock, proxied_gateway, monkeypatch,
+                                                                   caplog):
+    import gridgate.gateway
+
+    gw = await proxied_gateway(mqtt=MQTTConfig(listen=LOOPBACK, proxy_protocol="v2"))
+    real = gridgate.gateway.accept_proxy_header
+    calls = 0
+
+    async def broken_once(stream, **kw):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected")
+        return await real(stream, **kw)
+
+    monkeypatch.setattr(gridgate.gateway, "accept_proxy_header", broken_once)
+    stream = await open_from(gw.addresses["mqtt"])
+    await stream.send_all(v2("192.0.2.7", "10.0.0.1", 1, 2) + gen_connect("meter-1"))
+    assert await closed_silently(stream)
+    assert refused(gw, "mqtt", "internal_error") == 1
+    assert any("injected" in r.getMessage() for r in caplog.records)
+    _, connack = await mqtt_via_proxy(gw.addresses["mqtt"], v2("192.0.2.7", "10.0.0.1", 1, 2), "meter-1")
+    assert connack == gen_connack(0)
