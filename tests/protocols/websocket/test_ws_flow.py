@@ -1,0 +1,73 @@
+"""/v1/ws flow control and graceful stop, in-process with the trio-websocket
+client: a device that does not read its acks stops being read (and is not
+reaped for it), and a stopping gateway delivers the acks it owes before it
+closes with 1001."""
+from __future__ import annotations
+
+import json
+
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, wrap_client_stream
+
+from autojump import start_still
+from gridgate.config import PipelineConfig, SinkConfig, WebSocketConfig
+from inprocess import GatedSink, MemorySink, make_config
+
+
+def envelope(seq: int) -> str:
+    return json.dumps({"seq": seq, "readings": [{"humidity": seq % 100}]})
+
+
+async def test_a_device_that_does_not_read_its_acks_stops_being_read(autojump_clock, tmp_path, nursery):
+    config = make_config(tmp_path, websocket=WebSocketConfig(listen="", ping_interval_s=0, max_pending_acks=3))
+    gateway = await start_still(nursery, config, MemorySink())
+    # lockstep: a write waits until the peer reads it, as a full socket does
+    client, server = trio.testing.lockstep_stream_pair()
+    nursery.start_soon(gateway.handle_ws, server)
+    # message_queue_size=1: the client library stops reading once one ack waits unread
+    ws = await wrap_client_stream(nursery, client, "gw", "/v1/ws?device_id=meter-1", message_queue_size=1)
+    (session,) = list(gateway.conns)
+    sent = 0
+
+    async def send_all() -> None:
+        nonlocal sent
+        for seq in range(1, 41):
+            await ws.send_message(envelope(seq))
+            sent += 1
+
+    nursery.start_soon(send_all)
+    await trio.testing.wait_all_tasks_blocked()
+    assert session.paused and sent < 40          # the gateway stopped reading: the sender is held
+    await trio.sleep(3600)                       # far past idle_timeout_s: held back, not silent
+    assert len(gateway.conns) == 1 and gateway.conns.reaped == 0 and session.paused
+    acks = [json.loads(await ws.get_message())["ack"] for _ in range(40)]
+    assert acks == list(range(1, 41)) and sent == 40
+    await trio.testing.wait_all_tasks_blocked()
+    assert not session.paused
+    await ws.aclose()
+
+
+async def test_a_stopping_gateway_sends_the_acks_it_owes_then_closes_with_1001(autojump_clock, tmp_path, nursery):
+    config = make_config(tmp_path, websocket=WebSocketConfig(listen="", ping_interval_s=0),
+                         pipeline=PipelineConfig(batch_max_delay_ms=0), sink=SinkConfig(write_timeout_s=86400))
+    sink = GatedSink()
+    async with trio.open_nursery() as gateway_nursery:
+        gateway = await start_still(gateway_nursery, config, sink)
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(gateway.handle_ws, server)
+        ws = await wrap_client_stream(nursery, client, "gw", "/v1/ws?device_id=meter-1")
+        await ws.send_message(envelope(1))
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.waiting == 1                 # seq 1 is being written, not yet durable
+        gateway.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        sink.gate.set()
+        assert json.loads(await ws.get_message()) == {"ack": 1, "accepted": 1, "rejected": 0, "errors": []}
+        try:
+            await ws.get_message()
+        except ConnectionClosed as exc:
+            assert exc.reason.code == 1001 and exc.reason.reason == "gateway shutting down"
+        else:
+            raise AssertionError("a message after the owed ack")
+    assert [r.fields for b in sink.batches for r in b] == [{"humidity": 1}]
