@@ -87,3 +87,19 @@ async def test_unsubscribe_stops_new_commands_and_completes_the_one_in_flight_mq
     assert await read_exactly(client, 5) == gen_suback(3, [1])
     held = command(second, "SYNC", 1, mid=2)
     assert await read_exactly(client, len(held)) == held
+
+
+async def test_commands_go_out_and_are_resent_in_the_order_they_were_posted_mqtt_4_6_0_1(tmp_path, autojump_clock,
+                                                                                        nursery):
+    # a client's rule (MQTT-4.6.0-1) that the gateway keeps for its own QoS 1 sends as well
+    gateway = await start_still(nursery, make_config(tmp_path, downlink=DOWNLINK), MemorySink())
+    client = await connect_memory(gateway, nursery, "meter-1")
+    types = ("REBOOT", "SYNC", "RESET")
+    ids = [await post_command(gateway, nursery, {"type": type_}) for type_ in types]
+    await client.send_all(gen_subscribe(1, [(TOPIC, 1)]))           # all three were waiting for it
+    assert await read_exactly(client, 5) == gen_suback(1, [1])
+    sent = list(zip(ids, types, strict=True))
+    first = b"".join(command(i, t, 1, mid=n) for n, (i, t) in enumerate(sent, 1))
+    assert await read_exactly(client, len(first)) == first
+    again = b"".join(command(i, t, 1, mid=n, dup=True) for n, (i, t) in enumerate(sent, 1))
+    assert await read_exactly(client, len(again)) == again
