@@ -1,7 +1,7 @@
 """/v1/ws flow control and graceful stop, in-process with the trio-websocket
 client: a device that does not read its acks stops being read (and is not
 reaped for it), and a stopping gateway delivers the acks it owes before it
-closes with 1001."""
+closes with 1001; pings whose pongs are not read are bounded the same way."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ from trio_websocket import ConnectionClosed, wrap_client_stream
 from autojump import start_still
 from gridgate.config import PipelineConfig, SinkConfig, WebSocketConfig
 from inprocess import GatedSink, MemorySink, make_config
+from loadgen.ws_device import OP_PING, client_frame, handshake
 
 
 def envelope(seq: int) -> str:
@@ -71,3 +72,27 @@ async def test_a_stopping_gateway_sends_the_acks_it_owes_then_closes_with_1001(a
         else:
             raise AssertionError("a message after the owed ack")
     assert [r.fields for b in sink.batches for r in b] == [{"humidity": 1}]
+
+
+async def test_pings_whose_pongs_are_not_read_stop_the_reading_on_mqtt_too(autojump_clock, tmp_path, nursery):
+    config = make_config(tmp_path, websocket=WebSocketConfig(listen="", ping_interval_s=0, max_pending_acks=3))
+    gateway = await start_still(nursery, config, MemorySink())
+    client, server = trio.testing.lockstep_stream_pair()
+    nursery.start_soon(gateway.handle_ws, server)
+    assert await handshake(client, "gw", "/mqtt", subprotocol="mqtt") == b""
+    (session,) = list(gateway.conns)
+    sent = 0
+
+    async def ping_flood() -> None:
+        nonlocal sent
+        for _ in range(50):
+            await client.send_all(client_frame(OP_PING, b"x"))
+            sent += 1
+
+    nursery.start_soon(ping_flood)
+    await trio.testing.wait_all_tasks_blocked()
+    assert session.paused and sent <= 5          # a few pongs owed, then the pings wait in the client
+    received = b""
+    while received.count(b"\x8a\x01x") < 50:     # every pong comes, once the client reads
+        received += await client.receive_some(65536)
+    assert received == b"\x8a\x01x" * 50 and sent == 50

@@ -164,7 +164,8 @@ async def serve_websocket_connection(stream: trio.abc.Stream, services: Services
         session.close_reason = "client left during the handshake"
         return
     async with trio.open_nursery() as nursery:
-        ws = ServerWebSocket(stream, session, cfg.max_message_bytes, _RECEIVE_BYTES, nursery.start_soon)
+        ws = ServerWebSocket(stream, session, cfg.max_message_bytes, _RECEIVE_BYTES, cfg.max_pending_acks,
+                             nursery.start_soon)
         if cfg.ping_interval_s > 0:
             nursery.start_soon(_pinger, ws, cfg.ping_interval_s)
         code, reason = CLOSE_NORMAL, ""
@@ -304,7 +305,6 @@ class WSDeviceChannel:
         self.svc = services
         self.session = session
         self.device_id = device_id
-        self.max_pending_acks = services.config.websocket.max_pending_acks
         self.binary = False          # the device's last message was MessagePack: answer in kind
         self.pending = 0             # reads with seq'd messages submitted, acks not yet written
         self.closed = False
@@ -341,12 +341,7 @@ class WSDeviceChannel:
         poll_durable = self.svc.poll_durable
         with session.read_scope:
             while True:
-                out = ws.out
-                if out is not None and len(out) >= self.max_pending_acks:
-                    # The device does not read its acks: stop reading it.
-                    session.paused = True
-                    await out.wait_sent()
-                    session.paused = False
+                # (a device that does not read its acks is paused in receive: max_pending_acks)
                 messages = await ws.receive()
                 if messages:
                     closing = await self._handle(messages)

@@ -51,15 +51,19 @@ class ServerWebSocket:
     certificate is the session's identity).
     """
 
-    __slots__ = ("transport", "session", "decoder", "receive_bytes", "out", "eof", "peer_close", "error",
-                 "close_sent", "lost", "_fd", "_receive_some", "_start_soon", "_drained", "_unyielded")
+    __slots__ = ("transport", "session", "decoder", "receive_bytes", "max_queued_frames", "out", "eof",
+                 "peer_close", "error", "close_sent", "lost", "_fd", "_receive_some", "_start_soon", "_drained",
+                 "_unyielded")
 
     def __init__(self, stream: trio.abc.Stream, session: Session, max_message_bytes: int, receive_bytes: int,
-                 start_soon: Callable[[Callable[[], Awaitable[Any]]], None]) -> None:
+                 max_queued_frames: int, start_soon: Callable[[Callable[[], Awaitable[Any]]], None]) -> None:
         self.transport = stream
         self.session = session
         self.decoder = FrameDecoder(max_message_bytes)
         self.receive_bytes = receive_bytes
+        # Frames owed to a peer that does not read them (acks, pongs to its
+        # pings) before it stops being read: what it can make us hold is bounded.
+        self.max_queued_frames = max_queued_frames
         # What the socket did not take at once, one item per frame (so its
         # length counts the acks a peer does not read), and its writer task.
         self.out: Outgoing[bytes] | None = None
@@ -88,6 +92,12 @@ class ServerWebSocket:
         control frames or of part of a frame); [] once ``ended``."""
         if self.ended:
             return []
+        out = self.out
+        if out is not None and len(out) >= self.max_queued_frames:
+            # The peer does not read what it is sent: stop reading it.
+            self.session.paused = True
+            await out.wait_sent()
+            self.session.paused = False
         data = await self._read()
         if not data:
             self.eof = True
