@@ -323,3 +323,24 @@ async def test_a_bug_in_the_header_path_costs_only_its_connection(autojump_clock
     assert any("injected" in r.getMessage() for r in caplog.records)
     _, connack = await mqtt_via_proxy(gw.addresses["mqtt"], v2("192.0.2.7", "10.0.0.1", 1, 2), "meter-1")
     assert connack == gen_connack(0)
+
+
+async def test_stalled_headers_hold_nothing_but_their_own_socket(autojump_clock, proxied_gateway):
+    """200 connections stall mid-header: a good one is served meanwhile, and
+    all 200 are closed together at the deadline, counted as timeouts."""
+    gw = await proxied_gateway(mqtt=MQTTConfig(listen=LOOPBACK, proxy_protocol="v2"))
+    addr = gw.addresses["mqtt"]
+    start = trio.current_time()
+    stalled = []
+    for i in range(200):
+        stream = await open_from(addr)
+        await stream.send_all(v2("192.0.2.7", "10.0.0.1", i, 2)[:10 + i % 15])
+        stalled.append(stream)
+    good, connack = await mqtt_via_proxy(addr, v2("192.0.2.8", "10.0.0.1", 1, 2), "meter-1")
+    assert connack == gen_connack(0) and len(gw.conns) == 1
+    for stream in stalled:
+        assert await closed_silently(stream)
+    assert trio.current_time() - start == pytest.approx(gw.config.service.proxy_header_timeout_s, abs=0.1)
+    assert refused(gw, "mqtt", "timeout") == 200
+    await good.send_all(gen_publish("telemetry", 1, b'{"device_id": "meter-1", "battery_mv": 1}', mid=3))
+    assert await read_exactly(good, 4) == gen_puback(3)
