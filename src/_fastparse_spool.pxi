@@ -139,7 +139,7 @@ cdef enum:
     _SW_INSERT_REJECTIONS_MANY = 13
     _SW_N_STMTS = 14
 
-cdef int _SW_RECORD_COLUMNS = 6       # gridgate.storage.spool._ROW_COLUMNS
+cdef int _SW_RECORD_COLUMNS = 8       # gridgate.storage.spool._ROW_COLUMNS
 cdef int _SW_REJECTION_COLUMNS = 8    # gridgate.storage.spool._REJECTION_COLUMNS
 cdef dict _SW_STATEMENT_PARAMS = {"insert_records": _SW_RECORD_COLUMNS, "insert_pending": _SW_RECORD_COLUMNS,
                                   "insert_rejections": _SW_REJECTION_COLUMNS, "count_records": 2, "count_pending": 2}
@@ -400,10 +400,10 @@ cdef class SpoolWriter:
     def __init__(self, str library_path, str path, dict statements, bint fsync=False, int busy_timeout_ms=5000):
         """``statements``: the spool's own SQL (gridgate.storage.spool.Spool.writer_statements),
         so the schema is written down once: "insert_records", "insert_pending"
-        (6 parameters), "insert_rejections" (8), "count_records",
+        (8 parameters), "insert_rejections" (8), "count_records",
         "count_pending" (records or pending, then rejected), and the same
         three INSERTs of many rows: "insert_records_many" and
-        "insert_pending_many" (one number of rows, 6 parameters each),
+        "insert_pending_many" (one number of rows, 8 parameters each),
         "insert_rejections_many" (8 each)."""
         _sw_load(library_path)
         for key, params in _SW_STATEMENT_PARAMS.items():
@@ -484,8 +484,8 @@ cdef class SpoolWriter:
     def start(self, list records, list rejections, bint pending=False, bint measure=False):
         """Hand a batch to the writer thread and return at once.
 
-        ``records``: 6-tuples (device_id, ts_ns, received_ns, protocol,
-        fields, tags); ``rejections``: 8-tuples (received_ns, protocol,
+        ``records``: 8-tuples (device_id, ts_ns, received_ns, protocol,
+        fields, tags, traceparent, tracestate); ``rejections``: 8-tuples (received_ns, protocol,
         reason, field, idx, device_id, detail, raw), as gridgate.storage.spool builds
         them. Values: str (TEXT), bytes (BLOB), int (INTEGER) or None.
         ``measure``: also report the spool's used bytes (see finish).

@@ -21,6 +21,7 @@ __all__ = [
 
 # Property identifiers (section 2.2.2.2, table 2-4)
 PAYLOAD_FORMAT = 0x01
+MESSAGE_EXPIRY = 0x02
 CONTENT_TYPE = 0x03
 SESSION_EXPIRY = 0x11
 SERVER_KEEP_ALIVE = 0x13

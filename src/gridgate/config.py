@@ -165,6 +165,9 @@ class InfluxDBConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     database: str = "telemetry"
     measurement: str = "telemetry"
     max_lines: Annotated[int, Meta(ge=1, le=100_000)] = 5000   # lines per HTTP request
+    # Tag a reading that came with a W3C traceparent (MQTT 5) with trace_id:
+    # one series per trace, so only on purpose.
+    trace_tag: bool = False
 
 
 class NATSConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -142,7 +142,8 @@ async def open_external_sink(config: Config) -> Sink:
         from gridgate.sinks.influxdb import InfluxDBSink
         influx = config.influxdb
         return await InfluxDBSink.open(influx.url, influx.database, influx.measurement,
-                                       timeout_s=config.sink.write_timeout_s, max_lines=influx.max_lines)
+                                       timeout_s=config.sink.write_timeout_s, max_lines=influx.max_lines,
+                                       trace_tag=influx.trace_tag)
     if config.sink.kind == "nats":
         from gridgate.sinks.nats import NATSSink
         nats = config.nats

@@ -232,12 +232,12 @@ def test_compiled_writer_refuses_misuse_without_handing_anything_over(tmp_path):
     writer = _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path), spool.writer_statements())
     with pytest.raises(RuntimeError, match="no batch"):
         writer.finish()
-    with pytest.raises(ValueError, match="row 1 has 5 values, not 6"):
+    with pytest.raises(ValueError, match="row 1 has 5 values, not 8"):
         writer.start(record_rows([record(0)]) + [("a", 1, 2, "mqtt", b"{}")], [])
     with pytest.raises(TypeError, match="float is not str, bytes, int or None"):
-        writer.start([("a", 1.5, 2, "mqtt", b"{}", b"{}")], [])
+        writer.start([("a", 1.5, 2, "mqtt", b"{}", b"{}", None, None)], [])
     with pytest.raises(OverflowError, match="int too big to convert"):
-        writer.start([("a", 2 ** 64, 2, "mqtt", b"{}", b"{}")], [])
+        writer.start([("a", 2 ** 64, 2, "mqtt", b"{}", b"{}", None, None)], [])
     assert not writer.busy
     writer.start(record_rows([record(0)]), rejection_rows([rejection(1)]))
     assert writer.busy
@@ -278,5 +278,5 @@ def test_compiled_writer_needs_a_wal_spool_and_a_loaded_sqlite(tmp_path):
         _fastparse.SpoolWriter("/nonexistent/libsqlite3.so", str(plain), statements)
     with pytest.raises(ValueError, match="'insert_rejections' must be SQL with 8 parameters"):
         _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path),
-                               {**statements, "insert_rejections": statements["insert_records"]})
+                               {**statements, "insert_rejections": statements["count_records"]})
     spool.close()

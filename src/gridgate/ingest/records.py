@@ -5,7 +5,8 @@ import re
 
 import msgspec
 
-__all__ = ["Record", "Rejection", "REASONS", "DEVICE_ID_PATTERN", "DEVICE_ID_RE"]
+__all__ = ["Record", "Rejection", "REASONS", "DEVICE_ID_PATTERN", "DEVICE_ID_RE", "TRACEPARENT_RE",
+           "MAX_TRACESTATE_CHARS", "trace_id"]
 
 # What a device id may be (DESIGN section 3), wherever it comes from: an MQTT
 # client id, a WebSocket ?device_id=, or a payload's device_id.
@@ -21,8 +22,28 @@ REASONS: tuple[str, ...] = (
 )
 
 
-class Record(msgspec.Struct, kw_only=True, gc=False):
-    """One normalized reading, as sinks receive it."""
+# W3C Trace Context level 1, section 3.2: version 00's traceparent
+# (version-traceid-parentid-flags, lowercase hex); an all-zero trace or
+# parent id is invalid. Later versions may append fields after the flags
+# ("-..."), which a version-00 reader keeps but does not read.
+TRACEPARENT_RE = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-[ -~]*)?\Z")
+# tracestate: at most 32 list members, which W3C asks to propagate at least
+# 512 characters of (section 3.3.1.1); longer ones are not kept.
+MAX_TRACESTATE_CHARS = 512
+
+
+def trace_id(traceparent: str) -> str:
+    """The trace id of a valid traceparent (its 32 hex digits)."""
+    return traceparent[3:35]
+
+
+class Record(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):
+    """One normalized reading, as sinks receive it.
+
+    ``traceparent`` and ``tracestate``: the W3C Trace Context the device sent
+    with it (MQTT 5 User Properties), None when it sent none; encoded only
+    when set (omit_defaults), so a record without them encodes as before.
+    """
 
     device_id: str
     ts_ns: int                      # reading time, ns since the epoch (UTC)
@@ -30,6 +51,8 @@ class Record(msgspec.Struct, kw_only=True, gc=False):
     protocol: str                   # "mqtt", "http", "ws", "mqtt-ws"
     fields: dict[str, int | float]
     tags: dict[str, str]
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class Rejection(msgspec.Struct, kw_only=True, gc=False):

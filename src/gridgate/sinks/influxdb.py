@@ -148,7 +148,7 @@ class InfluxDBSink:
 
     def __init__(self, url: str = DEFAULT_URL, database: str = DEFAULT_DATABASE,
                  measurement: str = DEFAULT_MEASUREMENT, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_lines: int = DEFAULT_MAX_LINES,
+                 max_lines: int = DEFAULT_MAX_LINES, trace_tag: bool = False,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         """
         Args:
@@ -158,6 +158,8 @@ class InfluxDBSink:
             measurement: the measurement every record is written as.
             timeout_s: total deadline per HTTP request.
             max_lines: at most this many records (lines) per request.
+            trace_tag: tag each record that carries a ``traceparent`` with
+                ``trace_id`` (``[influxdb] trace_tag``; line_protocol.encode_lines).
             transport: an httpx transport to use instead of the default
                 (tests use ``httpx.MockTransport``).
 
@@ -182,6 +184,7 @@ class InfluxDBSink:
         self.measurement = measurement
         self.timeout_s = float(timeout_s)
         self.max_lines = max_lines
+        self.trace_tag = trace_tag
         self._write_params = {"db": database, "precision": "ns"}
         self._client = httpx.AsyncClient(
             base_url=self.url, timeout=httpx.Timeout(self.timeout_s), trust_env=False, transport=transport,
@@ -191,14 +194,15 @@ class InfluxDBSink:
     async def open(cls, url: str = DEFAULT_URL, database: str = DEFAULT_DATABASE,
                    measurement: str = DEFAULT_MEASUREMENT, *, create_database: bool = True,
                    timeout_s: float = DEFAULT_TIMEOUT_S, max_lines: int = DEFAULT_MAX_LINES,
-                   transport: httpx.AsyncBaseTransport | None = None) -> InfluxDBSink:
+                   trace_tag: bool = False, transport: httpx.AsyncBaseTransport | None = None) -> InfluxDBSink:
         """Make a sink and, with ``create_database``, create its database.
 
         Raises:
             ValueError: invalid arguments.
             SinkWriteError: the database could not be created.
         """
-        sink = cls(url, database, measurement, timeout_s=timeout_s, max_lines=max_lines, transport=transport)
+        sink = cls(url, database, measurement, timeout_s=timeout_s, max_lines=max_lines, trace_tag=trace_tag,
+                   transport=transport)
         if create_database:
             try:
                 await sink.create_database()
@@ -252,7 +256,7 @@ class InfluxDBSink:
         bodies = []
         for start in range(0, n, step):
             try:
-                body = encode(batch[start:start + step], self.measurement)
+                body = encode(batch[start:start + step], self.measurement, self.trace_tag)
             except LineProtocolError as exc:
                 raise InfluxDBEncodeError(start + (exc.index or 0), exc.reason) from None
             bodies.append(gzip.compress(body, GZIP_LEVEL))

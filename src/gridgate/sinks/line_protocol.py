@@ -43,12 +43,12 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from gridgate.ingest.records import Record
+from gridgate.ingest.records import Record, trace_id
 
 __all__ = [
     "DEFAULT_MEASUREMENT", "LineProtocolError", "encode", "encode_lines",
     "escape_measurement", "escape_key", "escape_tag_value", "format_field_value",
-    "MIN_TIMESTAMP_NS", "MAX_TIMESTAMP_NS",
+    "MIN_TIMESTAMP_NS", "MAX_TIMESTAMP_NS", "TRACE_TAG",
 ]
 
 DEFAULT_MEASUREMENT = "telemetry"   # DESIGN section 2: [influxdb] measurement = "telemetry"
@@ -64,6 +64,8 @@ _INT64_MAX = (1 << 63) - 1
 # write) and the tag the encoder sets itself.
 _RESERVED_KEY = "time"
 _DEVICE_TAG = "device_id"
+# With trace_tag: the trace id of the record's traceparent ([influxdb] trace_tag).
+TRACE_TAG = "trace_id"
 
 # Anything in a key or tag value that needs a second look: the characters to
 # escape, a backslash (see the module docstring) and line breaks.
@@ -238,8 +240,14 @@ def _field_set(fields: Mapping[str, object]) -> str:
     return ",".join(parts)
 
 
-def encode_lines(records: Iterable[Record], measurement: str = DEFAULT_MEASUREMENT) -> list[str]:
+def encode_lines(records: Iterable[Record], measurement: str = DEFAULT_MEASUREMENT,
+                 trace_tag: bool = False) -> list[str]:
     """The line of each record, in order (no trailing newlines).
+
+    ``trace_tag``: a record with a ``traceparent`` also gets the tag
+    ``trace_id`` (its 32 hex digits; it replaces a reading's own tag of that
+    name). Off by default: one series per trace is a cardinality an operator
+    must choose.
 
     Raises:
         LineProtocolError: a record cannot be carried unchanged; ``index``
@@ -257,13 +265,16 @@ def encode_lines(records: Iterable[Record], measurement: str = DEFAULT_MEASUREME
             ts = record.ts_ns
             if type(ts) is not int or not lo <= ts <= hi:
                 raise LineProtocolError(f"timestamp {ts!r} is not an integer within InfluxDB's range")
-            append(f"{prefix}{tag_set(record.device_id, record.tags)} {field_set(record.fields)} {ts}")
+            tags = record.tags
+            if trace_tag and record.traceparent is not None:
+                tags = {**tags, TRACE_TAG: trace_id(record.traceparent)}
+            append(f"{prefix}{tag_set(record.device_id, tags)} {field_set(record.fields)} {ts}")
     except LineProtocolError as exc:
         raise LineProtocolError(exc.reason, i) from None
     return lines
 
 
-def encode(records: Sequence[Record], measurement: str = DEFAULT_MEASUREMENT) -> bytes:
+def encode(records: Sequence[Record], measurement: str = DEFAULT_MEASUREMENT, trace_tag: bool = False) -> bytes:
     """The UTF-8 line-protocol body for ``records``, one line each, each
     ending in ``\\n``; ``b""`` for no records.
 
@@ -271,7 +282,7 @@ def encode(records: Sequence[Record], measurement: str = DEFAULT_MEASUREMENT) ->
         LineProtocolError: as :func:`encode_lines`, or a string that is not
             valid Unicode (a lone surrogate) and cannot be UTF-8 encoded.
     """
-    lines = encode_lines(records, measurement)
+    lines = encode_lines(records, measurement, trace_tag)
     if not lines:
         return b""
     lines.append("")

@@ -22,7 +22,9 @@ Wire format
     The message body is the normalized :class:`~gridgate.ingest.records.Record`
     encoded as **MessagePack** by msgspec: a map with the keys ``device_id``,
     ``ts_ns``, ``received_ns``, ``protocol``, ``fields`` and ``tags`` (the
-    same names as the JSON Lines of ``gridgate spool export``). MessagePack
+    same names as the JSON Lines of ``gridgate spool export``; ``traceparent``
+    and ``tracestate`` too when the device sent a W3C Trace Context, which
+    a one-reading message also carries as headers of those names). MessagePack
     because it is what the gateway already decodes in its hot path, it is
     smaller than JSON, and keeps ints and floats apart; a consumer decodes
     it with ``msgspec.msgpack.decode(data, type=Record)`` or any msgpack library.
@@ -121,7 +123,7 @@ from gridgate.ingest.records import Record
 
 __all__ = ["NATSSink", "SinkWriteError", "SinkOpenError", "SubjectTemplate", "sanitize_token", "msg_id",
            "encode_record", "decode_record", "subject_covers", "batch_msg_id", "encode_records", "decode_records",
-           "READINGS_HEADER", "MAX_READINGS_PER_MESSAGE"]
+           "READINGS_HEADER", "MAX_READINGS_PER_MESSAGE", "TRACEPARENT_HEADER", "TRACESTATE_HEADER"]
 
 log = logging.getLogger("gridgate.sinks.nats")
 
@@ -138,6 +140,10 @@ DEFAULT_MAX_INFLIGHT = 512
 MAX_TOKEN_CHARS = 128
 # The batched format's header: its value is the number of readings in the body.
 READINGS_HEADER = "Gridgate-Readings"
+# W3C Trace Context (the device's MQTT 5 User Properties), on a one-reading
+# message whose record carries it.
+TRACEPARENT_HEADER = "traceparent"
+TRACESTATE_HEADER = "tracestate"
 MAX_READINGS_PER_MESSAGE = 10_000
 # Bytes of a message's max_payload left to its headers (msg-id, expected
 # stream, readings, and the NATS/1.0 header line): a batch body is cut to
@@ -375,14 +381,18 @@ class _Window:
 
     ``readings`` is None for the one-reading format, else the number of
     readings in each message (the batched format: its header says so).
+    ``traced``: in the one-reading format, when any record carries a trace
+    context, the records of ``items`` in order (their ``traceparent`` and
+    ``tracestate`` become headers); None otherwise.
     """
 
     def __init__(self, sink: NATSSink, key: str, items: list[tuple[str, bytes, str]],
-                 readings: list[int] | None = None) -> None:
+                 readings: list[int] | None = None, traced: Sequence[Record] | None = None) -> None:
         self.sink = sink
         self.key = key
         self.items = items
         self.readings = readings
+        self.traced = traced
         self.n = len(items)
         self.loop = asyncio.get_running_loop()
         self.reply_prefix = f"{sink._inbox}.{key}."
@@ -462,7 +472,8 @@ class _Window:
 
     async def _fill(self) -> None:
         """Publish retries that are due, then new messages, while the sink has free slots."""
-        sink, loop, items, retries, readings = self.sink, self.loop, self.items, self.retries, self.readings
+        sink, loop, items, retries, readings, traced = (self.sink, self.loop, self.items, self.retries,
+                                                        self.readings, self.traced)
         publish = sink._nc.publish
         ack_timeout = sink.ack_timeout_s
         headers_stream = sink.stream
@@ -498,6 +509,12 @@ class _Window:
             headers = {MSG_ID_HEADER: mid, EXPECTED_STREAM_HEADER: headers_stream}
             if readings is not None:
                 headers[READINGS_HEADER] = str(readings[index])
+            if traced is not None:
+                record = traced[index]
+                if record.traceparent is not None:
+                    headers[TRACEPARENT_HEADER] = record.traceparent
+                    if record.tracestate is not None:
+                        headers[TRACESTATE_HEADER] = record.tracestate
             try:
                 await publish(subject, payload, reply=f"{self.reply_prefix}{index}.{attempt}", headers=headers)
             except (OSError, nats.errors.Error) as e:
@@ -880,11 +897,14 @@ class NATSSink:
             raise SinkWriteError("NATS sink is not open")
         render = self.template.render
         readings: list[int] | None = None
+        traced: Sequence[Record] | None = None
         if self.readings_per_message == 1:
             items = [(render(r), encode_record(r), msg_id(r)) for r in batch]
+            if any(r.traceparent is not None for r in batch):
+                traced = batch
         else:
             items, readings = self._batch_messages(batch)
-        duplicates = await self._call(self._publish_all(items, readings))
+        duplicates = await self._call(self._publish_all(items, readings, traced))
         self.published += len(batch)
         self.messages += len(items)
         self.duplicates += duplicates
@@ -920,10 +940,11 @@ class NATSSink:
         items.append((subject, body, batch_msg_id(records)))
         readings.append(len(records))
 
-    async def _publish_all(self, items: list[tuple[str, bytes, str]], readings: list[int] | None) -> int:
+    async def _publish_all(self, items: list[tuple[str, bytes, str]], readings: list[int] | None,
+                           traced: Sequence[Record] | None = None) -> int:
         """Publish ``items`` through a :class:`_Window`; the readings JetStream called duplicates."""
         self._window_seq += 1
-        window = _Window(self, str(self._window_seq), items, readings)
+        window = _Window(self, str(self._window_seq), items, readings, traced)
         self._windows[window.key] = window
         try:
             return await window.run()

@@ -11,7 +11,8 @@ NATS, a custom one), a batch the sink cannot take now is written to the
 ``pending`` table instead - durably, so it is acknowledged - and the
 replayer (gridgate.sinks.forwarding) sends it on later, oldest first, deleting
 what the sink confirmed. The counters row counts pending rows too.
-Version 1 files are upgraded in place.
+Version 1 and 2 files are upgraded in place (3 added the trace context
+columns of records and pending).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ Ts = TypeVarTuple("Ts")
 Row = tuple[str | bytes | int | None, ...]
 
 SPOOL_FILE = "spool.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # records (the spool sink's own) and pending (bound for an external sink)
 # hold the same rows.
@@ -53,7 +54,9 @@ _RECORD_COLUMNS = """
     received_ns INTEGER NOT NULL,
     protocol TEXT NOT NULL,
     fields TEXT NOT NULL,
-    tags TEXT NOT NULL
+    tags TEXT NOT NULL,
+    traceparent TEXT,
+    tracestate TEXT
 """
 
 _SCHEMA = f"""
@@ -78,7 +81,9 @@ INSERT OR IGNORE INTO counters (id, records, rejected) VALUES (1, 0, 0);
 CREATE TABLE IF NOT EXISTS pending ({_RECORD_COLUMNS});
 """
 
-_ROW_COLUMNS = ("device_id", "ts_ns", "received_ns", "protocol", "fields", "tags")
+_ROW_COLUMNS = ("device_id", "ts_ns", "received_ns", "protocol", "fields", "tags", "traceparent", "tracestate")
+# Added to records and pending by schema version 3.
+_TRACE_COLUMNS = ("traceparent", "tracestate")
 # {counter}: records (the spool sink's own) or pending (bound for an external sink)
 _COUNT_SQL = "UPDATE counters SET {counter} = {counter} + ?, rejected = rejected + ? WHERE id = 1"
 _REJECTION_COLUMNS = ("received_ns", "protocol", "reason", "field", "idx", "device_id", "detail", "raw")
@@ -137,7 +142,8 @@ _decode_tags = msgspec.json.Decoder(dict[str, str]).decode
 
 def record_rows(records: Sequence[Record]) -> list[Row]:
     """The rows of the records (and pending) table, in _ROW_COLUMNS order."""
-    return [(r.device_id, r.ts_ns, r.received_ns, r.protocol, _encode(r.fields), _encode(r.tags)) for r in records]
+    return [(r.device_id, r.ts_ns, r.received_ns, r.protocol, _encode(r.fields), _encode(r.tags), r.traceparent,
+             r.tracestate) for r in records]
 
 
 def rejection_rows(dead: Sequence[tuple[str, int, Rejection]]) -> list[Row]:
@@ -171,7 +177,15 @@ class Spool:
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(counters)")}
             if "pending" not in columns:            # version 1 -> 2
                 self.db.execute("ALTER TABLE counters ADD COLUMN pending INTEGER NOT NULL DEFAULT 0")
+            for table in ("records", "pending"):    # version 2 -> 3: NULL in the rows already there
+                have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                for column in _TRACE_COLUMNS:
+                    if column not in have:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # a read-only open of an older file has no trace columns: read NULLs
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(records)")}
+        self._trace_select = ", ".join(c if c in have else "NULL" for c in _TRACE_COLUMNS)
         variables = self.db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         self._insert_records = MultiRowInsert("records", _ROW_COLUMNS, variables)
         self._insert_pending = MultiRowInsert("pending", _ROW_COLUMNS, variables)
@@ -256,10 +270,11 @@ class Spool:
     def read_pending(self, limit: int) -> tuple[int, list[Record]]:
         """The oldest pending records (at most ``limit``) and the id of the last one (0: none)."""
         rows = self.db.execute(
-            "SELECT id, device_id, ts_ns, received_ns, protocol, fields, tags FROM pending ORDER BY id LIMIT ?",
-            (limit,)).fetchall()
+            "SELECT id, device_id, ts_ns, received_ns, protocol, fields, tags, traceparent, tracestate FROM pending "
+            "ORDER BY id LIMIT ?", (limit,)).fetchall()
         records = [Record(device_id=d, ts_ns=ts, received_ns=rx, protocol=p, fields=_decode_fields(f),
-                          tags=_decode_tags(t)) for _, d, ts, rx, p, f, t in rows]
+                          tags=_decode_tags(t), traceparent=tp, tracestate=ts_)
+                   for _, d, ts, rx, p, f, t, tp, ts_ in rows]
         return (rows[-1][0] if rows else 0), records
 
     def delete_pending(self, upto_id: int, count: int) -> None:
@@ -290,12 +305,18 @@ class Spool:
         return {"records": records, "rejected": rejected, "pending": pending, "bytes": self.size_bytes()}
 
     def iter_records(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Each record as a dict (the keys of Record; the trace context only where the device sent one)."""
         cur = self.db.execute(
-            "SELECT device_id, ts_ns, received_ns, protocol, fields, tags FROM records ORDER BY id LIMIT ?",
-            (-1 if limit is None else limit,))
-        for device_id, ts_ns, received_ns, protocol, fields, tags in cur:
-            yield {"device_id": device_id, "ts_ns": ts_ns, "received_ns": received_ns, "protocol": protocol,
+            f"SELECT device_id, ts_ns, received_ns, protocol, fields, tags, {self._trace_select} FROM records "
+            "ORDER BY id LIMIT ?", (-1 if limit is None else limit,))
+        for device_id, ts_ns, received_ns, protocol, fields, tags, traceparent, tracestate in cur:
+            row = {"device_id": device_id, "ts_ns": ts_ns, "received_ns": received_ns, "protocol": protocol,
                    "fields": _decode_fields(fields), "tags": _decode_tags(tags)}
+            if traceparent is not None:
+                row["traceparent"] = traceparent
+            if tracestate is not None:
+                row["tracestate"] = tracestate
+            yield row
 
     def iter_rejections(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
         cur = self.db.execute(

@@ -7,17 +7,22 @@ store, read back with ``gridgate spool export``.
 """
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
 import subprocess
 import threading
+import time
 
+import nats
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from binaries import require
-from gatewayproc import GatewayProcess, spool_export
+from gatewayproc import GatewayProcess, gridgate_env, spool_export
+from natsproc import NatsServer
 
 TIMEOUT = 20
 
@@ -156,3 +161,88 @@ def test_mosquitto_pub_v5_reading_is_stored_and_a_bad_one_is_told(gateway):
     assert gateway.stop() == 0, gateway.log()
     assert [r["fields"] for r in spool_export(gateway.data_dir)] == [{"temperature_mc": 20000}]
     assert [r["reason"] for r in spool_export(gateway.data_dir, rejected=True)] == ["out_of_range"]
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+MOSQUITTO_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def send_traced(addr: tuple[str, int]) -> None:
+    """One reading from paho (traceparent and tracestate) and one from mosquitto_pub (traceparent), both MQTT 5."""
+    mosquitto_pub = require("mosquitto_pub")
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.UserProperty = [("traceparent", TRACEPARENT), ("tracestate", "congo=t61rcWkgMzE")]
+    device = Device(addr, "meter-5")
+    try:
+        assert device.publish("telemetry", b'{"n": 1}', properties) == (0, None)
+    finally:
+        device.close()
+    host, port = addr
+    out = subprocess.run([mosquitto_pub, "-h", host, "-p", str(port), "-V", "mqttv5", "-q", "1", "-i", "meter-6",
+                          "-t", "telemetry", "-m", '{"n": 2}', "-D", "publish", "user-property", "traceparent",
+                          MOSQUITTO_TRACEPARENT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_traceparent_user_property_is_on_the_spooled_record(gateway):
+    send_traced(gateway.mqtt)
+    assert gateway.stop() == 0, gateway.log()
+    rows = sorted(spool_export(gateway.data_dir), key=lambda r: r["fields"]["n"])
+    assert [(r["device_id"], r.get("traceparent"), r.get("tracestate")) for r in rows] == [
+        ("meter-5", TRACEPARENT, "congo=t61rcWkgMzE"), ("meter-6", MOSQUITTO_TRACEPARENT, None)]
+
+
+async def stream_headers(url: str, stream: str = "TELEMETRY") -> list[dict[str, str]]:
+    """The headers of every message of the stream, as a consumer reads them (nats-py, its own connection)."""
+    nc = await nats.connect(servers=[url], connect_timeout=2, max_reconnect_attempts=2)
+    try:
+        js = nc.jetstream(timeout=5)
+        info = await js.stream_info(stream)
+        return [dict((await js.get_msg(stream, seq)).headers or {})
+                for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+    finally:
+        await nc.close()
+
+
+def test_traceparent_user_property_is_on_the_jetstream_message_headers(tmp_path, nats_server_binary):
+    with NatsServer(tmp_path / "nats").start() as nats_server:
+        gw = GatewayProcess(tmp_path / "data", "--sink", "nats",
+                            env=gridgate_env(GRIDGATE_NATS_SERVERS=nats_server.url))
+        try:
+            send_traced(gw.mqtt)           # each PUBACK came once JetStream had stored the reading
+        finally:
+            assert gw.stop() == 0, gw.log()
+        headers = asyncio.run(stream_headers(nats_server.url))
+    traced = sorted((h.get("traceparent"), h.get("tracestate")) for h in headers)
+    assert traced == sorted([(TRACEPARENT, "congo=t61rcWkgMzE"), (MOSQUITTO_TRACEPARENT, None)])
+
+
+def test_mosquitto_sub_v5_receives_a_posted_command_with_its_message_expiry(gateway):
+    mosquitto_sub = require("mosquitto_sub")
+    host, port = gateway.mqtt
+    # -F: Message Expiry Interval, then the payload; -C 1: exit after one message
+    sub = subprocess.Popen([mosquitto_sub, "-h", host, "-p", str(port), "-V", "mqttv5", "-q", "1", "-i", "meter-7",
+                            "-t", "devices/meter-7/commands", "-C", "1", "-W", str(TIMEOUT), "-F", "%E %p"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # the device is subscribed once the gateway knows it (commands wait for the SUBACK in any case)
+        status, body = 404, b""
+        for _ in range(200):                    # bounded: 200 x 50 ms
+            conn = http.client.HTTPConnection(*gateway.http, timeout=10)
+            conn.request("POST", "/v1/devices/meter-7/commands", json.dumps({"type": "REBOOT", "payload": {"n": 1}}),
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            status, body = response.status, response.read()
+            conn.close()
+            if status != 404:
+                break
+            time.sleep(0.05)
+        assert status == 202, body
+        out, err = sub.communicate(timeout=TIMEOUT + 10)
+    finally:
+        sub.kill()
+    expiry, _, payload = out.strip().partition(" ")
+    assert expiry == "60"                       # [downlink] command_ttl_s
+    command = json.loads(payload)
+    assert (command["type"], command["payload"]) == ("REBOOT", {"n": 1})
+

@@ -20,14 +20,16 @@ import trio
 import trio.testing
 
 import gridgate
-from gridgate.config import AuthConfig, LimitsConfig, MQTTConfig, TLSConfig
-from gridgate.protocols.mqtt.session5 import close_code
+from gridgate.config import AuthConfig, DownlinkConfig, LimitsConfig, MQTTConfig, TLSConfig
+from gridgate.downlink.wire import Command
+from gridgate.protocols.mqtt.session5 import close_code, trace_context
 from gridgate.security.passwords import format_line, hash_password
 from inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_closed
 from mqtt5_frames import (
     AUTH_METHOD,
     CONTENT_TYPE,
     MAXIMUM_PACKET_SIZE,
+    MESSAGE_EXPIRY,
     PAYLOAD_FORMAT,
     REASON_STRING,
     RECEIVE_MAXIMUM,
@@ -48,6 +50,7 @@ from mqtt5_frames import (
     prop_str,
     prop_u16,
     prop_u32,
+    prop_user,
     props,
     puback5,
     pubcomp5,
@@ -567,3 +570,74 @@ async def test_publish_the_acl_refuses_is_0x87_and_dead_lettered(auth_config):
         await client.send_all(publish5("devices/meter-1/telemetry", b'{"n": 1}', qos=1, mid=2))
         assert await read_packet(client) == puback5(2)
         assert [d["reason"] for d in dead_letters(gateway)] == ["not_authorized"]
+
+
+# -- trace context --------------------------------------------------------------------------
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize("user_properties, expected", [
+    ((("traceparent", TRACEPARENT), ("tracestate", "congo=t61rcWkgMzE")), (TRACEPARENT, "congo=t61rcWkgMzE")),
+    ((("tracestate", "a=b"), ("vendor", "x"), ("traceparent", TRACEPARENT)), (TRACEPARENT, "a=b")),
+    ((("traceparent", TRACEPARENT),), (TRACEPARENT, None)),
+    ((("tracestate", "a=b"),), (None, None)),                                  # a state without a parent
+    ((("traceparent", TRACEPARENT.upper()),), (None, None)),                   # W3C: lowercase hex only
+    ((("traceparent", "00-" + "0" * 32 + "-b7ad6b7169203331-01"),), (None, None)),     # all-zero trace id
+    ((("traceparent", "00-0af7651916cd43dd8448eb211c80319c-" + "0" * 16 + "-01"),), (None, None)),
+    ((("traceparent", "ff" + TRACEPARENT[2:]),), (None, None)),                 # version ff is invalid
+    ((("traceparent", "01" + TRACEPARENT[2:] + "-later"),), ("01" + TRACEPARENT[2:] + "-later", None)),
+    ((("traceparent", TRACEPARENT), ("tracestate", "x" * 513)), (TRACEPARENT, None)),     # over 512 characters
+    ((("traceparent", "garbage"), ("traceparent", TRACEPARENT)), (TRACEPARENT, None)),   # the first valid one
+])
+def test_trace_context_from_user_properties(user_properties, expected):
+    assert trace_context(user_properties) == expected
+
+
+async def test_traceparent_and_tracestate_user_properties_are_kept_on_the_record():
+    sink = MemorySink()
+    async with serving(sink) as (gateway, nursery):
+        client = await connected(gateway, nursery)
+        trace = props(prop_user("traceparent", TRACEPARENT), prop_user("tracestate", "congo=t61rcWkgMzE"),
+                      prop_user("other", "ignored"))
+        await client.send_all(publish5("telemetry", b'[{"n": 1}, {"n": 2}]', qos=1, mid=1, properties=trace))
+        await client.send_all(publish5("telemetry", b'{"n": 3}', qos=1, mid=2,
+                                       properties=props(prop_user("traceparent", "not a traceparent"))))
+        assert await read_packet(client) + await read_packet(client) == puback5(1) + puback5(2)
+        records = sorted((r for b in sink.batches for r in b), key=lambda r: r.fields["n"])
+        assert [(r.traceparent, r.tracestate) for r in records] == [
+            (TRACEPARENT, "congo=t61rcWkgMzE"), (TRACEPARENT, "congo=t61rcWkgMzE"), (None, None)]
+
+
+# -- downlink ---------------------------------------------------------------------------------
+
+
+async def test_command_carries_its_ttl_as_message_expiry_and_is_acknowledged():
+    async with serving(downlink=DownlinkConfig(command_ttl_s=42.5)) as (gateway, nursery):
+        client = await connected(gateway, nursery)
+        await client.send_all(subscribe5(1, [("devices/meter-1/commands", 1)]))
+        assert await read_packet(client) == suback5(1, [0x01])
+        command = Command(id="c-1", type="REBOOT", payload={"delay_s": 5})
+        assert gateway.conns.get_device("meter-1").send_command(command)
+        assert await read_packet(client) == publish5(
+            "devices/meter-1/commands", b'{"id":"c-1","type":"REBOOT","payload":{"delay_s":5}}', qos=1, mid=1,
+            properties=props(prop_u32(MESSAGE_EXPIRY, 43)))       # whole seconds, rounded up
+        await client.send_all(puback5(1))
+        with trio.fail_after(TIMEOUT):
+            while gateway.metrics.registry.get_sample_value(
+                    "gridgate_commands_acknowledged_total", {"protocol": "mqtt"}) != 1:
+                await trio.sleep(0.01)
+
+
+async def test_command_over_the_clients_maximum_packet_size_is_never_sent():
+    async with serving() as (gateway, nursery):
+        client = await connected(gateway, nursery, properties=props(prop_u32(MAXIMUM_PACKET_SIZE, 96)))
+        await client.send_all(subscribe5(1, [("devices/meter-1/commands", 1)]))
+        assert await read_packet(client) == suback5(1, [0x01])
+        session = gateway.conns.get_device("meter-1")
+        assert session.send_command(Command(id="big", type="CONFIG", payload={"x": "y" * 100}))
+        assert session.send_command(Command(id="s", type="PING", payload=None))
+        # the small one comes, with the next packet id; the big one never does
+        packet = await read_packet(client)
+        assert packet == publish5("devices/meter-1/commands", b'{"id":"s","type":"PING","payload":null}', qos=1,
+                                  mid=2, properties=props(prop_u32(MESSAGE_EXPIRY, 60)))

@@ -14,6 +14,7 @@ session's, shared by inheritance.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import trio
 
 from gridgate.downlink.commands import Send, encode_command
 from gridgate.ingest.pipeline import WorkItem
-from gridgate.ingest.records import Record, Rejection
+from gridgate.ingest.records import MAX_TRACESTATE_CHARS, TRACEPARENT_RE, Record, Rejection
 from gridgate.protocols.mqtt.codec5 import codec5
 from gridgate.protocols.mqtt.events import PingReq
 from gridgate.protocols.mqtt.events5 import (
@@ -76,7 +77,7 @@ if TYPE_CHECKING:
     from gridgate.protocols.services import Services
 
 __all__ = ["MQTT5Connection", "VersionedMQTTConnection", "serve_mqtt_stream", "puback_reason", "decoder_format",
-           "close_code"]
+           "close_code", "trace_context"]
 
 log = logging.getLogger("gridgate.mqtt")
 
@@ -145,6 +146,24 @@ def puback_reason(stored: int, rejections: list[Rejection]) -> tuple[int, str | 
     if len(rejections) > 1:
         return code, f"{first} ({len(rejections)} of {total} items rejected)"
     return code, first
+
+
+def trace_context(user_properties: tuple[tuple[str, str], ...]) -> tuple[str | None, str | None]:
+    """The W3C Trace Context among a PUBLISH's User Properties: the first
+    ``traceparent`` that is valid (TRACEPARENT_RE; an invalid one is ignored,
+    as a W3C participant restarts the trace) and, with it only, the first
+    ``tracestate`` of at most MAX_TRACESTATE_CHARS. Other names are ignored."""
+    traceparent = tracestate = None
+    for name, value in user_properties:
+        if name == "traceparent":
+            if traceparent is None and TRACEPARENT_RE.match(value):
+                traceparent = value
+        elif name == "tracestate":
+            if tracestate is None and len(value) <= MAX_TRACESTATE_CHARS:
+                tracestate = value
+    if traceparent is None:
+        return None, None
+    return traceparent, tracestate
 
 
 def close_code(reason: str | None) -> int | None:
@@ -439,10 +458,19 @@ class MQTT5Connection(MQTTConnection):
                 detail=f"topic {topic!r} is not 'telemetry' or {self.telemetry_topic!r}"))
             return 0
         n_before = len(records)
-        fmt = decoder_format(ev.payload, ev.properties)
+        props = ev.properties
+        fmt = decoder_format(ev.payload, props)
         taken = self.svc.validate_into(ev.payload, fmt, self.protocol, client_id, publish_ns, records, rejections)
         self._next_ns = publish_ns + taken + 1
-        return len(records) - n_before
+        stored = len(records) - n_before
+        if stored and props.user_properties:
+            traceparent, tracestate = trace_context(props.user_properties)
+            if traceparent is not None:
+                for i in range(n_before, len(records)):
+                    record = records[i]
+                    record.traceparent = traceparent
+                    record.tracestate = tracestate
+        return stored
 
     def _subscribe(self, ev: Subscribe5) -> bytes:
         command_topic = self.command_topic
@@ -484,12 +512,25 @@ class MQTT5Connection(MQTTConnection):
         return on_durable
 
     async def _send_commands(self, sends: list[Send]) -> None:
+        """Commands as MQTT 5 PUBLISHes: the command TTL as Message Expiry
+        Interval; one over the client's Maximum Packet Size is never sent
+        (MQTT-3.1.2-24), and expires unanswered like a command the device
+        never acknowledged."""
         topic = self.command_topic
-        # s.key: this outbox keys by MQTT packet id (packet_ids=True), an int; mypy sees Hashable
-        frames = [codec5.encode_publish(topic, encode_command(s.command), 1 if s.tracked else 0,
-                                        s.key if s.tracked else 0, False, s.dup)  # type: ignore[arg-type]
-                  for s in sends]
-        self._write(b"".join(frames))
+        expiry = Properties(message_expiry_interval=max(1, math.ceil(self.svc.config.downlink.command_ttl_s)))
+        limit = self.client_max_packet
+        frames = []
+        for s in sends:
+            # s.key: this outbox keys by MQTT packet id (packet_ids=True), an int; mypy sees Hashable
+            frame = codec5.encode_publish(topic, encode_command(s.command), 1 if s.tracked else 0,
+                                          s.key if s.tracked else 0, False, s.dup, expiry)  # type: ignore[arg-type]
+            if limit is not None and len(frame) > limit:
+                log.warning("not sending command %s to %s: %d bytes, over its Maximum Packet Size %d",
+                            s.command.id, self.client_id, len(frame), limit)
+                continue
+            frames.append(frame)
+        if frames:
+            self._write(b"".join(frames))
 
 
 class VersionedMQTTConnection(MQTTConnection):
