@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, wrap_client_stream
@@ -13,7 +14,7 @@ from trio_websocket import ConnectionClosed, wrap_client_stream
 from autojump import start_still
 from gridgate.config import PipelineConfig, SinkConfig, WebSocketConfig
 from inprocess import GatedSink, MemorySink, make_config
-from loadgen.ws_device import OP_PING, client_frame, handshake
+from loadgen.ws_device import OP_CLOSE, OP_PING, OP_TEXT, client_frame, handshake, parse_frames
 
 
 def envelope(seq: int) -> str:
@@ -96,3 +97,31 @@ async def test_pings_whose_pongs_are_not_read_stop_the_reading_on_mqtt_too(autoj
     while received.count(b"\x8a\x01x") < 50:     # every pong comes, once the client reads
         received += await client.receive_some(65536)
     assert received == b"\x8a\x01x" * 50 and sent == 50
+
+
+@pytest.mark.parametrize("bad, code", [(b"\x81\x01x", 1002),                          # not masked
+                                       (client_frame(OP_TEXT, b"\xff"), 1007),        # not UTF-8
+                                       (client_frame(3, b""), 1002)])                 # reserved opcode
+async def test_a_broken_frame_closes_after_the_messages_before_it(autojump_clock, tmp_path, nursery, bad, code):
+    config = make_config(tmp_path, websocket=WebSocketConfig(listen="", ping_interval_s=0),
+                         pipeline=PipelineConfig(batch_max_delay_ms=0))
+    sink = MemorySink()
+    gateway = await start_still(nursery, config, sink)
+    client, server = trio.testing.memory_stream_pair()
+    nursery.start_soon(gateway.handle_ws, server)
+    assert await handshake(client, "gw", "/v1/ws?device_id=meter-1") == b""
+    await client.send_all(client_frame(OP_TEXT, envelope(1).encode()) + bad)    # one write, one read
+    frames: list = []
+    buf = b""
+    while not frames or frames[-1][0] != OP_CLOSE:
+        chunk = await client.receive_some(65536)
+        assert chunk, f"closed without a close frame after {frames}"
+        got, buf = parse_frames(buf + chunk)
+        frames += got
+    assert json.loads(frames[0][1])["ack"] == 1
+    assert int.from_bytes(frames[-1][1][:2], "big") == code and len(frames) == 2
+    assert [r.fields for b in sink.batches for r in b] == [{"humidity": 1}]
+    reason = {1002: "bad_frame", 1007: "bad_utf8"}[code]
+    assert gateway.metrics.registry.get_sample_value("gridgate_protocol_errors_total",
+                                                     {"protocol": "ws", "reason": reason}) == 1
+    assert gateway.metrics.registry.get_sample_value("gridgate_ws_closes_total", {"code": str(code)}) == 1

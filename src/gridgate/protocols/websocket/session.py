@@ -57,6 +57,7 @@ CLOSE_TOO_BIG = 1009
 
 _RECEIVE_BYTES = 65536
 _CLOSE_TIMEOUT_S = 1.0          # the closing handshake; then the socket is closed anyway
+_ACKS_BEFORE_CLOSE_S = 5.0      # acks owed when we close on a bad message: then closed without them
 
 _json = msgspec.json.Encoder()
 _msgpack = msgspec.msgpack.Encoder()
@@ -328,9 +329,15 @@ class WSDeviceChannel:
                 open_channel(session, self.outbox, self._send_commands, nursery,
                              svc.device_configs.get(self.device_id))
                 result = await self._read_loop()
+                ws = self.ws
                 # Graceful stop: the acks owed still go out (the gateway bounds the wait).
                 if session.read_scope.cancelled_caught:
                     await wait_acks_sent(self)
+                elif not (ws.peer_close or ws.eof or ws.lost):
+                    # Closing on a bad message or frame: what came before it is stored, and
+                    # its acks go out before the close frame (after which no data may follow).
+                    with trio.move_on_after(_ACKS_BEFORE_CLOSE_S):
+                        await wait_acks_sent(self)
                 nursery.cancel_scope.cancel()
         finally:
             self.closed = True
