@@ -124,6 +124,11 @@ def _targets(scenarios: dict) -> list[str]:
         v = conns["gridgate_at_top_kib"]
         rows.append((f"<= 6 KiB RSS per idle MQTT connection at {top:,} connections", f"{v:.2f} KiB",
                      _status(v <= 6.0)))
+    ws = scenarios.get("ws", {}).get("ratios", {})
+    for key, what in (("ws_vs_mqtt", "/v1/ws"), ("mqtt-ws_vs_mqtt", "MQTT over /mqtt")):
+        r = ws.get(key)
+        if r is not None:
+            rows.append((f"{what} server CPU per reading <= 2x MQTT's (issue 24)", _x(r), _status(r <= 2)))
     if not rows:
         return []
     return ["## Targets (issue #8), as ratios in this run", "", "| target | measured | status |", "|---|---:|---|",
