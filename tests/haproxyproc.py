@@ -1,6 +1,7 @@
 """A real ``haproxy`` for tests, running the checked-in ``deploy/haproxy.cfg``
 with its addresses from the environment: the frontends on free loopback
-ports, the backends pointing at one gridgate process.
+ports, the backends pointing at one gridgate process, or at several (the
+file's ``server gw1`` lines repeated as gw2, gw3, ..., in a copy of it).
 
 Readiness: every frontend port accepts a TCP connection (bounded by a
 deadline; on failure the error names haproxy's output). ``stop()``: SIGTERM
@@ -9,6 +10,7 @@ deadline; on failure the error names haproxy's output). ``stop()``: SIGTERM
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -36,20 +38,25 @@ class HAProxy:
     """
 
     def __init__(self, binary: str, work_dir: Path, gateway: dict[str, tuple[str, int]], *, tls_pem: Path,
-                 client_ca: Path, start_timeout: float = 20.0) -> None:
+                 client_ca: Path, start_timeout: float = 20.0,
+                 more_gateways: list[dict[str, tuple[str, int]]] = ()) -> None:
         ports = free_ports(len(FRONTENDS))
         self.frontends = {name[3:].lower(): ("127.0.0.1", port) for name, port in zip(FRONTENDS, ports, strict=True)}
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LB_", "GW1_"))}
+        gateways = [gateway, *more_gateways]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LB_", "GW"))}
         env.update({name: _fmt(self.frontends[name[3:].lower()]) for name in FRONTENDS})
-        env.update(GW1_MQTT=_fmt(gateway["mqtt"]), GW1_HTTP=_fmt(gateway["http"]), GW1_WS=_fmt(gateway["ws"]),
-                   LB_TLS_PEM=str(tls_pem), LB_CLIENT_CA=str(client_ca))
-        checked = subprocess.run([binary, "-c", "-f", str(CONFIG)], env=env, capture_output=True, text=True,
+        for i, gw in enumerate(gateways, 1):
+            env.update({f"GW{i}_MQTT": _fmt(gw["mqtt"]), f"GW{i}_HTTP": _fmt(gw["http"]),
+                        f"GW{i}_WS": _fmt(gw["ws"])})
+        env.update(LB_TLS_PEM=str(tls_pem), LB_CLIENT_CA=str(client_ca))
+        config = CONFIG if len(gateways) == 1 else _with_servers(CONFIG, len(gateways), work_dir)
+        checked = subprocess.run([binary, "-c", "-f", str(config)], env=env, capture_output=True, text=True,
                                  timeout=30)
         if checked.returncode != 0:
-            raise RuntimeError(f"haproxy -c refused {CONFIG}:\n{checked.stdout}{checked.stderr}")
+            raise RuntimeError(f"haproxy -c refused {config}:\n{checked.stdout}{checked.stderr}")
         self.log_path = work_dir / "haproxy.log"
         self._log = open(self.log_path, "w")      # closed in stop()
-        self.proc = subprocess.Popen([binary, "-f", str(CONFIG), "-db"], env=env, stdout=self._log,
+        self.proc = subprocess.Popen([binary, "-f", str(config), "-db"], env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + start_timeout
         for addr in self.frontends.values():
@@ -72,3 +79,21 @@ class HAProxy:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+
+
+_SERVER_LINE = re.compile(r'^(\s*server )gw1( "\$\{)GW1_(\w+)(\}".*)$')
+
+
+def _with_servers(config: Path, count: int, work_dir: Path) -> Path:
+    """A copy of ``config`` with each ``server gw1 "${GW1_X}" ...`` line
+    followed by the same line for gw2 .. gw<count>: what an operator adds
+    per gateway."""
+    out: list[str] = []
+    for line in config.read_text().splitlines():
+        out.append(line)
+        m = _SERVER_LINE.match(line)
+        if m:
+            out += [f"{m.group(1)}gw{i}{m.group(2)}GW{i}_{m.group(3)}{m.group(4)}" for i in range(2, count + 1)]
+    path = work_dir / f"haproxy-{count}-gateways.cfg"
+    path.write_text("\n".join(out) + "\n")
+    return path
