@@ -123,13 +123,21 @@ def test_too_big_is_refused_from_the_header_alone():
 
 
 def test_a_big_frame_over_many_reads_is_held_once():
-    frame = client_frame(OP_BINARY, os.urandom(300_000))
+    payload = os.urandom(300_000)
+    frame = client_frame(OP_BINARY, payload)
     dec = FrameDecoder(BIG)
     events = []
     for i in range(0, len(frame), 1000):
         events += dec.feed(frame[i:i + 1000])
         assert dec.buffered <= len(frame)
-    assert len(events) == 1 and len(events[0][1]) == 300_000 and dec.buffered == 0
+    assert events == [(OP_BINARY, payload)] and dec.buffered == 0
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 125, 126, 2047, 2048, 2049, 2050, 65535, 65536, 100_003])
+def test_unmasking_on_both_sides_of_the_small_payload_path(size):
+    # payloads up to 2048 bytes are unmasked as one integer XOR, longer ones through XOR tables
+    payload = os.urandom(size)
+    assert FrameDecoder(BIG).feed(client_frame(OP_BINARY, payload)) == [(OP_BINARY, payload)]
 
 
 def test_encoders_are_read_back_by_wsproto():
