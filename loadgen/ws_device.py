@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import itertools
 import os
 import re
 from collections import Counter
@@ -48,6 +49,7 @@ _MAX_HEAD_BYTES = 16384              # of the server's handshake answer
 _MAX_FRAME_BYTES = 1 << 20           # of one frame from the server
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _ZERO_MASK = b"\x00\x00\x00\x00"
+_NONES = itertools.repeat(None)
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
@@ -124,17 +126,15 @@ def parse_frames(buf: bytes | bytearray) -> tuple[list[tuple[int, bytes]], bytes
     return frames, buf[pos:]
 
 
-_ACK_SEQS = re.compile(rb'"ack":(\d+)')
-
-
 @functools.cache
 def _acks_pattern(batch: int) -> re.Pattern[bytes]:
-    """Whole text frames of ``{"ack":n,"accepted":batch,"rejected":0,"errors":[]}``, one or
-    more, exactly as gridgate writes them (its bytes: a length byte under 126,
-    no spaces). The length byte is not compared with the payload: a read that
-    matches is gridgate's acks, and anything else takes ``parse_frames``."""
-    ack = rb'\x81[\x00-\x7d]\{"ack":\d+,"accepted":%d,"rejected":0,"errors":\[\]\}' % batch
-    return re.compile(rb"(?:%s)+" % ack, re.DOTALL)
+    """One text frame of ``{"ack":n,"accepted":batch,"rejected":0,"errors":[]}``
+    exactly as gridgate writes it (a length byte under 126, no spaces), ``n``
+    captured. When the matches of a read add up to its whole length they tile
+    it: the read is nothing but such acks. The length byte is not compared
+    with the payload: such a read is gridgate's acks; anything else takes
+    ``parse_frames``."""
+    return re.compile(rb'\x81[\x00-\x7d]\{"ack":(\d+),"accepted":%d,"rejected":0,"errors":\[\]\}' % batch)
 
 
 def _accept_token(key: bytes) -> bytes:
@@ -267,12 +267,15 @@ class WsDevice(Device):
         buf: bytes | bytearray
         buf, self._buf = self._buf, b""
         batch = self.opts.batch
-        all_acks = _acks_pattern(batch).fullmatch
+        acks = _acks_pattern(batch).findall
+        # an ack's length less its seq's digits
+        fixed = len(b'\x81_{"ack":,"accepted":%d,"rejected":0,"errors":[]}' % batch)
         while True:
             if buf:
-                if all_acks(buf):
+                seqs = acks(buf)
+                if seqs and len(seqs) * fixed + sum(map(len, seqs)) == len(buf):
                     # the usual read: nothing but whole JSON acks of a full batch, no errors, read in C
-                    self._acked([int(seq) for seq in _ACK_SEQS.findall(buf)], batch)
+                    self._acked(list(map(int, seqs)), batch)
                     buf = b""
                 else:
                     frames, buf = parse_frames(buf)
@@ -326,8 +329,7 @@ class WsDevice(Device):
 
     def _acked(self, seqs: list[int], batch: int) -> None:
         """The acks of a read of nothing but acks that each accept ``batch`` readings."""
-        pop = self.inflight.pop
-        dues = [due for due in [pop(seq, None) for seq in seqs] if due is not None]
+        dues = [due for due in map(self.inflight.pop, seqs, _NONES) if due is not None]
         if not dues:
             return
         now, stats = trio.current_time(), self.stats
