@@ -6,6 +6,7 @@ arbitrary bytes."""
 from __future__ import annotations
 
 import os
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -131,6 +132,23 @@ def test_a_big_frame_over_many_reads_is_held_once():
         events += dec.feed(frame[i:i + 1000])
         assert dec.buffered <= len(frame)
     assert events == [(OP_BINARY, payload)] and dec.buffered == 0
+
+
+def test_empty_fragments_hold_nothing():
+    # an attacker's endless empty continuations must not grow what the decoder holds
+    dec = FrameDecoder(4096)
+    dec.feed(client_frame(OP_BINARY, b"ab", fin=False))
+    empties = client_frame(0, b"", fin=False) * 1000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(20):
+            assert dec.feed(empties) == []
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert dec.buffered == 2 and held < 16384       # 20,000 list slots alone would be 160 KB
+    assert dec.feed(client_frame(0, b"c")) == [(OP_BINARY, b"abc")] and dec.buffered == 0
 
 
 @pytest.mark.parametrize("size", [1, 3, 4, 5, 125, 126, 2047, 2048, 2049, 2050, 65535, 65536, 100_003])

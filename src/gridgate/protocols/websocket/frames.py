@@ -92,7 +92,7 @@ class FrameDecoder:
     header: the limit is checked before its payload is waited for.
     """
 
-    __slots__ = ("max_message_bytes", "_buf", "_waiting", "_have", "_need", "_parts", "_size", "_opcode", "_utf8",
+    __slots__ = ("max_message_bytes", "_buf", "_waiting", "_have", "_need", "_message", "_opcode", "_utf8",
                  "closed", "close_code", "close_reason")
 
     def __init__(self, max_message_bytes: int) -> None:
@@ -104,8 +104,9 @@ class FrameDecoder:
         self._waiting: list[bytes] = []
         self._have = 0
         self._need = 0
-        self._parts: list[bytes] = []          # fragments of the message being received
-        self._size = 0
+        # The fragments of the message being received, joined as they come: a
+        # list of them would let a peer hold a Python object per empty fragment.
+        self._message = bytearray()
         self._opcode = 0                       # that message's opcode; 0: none started
         self._utf8: codecs.IncrementalDecoder | None = None   # for a fragmented text message only
         self.closed = False
@@ -115,7 +116,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes held: an incomplete frame and the fragments of an unfinished message."""
-        return len(self._buf) + self._have + self._size
+        return len(self._buf) + self._have + len(self._message)
 
     def feed(self, data: bytes | bytearray) -> list[tuple[int, bytes]]:
         """Every complete message and control frame in what has arrived."""
@@ -166,7 +167,7 @@ class FrameDecoder:
                     raise WebSocketError(CLOSE_PROTOCOL_ERROR, "reserved bit set (no extension was agreed)")
                 if not b1 & 0x80:
                     raise WebSocketError(CLOSE_PROTOCOL_ERROR, "client frame not masked")
-                if not control and self._size + length > self.max_message_bytes:
+                if not control and len(self._message) + length > self.max_message_bytes:
                     raise WebSocketError(CLOSE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
                 start = pos + head + 4
                 stop = start + length
@@ -204,20 +205,17 @@ class FrameDecoder:
                         self._utf8.decode(payload, bool(fin))
                     except UnicodeDecodeError as exc:
                         raise WebSocketError(CLOSE_INVALID_PAYLOAD, f"text message is not UTF-8: {exc}") from None
-                self._parts.append(payload)
-                self._size += length
+                self._message += payload
                 if fin:
-                    events.append((opcode, b"".join(self._parts)))
-                    self._parts = []
-                    self._size = 0
+                    events.append((opcode, bytes(self._message)))
+                    self._message = bytearray()
                     self._opcode = 0
                     self._utf8 = None
         except WebSocketError as exc:
             exc.events = events
             self.closed = True
             self._buf = b""
-            self._parts = []
-            self._size = 0
+            self._message = bytearray()
             raise
         self._buf = buf[pos:] if pos < end else b""
         return events
