@@ -78,11 +78,16 @@ def _packet(first: int, body: bytes) -> bytes:
 
 
 def connect5(client_id: str, keepalive: int = 0, clean_start: bool = True, properties: bytes = b"\x00",
-             username: str | None = None, password: bytes | None = None, level: int = 5) -> bytes:
-    """CONNECT (3.1) without a Will."""
+             username: str | None = None, password: bytes | None = None, level: int = 5,
+             will: tuple[str, bytes, int, bool] | None = None) -> bytes:
+    """CONNECT (3.1); ``will``: (topic, payload, QoS, retain), with no Will Properties (3.1.3.2)."""
     flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None
                                                                                       else 0)
+    if will is not None:
+        flags |= 0x04 | (will[2] << 3) | (0x20 if will[3] else 0)
     body = pack_string("MQTT") + struct.pack("!BBH", level, flags, keepalive) + properties + pack_string(client_id)
+    if will is not None:
+        body += b"\x00" + pack_string(will[0]) + pack_string(will[1])
     if username is not None:
         body += pack_string(username)
     if password is not None:

@@ -641,3 +641,14 @@ async def test_command_over_the_clients_maximum_packet_size_is_never_sent():
         packet = await read_packet(client)
         assert packet == publish5("devices/meter-1/commands", b'{"id":"s","type":"PING","payload":null}', qos=1,
                                   mid=2, properties=props(prop_u32(MESSAGE_EXPIRY, 60)))
+
+
+async def test_a_will_is_accepted_and_a_retained_will_is_refused_with_0x9a():
+    async with serving() as (gateway, nursery):
+        client = await open_client(gateway, nursery)
+        await client.send_all(connect5("meter-1", will=("devices/meter-1/status", b"gone", 1, False)))
+        assert await read_packet(client) == server_connack()
+        client = await open_client(gateway, nursery)
+        await client.send_all(connect5("meter-2", will=("devices/meter-2/status", b"gone", 1, True)))
+        assert await read_packet(client) == connack5(0x9A, reason("retained messages are not supported"))
+        await wait_closed(client)
