@@ -652,3 +652,14 @@ async def test_a_will_is_accepted_and_a_retained_will_is_refused_with_0x9a():
         await client.send_all(connect5("meter-2", will=("devices/meter-2/status", b"gone", 1, True)))
         assert await read_packet(client) == connack5(0x9A, reason("retained messages are not supported"))
         await wait_closed(client)
+
+
+async def test_credentials_removed_by_a_reload_is_disconnect_0x87(auth_config, tmp_path):
+    async with serving(auth=auth_config) as (gateway, nursery):
+        client = await open_client(gateway, nursery)
+        await client.send_all(connect5("meter-1", username="meter-1", password=b"pw"))
+        assert await read_packet(client) == server_connack()
+        (tmp_path / "pw").write_text(format_line("meter-9", hash_password(b"other")))
+        assert gateway.reload_credentials() == []
+        assert await read_packet(client) == disconnect5(0x87)
+        await wait_closed(client)
