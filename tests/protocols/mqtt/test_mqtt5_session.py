@@ -663,3 +663,23 @@ async def test_credentials_removed_by_a_reload_is_disconnect_0x87(auth_config, t
         assert gateway.reload_credentials() == []
         assert await read_packet(client) == disconnect5(0x87)
         await wait_closed(client)
+
+
+async def test_the_clients_receive_maximum_bounds_its_commands():
+    async with serving() as (gateway, nursery):
+        client = await connected(gateway, nursery, properties=props(prop_u16(RECEIVE_MAXIMUM, 2)))
+        await client.send_all(subscribe5(1, [("devices/meter-1/commands", 1)]))
+        assert await read_packet(client) == suback5(1, [0x01])
+        session = gateway.conns.get_device("meter-1")
+        assert session.send_command(Command(id="a", type="PING", payload=None))
+        assert session.send_command(Command(id="b", type="PING", payload=None))
+        assert not session.send_command(Command(id="c", type="PING", payload=None))     # a third would exceed it
+        first, second = await read_packet(client), await read_packet(client)
+        assert (first[0], second[0]) == (0x32, 0x32)                                      # QoS 1 PUBLISHes
+        await client.send_all(puback5(1))
+        with trio.fail_after(TIMEOUT):
+            while not session.send_command(Command(id="d", type="PING", payload=None)):  # room once acked
+                await trio.sleep(0.01)
+        assert await read_packet(client) == publish5("devices/meter-1/commands",
+                                                     b'{"id":"d","type":"PING","payload":null}', qos=1, mid=3,
+                                                     properties=props(prop_u32(MESSAGE_EXPIRY, 60)))

@@ -23,6 +23,7 @@ from gridgate.downlink.commands import (
     Command,
     CommandOutbox,
     DownlinkChannel,
+    DownlinkSettings,
     Send,
     encode_command,
     new_command,
@@ -512,9 +513,13 @@ class MQTTConnection:
             out.append(code)
         return out
 
+    def _downlink_settings(self) -> DownlinkSettings:
+        """``[downlink]`` as this connection's outbox applies it."""
+        return self.svc.config.downlink
+
     def _offer_command(self, command: Command) -> bool:
         if self.downlink is None:
-            outbox = CommandOutbox(self.protocol, self.svc.config.downlink, self.svc.metrics, redeliver=True,
+            outbox = CommandOutbox(self.protocol, self._downlink_settings(), self.svc.metrics, redeliver=True,
                                    packet_ids=True)
             if self.subscribed_qos is not None:
                 outbox.set_ready(True, tracked=self.subscribed_qos >= 1)

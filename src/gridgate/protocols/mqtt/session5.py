@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
-from gridgate.downlink.commands import Send, encode_command
+from gridgate.downlink.commands import DownlinkSettings, Send, encode_command
 from gridgate.ingest.pipeline import WorkItem
 from gridgate.ingest.records import MAX_TRACESTATE_CHARS, TRACEPARENT_RE, Record, Rejection
 from gridgate.protocols.mqtt.codec5 import codec5
@@ -180,7 +181,8 @@ def close_code(reason: str | None) -> int | None:
 class MQTT5Connection(MQTTConnection):
     """One MQTT 5.0 client connection (TCP, TLS or WebSocket)."""
 
-    __slots__ = ("problem_info", "client_max_packet", "receive_maximum", "inflight", "goodbye")
+    __slots__ = ("problem_info", "client_max_packet", "client_receive_maximum", "receive_maximum", "inflight",
+                 "goodbye")
 
     def __init__(self, stream: trio.abc.Stream, services: Services, session: Session,
                  protocol: str = "mqtt") -> None:
@@ -193,6 +195,7 @@ class MQTT5Connection(MQTTConnection):
         # on anything but CONNACK and DISCONNECT.
         self.problem_info = True
         self.client_max_packet: int | None = None      # the client's Maximum Packet Size
+        self.client_receive_maximum = 65535             # its Receive Maximum (65,535 when absent, 3.1.2.11.3)
         self.receive_maximum = config.receive_maximum
         # QoS 1 publishes whose PUBACK is not written yet (QoS 2 ones are
         # qos2_unreleased): against receive_maximum.
@@ -263,6 +266,8 @@ class MQTT5Connection(MQTTConnection):
         if props.request_problem_information == 0:
             self.problem_info = False
         self.client_max_packet = props.maximum_packet_size
+        if props.receive_maximum is not None:
+            self.client_receive_maximum = props.receive_maximum
         if props.authentication_method is not None:
             # enhanced authentication (section 4.12): no method is configured
             self.svc.metrics.protocol_errors.labels(self.protocol, "bad_authentication_method").inc()
@@ -510,6 +515,16 @@ class MQTT5Connection(MQTTConnection):
             if not self.pending and self.acks_done is not None:
                 self.acks_done.set()
         return on_durable
+
+    def _downlink_settings(self) -> DownlinkSettings:
+        """The client's Receive Maximum bounds its commands: the outbox holds
+        at most that many (waiting and in flight), so no more than that many
+        QoS 1 command PUBLISHes are ever unacknowledged (MQTT-3.3.4-9); more
+        are refused at once (503 device_busy) instead of queued."""
+        config = self.svc.config.downlink
+        if self.client_receive_maximum < config.max_queued:
+            return msgspec.structs.replace(config, max_queued=self.client_receive_maximum)
+        return config
 
     async def _send_commands(self, sends: list[Send]) -> None:
         """Commands as MQTT 5 PUBLISHes: the command TTL as Message Expiry
