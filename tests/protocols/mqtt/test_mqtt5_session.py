@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 import gridgate
-from gridgate.config import AuthConfig, DownlinkConfig, LimitsConfig, MQTTConfig, TLSConfig
+from gridgate.config import AuthConfig, Config, ConfigError, DownlinkConfig, LimitsConfig, MQTTConfig, TLSConfig
 from gridgate.downlink.wire import Command
 from gridgate.protocols.mqtt.session5 import close_code, trace_context
 from gridgate.security.passwords import format_line, hash_password
@@ -683,3 +683,18 @@ async def test_the_clients_receive_maximum_bounds_its_commands():
         assert await read_packet(client) == publish5("devices/meter-1/commands",
                                                      b'{"id":"d","type":"PING","payload":null}', qos=1, mid=3,
                                                      properties=props(prop_u32(MESSAGE_EXPIRY, 60)))
+
+
+def test_mqtt5_config_keys_are_validated(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text("[mqtt]\nreceive_maximum = 0\ntopic_alias_maximum = 70000\n")
+    with pytest.raises(ConfigError) as info:
+        Config.load(path, env={"ENVIRONMENT": "t", "SERVICE_NAME": "t", "GRIDGATE_MQTT_MAX_KEEPALIVE_S": "-1"})
+    assert info.value.problems == [
+        "mqtt.receive_maximum: Expected `int` >= 1 (got 0)",
+        "mqtt.topic_alias_maximum: Expected `int` <= 65535 (got 70000)",
+        "mqtt.max_keepalive_s (from GRIDGATE_MQTT_MAX_KEEPALIVE_S): Expected `int` >= 0 (got '-1')",
+    ]
+    config = Config.load(None, env={"ENVIRONMENT": "t", "SERVICE_NAME": "t", "GRIDGATE_MQTT_RECEIVE_MAXIMUM": "8",
+                                    "GRIDGATE_MQTT_MAX_KEEPALIVE_S": "120"})
+    assert (config.mqtt.receive_maximum, config.mqtt.topic_alias_maximum, config.mqtt.max_keepalive_s) == (8, 16, 120)
