@@ -34,7 +34,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromSt
 from cpython.long cimport PyLong_AsLongAndOverflow, PyLong_CheckExact
 from cpython.memoryview cimport PyMemoryView_FromObject, PyMemoryView_GET_BUFFER
 from cpython.number cimport PyNumber_Index
-from cpython.object cimport PyObject_Call
+from cpython.list cimport PyList_GET_ITEM
+from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcmp, memcpy
 
@@ -311,10 +312,10 @@ cdef object _m5_properties(const unsigned char* p, Py_ssize_t* pos, Py_ssize_t e
     cdef Py_ssize_t q = pos[0], length, stop, at, n, at2, n2, value
     cdef unsigned long long dup = 0
     cdef int ident, t
-    cdef dict found
+    cdef list found
+    cdef unsigned char[64] where     # identifier -> its value's index in found, for the bits set in dup
     cdef list pairs = None, sub_ids = None
     cdef object obj
-    cdef str key
     seen.topic_alias = -1
     seen.subscription_ids = False
     seen.session_expiry = -1
@@ -329,7 +330,7 @@ cdef object _m5_properties(const unsigned char* p, Py_ssize_t* pos, Py_ssize_t e
     pos[0] = stop
     if length == 0:
         return _m5_NO_PROPERTIES
-    found = {}
+    found = []
     while q < stop:
         ident = p[q]
         if ident >= 0x80:
@@ -422,12 +423,45 @@ cdef object _m5_properties(const unsigned char* p, Py_ssize_t* pos, Py_ssize_t e
             seen.auth_method = True
         elif ident == 0x16:
             seen.auth_data = True
-        found[_m5_PROP_ATTR[ident]] = obj
+        where[ident] = len(found)
+        found.append(obj)
     if pairs is not None:
-        found["user_properties"] = tuple(pairs)
+        where[0x26] = len(found)
+        found.append(tuple(pairs))
+        dup |= 1ULL << 0x26
     if sub_ids is not None:
-        found["subscription_identifiers"] = tuple(sub_ids)
-    return PyObject_Call(_m5_Properties, (), found)
+        where[0x0B] = len(found)
+        found.append(tuple(sub_ids))
+        dup |= 1ULL << 0x0B
+    return _m5_build_properties(found, where, dup)
+
+
+# The Properties are built with a vectorcall: values in an array, their field
+# names in a tuple. Through a kwargs dict, msgspec's __init__ took about twice
+# as long, the largest single cost of a PUBLISH with properties. The names
+# tuple of each set of present properties is kept, up to 256 sets: a device
+# sends the same few sets again and again, and a peer trying every
+# combination must not grow the cache without bound.
+cdef extern from "Python.h":
+    object PyObject_Vectorcall(object callable, PyObject** args, size_t nargsf, object kwnames)
+
+cdef dict _m5_KWNAMES = {}
+
+
+cdef object _m5_build_properties(list found, unsigned char* where, unsigned long long present):
+    cdef PyObject* argv[64]
+    cdef Py_ssize_t n = 0
+    cdef int ident
+    cdef object kwnames = _m5_KWNAMES.get(present)
+    for ident in range(1, 0x2B):
+        if (present >> ident) & 1:
+            argv[n] = PyList_GET_ITEM(found, where[ident])   # borrowed: found holds them during the call
+            n += 1
+    if kwnames is None:
+        kwnames = tuple([_m5_PROP_ATTR[ident] for ident in range(1, 0x2B) if (present >> ident) & 1])
+        if len(_m5_KWNAMES) < 256:
+            _m5_KWNAMES[present] = kwnames
+    return PyObject_Vectorcall(_m5_Properties, argv, 0, kwnames)
 
 
 # -- the codec -------------------------------------------------------------------------------------
@@ -1001,10 +1035,37 @@ cdef int _m5_put_property(bytearray out, int ident, str name, int t, object valu
 cdef unsigned long long _m5_CHECKED = 0
 for _m5_i in (0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A, 0x21, 0x27, 0x0B, 0x23, 0x08):
     _m5_CHECKED |= 1ULL << _m5_i
-# Properties' fields are in the table's order (so a Properties' astuple() lines
-# up with _m5_SPECS); if that ever changes, the encoder reads each by name.
-_m5_FIELDS_IN_TABLE_ORDER = tuple(_m5_Properties.__struct_fields__) == tuple(s[1] for s in _m5_SPECS)
-_m5_astuple = _m5_msgspec.structs.astuple
+# A Properties' fields are read where its type's member descriptors say they
+# are (what CPython's member_get does, without an attribute look-up per
+# field): every ack the session sends goes through the 27 fields, and 27
+# getattr() calls were most of an ack's cost. Used only for an object of
+# exactly that type, and only if each field is a plain object slot (checked
+# here at import); otherwise, and for an empty slot, the encoder reads by name.
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    enum:
+        T_OBJECT_EX
+
+cdef Py_ssize_t[64] _m5_FIELD_OFFSET
+
+
+cdef bint _m5_init_offsets():
+    cdef Py_ssize_t k
+    cdef object descr
+    member = type(type.__dict__["__dictoffset__"])   # the member descriptor type
+    for k in range(_m5_NSPECS):
+        descr = _m5_Properties.__dict__.get(_m5_PROP_ATTR[_m5_SPEC_IDENT[k]])
+        if type(descr) is not member or (<PyMemberDescrObject*>descr).d_member.type != T_OBJECT_EX:
+            return False
+        _m5_FIELD_OFFSET[k] = (<PyMemberDescrObject*>descr).d_member.offset
+    return True
+
+
+cdef bint _m5_FIELDS_BY_OFFSET = _m5_init_offsets()
 
 
 cdef bytes _m5_encode_properties(object props, int packet, bint drop):
@@ -1017,15 +1078,16 @@ cdef bytes _m5_encode_properties(object props, int packet, bint drop):
     cdef int ident
     cdef str name
     cdef object value, values, bad
-    cdef tuple fields = None
+    cdef bint by_offset = False
+    cdef PyObject* slot
     cdef Py_ssize_t n, k
     cdef unsigned char[4] vbi
     if props is None:
         return b"\x00"
-    if type(props) is _m5_Properties and _m5_FIELDS_IN_TABLE_ORDER:
+    if type(props) is _m5_Properties and _m5_FIELDS_BY_OFFSET:
         # Equal to NO_PROPERTIES or not, the walk below gives b"\x00" for one
         # whose fields are all None or (): the twin's shortcut is only a shortcut.
-        fields = _m5_astuple(props)
+        by_offset = True
     elif props == _m5_NO_PROPERTIES:
         return b"\x00"
     out = bytearray()
@@ -1033,7 +1095,13 @@ cdef bytes _m5_encode_properties(object props, int packet, bint drop):
         ident = _m5_SPEC_IDENT[k]
         if drop and (ident == 0x1F or ident == 0x26):
             continue
-        value = fields[k] if fields is not None else getattr(props, _m5_PROP_ATTR[ident])
+        if by_offset:
+            slot = (<PyObject**>((<char*><PyObject*>props) + _m5_FIELD_OFFSET[k]))[0]
+            if slot == <PyObject*>None:
+                continue
+            value = <object>slot if slot != NULL else getattr(props, _m5_PROP_ATTR[ident])
+        else:
+            value = getattr(props, _m5_PROP_ATTR[ident])
         if value is None or value == ():
             continue
         name = _m5_PROP_NAME[ident]
