@@ -326,7 +326,7 @@ class MQTT5Connection(MQTTConnection):
                 if self.client_id is None:
                     continue      # cannot happen: the codec takes nothing before CONNECT
                 if ev.retain:
-                    # Retain Available is 0 (MQTT-3.3.1-? / table 3-? : 0x9A)
+                    # Retain Available is 0: the client may not set RETAIN (MQTT-3.2.2-14); DISCONNECT 0x9A (3.3.1.3)
                     self._disconnect(RETAIN_NOT_SUPPORTED, "retained messages are not supported")
                     self.session.close_reason = "protocol error: retain_not_supported"
                     keep_open = False
