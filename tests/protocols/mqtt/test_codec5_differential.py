@@ -425,3 +425,40 @@ def test_server_packets_same_bytes(ptype: int, data: st.DataObject) -> None:
         calls = [lambda impl: impl.encode_auth(code, props), lambda impl: impl.encode_auth()]
     for call in calls:
         assert call(C) == call(PY)
+
+
+def test_pure_python_forced_serves_the_twin() -> None:
+    """GRIDGATE_PURE_PYTHON=1 (gridgate.hotpath): codec5 is codec5_py itself."""
+    import subprocess
+    import sys
+
+    code = ("from gridgate.protocols.mqtt import codec5_py; from gridgate.protocols.mqtt.codec5 import codec5; "
+            "print(codec5 is codec5_py)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GRIDGATE_PURE_PYTHON": "1"},
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("reads", [1, 2], ids=["one read", "straddling two reads"])
+def test_payload_views_alike(reads: int) -> None:
+    """The compiled codec's payload is a memoryview built without a slice object
+    (_m5_slice): it must behave as the twin's real slice in every way a reader sees."""
+    raw = CONNECT + PY.encode_publish("devices/m1/telemetry", b'{"temperature": 21.5}', 1, 3)
+    cut = len(raw) - 5 if reads == 2 else len(raw)
+    views = []
+    for impl in (PY, C):
+        codec = impl.MQTT5Codec()
+        data = (raw[:cut], raw[cut:]) if reads == 2 else (raw,)
+        events = [e for chunk in data for e in codec.feed(chunk)]
+        views.append((events[1].payload, data[-1]))
+    (py_view, py_data), (c_view, c_data) = views
+    for view, data in views:
+        assert type(view) is memoryview
+        if reads == 1:
+            assert view.obj is data          # zero-copy: a view of the read itself
+    for attr in ("readonly", "nbytes", "shape", "strides", "format", "itemsize", "ndim", "c_contiguous",
+                 "contiguous", "suboffsets"):
+        assert getattr(c_view, attr) == getattr(py_view, attr), attr
+    assert c_view == py_view and hash(c_view) == hash(py_view) and c_view.tobytes() == py_view.tobytes()
+    assert bytes(c_view[2:8]) == bytes(py_view[2:8]) == b"temper"
+    assert bytes(c_view[-6:]) == bytes(py_view[-6:])
