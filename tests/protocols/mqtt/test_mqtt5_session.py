@@ -23,6 +23,7 @@ import gridgate
 from gridgate.config import AuthConfig, Config, ConfigError, DownlinkConfig, LimitsConfig, MQTTConfig, TLSConfig
 from gridgate.downlink.wire import Command
 from gridgate.protocols.mqtt.session5 import close_code, trace_context
+from gridgate.protocols.mqtt.session_store import SessionStore, StoredSession
 from gridgate.security.passwords import format_line, hash_password
 from inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_closed
 from mqtt5_frames import (
@@ -36,6 +37,7 @@ from mqtt5_frames import (
     REQUEST_PROBLEM_INFO,
     RETAIN_AVAILABLE,
     SERVER_KEEP_ALIVE,
+    SESSION_EXPIRY,
     SHARED_AVAILABLE,
     SUBSCRIPTION_ID_AVAILABLE,
     TOPIC_ALIAS,
@@ -698,3 +700,94 @@ def test_mqtt5_config_keys_are_validated(tmp_path):
     config = Config.load(None, env={"ENVIRONMENT": "t", "SERVICE_NAME": "t", "GRIDGATE_MQTT_RECEIVE_MAXIMUM": "8",
                                     "GRIDGATE_MQTT_MAX_KEEPALIVE_S": "120"})
     assert (config.mqtt.receive_maximum, config.mqtt.topic_alias_maximum, config.mqtt.max_keepalive_s) == (8, 16, 120)
+
+
+# -- Session Expiry ---------------------------------------------------------------------------
+
+
+def server_connack_present() -> bytes:
+    """server_connack() with Session Present 1."""
+    packet = bytearray(server_connack())
+    packet[2] = 0x01
+    return bytes(packet)
+
+
+async def test_a_device_back_within_its_session_expiry_gets_its_unacknowledged_commands():
+    async with serving() as (gateway, nursery):
+        expiry = props(prop_u32(SESSION_EXPIRY, 60))
+        client = await open_client(gateway, nursery)
+        await client.send_all(connect5("meter-1", properties=expiry))
+        assert await read_packet(client) == server_connack()
+        await client.send_all(subscribe5(1, [("devices/meter-1/commands", 1)]))
+        assert await read_packet(client) == suback5(1, [0x01])
+        assert gateway.conns.get_device("meter-1").send_command(Command(id="c-1", type="PING", payload=None))
+        frame = publish5("devices/meter-1/commands", b'{"id":"c-1","type":"PING","payload":null}', qos=1, mid=1,
+                         properties=props(prop_u32(MESSAGE_EXPIRY, 60)))
+        assert await read_packet(client) == frame
+        await client.aclose()                                 # gone without a PUBACK
+        with trio.fail_after(TIMEOUT):
+            while gateway.conns.get_device("meter-1") is not None:
+                await trio.sleep(0.01)
+        # back with Clean Start 0: Session Present, subscribed, the command again without a new SUBSCRIBE
+        client = await open_client(gateway, nursery)
+        await client.send_all(connect5("meter-1", clean_start=False, properties=expiry))
+        assert await read_packet(client) == server_connack_present()
+        assert await read_packet(client) == frame
+        await client.send_all(puback5(1))
+        await client.send_all(disconnect5())
+        await wait_closed(client)
+        # acknowledged this time: nothing left to resume, and Clean Start 1 starts afresh anyway
+        client = await open_client(gateway, nursery)
+        await client.send_all(connect5("meter-1", clean_start=False, properties=expiry))
+        assert await read_packet(client) == server_connack_present()
+        await client.send_all(pingreq5())
+        assert await read_packet(client) == pingresp5()          # no command came before it
+        await client.send_all(disconnect5())
+        await wait_closed(client)
+        client = await open_client(gateway, nursery)
+        await client.send_all(connect5("meter-1", clean_start=True, properties=expiry))
+        assert await read_packet(client) == server_connack()
+        assert gateway.metrics.registry.get_sample_value(
+            "gridgate_commands_expired_total", {"protocol": "mqtt", "reason": "disconnected"}) is None
+
+
+async def test_no_session_is_kept_without_session_expiry_or_after_the_client_sets_it_to_0():
+    async with serving() as (gateway, nursery):
+        for connect_props, disconnect in ((b"\x00", disconnect5()),
+                                          (props(prop_u32(SESSION_EXPIRY, 60)),
+                                           disconnect5(0, props(prop_u32(SESSION_EXPIRY, 0))))):
+            client = await open_client(gateway, nursery)
+            await client.send_all(connect5("meter-1", properties=connect_props))
+            assert await read_packet(client) == server_connack()
+            await client.send_all(subscribe5(1, [("devices/meter-1/commands", 1)]))
+            assert await read_packet(client) == suback5(1, [0x01])
+            assert gateway.conns.get_device("meter-1").send_command(Command(id="c", type="PING", payload=None))
+            assert (await read_packet(client))[0] == 0x32                  # the command, not acknowledged
+            await client.send_all(disconnect)
+            await wait_closed(client)
+            with trio.fail_after(TIMEOUT):
+                while gateway.conns.get_device("meter-1") is not None:
+                    await trio.sleep(0.01)
+            client = await open_client(gateway, nursery)
+            await client.send_all(connect5("meter-1", clean_start=False))
+            assert await read_packet(client) == server_connack()           # Session Present 0
+            await client.send_all(disconnect5())
+            await wait_closed(client)
+        # not kept: each expired with its connection
+        with trio.fail_after(TIMEOUT):
+            while gateway.metrics.registry.get_sample_value(
+                    "gridgate_commands_expired_total", {"protocol": "mqtt", "reason": "disconnected"}) != 2:
+                await trio.sleep(0.01)
+
+
+def test_session_store_is_bounded_and_expires():
+    store = SessionStore(max_sessions=2)
+    store.save("a", StoredSession(1, [("cmd-old", 5.0), ("cmd-new", 50.0)], until=100.0))
+    store.save("b", StoredSession(None, [], until=10.0))
+    store.save("c", StoredSession(None, [], until=100.0))           # pushes "a" out
+    assert store.peek("a", 0.0) is None and len(store) == 2
+    assert store.peek("b", 10.0) is None and len(store) == 1        # expired
+    store.save("a", StoredSession(1, [("cmd-old", 5.0), ("cmd-new", 50.0)], until=100.0))
+    taken = store.take("a", 20.0)
+    assert taken is not None and taken.commands == [("cmd-new", 50.0)]    # a command past its own TTL left out
+    assert store.take("a", 20.0) is None

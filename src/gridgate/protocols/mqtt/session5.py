@@ -17,8 +17,9 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -46,6 +47,7 @@ from gridgate.protocols.mqtt.session import (
     CONNACK_NOT_AUTHORIZED,
     MQTTConnection,
 )
+from gridgate.protocols.mqtt.session_store import SessionStore, StoredSession
 from gridgate.protocols.mqtt.v5 import (
     BAD_AUTHENTICATION_METHOD,
     BAD_USER_NAME_OR_PASSWORD,
@@ -167,6 +169,20 @@ def trace_context(user_properties: tuple[tuple[str, str], ...]) -> tuple[str | N
     return traceparent, tracestate
 
 
+# One session store per gateway, found by its ConnManager: sessions outlive
+# their connections, gateways embedded in one process (tests) must not share
+# them, and a stopped gateway's store goes with its ConnManager.
+_STORES: weakref.WeakKeyDictionary[Any, SessionStore] = weakref.WeakKeyDictionary()
+
+
+def session_store(conns: Any) -> SessionStore:
+    """The MQTT 5 session store of the gateway whose ConnManager is ``conns``."""
+    store = _STORES.get(conns)
+    if store is None:
+        store = _STORES[conns] = SessionStore()
+    return store
+
+
 def close_code(reason: str | None) -> int | None:
     """The reason code of the DISCONNECT owed to a connection closed for
     ``reason`` (``Session.close_reason``); None: close without one."""
@@ -182,7 +198,7 @@ class MQTT5Connection(MQTTConnection):
     """One MQTT 5.0 client connection (TCP, TLS or WebSocket)."""
 
     __slots__ = ("problem_info", "client_max_packet", "client_receive_maximum", "receive_maximum", "inflight",
-                 "goodbye")
+                 "goodbye", "session_expiry", "resumed")
 
     def __init__(self, stream: trio.abc.Stream, services: Services, session: Session,
                  protocol: str = "mqtt") -> None:
@@ -201,6 +217,9 @@ class MQTT5Connection(MQTTConnection):
         # qos2_unreleased): against receive_maximum.
         self.inflight = 0
         self.goodbye = False        # a DISCONNECT was sent or is owed no more
+        # Session Expiry Interval (s): from CONNECT, changed by the client's DISCONNECT
+        self.session_expiry = 0
+        self.resumed: StoredSession | None = None     # the stored session this CONNECT resumes
 
     async def run(self, head: bytes | None = None) -> None:
         try:
@@ -208,6 +227,40 @@ class MQTT5Connection(MQTTConnection):
         except trio.Cancelled:
             await self._say_goodbye(close_code(self.session.close_reason))
             raise
+        finally:
+            self._keep_session()
+
+    def _keep_session(self) -> None:
+        """Store what the device may resume (Session Expiry Interval > 0):
+        its command subscription and the commands not acknowledged yet, taken
+        from the outbox before its channel closes (so they are kept, not
+        counted expired). Not after a takeover: the session went on in the
+        newer connection."""
+        if not self.session_expiry or self.client_id is None:
+            return
+        if (self.session.close_reason or "").startswith("taken over"):
+            return
+        commands = []
+        if self.downlink is not None:
+            outbox = self.downlink.outbox
+            commands = [(e.command, e.expires) for e in (*outbox.inflight.values(), *outbox.waiting)]
+            outbox.inflight.clear()
+            outbox.waiting.clear()
+        # 0xFFFFFFFF: the session does not expire (3.1.2.11.2); the store's bound still holds
+        until = math.inf if self.session_expiry == 0xFFFFFFFF else trio.current_time() + self.session_expiry
+        session_store(self.svc.conns).save(self.client_id, StoredSession(self.subscribed_qos, commands, until))
+
+    def _resume(self, stored: StoredSession) -> None:
+        """The stored session's subscription and commands, in this connection.
+        Each command goes out again as a new PUBLISH (packet ids are this
+        connection's) with a fresh TTL."""
+        if stored.subscribed_qos is not None:
+            self.subscribed_qos = stored.subscribed_qos
+            if self.downlink is not None:           # made by an UPDATE_CONFIG offered at CONNECT
+                self.downlink.outbox.set_ready(True, tracked=stored.subscribed_qos >= 1)
+                self.downlink.wake()
+        for command, _ in stored.commands:
+            self._offer_command(command)
 
     async def _say_goodbye(self, code: int | None) -> None:
         """The DISCONNECT a server sends before it closes (section 4.13): to
@@ -281,7 +334,22 @@ class MQTT5Connection(MQTTConnection):
             self.session.close_reason = "retained will"
             return codec5.encode_connack(False, RETAIN_NOT_SUPPORTED, self._reason_props(
                 "retained messages are not supported", always=True), self.client_max_packet)
-        return await self._connect(ev)    # type: ignore[arg-type]  # same fields as a 3.1.1 Connect
+        store = session_store(self.svc.conns)
+        now = trio.current_time()
+        if not ev.clean_start:
+            self.resumed = store.peek(ev.client_id, now)     # CONNACK says Session Present
+        answer = await self._connect(ev)    # type: ignore[arg-type]  # same fields as a 3.1.1 Connect
+        if self.client_id is None:         # refused: whatever is stored stays for the device itself
+            self.resumed = None
+            return answer
+        self.session_expiry = props.session_expiry_interval or 0
+        if ev.clean_start:
+            store.drop(self.client_id)      # MQTT-3.1.2-4
+        elif self.resumed is not None:
+            stored = store.take(self.client_id, now)
+            if stored is not None:
+                self._resume(stored)
+        return answer
 
     def _accept(self, ev: object) -> bytes:
         assert isinstance(ev, Connect5)
@@ -302,7 +370,7 @@ class MQTT5Connection(MQTTConnection):
             shared_subscription_available=0,
             server_keep_alive=server_keepalive,
         )
-        return codec5.encode_connack(False, SUCCESS, props, self.client_max_packet)
+        return codec5.encode_connack(self.resumed is not None, SUCCESS, props, self.client_max_packet)
 
     # -- events -----------------------------------------------------------------
 
@@ -397,6 +465,8 @@ class MQTT5Connection(MQTTConnection):
                     ev.packet_id, [SUCCESS if subscribed and t == command_topic else NO_SUBSCRIPTION_EXISTED
                                    for t in ev.topic_filters], None, self.client_max_packet))
             elif type(ev) is Disconnect5:
+                if ev.properties.session_expiry_interval is not None:
+                    self.session_expiry = ev.properties.session_expiry_interval     # 3.14.2.2.2
                 self.session.close_reason = "client disconnected"
                 self.goodbye = True
                 keep_open = False
