@@ -194,7 +194,6 @@ class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     presence_timeout_s: Annotated[float, Meta(ge=0.2, le=600)] = 5.0
     request_timeout_s: Annotated[float, Meta(ge=0.05, le=60)] = 2.0
     connect_timeout_s: PositiveFloat = 10.0
-    max_devices: Annotated[int, Meta(ge=1)] = 5_000_000
 
 
 class SpoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

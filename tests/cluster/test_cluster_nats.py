@@ -176,10 +176,10 @@ def test_a_dead_node_is_forgotten_and_its_devices_are_reachable_again_elsewhere(
     until(held_by(b, "meter-9", "gw-a"), what="gw-b sees meter-9 on gw-a")
     a.kill()                                  # SIGKILL: no bye, no unbind
     device.close()
-    # presence expires after presence_timeout_s of silence
-    b.wait_for_line(f"node gw-a not heard for {PRESENCE_TIMEOUT_S:g}s: forgetting the 1 devices it held")
+    # presence expires after presence_timeout_s of silence: gw-a is no longer waited for
+    b.wait_for_line(f"node gw-a not heard for {PRESENCE_TIMEOUT_S:g}s: it is gone (it held 1 devices)")
     assert request(b, "GET", "/v1/devices/meter-9")[0] == 404
-    assert b.metric('gridgate_cluster_nodes_lost_total{why="silent"}') == 1
+    assert b.metric("gridgate_cluster_nodes_lost_total") == 1
     assert request(b, "POST", "/v1/devices/meter-9/commands", {"type": "x"})[1]["error"] == "device_offline"
     again = Device(b, "meter-9")
     try:
@@ -190,7 +190,7 @@ def test_a_dead_node_is_forgotten_and_its_devices_are_reachable_again_elsewhere(
         again.close()
 
 
-def test_a_node_joining_late_learns_what_the_others_hold(nodes):
+def test_a_node_joining_late_reaches_what_the_others_hold(nodes):
     (a,) = nodes("gw-a")
     devices = [Device(a, f"meter-{i}") for i in range(5)]
     try:
@@ -209,20 +209,21 @@ def test_a_graceful_stop_says_bye(nodes):
     device.close()
     assert a.stop() == 0
     b.wait_for_line("cluster: node gw-a left")
-    assert b.metric('gridgate_cluster_nodes_lost_total{why="silent"}') == 0
+    assert b.metric("gridgate_cluster_nodes_lost_total") == 0
 
 
-def test_a_request_to_a_dead_node_forgets_it_before_its_presence_expires(nodes):
+def test_a_silent_node_makes_a_miss_a_timeout_not_an_offline(nodes):
     a, b = nodes("gw-a", "gw-b", presence_timeout_s=600)
     device = Device(a, "meter-4")
     until(held_by(b, "meter-4", "gw-a"), what="gw-b sees meter-4 on gw-a")
     a.kill()
     device.close()
-    # NATS says nobody listens for gw-a any more: no need to wait out the 600 s
+    # gw-a may still hold it as far as gw-b knows (600 s of presence): not a 404
     status, answer = request(b, "POST", "/v1/devices/meter-4/commands", {"type": "x"})
-    assert (status, answer["error"]) == (404, "device_offline")
-    assert b.metric('gridgate_cluster_nodes_lost_total{why="unreachable"}') == 1
-    assert request(b, "GET", "/v1/devices/meter-4")[0] == 404
+    assert (status, answer["error"]) == (504, "cluster_timeout")
+    assert "gw-a did not answer" in answer["detail"]
+    status, conns = request(b, "GET", "/v1/connections")
+    assert status == 200 and conns["nodes_missing"] == ["gw-a"]
 
 
 def test_two_gateways_with_one_node_name_are_told_so(tmp_path, nats):

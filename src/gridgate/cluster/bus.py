@@ -1,8 +1,8 @@
 """The cluster's NATS connection, seen from Trio.
 
 Core NATS (no JetStream): cluster messages are about who holds a device
-right now, and a lost one is repaired by the next heartbeat's count check
-or the next sync (``gridgate.cluster.node``), never replayed from storage.
+right now; nothing is stored, and a question that gets no answer is
+answered as such (``gridgate.cluster.node``), never replayed.
 The nats-py client runs on an asyncio loop thread (``AsyncioThread``);
 subscription handlers run on the Trio thread, one ``run_sync_soon`` per
 message, and must not block: they do their work at once or start a task.
@@ -22,17 +22,13 @@ from nats.aio.client import Client as NATSClient
 
 from gridgate.asyncio_thread import AsyncioThread, LoopClosed
 
-__all__ = ["Bus", "BusMessage", "BusError", "BusTimeout"]
+__all__ = ["Bus", "BusMessage", "BusError"]
 
 log = logging.getLogger("gridgate.cluster")
 
 
 class BusError(Exception):
     """NATS is not reachable, or a request found nobody to answer it."""
-
-
-class BusTimeout(BusError):
-    """No answer within the request's timeout."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,43 +173,31 @@ class Bus:
 
         await self._call(self._nc.subscribe(subject, cb=cb))
 
-    async def request(self, subject: str, data: bytes, timeout_s: float) -> bytes:
-        """One answer to ``data`` sent on ``subject``.
-
-        Raises:
-            BusTimeout: nobody answered in time.
-            BusError: nobody listens on ``subject``, or NATS is unreachable.
-        """
-        try:
-            msg = await self._call(self._nc.request(subject, data, timeout=timeout_s))
-        except nats.errors.TimeoutError:
-            raise BusTimeout(f"no answer on {subject} within {timeout_s:g}s") from None
-        except nats.errors.NoRespondersError:
-            raise BusError(f"nobody answers on {subject}") from None
-        return bytes(msg.data)
-
-    async def gather(self, subject: str, data: bytes, timeout_s: float, want: int) -> list[bytes]:
+    async def gather(self, subject: str, data: bytes, timeout_s: float, want: int,
+                     enough: Callable[[bytes], bool] | None = None) -> list[bytes]:
         """The answers of every listener on ``subject``: until ``want`` have
-        come or ``timeout_s`` passed, whichever is first."""
-        got: list[bytes] = await self._call(self._gather(subject, data, timeout_s, want))
+        come, one of them is ``enough``, or ``timeout_s`` passed."""
+        got: list[bytes] = await self._call(self._gather(subject, data, timeout_s, want, enough))
         return got
 
-    async def _gather(self, subject: str, data: bytes, timeout_s: float, want: int) -> list[bytes]:
+    async def _gather(self, subject: str, data: bytes, timeout_s: float, want: int,
+                      enough: Callable[[bytes], bool] | None) -> list[bytes]:
         nc = self._nc
         inbox = nc.new_inbox()
         got: list[bytes] = []
-        enough = asyncio.Event()
+        done = asyncio.Event()
 
         async def cb(msg: Any) -> None:
-            got.append(bytes(msg.data))
-            if len(got) >= want:
-                enough.set()
+            data = bytes(msg.data)
+            got.append(data)
+            if len(got) >= want or (enough is not None and enough(data)):
+                done.set()
 
         sub = await nc.subscribe(inbox, cb=cb)
         try:
             await nc.publish(subject, data, reply=inbox)
             try:
-                await asyncio.wait_for(enough.wait(), timeout_s)
+                await asyncio.wait_for(done.wait(), timeout_s)
             except TimeoutError:
                 pass
         finally:

@@ -3,48 +3,26 @@
 Every message names its sender (``node``). Subjects, under ``[cluster]
 subject_prefix`` (default ``gridgate.cluster``; P below):
 
-- ``P.bind`` / ``P.unbind``: a node took or let go of a device (``Bind``,
-  ``Unbind``); every node keeps a directory from them, and a node holding an
-  older session of the device closes it (takeover across nodes).
-- ``P.hb``: ``Heartbeat`` every ``heartbeat_s``: the sender is alive, with
-  the count and an order-free digest of the devices it holds, so a node
-  whose view of it differs asks for a ``Sync``.
-- ``P.bye``: a node stopping gracefully; others forget it at once.
+- ``P.bind``: a node took a device (``Bind``); a node holding an older
+  session of the device closes it (takeover across nodes).
+- ``P.hb``: ``Heartbeat`` every ``heartbeat_s`` (liveness, and how many
+  devices the sender holds); ``P.bye``: a node stopping gracefully.
+- ``P.ask``: a question about one device to every node (``Ask``: deliver
+  this command, or describe the device); each node answers ``Answer``, with
+  ``held`` true only from the node that holds it.
 - ``P.connections``: each node answers with its ``ConnectionCount``.
-- ``P.node.<node>.command|device|sync``: requests to one node (a routed
-  downlink command, a device's state, its whole device list, sent back in
-  ``SyncChunk`` messages to ``P.node.<asker>.synced``).
 
 Messages come from the cluster's own NATS, which only gateways should be
 able to publish to (NATS accounts or credentials: README); they are still
-decoded strictly (an undecodable one is counted and dropped), never trusted
-to be small: a sync is cut into chunks of at most SYNC_CHUNK devices.
+decoded strictly (an undecodable one is counted and dropped).
 """
 from __future__ import annotations
 
-import hashlib
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
-__all__ = [
-    "Bind", "Unbind", "Heartbeat", "Bye", "ConnectionCount", "CommandRequest", "DeviceRequest", "SyncRequest",
-    "SyncChunk", "RemoteAnswer", "SYNC_CHUNK", "device_digest", "encode", "decode",
-]
-
-SYNC_CHUNK = 5_000
-
-_MASK = (1 << 64) - 1
-
-
-def device_digest(device_id: str) -> int:
-    """A device's share of a node's digest (the digest is their sum mod 2**64:
-    order-free and updated per bind in O(1)). Stable across processes, unlike hash()."""
-    return int.from_bytes(hashlib.blake2b(device_id.encode(), digest_size=8).digest(), "little")
-
-
-def add_digest(total: int, device_id: str, sign: int = 1) -> int:
-    return (total + sign * device_digest(device_id)) & _MASK
+__all__ = ["Bind", "Heartbeat", "Bye", "ConnectionCount", "Ask", "Answer", "encode", "decode"]
 
 
 class Bind(msgspec.Struct, tag="bind", array_like=True):
@@ -53,17 +31,10 @@ class Bind(msgspec.Struct, tag="bind", array_like=True):
     since_ns: int          # when the node bound it (wall clock): the newest session wins a takeover
 
 
-class Unbind(msgspec.Struct, tag="unbind", array_like=True):
-    node: str
-    device: str
-    since_ns: int
-
-
 class Heartbeat(msgspec.Struct, tag="hb", array_like=True):
     node: str
-    incarnation: int       # the node's start time (ns): a restarted node with the same name starts over
-    count: int
-    digest: int
+    incarnation: int       # the node's start time (ns): a restarted node with the same name is a new peer
+    devices: int
 
 
 class Bye(msgspec.Struct, tag="bye", array_like=True):
@@ -76,37 +47,21 @@ class ConnectionCount(msgspec.Struct, tag="conns", array_like=True):
     by_protocol: dict[str, int]
 
 
-class CommandRequest(msgspec.Struct, tag="cmd", array_like=True):
+class Ask(msgspec.Struct, tag="ask", array_like=True):
     node: str
+    kind: Literal["command", "device"]
     device: str
-    body: bytes            # the POSTed JSON command, checked by the asking node and again here
+    body: bytes = b""      # a command: the POSTed JSON, checked by the asking node and again by the holder
 
 
-class DeviceRequest(msgspec.Struct, tag="dev", array_like=True):
+class Answer(msgspec.Struct, tag="answer", array_like=True):
     node: str
-    device: str
+    held: bool             # this node holds the device: status and body are the answer
+    status: int = 0
+    body: Any = None       # the JSON object the HTTP API answers with
 
 
-class SyncRequest(msgspec.Struct, tag="sync", array_like=True):
-    node: str
-
-
-class SyncChunk(msgspec.Struct, tag="synced", array_like=True):
-    node: str
-    incarnation: int
-    index: int
-    last: bool
-    devices: list[tuple[str, int]]      # (device id, since_ns)
-
-
-class RemoteAnswer(msgspec.Struct, tag="answer", array_like=True):
-    node: str
-    status: int
-    body: Any              # the JSON object the HTTP API answers with
-
-
-Message = (Bind | Unbind | Heartbeat | Bye | ConnectionCount | CommandRequest | DeviceRequest | SyncRequest
-           | SyncChunk | RemoteAnswer)
+Message = Bind | Heartbeat | Bye | ConnectionCount | Ask | Answer
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -36,18 +36,16 @@ ServeMQTTStream = Callable[["trio.abc.Stream", "Services", "Session", str], Awai
 
 class ClusterView(Protocol):
     """The other gateways of a cluster, as the HTTP API needs them
-    (gridgate.cluster.node). Each awaitable bounds its own wait and answers
-    (status, JSON object, extra headers), never raises."""
+    (gridgate.cluster.node): questions about devices this node does not
+    hold. Each awaitable bounds its own wait and answers (status, JSON
+    object, extra headers), never raises."""
 
-    def holder(self, device_id: str) -> str | None:
-        """The other node that holds the device now, as far as this one knows."""
+    def command(self, device_id: str, body: bytes) -> Awaitable[tuple[int, Any, list[tuple[bytes, bytes]]]]:
+        """POST /v1/devices/{id}/commands, delivered and answered by the node that holds the device."""
 
-    def command(self, node: str, device_id: str, body: bytes) -> Awaitable[tuple[int, Any, list[tuple[bytes, bytes]]]]:
-        """POST /v1/devices/{id}/commands, answered by ``node``."""
-
-    def device(self, node: str, device_id: str,
+    def device(self, device_id: str,
                known_here: dict[str, object] | None) -> Awaitable[tuple[int, Any, list[tuple[bytes, bytes]]]]:
-        """GET /v1/devices/{id}, answered by ``node`` (``known_here``: this node's own record, if any)."""
+        """GET /v1/devices/{id} from the node that holds it (``known_here``: this node's own record, if any)."""
 
     def connections(self, here: dict[str, Any]) -> Awaitable[tuple[int, Any, list[tuple[bytes, bytes]]]]:
         """GET /v1/connections summed over the cluster (``here``: this node's counts)."""

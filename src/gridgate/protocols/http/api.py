@@ -325,10 +325,8 @@ def _route(svc: Services, req: RequestView, engine: str, authenticated: bool,
         _admin(svc, req, ("devices:read",))
         device_id = path[len("/v1/devices/"):]
         info = svc.conns.device_info(device_id)
-        if svc.cluster is not None and (info is None or not info["online"]):
-            node = svc.cluster.holder(device_id)
-            if node is not None:
-                return Pending.later(svc, svc.cluster.device(node, device_id, info))
+        if svc.cluster is not None and (info is None or not info["online"]) and DEVICE_ID_RE.match(device_id):
+            return Pending.later(svc, svc.cluster.device(device_id, info))
         if info is None:
             raise HttpError(404, "not_found", "device never seen")
         return _ok(200, info)
@@ -459,9 +457,8 @@ def _command(svc: Services, req: RequestView, device_id: str) -> Answer | Pendin
     command = _parse_command(bytes(body), limit)
     session = svc.conns.get_device(device_id)
     if session is None and svc.cluster is not None:
-        node = svc.cluster.holder(device_id)
-        if node is not None:      # another gateway of the cluster holds it: it delivers
-            return Pending.later(svc, svc.cluster.command(node, device_id, bytes(body)))
+        # another gateway of the cluster may hold it: the one that does delivers
+        return Pending.later(svc, svc.cluster.command(device_id, bytes(body)))
     return _deliver(svc, device_id, command, session)
 
 
