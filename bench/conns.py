@@ -95,7 +95,7 @@ def _one(name: str, n: int, start: Callable[[], procs.Server] | None = None) -> 
     ramp = n / CONNECT_RATE
     # bounded: the loadgen's own duration is the hard stop; we normally end
     # it earlier, as soon as the RSS reading is taken
-    connect_deadline = ramp * 2 + 30
+    connect_deadline = ramp * 3 + 60
     err = tempfile.NamedTemporaryFile(prefix="conns-loadgen-", suffix=".log", delete=False)
     try:
         time.sleep(0.5)
