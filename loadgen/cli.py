@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gridgate-loadgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
-    m = sub.add_parser("mqtt", help="MQTT 3.1.1 devices (gridgate, mosquitto, any broker)")
+    m = sub.add_parser("mqtt", help="MQTT 3.1.1 or 5.0 devices (gridgate, mosquitto, any broker)")
     h = sub.add_parser("http", help="devices posting to POST /v1/telemetry over HTTP/1.1 keep-alive")
     w = sub.add_parser("ws", help="devices on gridgate's WebSocket channel /v1/ws (seq'd envelopes, acks, "
                                   "commands)")
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tls", action="store_true", help="MQTT over TLS (mqtts); the server's name is checked")
     m.add_argument("--cafile", metavar="FILE", default="",
                    help="PEM CAs the server's certificate chains to (with --tls; default: the system's)")
+    m.add_argument("--mqtt-version", type=int, choices=(4, 5), default=4, metavar="{4,5}",
+                   help="4: MQTT 3.1.1 (default); 5: MQTT 5.0, whose PUBACKs say why a reading was refused "
+                        "(counted by reason code and Reason String)")
+    m.add_argument("--problem-info", action=argparse.BooleanOptionalAction, default=True,
+                   help="MQTT 5 Request Problem Information: the server may send Reason Strings "
+                        "(default on; --no-problem-info asks it not to)")
     w.add_argument("--keepalive", type=_positive_int, default=60, metavar="K",
                    help="send a WebSocket ping when nothing was sent for K/2 seconds")
     return parser
@@ -137,7 +143,8 @@ def _plans(args: argparse.Namespace, sources: tuple[str, ...]) -> list[RunPlan]:
         rate_per_device=args.rate / args.devices, payload=args.payload, idle=args.idle,
         keepalive=getattr(args, "keepalive", 60), client_prefix=args.client_prefix, protocol=args.protocol,
         reconnect=args.reconnect, backoff_base=args.backoff_min, backoff_max=args.backoff_max,
-        tls=getattr(args, "tls", False), cafile=getattr(args, "cafile", ""))
+        tls=getattr(args, "tls", False), cafile=getattr(args, "cafile", ""),
+        mqtt_version=getattr(args, "mqtt_version", 4), problem_info=getattr(args, "problem_info", True))
     plans, first = [], 0
     for p in range(args.procs):
         count = args.devices // args.procs + (1 if p < args.devices % args.procs else 0)
@@ -246,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--procs {args.procs} is more than --devices {args.devices}")
     if getattr(args, "cafile", "") and not args.tls:
         parser.error("--cafile needs --tls")
+    if not getattr(args, "problem_info", True) and args.mqtt_version != 5:
+        parser.error("--no-problem-info is an MQTT 5 request: add --mqtt-version 5")
     if args.backoff_min > args.backoff_max:
         parser.error(f"--backoff-min {args.backoff_min:g} is more than --backoff-max {args.backoff_max:g}")
     fd_limit = raise_open_file_limit()

@@ -47,6 +47,8 @@ class DeviceOptions:
     protocol: str = "mqtt"                # "mqtt", "http" or "ws"
     tls: bool = False                     # --tls: MQTT over TLS (loadgen.tls)
     cafile: str = ""                      # --cafile: the CAs the server's certificate chains to ("" = system's)
+    mqtt_version: int = 4                 # --mqtt-version: 4 (3.1.1) or 5
+    problem_info: bool = True             # MQTT 5 Request Problem Information (--no-problem-info: 0)
 
 
 class Device:

@@ -38,15 +38,86 @@ def _ack_ids(pubacks: bytes) -> array:
     return words[1::2]
 
 
-def build_connect(client_id: str, keepalive: int) -> bytes:
+def build_connect(client_id: str, keepalive: int, version: int = 4, problem_info: bool = True) -> bytes:
+    """CONNECT with Clean Session/Start; MQTT 5 (``version`` 5) with a property
+    block holding Request Problem Information 0 when ``problem_info`` is off."""
     cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02" + struct.pack("!H", keepalive) + struct.pack("!H", len(cid)) + cid
+    props = b""
+    if version == 5:
+        block = b"" if problem_info else b"\x17\x00"
+        props = bytes([len(block)]) + block
+    body = (b"\x00\x04MQTT" + bytes([version]) + b"\x02" + struct.pack("!H", keepalive) + props
+            + struct.pack("!H", len(cid)) + cid)
     return b"\x10" + bytes([len(body)]) + body
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _publish5_parts(topic: str, payload: bytes, qos: int) -> tuple[bytes, bytes]:
+    """An MQTT 5 PUBLISH cut around its packet id (QoS > 0; no properties:
+    a zero property length before the payload); for QoS 0 the whole frame."""
+    t = topic.encode()
+    pid_len = 2 if qos else 0
+    remaining = 2 + len(t) + pid_len + 1 + len(payload)
+    head = bytes([0x30 | (qos << 1)]) + _varint(remaining) + struct.pack("!H", len(t)) + t
+    return head, b"\x00" + payload
+
+
+def _reason_string(props: bytes) -> str:
+    """The Reason String (0x1F) of an MQTT 5 ack's property block, if any."""
+    pos = 0
+    while pos < len(props):
+        ident = props[pos]
+        if ident == 0x1F and pos + 3 <= len(props):
+            n = int.from_bytes(props[pos + 1:pos + 3], "big")
+            return props[pos + 3:pos + 3 + n].decode(errors="replace")
+        if ident == 0x26 and pos + 5 <= len(props):       # a User Property: two strings
+            a = int.from_bytes(props[pos + 1:pos + 3], "big")
+            b = int.from_bytes(props[pos + 3 + a:pos + 5 + a], "big")
+            pos += 5 + a + b
+            continue
+        break            # nothing else is allowed on a PUBACK
+    return ""
 
 
 def _payload(batch: int, fmt: str) -> bytes:
     obj = READING if batch == 1 else [READING] * batch
     return msgspec.msgpack.encode(obj) if fmt == "msgpack" else msgspec.json.encode(obj)
+
+
+async def _read_connack(stream: trio.abc.Stream | RawSocketStream | TlsSocketStream) -> bytes:
+    """One whole CONNACK, as its first four bytes in 3.1.1's shape (type, 2,
+    flags, return or reason code): 5.0's carries properties after them. The
+    server sends nothing else before the device's first PUBLISH, so reading
+    past the CONNACK takes nothing that matters."""
+    data = b""
+    while True:
+        if len(data) >= 2:
+            length, mult, i = 0, 1, 1
+            while i < len(data) and i < 5:
+                length += (data[i] & 0x7F) * mult
+                if not data[i] & 0x80:
+                    break
+                mult *= 128
+                i += 1
+            else:
+                length = -1
+            if length >= 0 and len(data) >= i + 1 + length:
+                # fixed header byte, the length's bytes, then flags and code at the body's start
+                return data[:1] + bytes([2]) + data[i + 1:i + 3]
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise ConnectionError("closed before CONNACK")
+        data += chunk
+        if len(data) > 65536:
+            raise ConnectionError("CONNACK too long")
 
 
 class RawSocketStream:
@@ -107,14 +178,18 @@ class MqttDevice(Device):
         super().__init__(index, opts, stats, local_address)
         payload = _payload(opts.batch, opts.payload)
         topic = f"devices/{self.client_id}/telemetry"
-        if opts.qos:
+        if opts.mqtt_version == 5:
+            self.head, self.tail = _publish5_parts(topic, payload, opts.qos)
+            if not opts.qos:
+                self.frame0 = self.head + self.tail
+        elif opts.qos:
             template = codec.encode_publish(topic, payload, opts.qos, 1)
             cut = len(template) - len(payload) - 2
             self.head, self.tail = template[:cut], template[cut + 2:]
         else:
             self.frame0 = codec.encode_publish(topic, payload, 0)
         self.windowed = bool(opts.qos)
-        self.connect_frame = build_connect(self.client_id, opts.keepalive)
+        self.connect_frame = build_connect(self.client_id, opts.keepalive, opts.mqtt_version, opts.problem_info)
         self.next_pid = 1
         self.inflight: dict[int, float] = {}        # packet id -> intended send time
 
@@ -133,18 +208,15 @@ class MqttDevice(Device):
                 stream = RawSocketStream.take(stream)
             try:
                 await stream.send_all(self.connect_frame)
-                connack = b""
-                while len(connack) < 4:
-                    chunk = await stream.receive_some(4 - len(connack))
-                    if not chunk:
-                        raise ConnectionError("closed before CONNACK")
-                    connack += chunk
+                connack = await _read_connack(stream)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
-        if connack[0] != 0x20 or connack[3] != 0:
+        code = connack[3]             # _read_connack: type, 2, flags, code, in 3.1.1 and 5.0 alike
+        if connack[0] != 0x20 or code != 0:
             await trio.aclose_forcefully(stream)
-            raise ConnectionError(f"CONNACK refused, return code {connack[3]}")
+            raise ConnectionError(f"CONNACK refused, {'reason' if self.opts.mqtt_version == 5 else 'return'} code "
+                                  f"{code:#04x}")
         return stream
 
     async def reader(self, stream: trio.abc.Stream | RawSocketStream | TlsSocketStream) -> None:
@@ -186,10 +258,30 @@ class MqttDevice(Device):
                 break
             if i + length > end:
                 break
-            if first == 0x40 and length == 2:
-                dues.append(self.inflight.pop((buf[i] << 8) | buf[i + 1], None))
+            if first == 0x40 and length >= 2:
+                due = self.inflight.pop((buf[i] << 8) | buf[i + 1], None)
+                if length >= 3 and buf[i + 2] >= 0x80:
+                    # MQTT 5: the reading was refused (0x99 invalid, 0x97 quota, ...): not acked
+                    self._refused(buf[i + 2], buf[i + 3:i + length])
+                else:
+                    dues.append(due)
             pos = i + length
         return dues, buf[pos:]
+
+    def _refused(self, code: int, rest: bytes) -> None:
+        stats = self.stats
+        # rest: the property length (a varint; a Reason String fits in one byte's worth here) and the properties
+        reason = ""
+        if rest:
+            n, skip = rest[0] & 0x7F, 1
+            if rest[0] & 0x80 and len(rest) > 1:
+                n, skip = n + (rest[1] << 7), 2
+            reason = _reason_string(rest[skip:skip + n])
+        key = f"{code:#04x}" + (f" {reason}" if reason else "")
+        stats.refusals[key] = stats.refusals.get(key, 0) + self.opts.batch
+        stats.rejected += self.opts.batch
+        stats.errors += 1
+        self.ack_event.set()          # its slot in the window is free
 
     def _record(self, dues: list[float | None], now: float) -> None:
         """Count the acked readings and record each one's latency from its

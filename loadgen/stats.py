@@ -43,6 +43,8 @@ class Stats:
     behind: int = 0             # readings sent later than scheduled (open loop)
     rejected: int = 0           # readings the server answered as rejected (ws; also counted in errors)
     commands: int = 0           # downlink commands received and acknowledged (ws)
+    # MQTT 5: readings a PUBACK refused, by reason code and Reason String ("0x99 out_of_range: temperature")
+    refusals: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     # The load generator's own CPU, measured (getrusage, user + system, all
     # threads) over the run: cpu_s sums every process of the run (workers and,
@@ -59,6 +61,8 @@ class Stats:
         for name in ("devices", "connected", "peak_connected", "connects", "reconnects", "sent", "acked",
                      "errors", "replayed", "dropped", "unacked_at_drop", "behind", "rejected", "commands"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        for key, n in other.refusals.items():
+            self.refusals[key] = self.refusals.get(key, 0) + n
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
         self.cpu_s += other.cpu_s
         self.cpu_shares = self.cpu_shares + other.cpu_shares
@@ -108,6 +112,7 @@ class Stats:
             "reconnects": self.reconnects, "sent": self.sent, "acked": self.acked, "errors": self.errors,
             "replayed": self.replayed, "dropped": self.dropped, "unacked_at_drop": self.unacked_at_drop,
             "behind_schedule": self.behind, "rejected": self.rejected, "commands": self.commands,
+            "refusals": dict(sorted(self.refusals.items())),
             "elapsed_s": round(self.elapsed_s, 3),
             "readings_per_s": round(rate / self.elapsed_s, 1) if self.elapsed_s else 0.0,
             "latency_ms": self.latency_ms(),
@@ -127,6 +132,7 @@ class Stats:
                           f"{s['reconnects']} reconnects)"),
             ("sent", f"{s['sent']}"), ("acked", f"{s['acked']}"),
             ("errors", f"{s['errors']}" + (f" ({s['rejected']} readings rejected)" if s["rejected"] else "")),
+            *([("MQTT 5 refusals", ", ".join(f"{k}: {n}" for k, n in s["refusals"].items()))] if s["refusals"] else []),
             ("replayed / dropped", f"{s['replayed']} / {s['dropped']}"),
             ("readings/s", f"{s['readings_per_s']:.0f} ({'acked' if self.acked else 'sent'}, "
                            f"over {s['elapsed_s']:.1f} s)"),

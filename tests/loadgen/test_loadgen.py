@@ -527,6 +527,43 @@ async def test_1000_devices_against_gridgate_acked_equals_spool(tmp_path):
     assert stored["records"] == result["acked"]
 
 
+async def test_mqtt5_devices_against_gridgate_acked_equals_spool(tmp_path):
+    async with gridgate_process(tmp_path / "data") as gw:
+        result = await run_loadgen(tmp_path, "gridgate5", "mqtt", "--target", f"127.0.0.1:{gw.mqtt[1]}",
+                                   "--devices", "50", "--qos", "1", "--duration", "2", "--mqtt-version", "5")
+    assert (result["peak_connected"], result["errors"], result["refusals"]) == (50, 0, {})
+    assert result["acked"] == result["sent"] > 0
+    assert result["options"]["mqtt_version"] == 5
+    assert_latency_accounted(result, 2)
+    stored = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
+    assert stored["records"] == result["acked"]
+
+
+@pytest.mark.parametrize("problem_info", [True, False], ids=["reason-strings", "no-problem-info"])
+async def test_mqtt5_refusals_are_counted_by_reason_code_and_string(tmp_path, problem_info):
+    # the loadgen's readings carry temperature 21.5: over this maximum every one is refused
+    conf = tmp_path / "cold.toml"
+    conf.write_text("[fields.temperature]\nmin = -40\nmax = 0\n")
+    async with gridgate_process(tmp_path / "data", "--config", str(conf)) as gw:
+        result = await run_loadgen(tmp_path, "refused", "mqtt", "--target", f"127.0.0.1:{gw.mqtt[1]}",
+                                   "--devices", "4", "--qos", "1", "--duration", "1", "--mqtt-version", "5",
+                                   *([] if problem_info else ["--no-problem-info"]))
+    key = "0x99 out_of_range: temperature" if problem_info else "0x99"
+    assert result["acked"] == 0 and result["sent"] > 0
+    # every reading answered by the end was refused; those still in flight at the end, not yet
+    assert result["refusals"] == {key: result["rejected"]}
+    assert 0 < result["rejected"] <= result["sent"] and result["errors"] == result["rejected"]
+    stored = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
+    assert stored["records"] == 0 and stored["rejected"] >= result["rejected"]     # dead-lettered
+
+
+def test_no_problem_info_needs_mqtt_5():
+    out = subprocess.run(LOADGEN + ["mqtt", "--target", "127.0.0.1:1", "--devices", "1", "--duration", "1",
+                                    "--no-problem-info"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "--no-problem-info is an MQTT 5 request: add --mqtt-version 5" in out.stderr
+
+
 async def test_loadgen_cpu_per_reading_over_two_worker_processes(tmp_path):
     async with gridgate_process(tmp_path / "data") as gw:
         result = await run_loadgen(tmp_path, "procs", "mqtt", "--target", f"127.0.0.1:{gw.mqtt[1]}",
@@ -554,7 +591,8 @@ async def drain(stream: trio.abc.ReceiveStream) -> None:
         pass
 
 
-async def test_1000_devices_against_mosquitto(tmp_path, nursery):
+@pytest.mark.parametrize("version", ["4", "5"], ids=["mqtt311", "mqtt5"])
+async def test_1000_devices_against_mosquitto(tmp_path, nursery, version):
     mosquitto = require("mosquitto")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
@@ -566,7 +604,7 @@ async def test_1000_devices_against_mosquitto(tmp_path, nursery):
             await wait_for_line(broker.stderr, b" running", log)    # logged once its listener is open
         nursery.start_soon(drain, broker.stderr)
         result = await run_loadgen(tmp_path, "mosquitto", "mqtt", "--target", f"127.0.0.1:{port}",
-                                   "--devices", "1000", "--qos", "1", "--duration", "5")
+                                   "--devices", "1000", "--qos", "1", "--duration", "5", "--mqtt-version", version)
     finally:
         broker.terminate()
         with trio.fail_after(10):
