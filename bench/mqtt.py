@@ -2,7 +2,9 @@
 
 Each round starts a fresh server, drives it with ``gridgate-loadgen mqtt
 --devices 100 --inflight 10 --procs 2`` (closed loop: each device keeps 10
-readings unacknowledged), reads its peak RSS and stops it. Rounds alternate
+readings unacknowledged), reads its peak RSS and stops it: MQTT 3.1.1 at
+QoS 0 and 1, and MQTT 5.0 at QoS 1 (``--mqtt-version 5``; mosquitto serves
+5.0 as well). Rounds alternate
 (gridgate, mosquitto, gridgate, mosquitto, ...) so drift of a shared machine
 hits both alike.
 
@@ -27,6 +29,9 @@ DEVICES = 100
 INFLIGHT = 10
 LOADGEN_PROCS = 2
 QOS_LEVELS = (0, 1)
+# (QoS, MQTT protocol level) of each measured run: 3.1.1 at both QoS, MQTT 5.0 at QoS 1
+# (issue 21: 5.0 must keep 3.1.1's pace through gridgate, and beat mosquitto's 5.0)
+RUNS = ((0, 4), (1, 4), (1, 5))
 CONTENDERS = ("gridgate", "mosquitto")
 PROFILE_QOS = 1
 
@@ -38,9 +43,9 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                      "versions": {"mosquitto": procs.mosquitto_version()} if "mosquitto" in contenders else {},
                      "runs": []}
     for rnd in range(rounds):
-        for qos in QOS_LEVELS:
+        for qos, version in RUNS:
             for name in contenders:
-                run_ = _one(name, qos, duration, None)
+                run_ = _one(name, qos, duration, None, version)
                 run_.update(round=rnd)
                 results["runs"].append(run_)
                 log(_line(run_, f"round {rnd + 1}/{rounds}"))
@@ -55,19 +60,20 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
     return results
 
 
-def _one(name: str, qos: int, duration: float, profile_dir: Path | None) -> dict:
+def _one(name: str, qos: int, duration: float, profile_dir: Path | None, version: int = 4) -> dict:
     server = procs.mqtt_contender(name)
     try:
         if profile_dir is not None:
             server.profile(profile_dir, f"mqtt-qos{qos}-{name}", duration)
         result = procs.loadgen("mqtt", procs.mqtt_address(server), duration, devices=DEVICES, inflight=INFLIGHT,
-                               qos=qos, procs=LOADGEN_PROCS)
+                               qos=qos, procs=LOADGEN_PROCS, mqtt_version=version)
         profile_files = server.finish_profile()
         drain_s = _wait_drained(server) if name == "gridgate" else None
         peak = server.peak_rss_kb()
     finally:
         server.stop()
-    run_ = {"contender": name, "qos": qos, "readings_per_s": result["readings_per_s"], "sent": result["sent"],
+    run_ = {"contender": name, "qos": qos, "mqtt_version": version, "readings_per_s": result["readings_per_s"],
+            "sent": result["sent"],
             "acked": result["acked"], "errors": result["errors"], "reconnects": result["reconnects"],
             "elapsed_s": result["elapsed_s"],
             "latency_ms": {k: result["latency_ms"][k] for k in ("p50", "p90", "p99", "p99.9", "max")},
@@ -108,18 +114,22 @@ def _line(run_: dict, prefix: str) -> str:
         extra = f"  spool {run_['spool_records']:,} ({'=' if run_['spool_matches'] else '!='} " \
                 f"{'acked' if run_['qos'] else 'sent'})"
     p = "-" if lat["p99"] is None else f"{lat['p99']}"
-    return (f"  {prefix} QoS {run_['qos']} {run_['contender']:9s} {run_['readings_per_s']:>10,.0f} readings/s  "
+    v5 = " MQTT 5" if run_.get("mqtt_version") == 5 else ""
+    return (f"  {prefix} QoS {run_['qos']}{v5} {run_['contender']:9s} {run_['readings_per_s']:>10,.0f} readings/s  "
             f"p50 {lat['p50']} ms  p99 {p} ms  peak RSS {run_['peak_rss_kb'] / 1024:.0f} MiB{extra}")
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Median per (QoS, contender) over the counted rounds, and gridgate / mosquitto."""
+    """Median per (QoS, MQTT version, contender) over the counted rounds,
+    gridgate / mosquitto, and MQTT 5 / 3.1.1 at QoS 1 for each contender.
+    Keys: qos0, qos1 (3.1.1), qos1_mqtt5."""
     out: dict = {}
     counted = [r for r in runs if not r.get("profiled")]
-    for qos in QOS_LEVELS:
+    for qos, version in RUNS:
         per: dict = {}
         for name in CONTENDERS:
-            mine = [r for r in counted if r["qos"] == qos and r["contender"] == name]
+            mine = [r for r in counted if r["qos"] == qos and r["contender"] == name
+                    and r.get("mqtt_version", 4) == version]
             if not mine:
                 continue
             per[name] = {
@@ -138,5 +148,13 @@ def summarize(runs: list[dict]) -> dict:
                 per[name]["spool_records"] = [r["spool_records"] for r in mine]
         if "gridgate" in per and "mosquitto" in per:
             per["gridgate_vs_mosquitto"] = per["gridgate"]["readings_per_s"] / per["mosquitto"]["readings_per_s"]
-        out[f"qos{qos}"] = per
+        out[summary_key(qos, version)] = per
+    v5, v4 = out.get("qos1_mqtt5", {}), out.get("qos1", {})
+    for name in CONTENDERS:
+        if name in v5 and name in v4 and v4[name]["readings_per_s"]:
+            v5[f"{name}_mqtt5_vs_mqtt311"] = v5[name]["readings_per_s"] / v4[name]["readings_per_s"]
     return out
+
+
+def summary_key(qos: int, version: int) -> str:
+    return f"qos{qos}" + ("_mqtt5" if version == 5 else "")

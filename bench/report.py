@@ -116,7 +116,14 @@ def _targets(scenarios: dict) -> list[str]:
         r = q1["gridgate_vs_mosquitto"]
         rows.append(("MQTT QoS 1 gridgate >= 1x mosquitto readings/s (aim 1.5x)", _x(r),
                      _status(r >= 1) + (" (aim met)" if r >= 1.5 else "")))
-    elif "mosquitto" in mqtt.get("skipped", {}):
+    q5 = mqtt.get("summary", {}).get("qos1_mqtt5", {})
+    if "gridgate_mqtt5_vs_mqtt311" in q5:
+        r = q5["gridgate_mqtt5_vs_mqtt311"]
+        rows.append(("MQTT 5 QoS 1 >= 0.95x MQTT 3.1.1 QoS 1 through gridgate (issue 21)", _x(r), _status(r >= 0.95)))
+    if "gridgate_vs_mosquitto" in q5:
+        r = q5["gridgate_vs_mosquitto"]
+        rows.append(("MQTT 5 QoS 1 gridgate >= 1x mosquitto's MQTT 5 (issue 21)", _x(r), _status(r >= 1)))
+    if "mosquitto" in mqtt.get("skipped", {}) and "gridgate_vs_mosquitto" not in q1:
         rows.append(("MQTT QoS 1 gridgate >= 1x mosquitto readings/s (aim 1.5x)", "-", "mosquitto not installed"))
     conns = scenarios.get("conns", {}).get("summary", {})
     if "gridgate_at_top_kib" in conns:
@@ -290,6 +297,12 @@ def _pyplot():
 
 # -- mqtt ------------------------------------------------------------------------
 
+def _qos_label(key: str) -> str:
+    """qos0 -> 0, qos1 -> 1, qos1_mqtt5 -> 1 (MQTT 5); the others are MQTT 3.1.1."""
+    qos, _, version = key.partition("_")
+    return qos[-1] + (" (MQTT 5)" if version == "mqtt5" else "")
+
+
 def _mqtt(res: dict, out: Path, machine_desc: str) -> list[str]:
     versions = res.get("versions", {})
     lines = ["## mqtt: gridgate vs mosquitto", "",
@@ -313,13 +326,20 @@ def _mqtt(res: dict, out: Path, machine_desc: str) -> list[str]:
                 if "spool_records" in r:
                     spool = ("yes" if r["spool_matches_all"] else "**no**") + " (" + ", ".join(
                         f"{s:,}/{a:,}" for s, a in zip(r["spool_records"], r["acked"], strict=True)) + ")"
-                lines.append(f"| {key[-1]} | {name} | {_fmt(r['readings_per_s'])} | {_fmt(r['p50_ms'], 2)} | "
+                lines.append(f"| {_qos_label(key)} | {name} | {_fmt(r['readings_per_s'])} | {_fmt(r['p50_ms'], 2)} | "
                              f"{_fmt(r['p99_ms'], 2)} | {_fmt(r['p99.9_ms'], 2)} | {_fmt(r['peak_rss_mib'])} | "
                              f"{r['errors']} | {_fmt(r.get('drain_s'), 1)} | {spool} |")
     ratios = [(k, per["gridgate_vs_mosquitto"]) for k, per in res["summary"].items() if "gridgate_vs_mosquitto" in per]
     if ratios:
         lines += ["", "| QoS | gridgate / mosquitto readings/s |", "|---|---:|",
-                  *[f"| {k[-1]} | {_x(v)} |" for k, v in ratios]]
+                  *[f"| {_qos_label(k)} | {_x(v)} |" for k, v in ratios]]
+    v5 = res["summary"].get("qos1_mqtt5", {})
+    for name in ("gridgate", "mosquitto"):
+        if f"{name}_mqtt5_vs_mqtt311" in v5:
+            lines += ["", f"MQTT 5 / MQTT 3.1.1 QoS 1 readings/s through {name}: "
+                          f"**{_x(v5[f'{name}_mqtt5_vs_mqtt311'])}**"
+                      + (f" (target >= 0.95x: {_status(v5['gridgate_mqtt5_vs_mqtt311'] >= 0.95)})"
+                         if name == "gridgate" else "")]
     lines += ["", "spool = acked: per round, readings in gridgate's spool / readings the load generator had "
                   "acknowledged (QoS 1) or sent (QoS 0). drain s: how long gridgate still had client connections "
                   "open after the load generator ended (QoS 0: still reading what the clients had written; the "
@@ -350,7 +370,7 @@ def _plot_mqtt(res: dict, out: Path, machine_desc: str) -> list[Path]:
                       error_kw={"elinewidth": 0.8, "ecolor": "#333333"})
         ax.bar_label(bars, labels=[f"{y:,.0f}" for y in ys], fontsize=8, padding=2)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(keys))],
-                  [f"QoS {k[-1]}" + (" (sent, not acked)" if k == "qos0" else " (acked)") for k in keys])
+                  [f"QoS {_qos_label(k)}" + (" (sent, not acked)" if k == "qos0" else " (acked)") for k in keys])
     ax.set_ylabel("readings/s (bar: median; whisker: min-max of rounds)")
     ax.yaxis.set_major_formatter(_thousands())
     ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
@@ -363,7 +383,8 @@ def _plot_mqtt(res: dict, out: Path, machine_desc: str) -> list[Path]:
     fig.savefig(bars_png, dpi=120)
     plt.close(fig)
     lat_png = out / "mqtt_latency.png"
-    _plot_percentiles(plt, [(f"QoS {k[-1]}: publish to PUBACK", res["summary"][k]) for k in keys if k != "qos0"],
+    _plot_percentiles(plt, [(f"QoS {_qos_label(k)}: publish to PUBACK", res["summary"][k]) for k in keys
+                            if k != "qos0"],
                       names, lat_png,
                       "MQTT QoS 1 ack latency percentiles (from intended send)", machine_desc)
     return [bars_png, lat_png]
