@@ -462,3 +462,73 @@ def test_payload_views_alike(reads: int) -> None:
     assert c_view == py_view and hash(c_view) == hash(py_view) and c_view.tobytes() == py_view.tobytes()
     assert bytes(c_view[2:8]) == bytes(py_view[2:8]) == b"temper"
     assert bytes(c_view[-6:]) == bytes(py_view[-6:])
+
+
+# -- every valid packet cut short (tests/test_hotpath_truncations.py's method, for 5.0) ------------------------
+# The compiled codec reads through raw pointers with Cython's bounds checks
+# off, so the reads most likely to run past a buffer are those at its very end.
+# Each cut is a bytes object of its own, exactly its size: under make test-asan
+# (PYTHONMALLOC=malloc) a read past it leaves the allocation and is reported.
+
+_EVERY_PUBLISH = Properties(payload_format_indicator=1, message_expiry_interval=60, content_type="application/json",
+                            response_topic="devices/m1/r", correlation_data=b"\x01\x02", topic_alias=2,
+                            user_properties=(("traceparent", "00-ab-01"), ("k", "\u00e9")))
+_WHY = Properties(reason_string="out_of_range: temperature", user_properties=(("k", "v"),))
+PACKETS5 = {
+    "connect": packet(0x10, pack_string(b"MQTT") + b"\x05\xce\x00\x0a" + v5.encode_properties(Properties(
+        session_expiry_interval=10, receive_maximum=20, maximum_packet_size=4096, topic_alias_maximum=8,
+        request_problem_information=1, user_properties=(("a", "b"),), authentication_method="M",
+        authentication_data=b"d"), v5.CONNECT) + pack_string("m1") + v5.encode_properties(Properties(
+            will_delay_interval=5, content_type="text/plain", user_properties=(("w", "x"),)), v5.WILL)
+        + pack_string("devices/m1/status") + pack_string(b"gone") + pack_string("user") + pack_string(b"pw")),
+    "publish": PY.encode_publish("devices/m1/telemetry", b'{"t": 1}', 1, 513, properties=_EVERY_PUBLISH),
+    "publish-alias": PY.encode_publish("", b"{}", 0, properties=Properties(topic_alias=2)),
+    "puback": PY.encode_puback(7, 0x10, _WHY),
+    "pubrec": PY.encode_pubrec(8, 0x99, _WHY),
+    "pubrel": PY.encode_pubrel(9, 0x92),
+    "pubcomp": PY.encode_pubcomp(10),
+    "subscribe": packet(0x82, u16(5) + v5.encode_properties(Properties(
+        subscription_identifiers=(300,), user_properties=(("k", "v"),)), v5.SUBSCRIBE)
+        + pack_string("a/+/#") + b"\x2d" + pack_string("$share/g/t") + b"\x01"),
+    "unsubscribe": packet(0xA2, u16(6) + v5.encode_properties(Properties(user_properties=(("k", "v"),)),
+                                                               v5.UNSUBSCRIBE) + pack_string("a/b") + pack_string("#")),
+    "disconnect": packet(0xE0, b"\x04" + v5.encode_properties(Properties(
+        session_expiry_interval=5, reason_string="bye", user_properties=(("k", "v"),)), v5.DISCONNECT)),
+    "auth": packet(0xF0, b"\x18" + v5.encode_properties(Properties(
+        authentication_method="SCRAM", authentication_data=b"c=biws", reason_string="r"), v5.AUTH)),
+    "pingreq": b"\xc0\x00",
+}
+
+
+def own(data: bytes) -> bytes:
+    """A bytes object of its own, exactly len(data) long (not a cached or shared one)."""
+    return bytes(bytearray(data))
+
+
+def cuts5(name: str) -> list[bytes]:
+    """The packet's body cut at every length with its remaining length saying so (the
+    packet ends where the bytes end), after a CONNECT unless it is one; then the whole
+    packet cut at every byte (the rest never comes)."""
+    frame = PACKETS5[name]
+    i = 1
+    while frame[i] & 0x80:
+        i += 1
+    body = frame[i + 1:]
+    before = {"connect": b"", "auth": AUTH_CONNECT}.get(name, CONNECT)
+    if name == "publish-alias":      # the alias must be mapped first
+        before += PY.encode_publish("devices/m1/telemetry", b"", 0, properties=Properties(topic_alias=2))
+    short = [before + frame[:1] + pack_remaining_length(k) + body[:k] for k in range(len(body) + 1)]
+    return short + [before + frame[:k] for k in range(len(frame) + 1)]
+
+
+@pytest.mark.parametrize("name", PACKETS5)
+def test_packets_cut_short_agree(name: str) -> None:
+    whole = run(PY, [cuts5(name)[-1]])
+    assert whole[-1][0] != "error", whole[-1]     # uncut, the packet and what precedes it decode
+    for stream in cuts5(name):
+        assert run(C, [own(stream)], alias_max=4) == run(PY, [own(stream)], alias_max=4), stream
+        # held back and completed from the next read: copied into a bytes object of exactly its size
+        for at in (len(stream) - 1, len(stream) - 2):
+            if at > 0:
+                reads = [own(stream[:at]), own(stream[at:])]
+                assert run(C, reads) == run(PY, reads), (stream, at)
