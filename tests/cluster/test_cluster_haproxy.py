@@ -183,8 +183,10 @@ def test_three_gateways_behind_haproxy_act_as_one_and_lose_nothing(cluster, tmp_
         ports = dict(gw2.addresses)
         gw2.kill()                           # SIGKILL: its devices reconnect to gw1 and gw3
         time.sleep(4)
-        # the stream's leader: the worst NATS node to lose
-        cluster.nats.kill(stream_info(cluster.nats.urls).cluster.leader)
+        # the stream's leader: the worst NATS node to lose (None while an election is on: ask again)
+        leader = until(lambda: stream_info(cluster.nats.urls).cluster.leader, timeout=20,
+                       what="the stream's leader")
+        cluster.nats.kill(leader)
         _, err = loadgen.communicate(timeout=LOAD_S * 3 + 60)
     finally:
         if loadgen.poll() is None:
