@@ -42,8 +42,6 @@ from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcmp, memcpy
 
-import msgspec as _m5_msgspec
-
 from gridgate.protocols.mqtt import v5 as _m5_v5
 from gridgate.protocols.mqtt.events import PingReq as _m5_PingReq
 from gridgate.protocols.mqtt.events5 import (
@@ -106,8 +104,6 @@ cdef unsigned char[2][256] _m5_FIRST_BAD
 
 _m5_PROP_ATTR = [None] * 128      # identifier -> the Properties field (interned str)
 _m5_PROP_NAME = [None] * 128      # identifier -> the spec's name, for error details
-# (identifier, attr, name, type, packet mask, repeat mask) in table order: the encoder's walk.
-_m5_SPECS = []
 _m5_PACKET_NAMES = _m5_v5.PACKET_NAMES
 _m5_NO_PROPERTIES = _m5_v5.NO_PROPERTIES
 _m5_ZERO_ONE = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})
@@ -158,7 +154,6 @@ cdef void _m5_init_tables():
         _m5_PROP_REPEAT[i] = sum(1 << t for t in spec.repeat_in)
         _m5_PROP_ATTR[i] = spec.attr
         _m5_PROP_NAME[i] = spec.name
-        _m5_SPECS.append((i, spec.attr, spec.name, spec.type, _m5_PROP_PACKETS[i], _m5_PROP_REPEAT[i]))
         _m5_SPEC_IDENT[_m5_NSPECS] = i
         _m5_NSPECS += 1
     for i in range(16):
@@ -173,7 +168,6 @@ cdef void _m5_init_tables():
 
 
 _m5_init_tables()
-_m5_SPECS = tuple(_m5_SPECS)
 
 
 # -- fields ------------------------------------------------------------------------------------
