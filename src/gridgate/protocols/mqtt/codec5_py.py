@@ -2,11 +2,11 @@
 
 Sans-IO like the 3.1.1 twin (``codec_py``): ``MQTT5Codec.feed(data)``
 returns every complete client-to-server packet as an event of ``events5``;
-the ``encode_*`` functions build the server-to-client packets. The compiled
-twin follows in a later step of issue 21 and the MQTT session does not use
-this codec yet: the session will pick it when a CONNECT carries protocol
-level 5 (this codec answers any other level with 0x84 Unsupported Protocol
-Version). Sections and MQTT-x.y.z-n refer to MQTT Version 5.0.
+the ``encode_*`` functions build the server-to-client packets. Its compiled
+twin is ``MQTT5Codec`` and ``mqtt5_encode_*`` in ``src/_fastparse_mqtt5.pxi``;
+``codec5`` picks the one in use, and the MQTT 5 session (``session5``) is
+handed a connection whose CONNECT carries protocol level 5 (this codec
+answers any other level with 0x84 Unsupported Protocol Version). Sections and MQTT-x.y.z-n refer to MQTT Version 5.0.
 
 Errors: only ``v5.MQTT5Error`` escapes ``feed``; its ``reason_code`` is the
 code of the DISCONNECT to send before closing (section 4.13), and

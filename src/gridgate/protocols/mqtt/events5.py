@@ -1,5 +1,6 @@
-"""Events of the MQTT 5.0 server codec (``codec5_py``; the compiled twin
-follows in a later step of issue 21, and the session does not use these yet).
+"""Events of the MQTT 5.0 server codec, both twins (``codec5_py`` and the
+compiled ``src/_fastparse_mqtt5.pxi`` build these same classes), as the MQTT 5
+session (``session5``) receives them.
 
 msgspec Structs like gridgate.protocols.mqtt.events (compared field by field
 in the tests, ``gc=False``: no reference cycles). PINGREQ carries nothing
@@ -45,8 +46,9 @@ class Publish5(msgspec.Struct, gc=False):
     # the one the alias stands for when the wire's is empty (3.3.2.3.4).
     # ``properties.topic_alias`` keeps the alias as sent.
     topic: str
-    # A zero-copy memoryview slice of the fed bytes, or bytes when the packet
-    # straddled two reads (as events.Publish). Compare with ==.
+    # A zero-copy memoryview slice of the bytes the packet was decoded from
+    # (the fed bytes, or the joined buffer when it straddled two reads), in
+    # both twins. Compare with ==.
     payload: bytes | memoryview
     qos: int
     packet_id: int           # 0 for QoS 0

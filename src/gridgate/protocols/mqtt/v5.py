@@ -2,9 +2,9 @@
 property table and the codec of a property block (pure Python, sans-IO).
 
 Sections and statement numbers (MQTT-x.y.z-n) refer to MQTT Version 5.0
-(OASIS Standard, 7 March 2019). Used by ``codec5_py``; the compiled twin
-follows in a later step of issue 21, and the MQTT session does not use this
-yet (nothing the gateway runs today imports it).
+(OASIS Standard, 7 March 2019). Used by ``codec5_py`` and, for its
+constants and errors, by the compiled twin (``src/_fastparse_mqtt5.pxi``) and
+the MQTT 5 session (``session5``).
 
 Errors
 ------
