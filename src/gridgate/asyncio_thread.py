@@ -59,6 +59,11 @@ class AsyncioThread:
         self._thread: threading.Thread | None = None
 
     @property
+    def thread(self) -> threading.Thread | None:
+        """The loop's thread while started (None before ``start`` and after ``stop``)."""
+        return self._thread
+
+    @property
     def running(self) -> bool:
         return (self.loop is not None and not self.loop.is_closed() and self._thread is not None
                 and self._thread.is_alive())

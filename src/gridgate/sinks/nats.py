@@ -99,7 +99,6 @@ Trio and asyncio
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import hashlib
 import heapq
@@ -115,10 +114,10 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
-import trio
 from nats.aio.client import Client as NATSClient
 from nats.js.api import StorageType, StreamConfig
 
+from gridgate.asyncio_thread import AsyncioThread, LoopClosed
 from gridgate.ingest.records import Record
 
 __all__ = ["NATSSink", "SinkWriteError", "SinkOpenError", "SubjectTemplate", "sanitize_token", "msg_id",
@@ -280,28 +279,6 @@ def encode_records(records: Sequence[Record]) -> bytes:
 
 def decode_records(data: bytes) -> list[Record]:
     return _batch_decoder.decode(data)
-
-
-# -- the Trio <-> asyncio bridge ------------------------------------------------------
-
-async def _wait_future(fut: concurrent.futures.Future[T]) -> T:
-    """Await a concurrent future from Trio without blocking a worker thread."""
-    token = trio.lowlevel.current_trio_token()
-    done = trio.Event()
-
-    def wake(_: object) -> None:          # runs on the asyncio thread (or here, if already done)
-        try:
-            token.run_sync_soon(done.set)
-        except trio.RunFinishedError:
-            pass
-
-    fut.add_done_callback(wake)
-    try:
-        await done.wait()
-    except BaseException:
-        fut.cancel()                      # propagates to the asyncio task
-        raise
-    return fut.result()
 
 
 class _PublishFailed(Exception):
@@ -659,8 +636,8 @@ class NATSSink:
         self.retries = 0
         # a batch body is cut to fit the server's max_payload (known once connected)
         self._max_body = 1024 * 1024 - HEADER_ROOM
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        # nats-py's asyncio loop, on a thread of its own (gridgate.asyncio_thread)
+        self._io = AsyncioThread(f"gridgate-nats-{stream}")
         self._nc: Any = None
         self._js: Any = None
         # the write side, all on the asyncio thread: the ack inbox, the writes in
@@ -692,45 +669,26 @@ class NATSSink:
 
     # -- loop thread ----------------------------------------------------------------
 
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._io.loop
+
+    @property
+    def _thread(self) -> threading.Thread | None:
+        return self._io.thread
+
     def _start_loop(self) -> None:
-        loop = asyncio.new_event_loop()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_forever()
-            finally:
-                try:
-                    leftovers = asyncio.all_tasks(loop)
-                    for task in leftovers:
-                        task.cancel()
-                    if leftovers:
-                        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                finally:
-                    loop.close()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name=f"gridgate-nats-{self.stream}", daemon=True)
-        self._thread.start()
+        self._io.start()
 
     async def _stop_loop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        loop.call_soon_threadsafe(loop.stop)
-        # The loop stops at its next iteration; the join is short.
-        await trio.to_thread.run_sync(thread.join, 10.0)
-        if thread.is_alive():
-            log.warning("nats sink: asyncio loop thread did not stop within 10 s")
+        await self._io.stop()
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the sink's asyncio loop and await it from Trio."""
-        loop = self._loop
-        if loop is None or loop.is_closed() or self._thread is None or not self._thread.is_alive():
-            coro.close()
-            raise SinkWriteError("NATS sink is not open")
-        return await _wait_future(asyncio.run_coroutine_threadsafe(coro, loop))
+        try:
+            return await self._io.call(coro)
+        except LoopClosed:
+            raise SinkWriteError("NATS sink is not open") from None
 
     # -- open -----------------------------------------------------------------------
 
@@ -750,7 +708,6 @@ class NATSSink:
             await self._call(self._async_open())
         except BaseException:
             await self._stop_loop()
-            self._loop = self._thread = None
             raise
 
     async def _error_cb(self, e: Exception) -> None:
