@@ -304,6 +304,12 @@ def _qos_label(key: str) -> str:
 
 
 def _mqtt(res: dict, out: Path, machine_desc: str) -> list[str]:
+    plots = _plot_mqtt(res, out, machine_desc)
+    return mqtt_tables(res) + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+
+
+def mqtt_tables(res: dict) -> list[str]:
+    """The mqtt section of report.md without its plots (matplotlib is a [bench] extra)."""
     versions = res.get("versions", {})
     lines = ["## mqtt: gridgate vs mosquitto", "",
              f"`gridgate-loadgen mqtt --devices {res['devices']} --inflight {res['inflight']} --procs "
@@ -344,8 +350,6 @@ def _mqtt(res: dict, out: Path, machine_desc: str) -> list[str]:
                   "acknowledged (QoS 1) or sent (QoS 0). drain s: how long gridgate still had client connections "
                   "open after the load generator ended (QoS 0: still reading what the clients had written; the "
                   "server is stopped only after that, so the spool count is complete).", ""]
-    plots = _plot_mqtt(res, out, machine_desc)
-    lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return lines
 
 

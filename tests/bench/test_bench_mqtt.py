@@ -30,7 +30,7 @@ def test_a_small_mqtt_run_measures_3_1_1_and_5_side_by_side(tmp_path):
     assert set(s) == {"qos0", "qos1", "qos1_mqtt5"}
     assert s["qos1_mqtt5"]["gridgate_mqtt5_vs_mqtt311"] > 0 and s["qos1_mqtt5"]["gridgate_vs_mosquitto"] > 0
     assert any("QoS 1 MQTT 5 gridgate" in line for line in lines)
-    md = "\n".join(report._mqtt(res, tmp_path, "test machine"))
+    md = "\n".join(report.mqtt_tables(res))
     assert "| 1 (MQTT 5) | gridgate |" in md and "MQTT 5 / MQTT 3.1.1 QoS 1 readings/s through gridgate" in md
     targets = "\n".join(report._targets({"mqtt": res}))
     assert "MQTT 5 QoS 1 >= 0.95x MQTT 3.1.1 QoS 1 through gridgate" in targets
