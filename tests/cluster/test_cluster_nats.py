@@ -177,7 +177,7 @@ def test_a_dead_node_is_forgotten_and_its_devices_are_reachable_again_elsewhere(
     a.kill()                                  # SIGKILL: no bye, no unbind
     device.close()
     # presence expires after presence_timeout_s of silence: gw-a is no longer waited for
-    b.wait_for_line(f"node gw-a not heard for {PRESENCE_TIMEOUT_S:g}s: it is gone (it held 1 devices)")
+    b.wait_for_line(f"node gw-a not heard for {PRESENCE_TIMEOUT_S:g}s: it is gone")
     assert request(b, "GET", "/v1/devices/meter-9")[0] == 404
     assert b.metric("gridgate_cluster_nodes_lost_total") == 1
     assert request(b, "POST", "/v1/devices/meter-9/commands", {"type": "x"})[1]["error"] == "device_offline"
