@@ -19,7 +19,9 @@ from collections import Counter
 import msgspec
 import trio
 
+from gridgate.protocols.mqtt import v5
 from gridgate.protocols.mqtt.codec import codec
+from gridgate.protocols.mqtt.codec5 import codec5
 from loadgen.device import READING, Device, DeviceOptions
 from loadgen.stats import Stats
 from loadgen.tls import TlsSocketStream, client_context
@@ -51,42 +53,6 @@ def build_connect(client_id: str, keepalive: int, version: int = 4, problem_info
     return b"\x10" + bytes([len(body)]) + body
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _publish5_parts(topic: str, payload: bytes, qos: int) -> tuple[bytes, bytes]:
-    """An MQTT 5 PUBLISH cut around its packet id (QoS > 0; no properties:
-    a zero property length before the payload); for QoS 0 the whole frame."""
-    t = topic.encode()
-    pid_len = 2 if qos else 0
-    remaining = 2 + len(t) + pid_len + 1 + len(payload)
-    head = bytes([0x30 | (qos << 1)]) + _varint(remaining) + struct.pack("!H", len(t)) + t
-    return head, b"\x00" + payload
-
-
-def _reason_string(props: bytes) -> str:
-    """The Reason String (0x1F) of an MQTT 5 ack's property block, if any."""
-    pos = 0
-    while pos < len(props):
-        ident = props[pos]
-        if ident == 0x1F and pos + 3 <= len(props):
-            n = int.from_bytes(props[pos + 1:pos + 3], "big")
-            return props[pos + 3:pos + 3 + n].decode(errors="replace")
-        if ident == 0x26 and pos + 5 <= len(props):       # a User Property: two strings
-            a = int.from_bytes(props[pos + 1:pos + 3], "big")
-            b = int.from_bytes(props[pos + 3 + a:pos + 5 + a], "big")
-            pos += 5 + a + b
-            continue
-        break            # nothing else is allowed on a PUBACK
-    return ""
-
-
 def _payload(batch: int, fmt: str) -> bytes:
     obj = READING if batch == 1 else [READING] * batch
     return msgspec.msgpack.encode(obj) if fmt == "msgpack" else msgspec.json.encode(obj)
@@ -100,18 +66,13 @@ async def _read_connack(stream: trio.abc.Stream | RawSocketStream | TlsSocketStr
     data = b""
     while True:
         if len(data) >= 2:
-            length, mult, i = 0, 1, 1
-            while i < len(data) and i < 5:
-                length += (data[i] & 0x7F) * mult
-                if not data[i] & 0x80:
-                    break
-                mult *= 128
-                i += 1
-            else:
-                length = -1
-            if length >= 0 and len(data) >= i + 1 + length:
-                # fixed header byte, the length's bytes, then flags and code at the body's start
-                return data[:1] + bytes([2]) + data[i + 1:i + 3]
+            try:
+                length, body = v5.decode_vbi(data, 1, len(data))
+            except v5.MQTT5Error as exc:
+                raise ConnectionError(f"malformed CONNACK: {exc}") from None
+            if length >= 0 and len(data) >= body + length:
+                # fixed header byte, then flags and code at the body's start
+                return data[:1] + bytes([2]) + data[body:body + 2]
         chunk = await stream.receive_some(4096)
         if not chunk:
             raise ConnectionError("closed before CONNACK")
@@ -178,16 +139,14 @@ class MqttDevice(Device):
         super().__init__(index, opts, stats, local_address)
         payload = _payload(opts.batch, opts.payload)
         topic = f"devices/{self.client_id}/telemetry"
-        if opts.mqtt_version == 5:
-            self.head, self.tail = _publish5_parts(topic, payload, opts.qos)
-            if not opts.qos:
-                self.frame0 = self.head + self.tail
-        elif opts.qos:
-            template = codec.encode_publish(topic, payload, opts.qos, 1)
-            cut = len(template) - len(payload) - 2
+        encode = codec5.encode_publish if opts.mqtt_version == 5 else codec.encode_publish
+        if opts.qos:
+            template = encode(topic, payload, opts.qos, 1)
+            # the packet id comes before 5.0's property block (empty here: one zero byte)
+            cut = len(template) - len(payload) - (1 if opts.mqtt_version == 5 else 0) - 2
             self.head, self.tail = template[:cut], template[cut + 2:]
         else:
-            self.frame0 = codec.encode_publish(topic, payload, 0)
+            self.frame0 = encode(topic, payload, 0)
         self.windowed = bool(opts.qos)
         self.connect_frame = build_connect(self.client_id, opts.keepalive, opts.mqtt_version, opts.problem_info)
         self.next_pid = 1
@@ -269,14 +228,14 @@ class MqttDevice(Device):
         return dues, buf[pos:]
 
     def _refused(self, code: int, rest: bytes) -> None:
+        """A reading an MQTT 5 PUBACK refused; ``rest``: what follows its reason code."""
         stats = self.stats
-        # rest: the property length (a varint; a Reason String fits in one byte's worth here) and the properties
         reason = ""
         if rest:
-            n, skip = rest[0] & 0x7F, 1
-            if rest[0] & 0x80 and len(rest) > 1:
-                n, skip = n + (rest[1] << 7), 2
-            reason = _reason_string(rest[skip:skip + n])
+            try:
+                reason = v5.decode_properties(rest, 0, len(rest), v5.PUBACK)[0].reason_string or ""
+            except v5.MQTT5Error:
+                reason = "(malformed properties)"
         key = f"{code:#04x}" + (f" {reason}" if reason else "")
         stats.refusals[key] = stats.refusals.get(key, 0) + self.opts.batch
         stats.rejected += self.opts.batch
