@@ -14,18 +14,18 @@ HAProxy (leastconn: the second connection lands on another gateway) keeps
 only its newest session. Every wait is bounded."""
 from __future__ import annotations
 
-import http.client
+import functools
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
 import trustme
 
 from binaries import require
+from cluster import clients
+from cluster.clients import Device
 from gatewayproc import BIN, GatewayProcess, gridgate_env, spool_stats
 from haproxyproc import HAProxy
 from natsproc import NatsCluster
@@ -34,6 +34,10 @@ from sinks.jetstream_reader import stream_info, stream_messages
 DEVICES = 1_000
 LOAD_S = 24
 RATE = 1_500                 # readings/s over the fleet: bounded, and light enough for 2 shared cores
+
+# three gateways, a NATS cluster and HAProxy on 2 shared cores: more patience than the two-node tests
+request = functools.partial(clients.request, timeout=20.0)
+until = functools.partial(clients.until, timeout=20.0, interval=0.1)
 
 
 def gateway_env(name: str, nats_urls: list[str]) -> dict[str, str]:
@@ -100,49 +104,6 @@ def cluster(tmp_path):
     c.close()
 
 
-def request(addr: tuple[str, int], method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection(*addr, timeout=20)
-    data = None if body is None else json.dumps(body).encode()
-    conn.request(method, path, body=data, headers={} if data is None else {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    payload = resp.read()
-    conn.close()
-    return resp.status, json.loads(payload) if payload else {}
-
-
-def until(check, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {result!r})")
-        time.sleep(0.1)
-
-
-class Device:
-    """A paho device through HAProxy's MQTT frontend, subscribed to its commands."""
-
-    def __init__(self, addr: tuple[str, int], device_id: str) -> None:
-        self.commands: list[dict] = []
-        self.disconnected = threading.Event()
-        subscribed = threading.Event()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=device_id)
-        self.client.on_message = lambda c, u, msg: self.commands.append(json.loads(msg.payload))
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.on_disconnect = lambda *a: self.disconnected.set()
-        self.client.reconnect_delay_set(60, 60)
-        self.client.connect(*addr, keepalive=30)
-        self.client.loop_start()
-        self.client.subscribe(f"devices/{device_id}/commands", qos=1)
-        assert subscribed.wait(20)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def holder(cluster: Cluster, device_id: str):
     status, info = request(cluster.gateways["gw1"].http, "GET", f"/v1/devices/{device_id}")
     return info.get("node", "gw1") if status == 200 and info.get("online") else None
@@ -151,9 +112,9 @@ def holder(cluster: Cluster, device_id: str):
 def test_three_gateways_behind_haproxy_act_as_one_and_lose_nothing(cluster, tmp_path):
     lb_mqtt = cluster.proxy.frontends["mqtt"]
     # -- a command reaches a device on another gateway; a device connected twice keeps the newest session
-    first = Device(lb_mqtt, "field-meter")
+    first = Device(lb_mqtt, "field-meter", subscribe_timeout=20)
     node = until(lambda: holder(cluster, "field-meter"), what="field-meter in the cluster's directory")
-    second = Device(lb_mqtt, "field-meter")              # leastconn: another gateway
+    second = Device(lb_mqtt, "field-meter", subscribe_timeout=20)              # leastconn: another gateway
     try:
         assert first.disconnected.wait(20), "the older session was not closed"
         newest = until(lambda: (n := holder(cluster, "field-meter")) != node and n, what="the newest session's node")

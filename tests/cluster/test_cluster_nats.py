@@ -8,15 +8,12 @@ polls a real answer (no sleeps standing in for "long enough")."""
 from __future__ import annotations
 
 import http.client
-import json
-import threading
-import time
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
 
 from binaries import require
+from cluster.clients import Device, request, until
 from gatewayproc import GatewayProcess
 from natsproc import NatsServer
 
@@ -62,62 +59,16 @@ def nodes(tmp_path, nats):
         gw.kill()
 
 
-def request(gw: GatewayProcess, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection(*gw.http, timeout=10)
-    data = None if body is None else json.dumps(body).encode()
-    headers = {} if data is None else {"Content-Type": "application/json"}
-    conn.request(method, path, body=data, headers=headers)
-    resp = conn.getresponse()
-    payload = resp.read()
-    conn.close()
-    return resp.status, json.loads(payload) if payload else {}
-
-
-def until(check, timeout: float = 15.0, what: str = "condition"):
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {result!r})")
-        time.sleep(0.05)
-
-
-class Device:
-    """A paho MQTT device subscribed to its command topic."""
-
-    def __init__(self, gw: GatewayProcess, device_id: str) -> None:
-        self.id = device_id
-        self.commands: list[dict] = []
-        self.disconnected = threading.Event()
-        self.subscribed = threading.Event()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=device_id)
-        self.client.on_message = lambda c, u, msg: self.commands.append(json.loads(msg.payload))
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
-        self.client.on_disconnect = lambda *a: self.disconnected.set()
-        self.client.reconnect_delay_set(60, 60)       # a takeover must not be undone by a reconnect
-        self.client.connect(*gw.mqtt, keepalive=30)
-        self.client.loop_start()
-        self.client.subscribe(f"devices/{device_id}/commands", qos=1)
-        assert self.subscribed.wait(10)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def held_by(gw: GatewayProcess, device_id: str, node: str):
     def check():
-        status, info = request(gw, "GET", f"/v1/devices/{device_id}")
+        status, info = request(gw.http, "GET", f"/v1/devices/{device_id}")
         return status == 200 and info.get("online") and info.get("node", node) == node and info
     return check
 
 
 def test_a_command_posted_to_one_node_reaches_a_device_held_by_another(nodes):
     a, b = nodes("gw-a", "gw-b")
-    device = Device(a, "meter-1")
+    device = Device(a.mqtt, "meter-1")
     try:
         info = until(held_by(b, "meter-1", "gw-a"), what="gw-b sees meter-1 on gw-a")
         assert info["node"] == "gw-a" and info["protocol"] == "mqtt"
@@ -129,17 +80,17 @@ def test_a_command_posted_to_one_node_reaches_a_device_held_by_another(nodes):
         conn.request("GET", "/healthz")            # the connection is still in step after it
         assert conn.getresponse().read() == b'{"status":"ok"}'
         conn.close()
-        status, answer = request(b, "POST", "/v1/devices/meter-1/commands",
+        status, answer = request(b.http, "POST", "/v1/devices/meter-1/commands",
                                  {"type": "reboot", "payload": {"delay_s": 5}})
         assert status == 202, answer
         assert answer["delivered"] is True
         got = until(lambda: device.commands, what="the command at the device")
         assert got[0]["type"] == "reboot" and got[0]["id"] == answer["command_id"]
         # a bad command is refused by the node it was POSTed to, never forwarded
-        status, answer = request(b, "POST", "/v1/devices/meter-1/commands", {"payload": 1})
+        status, answer = request(b.http, "POST", "/v1/devices/meter-1/commands", {"payload": 1})
         assert status == 400
         # the whole cluster's connections, from either node
-        status, conns = request(b, "GET", "/v1/connections")
+        status, conns = request(b.http, "GET", "/v1/connections")
         # (gw-b's own count includes the HTTP connection asking)
         assert status == 200 and conns["by_protocol"] == {"mqtt": 1, "http": 1} and conns["total"] == 2
         assert conns["nodes"]["gw-a"] == {"total": 1, "by_protocol": {"mqtt": 1}}
@@ -148,19 +99,19 @@ def test_a_command_posted_to_one_node_reaches_a_device_held_by_another(nodes):
     finally:
         device.close()
     # gone from the whole cluster once it disconnects
-    until(lambda: request(b, "POST", "/v1/devices/meter-1/commands", {"type": "reboot"})[0] == 404,
+    until(lambda: request(b.http, "POST", "/v1/devices/meter-1/commands", {"type": "reboot"})[0] == 404,
           what="device_offline on gw-b")
 
 
 def test_a_device_connecting_through_another_node_keeps_only_its_newest_session(nodes):
     a, b = nodes("gw-a", "gw-b")
-    first = Device(a, "meter-7")
+    first = Device(a.mqtt, "meter-7")
     until(held_by(b, "meter-7", "gw-a"), what="gw-b sees meter-7 on gw-a")
-    second = Device(b, "meter-7")
+    second = Device(b.mqtt, "meter-7")
     try:
         assert first.disconnected.wait(10), "the older session on gw-a was not closed"
         until(held_by(a, "meter-7", "gw-b"), what="gw-a sees meter-7 on gw-b")
-        status, answer = request(a, "POST", "/v1/devices/meter-7/commands", {"type": "ping"})
+        status, answer = request(a.http, "POST", "/v1/devices/meter-7/commands", {"type": "ping"})
         assert status == 202, answer
         until(lambda: second.commands, what="the command at the newest session")
         assert first.commands == []
@@ -172,18 +123,18 @@ def test_a_device_connecting_through_another_node_keeps_only_its_newest_session(
 
 def test_a_dead_node_is_forgotten_and_its_devices_are_reachable_again_elsewhere(nodes):
     a, b = nodes("gw-a", "gw-b")
-    device = Device(a, "meter-9")
+    device = Device(a.mqtt, "meter-9")
     until(held_by(b, "meter-9", "gw-a"), what="gw-b sees meter-9 on gw-a")
     a.kill()                                  # SIGKILL: no bye, no unbind
     device.close()
     # presence expires after presence_timeout_s of silence: gw-a is no longer waited for
     b.wait_for_line(f"node gw-a not heard for {PRESENCE_TIMEOUT_S:g}s: it is gone")
-    assert request(b, "GET", "/v1/devices/meter-9")[0] == 404
+    assert request(b.http, "GET", "/v1/devices/meter-9")[0] == 404
     assert b.metric("gridgate_cluster_nodes_lost_total") == 1
-    assert request(b, "POST", "/v1/devices/meter-9/commands", {"type": "x"})[1]["error"] == "device_offline"
-    again = Device(b, "meter-9")
+    assert request(b.http, "POST", "/v1/devices/meter-9/commands", {"type": "x"})[1]["error"] == "device_offline"
+    again = Device(b.mqtt, "meter-9")
     try:
-        status, answer = request(b, "POST", "/v1/devices/meter-9/commands", {"type": "x"})
+        status, answer = request(b.http, "POST", "/v1/devices/meter-9/commands", {"type": "x"})
         assert status == 202, answer
         until(lambda: again.commands, what="the command after the reconnect")
     finally:
@@ -192,7 +143,7 @@ def test_a_dead_node_is_forgotten_and_its_devices_are_reachable_again_elsewhere(
 
 def test_a_node_joining_late_reaches_what_the_others_hold(nodes):
     (a,) = nodes("gw-a")
-    devices = [Device(a, f"meter-{i}") for i in range(5)]
+    devices = [Device(a.mqtt, f"meter-{i}") for i in range(5)]
     try:
         (c,) = nodes("gw-c")
         for d in devices:
@@ -204,7 +155,7 @@ def test_a_node_joining_late_reaches_what_the_others_hold(nodes):
 
 def test_a_graceful_stop_says_bye(nodes):
     a, b = nodes("gw-a", "gw-b")
-    device = Device(a, "meter-3")
+    device = Device(a.mqtt, "meter-3")
     until(held_by(b, "meter-3", "gw-a"), what="gw-b sees meter-3")
     device.close()
     assert a.stop() == 0
@@ -214,15 +165,15 @@ def test_a_graceful_stop_says_bye(nodes):
 
 def test_a_silent_node_makes_a_miss_a_timeout_not_an_offline(nodes):
     a, b = nodes("gw-a", "gw-b", presence_timeout_s=600)
-    device = Device(a, "meter-4")
+    device = Device(a.mqtt, "meter-4")
     until(held_by(b, "meter-4", "gw-a"), what="gw-b sees meter-4 on gw-a")
     a.kill()
     device.close()
     # gw-a may still hold it as far as gw-b knows (600 s of presence): not a 404
-    status, answer = request(b, "POST", "/v1/devices/meter-4/commands", {"type": "x"})
+    status, answer = request(b.http, "POST", "/v1/devices/meter-4/commands", {"type": "x"})
     assert (status, answer["error"]) == (504, "cluster_timeout")
     assert "gw-a did not answer" in answer["detail"]
-    status, conns = request(b, "GET", "/v1/connections")
+    status, conns = request(b.http, "GET", "/v1/connections")
     assert status == 200 and conns["nodes_missing"] == ["gw-a"]
 
 
