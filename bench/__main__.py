@@ -1,7 +1,7 @@
 """System benchmarks of DESIGN section 9.
 
     python -m bench {pipelines,mqtt,conns,sinks,storm,tls,workers,ws,all} [--duration S] [--rounds N] [--out DIR]
-                    [--profile] [--workers 1,2]
+                    [--[no-]profile] [--workers 1,2]
 
 Every server is started here on free loopback ports and driven in the same
 run, in alternating rounds; results.json, report.md and PNG plots go to
@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default 10)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per contender (default 2)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
-    parser.add_argument("--profile", action="store_true",
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="py-spy record each gridgate server in one extra run per scenario (flame graph SVG + "
-                             "speedscope JSON in OUT/profiles; not counted in the medians)")
+                             "speedscope JSON in OUT/profiles; not counted in the medians). On by default for 'all', "
+                             "whose targets table names the profile's next bottleneck for each short target")
     parser.add_argument("--workers", type=_workers_list, default=None, metavar="N,M",
                         help="the gridgate --workers counts of the workers scenario (default 1,2); "
                              "'mqtt --workers 1,2' runs that scenario")
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0 or args.rounds < 1:
         parser.error("--duration must be > 0 and --rounds >= 1")
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.profile is None:
+        args.profile = args.scenario == "all"
     if args.workers is not None and args.scenario == "mqtt":
         scenarios = ["workers"]         # the issue's spelling: gridgate with N workers against mosquitto
     missing = procs.missing_bench_dependencies(scenarios, args.profile)

@@ -8,6 +8,8 @@ import platform
 import statistics
 from pathlib import Path
 
+from bench import targets
+
 
 def machine() -> str:
     cpu = platform.processor() or "cpu"
@@ -52,7 +54,7 @@ def write(results: dict, out: Path) -> str:
              "- server and load generators share the machine's cores (and, on a shared machine, other work): "
              "compare the ratios within this run, not absolute numbers across runs", ""]
     scenarios = results["scenarios"]
-    lines += _targets(scenarios)
+    lines += targets.table(scenarios)
     if "pipelines" in scenarios:
         lines += _pipelines(scenarios["pipelines"], out, results["machine"])
     if "mqtt" in scenarios:
@@ -83,63 +85,8 @@ def write(results: dict, out: Path) -> str:
     return md
 
 
-# -- targets of issue #8 -------------------------------------------------------
-
 def _status(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "**short**")
-
-
-def _targets(scenarios: dict) -> list[str]:
-    rows = []
-    pipe = scenarios.get("pipelines", {}).get("summary", {})
-    for driver, per in pipe.items():
-        if "fast_vs_std" in per:
-            r = per["fast_vs_std"]
-            rows.append((f"HTTP fast >= 3x std readings/s ({driver})", _x(r), _status(r >= 3)))
-    if "wrk-1000" in pipe and "fast_vs_std_rss" in pipe["wrk-1000"]:
-        r = pipe["wrk-1000"]["fast_vs_std_rss"]
-        measured, status = _x(r), _status(r <= 0.5)
-        floor = pipe["wrk-1000"].get("floor_vs_std_rss")
-        if floor is not None:
-            # what a bare Trio responder reaches at the same load, over std
-            measured += f" (a bare Trio responder: {_x(floor)})"
-            if r > 0.5 and floor > 0.5:
-                status += " (below the floor of a bare Trio server)"
-        rows.append(("HTTP fast <= 0.5x std peak RSS at 1,000 connections (wrk-1000)", measured, status))
-    for driver, per in pipe.items():
-        if "fast_vs_reference" in per:
-            r = per["fast_vs_reference"]
-            rows.append((f"HTTP fast >= 1x uvicorn+httptools reference ({driver})", _x(r), _status(r >= 1)))
-    mqtt = scenarios.get("mqtt", {})
-    q1 = mqtt.get("summary", {}).get("qos1", {})
-    if "gridgate_vs_mosquitto" in q1:
-        r = q1["gridgate_vs_mosquitto"]
-        rows.append(("MQTT QoS 1 gridgate >= 1x mosquitto readings/s (aim 1.5x)", _x(r),
-                     _status(r >= 1) + (" (aim met)" if r >= 1.5 else "")))
-    q5 = mqtt.get("summary", {}).get("qos1_mqtt5", {})
-    if "gridgate_mqtt5_vs_mqtt311" in q5:
-        r = q5["gridgate_mqtt5_vs_mqtt311"]
-        rows.append(("MQTT 5 QoS 1 >= 0.95x MQTT 3.1.1 QoS 1 through gridgate (issue 21)", _x(r), _status(r >= 0.95)))
-    if "gridgate_vs_mosquitto" in q5:
-        r = q5["gridgate_vs_mosquitto"]
-        rows.append(("MQTT 5 QoS 1 gridgate >= 1x mosquitto's MQTT 5 (issue 21)", _x(r), _status(r >= 1)))
-    if "mosquitto" in mqtt.get("skipped", {}) and "gridgate_vs_mosquitto" not in q1:
-        rows.append(("MQTT QoS 1 gridgate >= 1x mosquitto readings/s (aim 1.5x)", "-", "mosquitto not installed"))
-    conns = scenarios.get("conns", {}).get("summary", {})
-    if "gridgate_at_top_kib" in conns:
-        top = max(scenarios["conns"]["levels"])
-        v = conns["gridgate_at_top_kib"]
-        rows.append((f"<= 6 KiB RSS per idle MQTT connection at {top:,} connections", f"{v:.2f} KiB",
-                     _status(v <= 6.0)))
-    ws = scenarios.get("ws", {}).get("ratios", {})
-    for key, what in (("ws_vs_mqtt", "/v1/ws"), ("mqtt-ws_vs_mqtt", "MQTT over /mqtt")):
-        r = ws.get(key)
-        if r is not None:
-            rows.append((f"{what} server CPU per reading <= 2x MQTT's (issue 24)", _x(r), _status(r <= 2)))
-    if not rows:
-        return []
-    return ["## Targets (issue #8), as ratios in this run", "", "| target | measured | status |", "|---|---:|---|",
-            *[f"| {a} | {b} | {c} |" for a, b, c in rows], ""]
 
 
 # -- pipelines -------------------------------------------------------------------

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))   # bench/ is not an installed package
 
-from bench import floor_app, pipelines, procs, report  # noqa: E402
+from bench import floor_app, pipelines, procs, targets  # noqa: E402
 
 TIMEOUT = 10.0
 BODY = b'[{"device_id":"wrk-1","temperature":21.5,"battery_mv":3600,"location":"sh/fa"}]'
@@ -191,6 +191,8 @@ def test_summary_and_target_row_carry_the_floor():
     per = pipelines.summarize(runs)["wrk-1000"]
     assert per["floor_vs_std_rss"] == pytest.approx(32 / 52)
     assert per["fast_vs_std"] == pytest.approx(4.0)   # the floor changes no other ratio
-    rows = [line for line in report._targets({"pipelines": {"summary": {"wrk-1000": per}}}) if "peak RSS" in line]
-    assert rows == ["| HTTP fast <= 0.5x std peak RSS at 1,000 connections (wrk-1000) | 0.96x (a bare Trio "
-                    "responder: 0.62x) | **short** (below the floor of a bare Trio server) |"]
+    row = next(r for r in targets.rows({"pipelines": {"summary": {"wrk-1000": per}, "runs": runs}})
+               if "above the bare-Trio floor" in r.target)
+    # per connection: std 22.5, fast 20.5, floor 2.0 KiB; above the floor 18.4 / 20.5 = 0.90
+    assert row.ok is False
+    assert row.measured == "0.90x (18.4 vs 20.5 KiB over a 2.0 KiB floor)"

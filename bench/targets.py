@@ -1,0 +1,227 @@
+"""The performance targets of the issues, judged from one bench run.
+
+Each row is one target with the ratio this run measured, met or short, the
+load generator's own CPU per reading where one drove the measurement (a
+load generator near a full core measures itself, not the server), and for a
+short target the profile's next bottleneck: the function with the most own
+(leaf) time in the py-spy profile of gridgate under that load, when the run
+had ``--profile`` (``python -m bench all`` profiles by default).
+
+Only ratios taken within this run are judged; nothing here compares against
+a number from another run.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Row", "rows", "table"]
+
+
+@dataclass(frozen=True)
+class Row:
+    issue: str
+    target: str
+    measured: str
+    ok: bool | None                 # None: not judged (a contender or tool was missing)
+    loadgen: str = "-"              # the load generator's CPU µs per reading, where one drove it
+    bottleneck: str = "-"           # for a short target: the profile's top own-time function
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _us(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} µs"
+
+
+def _status(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "**short**")
+
+
+def top_function(speedscope: str | Path) -> str:
+    """The function with the most own time in a py-spy speedscope file, with
+    its own and inclusive shares; '-' when the file is missing or empty."""
+    from bench.report import profile_top  # report imports this module
+
+    path = Path(speedscope)
+    if not path.exists():
+        return "-"
+    total, top = profile_top(path, n=2)
+    if not total or not top:
+        return "-"
+    return "; ".join(f"`{name}` {own:.0%} own, {incl:.0%} total" for name, own, incl in top)
+
+
+def _profiled(runs: Iterable[dict], match: Callable[[dict], bool]) -> str:
+    for r in runs:
+        prof = r.get("profile")
+        if prof and r.get("contender") in ("gridgate", "fast", None) and match(r):
+            return top_function(prof["speedscope_json"])
+    return "- (run with --profile)"
+
+
+def _with_bottleneck(row: Row, runs: Iterable[dict], match: Callable[[dict], bool]) -> Row:
+    if row.ok is False:
+        return Row(row.issue, row.target, row.measured, row.ok, row.loadgen, _profiled(runs, match))
+    return row
+
+
+def _pipelines(scen: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    summary = scen.get("summary", {})
+    runs = scen.get("runs", [])
+    for driver, per in sorted(summary.items()):
+        def on_driver(r: dict, driver: str = driver) -> bool:
+            return r.get("driver") == driver
+
+        lg = _us(per.get("fast", {}).get("loadgen_cpu_us_per_reading")) if driver == "loadgen" else \
+            _us(per.get("fast", {}).get("client_cpu_us_per_reading"))
+        if "fast_vs_std" in per:
+            r = per["fast_vs_std"]
+            out.append(_with_bottleneck(Row("#8", f"HTTP fast >= 3x std readings/s ({driver})", _x(r), r >= 3, lg),
+                                        runs, on_driver))
+        if "fast_vs_reference" in per:
+            r = per["fast_vs_reference"]
+            need = 1.3 if driver.startswith("wrk") else 1.0
+            issue = "#24" if driver.startswith("wrk") else "#8"
+            out.append(_with_bottleneck(Row(issue, f"HTTP fast >= {need:g}x the uvicorn reference ({driver})", _x(r),
+                                            r >= need, lg), runs, on_driver))
+    w1000 = summary.get("wrk-1000", {})
+    fast, std, floor = (w1000.get(k, {}).get("rss_per_conn_kb") for k in ("fast", "std", "floor"))
+    if fast is not None and std is not None and floor is not None:
+        above_fast, above_std = fast - floor, std - floor
+        ratio = above_fast / above_std if above_std > 0 else None
+        out.append(Row("#24", "HTTP fast RSS per connection above the bare-Trio floor <= 0.5x std's (wrk-1000)",
+                       f"{_x(ratio)} ({above_fast:.1f} vs {above_std:.1f} KiB over a {floor:.1f} KiB floor)",
+                       None if ratio is None else ratio <= 0.5,
+                       bottleneck="memory, not CPU: see the pipelines RSS columns" if ratio and ratio > 0.5 else "-"))
+    return out
+
+
+def _mqtt(scen: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    summary = scen.get("summary", {})
+    runs = scen.get("runs", [])
+    if "mosquitto" in scen.get("skipped", {}):
+        return [Row("#24", "MQTT gridgate vs mosquitto", "-", None, bottleneck="mosquitto not installed")]
+
+    def qos(q: int, version: int = 4, shape: str = "window") -> Callable[[dict], bool]:
+        return lambda r: (r.get("qos") == q and r.get("mqtt_version", 4) == version
+                          and r.get("shape", "window") == shape)
+
+    def loadgen_us(per: dict) -> str:
+        return _us(per.get("gridgate", {}).get("loadgen_cpu_us_per_reading"))
+
+    def ratio(per: dict) -> tuple[float | None, str]:
+        """The median of the per-round ratios (what the issue judges), with
+        the ratio of the medians beside it."""
+        by_round = per.get("gridgate_vs_mosquitto_by_round_median")
+        of_medians = per.get("gridgate_vs_mosquitto")
+        if by_round is None:
+            return of_medians, _x(of_medians)
+        return by_round, f"{_x(by_round)} (ratio of medians {_x(of_medians)})"
+
+    specs = [("qos1", 1, 4, "window", 1.5, "MQTT QoS 1 (acks after durable) >= 1.5x mosquitto, aim 2x"),
+             ("qos0", 0, 4, "window", 1.0, "MQTT QoS 0 >= 1x mosquitto"),
+             ("fleet_qos1", 1, 4, "fleet", 0.6, "MQTT fleet shape (1,000 devices x 1 in flight, QoS 1) >= 0.6x "
+                                                "mosquitto, aim 0.8x")]
+    for key, q, version, shape, need, what in specs:
+        per = summary.get(key)
+        if not per or "gridgate" not in per or "mosquitto" not in per:
+            continue
+        r, text = ratio(per)
+        cpu = per["gridgate"].get("server_cpu_us_per_reading")
+        mcpu = per["mosquitto"].get("server_cpu_us_per_reading")
+        if cpu is not None and mcpu is not None:
+            text += f"; server CPU {cpu:.1f} vs {mcpu:.1f} µs/reading"
+        out.append(_with_bottleneck(Row("#24", what, text, None if r is None else r >= need, loadgen_us(per)),
+                                    runs, qos(q, version, shape)))
+    v5 = summary.get("qos1_mqtt5", {})
+    if "gridgate_mqtt5_vs_mqtt311" in v5:
+        r = v5["gridgate_mqtt5_vs_mqtt311"]
+        out.append(Row("#21", "MQTT 5 QoS 1 >= 0.95x MQTT 3.1.1 QoS 1 through gridgate", _x(r), r >= 0.95,
+                       loadgen_us(v5)))
+    if "gridgate_vs_mosquitto" in v5:
+        r = v5["gridgate_vs_mosquitto"]
+        out.append(Row("#21", "MQTT 5 QoS 1 gridgate >= 1x mosquitto's MQTT 5", _x(r), r >= 1, loadgen_us(v5)))
+    lg = summary.get("qos1", {}).get("gridgate", {}).get("loadgen_cpu_us_per_reading")
+    if lg is not None:
+        out.append(Row("#24", "gridgate-loadgen mqtt <= 5 µs of its CPU per QoS 1 reading (100 x 10)", _us(lg),
+                       lg <= 5.0, _us(lg), "the load generator: see loadgen/mqtt_device.py" if lg > 5 else "-"))
+    return out
+
+
+def _conns(scen: dict[str, Any]) -> list[Row]:
+    summary = scen.get("summary", {})
+    if "gridgate_at_top_kib" not in summary:
+        return []
+    top = max(scen["levels"])
+    v = summary["gridgate_at_top_kib"]
+    target = scen.get("target_kib", 4.0)
+    return [Row("#24", f"<= {target:g} KiB RSS per idle MQTT connection at {top:,}", f"{v:.2f} KiB", v <= target,
+                bottleneck="memory per connection: see the conns table" if v > target else "-")]
+
+
+def _sinks(scen: dict[str, Any]) -> list[Row]:
+    summary = scen.get("summary", {})
+    spool = summary.get("spool", {}).get("readings_per_s")
+    nats = summary.get("nats", {}).get("readings_per_s")
+    if not spool or nats is None:
+        return []
+    r = nats / spool
+    cpu = summary["nats"].get("server_cpu_us_per_reading")
+    text = _x(r) + ("" if cpu is None else f"; gateway CPU {cpu:.1f} µs/reading")
+    return [_with_bottleneck(Row("#24", "JetStream sink (one reading per message) >= 0.8x the spool's rate", text,
+                                 r >= 0.8), scen.get("runs", []), lambda run: run.get("kind") == "nats")]
+
+
+def _ws(scen: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    ratios = scen.get("ratios", {})
+    per = scen.get("per_protocol", {})
+    prof = scen.get("profile")
+    for key, proto, what in (("ws_vs_mqtt", "ws", "/v1/ws"), ("mqtt-ws_vs_mqtt", "mqtt-ws", "MQTT over /mqtt")):
+        r = ratios.get(key)
+        if r is None:
+            continue
+        lg = _us(per.get(proto, {}).get("loadgen_cpu_us_per_reading"))
+        row = Row("#24", f"{what} server CPU per reading <= 2x MQTT's", _x(r), r <= 2, lg)
+        if not row.ok and prof:
+            row = Row(row.issue, row.target, row.measured, row.ok, row.loadgen, top_function(prof["speedscope_json"]))
+        out.append(row)
+    lg = per.get("ws", {}).get("loadgen_cpu_us_per_reading")
+    if lg is not None:
+        out.append(Row("#24", "gridgate-loadgen ws <= 5 µs of its CPU per reading", _us(lg), lg <= 5.0, _us(lg),
+                       "the load generator: see loadgen/ws_device.py" if lg > 5 else "-"))
+    return out
+
+
+_BY_SCENARIO: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "pipelines": _pipelines, "mqtt": _mqtt, "conns": _conns, "sinks": _sinks, "ws": _ws}
+
+
+def rows(scenarios: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    for name, judge in _BY_SCENARIO.items():
+        if name in scenarios:
+            out += judge(scenarios[name])
+    return out
+
+
+def table(scenarios: dict[str, Any]) -> list[str]:
+    """The markdown section: one row per target measured in this run."""
+    found = rows(scenarios)
+    if not found:
+        return []
+    short = sum(1 for r in found if r.ok is False)
+    return ["## Targets, as ratios in this run", "",
+            f"{len(found)} targets measured, {short} short. 'loadgen CPU' is the load generator's own CPU per "
+            "reading in that measurement; 'next bottleneck' is, for a short target, the function with the most "
+            "own time in gridgate's py-spy profile under that load.", "",
+            "| issue | target | measured | status | loadgen CPU | next bottleneck |", "|---|---|---|---|---:|---|",
+            *[f"| {r.issue} | {r.target} | {r.measured} | {_status(r.ok)} | {r.loadgen} | {r.bottleneck} |"
+              for r in found], ""]

@@ -1,0 +1,76 @@
+"""The targets table of ``python -m bench all``: each target judged from the
+run's own ratios, the load generator's CPU beside it, and for a short target
+the top function of the profile taken under that load."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import targets
+
+
+def _speedscope(path: Path, stacks: list[list[str]]) -> Path:
+    """A py-spy speedscope file: one sample per stack (root first)."""
+    names = sorted({n for s in stacks for n in s})
+    index = {n: i for i, n in enumerate(names)}
+    doc = {"shared": {"frames": [{"name": n, "file": f"/src/gridgate/{n}.py"} for n in names]},
+           "profiles": [{"type": "sampled", "samples": [[index[n] for n in s] for s in stacks],
+                         "weights": [0.005] * len(stacks)}]}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _mqtt_scenario(q1_by_round: float, q1_medians: float, profile: Path | None) -> dict:
+    def per(ratio_rounds: float, ratio_medians: float) -> dict:
+        return {"gridgate": {"readings_per_s": 60_000.0, "server_cpu_us_per_reading": 9.0,
+                             "loadgen_cpu_us_per_reading": 4.2},
+                "mosquitto": {"readings_per_s": 40_000.0, "server_cpu_us_per_reading": 9.5},
+                "gridgate_vs_mosquitto": ratio_medians, "gridgate_vs_mosquitto_by_round_median": ratio_rounds}
+    runs = [{"contender": "gridgate", "qos": 1, "mqtt_version": 4, "readings_per_s": 1.0, "profiled": True,
+             "profile": {"speedscope_json": str(profile)}}] if profile else []
+    return {"scenario": "mqtt", "skipped": {}, "runs": runs,
+            "summary": {"qos1": per(q1_by_round, q1_medians), "qos0": per(1.1, 1.05)}}
+
+
+def test_a_short_target_names_the_profiles_top_function(tmp_path: Path) -> None:
+    prof = _speedscope(tmp_path / "p.speedscope.json",
+                       [["run", "_handle", "validate"]] * 6 + [["run", "_write"]] * 3 + [["run"]])
+    found = targets.rows({"mqtt": _mqtt_scenario(1.41, 1.57, prof)})
+    qos1 = next(r for r in found if r.target.startswith("MQTT QoS 1"))
+    # judged on the median of the per-round ratios, not the ratio of medians
+    assert qos1.ok is False
+    assert "1.41x" in qos1.measured and "ratio of medians 1.57x" in qos1.measured
+    assert qos1.bottleneck.startswith("`validate (gridgate/validate.py)` 60% own")
+    assert qos1.loadgen == "4.2 µs"
+    qos0 = next(r for r in found if r.target.startswith("MQTT QoS 0"))
+    assert qos0.ok is True and qos0.bottleneck == "-"
+    loadgen = next(r for r in found if r.target.startswith("gridgate-loadgen mqtt"))
+    assert loadgen.ok is True
+
+
+def test_a_short_target_without_a_profile_says_how_to_get_one() -> None:
+    found = targets.rows({"mqtt": _mqtt_scenario(1.2, 1.3, None)})
+    qos1 = next(r for r in found if r.target.startswith("MQTT QoS 1"))
+    assert qos1.ok is False and "--profile" in qos1.bottleneck
+
+
+def test_a_met_target_and_the_markdown_table() -> None:
+    md = "\n".join(targets.table({"mqtt": _mqtt_scenario(1.6, 1.7, None)}))
+    assert "| #24 | MQTT QoS 1 (acks after durable) >= 1.5x mosquitto, aim 2x | 1.60x" in md
+    assert "| met |" in md and "0 short" in md
+
+
+def test_memory_targets_are_measured_above_the_floor() -> None:
+    pipelines = {"runs": [], "summary": {"wrk-1000": {
+        "fast": {"rss_per_conn_kb": 10.0}, "std": {"rss_per_conn_kb": 16.0}, "floor": {"rss_per_conn_kb": 6.0}}}}
+    row = targets.rows({"pipelines": pipelines})[0]
+    # (10 - 6) / (16 - 6) = 0.4
+    assert row.ok is True and row.measured.startswith("0.40x")
+    conns = {"levels": [1000, 15000], "target_kib": 4.0, "summary": {"gridgate_at_top_kib": 4.5}}
+    row = targets.rows({"conns": conns})[0]
+    assert row.ok is False and "15,000" in row.target
+
+
+def test_mosquitto_missing_is_not_judged() -> None:
+    found = targets.rows({"mqtt": {"skipped": {"mosquitto": "not installed"}, "summary": {}, "runs": []}})
+    assert [r.ok for r in found] == [None]
