@@ -316,14 +316,15 @@ async def wait_for_free_window(sink, timeout=5.0):
 
 
 def watch_window(sink):
-    """Wrap the sink's publish (asyncio side) to record the most slots ever taken at once."""
+    """Wrap the client's write buffer (asyncio side: the sink hands it each fill's
+    publishes at once) to record the most slots ever taken at once."""
     nc, peak = sink._nc, [0]
-    publish = nc.publish
+    send = nc._send_command
 
     async def counting(*args, **kwargs):
         peak[0] = max(peak[0], sink.max_inflight - sink._free_slots)
-        return await publish(*args, **kwargs)
-    nc.publish = counting
+        return await send(*args, **kwargs)
+    nc._send_command = counting
     return peak
 
 

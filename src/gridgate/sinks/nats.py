@@ -107,7 +107,7 @@ import random
 import re
 import threading
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -299,12 +299,13 @@ class _PublishFailed(Exception):
 
 # Errors no retry can fix: the connection is gone for good, the message is
 # too big, or JetStream refused the request itself (4xx: wrong stream, ...).
-_FATAL = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError, nats.errors.MaxPayloadError,
-          nats.errors.BadSubjectError)
+_FATAL: tuple[type[BaseException], ...] = (
+    nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError, nats.errors.MaxPayloadError,
+    nats.errors.BadSubjectError)
 
 
 def _is_fatal(e: BaseException) -> bool:
-    if isinstance(e, _FATAL):
+    if isinstance(e, _FATAL) or isinstance(e, _WrongStream):
         return True
     return isinstance(e, nats.js.errors.APIError) and e.code is not None and 400 <= e.code < 500
 
@@ -327,6 +328,41 @@ class _PubAck(msgspec.Struct):
 _ack_decoder = msgspec.json.Decoder(_PubAck)
 
 
+class _WrongStream(Exception):
+    """An ack from a stream other than the sink's (the subject is captured by another stream)."""
+
+    def __init__(self, got: str, want: str) -> None:
+        super().__init__(got, want)
+        self.got, self.want = got, want
+
+    def __str__(self) -> str:
+        return f"acked by stream {self.got!r}, not {self.want!r}"
+
+
+class _Client(NATSClient):
+    """nats-py's client with the sink's ack subscription taken off its per-message path.
+
+    nats-py hands every incoming message to a subscription as a ``Msg`` (its
+    headers parsed into a dict) through an asyncio queue and a task per
+    subscription: about 10 us of Python per ack, as much again as the rest
+    of a reading's way through the gateway. The acks of the sink's inbox
+    subscription (``ack_sid``) go straight from the protocol parser to
+    ``on_ack`` instead, as the raw subject, body and header bytes; every
+    other message (the JetStream API's replies) takes nats-py's own path.
+    """
+
+    ack_sid = -1
+    on_ack: Callable[[bytes, bytes, bytes | None], None] | None = None
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes) -> None:
+        on_ack = self.on_ack
+        if sid == self.ack_sid and on_ack is not None:
+            on_ack(subject, data, headers)
+            return
+        await super()._process_msg(sid, subject, reply, data, headers)
+
+
 def _api_error(err: dict[str, Any]) -> nats.js.errors.APIError:
     """The nats-py error of an ack's ``error`` object (``from_error`` raises it)."""
     fields = {"code": err.get("code"), "err_code": err.get("err_code"), "description": err.get("description")}
@@ -335,6 +371,26 @@ def _api_error(err: dict[str, Any]) -> nats.js.errors.APIError:
     except nats.js.errors.APIError as e:
         return e
     return nats.js.errors.APIError(**fields)      # pragma: no cover - from_error always raises
+
+
+def _header_block(mid: str, tail: bytes, readings: int | None, record: Record | None) -> bytes:
+    """A message's header block, ``tail`` being the Nats-Expected-Stream line and the blank line."""
+    lines = [b"NATS/1.0\r\nNats-Msg-Id: ", mid.encode()]
+    if readings is not None:
+        lines.append(b"\r\n%b: %d" % (READINGS_HEADER.encode(), readings))
+    if record is not None and record.traceparent is not None:
+        lines.append(b"\r\n%b: %b" % (TRACEPARENT_HEADER.encode(), _header_value(record.traceparent)))
+        if record.tracestate is not None:
+            lines.append(b"\r\n%b: %b" % (TRACESTATE_HEADER.encode(), _header_value(record.tracestate)))
+    lines.append(tail)
+    return b"".join(lines)
+
+
+_HEADER_VALUE_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def _header_value(value: str) -> bytes:
+    return value.strip().translate(_HEADER_VALUE_NEWLINES).encode()
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -363,16 +419,26 @@ class _Window:
     ``tracestate`` become headers); None otherwise.
     """
 
-    def __init__(self, sink: NATSSink, key: str, items: list[tuple[str, bytes, str]],
+    def __init__(self, sink: NATSSink, key: int, items: list[tuple[str, bytes, str]],
                  readings: list[int] | None = None, traced: Sequence[Record] | None = None) -> None:
         self.sink = sink
         self.key = key
         self.items = items
         self.readings = readings
-        self.traced = traced
         self.n = len(items)
         self.loop = asyncio.get_running_loop()
-        self.reply_prefix = f"{sink._inbox}.{key}."
+        self.reply_prefix = f"{sink._inbox}.{key}.".encode()
+        # Each message's header block, built here once rather than by nats-py
+        # per publish (a dict walked, a regex per key): it is the same for
+        # every attempt. Values are ours (msg-ids, counts) or, for a trace
+        # context, the device's with CR and LF made spaces as nats-py does.
+        tail = sink._header_tail
+        if readings is None and traced is None:
+            self.headers = [b"NATS/1.0\r\nNats-Msg-Id: %b%b" % (mid.encode(), tail) for _, _, mid in items]
+        else:
+            self.headers = [_header_block(mid, tail, None if readings is None else readings[i],
+                                          None if traced is None else traced[i])
+                            for i, (_, _, mid) in enumerate(items)]
         self.attempts = [0] * self.n            # publishes sent so far, per message
         self.outstanding = bytearray(self.n)    # 1: its latest publish waits for an ack
         self.acked = bytearray(self.n)
@@ -448,13 +514,28 @@ class _Window:
                 break
 
     async def _fill(self) -> None:
-        """Publish retries that are due, then new messages, while the sink has free slots."""
-        sink, loop, items, retries, readings, traced = (self.sink, self.loop, self.items, self.retries,
-                                                        self.readings, self.traced)
-        publish = sink._nc.publish
+        """Publish retries that are due, then new messages, while the sink has free slots.
+
+        The HPUB frames of one fill are built here and handed to nats-py's
+        write buffer as one command, with one flush: nats-py's ``publish``
+        would build the header block and take a flush-queue round per call.
+        The checks it would make are made here (closed, draining, too big,
+        reconnect buffer full), with the same errors.
+        """
+        sink, loop, items, retries, headers = self.sink, self.loop, self.items, self.retries, self.headers
+        nc = sink._nc
         ack_timeout = sink.ack_timeout_s
-        headers_stream = sink.stream
+        prefix = self.reply_prefix
         self.starved = False
+        closed: BaseException | None = None
+        if nc.is_closed:
+            closed = nats.errors.ConnectionClosedError()
+        elif nc.is_draining_pubs:
+            closed = nats.errors.ConnectionDrainingError()
+        connected = nc.is_connected
+        max_payload = nc.max_payload
+        room = nc._max_pending_size - nc._pending_data_size if not connected else 0
+        frames: list[bytes] = []
         while self.failure is None:
             now = loop.time()
             if retries and retries[0][0] <= now:
@@ -465,17 +546,17 @@ class _Window:
             elif self.next < self.n:
                 from_retries = False
             else:
-                return
+                break
             if sink._free_slots <= 0:
                 self.starved = True
-                return
+                break
             if from_retries:
                 index = heapq.heappop(retries)[1]
                 sink.retries += 1
             else:
                 index = self.next
                 self.next += 1
-            subject, payload, mid = items[index]
+            subject, payload, _ = items[index]
             attempt = self.attempts[index] + 1
             self.attempts[index] = attempt
             self.outstanding[index] = 1
@@ -483,37 +564,57 @@ class _Window:
             sink._free_slots -= 1
             sink.publishes += 1
             self.sent.append((now + ack_timeout, index, attempt, sink._connection_epoch))
-            headers = {MSG_ID_HEADER: mid, EXPECTED_STREAM_HEADER: headers_stream}
-            if readings is not None:
-                headers[READINGS_HEADER] = str(readings[index])
-            if traced is not None:
-                record = traced[index]
-                if record.traceparent is not None:
-                    headers[TRACEPARENT_HEADER] = record.traceparent
-                    if record.tracestate is not None:
-                        headers[TRACESTATE_HEADER] = record.tracestate
+            hdr = headers[index]
+            size = len(hdr) + len(payload)
+            if closed is not None:
+                self._attempt_failed(index, attempt, closed)
+                continue
+            if size > max_payload:
+                self._attempt_failed(index, attempt, nats.errors.MaxPayloadError())
+                continue
+            frame = b"HPUB %b %b%d.%d %d %d\r\n%b%b\r\n" % (subject.encode(), prefix, index, attempt, len(hdr),
+                                                               size, hdr, payload)
+            if not connected:
+                # nats-py keeps what is published while it reconnects, up to
+                # its pending buffer size, and sends it once reconnected
+                room -= len(frame)
+                if room < 0:
+                    self._attempt_failed(index, attempt, nats.errors.OutboundBufferLimitError())
+                    continue
+            frames.append(frame)
+        if frames:
+            nc.stats["out_msgs"] += len(frames)
             try:
-                await publish(subject, payload, reply=f"{self.reply_prefix}{index}.{attempt}", headers=headers)
+                await nc._send_command(b"".join(frames))
+                if nc._flush_queue is not None and nc._flush_queue.empty():
+                    await nc._flush_pending()
             except (OSError, nats.errors.Error) as e:
-                # not sent: closed, draining, too big, or the reconnect buffer is full
-                self._attempt_failed(index, attempt, e)
+                # not sent: the connection failed under the write; each attempt
+                # waits for its ack timeout or the disconnect, then is retried
+                log.debug("nats sink: publish: %s: %s", type(e).__name__, e)
 
     # -- ack routing (the sink's subscription callback) ------------------------------------
 
-    def on_ack(self, index: int, attempt: int, msg: Any) -> None:
+    def on_ack(self, index: int, attempt: int, data: bytes, headers: bytes | None) -> None:
         if not 0 <= index < self.n or self.acked[index]:
             return                              # a later ack of a message already acked
-        headers = msg.headers
-        if headers and headers.get("Status") == NO_RESPONDERS_STATUS:
-            self._attempt_failed(index, attempt, nats.js.errors.NoStreamResponseError())
-            return
+        if headers:
+            # a status message: 503 is "no responders" (no stream, or its
+            # leader is being elected); any other has no PubAck body and
+            # fails to decode below
+            if headers.startswith(b"NATS/1.0 503"):
+                self._attempt_failed(index, attempt, nats.js.errors.NoStreamResponseError())
+                return
         try:
-            ack = _ack_decoder.decode(msg.data)
+            ack = _ack_decoder.decode(data)
         except msgspec.DecodeError as e:
             self._attempt_failed(index, attempt, e)
             return
         if ack.error is not None:
             self._attempt_failed(index, attempt, _api_error(ack.error))
+            return
+        if ack.stream != self.sink.stream:
+            self._attempt_failed(index, attempt, _WrongStream(ack.stream, self.sink.stream))
             return
         self.acked[index] = 1
         self.n_acked += 1
@@ -644,7 +745,9 @@ class NATSSink:
         # progress by key, the sink-wide window, and a count of disconnects
         self._inbox = ""
         self._inbox_len = 0
-        self._windows: dict[str, _Window] = {}
+        self._windows: dict[int, _Window] = {}
+        # every header block ends with the stream JetStream must store the message in
+        self._header_tail = b"\r\n%b: %b\r\n\r\n" % (EXPECTED_STREAM_HEADER.encode(), stream.encode())
         self._window_seq = 0
         self._free_slots = max_inflight
         self._connection_epoch = 0
@@ -729,7 +832,7 @@ class NATSSink:
     async def _async_open(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout_s
-        nc = NATSClient()
+        nc = _Client()
         try:
             # nats-py annotates the three timeouts int; it hands them to
             # asyncio.wait_for and asyncio.sleep, which take seconds as float.
@@ -760,7 +863,9 @@ class NATSSink:
             # One subscription takes the acks of every publish: <inbox>.<write>.<index>.<attempt>
             self._inbox = nc.new_inbox()
             self._inbox_len = len(self._inbox) + 1
-            await nc.subscribe(self._inbox + ".>", cb=self._on_ack)
+            # no callback: _Client hands this subscription's messages to _on_ack itself
+            sub = await nc.subscribe(self._inbox + ".>")
+            nc.ack_sid, nc.on_ack = sub._id, self._on_ack
             await self._ensure_stream(deadline)
         except BaseException:
             self._nc = self._js = None
@@ -901,7 +1006,7 @@ class NATSSink:
                            traced: Sequence[Record] | None = None) -> int:
         """Publish ``items`` through a :class:`_Window`; the readings JetStream called duplicates."""
         self._window_seq += 1
-        window = _Window(self, str(self._window_seq), items, readings, traced)
+        window = _Window(self, self._window_seq, items, readings, traced)
         self._windows[window.key] = window
         try:
             return await window.run()
@@ -928,14 +1033,16 @@ class NATSSink:
                 if w is not by and w.starved:
                     w.poke()
 
-    async def _on_ack(self, msg: Any) -> None:
+    def _on_ack(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
         """Every ack (or no-responders status) of every publish: ``<inbox>.<write>.<index>.<attempt>``."""
-        key, _, rest = msg.subject[self._inbox_len:].partition(".")
-        window = self._windows.get(key)
-        if window is None:               # a late ack of a finished write: its record is stored, nothing waits
-            return
-        index, _, attempt = rest.partition(".")
-        window.on_ack(int(index), int(attempt), msg)
+        try:
+            key, index, attempt = subject[self._inbox_len:].split(b".")
+            window = self._windows.get(int(key))
+            if window is None:           # a late ack of a finished write: its record is stored, nothing waits
+                return
+            window.on_ack(int(index), int(attempt), data, headers)
+        except ValueError:               # not a reply subject of ours: nothing waits for it
+            log.debug("nats sink: unexpected reply subject %r", subject)
 
     async def _disconnected_cb(self) -> None:
         self._connection_epoch += 1
