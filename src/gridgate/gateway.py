@@ -53,8 +53,7 @@ from gridgate.limits.guard import FlowGuard
 from gridgate.observability.metrics import Metrics
 from gridgate.protocols.http.fast import serve_fast_http
 from gridgate.protocols.http.std import serve_std_http
-from gridgate.protocols.mqtt.session import CONNACK_SERVER_UNAVAILABLE
-from gridgate.protocols.mqtt.session5 import VersionedMQTTConnection, serve_mqtt_stream
+from gridgate.protocols.mqtt.session5 import VersionedMQTTConnection, refuse_at_accept, serve_mqtt_stream
 from gridgate.protocols.proxied import FirstRefusals, ProxiedStream, TrustedProxies, accept_proxy_header
 from gridgate.protocols.proxy_protocol import ProxyProtocolError
 from gridgate.protocols.services import Services
@@ -755,8 +754,18 @@ class Gateway:
         """
         held = self._admit(stream, "mqtt", client)
         if held is None:
-            return self._refuse(stream, "mqtt", b"\x20\x02\x00" + bytes([CONNACK_SERVER_UNAVAILABLE]))
+            # why, told now (no await since _admit): it picks a v5 client's CONNACK reason code
+            why = ("max_connections" if self.conns.full() else
+                   "shedding" if self.limits.latency.shedding(trio.current_time()) else "max_connections_per_ip")
+            return self._refuse_mqtt(stream, why)
         return self._serve_connection(stream, "mqtt", _serve_mqtt, held, client)
+
+    async def _refuse_mqtt(self, stream: trio.abc.Stream, why: str) -> None:
+        self.metrics.connections_refused.labels("mqtt").inc()
+        try:
+            await refuse_at_accept(stream, why, self.config.mqtt.max_packet_bytes)
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def handle_http(self, stream: trio.abc.Stream, /, *, client: ClientAddress | None = None) -> None:
         """Serve one HTTP/1.1 connection (keep-alive, pipelining) on any Trio stream."""

@@ -12,6 +12,9 @@ started with the first command, sends what the outbox says.
   right after the SUBACK), resent with DUP=1 every ``command_retry_s`` until
   PUBACK, at most ``command_max_attempts`` sends. A QoS 0 subscription gets
   QoS 0 publishes (MQTT 3.1.1 section 3.8.4: min of both QoS), untracked.
+  MQTT 5 (``responses=True``): the command also names a Response Topic and
+  its id as Correlation Data, and the device's PUBLISH there acknowledges it
+  (``answer``), before or after the PUBACK.
 - WebSocket: ``{"command": {"id", "type", "payload"}}`` at once, answered by
   ``{"command_ack": id}``. Never resent: the connection is a reliable stream,
   a resend could only duplicate.
@@ -21,7 +24,8 @@ started with the first command, sends what the outbox says.
 """
 from __future__ import annotations
 
-from collections import deque
+import math
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -54,6 +58,7 @@ class Send(msgspec.Struct, frozen=True, gc=False):
     key: Hashable        # MQTT packet id, or the command id on WebSocket
     dup: bool            # a redelivery (MQTT DUP flag)
     tracked: bool        # False: fire and forget (MQTT QoS 0 subscription)
+    expires: float = math.inf   # when the command's TTL runs out (MQTT 5: what is left is its Message Expiry)
 
 
 class _Entry:
@@ -89,9 +94,11 @@ class CommandOutbox:
     """
 
     def __init__(self, protocol: str, config: DownlinkSettings, metrics: Metrics, *, redeliver: bool,
-                 packet_ids: bool) -> None:
+                 packet_ids: bool, responses: bool = False) -> None:
         """``redeliver``: resend until acked (MQTT); ``packet_ids``: key in-flight
-        commands by MQTT packet id (else by command id, as WebSocket acks name it)."""
+        commands by MQTT packet id (else by command id, as WebSocket acks name it);
+        ``responses``: a command may also be acknowledged by its id (MQTT 5's
+        Response Topic, see ``answer``)."""
         self.protocol = protocol
         self.ttl_s = config.command_ttl_s
         self.retry_s = config.command_retry_s
@@ -103,6 +110,12 @@ class CommandOutbox:
         self.inflight: dict[Hashable, _Entry] = {}
         self._allocate: Callable[[Command], Hashable] = (
             PacketIds(self.inflight) if packet_ids else (lambda command: command.id))
+        # responses: commands sent and no longer in flight (PUBACKed, or sent
+        # untracked at QoS 0) that the device may still answer by id, until
+        # their TTL: command id -> (expires, already counted acknowledged).
+        # At most max_queued, the oldest dropped first.
+        self.responses = responses
+        self.answerable: OrderedDict[str, tuple[float, bool]] = OrderedDict()
         self.ready = False       # may send (MQTT: the device subscribed)
         self.tracked = True      # expects acks (MQTT: subscription QoS 1)
         self.closed = False
@@ -121,12 +134,54 @@ class CommandOutbox:
         self.ready = ready
         self.tracked = tracked
 
+    def restore(self, command: Command, expires: float, key: Hashable | None, attempts: int) -> None:
+        """A command of a resumed session (MQTT 5 Session Expiry): one that
+        was in flight (``key``: its packet id) is redelivered at the next
+        poll with DUP=1 and that packet id (MQTT-4.4.0-1), one that was
+        waiting waits again; both keep their original expiry. Not bounded by
+        max_queued: the stored session held no more than the connection did."""
+        entry = _Entry(command, expires)
+        if key is None or key in self.inflight:
+            self.waiting.append(entry)
+            return
+        entry.key = key
+        # at least one more send is owed, whatever attempts the old connection used
+        entry.attempts = min(attempts, self.max_attempts - 1)
+        entry.due = -math.inf
+        self.inflight[key] = entry
+
     def ack(self, key: Hashable) -> bool:
         """The device acknowledged ``key``; False if nothing was in flight for it."""
-        if self.inflight.pop(key, None) is None:
+        entry = self.inflight.pop(key, None)
+        if entry is None:
             return False
         self.metrics.commands_acknowledged.labels(self.protocol).inc()
+        if self.responses:
+            self._answerable(entry.command.id, entry.expires, True)
         return True
+
+    def answer(self, command_id: str, now: float) -> bool:
+        """The device answered command ``command_id`` (MQTT 5: a PUBLISH to the
+        Response Topic with its Correlation Data): the command is acknowledged,
+        counted once whether or not its PUBACK came first. False: no command
+        of this connection's with that id is in flight or answerable (unknown,
+        forged, or past its TTL)."""
+        for key, entry in self.inflight.items():
+            if entry.command.id == command_id:
+                del self.inflight[key]
+                self.metrics.commands_acknowledged.labels(self.protocol).inc()
+                return True
+        known = self.answerable.pop(command_id, None)
+        if known is None or known[0] <= now:
+            return False
+        if not known[1]:
+            self.metrics.commands_acknowledged.labels(self.protocol).inc()
+        return True
+
+    def _answerable(self, command_id: str, expires: float, counted: bool) -> None:
+        self.answerable[command_id] = (expires, counted)
+        while len(self.answerable) > self.max_queued:
+            self.answerable.popitem(last=False)
 
     def poll(self, now: float) -> tuple[list[Send], float | None]:
         """What to send now, and the time of the next poll (None: nothing pending)."""
@@ -142,13 +197,15 @@ class CommandOutbox:
                     continue
                 self.metrics.commands_sent.labels(self.protocol).inc()
                 if not self.tracked:
-                    sends.append(Send(entry.command, None, False, False))
+                    if self.responses:
+                        self._answerable(entry.command.id, entry.expires, False)
+                    sends.append(Send(entry.command, None, False, False, entry.expires))
                     continue
                 entry.key = self._allocate(entry.command)
                 entry.attempts = 1
                 entry.due = now + self.retry_s
                 self.inflight[entry.key] = entry
-                sends.append(Send(entry.command, entry.key, False, True))
+                sends.append(Send(entry.command, entry.key, False, True, entry.expires))
         next_poll: float | None = None
         for key, entry in list(self.inflight.items()):
             if entry.expires <= now:
@@ -163,7 +220,7 @@ class CommandOutbox:
                 entry.attempts += 1
                 entry.due = now + self.retry_s
                 self.metrics.commands_redelivered.labels(self.protocol).inc()
-                sends.append(Send(entry.command, key, True, True))
+                sends.append(Send(entry.command, key, True, True, entry.expires))
             when = min(entry.expires, entry.due) if self.redeliver else entry.expires
             next_poll = when if next_poll is None else min(next_poll, when)
         for entry in self.waiting:  # in order of offer, so the first expires first
@@ -180,6 +237,7 @@ class CommandOutbox:
             self._expired("disconnected")
         self.waiting.clear()
         self.inflight.clear()
+        self.answerable.clear()
 
     def _expired(self, why: str) -> None:
         self.metrics.commands_expired.labels(self.protocol, why).inc()

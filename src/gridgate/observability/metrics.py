@@ -147,6 +147,9 @@ class Metrics:
             ["protocol"], registry=r)
         self.commands_acknowledged = Counter(
             "gridgate_commands_acknowledged", "Downlink commands the device acknowledged", ["protocol"], registry=r)
+        self.command_acks_refused = Counter(
+            "gridgate_command_acks_refused", "Command acknowledgements (MQTT 5 Response Topic) naming no command "
+            "in flight or awaiting its answer: unknown, forged or expired", ["protocol"], registry=r)
         self.commands_expired = Counter(
             "gridgate_commands_expired", "Downlink commands given up: ttl, attempts used up, or disconnected",
             ["protocol", "reason"], registry=r)

@@ -217,32 +217,83 @@ def test_traceparent_user_property_is_on_the_jetstream_message_headers(tmp_path,
     assert traced == sorted([(TRACEPARENT, "congo=t61rcWkgMzE"), (MOSQUITTO_TRACEPARENT, None)])
 
 
-def test_mosquitto_sub_v5_receives_a_posted_command_with_its_message_expiry(gateway):
-    mosquitto_sub = require("mosquitto_sub")
+def post_command(gateway, device_id: str) -> dict:
+    """POST a REBOOT to ``device_id``, again while it is not yet known (404), bounded: 200 x 50 ms."""
+    status, body = 404, b""
+    for _ in range(200):
+        conn = http.client.HTTPConnection(*gateway.http, timeout=10)
+        conn.request("POST", f"/v1/devices/{device_id}/commands", json.dumps({"type": "REBOOT", "payload": {"n": 1}}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+        conn.close()
+        if status != 404:
+            break
+        time.sleep(0.05)
+    assert status == 202, body
+    return json.loads(body)
+
+
+def test_mosquitto_sub_v5_receives_a_posted_command_with_its_message_expiry_and_response_topic(gateway):
+    mosquitto_sub, mosquitto_pub = require("mosquitto_sub"), require("mosquitto_pub")
     host, port = gateway.mqtt
-    # -F: Message Expiry Interval, then the payload; -C 1: exit after one message
+    # -F: Message Expiry Interval, Response Topic, Correlation Data, payload; -C 1: exit after one message;
+    # -c -x 60: a session the answer below comes back to (another connection of the same device)
     sub = subprocess.Popen([mosquitto_sub, "-h", host, "-p", str(port), "-V", "mqttv5", "-q", "1", "-i", "meter-7",
-                            "-t", "devices/meter-7/commands", "-C", "1", "-W", str(TIMEOUT), "-F", "%E %p"],
+                            "-c", "-x", "60", "-t", "devices/meter-7/commands", "-C", "1", "-W", str(TIMEOUT),
+                            "-F", "%E %R %D %p"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # the device is subscribed once the gateway knows it (commands wait for the SUBACK in any case)
-        status, body = 404, b""
-        for _ in range(200):                    # bounded: 200 x 50 ms
-            conn = http.client.HTTPConnection(*gateway.http, timeout=10)
-            conn.request("POST", "/v1/devices/meter-7/commands", json.dumps({"type": "REBOOT", "payload": {"n": 1}}),
-                         {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            status, body = response.status, response.read()
-            conn.close()
-            if status != 404:
-                break
-            time.sleep(0.05)
-        assert status == 202, body
+        command_id = post_command(gateway, "meter-7")["command_id"]
         out, err = sub.communicate(timeout=TIMEOUT + 10)
     finally:
         sub.kill()
-    expiry, _, payload = out.strip().partition(" ")
+    expiry, response_topic, correlation, payload = out.strip().split(" ", 3)
     assert expiry == "60"                       # [downlink] command_ttl_s
+    assert (response_topic, correlation) == ("devices/meter-7/commands/ack", command_id)
     command = json.loads(payload)
-    assert (command["type"], command["payload"]) == ("REBOOT", {"n": 1})
+    assert (command["id"], command["type"], command["payload"]) == (command_id, "REBOOT", {"n": 1})
+    # the device answers on the Response Topic, echoing the Correlation Data: PUBACK 0x00 (exit 0), not a
+    # reading; a forged id: PUBACK 0x80, which mosquitto_pub reports
+    answer = [mosquitto_pub, "-h", host, "-p", str(port), "-V", "mqttv5", "-q", "1", "-i", "meter-7",
+              "-c", "-x", "60", "-t", response_topic, "-m", "done", "-D", "publish", "correlation-data"]
+    out = subprocess.run([*answer, command_id], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    out = subprocess.run([*answer, "forged"], capture_output=True, text=True, timeout=60)
+    assert "Unspecified error" in out.stderr, out
+    assert gateway.metric('gridgate_command_acks_refused_total{protocol="mqtt"}') == 1
+    assert gateway.metric('gridgate_readings_rejected_total{protocol="mqtt",reason="bad_topic"}') == 0
+    assert gateway.stop() == 0, gateway.log()
+    assert spool_export(gateway.data_dir) == spool_export(gateway.data_dir, rejected=True) == []
 
+
+def test_paho_v5_answers_a_command_on_its_response_topic(gateway):
+    device = Device(gateway.mqtt, "meter-8")
+    got: list[paho.MQTTMessage] = []
+    arrived = threading.Event()
+
+    def on_message(client, userdata, message) -> None:
+        got.append(message)
+        arrived.set()
+
+    device.client.on_message = on_message
+    try:
+        device.client.subscribe("devices/meter-8/commands", qos=1)
+        command_id = post_command(gateway, "meter-8")["command_id"]
+        assert arrived.wait(TIMEOUT), "no command"
+        props = got[0].properties
+        assert (props.ResponseTopic, props.CorrelationData, props.MessageExpiryInterval) == (
+            "devices/meter-8/commands/ack", command_id.encode(), 60)
+        answer = Properties(PacketTypes.PUBLISH)
+        answer.CorrelationData = props.CorrelationData
+        assert device.publish(props.ResponseTopic, b"", answer) == (0x00, None)
+        forged = Properties(PacketTypes.PUBLISH)
+        forged.CorrelationData = b"0" * 32
+        assert device.publish(props.ResponseTopic, b"", forged) == (0x80, "unknown_command: " + "0" * 32)
+        # the bare command id as payload, no Correlation Data: answered already, so refused
+        assert device.publish(props.ResponseTopic, command_id) == (0x80, f"unknown_command: {command_id}")
+    finally:
+        device.close()
+    assert gateway.metric('gridgate_commands_acknowledged_total{protocol="mqtt"}') == 1
+    assert gateway.metric('gridgate_command_acks_refused_total{protocol="mqtt"}') == 2

@@ -29,12 +29,14 @@ from inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_clo
 from mqtt5_frames import (
     AUTH_METHOD,
     CONTENT_TYPE,
+    CORRELATION_DATA,
     MAXIMUM_PACKET_SIZE,
     MESSAGE_EXPIRY,
     PAYLOAD_FORMAT,
     REASON_STRING,
     RECEIVE_MAXIMUM,
     REQUEST_PROBLEM_INFO,
+    RESPONSE_TOPIC,
     RETAIN_AVAILABLE,
     SERVER_KEEP_ALIVE,
     SESSION_EXPIRY,
@@ -48,6 +50,7 @@ from mqtt5_frames import (
     disconnect5,
     pingreq5,
     pingresp5,
+    prop_bin,
     prop_byte,
     prop_str,
     prop_u16,
@@ -89,6 +92,12 @@ def server_connack(receive_maximum: int = 1024, max_packet: int = 1_048_576, ali
               prop_byte(WILDCARD_AVAILABLE, 0), prop_byte(SUBSCRIPTION_ID_AVAILABLE, 0),
               prop_byte(SHARED_AVAILABLE, 0)]
     return connack5(0, props(*items))
+
+
+def command_props(expiry: int, command_id: str, client_id: str = "meter-1") -> bytes:
+    """A command PUBLISH's properties: Message Expiry, Response Topic, Correlation Data (the command id)."""
+    return props(prop_u32(MESSAGE_EXPIRY, expiry), prop_str(RESPONSE_TOPIC, f"devices/{client_id}/commands/ack"),
+                 prop_bin(CORRELATION_DATA, command_id.encode()))
 
 
 def reason(text: str) -> bytes:
@@ -623,7 +632,7 @@ async def test_command_carries_its_ttl_as_message_expiry_and_is_acknowledged():
         assert gateway.conns.get_device("meter-1").send_command(command)
         assert await read_packet(client) == publish5(
             "devices/meter-1/commands", b'{"id":"c-1","type":"REBOOT","payload":{"delay_s":5}}', qos=1, mid=1,
-            properties=props(prop_u32(MESSAGE_EXPIRY, 43)))       # whole seconds, rounded up
+            properties=command_props(43, "c-1"))       # whole seconds, rounded up
         await client.send_all(puback5(1))
         with trio.fail_after(TIMEOUT):
             while gateway.metrics.registry.get_sample_value(
@@ -633,7 +642,7 @@ async def test_command_carries_its_ttl_as_message_expiry_and_is_acknowledged():
 
 async def test_command_over_the_clients_maximum_packet_size_is_never_sent():
     async with serving() as (gateway, nursery):
-        client = await connected(gateway, nursery, properties=props(prop_u32(MAXIMUM_PACKET_SIZE, 96)))
+        client = await connected(gateway, nursery, properties=props(prop_u32(MAXIMUM_PACKET_SIZE, 128)))
         await client.send_all(subscribe5(1, [("devices/meter-1/commands", 1)]))
         assert await read_packet(client) == suback5(1, [0x01])
         session = gateway.conns.get_device("meter-1")
@@ -642,7 +651,7 @@ async def test_command_over_the_clients_maximum_packet_size_is_never_sent():
         # the small one comes, with the next packet id; the big one never does
         packet = await read_packet(client)
         assert packet == publish5("devices/meter-1/commands", b'{"id":"s","type":"PING","payload":null}', qos=1,
-                                  mid=2, properties=props(prop_u32(MESSAGE_EXPIRY, 60)))
+                                  mid=2, properties=command_props(60, "s"))
 
 
 async def test_a_will_is_accepted_and_a_retained_will_is_refused_with_0x9a():
@@ -684,7 +693,7 @@ async def test_the_clients_receive_maximum_bounds_its_commands():
                 await trio.sleep(0.01)
         assert await read_packet(client) == publish5("devices/meter-1/commands",
                                                      b'{"id":"d","type":"PING","payload":null}', qos=1, mid=3,
-                                                     properties=props(prop_u32(MESSAGE_EXPIRY, 60)))
+                                                     properties=command_props(60, "d"))
 
 
 def test_mqtt5_config_keys_are_validated(tmp_path):
@@ -713,27 +722,43 @@ def server_connack_present() -> bytes:
 
 
 async def test_a_device_back_within_its_session_expiry_gets_its_unacknowledged_commands():
-    async with serving() as (gateway, nursery):
+    async with serving(downlink=DownlinkConfig(command_ttl_s=30)) as (gateway, nursery):
         expiry = props(prop_u32(SESSION_EXPIRY, 60))
         client = await open_client(gateway, nursery)
         await client.send_all(connect5("meter-1", properties=expiry))
         assert await read_packet(client) == server_connack()
         await client.send_all(subscribe5(1, [("devices/meter-1/commands", 1)]))
         assert await read_packet(client) == suback5(1, [0x01])
-        assert gateway.conns.get_device("meter-1").send_command(Command(id="c-1", type="PING", payload=None))
-        frame = publish5("devices/meter-1/commands", b'{"id":"c-1","type":"PING","payload":null}', qos=1, mid=1,
-                         properties=props(prop_u32(MESSAGE_EXPIRY, 60)))
-        assert await read_packet(client) == frame
+        session = gateway.conns.get_device("meter-1")
+        assert session.send_command(Command(id="c-1", type="PING", payload=None))
+        assert await read_packet(client) == publish5(
+            "devices/meter-1/commands", b'{"id":"c-1","type":"PING","payload":null}', qos=1, mid=1,
+            properties=command_props(30, "c-1"))
+        await client.send_all(puback5(1))                     # the first acknowledged, the second not
+        assert session.send_command(Command(id="c-2", type="PING", payload=None))
+        assert await read_packet(client) == publish5(
+            "devices/meter-1/commands", b'{"id":"c-2","type":"PING","payload":null}', qos=1, mid=2,
+            properties=command_props(30, "c-2"))
         await client.aclose()                                 # gone without a PUBACK
         with trio.fail_after(TIMEOUT):
             while gateway.conns.get_device("meter-1") is not None:
                 await trio.sleep(0.01)
-        # back with Clean Start 0: Session Present, subscribed, the command again without a new SUBSCRIBE
+        await trio.sleep(1.1)        # so that what is left of the TTL is less than it was
+        # back with Clean Start 0: Session Present, subscribed, the command again without a new SUBSCRIBE:
+        # DUP=1, its original packet id (MQTT-4.4.0-1; a new one would be 1), what is left of its TTL
         client = await open_client(gateway, nursery)
         await client.send_all(connect5("meter-1", clean_start=False, properties=expiry))
         assert await read_packet(client) == server_connack_present()
-        assert await read_packet(client) == frame
-        await client.send_all(puback5(1))
+        frame = await read_packet(client)
+        # fixed header 2, topic 2 + 24, packet id 2, property length 1: then Message Expiry (0x02, 4 bytes)
+        assert frame[31] == MESSAGE_EXPIRY
+        left = int.from_bytes(frame[32:36], "big")
+        assert 1 <= left < 30, left
+        assert frame == publish5("devices/meter-1/commands", b'{"id":"c-2","type":"PING","payload":null}', qos=1,
+                                 mid=2, dup=True, properties=command_props(left, "c-2"))
+        assert gateway.metrics.registry.get_sample_value(
+            "gridgate_commands_redelivered_total", {"protocol": "mqtt"}) == 1
+        await client.send_all(puback5(2))
         await client.send_all(disconnect5())
         await wait_closed(client)
         # acknowledged this time: nothing left to resume, and Clean Start 1 starts afresh anyway
@@ -782,12 +807,80 @@ async def test_no_session_is_kept_without_session_expiry_or_after_the_client_set
 
 def test_session_store_is_bounded_and_expires():
     store = SessionStore(max_sessions=2)
-    store.save("a", StoredSession(1, [("cmd-old", 5.0), ("cmd-new", 50.0)], until=100.0))
+    store.save("a", StoredSession(1, [("cmd-old", 5.0, 1, 1), ("cmd-new", 50.0, None, 0)], until=100.0))
     store.save("b", StoredSession(None, [], until=10.0))
     store.save("c", StoredSession(None, [], until=100.0))           # pushes "a" out
     assert store.peek("a", 0.0) is None and len(store) == 2
     assert store.peek("b", 10.0) is None and len(store) == 1        # expired
-    store.save("a", StoredSession(1, [("cmd-old", 5.0), ("cmd-new", 50.0)], until=100.0))
+    store.save("a", StoredSession(1, [("cmd-old", 5.0, 1, 1), ("cmd-new", 50.0, None, 0)], until=100.0))
     taken = store.take("a", 20.0)
-    assert taken is not None and taken.commands == [("cmd-new", 50.0)]    # a command past its own TTL left out
+    assert taken is not None and taken.commands == [("cmd-new", 50.0, None, 0)]    # a command past its own TTL left out
     assert store.take("a", 20.0) is None
+
+
+# -- Response Topic: the device's answer acknowledges the command ----------------------------
+
+
+def acknowledged(gateway) -> float | None:
+    return gateway.metrics.registry.get_sample_value("gridgate_commands_acknowledged_total", {"protocol": "mqtt"})
+
+
+def acks_refused(gateway) -> float | None:
+    return gateway.metrics.registry.get_sample_value("gridgate_command_acks_refused_total", {"protocol": "mqtt"})
+
+
+async def test_a_publish_to_the_response_topic_acknowledges_the_command_once():
+    sink = MemorySink()
+    async with serving(sink) as (gateway, nursery):
+        client = await connected(gateway, nursery)
+        await client.send_all(subscribe5(1, [("devices/meter-1/commands", 1)]))
+        assert await read_packet(client) == suback5(1, [0x01])
+        session = gateway.conns.get_device("meter-1")
+        assert session.send_command(Command(id="c-1", type="REBOOT", payload=None))
+        assert session.send_command(Command(id="c-2", type="REBOOT", payload=None))
+        assert await read_packet(client) == publish5(
+            "devices/meter-1/commands", b'{"id":"c-1","type":"REBOOT","payload":null}', qos=1, mid=1,
+            properties=command_props(60, "c-1"))
+        assert (await read_packet(client))[0] == 0x32                     # c-2, mid 2
+        # c-1 answered before its PUBACK (Correlation Data echoed): acknowledged, no longer in flight
+        await client.send_all(publish5("devices/meter-1/commands/ack", b"done", qos=1, mid=7,
+                                       properties=props(prop_bin(CORRELATION_DATA, b"c-1"))))
+        assert await read_packet(client) == puback5(7)
+        assert acknowledged(gateway) == 1
+        await client.send_all(puback5(1))                                  # late PUBACK: counted nowhere
+        # c-2 PUBACKed, then answered with its id as the payload (no Correlation Data): counted once
+        await client.send_all(puback5(2))
+        await client.send_all(publish5("devices/meter-1/commands/ack", b"c-2", qos=1, mid=8))
+        assert await read_packet(client) == puback5(8)
+        assert acknowledged(gateway) == 2
+        assert acks_refused(gateway) is None
+        # a forged id, and c-2 answered twice: 0x80 Unspecified error with the reason, counted
+        await client.send_all(publish5("devices/meter-1/commands/ack", b"", qos=1, mid=9,
+                                       properties=props(prop_bin(CORRELATION_DATA, b"forged"))))
+        assert await read_packet(client) == puback5(9, 0x80, reason("unknown_command: forged"))
+        await client.send_all(publish5("devices/meter-1/commands/ack", b"c-2", qos=2, mid=10))
+        assert await read_packet(client) == pubrec5(10, 0x80, reason("unknown_command: c-2"))
+        assert acks_refused(gateway) == 2 and acknowledged(gateway) == 2
+        # none of it is a reading or a dead letter
+        await client.send_all(publish5("telemetry", b'{"n": 1}', qos=1, mid=11))
+        assert await read_packet(client) == puback5(11)
+        assert [r.fields for b in sink.batches for r in b] == [{"n": 1}]
+        assert gateway.metrics.registry.get_sample_value(
+            "gridgate_readings_rejected_total", {"protocol": "mqtt", "reason": "bad_topic"}) is None
+
+
+async def test_a_qos2_answer_is_acknowledged_and_released():
+    async with serving() as (gateway, nursery):
+        client = await connected(gateway, nursery, pair="memory")
+        await client.send_all(subscribe5(1, [("devices/meter-1/commands", 0)]))
+        assert await read_packet(client) == suback5(1, [0x00])
+        assert gateway.conns.get_device("meter-1").send_command(Command(id="q0", type="PING", payload=None))
+        # a QoS 0 subscription: sent untracked, still answerable until its TTL
+        assert await read_packet(client) == publish5(
+            "devices/meter-1/commands", b'{"id":"q0","type":"PING","payload":null}', properties=command_props(60, "q0"))
+        await client.send_all(publish5("devices/meter-1/commands/ack", b"", qos=2, mid=3,
+                                       properties=props(prop_bin(CORRELATION_DATA, b"q0"))))
+        assert await read_packet(client) == pubrec5(3)
+        await client.send_all(pubrel5(3))
+        assert await read_packet(client) == pubcomp5(3)
+        assert acknowledged(gateway) == 1

@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from gridgate.downlink.commands import DownlinkSettings, Send, encode_command
+from gridgate.downlink.commands import (
+    Command,
+    CommandOutbox,
+    DownlinkChannel,
+    DownlinkSettings,
+    Send,
+    encode_command,
+    open_channel,
+)
 from gridgate.ingest.pipeline import WorkItem
 from gridgate.ingest.records import MAX_TRACESTATE_CHARS, TRACEPARENT_RE, Record, Rejection
 from gridgate.protocols.mqtt.codec5 import codec5
@@ -45,7 +53,9 @@ from gridgate.protocols.mqtt.session import (
     CONNACK_BAD_CREDENTIALS,
     CONNACK_IDENTIFIER_REJECTED,
     CONNACK_NOT_AUTHORIZED,
+    CONNACK_SERVER_UNAVAILABLE,
     MQTTConnection,
+    _connect_level,
 )
 from gridgate.protocols.mqtt.session_store import SessionStore, StoredSession
 from gridgate.protocols.mqtt.v5 import (
@@ -62,12 +72,14 @@ from gridgate.protocols.mqtt.v5 import (
     QUOTA_EXCEEDED,
     RECEIVE_MAXIMUM_EXCEEDED,
     RETAIN_NOT_SUPPORTED,
+    SERVER_BUSY,
     SERVER_SHUTTING_DOWN,
     SESSION_TAKEN_OVER,
     SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
     SUCCESS,
     TOPIC_FILTER_INVALID,
     TOPIC_NAME_INVALID,
+    UNSPECIFIED_ERROR,
     WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED,
     MQTT5Error,
     Properties,
@@ -80,7 +92,7 @@ if TYPE_CHECKING:
     from gridgate.protocols.services import Services
 
 __all__ = ["MQTT5Connection", "VersionedMQTTConnection", "serve_mqtt_stream", "puback_reason", "decoder_format",
-           "close_code", "trace_context"]
+           "close_code", "trace_context", "response_topic", "refuse_at_accept", "ACCEPT_REFUSALS"]
 
 log = logging.getLogger("gridgate.mqtt")
 
@@ -98,6 +110,16 @@ _PUBLISH_REASONS = {
     "not_authorized": NOT_AUTHORIZED,
     "sink_refused": IMPLEMENTATION_SPECIFIC_ERROR,
 }
+
+# Longest command id an answer may name (gridgate's are 32 hex digits).
+MAX_COMMAND_ID = 128
+
+
+def response_topic(client_id: str) -> str:
+    """Where device ``client_id`` answers its commands: each command PUBLISH
+    names it as Response Topic, with the command id as Correlation Data."""
+    return f"devices/{client_id}/commands/ack"
+
 
 # Session.close_reason (set by whoever closed it: the reaper, a takeover, a
 # graceful stop) -> the reason code of the DISCONNECT sent before closing.
@@ -198,7 +220,7 @@ class MQTT5Connection(MQTTConnection):
     """One MQTT 5.0 client connection (TCP, TLS or WebSocket)."""
 
     __slots__ = ("problem_info", "client_max_packet", "client_receive_maximum", "receive_maximum", "inflight",
-                 "goodbye", "session_expiry", "resumed")
+                 "goodbye", "session_expiry", "resumed", "response_topic")
 
     def __init__(self, stream: trio.abc.Stream, services: Services, session: Session,
                  protocol: str = "mqtt") -> None:
@@ -220,6 +242,8 @@ class MQTT5Connection(MQTTConnection):
         # Session Expiry Interval (s): from CONNECT, changed by the client's DISCONNECT
         self.session_expiry = 0
         self.resumed: StoredSession | None = None     # the stored session this CONNECT resumes
+        # where the device answers its commands (their Response Topic): set at CONNECT
+        self.response_topic = ""
 
     async def run(self, head: bytes | None = None) -> None:
         try:
@@ -240,27 +264,52 @@ class MQTT5Connection(MQTTConnection):
             return
         if (self.session.close_reason or "").startswith("taken over"):
             return
-        commands = []
+        commands: list[tuple[Command, float, int | None, int]] = []
+        answerable: dict[str, tuple[float, bool]] = {}
         if self.downlink is not None:
             outbox = self.downlink.outbox
-            commands = [(e.command, e.expires) for e in (*outbox.inflight.values(), *outbox.waiting)]
+            # in flight: the packet id it was sent with (MQTT-4.4.0-1 resends it with that id)
+            commands = [(e.command, e.expires, e.key, e.attempts) for e in outbox.inflight.values()]  # type: ignore[misc]
+            commands += [(e.command, e.expires, None, 0) for e in outbox.waiting]
+            answerable = dict(outbox.answerable)      # a device back in time may still answer them
             outbox.inflight.clear()
             outbox.waiting.clear()
         # 0xFFFFFFFF: the session does not expire (3.1.2.11.2); the store's bound still holds
         until = math.inf if self.session_expiry == 0xFFFFFFFF else trio.current_time() + self.session_expiry
-        session_store(self.svc.conns).save(self.client_id, StoredSession(self.subscribed_qos, commands, until))
+        session_store(self.svc.conns).save(self.client_id, StoredSession(self.subscribed_qos, commands, until,
+                                                                                 answerable))
 
     def _resume(self, stored: StoredSession) -> None:
         """The stored session's subscription and commands, in this connection.
-        Each command goes out again as a new PUBLISH (packet ids are this
-        connection's) with a fresh TTL."""
+        A command that was in flight is sent again with DUP=1 and its
+        original packet id (section 4.4, MQTT-4.4.0-1), one that was waiting
+        waits again; both keep their original TTL (Message Expiry says what
+        is left of it)."""
         if stored.subscribed_qos is not None:
             self.subscribed_qos = stored.subscribed_qos
-            if self.downlink is not None:           # made by an UPDATE_CONFIG offered at CONNECT
+        if stored.commands or stored.answerable:
+            channel = self._channel()
+            for command, expires, key, attempts in stored.commands:
+                channel.outbox.restore(command, expires, key, attempts)
+            channel.outbox.answerable.update(stored.answerable)
+        if self.downlink is not None:
+            if stored.subscribed_qos is not None:
                 self.downlink.outbox.set_ready(True, tracked=stored.subscribed_qos >= 1)
-                self.downlink.wake()
-        for command, _ in stored.commands:
-            self._offer_command(command)
+            self.downlink.wake()
+
+    def _channel(self) -> DownlinkChannel:
+        """This connection's downlink, made on first use (``_offer_command``'s
+        outbox, which also takes answers on the Response Topic)."""
+        if self.downlink is None:
+            outbox = CommandOutbox(self.protocol, self._downlink_settings(), self.svc.metrics, redeliver=True,
+                                   packet_ids=True, responses=True)
+            if self.subscribed_qos is not None:
+                outbox.set_ready(True, tracked=self.subscribed_qos >= 1)
+            self.downlink = open_channel(self.session, outbox, self._send_commands, self._side_tasks(), None)
+        return self.downlink
+
+    def _offer_command(self, command: Command) -> bool:
+        return self._channel().offer(command)
 
     async def _say_goodbye(self, code: int | None) -> None:
         """The DISCONNECT a server sends before it closes (section 4.13): to
@@ -343,6 +392,7 @@ class MQTT5Connection(MQTTConnection):
             self.resumed = None
             return answer
         self.session_expiry = props.session_expiry_interval or 0
+        self.response_topic = response_topic(self.client_id)
         if ev.clean_start:
             store.drop(self.client_id)      # MQTT-3.1.2-4
         elif self.resumed is not None:
@@ -408,21 +458,25 @@ class MQTT5Connection(MQTTConnection):
                     if ev.packet_id in self.qos2_unreleased:
                         acks.append(codec5.encode_pubrec(ev.packet_id, SUCCESS, None, self.client_max_packet))
                         continue      # a redelivery of readings already held: stored once
-                n_before, r_before = len(rejections), len(records)
-                stored = self._take(ev, publish_ns, records, rejections)
-                code, text = puback_reason(stored, rejections[n_before:])
-                if stored and reject_over_limit and not ev.qos:
-                    unpaid.extend(records[r_before:])
-                    unpaid_bytes += len(ev.payload)
-                elif stored and reject_over_limit:
-                    charge = limits.refuse_over_quota(records[r_before:], self.protocol, self.client_id,
-                                                      len(ev.payload))
-                    if charge.wait > 0:
-                        # counted, not dead-lettered (a flood must not fill the store); the device keeps
-                        # the reading and may send it again
-                        del records[r_before:]
-                        del rejections[n_before:]
-                        code, text = QUOTA_EXCEEDED, f"quota_exceeded: {charge.name.lstrip('_')}"
+                if ev.topic == self.response_topic:
+                    # a command's answer, not a reading: acked in order with the readings before it
+                    code, text = self._command_ack(ev)
+                else:
+                    n_before, r_before = len(rejections), len(records)
+                    stored = self._take(ev, publish_ns, records, rejections)
+                    code, text = puback_reason(stored, rejections[n_before:])
+                    if stored and reject_over_limit and not ev.qos:
+                        unpaid.extend(records[r_before:])
+                        unpaid_bytes += len(ev.payload)
+                    elif stored and reject_over_limit:
+                        charge = limits.refuse_over_quota(records[r_before:], self.protocol, self.client_id,
+                                                          len(ev.payload))
+                        if charge.wait > 0:
+                            # counted, not dead-lettered (a flood must not fill the store); the device keeps
+                            # the reading and may send it again
+                            del records[r_before:]
+                            del rejections[n_before:]
+                            code, text = QUOTA_EXCEEDED, f"quota_exceeded: {charge.name.lstrip('_')}"
                 if ev.qos == 1:
                     qos1_acks += 1
                     acks.append(codec5.encode_puback(ev.packet_id, code, self._reason_props(text),
@@ -511,6 +565,24 @@ class MQTT5Connection(MQTTConnection):
                 await limits.pause(self.session, records, self.protocol, self.client_id, nbytes)
         return keep_open
 
+    def _command_ack(self, ev: Publish5) -> tuple[int, str | None]:
+        """A PUBLISH to the Response Topic: its Correlation Data (else its
+        payload, the bare command id) names the command it acknowledges, as
+        WebSocket's ``{"command_ack": id}`` does. 0x00 when a command of this
+        connection's with that id is in flight or still answerable; else
+        0x80 with ``unknown_command: <id>``, counted (an unknown, forged or
+        expired id changes nothing)."""
+        data = ev.properties.correlation_data
+        if data is None:
+            data = bytes(ev.payload).strip().strip(b'"')
+        command_id = data[:MAX_COMMAND_ID].decode("utf-8", "replace")
+        if (len(data) <= MAX_COMMAND_ID and self.downlink is not None
+                and self.downlink.outbox.answer(command_id, trio.current_time())):
+            return SUCCESS, None
+        self.svc.metrics.command_acks_refused.labels(self.protocol).inc()
+        log.info("command_ack from %s for unknown or expired command %r", self.client_id, command_id[:64])
+        return UNSPECIFIED_ERROR, f"unknown_command: {command_id[:64]}"
+
     def _take(self, ev: Publish5, publish_ns: int, records: list[Record], rejections: list[Rejection]) -> int:
         """Validate one PUBLISH into ``records`` and ``rejections``; returns
         how many records it gave."""
@@ -597,18 +669,28 @@ class MQTT5Connection(MQTTConnection):
         return config
 
     async def _send_commands(self, sends: list[Send]) -> None:
-        """Commands as MQTT 5 PUBLISHes: the command TTL as Message Expiry
-        Interval; one over the client's Maximum Packet Size is never sent
-        (MQTT-3.1.2-24), and expires unanswered like a command the device
-        never acknowledged."""
+        """Commands as MQTT 5 PUBLISHes: what is left of the command's TTL as
+        Message Expiry Interval (whole seconds, rounded up: a redelivery or a
+        resumed session's command says what is left, not the original), the
+        Response Topic and the command id as Correlation Data, which the
+        device's PUBLISH there may echo to acknowledge it. One over the
+        client's Maximum Packet Size is never sent (MQTT-3.1.2-24), and
+        expires unanswered like a command the device never acknowledged."""
         topic = self.command_topic
-        expiry = Properties(message_expiry_interval=max(1, math.ceil(self.svc.config.downlink.command_ttl_s)))
+        response_topic = self.response_topic
         limit = self.client_max_packet
+        now = trio.current_time()
+        ttl_s = self.svc.config.downlink.command_ttl_s
         frames = []
         for s in sends:
+            left = s.expires - now if s.expires != math.inf else ttl_s
+            if left <= 0:
+                continue     # expired since the poll: never sent (the outbox counts it at its next poll)
+            props = Properties(message_expiry_interval=max(1, math.ceil(left)), response_topic=response_topic,
+                               correlation_data=s.command.id.encode())
             # s.key: this outbox keys by MQTT packet id (packet_ids=True), an int; mypy sees Hashable
             frame = codec5.encode_publish(topic, encode_command(s.command), 1 if s.tracked else 0,
-                                          s.key if s.tracked else 0, False, s.dup, expiry)  # type: ignore[arg-type]
+                                          s.key if s.tracked else 0, False, s.dup, props)  # type: ignore[arg-type]
             if limit is not None and len(frame) > limit:
                 log.warning("not sending command %s to %s: %d bytes, over its Maximum Packet Size %d",
                             s.command.id, self.client_id, len(frame), limit)
@@ -647,3 +729,45 @@ async def serve_mqtt_stream(stream: trio.abc.Stream, services: Services, session
     conn = VersionedMQTTConnection(stream, services, session, protocol=protocol)
     await conn.run()
     return conn.protocol_error
+
+
+# Why the listener refused a connection before serving it -> the 5.0 CONNACK
+# reason code and Reason String it gets (a 3.1/3.1.1 client gets 0x03).
+ACCEPT_REFUSALS = {
+    "max_connections": (SERVER_BUSY, "server busy: max_connections reached"),
+    "shedding": (SERVER_BUSY, "server busy: the sink's commit latency is over its threshold"),
+    "max_connections_per_ip": (QUOTA_EXCEEDED, "quota exceeded: max_connections_per_ip reached"),
+}
+# What a refused connection may cost: the CONNECT's first bytes (enough for
+# its protocol level: 1 + 4 + 2 + 4 + 1) within this long, no more.
+ACCEPT_HEAD_BYTES = 12
+ACCEPT_HEAD_TIMEOUT_S = 0.5
+
+
+async def refuse_at_accept(stream: trio.abc.Stream, why: str, max_packet_bytes: int) -> None:
+    """The CONNACK for a connection the listener refuses before serving it
+    (``why``: a key of ACCEPT_REFUSALS), shaped for the client's version:
+    read at most ACCEPT_HEAD_BYTES of its CONNECT, for at most
+    ACCEPT_HEAD_TIMEOUT_S, and a level-5 one gets the 5.0 reason code with a
+    Reason String; anything else (3.1, 3.1.1, garbage, silence) 3.1.1's
+    0x03 server unavailable. The caller counts and closes."""
+    head = b""
+    with trio.move_on_after(ACCEPT_HEAD_TIMEOUT_S):
+        try:
+            while len(head) < ACCEPT_HEAD_BYTES and _connect_level(head, max_packet_bytes) is None:
+                chunk = await stream.receive_some(ACCEPT_HEAD_BYTES - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+    if _connect_level(head, max_packet_bytes) == 5:
+        code, text = ACCEPT_REFUSALS[why]
+        answer = codec5.encode_connack(False, code, Properties(reason_string=text), None)
+    else:
+        answer = b"\x20\x02\x00" + bytes([CONNACK_SERVER_UNAVAILABLE])
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_all(answer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

@@ -20,12 +20,18 @@ MAX_SESSIONS = 100_000
 
 
 class StoredSession:
-    __slots__ = ("subscribed_qos", "commands", "until")
+    __slots__ = ("subscribed_qos", "commands", "until", "answerable")
 
-    def __init__(self, subscribed_qos: int | None, commands: list[tuple[Any, float]], until: float) -> None:
+    def __init__(self, subscribed_qos: int | None, commands: list[tuple[Any, float, int | None, int]],
+                 until: float, answerable: dict[str, tuple[float, bool]] | None = None) -> None:
         self.subscribed_qos = subscribed_qos     # the command topic's granted QoS, None: not subscribed
-        self.commands = commands                 # (command, the time it expires), oldest first
+        # (command, the time it expires, its packet id if it was in flight
+        # (redelivered with it, DUP=1), sends so far), in flight first, then waiting in order;
+        # whether to keep it: any of these, or answerable commands
+        self.commands = commands
         self.until = until                       # the session's own expiry
+        # commands delivered that the device may still answer on their Response Topic (CommandOutbox.answerable)
+        self.answerable = answerable or {}
 
 
 class SessionStore:
@@ -56,7 +62,7 @@ class SessionStore:
         if stored is None:
             return None
         del self._sessions[client_id]
-        stored.commands = [(c, expires) for c, expires in stored.commands if expires > now]
+        stored.commands = [c for c in stored.commands if c[1] > now]
         return stored
 
     def drop(self, client_id: str) -> None:
