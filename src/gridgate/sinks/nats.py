@@ -116,6 +116,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATSClient
 from nats.js.api import StorageType, StreamConfig
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from gridgate.asyncio_thread import AsyncioThread, LoopClosed
 from gridgate.ingest.records import Record
@@ -339,6 +340,49 @@ class _WrongStream(Exception):
         return f"acked by stream {self.got!r}, not {self.want!r}"
 
 
+class _Parser(Parser):
+    """nats-py's protocol parser, reading the acks at the head of a read in one pass.
+
+    nats-py's parser matches a regex per control line, copies the payload
+    and deletes what it consumed from the front of its buffer, then awaits
+    the client's ``_process_msg``, for every message. A read of a window's
+    acks is hundreds of ``MSG <inbox>.<write>.<index>.<attempt> <ack sid>
+    <size>`` lines, each with a small PubAck body: those at the head of the
+    buffer are handed to ``on_ack`` here, the buffer is cut once, and
+    whatever else comes (a status message with headers, PING, INFO, -ERR,
+    a reply to the JetStream API, a message cut by the read) goes to
+    nats-py's own parse from there on, as before.
+    """
+
+    nc: _Client
+
+    async def parse(self, data: bytes = b"") -> None:
+        buf = self.buf
+        buf.extend(data)
+        nc = self.nc
+        on_ack = nc.on_ack
+        if self.state == AWAITING_CONTROL_LINE and on_ack is not None:
+            sid, end, pos = nc.ack_sid_bytes, len(buf), 0
+            while buf.startswith(b"MSG ", pos):
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                # an ack carries no reply subject: <subject> <sid> <size>
+                # (nats-server writes two spaces where the reply would be)
+                args = buf[pos + 4:eol].split()
+                if len(args) != 3 or args[1] != sid:
+                    break
+                start = eol + 2
+                stop = start + int(args[2])
+                if stop + 2 > end:
+                    break                        # its body is still to come
+                on_ack(bytes(args[0]), bytes(buf[start:stop]), None)
+                pos = stop + 2
+            if pos:
+                del buf[:pos]
+        await super().parse()
+
+
 class _Client(NATSClient):
     """nats-py's client with the sink's ack subscription taken off its per-message path.
 
@@ -352,7 +396,16 @@ class _Client(NATSClient):
     """
 
     ack_sid = -1
+    ack_sid_bytes = b""
     on_ack: Callable[[bytes, bytes, bytes | None], None] | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = _Parser(self)
+
+    def take_acks(self, sid: int, on_ack: Callable[[bytes, bytes, bytes | None], None]) -> None:
+        """Hand the messages of subscription ``sid`` to ``on_ack`` (subject, body, header bytes or None)."""
+        self.ack_sid, self.ack_sid_bytes, self.on_ack = sid, b"%d" % sid, on_ack
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes) -> None:
@@ -865,7 +918,7 @@ class NATSSink:
             self._inbox_len = len(self._inbox) + 1
             # no callback: _Client hands this subscription's messages to _on_ack itself
             sub = await nc.subscribe(self._inbox + ".>")
-            nc.ack_sid, nc.on_ack = sub._id, self._on_ack
+            nc.take_acks(sub._id, self._on_ack)
             await self._ensure_stream(deadline)
         except BaseException:
             self._nc = self._js = None
