@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--problem-info", action=argparse.BooleanOptionalAction, default=True,
                    help="MQTT 5 Request Problem Information: the server may send Reason Strings "
                         "(default on; --no-problem-info asks it not to)")
+    m.add_argument("--mux", action=argparse.BooleanOptionalAction, default=True,
+                   help="one task per process serves every plain-TCP device on one epoll (default); "
+                        "--no-mux: a reader and a sender task per device, as with --tls")
     w.add_argument("--keepalive", type=_positive_int, default=60, metavar="K",
                    help="send a WebSocket ping when nothing was sent for K/2 seconds")
     return parser
@@ -144,7 +147,8 @@ def _plans(args: argparse.Namespace, sources: tuple[str, ...]) -> list[RunPlan]:
         keepalive=getattr(args, "keepalive", 60), client_prefix=args.client_prefix, protocol=args.protocol,
         reconnect=args.reconnect, backoff_base=args.backoff_min, backoff_max=args.backoff_max,
         tls=getattr(args, "tls", False), cafile=getattr(args, "cafile", ""),
-        mqtt_version=getattr(args, "mqtt_version", 4), problem_info=getattr(args, "problem_info", True))
+        mqtt_version=getattr(args, "mqtt_version", 4), problem_info=getattr(args, "problem_info", True),
+        mux=getattr(args, "mux", True))
     plans, first = [], 0
     for p in range(args.procs):
         count = args.devices // args.procs + (1 if p < args.devices % args.procs else 0)

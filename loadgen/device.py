@@ -49,6 +49,7 @@ class DeviceOptions:
     cafile: str = ""                      # --cafile: the CAs the server's certificate chains to ("" = system's)
     mqtt_version: int = 4                 # --mqtt-version: 4 (3.1.1) or 5
     problem_info: bool = True             # MQTT 5 Request Problem Information (--no-problem-info: 0)
+    mux: bool = True                      # plain-TCP MQTT: one task serves all devices (--no-mux: tasks each)
 
 
 class Device:

@@ -151,10 +151,12 @@ class MqttDevice(Device):
         self.connect_frame = build_connect(self.client_id, opts.keepalive, opts.mqtt_version, opts.problem_info)
         self.next_pid = 1
         self.inflight: dict[int, float] = {}        # packet id -> intended send time
+        self._buf = b""                             # the start of a packet a read left incomplete
 
     # -- one connection --------------------------------------------------------
 
     async def connect(self) -> trio.abc.Stream | RawSocketStream | TlsSocketStream:
+        self._buf = b""
         with trio.fail_after(self.opts.connect_timeout):
             stream = await self.open_stream(self.opts.host, self.opts.port, local_address=self.local_address)
             if self.opts.tls:
@@ -179,23 +181,26 @@ class MqttDevice(Device):
         return stream
 
     async def reader(self, stream: trio.abc.Stream | RawSocketStream | TlsSocketStream) -> None:
-        buf = b""
         while True:
             data = await stream.receive_some(65536)
             if not data:
                 raise ConnectionError("server closed the connection")
-            buf = buf + data if buf else data
-            now = trio.current_time()
-            n = len(buf) >> 2
-            if n and buf[0::4] == _PUBACK_FIRST * n and buf[1::4] == _PUBACK_SECOND * n:
-                # the usual read: nothing but whole PUBACKs (the rest, if any,
-                # is the start of one more), parsed in one C-level pass
-                dues = list(map(self.inflight.pop, _ack_ids(buf[:n << 2]), _NONES))
-                buf = buf[n << 2:]
-            else:
-                dues, buf = self._acks_one_by_one(buf)
-            if dues:
-                self._record(dues, now)
+            self.take_acks(data, trio.current_time())
+
+    def take_acks(self, data: bytes, now: float) -> None:
+        """Count the PUBACKs among ``data`` (and what an earlier read left
+        over), recording each one's latency as of ``now``."""
+        buf = self._buf + data if self._buf else data
+        n = len(buf) >> 2
+        if n and buf[0::4] == _PUBACK_FIRST * n and buf[1::4] == _PUBACK_SECOND * n:
+            # the usual read: nothing but whole PUBACKs (the rest, if any,
+            # is the start of one more), parsed in one C-level pass
+            dues = list(map(self.inflight.pop, _ack_ids(buf[:n << 2]), _NONES))
+            self._buf = buf[n << 2:]
+        else:
+            dues, self._buf = self._acks_one_by_one(buf)
+        if dues:
+            self._record(dues, now)
 
     def _acks_one_by_one(self, buf: bytes) -> tuple[list[float | None], bytes]:
         """The intended times of the PUBACKs among the whole packets at the

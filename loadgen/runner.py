@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 
 import trio
 
+from loadgen.connect import open_tcp
 from loadgen.device import Device, DeviceOptions, drive
 from loadgen.http_device import HttpDevice
 from loadgen.mqtt_device import MqttDevice
+from loadgen.mqtt_mux import Mux, MuxDevice, drive_muxed
 from loadgen.stats import Stats
 from loadgen.ws_device import WsDevice
 
-__all__ = ["RunPlan", "run_share", "run_device", "SelfCheck", "DEVICE_KINDS", "process_cpu_s"]
+__all__ = ["RunPlan", "run_share", "run_device", "SelfCheck", "DEVICE_KINDS", "process_cpu_s", "uses_mux"]
 
 # DeviceOptions.protocol -> the kind of device that speaks it
 DEVICE_KINDS: dict[str, type[Device]] = {"mqtt": MqttDevice, "http": HttpDevice, "ws": WsDevice}
@@ -76,10 +78,23 @@ async def _monitor(check: SelfCheck, tick: Callable[[], None] | None) -> None:
 
 
 async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float, deadline: float,
-                     local_address: str | None = None, rng: random.Random | None = None) -> None:
-    """Run device ``index`` of the kind ``opts.protocol`` names until ``deadline``."""
+                     local_address: str | None = None, rng: random.Random | None = None,
+                     mux: Mux | None = None) -> None:
+    """Run device ``index`` of the kind ``opts.protocol`` names until ``deadline``
+    (its connections served by ``mux`` when there is one)."""
+    if mux is not None:
+        await drive_muxed(MuxDevice(index, opts, stats, local_address), mux, start, deadline,
+                          rng or random.Random(index))
+        return
     device = DEVICE_KINDS[opts.protocol](index, opts, stats, local_address)
     await drive(device, start, deadline, rng or random.Random(index))
+
+
+def uses_mux(opts: DeviceOptions) -> bool:
+    """Whether one task serves this process's devices (``loadgen.mqtt_mux``):
+    plain-TCP MQTT over real sockets (a test that puts an in-memory server
+    behind ``Device.open_stream`` keeps the per-device tasks)."""
+    return opts.protocol == "mqtt" and opts.mux and not opts.tls and MqttDevice.open_stream is open_tcp
 
 
 def process_cpu_s() -> float:
@@ -109,11 +124,15 @@ async def run_share(plan: RunPlan, stats: Stats, check: SelfCheck,
 
         nursery.start_soon(run_monitor)
         async with trio.open_nursery() as devices:
+            mux = None
+            if uses_mux(plan.device):
+                mux = Mux(stats, deadline, plan.device.drain_timeout, plan.device.keepalive)
+                devices.start_soon(mux.run)
             for n in range(plan.count):
                 index = plan.first + n
                 local = plan.source_ips[index % len(plan.source_ips)] if plan.source_ips else None
                 devices.start_soon(run_device, index, plan.device, stats, start, deadline, local,
-                                   random.Random(rng.random()))
+                                   random.Random(rng.random()), mux)
                 if plan.connect_rate > 0:
                     # Ramp on an absolute timetable with +-50% jitter (no
                     # lockstep storms); a busy loop catches up instead of

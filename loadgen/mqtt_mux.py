@@ -1,0 +1,342 @@
+"""Many plain-TCP MQTT devices driven by one task per process (the fleet shape).
+
+With one reader and one sender task per device, a device at one reading in
+flight costs two Trio task wake-ups per reading, and the load generator, not
+the server, was the bottleneck of the 1,000 devices x 1 in flight shape
+(80-95 us of its CPU per reading). Here every connected device's
+non-blocking socket sits in one ``select.epoll``; one task waits for it with
+``trio.lowlevel.wait_readable`` and, per wake-up, reads every ready socket,
+counts its PUBACKs, records their latencies and sends the device's next
+readings in the same pass. A reading costs a ``recv``, a ``send`` and a few
+dict operations, whatever the number of devices.
+
+What each device does is unchanged: the frames, the ack parsing, the
+window, the closed- and open-loop schedules (latency from the intended send
+time), keepalive pings, the drain of the last acks and DISCONNECT at the
+end. Connecting (with CONNACK refusals, backoff and reconnects, replay of
+what a drop left owed) stays in one small task per device, which sleeps
+while the mux runs its connection and wakes only when it ends.
+
+Used for ``mqtt`` without ``--tls`` (``DeviceOptions.mux``); TLS needs a
+per-connection ``SSLObject`` whose reads and writes are not one syscall, and
+http and ws keep their own per-device drivers.
+"""
+from __future__ import annotations
+
+import heapq
+import random
+import select
+import socket
+
+import trio
+
+from loadgen.device import OFFLINE_BUFFER, Backoff, _buffer_missed, _sleep_before_deadline
+from loadgen.mqtt_device import MqttDevice, RawSocketStream
+from loadgen.schedule import Schedule
+from loadgen.stats import Stats
+
+__all__ = ["MuxDevice", "Mux", "drive_muxed"]
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_PINGREQ = b"\xc0\x00"
+_MAX_EVENTS = 1024
+
+
+class MuxDevice(MqttDevice):
+    """An ``MqttDevice`` whose connection the ``Mux`` runs."""
+
+    sock: socket.socket | None = None
+    schedule: Schedule | None = None
+    done: trio.Event
+    clean = False
+    out = b""                       # bytes the kernel did not take yet (bounded by the window)
+    wake_at: float | None = None    # the open-loop due this device sits in the mux's heap for
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.done = trio.Event()
+
+
+class Mux:
+    """One process's devices on one epoll, served by ``run``."""
+
+    def __init__(self, stats: Stats, deadline: float, drain_timeout: float, keepalive: int) -> None:
+        self.stats = stats
+        self.deadline = deadline
+        self.drain_timeout = drain_timeout
+        self.ping_interval = max(keepalive / 2, 0.5)
+        self.epoll = select.epoll()
+        self.devices: dict[int, MuxDevice] = {}       # fd -> device
+        self.hungry: set[MuxDevice] = set()           # closed-loop QoS 0: always ready to send more
+        self.timers: list[tuple[float, int, MuxDevice]] = []   # open-loop dues (heap)
+        self._seq = 0
+        self.draining = False
+        self.finished = False
+        # the mux's current wait: a device that joins cancels it, so its
+        # first open-loop due or a fleet's first socket is not missed
+        self._wait: trio.CancelScope | None = None
+
+    # -- the device tasks' side -------------------------------------------------
+
+    async def run_connection(self, dev: MuxDevice, stream: RawSocketStream) -> bool:
+        """Serve ``dev`` on ``stream`` until the run ends (True: cleanly) or the
+        connection drops (False). The socket is closed when this returns."""
+        sock = stream.socket
+        dev.sock, dev.out, dev.clean = sock, b"", False
+        dev.done = trio.Event()
+        if self.draining or self.finished:
+            # connected after the deadline: nothing to send, end it politely
+            self._goodbye(sock)
+            sock.close()
+            return True
+        fd = sock.fileno()
+        self.devices[fd] = dev
+        self.epoll.register(fd, _IN)
+        dev.last_send = trio.current_time()
+        self._fill(dev, dev.last_send)
+        if self._wait is not None:
+            self._wait.cancel()
+        try:
+            await dev.done.wait()
+        finally:
+            if dev.sock is not None:        # cancelled: the mux did not end it
+                self._forget(dev)
+        return dev.clean
+
+    # -- the mux task ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve every device until the deadline, then drain (bounded) and end each one cleanly."""
+        next_ping = trio.current_time() + self.ping_interval
+        drain_until = self.deadline + self.drain_timeout
+        try:
+            while True:
+                now = trio.current_time()
+                if not self.draining and now >= self.deadline:
+                    self.draining = True
+                    self.hungry.clear()
+                    self.timers.clear()
+                    for dev in list(self.devices.values()):
+                        if not dev.inflight or not dev.windowed:
+                            self._end(dev)
+                if self.draining and (not self.devices or now >= drain_until):
+                    for dev in list(self.devices.values()):
+                        self._end(dev)
+                    return
+                if now >= next_ping:
+                    self._ping(now)
+                    next_ping = now + self.ping_interval
+                timers = self.timers
+                while timers and timers[0][0] <= now:
+                    _, _, dev = heapq.heappop(timers)
+                    if dev.wake_at is not None and dev.sock is not None and not self.draining:
+                        dev.wake_at = None
+                        self._fill(dev, now)
+                for dev in list(self.hungry):
+                    if not dev.out and dev.sock is not None:
+                        self._fill(dev, now)
+                self._poll(now)
+                if self.hungry or (self.draining and not self.devices):
+                    # more to send now, or the last device just ended: no waiting
+                    await trio.lowlevel.checkpoint()
+                    continue
+                wake = min(next_ping, drain_until if self.draining else self.deadline)
+                if timers:
+                    wake = min(wake, timers[0][0])
+                with trio.move_on_at(wake) as self._wait:
+                    await trio.lowlevel.wait_readable(self.epoll.fileno())
+                self._wait = None
+        finally:
+            self.finished = True
+            for dev in list(self.devices.values()):
+                self._forget(dev)
+            self.epoll.close()
+
+    def _poll(self, now: float) -> None:
+        devices = self.devices
+        for fd, ev in self.epoll.poll(0, _MAX_EVENTS):
+            dev = devices.get(fd)
+            if dev is None:
+                continue
+            if ev & _OUT and dev.out:
+                self._flush(dev)
+                if dev.sock is None:
+                    continue
+            if ev & ~_OUT:              # readable, or an error or hang-up a recv will report
+                self._read(dev, now)
+
+    def _read(self, dev: MuxDevice, now: float) -> None:
+        assert dev.sock is not None
+        try:
+            data = dev.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(dev)
+            return
+        if not data:
+            self._drop(dev)
+            return
+        dev.take_acks(data, now)
+        if not self.draining:
+            self._fill(dev, now)
+        elif not dev.inflight:
+            self._end(dev)
+
+    def _fill(self, dev: MuxDevice, now: float) -> None:
+        """Send what ``dev``'s window and schedule allow now (the per-device
+        ``Device.sender``'s rules: replay first, then closed loop fills the
+        window, open loop takes the readings that fell due)."""
+        opts, stats = dev.opts, self.stats
+        if opts.idle:
+            return
+        window = opts.inflight
+        free = window - len(dev.inflight) if dev.windowed else window
+        if free <= 0:
+            return
+        dues: list[float] = []
+        if dev.replay:
+            dues, dev.replay = dev.replay[:free], dev.replay[free:]
+            stats.replayed += len(dues) * opts.batch
+        schedule = dev.schedule
+        if schedule is None:
+            dues.extend([now] * (free - len(dues)))
+            if not dev.windowed:
+                self.hungry.add(dev)
+        else:
+            while len(dues) < free and schedule.next_due() <= now:
+                due = schedule.advance()
+                if now - due > 0.01:
+                    stats.behind += opts.batch
+                dues.append(due)
+            if len(dues) < free:
+                # the window has room: wake at the next due (once per due)
+                due = schedule.next_due()
+                if dev.wake_at != due:
+                    dev.wake_at = due
+                    self._seq += 1
+                    heapq.heappush(self.timers, (due, self._seq, dev))
+            if not dues:
+                return
+        frames = dev._frames(dues)
+        stats.sent += len(dues) * opts.batch
+        dev.last_send = now
+        self._write(dev, frames)
+
+    def _write(self, dev: MuxDevice, data: bytes) -> None:
+        if dev.out:
+            dev.out += data
+            return
+        assert dev.sock is not None
+        try:
+            sent = dev.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._drop(dev)
+            return
+        if sent < len(data):
+            dev.out = data[sent:]
+            self.epoll.modify(dev.sock.fileno(), _IN | _OUT)
+
+    def _flush(self, dev: MuxDevice) -> None:
+        assert dev.sock is not None
+        try:
+            sent = dev.sock.send(dev.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(dev)
+            return
+        dev.out = dev.out[sent:]
+        if not dev.out:
+            self.epoll.modify(dev.sock.fileno(), _IN)
+
+    def _ping(self, now: float) -> None:
+        for dev in list(self.devices.values()):
+            if now - dev.last_send >= self.ping_interval:
+                dev.last_send = now
+                self._write(dev, _PINGREQ)
+
+    @staticmethod
+    def _goodbye(sock: socket.socket) -> None:
+        try:
+            sock.send(MqttDevice.goodbye)
+        except OSError:
+            pass
+
+    def _forget(self, dev: MuxDevice) -> None:
+        sock = dev.sock
+        if sock is None:
+            return
+        dev.sock = None
+        self.hungry.discard(dev)
+        dev.wake_at = None
+        fd = sock.fileno()
+        if self.devices.get(fd) is dev:
+            del self.devices[fd]
+            try:
+                self.epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        sock.close()
+
+    def _end(self, dev: MuxDevice) -> None:
+        """The run is over for ``dev``: DISCONNECT (if the kernel takes it now) and close."""
+        if dev.sock is not None and not dev.out:
+            self._goodbye(dev.sock)
+        self._forget(dev)
+        dev.clean = True
+        dev.done.set()
+
+    def _drop(self, dev: MuxDevice) -> None:
+        self._forget(dev)
+        dev.clean = False
+        dev.done.set()
+
+
+async def drive_muxed(dev: MuxDevice, mux: Mux, start: float, deadline: float, rng: random.Random) -> None:
+    """``device.drive`` for a device whose connections the mux runs: connect
+    (with backoff), hand the socket over, and after a drop reconnect and
+    replay what it owed."""
+    opts, stats = dev.opts, dev.stats
+    if opts.rate_per_device > 0 and not opts.idle:
+        dev.schedule = Schedule(start, opts.rate_per_device / opts.batch,
+                                offset=rng.random() * opts.batch / opts.rate_per_device)
+    backoff = Backoff(opts.backoff_base, opts.backoff_max, rng)
+    was_connected = False
+    while trio.current_time() < deadline:
+        try:
+            stream = await dev.connect()
+        except (OSError, ConnectionError, trio.TooSlowError):
+            stats.errors += 1
+            if not opts.reconnect:
+                return
+            await _sleep_before_deadline(backoff.next_delay(), deadline)
+            continue
+        assert isinstance(stream, RawSocketStream)
+        backoff.reset()
+        stats.connects += 1
+        stats.connected += 1
+        stats.peak_connected = max(stats.peak_connected, stats.connected)
+        if was_connected:
+            stats.reconnects += 1
+        was_connected = True
+        if dev.schedule is not None:
+            _buffer_missed(dev, dev.schedule, stats)
+        if opts.idle:
+            dev.replay = []
+        try:
+            clean = await mux.run_connection(dev, stream)
+        finally:
+            stats.connected -= 1
+        if clean:
+            return
+        stats.errors += 1
+        stats.unacked_at_drop += len(dev.inflight) * opts.batch
+        dev.replay = sorted(dev.replay + dev.owed())[-OFFLINE_BUFFER:]
+        dev.inflight.clear()
+        if not opts.reconnect:
+            return
+        await _sleep_before_deadline(backoff.next_delay(), deadline)
