@@ -704,3 +704,43 @@ async def test_nats_counters_are_exported_to_metrics(server, nursery, tmp_path):
     assert values["gridgate_nats_duplicate_readings_total"] == 0
     assert values["gridgate_nats_publishes_in_flight"] == 0
     gateway.stop()
+
+
+# -- the ack fast path: nats-py's parser, subclassed -------------------------------------
+
+def test_the_parser_hands_acks_over_in_order_and_leaves_the_rest_to_nats_py():
+    """Acks at the head of each read go to on_acks in one list; what follows anything
+    else (a message of another subscription, a PING, a message cut by the read) goes
+    through nats-py's own parser, whose messages of the ack sid still reach on_acks."""
+    import asyncio
+
+    from gridgate.sinks.nats import _Client
+
+    got: list[list[tuple[bytes, bytes, bytes | None]]] = []
+    pongs: list[bool] = []
+
+    async def feed(chunks):
+        nc = _Client()
+        nc.take_acks(7, got.append)
+
+        async def pong():
+            pongs.append(True)
+        nc._process_ping = pong          # no connection to answer a PING on
+        for chunk in chunks:
+            await nc._ps.parse(chunk)
+        return nc
+
+    ack = b'{"stream":"S", "seq":%d}'
+    msg = b"MSG _INBOX.x.1.%d.1 7  %d\r\n%s\r\n"
+    frames = [msg % (i, len(ack % i), ack % i) for i in range(4)]
+    status = b"HMSG _INBOX.x.1.9.1 7  16 16\r\nNATS/1.0 503\r\n\r\n\r\n"
+    other = b"MSG other.subject 3  2\r\nhi\r\n"
+    wire = frames[0] + frames[1] + other + frames[2] + b"PING\r\n" + status + frames[3]
+    cut = len(frames[0]) + 10                 # the second ack cut mid-line
+    nc = asyncio.run(feed([wire[:cut], wire[cut:]]))
+    flat = [a for batch in got for a in batch]
+    assert [s for s, _, _ in flat] == [b"_INBOX.x.1.%d.1" % i for i in (0, 1, 2, 9, 3)]
+    assert [d for _, d, _ in flat] == [ack % 0, ack % 1, ack % 2, b"", ack % 3]
+    assert flat[3][2] == b"NATS/1.0 503\r\n\r\n" and all(h is None for i, (_, _, h) in enumerate(flat) if i != 3)
+    assert len(got[0]) == 1 and pongs == [True]   # one per read at the head; the cut one came with the next
+    assert not nc._ps.buf
