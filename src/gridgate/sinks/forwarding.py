@@ -37,12 +37,29 @@ from gridgate.sinks.base import Sink
 if TYPE_CHECKING:
     from gridgate.observability.metrics import Metrics
 
-__all__ = ["BreakerState", "CircuitBreaker", "Forwarder"]
+__all__ = ["BreakerState", "CircuitBreaker", "Forwarder", "sink_refusal", "sink_refused_any"]
 
 log = logging.getLogger("gridgate.sink")
 
 
 _record_json = msgspec.json.Encoder().encode
+
+# The records an external sink refused in the live write that just returned
+# (id(record) -> why), for the acks the pipeline runs right after it (an MQTT 5
+# PUBACK 0x83). A Forwarder drops its entries at its next write: its acks have
+# run by then, and the records were alive until they did, so no id is reused
+# while it is in here; gateways in one process never share a record.
+_refused: dict[int, str] = {}
+
+
+def sink_refused_any() -> bool:
+    """Whether a write just made had records refused (else no sink_refusal need be asked)."""
+    return bool(_refused)
+
+
+def sink_refusal(record: Record) -> str | None:
+    """Why the external sink refused ``record`` in the write just made, else None."""
+    return _refused.get(id(record))
 
 
 class ForwardingSettings(Protocol):
@@ -144,6 +161,7 @@ class Forwarder:
         self.pending = 0
         self.replayed = 0
         self._pending_added = trio.Event()
+        self._refused_ids: list[int] = []      # this forwarder's entries in _refused
         metrics.breaker_state.labels(name).set(0)
         # a JetStream sink's own counters, read at scrape time from whichever sink is open then
         metrics.watch_jetstream(lambda: self.sink)
@@ -168,12 +186,23 @@ class Forwarder:
 
         Raises SinkFullError (spool at max_bytes) so the pipeline holds back.
         """
+        if self._refused_ids:
+            for i in self._refused_ids:
+                _refused.pop(i, None)
+            self._refused_ids.clear()
         if records:
+            given = records
             records = list(records)
             refused: list[tuple[str, int, Rejection]] = []
             ok = await self._try_sink(records, refused)
             if refused:
                 dead = [*dead, *refused]
+                taken = {id(r) for r in records}
+                why = {(rejection.device_id, received_ns): rejection.detail for _, received_ns, rejection in refused}
+                for r in given:
+                    if id(r) not in taken:
+                        _refused[id(r)] = why.get((r.device_id, r.received_ns), self.name)
+                        self._refused_ids.append(id(r))
             if ok:
                 if dead:
                     await self.spool.write_batch([], dead)

@@ -85,6 +85,7 @@ from gridgate.protocols.mqtt.v5 import (
     Properties,
     valid_topic_filter,
 )
+from gridgate.sinks.forwarding import sink_refusal, sink_refused_any
 
 if TYPE_CHECKING:
     from gridgate.connections.manager import Session
@@ -430,6 +431,9 @@ class MQTT5Connection(MQTTConnection):
         records: list[Record] = []
         rejections: list[Rejection] = []
         acks: list[bytes] = []
+        # 0x00 acks that wait for durable: (index in acks, qos, packet id, its records' span), so that
+        # a reading the external sink refuses gets 0x83 instead (_sink_refused)
+        spans: list[tuple[int, int, int, int, int]] | None = None
         qos1_acks = 0
         received_ns = 0
         keep_open = True
@@ -458,6 +462,7 @@ class MQTT5Connection(MQTTConnection):
                     if ev.packet_id in self.qos2_unreleased:
                         acks.append(codec5.encode_pubrec(ev.packet_id, SUCCESS, None, self.client_max_packet))
                         continue      # a redelivery of readings already held: stored once
+                stored = 0
                 if ev.topic == self.response_topic:
                     # a command's answer, not a reading: acked in order with the readings before it
                     code, text = self._command_ack(ev)
@@ -477,6 +482,10 @@ class MQTT5Connection(MQTTConnection):
                             del records[r_before:]
                             del rejections[n_before:]
                             code, text = QUOTA_EXCEEDED, f"quota_exceeded: {charge.name.lstrip('_')}"
+                if stored and code == SUCCESS and ev.qos and self.ack_durable:
+                    if spans is None:
+                        spans = []
+                    spans.append((len(acks), ev.qos, ev.packet_id, len(records) - stored, len(records)))
                 if ev.qos == 1:
                     qos1_acks += 1
                     acks.append(codec5.encode_puback(ev.packet_id, code, self._reason_props(text),
@@ -543,7 +552,7 @@ class MQTT5Connection(MQTTConnection):
             self._write(b"".join(out) if len(out) > 1 else out[0])
         if records or rejections or ack_bytes:
             item = WorkItem(records, rejections, self.protocol, received_ns or time.time_ns(),
-                            self._on_durable5(ack_bytes, qos1_acks) if ack_bytes else None)
+                            self._on_durable5(ack_bytes, qos1_acks, acks, spans, records) if ack_bytes else None)
             if ack_bytes:
                 self.pending += 1
                 self.inflight += qos1_acks
@@ -649,14 +658,43 @@ class MQTT5Connection(MQTTConnection):
 
     # -- output ---------------------------------------------------------------
 
-    def _on_durable5(self, acks: bytes, qos1_acks: int) -> Callable[[], None]:
+    def _on_durable5(self, acks: bytes, qos1_acks: int, each: list[bytes],
+                     spans: list[tuple[int, int, int, int, int]] | None, records: list[Record]) -> Callable[[], None]:
         def on_durable() -> None:
             self.pending -= 1
             self.inflight -= qos1_acks
-            self._write(acks)
+            if spans is not None and sink_refused_any():
+                self._write(self._sink_refused(acks, each, spans, records))
+            else:
+                self._write(acks)
             if not self.pending and self.acks_done is not None:
                 self.acks_done.set()
         return on_durable
+
+    def _sink_refused(self, acks: bytes, each: list[bytes], spans: list[tuple[int, int, int, int, int]],
+                      records: list[Record]) -> bytes:
+        """The acks with 0x83 Implementation specific error for each PUBLISH
+        whose every reading the external sink refused in the write just
+        made (dead-lettered ``sink_refused``); a batch with some readings in
+        the sink keeps its 0x00."""
+        changed = False
+        for i, qos, packet_id, start, end in spans:
+            why = [sink_refusal(records[j]) for j in range(start, end)]
+            if why[0] is None or None in why:
+                continue
+            text = f"sink_refused: {why[0]}"
+            if len(why) > 1:
+                text += f" ({len(why)} of {len(why)} items refused)"
+            props = self._reason_props(text)
+            if qos == 1:
+                each[i] = codec5.encode_puback(packet_id, IMPLEMENTATION_SPECIFIC_ERROR, props, self.client_max_packet)
+            else:
+                # a failed PUBREC ends the exchange (4.3.3): no PUBREL follows
+                if self.qos2_unreleased is not None:
+                    self.qos2_unreleased.discard(packet_id)
+                each[i] = codec5.encode_pubrec(packet_id, IMPLEMENTATION_SPECIFIC_ERROR, props, self.client_max_packet)
+            changed = True
+        return b"".join(each) if changed else acks
 
     def _downlink_settings(self) -> DownlinkSettings:
         """The client's Receive Maximum bounds its commands: the outbox holds

@@ -1,0 +1,79 @@
+"""PUBACK/PUBREC 0x83 (DESIGN section 4): a reading the external sink refuses
+for good in the write that makes it durable. A real InfluxDB (influxd started
+here) behind an embedded gateway with ``[sink] kind = "influxdb"``: a field
+named ``time`` cannot be carried by line protocol, so the InfluxDB sink
+refuses that record (InfluxDBEncodeError, not retryable) and the forwarder
+dead-letters it ``sink_refused``; the device learns it from its ack. Frames
+built independently of the codec (tests/mqtt5_frames.py)."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import trio
+
+import gridgate
+from gridgate.config import InfluxDBConfig, SinkConfig
+from gridgate.storage.spool import Spool
+from influxproc import InfluxProcess
+from inprocess import make_config, read_exactly
+from mqtt5_frames import REASON_STRING, connect5, prop_str, props, puback5, pubcomp5, publish5, pubrec5, pubrel5
+
+REFUSED = ('sink_refused: influxdb: record 0 of the batch cannot be written to InfluxDB: '
+           'field key "time" is reserved by InfluxDB')
+
+
+async def read_packet(stream: trio.abc.Stream) -> bytes:
+    head = await read_exactly(stream, 1)
+    length, shift = 0, 0
+    while True:
+        byte = await read_exactly(stream, 1)
+        head += byte
+        length |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            break
+    return head + await read_exactly(stream, length)
+
+
+@pytest.fixture
+def influx(tmp_path, influxd_binary):
+    proc = InfluxProcess(tmp_path / "influx")
+    proc.start()
+    yield proc
+    proc.kill()
+
+
+async def test_a_reading_the_sink_refuses_gets_0x83_and_is_dead_lettered(tmp_path, influx):
+    config = make_config(tmp_path, sink=SinkConfig(kind="influxdb"), influxdb=InfluxDBConfig(url=influx.url))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(gridgate.serve, config)
+            a, b = trio.socket.socketpair()
+            client = trio.SocketStream(a)
+            nursery.start_soon(gateway.handle_mqtt, trio.SocketStream(b))
+            await client.send_all(connect5("meter-1"))
+            assert (await read_packet(client))[3] == 0x00                   # CONNACK accepted
+            # one at a time, so that each is its own sink write (record 0 of its batch)
+            await client.send_all(publish5("telemetry", b'{"time": 5, "n": 1}', qos=1, mid=1))
+            assert await read_packet(client) == puback5(1, 0x83, props(prop_str(REASON_STRING, REFUSED)))
+            await client.send_all(publish5("telemetry", b'{"n": 2}', qos=1, mid=2))
+            assert await read_packet(client) == puback5(2)
+            await client.send_all(publish5("telemetry", b'{"time": 6, "n": 3}', qos=2, mid=3))
+            assert await read_packet(client) == pubrec5(3, 0x83, props(prop_str(REASON_STRING, REFUSED)))
+            await client.send_all(pubrel5(3))                    # the failed PUBREC ended the exchange: not held
+            assert await read_packet(client) == pubcomp5(3, 0x92)
+            # a batch with one reading in the sink keeps 0x00
+            await client.send_all(publish5("telemetry", b'[{"n": 4}, {"time": 7, "n": 5}]', qos=1, mid=4))
+            assert await read_packet(client) == puback5(4)
+            assert gateway.metrics.readings_rejected.labels("mqtt", "sink_refused")._value.get() == 3
+            gateway.stop()
+    assert sorted(r["n"] for r in influx.rows("SELECT n FROM telemetry", db="telemetry")) == [2, 4]
+    spool = Spool(tmp_path / "data")
+    try:
+        rejections = list(spool.iter_rejections())
+    finally:
+        spool.close()
+    assert sorted(json.loads(base64.b64decode(r["raw"]))["fields"]["n"] for r in rejections) == [1, 3, 5]
+    assert {r["reason"] for r in rejections} == {"sink_refused"}
