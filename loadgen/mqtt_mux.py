@@ -118,7 +118,7 @@ class Mux:
                     self.hungry.clear()
                     self.timers.clear()
                     for dev in list(self.devices.values()):
-                        if not dev.inflight or not dev.windowed:
+                        if self._finished(dev):
                             self._end(dev)
                 if self.draining and (not self.devices or now >= drain_until):
                     for dev in list(self.devices.values()):
@@ -181,8 +181,14 @@ class Mux:
         dev.take_acks(data, now)
         if not self.draining:
             self._fill(dev, now)
-        elif not dev.inflight:
+        elif self._finished(dev):
             self._end(dev)
+
+    @staticmethod
+    def _finished(dev: MuxDevice) -> bool:
+        """Whether a draining device is done: everything written (what is
+        counted as sent must reach the wire) and, with acks, acknowledged."""
+        return not dev.out and (not dev.inflight or not dev.windowed)
 
     def _fill(self, dev: MuxDevice, now: float) -> None:
         """Send what ``dev``'s window and schedule allow now (the per-device
@@ -252,6 +258,8 @@ class Mux:
         dev.out = dev.out[sent:]
         if not dev.out:
             self.epoll.modify(dev.sock.fileno(), _IN)
+            if self.draining and self._finished(dev):
+                self._end(dev)
 
     def _ping(self, now: float) -> None:
         for dev in list(self.devices.values()):
