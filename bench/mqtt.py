@@ -8,6 +8,14 @@ QoS 0 and 1, and MQTT 5.0 at QoS 1 (``--mqtt-version 5``; mosquitto serves
 (gridgate, mosquitto, gridgate, mosquitto, ...) so drift of a shared machine
 hits both alike.
 
+The fleet shape runs beside them: 1,000 devices x 1 in flight at QoS 1
+(real meters send one reading and wait for its ack), the figure that sizes
+a deployment. Every run reports the server's CPU per reading (user + system
+of its process tree, from /proc, over the load generator's run) and the load
+generator's own (its ``loadgen_cpu_us_per_reading``), so a run in which the
+load generator was the bottleneck shows as one. gridgate / mosquitto is
+given as the ratio of the medians and as the median of the per-round ratios.
+
 The two do different work and the report says so: gridgate validates and
 normalizes every reading and sends a QoS 1 PUBACK only after the reading is
 committed to its SQLite spool; mosquitto (no persistence, no subscriber)
@@ -29,9 +37,15 @@ DEVICES = 100
 INFLIGHT = 10
 LOADGEN_PROCS = 2
 QOS_LEVELS = (0, 1)
+FLEET_DEVICES = 1000
+FLEET_INFLIGHT = 1
 # (QoS, MQTT protocol level) of each measured run: 3.1.1 at both QoS, MQTT 5.0 at QoS 1
 # (issue 21: 5.0 must keep 3.1.1's pace through gridgate, and beat mosquitto's 5.0)
 RUNS = ((0, 4), (1, 4), (1, 5))
+# the shapes: "window" is DEVICES x INFLIGHT (every run of RUNS), "fleet" is
+# FLEET_DEVICES x FLEET_INFLIGHT, at QoS 1 over MQTT 3.1.1 (issue 24)
+FLEET_RUNS = ((1, 4),)
+SHAPES = {"window": (DEVICES, INFLIGHT), "fleet": (FLEET_DEVICES, FLEET_INFLIGHT)}
 CONTENDERS = ("gridgate", "mosquitto")
 PROFILE_QOS = 1
 
@@ -40,12 +54,15 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
     contenders, skipped = procs.gridgate_and_mosquitto(log)
     results: dict = {"scenario": "mqtt", "duration_s": duration, "rounds": rounds, "devices": DEVICES,
                      "inflight": INFLIGHT, "loadgen_procs": LOADGEN_PROCS, "skipped": skipped,
+                     "fleet": {"devices": FLEET_DEVICES, "inflight": FLEET_INFLIGHT},
                      "versions": {"mosquitto": procs.mosquitto_version()} if "mosquitto" in contenders else {},
                      "runs": []}
+    plan = [(qos, version, "window") for qos, version in RUNS] + [(qos, version, "fleet")
+                                                                  for qos, version in FLEET_RUNS]
     for rnd in range(rounds):
-        for qos, version in RUNS:
+        for qos, version, shape in plan:
             for name in contenders:
-                run_ = _one(name, qos, duration, None, version)
+                run_ = _one(name, qos, duration, None, version, shape)
                 run_.update(round=rnd)
                 results["runs"].append(run_)
                 log(_line(run_, f"round {rnd + 1}/{rounds}"))
@@ -60,19 +77,30 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
     return results
 
 
-def _one(name: str, qos: int, duration: float, profile_dir: Path | None, version: int = 4) -> dict:
+def _one(name: str, qos: int, duration: float, profile_dir: Path | None, version: int = 4,
+         shape: str = "window") -> dict:
+    devices, inflight = SHAPES[shape]
     server = procs.mqtt_contender(name)
+    server.tree = True          # the CPU of whatever the server runs, children included
     try:
         if profile_dir is not None:
             server.profile(profile_dir, f"mqtt-qos{qos}-{name}", duration)
-        result = procs.loadgen("mqtt", procs.mqtt_address(server), duration, devices=DEVICES, inflight=INFLIGHT,
+        cpu0 = server.cpu_seconds()
+        result = procs.loadgen("mqtt", procs.mqtt_address(server), duration, devices=devices, inflight=inflight,
                                qos=qos, procs=LOADGEN_PROCS, mqtt_version=version)
+        server_cpu = server.cpu_seconds() - cpu0
         profile_files = server.finish_profile()
         drain_s = _wait_drained(server) if name == "gridgate" else None
         peak = server.peak_rss_kb()
     finally:
         server.stop()
-    run_ = {"contender": name, "qos": qos, "mqtt_version": version, "readings_per_s": result["readings_per_s"],
+    readings = result["acked"] if qos else result["sent"]
+    run_ = {"contender": name, "qos": qos, "mqtt_version": version, "shape": shape, "devices": devices,
+            "inflight": inflight, "readings_per_s": result["readings_per_s"],
+            "server_cpu_s": round(server_cpu, 3),
+            "server_cpu_us": round(server_cpu * 1e6 / readings, 2) if readings else None,
+            "loadgen_cpu_us": result.get("loadgen_cpu_us_per_reading"),
+            "loadgen_cpu_shares": result.get("loadgen_cpu_share_per_process"),
             "sent": result["sent"],
             "acked": result["acked"], "errors": result["errors"], "reconnects": result["reconnects"],
             "elapsed_s": result["elapsed_s"],
@@ -115,21 +143,36 @@ def _line(run_: dict, prefix: str) -> str:
                 f"{'acked' if run_['qos'] else 'sent'})"
     p = "-" if lat["p99"] is None else f"{lat['p99']}"
     v5 = " MQTT 5" if run_.get("mqtt_version") == 5 else ""
-    return (f"  {prefix} QoS {run_['qos']}{v5} {run_['contender']:9s} {run_['readings_per_s']:>10,.0f} readings/s  "
-            f"p50 {lat['p50']} ms  p99 {p} ms  peak RSS {run_['peak_rss_kb'] / 1024:.0f} MiB{extra}")
+    fleet = f" {run_['devices']}x{run_['inflight']}" if run_.get("shape") == "fleet" else ""
+    cpu = ""
+    if run_.get("server_cpu_us") is not None:
+        cpu = f"  CPU us/reading server {run_['server_cpu_us']:.1f} loadgen {_num(run_.get('loadgen_cpu_us'))}"
+    return (f"  {prefix} QoS {run_['qos']}{v5}{fleet} {run_['contender']:9s} {run_['readings_per_s']:>10,.0f} "
+            f"readings/s  p50 {lat['p50']} ms  p99 {p} ms  peak RSS {run_['peak_rss_kb'] / 1024:.0f} MiB{cpu}{extra}")
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Median per (QoS, MQTT version, contender) over the counted rounds,
-    gridgate / mosquitto, and MQTT 5 / 3.1.1 at QoS 1 for each contender.
-    Keys: qos0, qos1 (3.1.1), qos1_mqtt5."""
+    """Median per (QoS, MQTT version, shape, contender) over the counted
+    rounds, gridgate / mosquitto (ratio of the medians, and the median of the
+    per-round ratios), and MQTT 5 / 3.1.1 at QoS 1 for each contender.
+    Keys: qos0, qos1 (3.1.1), qos1_mqtt5, fleet_qos1 (FLEET_DEVICES x
+    FLEET_INFLIGHT). Each contender's entry holds server_cpu_us_per_reading
+    and loadgen_cpu_us_per_reading (medians, CPU us per acked reading, per
+    sent one at QoS 0); gridgate_vs_mosquitto is the ratio of the medians,
+    gridgate_vs_mosquitto_by_round_median the median of the per-round ratios
+    (gridgate_vs_mosquitto_rounds)."""
     out: dict = {}
     counted = [r for r in runs if not r.get("profiled")]
-    for qos, version in RUNS:
+    plan = [(q, v, "window") for q, v in RUNS] + [(q, v, "fleet") for q, v in FLEET_RUNS]
+    for qos, version, shape in plan:
         per: dict = {}
         for name in CONTENDERS:
             mine = [r for r in counted if r["qos"] == qos and r["contender"] == name
-                    and r.get("mqtt_version", 4) == version]
+                    and r.get("mqtt_version", 4) == version and r.get("shape", "window") == shape]
             if not mine:
                 continue
             per[name] = {
@@ -137,6 +180,8 @@ def summarize(runs: list[dict]) -> dict:
                 "readings_per_s_runs": [r["readings_per_s"] for r in mine],
                 "peak_rss_mib": statistics.median(r["peak_rss_kb"] for r in mine) / 1024,
                 "errors": sum(r["errors"] for r in mine),
+                "server_cpu_us_per_reading": _median([r.get("server_cpu_us") for r in mine]),
+                "loadgen_cpu_us_per_reading": _median([r.get("loadgen_cpu_us") for r in mine]),
             }
             for k in ("p50", "p90", "p99", "p99.9", "max"):
                 values = [r["latency_ms"][k] for r in mine if r["latency_ms"][k] is not None]
@@ -148,7 +193,13 @@ def summarize(runs: list[dict]) -> dict:
                 per[name]["spool_records"] = [r["spool_records"] for r in mine]
         if "gridgate" in per and "mosquitto" in per:
             per["gridgate_vs_mosquitto"] = per["gridgate"]["readings_per_s"] / per["mosquitto"]["readings_per_s"]
-        out[summary_key(qos, version)] = per
+            rounds = _round_ratios([r for r in counted if r["qos"] == qos and r.get("mqtt_version", 4) == version
+                                    and r.get("shape", "window") == shape])
+            per["gridgate_vs_mosquitto_rounds"] = rounds
+            per["gridgate_vs_mosquitto_by_round_median"] = statistics.median(rounds) if rounds else None
+            g, m = per["gridgate"]["server_cpu_us_per_reading"], per["mosquitto"]["server_cpu_us_per_reading"]
+            per["server_cpu_gridgate_vs_mosquitto"] = g / m if g and m else None
+        out[summary_key(qos, version, shape)] = per
     v5, v4 = out.get("qos1_mqtt5", {}), out.get("qos1", {})
     for name in CONTENDERS:
         if name in v5 and name in v4 and v4[name]["readings_per_s"]:
@@ -156,5 +207,19 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def summary_key(qos: int, version: int) -> str:
-    return f"qos{qos}" + ("_mqtt5" if version == 5 else "")
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _round_ratios(runs: list[dict]) -> list[float]:
+    """gridgate / mosquitto readings/s of each round that measured both."""
+    by_round: dict = {}
+    for r in runs:
+        by_round.setdefault(r.get("round"), {})[r["contender"]] = r["readings_per_s"]
+    return [pair["gridgate"] / pair["mosquitto"] for _, pair in sorted(by_round.items(), key=lambda kv: str(kv[0]))
+            if pair.get("gridgate") and pair.get("mosquitto")]
+
+
+def summary_key(qos: int, version: int, shape: str = "window") -> str:
+    return ("fleet_" if shape == "fleet" else "") + f"qos{qos}" + ("_mqtt5" if version == 5 else "")

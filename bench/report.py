@@ -245,9 +245,10 @@ def _pyplot():
 # -- mqtt ------------------------------------------------------------------------
 
 def _qos_label(key: str) -> str:
-    """qos0 -> 0, qos1 -> 1, qos1_mqtt5 -> 1 (MQTT 5); the others are MQTT 3.1.1."""
-    qos, _, version = key.partition("_")
-    return qos[-1] + (" (MQTT 5)" if version == "mqtt5" else "")
+    """qos0 -> 0, qos1 -> 1, qos1_mqtt5 -> 1 (MQTT 5), fleet_qos1 -> 1 (fleet); the others are MQTT 3.1.1."""
+    fleet = key.startswith("fleet_")
+    qos, _, version = key.removeprefix("fleet_").partition("_")
+    return qos[-1] + (" (MQTT 5)" if version == "mqtt5" else "") + (" (fleet)" if fleet else "")
 
 
 def _mqtt(res: dict, out: Path, machine_desc: str) -> list[str]:
@@ -286,6 +287,25 @@ def mqtt_tables(res: dict) -> list[str]:
     if ratios:
         lines += ["", "| QoS | gridgate / mosquitto readings/s |", "|---|---:|",
                   *[f"| {_qos_label(k)} | {_x(v)} |" for k, v in ratios]]
+    if any("server_cpu_us_per_reading" in per.get(n, {}) for per in res["summary"].values()
+           for n in ("gridgate", "mosquitto")):
+        fleet = res.get("fleet", {})
+        lines += ["", f"CPU us per reading (acked; QoS 0: sent), medians: the server's process tree from /proc and "
+                      f"the load generator's own. Fleet: {fleet.get('devices', '?')} devices x "
+                      f"{fleet.get('inflight', '?')} in flight. gridgate / mosquitto readings/s as the ratio of the "
+                      "medians and as the median of the per-round ratios.", "",
+                  "| QoS | server | readings/s | server CPU us | loadgen CPU us |", "|---|---|---:|---:|---:|"]
+        for key, per in res["summary"].items():
+            for name in ("gridgate", "mosquitto"):
+                if name in per:
+                    r = per[name]
+                    lines.append(f"| {_qos_label(key)} | {name} | {_fmt(r['readings_per_s'])} | "
+                                 f"{_fmt(r.get('server_cpu_us_per_reading'), 1)} | "
+                                 f"{_fmt(r.get('loadgen_cpu_us_per_reading'), 1)} |")
+            if per.get("gridgate_vs_mosquitto_by_round_median") is not None:
+                lines.append(f"| {_qos_label(key)} | gridgate / mosquitto | {_x(per['gridgate_vs_mosquitto'])} "
+                             f"(rounds: {_x(per['gridgate_vs_mosquitto_by_round_median'])}) | "
+                             f"{_x(per.get('server_cpu_gridgate_vs_mosquitto'))} | |")
     v5 = res["summary"].get("qos1_mqtt5", {})
     for name in ("gridgate", "mosquitto"):
         if f"{name}_mqtt5_vs_mqtt311" in v5:
