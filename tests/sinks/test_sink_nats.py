@@ -744,3 +744,28 @@ def test_the_parser_hands_acks_over_in_order_and_leaves_the_rest_to_nats_py():
     assert flat[3][2] == b"NATS/1.0 503\r\n\r\n" and all(h is None for i, (_, _, h) in enumerate(flat) if i != 3)
     assert len(got[0]) == 1 and pongs == [True]   # one per read at the head; the cut one came with the next
     assert not nc._ps.buf
+
+
+def test_an_ack_cut_by_a_read_waits_whole_for_the_next_read():
+    """A read that ends inside an ack's line or body leaves that ack in the buffer:
+    the next read hands it over with the acks after it in one list (had nats-py's
+    parser taken its line, it would have parsed that whole next read itself)."""
+    import asyncio
+
+    from gridgate.sinks.nats import _Client
+
+    ack = b'{"stream":"S", "seq":%d}'
+    frames = [b"MSG _INBOX.x.2.%d.1 7  %d\r\n%s\r\n" % (i, len(ack % i), ack % i) for i in range(4)]
+    wire = b"".join(frames)
+    for cut in (len(frames[0]) + 10, len(frames[0]) + len(frames[1]) - 5, len(frames[0]) + len(frames[1]) - 1):
+        got: list[list[tuple[bytes, bytes, bytes | None]]] = []
+
+        async def feed(chunks, got=got):
+            nc = _Client()
+            nc.take_acks(7, got.append)
+            for chunk in chunks:
+                await nc._ps.parse(chunk)
+            return nc
+        nc = asyncio.run(feed([wire[:cut], wire[cut:]]))
+        assert [[d for _, d, _ in batch] for batch in got] == [[ack % 0], [ack % i for i in (1, 2, 3)]], cut
+        assert not nc._ps.buf

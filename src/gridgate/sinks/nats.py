@@ -368,9 +368,11 @@ class _Parser(Parser):
         if self.state == AWAITING_CONTROL_LINE and on_acks is not None:
             sid, end, pos = nc.ack_sid_bytes, len(buf), 0
             acks: list[tuple[bytes, bytes, bytes | None]] = []
+            waiting = False                      # an ack at the head is cut: wait for the rest
             while buf.startswith(b"MSG ", pos):
                 eol = buf.find(b"\r\n", pos)
                 if eol < 0:
+                    waiting = True               # nats-py would wait for the line's end too
                     break
                 # an ack carries no reply subject: <subject> <sid> <size>
                 # (nats-server writes two spaces where the reply would be)
@@ -380,12 +382,18 @@ class _Parser(Parser):
                 start = eol + 2
                 stop = start + int(args[2])
                 if stop + 2 > end:
-                    break                        # its body is still to come
+                    # its body is still to come; left whole in the buffer, so
+                    # that the next read starts with it here again (nats-py's
+                    # parse would take its line and the rest of that read)
+                    waiting = True
+                    break
                 acks.append((bytes(args[0]), bytes(buf[start:stop]), None))
                 pos = stop + 2
             if pos:
                 del buf[:pos]
                 on_acks(acks)
+            if waiting:
+                return
         await super().parse()
 
 
