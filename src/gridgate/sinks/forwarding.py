@@ -45,11 +45,12 @@ log = logging.getLogger("gridgate.sink")
 _record_json = msgspec.json.Encoder().encode
 
 # The records an external sink refused in the live write that just returned
-# (id(record) -> why), for the acks the pipeline runs right after it (an MQTT 5
-# PUBACK 0x83). A Forwarder drops its entries at its next write: its acks have
-# run by then, and the records were alive until they did, so no id is reused
-# while it is in here; gateways in one process never share a record.
-_refused: dict[int, str] = {}
+# (id(record) -> (record, why)), for the acks the pipeline runs right after it
+# (an MQTT 5 PUBACK 0x83). A Forwarder drops its entries at its next write, when
+# its acks have run. Each entry holds its record, so its id is not reused while
+# it is in here (not even by a later gateway in the process, if this one's
+# forwarder never writes again).
+_refused: dict[int, tuple[Record, str]] = {}
 
 
 def sink_refused_any() -> bool:
@@ -59,7 +60,8 @@ def sink_refused_any() -> bool:
 
 def sink_refusal(record: Record) -> str | None:
     """Why the external sink refused ``record`` in the write just made, else None."""
-    return _refused.get(id(record))
+    entry = _refused.get(id(record))
+    return entry[1] if entry is not None and entry[0] is record else None
 
 
 class ForwardingSettings(Protocol):
@@ -201,7 +203,7 @@ class Forwarder:
                 why = {(rejection.device_id, received_ns): rejection.detail for _, received_ns, rejection in refused}
                 for r in given:
                     if id(r) not in taken:
-                        _refused[id(r)] = why.get((r.device_id, r.received_ns), self.name)
+                        _refused[id(r)] = (r, why.get((r.device_id, r.received_ns), self.name))
                         self._refused_ids.append(id(r))
             if ok:
                 if dead:

@@ -15,6 +15,9 @@ import trio
 
 import gridgate
 from gridgate.config import InfluxDBConfig, SinkConfig
+from gridgate.ingest.records import Record
+from gridgate.observability.metrics import Metrics
+from gridgate.sinks.forwarding import Forwarder, sink_refusal, sink_refused_any
 from gridgate.storage.spool import Spool
 from influxproc import InfluxProcess
 from inprocess import make_config, read_exactly
@@ -77,3 +80,46 @@ async def test_a_reading_the_sink_refuses_gets_0x83_and_is_dead_lettered(tmp_pat
         spool.close()
     assert sorted(json.loads(base64.b64decode(r["raw"]))["fields"]["n"] for r in rejections) == [1, 3, 5]
     assert {r["reason"] for r in rejections} == {"sink_refused"}
+
+
+class _Spool:
+    """The Forwarder's PendingStore, in memory (only dead letters reach it here)."""
+
+    def __init__(self) -> None:
+        self.dead: list = []
+
+    async def write_batch(self, records, dead, pending=False, on_commit=None) -> None:
+        assert not records
+        self.dead += dead
+
+
+class _RefusesTime:
+    """A sink that refuses for good a record with a field named ``time``, as the InfluxDB sink does."""
+
+    async def write(self, batch) -> None:
+        for i, r in enumerate(batch):
+            if "time" in r.fields:
+                err = ValueError('field "time" is reserved')
+                err.index, err.retryable = i, False
+                raise err
+
+
+def _record(n: int, field: str = "n") -> Record:
+    return Record(device_id=f"m-{n}", ts_ns=n, received_ns=n, protocol="mqtt", fields={field: n}, tags={})
+
+
+async def test_refusals_are_told_for_the_write_just_made_and_for_those_records_only():
+    spool = _Spool()
+
+    async def never_opened():
+        raise AssertionError("the sink is given")
+
+    forwarder = Forwarder("picky", never_opened, spool, SinkConfig(), Metrics(), _RefusesTime())
+    good, bad, also_bad = _record(1), _record(2, "time"), _record(3, "time")
+    await forwarder.write([good, bad, also_bad], [])
+    assert sink_refused_any()
+    assert [sink_refusal(r) for r in (good, bad, also_bad)] == [None] + ['picky: field "time" is reserved'] * 2
+    assert sink_refusal(_record(2, "time")) is None            # an equal record, not the refused one
+    assert len(spool.dead) == 2
+    await forwarder.write([_record(4)], [])                      # the next write: the acks of the last ran
+    assert sink_refusal(bad) is None and sink_refusal(also_bad) is None
