@@ -3,6 +3,7 @@ carry: a reader stops (try_submit False, submit waits) once the queued
 readings would pass queue_max_records, and an empty queue takes any item."""
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -79,3 +80,64 @@ async def test_items_are_acked_once_at_commit_and_a_failing_ack_costs_only_its_o
     assert acked == ["a", "c"]       # not again once the write returned
     assert pipeline.accepted == 6
     assert "acknowledging 2 readings failed" in caplog.text and "a session bug" in caplog.text
+
+
+async def test_items_are_bounded_and_a_closed_input_refuses_waiting_and_new_submitters(autojump_clock):
+    written: list[int] = []
+
+    async def write(records, dead, on_commit=None):
+        written.append(len(records))
+
+    pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=2,
+                        queue_max_records=1000, metrics=Metrics())
+    assert pipeline.try_submit(item(1))
+    assert pipeline.try_submit(item(1))
+    assert not pipeline.try_submit(item(1))             # 2 items queued: full in items, not readings
+    assert pipeline.queued() == 2
+    refused: list[BaseException] = []
+
+    async def submit_blocked():
+        try:
+            await pipeline.submit(item(1))
+        except trio.ClosedResourceError as exc:
+            refused.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(submit_blocked)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not refused                              # waiting for room
+        await pipeline.close_input()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(refused) == 1                        # the close reached the waiting submitter
+        with pytest.raises(trio.ClosedResourceError):
+            pipeline.try_submit(item(1))
+        nursery.start_soon(pipeline.run)
+        await pipeline.wait_finished()                  # what was queued is written, then the batcher ends
+    assert written == [2]
+    assert pipeline.take_unwritten() == []
+
+
+async def test_after_a_lull_the_batcher_waits_for_company_and_wakes_for_each_arrival(autojump_clock):
+    written: list[int] = []
+
+    async def write(records, dead, on_commit=None):
+        written.append(len(records))
+
+    pipeline = Pipeline(write, batch_max_records=3, batch_max_delay_s=0.5, queue_max_items=100, metrics=Metrics())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pipeline.run)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        assert pipeline.try_submit(item(1))
+        await trio.sleep(0.1)
+        assert pipeline.try_submit(item(1))
+        await trio.sleep(0.1)
+        assert pipeline.try_submit(item(1))             # the third fills the batch before the window ends
+        await trio.testing.wait_all_tasks_blocked()
+        assert written == [3]
+        assert trio.current_time() - start == pytest.approx(0.2)
+        assert pipeline.try_submit(item(2))             # right after a write: no lull, no wait for company
+        await trio.testing.wait_all_tasks_blocked()
+        assert written == [3, 2]
+        await pipeline.close_input()
+        await pipeline.wait_finished()

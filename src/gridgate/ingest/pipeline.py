@@ -1,8 +1,8 @@
 """The batcher between protocol sessions and the sink.
 
 Sessions submit one WorkItem per socket read (all readings and rejections of
-that read, plus what to do once they are durable) into a bounded Trio memory
-channel: a full channel blocks the submitting reader, which stops reading its
+that read, plus what to do once they are durable) into a bounded queue: a
+full queue blocks the submitting reader, which stops reading its
 socket (backpressure) instead of growing memory. The batcher takes items,
 writes them as one batch (group commit: everything already queued goes in,
 then, if the batcher had been idle, it waits at most ``batch_max_delay_ms``
@@ -13,12 +13,13 @@ when the write returns, or sooner: the spool's compiled writer lets the first
 session that sees the commit done run the acks (``SpoolSink.poll``).
 
 A failed write is retried with backoff, never dropped: while it fails, the
-channel fills and every reader is held back.
+queue fills and every reader is held back.
 """
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -70,14 +71,23 @@ class Pipeline:
         self.batch_max_records = batch_max_records
         self.batch_max_delay_s = batch_max_delay_s
         self.metrics = metrics
-        self._send, self._recv = trio.open_memory_channel[WorkItem](queue_max_items)
-        # The channel bounds items (reads); this bounds the readings they hold,
-        # since one 64 KiB read of QoS 0 publishes can carry ~1,000 of them.
-        # An item is always let into an empty queue, however big.
+        # A deque, not a Trio memory channel: under the fleet shape (1,000
+        # devices x 1 in flight) every reading is an item, and the channel's
+        # send_nowait and the batcher's receive_nowait per item were Python
+        # calls with KI-protection wrappers each; here an item is an append
+        # and a popleft. Bounded in items (queue_max_items) and, since one
+        # 64 KiB read of QoS 0 publishes can carry ~1,000 readings, in the
+        # readings they hold. An item is always let into an empty queue,
+        # however big.
+        self.queue_max_items = queue_max_items
         self.queue_max_records = queue_max_records
+        self._queue: deque[WorkItem] = deque()
         self._queued_records = 0
+        self._closed = False
+        # Set (then dropped) by the first item after the batcher found the queue empty.
+        self._arrived: trio.Event | None = None
         self._room = trio.Event()
-        # Items taken from the channel but not yet durable: on a hard stop the
+        # Items taken from the queue but not yet durable: on a hard stop the
         # gateway writes these (and whatever is still queued) before closing.
         self._current: list[WorkItem] = []
         self._finished = trio.Event()
@@ -90,19 +100,31 @@ class Pipeline:
     # -- producer side ------------------------------------------------------
 
     def _has_room(self, size: int) -> bool:
+        if len(self._queue) >= self.queue_max_items:
+            return False
         queued = self._queued_records
         return not queued or queued + size <= self.queue_max_records
 
+    def _put(self, item: WorkItem, size: int) -> None:
+        self._queue.append(item)
+        self._queued_records += size
+        arrived = self._arrived
+        if arrived is not None:
+            self._arrived = None
+            arrived.set()
+
     def try_submit(self, item: WorkItem) -> bool:
-        """Queue without waiting; False when the queue is full (items or readings)."""
+        """Queue without waiting; False when the queue is full (items or readings).
+
+        Raises:
+            trio.ClosedResourceError: the input is closed (shutdown).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the pipeline takes no more items")
         size = item.size
         if not self._has_room(size):
             return False
-        try:
-            self._send.send_nowait(item)
-        except trio.WouldBlock:
-            return False
-        self._queued_records += size
+        self._put(item, size)
         return True
 
     async def submit(self, item: WorkItem, session: Pausable | None = None) -> None:
@@ -120,29 +142,37 @@ class Pipeline:
             session.paused = False
 
     async def _submit(self, item: WorkItem) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
         size = item.size
-        while not self._has_room(size):
+        waited = False
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the pipeline takes no more items")
+            if self._has_room(size):
+                break
             if self._room.is_set():
                 self._room = trio.Event()
             await self._room.wait()
-        self._queued_records += size        # before the send: no other submitter may pass meanwhile
-        try:
-            await self._send.send(item)
-        except BaseException:
-            self._queued_records -= size
-            self._room.set()
-            raise
+            waited = True
+        self._put(item, size)
+        if not waited:
+            # a checkpoint either way, as a channel's send is
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _taken(self, size: int) -> None:
         self._queued_records -= size
         self._room.set()
 
     def queued(self) -> int:
-        return self._recv.statistics().current_buffer_used
+        return len(self._queue)
 
     async def close_input(self) -> None:
         """No more items: the batcher writes what is queued, then ends."""
-        await self._send.aclose()
+        self._closed = True
+        if self._arrived is not None:
+            self._arrived.set()
+        self._room.set()                # a waiting submitter sees the close
+        await trio.lowlevel.checkpoint()
 
     async def wait_finished(self) -> None:
         await self._finished.wait()
@@ -150,58 +180,50 @@ class Pipeline:
     def take_unwritten(self) -> list[WorkItem]:
         """Everything accepted but not yet written (for a hard stop)."""
         items, self._current = self._current, []
-        while True:
-            try:
-                items.append(self._recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return items
+        items.extend(self._queue)
+        self._queue.clear()
+        return items
 
     # -- the batcher --------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        recv = self._recv
+        queue = self._queue
         limit = self.batch_max_records
         try:
             while True:
-                # Under load items are already waiting: take one without a
+                # Under load items are already waiting: take them without a
                 # checkpoint, which would put the batcher behind every
                 # runnable reader for a whole scheduler pass before each batch.
-                try:
-                    await trio.lowlevel.checkpoint_if_cancelled()     # no yield unless cancelled
-                    first = recv.receive_nowait()
-                except trio.WouldBlock:
-                    try:
-                        first = await recv.receive()
-                    except trio.EndOfChannel:
+                await trio.lowlevel.checkpoint_if_cancelled()     # no yield unless cancelled
+                if not queue:
+                    if self._closed:
                         return
-                except trio.EndOfChannel:
-                    return
-                items = self._current = [first]
-                size = first.size
-                ended = False
-                while size < limit:
-                    try:
-                        item = recv.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                    except trio.EndOfChannel:
-                        ended = True
-                        break
+                    arrived = self._arrived = trio.Event()
+                    await arrived.wait()
+                    continue
+                items = self._current = []
+                size = 0
+                while queue and size < limit:
+                    item = queue.popleft()
                     items.append(item)
                     size += item.size
                 # Wait for company only after a lull: back-to-back writes need
                 # no delay, the items that arrived during a write are the batch.
                 idle = trio.current_time() - self._last_flush_end >= self.batch_max_delay_s
-                if size < limit and not ended and self.batch_max_delay_s > 0 and idle:
+                closed = self._closed
+                if size < limit and not closed and self.batch_max_delay_s > 0 and idle:
                     with trio.move_on_after(self.batch_max_delay_s):
                         while size < limit:
-                            try:
-                                item = await recv.receive()
-                            except trio.EndOfChannel:
+                            if queue:
+                                item = queue.popleft()
+                                items.append(item)
+                                size += item.size
+                            elif self._closed:
                                 break
-                            items.append(item)
-                            size += item.size
+                            else:
+                                arrived = self._arrived = trio.Event()
+                                await arrived.wait()
                 self._taken(size)
                 await self._flush(items)
                 self._last_flush_end = trio.current_time()
@@ -211,12 +233,19 @@ class Pipeline:
     async def _flush(self, items: list[WorkItem]) -> None:
         records: list[Record] = []
         dead: list[tuple[str, int, Rejection]] = []
+        # one labelled increment per protocol (and reason) per batch, not per item
+        accepted: dict[str, int] = {}
+        rejected: dict[tuple[str, str], int] = {}
         for item in items:
             if item.records:
                 records.extend(item.records)
+                accepted[item.protocol] = accepted.get(item.protocol, 0) + len(item.records)
             if item.rejections:
                 protocol, received_ns = item.protocol, item.received_ns
                 dead.extend([(protocol, received_ns, r) for r in item.rejections])
+                for r in item.rejections:
+                    key = (protocol, r.reason)
+                    rejected[key] = rejected.get(key, 0) + 1
         acked = False
 
         def ack() -> None:
@@ -230,15 +259,6 @@ class Pipeline:
         ack()
         self._current = []
         m = self.metrics
-        # one labelled increment per protocol (and reason) per batch, not per item
-        accepted: dict[str, int] = {}
-        rejected: dict[tuple[str, str], int] = {}
-        for item in items:
-            if item.records:
-                accepted[item.protocol] = accepted.get(item.protocol, 0) + len(item.records)
-            for r in item.rejections:
-                key = (item.protocol, r.reason)
-                rejected[key] = rejected.get(key, 0) + 1
         for protocol, n in accepted.items():
             m.readings_accepted.labels(protocol).inc(n)
         for (protocol, reason), n in rejected.items():
