@@ -236,6 +236,12 @@ cdef class HTTPRequestParser:
             if self._fresh:
                 self._reset_request()
                 self._fresh = False
+                if self._pos and self._pos >= self._len():
+                    # all of it taken: an idle connection keeps no read buffer
+                    self._buf = b""
+                    self._is_bytes = True
+                    self._pos = 0
+                    self._scan = 0
             if not self._parse_head():
                 return NEED_DATA
         if self._state == _HT_S_LENGTH:

@@ -767,17 +767,19 @@ class Gateway:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def handle_http(self, stream: trio.abc.Stream, /, *, client: ClientAddress | None = None) -> None:
-        """Serve one HTTP/1.1 connection (keep-alive, pipelining) on any Trio stream."""
+    def handle_http(self, stream: trio.abc.Stream, /, *,
+                    client: ClientAddress | None = None) -> Coroutine[Any, Any, None]:
+        """Serve one HTTP/1.1 connection (keep-alive, pipelining) on any Trio
+        stream: ``await`` it or ``start_soon`` it. A plain function, as
+        handle_mqtt is: one frame less on every idle connection's stack."""
         held = self._admit(stream, "http", client)
         if held is None:
             body = b'{"error": "overloaded", "detail": "not taking new connections now"}'
-            await self._refuse(stream, "http", b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                               b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
-                               + str(len(body)).encode() + b"\r\n\r\n" + body)
-            return
+            return self._refuse(stream, "http", b"HTTP/1.1 503 Service Unavailable\r\n"
+                                b"content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\n"
+                                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         serve = serve_fast_http if self.config.http.engine == "fast" else serve_std_http
-        await self._serve_connection(stream, "http", serve, held, client)
+        return self._serve_connection(stream, "http", serve, held, client)
 
     async def handle_ws(self, stream: trio.abc.Stream, /, *, client: ClientAddress | None = None) -> None:
         """Serve one WebSocket connection (/v1/ws or MQTT on /mqtt) on any Trio stream."""

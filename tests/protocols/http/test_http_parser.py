@@ -11,6 +11,7 @@ HYPOTHESIS_MAX_EXAMPLES raises the example count for a longer run.
 from __future__ import annotations
 
 import os
+import sys
 
 import h11
 import pytest
@@ -160,6 +161,26 @@ def test_pipelined_requests_in_one_read_are_zero_copy_views(http_impl):
     assert (parser.method, parser.target, bytes(parser.body)) == ("POST", "/v1/telemetry", b'{"a":1}')
     assert (parser.content_type, parser.content_length, parser.keep_alive) == ("application/json", 7, True)
     assert parser.next() == http_impl.REQUEST and bytes(parser.body) == b"[]"
+    assert parser.next() == http_impl.NEED_DATA and parser.buffered == 0
+
+
+def test_an_idle_parser_keeps_no_read(http_impl):
+    """Once every request of a read is taken, the parser lets the read go:
+    an idle keep-alive connection holds no buffer (issue 24, RSS per
+    connection). A read that ends mid-request is kept, and the request is
+    whole once the rest arrives."""
+    data = post(b'{"a":1}') + post(b"[]")
+    parser = http_impl.HTTPRequestParser()
+    parser.feed(data)
+    held = sys.getrefcount(data)
+    assert parser.next() == http_impl.REQUEST and parser.next() == http_impl.REQUEST
+    assert parser.next() == http_impl.NEED_DATA and parser.buffered == 0
+    assert sys.getrefcount(data) < held
+    whole = post(b'{"b":2}')
+    parser.feed(whole[:30])
+    assert parser.next() == http_impl.NEED_DATA and parser.buffered == 30
+    parser.feed(whole[30:])
+    assert parser.next() == http_impl.REQUEST and bytes(parser.body) == b'{"b":2}'
     assert parser.next() == http_impl.NEED_DATA and parser.buffered == 0
 
 

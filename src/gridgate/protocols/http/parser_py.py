@@ -157,6 +157,10 @@ class HTTPRequestParser:
             if self._fresh:
                 self._reset_request()
                 self._fresh = False
+                if self._pos and self._pos >= len(self._buf):
+                    # all of it taken: an idle connection keeps no read buffer
+                    self._buf = b""
+                    self._pos = self._scan = 0
             if not self._parse_head():
                 return NEED_DATA
         if self._state == _S_LENGTH:
