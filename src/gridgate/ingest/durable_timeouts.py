@@ -17,8 +17,13 @@ import trio
 __all__ = ["DurableTimeouts"]
 
 
+class _Done(Protocol):
+    def is_set(self) -> bool: ...
+
+
 class _Expirable(Protocol):
-    done: trio.Event
+    @property
+    def done(self) -> _Done: ...
 
     def expire(self) -> None: ...
 
