@@ -12,6 +12,12 @@ stops it. Drivers:
 * wrk (when installed), C: the server is the bottleneck, not the client.
   One reading per request, 64 keep-alive connections, then the same at
   1,000 connections for the RSS comparison, where the floor runs too.
+  wrk runs one thread pinned to one CPU and every thread of the server is
+  pinned to the others (see WRK_SETUP): unpinned on a 2-core machine, wrk's
+  thread and the server take turns on both cores and wrk's share of them
+  decides the ratio as much as the server does. Each run records both
+  sides' CPU (the server's from /proc, wrk's from getrusage of the children)
+  so the report shows that the server is the busy one.
 * gridgate-loadgen http: devices posting over keep-alive with 4 requests
   pipelined each, latency from the intended send time.
 
@@ -22,9 +28,13 @@ machine's 2 cores with the server.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench import procs
@@ -37,6 +47,10 @@ FLOOR_DRIVER = "wrk-1000"
 # The driver bench.perfcheck gates on and the one profiled: see
 # bench/perfcheck.py for the run-to-run spread that chose it.
 GATE_DRIVER = "loadgen"
+# How wrk shares the machine with the server, applied alike to every contender.
+WRK_THREADS = 1
+WRK_SETUP = ("wrk -t1 pinned to the first CPU of the bench's affinity (taskset), every thread of the server "
+             "pinned to the others; one POST of one reading per request (bench/wrk_post.lua), keep-alive")
 
 
 def available_drivers() -> list[tuple[str, dict]]:
@@ -75,7 +89,7 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print,
     skipped = {} if shutil.which("wrk") else {"wrk": "not installed (apt-get install wrk): gridgate-loadgen only"}
     results: dict = {"scenario": "pipelines", "duration_s": duration, "rounds": rounds, "skipped": skipped,
                      "contenders": list(contenders), "gate_driver": GATE_DRIVER, "runs": [], "hot_path": {},
-                     "spool_writer": {}}
+                     "spool_writer": {}, "wrk_setup": WRK_SETUP if cpu_split() else "wrk -t1, unpinned (one CPU)"}
     for rnd in range(rounds):
         for driver, opts in chosen:
             for name in _contenders_for(driver, contenders):
@@ -104,9 +118,21 @@ def _one(name: str, driver: str, opts: dict, duration: float, profile_dir: Path 
         idle_rss = server.rss_kb()
         if profile_dir is not None:
             server.profile(profile_dir, f"pipelines-{driver}-{name}", duration)
+        split = cpu_split() if driver.startswith("wrk") else None
+        if split is not None:
+            pin_process(server, split[1])
         cpu0 = server.cpu_seconds()
-        run_ = _drive(server, driver, opts, duration)
+        children0 = _children_cpu_s()
+        wall0 = time.monotonic()
+        with _pinned(split[0] if split is not None else None):
+            run_ = _drive(server, driver, opts, duration)
+        wall = time.monotonic() - wall0
         run_["server_cpu_s"] = server.cpu_seconds() - cpu0
+        # the driver is the only child that ends in this window, so this is its CPU
+        run_["client_cpu_s"] = _children_cpu_s() - children0
+        run_["server_cores"] = run_["server_cpu_s"] / wall
+        run_["client_cores"] = run_["client_cpu_s"] / wall
+        run_["pinned"] = split is not None
         profile_files = server.finish_profile()
         run_["peak_rss_kb"] = server.peak_rss_kb()
         run_["idle_rss_kb"] = idle_rss
@@ -128,8 +154,50 @@ def _one(name: str, driver: str, opts: dict, duration: float, profile_dir: Path 
     # CPU cost per reading: unlike readings/s it barely moves when other
     # work on a shared machine takes cores away from the server
     run_["cpu_us_per_reading"] = run_["server_cpu_s"] * 1e6 / readings if readings else None
+    run_["client_cpu_us_per_reading"] = run_["client_cpu_s"] * 1e6 / readings if readings else None
     run_.update(contender=name, driver=driver)
     return run_
+
+
+def cpu_split() -> tuple[set[int], set[int]] | None:
+    """(wrk's CPU, the server's CPUs) out of this process's affinity; None
+    on a single CPU, where there is nothing to split."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def pin_process(server: procs.Server, cpus: set[int]) -> None:
+    """Every thread of the server (its SQLite writer too) onto ``cpus``."""
+    for pid in server._pids():
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
+@contextlib.contextmanager
+def _pinned(cpus: set[int] | None) -> Iterator[None]:
+    """This thread on ``cpus`` for the block, so the driver it starts
+    inherits them (procs.wrk takes no taskset prefix); then as before."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _startup_field(server: procs.Server, key: str) -> str | None:
@@ -146,14 +214,17 @@ def _startup_field(server: procs.Server, key: str) -> str | None:
 
 def _line(run_: dict, prefix: str) -> str:
     lat = run_["latency_ms"]
+    cpu = run_.get("cpu_us_per_reading")
     return (f"  {prefix} {run_['driver']:9s} {run_['contender']:9s} {run_['readings_per_s']:>10,.0f} readings/s  "
-            f"p50 {lat['p50']} ms  p99 {lat['p99']} ms  peak RSS {run_['peak_rss_kb'] / 1024:.0f} MiB")
+            f"p50 {lat['p50']} ms  p99 {lat['p99']} ms  peak RSS {run_['peak_rss_kb'] / 1024:.0f} MiB  "
+            f"server {'-' if cpu is None else f'{cpu:.1f}'} us/reading, {run_['server_cores']:.2f} cores; "
+            f"{run_['driver'].split('-')[0]} {run_['client_cores']:.2f} cores")
 
 
 def _drive(server: procs.Server, driver: str, opts: dict, duration: float) -> dict:
     target = _target(server)
     if driver.startswith("wrk"):
-        result = procs.wrk(target, duration, opts["connections"], threads=2 if opts["connections"] > 100 else 1)
+        result = procs.wrk(target, duration, opts["connections"], threads=WRK_THREADS)
         assert result is not None
         return result
     result = procs.loadgen("http", target, duration, devices=opts["devices"], inflight=opts["inflight"])
@@ -185,6 +256,9 @@ def summarize(runs: list[dict], contenders: tuple[str, ...] = CONTENDERS) -> dic
                 "rss_per_conn_kb": statistics.median((r["peak_rss_kb"] - r["idle_rss_kb"]) / conns for r in mine),
                 "connections": conns,
                 "cpu_us_per_reading": _median_or_none(r.get("cpu_us_per_reading") for r in mine),
+                "client_cpu_us_per_reading": _median_or_none(r.get("client_cpu_us_per_reading") for r in mine),
+                "server_cores": _median_or_none(r.get("server_cores") for r in mine),
+                "client_cores": _median_or_none(r.get("client_cores") for r in mine),
             }
             for k in PERCENTILES:
                 values = [r["latency_ms"][k] for r in mine if r["latency_ms"].get(k) is not None]
