@@ -100,6 +100,8 @@ def _one(name: str, qos: int, duration: float, profile_dir: Path | None, version
             "server_cpu_s": round(server_cpu, 3),
             "server_cpu_us": round(server_cpu * 1e6 / readings, 2) if readings else None,
             "loadgen_cpu_us": result.get("loadgen_cpu_us_per_reading"),
+            # the same once every device had connected (a fleet's 1,000 connects left out)
+            "loadgen_cpu_us_steady": result.get("loadgen_cpu_us_per_reading_steady"),
             "loadgen_cpu_shares": result.get("loadgen_cpu_share_per_process"),
             "sent": result["sent"],
             "acked": result["acked"], "errors": result["errors"], "reconnects": result["reconnects"],
@@ -146,7 +148,8 @@ def _line(run_: dict, prefix: str) -> str:
     fleet = f" {run_['devices']}x{run_['inflight']}" if run_.get("shape") == "fleet" else ""
     cpu = ""
     if run_.get("server_cpu_us") is not None:
-        cpu = f"  CPU us/reading server {run_['server_cpu_us']:.1f} loadgen {_num(run_.get('loadgen_cpu_us'))}"
+        cpu = (f"  CPU us/reading server {run_['server_cpu_us']:.1f} loadgen {_num(run_.get('loadgen_cpu_us'))} "
+               f"({_num(run_.get('loadgen_cpu_us_steady'))} once connected)")
     return (f"  {prefix} QoS {run_['qos']}{v5}{fleet} {run_['contender']:9s} {run_['readings_per_s']:>10,.0f} "
             f"readings/s  p50 {lat['p50']} ms  p99 {p} ms  peak RSS {run_['peak_rss_kb'] / 1024:.0f} MiB{cpu}{extra}")
 
@@ -182,6 +185,7 @@ def summarize(runs: list[dict]) -> dict:
                 "errors": sum(r["errors"] for r in mine),
                 "server_cpu_us_per_reading": _median([r.get("server_cpu_us") for r in mine]),
                 "loadgen_cpu_us_per_reading": _median([r.get("loadgen_cpu_us") for r in mine]),
+                "loadgen_cpu_us_per_reading_steady": _median([r.get("loadgen_cpu_us_steady") for r in mine]),
             }
             for k in ("p50", "p90", "p99", "p99.9", "max"):
                 values = [r["latency_ms"][k] for r in mine if r["latency_ms"][k] is not None]

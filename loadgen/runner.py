@@ -97,6 +97,28 @@ def uses_mux(opts: DeviceOptions) -> bool:
     return opts.protocol == "mqtt" and opts.mux and not opts.tls and MqttDevice.open_stream is open_tcp
 
 
+async def _steady_window(plan: RunPlan, stats: Stats, deadline: float) -> None:
+    """Add this process's CPU and readings from when all its devices were
+    first connected until the deadline to ``stats.steady_*`` (nothing if
+    they never all were: a ramp longer than the run, a refusing server)."""
+    if plan.device.idle:
+        return
+    while stats.connected < plan.count:
+        if trio.current_time() >= deadline:
+            return
+        await trio.sleep(0.05)
+
+    def readings() -> int:
+        return stats.acked if plan.device.qos or plan.device.protocol != "mqtt" else stats.sent
+
+    cpu0, n0 = process_cpu_s(), readings()
+    try:
+        await trio.sleep_until(deadline)
+    finally:
+        stats.steady_cpu_s += process_cpu_s() - cpu0
+        stats.steady_readings += readings() - n0
+
+
 def process_cpu_s() -> float:
     """User + system CPU seconds this process (all its threads) has used."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -123,6 +145,13 @@ async def run_share(plan: RunPlan, stats: Stats, check: SelfCheck,
                 await _monitor(check, tick)
 
         nursery.start_soon(run_monitor)
+        steady = trio.CancelScope()
+
+        async def run_steady() -> None:
+            with steady:
+                await _steady_window(plan, stats, deadline)
+
+        nursery.start_soon(run_steady)
         async with trio.open_nursery() as devices:
             mux = None
             if uses_mux(plan.device):
@@ -141,6 +170,7 @@ async def run_share(plan: RunPlan, stats: Stats, check: SelfCheck,
         elapsed = trio.current_time() - start
         stats.elapsed_s = elapsed
         monitor.cancel()
+        steady.cancel()         # the devices ended before the deadline (they stopped): the window ends now
     cpu = process_cpu_s() - cpu_start
     stats.cpu_s += cpu
     stats.cpu_shares.append(cpu / elapsed if elapsed > 0 else 0.0)

@@ -52,6 +52,13 @@ class Stats:
     # drives devices: its CPU seconds over its elapsed seconds (1.0 = a core).
     cpu_s: float = 0.0
     cpu_shares: list[float] = field(default_factory=list)
+    # The same CPU over the steady part of each process's run only: from when
+    # all its devices were first connected to the deadline (connects, the
+    # ramp and the drain left out; a fleet's 1,000 connects cost a third of
+    # a second). Summed over processes; steady_readings: what they acked
+    # (sent, when nothing is acknowledged) in those windows.
+    steady_cpu_s: float = 0.0
+    steady_readings: int = 0
     histogram: HdrHistogram = field(default_factory=new_histogram, repr=False)
 
     def record_latency_us(self, value: int) -> None:
@@ -65,6 +72,8 @@ class Stats:
             self.refusals[key] = self.refusals.get(key, 0) + n
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
         self.cpu_s += other.cpu_s
+        self.steady_cpu_s += other.steady_cpu_s
+        self.steady_readings += other.steady_readings
         self.cpu_shares = self.cpu_shares + other.cpu_shares
         self.histogram.add(other.histogram)
 
@@ -103,9 +112,16 @@ class Stats:
             return None
         return self.cpu_s * 1e6 / readings
 
+    def steady_cpu_us_per_reading(self) -> float | None:
+        """``cpu_us_per_reading`` over the steady windows (None if no window had a reading)."""
+        if not self.steady_readings:
+            return None
+        return self.steady_cpu_s * 1e6 / self.steady_readings
+
     def summary(self) -> dict:
         rate = self.acked if self.acked else self.sent
         per_reading = self.cpu_us_per_reading()
+        steady = self.steady_cpu_us_per_reading()
         return {
             "devices": self.devices, "connected": self.connected, "peak_connected": self.peak_connected,
             "connects": self.connects,
@@ -120,6 +136,7 @@ class Stats:
             "loadgen_cpu_s": round(self.cpu_s, 3),
             "loadgen_cpu_us_per_reading": None if per_reading is None else round(per_reading, 3),
             "loadgen_cpu_per": "acked" if self.acked else "sent",
+            "loadgen_cpu_us_per_reading_steady": None if steady is None else round(steady, 3),
             "loadgen_cpu_share_per_process": [round(x, 3) for x in self.cpu_shares],
         }
 
@@ -144,7 +161,9 @@ class Stats:
             rows.append(("loadgen CPU", f"{s['loadgen_cpu_us_per_reading']:.2f} us per {s['loadgen_cpu_per']} reading "
                                         f"({s['loadgen_cpu_s']:.2f} s user+sys; "
                                         + ("" if len(shares) == 1 else f"{len(shares)} processes, busiest ")
-                                        + f"{max(shares):.0%} of a core)"))
+                                        + f"{max(shares):.0%} of a core)"
+                                        + ("" if s["loadgen_cpu_us_per_reading_steady"] is None else
+                                           f"; {s['loadgen_cpu_us_per_reading_steady']:.2f} once all connected")))
         if s["commands"]:
             rows.insert(5, ("commands", f"{s['commands']} received and acknowledged"))
         width = max(len(k) for k, _ in rows)

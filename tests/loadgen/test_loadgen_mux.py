@@ -62,6 +62,8 @@ async def test_fleet_shape_against_gridgate_every_acked_reading_is_stored(tmp_pa
         1000, 1000, 0, 0)
     assert result["acked"] == result["sent"] > 1000
     assert result["options"]["mux"] is True
+    # its CPU is also given over the part of the run after every device had connected
+    assert result["loadgen_cpu_us_per_reading_steady"] > 0
     assert_latency_accounted(result, 4)
     stored = await trio.to_thread.run_sync(spool_stats, tmp_path / "data")
     assert stored["records"] == result["acked"]
@@ -109,6 +111,7 @@ async def test_idle_devices_keep_their_connections_with_pings(tmp_path, mosquitt
     result = await run_loadgen(tmp_path, "idle", "mqtt", "--target", f"127.0.0.1:{port}", "--devices", "50",
                                "--idle", "--keepalive", "1", "--duration", "8")
     assert (result["connects"], result["errors"], result["reconnects"], result["sent"]) == (50, 0, 0, 0)
+    assert result["loadgen_cpu_us_per_reading_steady"] is None        # no readings, no steady window
 
 
 async def test_refused_connacks_are_errors_and_the_fleet_backs_off(tmp_path, mosquitto_factory):
