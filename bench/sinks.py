@@ -90,10 +90,14 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                 if profile and rnd == 0:
                     server.profile(out / "profiles", f"sinks-{kind}", duration)
                 cpu_before = server.cpu_seconds()
+                # the sink's own server (influxd, nats-server) shares the cores too
+                sink_pid = getattr(getattr(external, "proc", None), "pid", None)
+                sink_cpu_before = procs.cpu_seconds(sink_pid) if sink_pid else 0.0
                 result = procs.loadgen("mqtt", server.addresses["mqtt"], duration, devices=100, inflight=10,
                                        qos=1, procs=2)
                 # the gateway's own CPU (user+sys from /proc, every thread) per acked reading
                 cpu_s = server.cpu_seconds() - cpu_before
+                sink_cpu_s = procs.cpu_seconds(sink_pid) - sink_cpu_before if sink_pid else None
                 server.finish_profile()
                 started = time.monotonic()
                 pending = _readyz(server).get("sink", {}).get("pending", 0)
@@ -105,6 +109,8 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                        "acked": result["acked"], "errors": result["errors"],
                        "server_cpu_us_per_reading": (round(cpu_s * 1e6 / result["acked"], 1)
                                                      if result["acked"] else None),
+                       "sink_server_cpu_us_per_reading": (round(sink_cpu_s * 1e6 / result["acked"], 1)
+                                                          if result["acked"] and sink_cpu_s is not None else None),
                        "latency_ms": {k: result["latency_ms"][k] for k in ("p50", "p99", "p99.9", "max")},
                        "pending_at_end": pending, "drain_s": round(time.monotonic() - started, 2) if pending else 0.0,
                        "peak_rss_kb": server.peak_rss_kb()}
@@ -115,6 +121,8 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
             results["runs"].append(run)
             log(f"  round {rnd + 1}/{rounds} {kind:10s} {run['readings_per_s']:>10,.0f} readings/s  "
                 f"p99 {run['latency_ms']['p99']} ms  gateway {run['server_cpu_us_per_reading']} CPU-us/reading  "
+                + (f"{kind.split('-')[0]} server {run['sink_server_cpu_us_per_reading']}  "
+                   if run["sink_server_cpu_us_per_reading"] is not None else "") +
                 f"pending at end {run['pending_at_end']}")
     results["summary"] = {
         kind: {"readings_per_s": statistics.median(r["readings_per_s"] for r in mine),
@@ -122,6 +130,10 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in mine),
                "server_cpu_us_per_reading": round(statistics.median(r["server_cpu_us_per_reading"] or 0.0
                                                                     for r in mine), 1),
+               "sink_server_cpu_us_per_reading": (
+                   round(statistics.median(cpus), 1)
+                   if (cpus := [r["sink_server_cpu_us_per_reading"] for r in mine
+                                if r["sink_server_cpu_us_per_reading"] is not None]) else None),
                "pending_at_end": max(r["pending_at_end"] for r in mine),
                "drain_s": max(r["drain_s"] for r in mine)}
         for kind in KINDS if (mine := [r for r in results["runs"] if r["kind"] == kind])}
@@ -132,5 +144,6 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
         row["ratio_to_spool"] = round(row["readings_per_s"] / spool, 2) if spool else None
         if kind != "spool" and spool:
             log(f"  {kind}: {row['readings_per_s']:,.0f} readings/s, {row['ratio_to_spool']:.2f}x the spool's "
-                f"{spool:,.0f} (medians), gateway {row['server_cpu_us_per_reading']} CPU-us/reading")
+                f"{spool:,.0f} (medians), gateway {row['server_cpu_us_per_reading']} CPU-us/reading, its server "
+                f"{row['sink_server_cpu_us_per_reading']}")
     return results
