@@ -47,6 +47,30 @@ def test_ban_and_connect_tables_are_bounded():
     assert len(bans.active(0.0)) == 10 and len(flaps._connects) == 10
 
 
+def test_a_device_that_connected_once_costs_one_float_in_the_connect_table():
+    # one entry per idle device: its size is RSS per connection
+    flaps = FlapDetector(BanList(), max_connects=3, window_s=60, ban_s=300)
+    flaps.connect("m-1", 10.0)
+    assert flaps._connects["m-1"] == 10.0
+    flaps.connect("m-1", 20.0)
+    assert flaps._connects["m-1"] == (10.0, 20.0)
+    flaps.connect("m-1", 75.0)                                # 10.0 left the window
+    assert flaps._connects["m-1"] == (20.0, 75.0)
+    flaps.connect("m-1", 200.0)                               # alone in the window again
+    assert flaps._connects["m-1"] == 200.0
+
+
+def test_ids_whose_last_connect_left_the_window_are_dropped_as_others_connect():
+    flaps = FlapDetector(BanList(), max_connects=3, window_s=60, ban_s=300)
+    for i in range(100):
+        flaps.connect(f"m-{i}", float(i) / 10)                # a fleet connects within 10 s
+    assert len(flaps._connects) == 100
+    for i in range(60):                                       # then a few reconnects, much later
+        flaps.connect(f"late-{i}", 100.0 + i)
+    assert set(flaps._connects) == {f"late-{i}" for i in range(60)}
+    assert flaps.connect("m-1", 200.0) is None                # a dropped id starts afresh
+
+
 def test_shedding_follows_the_p99_of_the_last_ten_seconds():
     latency = CommitLatency(threshold_ms=800)
     for i in range(1000):
