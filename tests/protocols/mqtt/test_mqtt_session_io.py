@@ -21,6 +21,7 @@ import trio.testing
 
 import gridgate
 from gridgate.config import MQTTConfig, SinkConfig
+from gridgate.connections import fdwait
 from inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_closed
 from mqtt_frames import gen_connack, gen_connect, gen_puback, gen_publish
 
@@ -71,6 +72,23 @@ async def test_an_idle_connection_is_one_task_without_a_nursery(tmp_path, pair):
         assert side_tasks == (0 if pair == "socket" else 20)
         for client, _ in clients:
             await client.aclose()
+
+
+async def test_an_idle_socket_connection_waits_under_two_frames(tmp_path):
+    # every frame on an idle connection's parked stack is RSS times the
+    # number of connections: the gateway's wrapper, the session's read loop,
+    # and the wait object of connections.fdwait (no trio wait frames)
+    async with serving(make_config(tmp_path), MemorySink(), 20) as (gateway, nursery):
+        client, _ = await connect(gateway, nursery, "socket", "meter-1")
+        await trio.testing.wait_all_tasks_blocked()
+        [task] = nursery.child_tasks
+        names, coro = [], task.coro
+        while hasattr(coro, "cr_code"):
+            names.append(coro.cr_code.co_qualname)
+            coro = coro.cr_await
+        assert names == ["Gateway._serve_connection", "MQTTConnection.run"]
+        assert type(coro) is fdwait._ReadableWait
+        await client.aclose()
 
 
 async def test_acks_wait_for_a_client_that_stops_reading_and_all_arrive_in_order(tmp_path):

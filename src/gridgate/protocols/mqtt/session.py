@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from gridgate.connections.fdwait import wait_readable
 from gridgate.connections.side_tasks import SideTasks
 from gridgate.downlink.commands import (
     UPDATE_CONFIG,
@@ -151,7 +152,11 @@ class MQTTConnection:
         receive_some = None if fd >= 0 else self.stream.receive_some
         poll_durable = self.svc.poll_durable
         unyielded = 0
-        drained = False             # the last read came back short: the socket is most likely empty now
+        # The last read came back short: the socket is most likely empty now.
+        # True at the start: the CONNECT's read took what the client sent, and
+        # an EAGAIN there would leave the frame object its traceback made
+        # (328 bytes) on every idle connection.
+        drained = True
         data: bytes | bytearray | None
         events: list[Event] | None
         try:
@@ -160,6 +165,7 @@ class MQTTConnection:
                 if _connect_level(head, self.codec.max_packet_bytes) == 5 and await self._serve_v5(head):
                     return
             keep_reading = await self._handle_head(head)
+            head = None             # the CONNECT's bytes would stay for the connection's life
             while keep_reading:
                 if self.out is not None and self.out.size > max_outgoing:
                     # The client does not read its acks: stop reading it.
@@ -173,7 +179,7 @@ class MQTTConnection:
                     if drained:
                         # A short read emptied the socket: wait before reading
                         # again rather than spend a syscall on the EAGAIN.
-                        await trio.lowlevel.wait_readable(fd)
+                        await wait_readable(fd)
                         unyielded = 0
                     try:
                         data = os.read(fd, size)
@@ -235,7 +241,7 @@ class MQTTConnection:
         fd = self._fd
         while True:
             if fd >= 0:
-                await trio.lowlevel.wait_readable(fd)
+                await wait_readable(fd)
                 try:
                     chunk = os.read(fd, size)
                 except BlockingIOError:
