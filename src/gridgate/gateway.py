@@ -19,6 +19,7 @@ import os
 import resource
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any, Protocol
@@ -825,29 +826,67 @@ class Gateway:
 
     async def _serve_connection(self, stream: trio.abc.Stream, protocol: str, serve: ServeFn,
                                 held_address: str = "", client: ClientAddress | None = None) -> None:
+        # This coroutine is the bottom frame of every connection's task, so
+        # its size (its locals and stack, paid twice: in the coroutine and in
+        # the frame object trio makes of a task's first frame) is RSS on
+        # every idle connection: the work around the await is in plain
+        # methods, and no except* (its matching takes stack slots).
+        session = self._open_session(stream, protocol, client)
+        try:
+            with session.cancel_scope:
+                await serve(stream, self.services, session)
+        except BaseException:
+            self._session_failed(session, sys.exception())      # not "as exc": one slot less
+        finally:
+            self._close_session(session, held_address)
+            await trio.aclose_forcefully(stream)
+
+    def _open_session(self, stream: trio.abc.Stream, protocol: str, client: ClientAddress | None) -> Session:
         remote = _fmt_addr(client) if client is not None else _peer(stream)
-        scope = trio.CancelScope()
-        session = Session(protocol, remote, scope)
+        session = Session(protocol, remote, trio.CancelScope())
         self.conns.register(session)
         if isinstance(stream, trio.SSLStream):
             self._tls_streams[session] = stream
-        try:
-            with scope:
-                await serve(stream, self.services, session)
-        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+        return session
+
+    def _session_failed(self, session: Session, exc: BaseException | None) -> None:
+        """What ``except* (Broken, Closed)`` then ``except* Exception`` did:
+        a lost connection is noted, a bug in a session is logged with the
+        peer and closes just this connection (never the server); anything
+        else (Cancelled, KeyboardInterrupt) is raised again."""
+        lost: BaseException | None
+        rest: BaseException | None
+        if exc is None:             # cannot be: called from an except clause
+            return
+        if isinstance(exc, BaseExceptionGroup):
+            lost, rest = exc.split((trio.BrokenResourceError, trio.ClosedResourceError))
+        elif isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+            lost, rest = exc, None
+        else:
+            lost, rest = None, exc
+        if lost is not None:
             session.close_reason = session.close_reason or "connection lost"
-        except* Exception as group:
-            # A bug in a session must never take the server down: log it with
-            # the peer and close just this connection.
+        if rest is None:
+            return
+        errors: BaseException | None
+        if isinstance(rest, BaseExceptionGroup):
+            errors, rest = rest.split(Exception)
+        elif isinstance(rest, Exception):
+            errors, rest = rest, None
+        else:
+            errors = None
+        if errors is not None:
             session.close_reason = "internal error"
-            log.error("error on %s connection from %s (%s)", protocol, remote, session.device_id or "-",
-                      exc_info=group)
-        finally:
-            self.conns.unregister(session)
-            self._tls_streams.pop(session, None)
-            if held_address:
-                self.limits.release_address(held_address)
-            await trio.aclose_forcefully(stream)
+            log.error("error on %s connection from %s (%s)", session.protocol, session.remote,
+                      session.device_id or "-", exc_info=errors)
+        if rest is not None:
+            raise rest
+
+    def _close_session(self, session: Session, held_address: str) -> None:
+        self.conns.unregister(session)
+        self._tls_streams.pop(session, None)
+        if held_address:
+            self.limits.release_address(held_address)
 
     # -- logs ----------------------------------------------------------------------
 

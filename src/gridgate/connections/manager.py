@@ -128,6 +128,7 @@ class ConnManager:
         self._by_device: dict[str, Session] = {}
         self._by_protocol: dict[str, int] = {}
         self._heap: list[tuple[float, int, Session]] = []
+        self._timeouts: dict[float, float] = {}
         # Devices seen since start (for GET /v1/devices/{id}), most recent last;
         # bounded so a churn of device ids cannot grow memory.
         self._seen: OrderedDict[str, dict[str, object]] = OrderedDict()
@@ -241,6 +242,12 @@ class ConnManager:
 
     def set_keepalive(self, session: Session, timeout_s: float) -> None:
         """Close the session after ``timeout_s`` of silence (0 = never)."""
+        # One float object per distinct timeout, not per session (24 bytes on
+        # every connection of a fleet that shares a few keepalives); bounded.
+        timeouts = self._timeouts
+        timeout_s = timeouts.get(timeout_s, timeout_s)
+        if len(timeouts) < 1024:
+            timeouts[timeout_s] = timeout_s
         session.keepalive_timeout = timeout_s
         if timeout_s > 0:
             self._schedule(session, session.last_seen + timeout_s)
