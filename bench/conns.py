@@ -34,8 +34,11 @@ CONNECT_RATE = 2_000
 SOURCE_IPS = "127.0.0.2-127.0.0.20"
 LOADGEN_PROCS = 2
 CONTENDERS = ("gridgate", "mosquitto")
-TARGET_KIB = 6.0              # issue #8: <= 6 KB per idle MQTT connection at 15k
-BARE_TRIO_KIB = 4.9           # a bare Trio socket with its task, measured here (README)
+TARGET_KIB = 4.0              # issue 24: <= 4 KiB per idle MQTT connection at 15k (issue #8's was 6)
+# A bare Trio socket with its task parked in trio.lowlevel.wait_readable,
+# measured here (README); gridgate parks under fewer frames than that
+# (gridgate.connections.fdwait), so it can sit below this "floor".
+BARE_TRIO_KIB = 4.9
 SETTLE_S = 1.0                # RSS readings this far apart within 1% = settled
 SETTLE_MAX_S = 15.0
 _PROGRESS = re.compile(r"connected=(\d+)/(\d+).*errors=(\d+)")
