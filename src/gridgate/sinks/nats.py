@@ -137,6 +137,9 @@ NO_RESPONDERS_STATUS = "503"
 # ack_timeout_s), small enough that a loaded machine reads every ack of the
 # window in a few ms rather than letting them queue past their timeouts.
 DEFAULT_MAX_INFLIGHT = 512
+# One-reading messages are encoded and sent this many at a time, so that
+# JetStream stores the first of a write while the rest are encoded.
+_BUILD_CHUNK = 128
 MAX_TOKEN_CHARS = 128
 # The batched format's header: its value is the number of readings in the body.
 READINGS_HEADER = "Gridgate-Readings"
@@ -481,31 +484,37 @@ class _Window:
 
     ``readings`` is None for the one-reading format, else the number of
     readings in each message (the batched format: its header says so).
-    ``traced``: in the one-reading format, when any record carries a trace
-    context, the records of ``items`` in order (their ``traceparent`` and
-    ``tracestate`` become headers); None otherwise.
+    ``records``: the one-reading format's records (``items`` empty: the
+    messages are made from them as they are first published, a record's
+    ``traceparent`` and ``tracestate`` becoming headers); None in the
+    batched format, whose ``items`` are made by ``write``.
     """
 
     def __init__(self, sink: NATSSink, key: int, items: list[tuple[str, bytes, str]],
-                 readings: list[int] | None = None, traced: Sequence[Record] | None = None) -> None:
+                 readings: list[int] | None = None, records: Sequence[Record] | None = None) -> None:
         self.sink = sink
         self.key = key
         self.items = items
         self.readings = readings
-        self.n = len(items)
         self.loop = asyncio.get_running_loop()
         self.reply_prefix = f"{sink._inbox}.{key}.".encode()
-        # Each message's header block, built here once rather than by nats-py
-        # per publish (a dict walked, a regex per key): it is the same for
-        # every attempt. Values are ours (msg-ids, counts) or, for a trace
-        # context, the device's with CR and LF made spaces as nats-py does.
-        tail = sink._header_tail
-        if readings is None and traced is None:
-            self.headers = [b"NATS/1.0\r\nNats-Msg-Id: %b%b" % (mid.encode(), tail) for _, _, mid in items]
-        else:
-            self.headers = [_header_block(mid, tail, None if readings is None else readings[i],
-                                          None if traced is None else traced[i])
+        # Each message's header block, built once rather than by nats-py per
+        # publish (a dict walked, a regex per key): it is the same for every
+        # attempt. Values are ours (msg-ids, counts) or, for a trace context,
+        # the device's with CR and LF made spaces as nats-py does.
+        self.headers: list[bytes] = []
+        self.records = records
+        if records is None:                     # the batched format: every message made by write()
+            self.n = len(items)
+            tail = sink._header_tail
+            self.headers = [_header_block(mid, tail, None if readings is None else readings[i], None)
                             for i, (_, _, mid) in enumerate(items)]
+        else:
+            # One reading per message: made here, _BUILD_CHUNK at a time as
+            # they are first published, so the first messages are on the wire
+            # (and JetStream storing them) while the next are encoded.
+            self.n = len(records)
+        self.built = len(items)                 # messages made so far
         self.attempts = [0] * self.n            # publishes sent so far, per message
         self.outstanding = bytearray(self.n)    # 1: its latest publish waits for an ack
         self.acked = bytearray(self.n)
@@ -525,6 +534,18 @@ class _Window:
         self.wake: asyncio.Future[None] | None = None
 
     # -- driven by run() ---------------------------------------------------------------
+
+    def _build(self, upto: int) -> None:
+        """Make the one-reading messages up to index ``upto`` (subject, body, msg-id, header block)."""
+        records, items, headers = self.records, self.items, self.headers
+        assert records is not None
+        render, tail = self.sink.template.render, self.sink._header_tail
+        for r in records[self.built:upto]:
+            mid = msg_id(r)
+            items.append((render(r), encode_record(r), mid))
+            headers.append(b"NATS/1.0\r\nNats-Msg-Id: %b%b" % (mid.encode(), tail) if r.traceparent is None
+                           else _header_block(mid, tail, None, r))
+        self.built = max(self.built, upto)
 
     async def run(self) -> int:
         """Publish every message; the number of readings in those JetStream called duplicates.
@@ -594,20 +615,20 @@ class _Window:
         reconnect buffer full), with the same errors.
         """
         sink, loop, items, retries, headers = self.sink, self.loop, self.items, self.retries, self.headers
-        nc = sink._nc
         ack_timeout = sink.ack_timeout_s
         prefix = self.reply_prefix
         self.starved = False
-        closed: BaseException | None = None
-        if nc.is_closed:
-            closed = nats.errors.ConnectionClosedError()
-        elif nc.is_draining_pubs:
-            closed = nats.errors.ConnectionDrainingError()
-        connected = nc.is_connected
-        max_payload = nc.max_payload
-        room = nc._max_pending_size - nc._pending_data_size if not connected else 0
         frames: list[bytes] = []
+        closed, connected, max_payload, room = self._conn_state()
         while self.failure is None:
+            if len(frames) >= _BUILD_CHUNK:
+                # let these go out (the client's flusher writes them) before
+                # making the next; then the connection may have changed
+                await self._send(frames)
+                frames = []
+                await asyncio.sleep(0)
+                closed, connected, max_payload, room = self._conn_state()
+                continue
             now = loop.time()
             if retries and retries[0][0] <= now:
                 if self.acked[retries[0][1]]:   # acked by an earlier attempt meanwhile
@@ -627,6 +648,8 @@ class _Window:
             else:
                 index = self.next
                 self.next += 1
+                if index >= self.built:
+                    self._build(min(self.n, index + _BUILD_CHUNK))
             subject, payload, _ = items[index]
             attempt = self.attempts[index] + 1
             self.attempts[index] = attempt
@@ -654,15 +677,31 @@ class _Window:
                     continue
             frames.append(frame)
         if frames:
-            nc.stats["out_msgs"] += len(frames)
-            try:
-                await nc._send_command(b"".join(frames))
-                if nc._flush_queue is not None and nc._flush_queue.empty():
-                    await nc._flush_pending()
-            except (OSError, nats.errors.Error) as e:
-                # not sent: the connection failed under the write; each attempt
-                # waits for its ack timeout or the disconnect, then is retried
-                log.debug("nats sink: publish: %s: %s", type(e).__name__, e)
+            await self._send(frames)
+
+    def _conn_state(self) -> tuple[BaseException | None, bool, int, int]:
+        """(why nothing can be published, or None; connected; max payload; reconnect buffer room)."""
+        nc = self.sink._nc
+        closed: BaseException | None = None
+        if nc.is_closed:
+            closed = nats.errors.ConnectionClosedError()
+        elif nc.is_draining_pubs:
+            closed = nats.errors.ConnectionDrainingError()
+        connected = nc.is_connected
+        room = nc._max_pending_size - nc._pending_data_size if not connected else 0
+        return closed, connected, nc.max_payload, room
+
+    async def _send(self, frames: list[bytes]) -> None:
+        nc = self.sink._nc
+        nc.stats["out_msgs"] += len(frames)
+        try:
+            await nc._send_command(b"".join(frames))
+            if nc._flush_queue is not None and nc._flush_queue.empty():
+                await nc._flush_pending()
+        except (OSError, nats.errors.Error) as e:
+            # not sent: the connection failed under the write; each attempt
+            # waits for its ack timeout or the disconnect, then is retried
+            log.debug("nats sink: publish: %s: %s", type(e).__name__, e)
 
     # -- ack routing (the sink's subscription callback) ------------------------------------
 
@@ -737,6 +776,8 @@ class _Window:
         return next(i for i in range(self.n) if not self.acked[i])
 
     def _failed(self, index: int) -> _PublishFailed:
+        if index >= self.built:                 # never published (the deadline came first)
+            self._build(index + 1)
         subject, _, mid = self.items[index]
         return _PublishFailed(subject, mid, self.last_error.get(index), self.attempts[index])
 
@@ -1040,18 +1081,15 @@ class NATSSink:
             return
         if self._closed or self._nc is None:
             raise SinkWriteError("NATS sink is not open")
-        render = self.template.render
-        readings: list[int] | None = None
-        traced: Sequence[Record] | None = None
         if self.readings_per_message == 1:
-            items = [(render(r), encode_record(r), msg_id(r)) for r in batch]
-            if any(r.traceparent is not None for r in batch):
-                traced = batch
+            # the messages are made on the loop thread as they are published (_Window._build)
+            duplicates = await self._call(self._publish_all([], None, batch))
+            self.messages += len(batch)
         else:
             items, readings = self._batch_messages(batch)
-        duplicates = await self._call(self._publish_all(items, readings, traced))
+            duplicates = await self._call(self._publish_all(items, readings))
+            self.messages += len(items)
         self.published += len(batch)
-        self.messages += len(items)
         self.duplicates += duplicates
 
     def _batch_messages(self, batch: Sequence[Record]) -> tuple[list[tuple[str, bytes, str]], list[int]]:
@@ -1086,10 +1124,10 @@ class NATSSink:
         readings.append(len(records))
 
     async def _publish_all(self, items: list[tuple[str, bytes, str]], readings: list[int] | None,
-                           traced: Sequence[Record] | None = None) -> int:
+                           records: Sequence[Record] | None = None) -> int:
         """Publish ``items`` through a :class:`_Window`; the readings JetStream called duplicates."""
         self._window_seq += 1
-        window = _Window(self, self._window_seq, items, readings, traced)
+        window = _Window(self, self._window_seq, items, readings, records)
         self._windows[window.key] = window
         try:
             return await window.run()
