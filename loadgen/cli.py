@@ -24,10 +24,17 @@ What was unacknowledged at the drop, and what fell due while it was away, is
 sent again after the reconnect (``replayed``). ``--no-reconnect``: a device
 that drops or is refused stops (counted in ``errors``).
 
+``mqtt`` devices on plain TCP are served by one task per process
+(``loadgen.mqtt_mux``: their sockets on one epoll, each ack read and the
+next reading sent in one pass), so the fleet shape (1,000 devices x 1 in
+flight) costs about half the CPU per reading that a reader and a sender task
+per device did; ``--no-mux`` keeps those tasks (as ``--tls``, http and ws do).
+
 The load generator reports its own CPU (user + system, from getrusage, over
 the run, summed over every process with ``--procs``) per acknowledged reading
 (per sent reading when nothing is acknowledged), in the table and in
-``--json`` (``loadgen_cpu_us_per_reading``), and warns when one of its
+``--json`` (``loadgen_cpu_us_per_reading``; ``_steady``: from when every
+device had connected, the connects left out), and warns when one of its
 processes used more than 85% of a core over the run: then it, not the
 server, is likely the bottleneck.
 """
