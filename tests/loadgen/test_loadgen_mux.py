@@ -16,6 +16,7 @@ from binaries import require
 from gatewayproc import spool_stats
 from loadgen.device import DeviceOptions
 from loadgen.runner import uses_mux
+from loadgen.stats import Stats
 
 LOADGEN = [sys.executable, "-m", "loadgen.cli"]
 
@@ -144,3 +145,16 @@ async def test_mux_and_per_device_tasks_account_alike(tmp_path):
 def test_mux_flag_is_documented():
     out = subprocess.run(LOADGEN + ["mqtt", "--help"], capture_output=True, text=True, timeout=30)
     assert "--no-mux" in out.stdout
+
+
+def test_the_steady_cpu_window_merges_across_processes_and_over_the_wire():
+    a, b = Stats(), Stats()
+    a.steady_cpu_s, a.steady_readings = 0.25, 10_000
+    b.steady_cpu_s, b.steady_readings = 0.15, 6_000
+    merged = Stats()
+    for worker in (a, b):
+        merged.merge(Stats.from_wire(worker.to_wire()))
+    assert merged.steady_readings == 16_000
+    assert merged.steady_cpu_us_per_reading() == pytest.approx(0.4e6 / 16_000)
+    assert merged.summary()["loadgen_cpu_us_per_reading_steady"] == 25.0
+    assert Stats().summary()["loadgen_cpu_us_per_reading_steady"] is None
