@@ -121,10 +121,21 @@ class Pipeline:
         """
         if self._closed:
             raise trio.ClosedResourceError("the pipeline takes no more items")
-        size = item.size
-        if not self._has_room(size):
+        # _has_room and _put written out: this runs once per socket read,
+        # and under the fleet shape once per reading
+        size = len(item.records) + len(item.rejections)
+        queue = self._queue
+        if len(queue) >= self.queue_max_items:
             return False
-        self._put(item, size)
+        queued = self._queued_records
+        if queued and queued + size > self.queue_max_records:
+            return False
+        queue.append(item)
+        self._queued_records = queued + size
+        arrived = self._arrived
+        if arrived is not None:
+            self._arrived = None
+            arrived.set()
         return True
 
     async def submit(self, item: WorkItem, session: Pausable | None = None) -> None:

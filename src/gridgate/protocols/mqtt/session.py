@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -383,11 +382,14 @@ class MQTTConnection:
         if out:
             self._write(b"".join(out) if len(out) > 1 else out[0])
         if records or rejections or acks:
-            item = WorkItem(records, rejections, self.protocol, received_ns or time.time_ns(),
-                            self._make_on_durable(acks) if acks else None)
             if acks:
+                item = WorkItem(records, rejections, self.protocol, received_ns or time.time_ns(),
+                                partial(self._acks_durable, acks))
                 self.pending += 1
-            pipeline = self.svc.pipeline
+            else:
+                item = WorkItem(records, rejections, self.protocol, received_ns or time.time_ns())
+            svc = self.svc
+            pipeline = svc.pipeline
             if not pipeline.try_submit(item):
                 try:
                     await pipeline.submit(item, self.session)
@@ -396,8 +398,8 @@ class MQTTConnection:
                     if acks:
                         self.pending -= 1
                     raise
-            limits = self.svc.limits
-            if limits.readings_limited and records:
+            limits = svc.limits
+            if records and limits.readings_limited:
                 # Over a quota, what arrived is kept and acked as usual; the
                 # next read waits (TCP backpressure slows the device).
                 await limits.pause(self.session, records, self.protocol, self.client_id, nbytes)
@@ -579,13 +581,11 @@ class MQTTConnection:
                   for s in sends]
         self._write(b"".join(frames))
 
-    def _make_on_durable(self, acks: bytes) -> Callable[[], None]:
-        # A partial of a method, not a closure: one object per read instead
-        # of a function, its closure tuple and two cells (at one reading per
-        # read, as in the fleet shape, that is per reading).
-        return partial(self._acks_durable, acks)
-
     def _acks_durable(self, acks: bytes) -> None:
+        """A read's item is durable: send its acks. _handle hands the pipeline
+        a partial of this, not a closure: one object per read instead of a
+        function, its closure tuple and two cells (at one reading per read,
+        as in the fleet shape, that is per reading)."""
         self.pending -= 1
         self._write(acks)
         if not self.pending and self.acks_done is not None:
