@@ -204,9 +204,10 @@ class Server:
 INSTALL_HINT = "pip install -e '.[bench]'"
 # Python modules of the [bench] extra each scenario needs: every scenario
 # writes PNG plots (matplotlib); pipelines also runs the uvicorn + httptools
-# reference (python -m uvicorn in this interpreter).
-SCENARIO_MODULES = {"pipelines": ("matplotlib", "uvicorn", "httptools"), "mqtt": ("matplotlib",), "workers": (),
-                    "conns": ("matplotlib",), "sinks": ("matplotlib",), "tls": ("cryptography",), "ws": ()}
+# + uvloop reference (python -m uvicorn in this interpreter).
+SCENARIO_MODULES = {"pipelines": ("matplotlib", "uvicorn", "httptools", "uvloop"), "mqtt": ("matplotlib",),
+                    "workers": (), "conns": ("matplotlib",), "sinks": ("matplotlib",), "tls": ("cryptography",),
+                    "ws": ()}
 
 
 def _py_spy_path(which=shutil.which) -> str | None:
@@ -293,7 +294,7 @@ def gridgate_workers(workers: int, data_dir: Path | None = None, ready_timeout: 
 def reference_app() -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "uvicorn", "bench.reference_app:app", "--host", "127.0.0.1", "--port", str(port),
-           "--http", "httptools", "--loop", "asyncio", "--no-access-log", "--log-level", "warning",
+           "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning",
            "--backlog", "4096"]
     return Server("uvicorn-httptools", cmd, {"PYTHONPATH": str(ROOT)}, address=("127.0.0.1", port))
 

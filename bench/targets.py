@@ -114,7 +114,8 @@ def _mqtt(scen: dict[str, Any]) -> list[Row]:
                           and r.get("shape", "window") == shape)
 
     def loadgen_us(per: dict) -> str:
-        return _us(per.get("gridgate", {}).get("loadgen_cpu_us_per_reading"))
+        g = per.get("gridgate", {})
+        return _us(g.get("loadgen_cpu_us_per_reading_steady") or g.get("loadgen_cpu_us_per_reading"))
 
     def ratio(per: dict) -> tuple[float | None, str]:
         """The median of the per-round ratios (what the issue judges), with
@@ -148,10 +149,12 @@ def _mqtt(scen: dict[str, Any]) -> list[Row]:
     if "gridgate_vs_mosquitto" in v5:
         r = v5["gridgate_vs_mosquitto"]
         out.append(Row("#21", "MQTT 5 QoS 1 gridgate >= 1x mosquitto's MQTT 5", _x(r), r >= 1, loadgen_us(v5)))
-    lg = summary.get("qos1", {}).get("gridgate", {}).get("loadgen_cpu_us_per_reading")
+    q1 = summary.get("qos1", {}).get("gridgate", {})
+    # once every device has connected (the connects are not per-reading work), else the whole run's
+    lg = q1.get("loadgen_cpu_us_per_reading_steady") or q1.get("loadgen_cpu_us_per_reading")
     if lg is not None:
-        out.append(Row("#24", "gridgate-loadgen mqtt <= 5 µs of its CPU per QoS 1 reading (100 x 10)", _us(lg),
-                       lg <= 5.0, _us(lg), "the load generator: see loadgen/mqtt_device.py" if lg > 5 else "-"))
+        out.append(Row("#24", "gridgate-loadgen mqtt <= 5 µs of its CPU per QoS 1 reading (100 x 10, connected)",
+                       _us(lg), lg <= 5.0, _us(lg), "the load generator: see loadgen/mqtt_mux.py" if lg > 5 else "-"))
     return out
 
 

@@ -27,16 +27,16 @@ def no_which(name: str) -> None:
     return None
 
 
-ALL_MODULES = {"matplotlib", "uvicorn", "httptools"}
+ALL_MODULES = {"matplotlib", "uvicorn", "httptools", "uvloop"}
 
 
 @pytest.mark.parametrize("scenarios, installed, missing", [
     (["pipelines", "mqtt", "conns", "sinks"], ALL_MODULES, []),
-    (["pipelines", "mqtt", "conns", "sinks"], set(), ["matplotlib", "uvicorn", "httptools"]),
-    (["pipelines"], {"matplotlib", "uvicorn"}, ["httptools"]),
+    (["pipelines", "mqtt", "conns", "sinks"], set(), ["matplotlib", "uvicorn", "httptools", "uvloop"]),
+    (["pipelines"], {"matplotlib", "uvicorn", "uvloop"}, ["httptools"]),
     # only pipelines runs the uvicorn + httptools reference; every scenario plots
     (["mqtt"], {"matplotlib"}, []),
-    (["mqtt", "conns", "sinks"], {"uvicorn", "httptools"}, ["matplotlib"]),
+    (["mqtt", "conns", "sinks"], {"uvicorn", "httptools", "uvloop"}, ["matplotlib"]),
 ])
 def test_each_scenario_needs_its_modules(scenarios, installed, missing, monkeypatch):
     monkeypatch.setattr(procs, "BIN", Path("/nonexistent"))
@@ -98,7 +98,8 @@ def test_missing_matplotlib_stops_the_run_before_any_scenario(tmp_path):
 
 
 def test_all_names_every_missing_module_at_once(tmp_path):
-    out = run_bench(tmp_path, "matplotlib,uvicorn,httptools", "all")
+    out = run_bench(tmp_path, "matplotlib,uvicorn,httptools,uvloop", "all")
     assert out.returncode == 2
-    assert "missing matplotlib, uvicorn, httptools " in out.stderr
+    # 'all' profiles by default: py-spy is named too where it is not installed
+    assert "missing matplotlib, uvicorn, httptools, uvloop" in out.stderr
     assert out.stdout == "" and not (tmp_path / "out").exists()
