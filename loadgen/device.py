@@ -10,6 +10,7 @@ module and never each other; ``runner.run_device`` picks the kind.
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,11 +235,49 @@ async def _sleep_before_deadline(delay: float, deadline: float) -> None:
 
 async def _run_connections(dev: Device, opts: DeviceOptions, stats: Stats, start: float, deadline: float,
                            rng: random.Random) -> None:
-    schedule = None
+    schedule = device_schedule(opts, start, rng)
+
+    async def serve(stream: Any) -> bool:
+        clean = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dev.reader, stream)
+                nursery.start_soon(dev.pinger, stream)
+                if opts.idle:
+                    await trio.sleep_until(deadline)
+                else:
+                    await dev.sender(stream, schedule, deadline)
+                    await dev.drain()
+                nursery.cancel_scope.cancel()
+            clean = True
+            with trio.move_on_after(2):
+                await dev.say_goodbye(stream)
+        except* (OSError, ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass                    # a drop: counted by connection_loop
+        finally:
+            await dev.close(stream)
+        return clean
+
+    await connection_loop(dev, schedule, deadline, rng, serve)
+
+
+def device_schedule(opts: DeviceOptions, start: float, rng: random.Random) -> Schedule | None:
+    """The open-loop schedule of one device, or None (closed loop, or idle)."""
     if opts.rate_per_device > 0 and not opts.idle:
         # spread devices over the first period so they do not all fire at once
-        schedule = Schedule(start, opts.rate_per_device / opts.batch,
-                            offset=rng.random() * opts.batch / opts.rate_per_device)
+        return Schedule(start, opts.rate_per_device / opts.batch,
+                        offset=rng.random() * opts.batch / opts.rate_per_device)
+    return None
+
+
+async def connection_loop(dev: Device, schedule: Schedule | None, deadline: float, rng: random.Random,
+                          serve: Callable[[Any], Awaitable[bool]]) -> None:
+    """One device's connections until the deadline: connect (with backoff
+    after a refusal or a drop), count, let ``serve`` run the connection
+    (True: it ended cleanly, the device is done), and after a drop owe again
+    what was in flight and reconnect. Shared by the per-device tasks and the
+    mux (loadgen/mqtt_mux.py), which differ only in how they serve."""
+    opts, stats = dev.opts, dev.stats
     backoff = Backoff(opts.backoff_base, opts.backoff_max, rng)
     was_connected = False
     while trio.current_time() < deadline:
@@ -260,28 +299,13 @@ async def _run_connections(dev: Device, opts: DeviceOptions, stats: Stats, start
         was_connected = True
         if schedule is not None:
             _buffer_missed(dev, schedule, stats)
-        clean = False
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(dev.reader, stream)
-                nursery.start_soon(dev.pinger, stream)
-                if opts.idle:
-                    await trio.sleep_until(deadline)
-                else:
-                    await dev.sender(stream, schedule, deadline)
-                    await dev.drain()
-                nursery.cancel_scope.cancel()
-            clean = True
-            with trio.move_on_after(2):
-                await dev.say_goodbye(stream)
-        except* (OSError, ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
-            if not clean:
-                stats.errors += 1
+            clean = await serve(stream)
         finally:
             stats.connected -= 1
-            await dev.close(stream)
         if clean:
             return
+        stats.errors += 1
         # dropped: what was in flight is owed again (a real device resends QoS 1)
         stats.unacked_at_drop += len(dev.inflight) * opts.batch
         dev.replay = sorted(dev.replay + dev.owed())[-OFFLINE_BUFFER:]

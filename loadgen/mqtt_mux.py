@@ -38,7 +38,7 @@ import socket
 
 import trio
 
-from loadgen.device import OFFLINE_BUFFER, Backoff, _buffer_missed, _sleep_before_deadline
+from loadgen.device import connection_loop, device_schedule
 from loadgen.mqtt_device import MqttDevice, RawSocketStream
 from loadgen.schedule import Schedule
 from loadgen.stats import Stats
@@ -324,44 +324,13 @@ class Mux:
 async def drive_muxed(dev: MuxDevice, mux: Mux, start: float, deadline: float, rng: random.Random) -> None:
     """``device.drive`` for a device whose connections the mux runs: connect
     (with backoff), hand the socket over, and after a drop reconnect and
-    replay what it owed."""
-    opts, stats = dev.opts, dev.stats
-    if opts.rate_per_device > 0 and not opts.idle:
-        dev.schedule = Schedule(start, opts.rate_per_device / opts.batch,
-                                offset=rng.random() * opts.batch / opts.rate_per_device)
-    backoff = Backoff(opts.backoff_base, opts.backoff_max, rng)
-    was_connected = False
-    while trio.current_time() < deadline:
-        try:
-            stream = await dev.connect()
-        except (OSError, ConnectionError, trio.TooSlowError):
-            stats.errors += 1
-            if not opts.reconnect:
-                return
-            await _sleep_before_deadline(backoff.next_delay(), deadline)
-            continue
+    replay what it owed (``device.connection_loop``)."""
+    dev.schedule = device_schedule(dev.opts, start, rng)
+
+    async def serve(stream: RawSocketStream) -> bool:
         assert isinstance(stream, RawSocketStream)
-        backoff.reset()
-        stats.connects += 1
-        stats.connected += 1
-        stats.peak_connected = max(stats.peak_connected, stats.connected)
-        if was_connected:
-            stats.reconnects += 1
-        was_connected = True
-        if dev.schedule is not None:
-            _buffer_missed(dev, dev.schedule, stats)
-        if opts.idle:
+        if dev.opts.idle:
             dev.replay = []
-        try:
-            clean = await mux.run_connection(dev, stream)
-        finally:
-            stats.connected -= 1
-        if clean:
-            return
-        stats.errors += 1
-        stats.unacked_at_drop += len(dev.inflight) * opts.batch
-        dev.replay = sorted(dev.replay + dev.owed())[-OFFLINE_BUFFER:]
-        dev.inflight.clear()
-        if not opts.reconnect:
-            return
-        await _sleep_before_deadline(backoff.next_delay(), deadline)
+        return await mux.run_connection(dev, stream)
+
+    await connection_loop(dev, dev.schedule, deadline, rng, serve)
