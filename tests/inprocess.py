@@ -48,6 +48,20 @@ async def read_exactly(stream: trio.abc.Stream, n: int) -> bytes:
     return buf
 
 
+async def read_packet(stream: trio.abc.Stream) -> bytes:
+    """One whole MQTT packet: fixed header, remaining length, body."""
+    head = await read_exactly(stream, 1)
+    length, shift = 0, 0
+    while True:
+        byte = await read_exactly(stream, 1)
+        head += byte
+        length |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            break
+    return head + await read_exactly(stream, length)
+
+
 async def wait_closed(stream: trio.abc.Stream) -> None:
     """Return when the server closed its end."""
     while await stream.receive_some(1024):

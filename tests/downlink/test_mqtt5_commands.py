@@ -17,7 +17,7 @@ from gridgate.config import DownlinkConfig
 from gridgate.downlink.commands import CommandOutbox, new_command
 from gridgate.downlink.wire import Command
 from gridgate.observability.metrics import Metrics
-from inprocess import MemorySink, make_config, read_exactly
+from inprocess import MemorySink, make_config, read_packet
 from mqtt5_frames import (
     CORRELATION_DATA,
     MESSAGE_EXPIRY,
@@ -42,17 +42,6 @@ def command_props(expiry: int, command_id: str = "c-1") -> bytes:
                  prop_bin(CORRELATION_DATA, command_id.encode()))
 
 
-async def read_packet(stream: trio.abc.Stream) -> bytes:
-    head = await read_exactly(stream, 1)
-    length, shift = 0, 0
-    while True:
-        byte = await read_exactly(stream, 1)
-        head += byte
-        length |= (byte[0] & 0x7F) << shift
-        shift += 7
-        if not byte[0] & 0x80:
-            break
-    return head + await read_exactly(stream, length)
 
 
 async def connect(gateway, nursery, clean_start: bool = True, session_expiry: int = 0) -> trio.abc.Stream:

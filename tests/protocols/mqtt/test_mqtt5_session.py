@@ -25,7 +25,7 @@ from gridgate.downlink.wire import Command
 from gridgate.protocols.mqtt.session5 import close_code, trace_context
 from gridgate.protocols.mqtt.session_store import SessionStore, StoredSession
 from gridgate.security.passwords import format_line, hash_password
-from inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_closed
+from inprocess import GatedSink, MemorySink, make_config, read_exactly, read_packet, wait_closed
 from mqtt5_frames import (
     AUTH_METHOD,
     CONTENT_TYPE,
@@ -104,18 +104,6 @@ def reason(text: str) -> bytes:
     return props(prop_str(REASON_STRING, text))
 
 
-async def read_packet(stream: trio.abc.Stream) -> bytes:
-    """One whole MQTT packet: fixed header, remaining length, body."""
-    head = await read_exactly(stream, 1)
-    length, shift = 0, 0
-    while True:
-        byte = await read_exactly(stream, 1)
-        head += byte
-        length |= (byte[0] & 0x7F) << shift
-        shift += 7
-        if not byte[0] & 0x80:
-            break
-    return head + await read_exactly(stream, length)
 
 
 @asynccontextmanager

@@ -20,24 +20,13 @@ from gridgate.observability.metrics import Metrics
 from gridgate.sinks.forwarding import Forwarder, sink_refusal, sink_refused_any
 from gridgate.storage.spool import Spool
 from influxproc import InfluxProcess
-from inprocess import make_config, read_exactly
+from inprocess import make_config, read_packet
 from mqtt5_frames import REASON_STRING, connect5, prop_str, props, puback5, pubcomp5, publish5, pubrec5, pubrel5
 
 REFUSED = ('sink_refused: influxdb: record 0 of the batch cannot be written to InfluxDB: '
            'field key "time" is reserved by InfluxDB')
 
 
-async def read_packet(stream: trio.abc.Stream) -> bytes:
-    head = await read_exactly(stream, 1)
-    length, shift = 0, 0
-    while True:
-        byte = await read_exactly(stream, 1)
-        head += byte
-        length |= (byte[0] & 0x7F) << shift
-        shift += 7
-        if not byte[0] & 0x80:
-            break
-    return head + await read_exactly(stream, length)
 
 
 @pytest.fixture
