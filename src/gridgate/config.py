@@ -138,8 +138,8 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # requests/s at 2 ms, 9.8-13k at 0).
     batch_max_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
     ack: Literal["durable", "received"] = "durable"
-    # Bound of the channel between sessions and the batcher, in work items
-    # (one item = what one socket read produced). A full channel stops readers.
+    # Bound of the queue between sessions and the batcher, in work items
+    # (one item = what one socket read produced). A full queue stops readers.
     queue_max_items: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
     # ... and of the readings those items carry (QoS 0 reads are big).
     queue_max_records: Annotated[int, Meta(ge=1, le=10_000_000)] = 20_000
