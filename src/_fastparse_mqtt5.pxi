@@ -40,7 +40,12 @@ from cpython.number cimport PyNumber_Index
 from cpython.list cimport PyList_GET_ITEM
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy
+
+cdef extern from "Python.h":
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    void* PyUnicode_DATA(object o)
 
 from gridgate.protocols.mqtt import v5 as _m5_v5
 from gridgate.protocols.mqtt.events import PingReq as _m5_PingReq
@@ -242,26 +247,121 @@ cdef long _m5_forbidden(const unsigned char* p, Py_ssize_t n):
     return -1
 
 
+cdef inline uint64_t _m5_not_printable(uint64_t w):
+    """Bit 7 of a byte set where some byte of w is outside 0x20..0x7E (never
+    where none is): the high bit itself, below 0x20 (w - 0x20 borrows into
+    bit 7 of a byte whose own bit 7 is clear), or 0x7F (0x7F + 1 = 0x80).
+    Borrows and carries only cross bytes after an offending byte. (The 3.1.1
+    codec has its own copy: the two codecs do not reach into each other.)"""
+    return (((w - 0x2020202020202020ULL) & ~w) | (w + 0x0101010101010101ULL) | w) & 0x8080808080808080ULL
+
+
+cdef inline bint _m5_printable_ascii(const unsigned char* p, Py_ssize_t n):
+    """All n bytes in 0x20..0x7E, eight at a time: a trace context value is
+    55 bytes, and the byte loop was a tenth of a PUBLISH with properties."""
+    cdef uint64_t w, bad = 0
+    cdef Py_ssize_t i = 0
+    if n < 8:
+        for i in range(n):
+            if p[i] < 0x20 or p[i] > 0x7E:
+                return False
+        return True
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        bad |= _m5_not_printable(w)
+        i += 8
+    if i < n:
+        memcpy(&w, p + n - 8, 8)  # the last 8 bytes, overlapping what was checked (n >= 8)
+        bad |= _m5_not_printable(w)
+    return bad == 0
+
+
 cdef str _m5_utf8(const unsigned char* p, Py_ssize_t n):
     """An MQTT UTF-8 Encoded String, strictly (as v5.check_utf8)."""
     cdef str text
     cdef long bad
-    cdef Py_ssize_t i
+    if _m5_printable_ascii(p, n):
+        # printable ASCII, the common case: valid as it is, and the str is
+        # its bytes (no decoder scan over them again)
+        text = PyUnicode_New(n, 127)
+        memcpy(PyUnicode_DATA(text), p, n)
+        return text
     try:
         # strict: refuses surrogates and overlong forms (MQTT-1.5.4-1)
         text = PyUnicode_DecodeUTF8(<char*>p, n, "strict")
     except UnicodeDecodeError:
         raise _m5_Error(_M5_MALFORMED, "string is not well-formed UTF-8 (MQTT-1.5.4-1)") from None
-    for i in range(n):
-        if p[i] < 0x20 or p[i] >= 0x7F:
-            break
-    else:
-        return text     # printable ASCII, the common case
     bad = _m5_forbidden(p, n)
     if bad >= 0:
         rule = "MQTT-1.5.4-2" if bad == 0 else "section 1.5.4, refused as a MUST"
         raise _m5_Error(_M5_MALFORMED, f"string contains U+{bad:04X} ({rule})")
     return text
+
+
+# The strings a device repeats in every PUBLISH (its Content Type, the names
+# and most values of its User Properties) are decoded once and then found by
+# their bytes: a small fixed cache, one slot per role (slot 0 Content Type,
+# slot 1 + k the k-th User Property pair, k < 4), each holding the last
+# bytes seen there (at most _M5_CACHE_BYTES) and what they gave. A miss
+# replaces the slot, so a peer sending new strings every time costs a memcmp
+# and a memcpy and grows nothing. Only checked strings get in: the result of
+# the checks is a function of the bytes alone, so a hit gives what a decode
+# would. Module-wide (not per connection): the decode of the property block
+# has no codec (mqtt5_decode_properties), and devices of one fleet send the
+# same strings.
+cdef enum:
+    _M5_CACHE_SLOTS = 5
+    _M5_CACHE_PAIRS = 4
+    _M5_CACHE_BYTES = 128
+
+cdef Py_ssize_t[_M5_CACHE_SLOTS] _m5_cache_n1     # -1: empty
+cdef Py_ssize_t[_M5_CACHE_SLOTS] _m5_cache_n2     # the pair's value length (slots 1..)
+cdef unsigned char[_M5_CACHE_SLOTS][_M5_CACHE_BYTES] _m5_cache_raw
+cdef list _m5_CACHE_OBJ = [None] * _M5_CACHE_SLOTS   # the str (slot 0) or the (name, value) tuple
+for _m5_i in range(_M5_CACHE_SLOTS):
+    _m5_cache_n1[_m5_i] = -1
+    _m5_cache_n2[_m5_i] = -1
+
+
+cdef str _m5_cached_utf8(int slot, const unsigned char* p, Py_ssize_t n):
+    """_m5_utf8(p, n) through cache slot `slot`."""
+    cdef str text
+    if n > _M5_CACHE_BYTES:
+        return _m5_utf8(p, n)
+    if _m5_cache_n1[slot] == n and memcmp(_m5_cache_raw[slot], p, n) == 0:
+        return <str><object>PyList_GET_ITEM(_m5_CACHE_OBJ, slot)
+    text = _m5_utf8(p, n)
+    _m5_cache_n1[slot] = -1     # empty while it changes
+    _m5_CACHE_OBJ[slot] = text
+    memcpy(_m5_cache_raw[slot], p, n)
+    _m5_cache_n1[slot] = n
+    return text
+
+
+cdef tuple _m5_cached_pair(Py_ssize_t k, const unsigned char* p, Py_ssize_t at, Py_ssize_t n,
+                           Py_ssize_t at2, Py_ssize_t n2):
+    """The k-th User Property (_m5_utf8 of the name, then of the value) through
+    its cache slot: the same tuple when both are the last ones seen there, the
+    cached name with a newly decoded value when only the name is (a trace id)."""
+    cdef int slot = 1 + <int>k
+    cdef object name
+    cdef tuple pair
+    if k >= _M5_CACHE_PAIRS or n + n2 > _M5_CACHE_BYTES:
+        return (_m5_utf8(p + at, n), _m5_utf8(p + at2, n2))
+    if _m5_cache_n1[slot] == n and memcmp(_m5_cache_raw[slot], p + at, n) == 0:
+        if _m5_cache_n2[slot] == n2 and memcmp(_m5_cache_raw[slot] + n, p + at2, n2) == 0:
+            return <tuple><object>PyList_GET_ITEM(_m5_CACHE_OBJ, slot)
+        name = (<tuple><object>PyList_GET_ITEM(_m5_CACHE_OBJ, slot))[0]
+    else:
+        name = _m5_utf8(p + at, n)
+    pair = (name, _m5_utf8(p + at2, n2))
+    _m5_cache_n1[slot] = -1     # empty while it changes
+    _m5_CACHE_OBJ[slot] = pair
+    memcpy(_m5_cache_raw[slot], p + at, n)
+    memcpy(_m5_cache_raw[slot] + n, p + at2, n2)
+    _m5_cache_n2[slot] = n2
+    _m5_cache_n1[slot] = n
+    return pair
 
 
 cdef inline str _m5_string(const unsigned char* p, Py_ssize_t* pos, Py_ssize_t end):
@@ -306,7 +406,7 @@ cdef object _m5_properties(const unsigned char* p, Py_ssize_t* pos, Py_ssize_t e
                            _m5_Seen* seen):
     """The property block at pos[0] (section 2.2.2) as v5.decode_properties: the
     Properties, pos[0] moved past it, the checks in the same order."""
-    cdef Py_ssize_t q = pos[0], length, stop, at, n, at2, n2, value
+    cdef Py_ssize_t q = pos[0], length, stop, at, n, at2, n2, value, npairs = 0
     cdef unsigned long long dup = 0
     cdef int ident, t
     cdef list found
@@ -371,12 +471,13 @@ cdef object _m5_properties(const unsigned char* p, Py_ssize_t* pos, Py_ssize_t e
             n = q - at
             at2 = _m5_field(p, &q, stop)
             n2 = q - at2
-            obj = (_m5_utf8(p + at, n), _m5_utf8(p + at2, n2))
+            obj = _m5_cached_pair(npairs, p, at, n, at2, n2)
+            npairs += 1
         else:
             at = _m5_field(p, &q, stop)
             n = q - at
             if t == _M5_UTF8:
-                obj = _m5_utf8(p + at, n)
+                obj = _m5_cached_utf8(0, p + at, n) if ident == 0x03 else _m5_utf8(p + at, n)
                 # Response Topic is a topic name (MQTT-3.3.2-14), checked on the bytes
                 if ident == 0x08 and not _m5_topic_name(p + at, n):
                     raise _m5_Error(_M5_PROTOCOL_ERROR, f"Response Topic {obj!r} is not a topic name (MQTT-3.3.2-14)")
@@ -442,22 +543,39 @@ cdef object _m5_properties(const unsigned char* p, Py_ssize_t* pos, Py_ssize_t e
 cdef extern from "Python.h":
     object PyObject_Vectorcall(object callable, PyObject** args, size_t nargsf, object kwnames)
 
+cdef extern from *:
+    int _m5_ctz "__builtin_ctzll"(unsigned long long x)
+
 cdef dict _m5_KWNAMES = {}
+# The last set's names without the dict: a device sends one set, and the
+# look-up made a Python int of the 43-bit mask for each PUBLISH.
+cdef unsigned long long _m5_last_present = 0
+cdef object _m5_last_kwnames = None
 
 
 cdef object _m5_build_properties(list found, unsigned char* where, unsigned long long present):
     cdef PyObject* argv[64]
     cdef Py_ssize_t n = 0
     cdef int ident
-    cdef object kwnames = _m5_KWNAMES.get(present)
-    for ident in range(1, 0x2B):
-        if (present >> ident) & 1:
-            argv[n] = PyList_GET_ITEM(found, where[ident])   # borrowed: found holds them during the call
-            n += 1
-    if kwnames is None:
-        kwnames = tuple([_m5_PROP_ATTR[ident] for ident in range(1, 0x2B) if (present >> ident) & 1])
-        if len(_m5_KWNAMES) < 256:
-            _m5_KWNAMES[present] = kwnames
+    cdef unsigned long long m = present
+    cdef object kwnames
+    global _m5_last_present, _m5_last_kwnames
+    while m:
+        ident = _m5_ctz(m)      # the set bits in ascending order, the kwnames' order
+        m &= m - 1
+        argv[n] = PyList_GET_ITEM(found, where[ident])   # borrowed: found holds them during the call
+        n += 1
+    if present == _m5_last_present:
+        kwnames = _m5_last_kwnames
+    else:
+        kwnames = _m5_KWNAMES.get(present)
+        if kwnames is None:
+            kwnames = tuple([_m5_PROP_ATTR[ident] for ident in range(1, 0x2B) if (present >> ident) & 1])
+            if len(_m5_KWNAMES) < 256:
+                _m5_KWNAMES[present] = kwnames
+        _m5_last_present = 0
+        _m5_last_kwnames = kwnames
+        _m5_last_present = present
     return PyObject_Vectorcall(_m5_Properties, argv, 0, kwnames)
 
 
