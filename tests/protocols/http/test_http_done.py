@@ -46,3 +46,15 @@ async def test_a_second_waiter_is_refused():
         with pytest.raises(RuntimeError, match="one waiter"):
             await done.wait()
         done.set()
+
+
+async def test_then_is_called_once_on_set_after_the_waiter_is_woken():
+    done = Done()
+    calls: list[bool] = []
+    done.then = lambda: calls.append(done.is_set())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(done.wait)
+        await trio.testing.wait_all_tasks_blocked()
+        done.set()
+        done.set()
+        assert calls == [True] and done.then is None

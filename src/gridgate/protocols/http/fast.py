@@ -3,22 +3,25 @@
 One compiled parser per connection (src/_fastparse_http.pxi) is the request
 context, reused for every request; bodies are memoryview slices of the
 receive buffer; the compiled validator decodes them with msgspec; response
-heads are prebuilt bytes. All requests found in one read are begun before
-the first is awaited, so a pipelined burst shares one group commit and its
-answers leave, in order, in one send. Behaviour (statuses, bodies,
-timeouts) is the std engine's: the same tests run against both.
+heads are prebuilt bytes. All requests found in one read are begun
+together, so a pipelined burst shares one group commit and its answers
+leave, in order, in one send; on a TCP socket the commit that makes them
+durable writes them, without waking the connection's task (see _Owed).
+Behaviour (statuses, bodies, timeouts) is the std engine's: the same
+tests run against both.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, final
 
 import trio
 
 from gridgate.errors import HTTPParseError
-from gridgate.protocols.http.api import Answer, HttpError, NeedsAuth, Pending, begin_authenticated, begin_request
+from gridgate.protocols.http.api import Answer, Done, HttpError, NeedsAuth, Pending, begin_authenticated, begin_request
 from gridgate.protocols.http.parser import parser as _parser
 
 if TYPE_CHECKING:
@@ -109,19 +112,139 @@ async def _wait_answers(begun: list[Answer | Pending | bytes]) -> None:
             await item.done.wait()
 
 
-def _render_all(begun: list[Answer | Pending | bytes], heads: list[int] | None, close: bool) -> bytes:
+def _render(entries: list[Answer | Pending | bytes], n: int, heads: list[Pending] | None, close: bool) -> bytes:
+    """The first ``n`` answers owed, as bytes; ``close`` marks the last one."""
+    if n == 1 and heads is None:                   # the usual case: one request per read
+        entry = entries[0]
+        if type(entry) is bytes:
+            return entry
+        return render_response(entry.result() if type(entry) is Pending else entry, close)  # type: ignore[arg-type]
     out: list[bytes] = []
-    last = len(begun) - 1
-    for i, entry in enumerate(begun):
-        if isinstance(entry, bytes):
+    last = n - 1
+    for i in range(n):
+        entry = entries[i]
+        if type(entry) is bytes:
             out.append(entry)
             continue
-        answer = entry.result() if type(entry) is Pending else entry
-        if heads is not None and i in heads:
-            out.append(_head_only(answer, close and i == last))
+        if type(entry) is Pending:
+            answer = entry.result()
+            if heads is not None and entry in heads:
+                heads.remove(entry)
+                out.append(_head_only(answer, close and i == last))
+                continue
         else:
-            out.append(render_response(answer, close and i == last))
+            answer = entry                         # type: ignore[assignment]
+        out.append(render_response(answer, close and i == last))
     return b"".join(out)
+
+
+@final
+class _Owed:
+    """The answers one connection owes, in request order, and who writes them.
+
+    On a TCP socket the answers of a read are written by the commit that
+    makes the last of them durable (``Done.then``), straight to the socket
+    as the MQTT session writes its PUBACKs: the connection's task is not
+    woken by the commit, it only waits for its next read. That halves the
+    scheduler trips of a request (issue 24). The task writes them itself
+    (``held``) where the order of what it sends matters: a request with
+    Connection: close, an error's answer, 100 Continue, the pipelining
+    bound, the end of the connection; and on other streams (TLS, in-memory).
+    """
+    __slots__ = ("entries", "sizes", "heads", "fd", "sock", "session", "nursery", "held", "closed", "writer")
+
+    def __init__(self, fd: int, sock: trio.socket.SocketType | None, session: Session,
+                 nursery: Callable[[], trio.Nursery]) -> None:
+        self.entries: list[Answer | Pending | bytes] = []
+        # requests per read, oldest first: a read's answers leave together,
+        # in one write, when all of them are ready
+        self.sizes: list[int] = []
+        self.heads: list[Pending] | None = None   # HEAD requests answered later (a cluster node's GET)
+        self.fd = fd
+        self.sock = sock
+        self.session = session
+        self.nursery = nursery
+        self.held = False          # the task is writing: a commit only wakes it
+        self.closed = False        # the connection ended: its fd may be another socket's now
+        # set while a task writes what the socket did not take at once
+        self.writer: trio.Event | None = None
+
+    def answered(self) -> None:
+        """A Done's ``then``: a request owed here is answered."""
+        if not (self.held or self.closed or self.writer is not None):
+            self.write_ready()
+
+    def write_ready(self) -> None:
+        """Write the answers of every read whose answers are all ready, oldest
+        first, in one write; what the socket does not take goes to a writer task."""
+        entries = self.entries
+        n = 0
+        groups = 0
+        for size in self.sizes:
+            end = n + size
+            i = n
+            while i < end:
+                entry = entries[i]
+                if type(entry) is Pending and not entry.done.is_set():
+                    break
+                i += 1
+            if i < end:
+                break
+            n = end
+            groups += 1
+        if not n:
+            return
+        payload = _render(entries, n, self.heads, False)
+        del entries[:n]
+        del self.sizes[:groups]
+        try:
+            sent = os.write(self.fd, payload)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:              # reset or EPIPE: the task's read sees the close too
+            self.closed = True
+            self.session.close(f"connection lost: {exc.strerror}")
+            return
+        if sent < len(payload):
+            self.writer = trio.Event()
+            self.nursery().start_soon(self._write_rest, payload, sent)
+
+    async def _write_rest(self, payload: bytes, sent: int) -> None:
+        try:
+            if not self.closed:
+                assert self.sock is not None
+                await _send_rest(self.sock, payload, sent)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if not self.closed:             # else the connection ended first: its stream is closed
+                self.closed = True
+                self.session.close(f"connection lost: {exc}")
+        finally:
+            writer, self.writer = self.writer, None
+            if writer is not None:
+                writer.set()
+        if not (self.held or self.closed):
+            self.write_ready()              # what became ready meanwhile
+
+    async def finish(self, stream: trio.abc.Stream, services: Services, close: bool) -> None:
+        """The task writes every answer owed (waiting for each), after what a
+        writer task is still sending; ``close`` marks the last one."""
+        self.held = True
+        try:
+            entries = self.entries
+            services.poll_durable()
+            # services.durable_timeouts sets done (expired) at the durable
+            # timeout: no cancel scope per request
+            await _wait_answers(entries)
+            if self.writer is not None:
+                await self.writer.wait()
+            payload = _render(entries, len(entries), self.heads, close)
+            entries.clear()
+            self.sizes.clear()
+            self.heads = None
+            if payload:
+                await _send(stream, self.sock, self.fd, payload)
+        finally:
+            self.held = False
 
 
 async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: Session) -> None:
@@ -129,7 +252,7 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
     # connection): one frame (reads are inlined, no closures), no cancel
     # scope of its own (a graceful stop cancels the connection's scope,
     # which ends an idle read as a read scope would), and nothing of its
-    # last request (the answered list is emptied, the parser drops its read).
+    # last request (answers leave the owed list, the parser drops its read).
     cfg = services.config.http
     http = _parser
     parser = http.HTTPRequestParser(cfg.max_header_bytes, cfg.max_body_bytes)
@@ -141,6 +264,10 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
         # (TLS, WebSocket, in-memory) go through the Stream API.
         sock = stream.socket
         fd = sock.fileno()
+    owed = _Owed(fd, sock, session, services.connection_nursery)
+    entries = owed.entries
+    # a commit writes the answers itself only on a plain socket (see _Owed)
+    on_done = owed.answered if sock is not None else None     # one bound method per connection
     wait_readable = trio.lowlevel.wait_readable
     read = os.read
     # https with a verified client certificate: the identity of every request on it
@@ -149,118 +276,129 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
     deadline = inf               # for the head or body now arriving; inf while idle
     phase = 0                    # 0 idle (the reaper watches), 1 head arriving, 2 body arriving
     continued = False            # 100 Continue sent for the current request
-    begun: list[Answer | Pending | bytes] = []
     started: Answer | Pending | NeedsAuth | None
     data: bytes | bytearray | None
-    while True:
-        heads: list[int] | None = None   # HEAD requests answered later (a cluster node's GET)
-        close = False
-        error: HTTPParseError | None = None
-        state = 0
-        try:
-            while len(begun) < _MAX_PIPELINED:
-                state = parser.next()
-                if state != REQUEST:
-                    break
-                started = begin_request(services, parser, "fast")
-                if type(started) is NeedsAuth:
-                    # the parser keeps this request while the check waits: nothing else reads it
-                    started = await begin_authenticated(services, parser, "fast", session.remote, certificate)
-                if parser.method == "HEAD" and type(started) is not Pending:
-                    # RFC 9110 9.3.2: GET's answer without its body, rendered now
-                    begun.append(_head_only(started, not parser.keep_alive))
+    try:
+        while True:
+            close = False
+            error: HTTPParseError | None = None
+            state = 0
+            count = 0                # requests begun from this read
+            try:
+                while len(entries) < _MAX_PIPELINED:
+                    state = parser.next()
+                    if state != REQUEST:
+                        break
+                    started = begin_request(services, parser, "fast")
+                    if type(started) is NeedsAuth:
+                        # the parser keeps this request while the check waits: nothing else reads it
+                        started = await begin_authenticated(services, parser, "fast", session.remote, certificate)
+                    count += 1
+                    if parser.method == "HEAD" and type(started) is not Pending:
+                        # RFC 9110 9.3.2: GET's answer without its body, rendered now
+                        entries.append(_head_only(started, not parser.keep_alive))
+                    else:
+                        if type(started) is Pending:
+                            if parser.method == "HEAD":
+                                owed.heads = (owed.heads or []) + [started]
+                            if on_done is not None and type(started.done) is Done and parser.keep_alive:
+                                started.done.then = on_done
+                        entries.append(started)
+                    started = None
+                    continued = False
+                    if not parser.keep_alive:
+                        close = True
+                        break
+            except HTTPParseError as exc:
+                error = exc
+            if count:
+                owed.sizes.append(count)
+                if close or error is not None or state == REQUEST or on_done is None:
+                    # the task answers: the last answer closes, an error's
+                    # answer follows, the pipelining bound, another stream
+                    await owed.finish(stream, services, close)
                 else:
-                    if parser.method == "HEAD":
-                        heads = (heads or []) + [len(begun)]
-                    begun.append(started)
-                started = None
-                continued = False
-                if not parser.keep_alive:
-                    close = True
-                    break
-        except HTTPParseError as exc:
-            error = exc
-        if begun:
-            services.poll_durable()
-            # services.durable_timeouts sets done (expired) at the durable
-            # timeout: no cancel scope per request
-            await _wait_answers(begun)
-            payload = _render_all(begun, heads, close)
-            begun.clear()
-            if sock is None:
-                await stream.send_all(payload)
+                    services.poll_durable()
+                    if owed.writer is None:
+                        owed.write_ready()
+                phase = 0
+            if error is not None:
+                if entries or owed.writer is not None:
+                    await owed.finish(stream, services, False)
+                services.metrics.protocol_errors.labels("http", error.error).inc()
+                session.close_reason = f"bad request: {error}"
+                body = HttpError(error.status, error.error, error.detail).body()
+                await _send(stream, sock, fd, render_response((error.status, body, b"application/json", []), True))
+                return
+            if close:
+                return
+            if state == REQUEST:         # the pipelining bound: answered, now go on parsing
+                continue
+            # slowloris: a head must arrive within header_timeout_s of its first
+            # byte, a body within body_timeout_s of its head
+            if state == HEAD:
+                if phase != 2:
+                    phase = 2
+                    deadline = trio.current_time() + cfg.body_timeout_s
+                if parser.expect_continue and not continued:
+                    continued = True
+                    if entries or owed.writer is not None:   # the answers owed come first
+                        await owed.finish(stream, services, False)
+                    await _send(stream, sock, fd, _CONTINUE)
+            elif parser.buffered:
+                if phase != 1:
+                    phase = 1
+                    deadline = trio.current_time() + cfg.header_timeout_s
             else:
-                sent = _write_now(fd, payload)
-                if sent < len(payload):
-                    await _send_rest(sock, payload, sent)
-            del payload
-            phase = 0
-        if error is not None:
-            services.metrics.protocol_errors.labels("http", error.error).inc()
-            session.close_reason = f"bad request: {error}"
-            body = HttpError(error.status, error.error, error.detail).body()
-            await _send(stream, sock, fd, render_response((error.status, body, b"application/json", []), True))
-            return
-        if close:
-            return
-        if state == REQUEST:         # the pipelining bound: answer, then go on parsing
-            continue
-        # slowloris: a head must arrive within header_timeout_s of its first
-        # byte, a body within body_timeout_s of its head
-        if state == HEAD:
-            if phase != 2:
-                phase = 2
-                deadline = trio.current_time() + cfg.body_timeout_s
-            if parser.expect_continue and not continued:
-                continued = True
-                await _send(stream, sock, fd, _CONTINUE)
-        elif parser.buffered:
-            if phase != 1:
-                phase = 1
-                deadline = trio.current_time() + cfg.header_timeout_s
-        else:
-            phase = 0
-            deadline = inf
-        data = None
-        try:
-            if sock is None:
-                if deadline == inf:          # idle: no cancel scope to build
-                    data = await stream.receive_some(_READ_SIZE)
-                else:
-                    with trio.move_on_at(deadline):
+                phase = 0
+                deadline = inf
+            data = None
+            try:
+                if sock is None:
+                    if deadline == inf:          # idle: no cancel scope to build
                         data = await stream.receive_some(_READ_SIZE)
-            elif deadline == inf:
-                # Wait first, then read: the next request of a client with one
-                # in flight is sent only after it got our answer, so a read
-                # right away would nearly always be a wasted EAGAIN syscall.
-                while data is None:
-                    await wait_readable(fd)
-                    try:
-                        data = read(fd, _READ_SIZE)
-                    except BlockingIOError:
-                        pass
-            else:
-                with trio.move_on_at(deadline):
+                    else:
+                        with trio.move_on_at(deadline):
+                            data = await stream.receive_some(_READ_SIZE)
+                elif deadline == inf:
+                    # Wait first, then read: the next request of a client with one
+                    # in flight is sent only after it got our answer, so a read
+                    # right away would nearly always be a wasted EAGAIN syscall.
                     while data is None:
                         await wait_readable(fd)
                         try:
                             data = read(fd, _READ_SIZE)
                         except BlockingIOError:
                             pass
-        except OSError as exc:           # reset by the peer: SocketStream would say BrokenResourceError
-            raise trio.BrokenResourceError(str(exc)) from exc
-        if data is None:
-            if state == HEAD:
-                session.close_reason = "request body timeout"
-                body = b'{"error":"timeout","detail":"request body too slow"}'
-                await _send(stream, sock, fd, render_response((408, body, b"application/json", []), True))
-            else:
-                session.close_reason = "request head timeout"
-            return
-        if not data:
-            return
-        session.last_seen = trio.current_time()
-        if phase == 0:
-            phase = 1
-            deadline = session.last_seen + cfg.header_timeout_s
-        parser.feed(data)
+                else:
+                    with trio.move_on_at(deadline):
+                        while data is None:
+                            await wait_readable(fd)
+                            try:
+                                data = read(fd, _READ_SIZE)
+                            except BlockingIOError:
+                                pass
+            except OSError as exc:           # reset by the peer: SocketStream would say BrokenResourceError
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if not data:
+                # a timeout or the client's end of sending: what is owed is
+                # still answered (a client may half-close and wait), as before
+                if entries or owed.writer is not None:
+                    await owed.finish(stream, services, False)
+            if data is None:
+                if state == HEAD:
+                    session.close_reason = "request body timeout"
+                    body = b'{"error":"timeout","detail":"request body too slow"}'
+                    await _send(stream, sock, fd, render_response((408, body, b"application/json", []), True))
+                else:
+                    session.close_reason = "request head timeout"
+                return
+            if not data:
+                return
+            session.last_seen = trio.current_time()
+            if phase == 0:
+                phase = 1
+                deadline = session.last_seen + cfg.header_timeout_s
+            parser.feed(data)
+    finally:
+        owed.closed = True
