@@ -51,7 +51,12 @@ async def test_a_second_waiter_is_refused():
 async def test_then_is_called_once_on_set_after_the_waiter_is_woken():
     done = Done()
     calls: list[bool] = []
-    done.then = lambda: calls.append(done.is_set())
+
+    class Owner:
+        def answered(self) -> None:
+            calls.append(done.is_set())
+
+    done.then = Owner()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(done.wait)
         await trio.testing.wait_all_tasks_blocked()

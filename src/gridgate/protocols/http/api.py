@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, final
 from urllib.parse import unquote
@@ -131,6 +131,14 @@ class Waitable(Protocol):
     async def wait(self) -> None: ...
 
 
+class Answered(Protocol):
+    """Who a Done tells that it is set (``Done.then``): the fast engine's
+    connection that owes the answer (an object it has anyway, where a
+    bound method would be one more per connection)."""
+
+    def answered(self) -> None: ...
+
+
 @final
 class Done:
     """trio.Event for one waiter, the connection's task: trio.Event keeps
@@ -138,7 +146,7 @@ class Done:
     per telemetry request, so at 1,000 connections each with a request in
     flight the sets alone were about 0.2 KiB per connection (issue 24).
 
-    ``then``, when set, is called once by ``set`` (after waking the waiter,
+    ``then``, when set, is told once by ``set`` (after waking the waiter,
     if any): the fast engine writes an answer from there, so the
     connection's task need not be woken by the commit at all.
     """
@@ -147,7 +155,7 @@ class Done:
     def __init__(self) -> None:
         self._flag = False
         self._task: trio.lowlevel.Task | None = None
-        self.then: Callable[[], None] | None = None
+        self.then: Answered | None = None
 
     def is_set(self) -> bool:
         return self._flag
@@ -162,7 +170,7 @@ class Done:
             then = self.then
             if then is not None:
                 self.then = None
-                then()
+                then.answered()
 
     async def wait(self) -> None:
         """A checkpoint, as trio.Event.wait is, whether or not it blocks."""

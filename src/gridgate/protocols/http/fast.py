@@ -105,24 +105,30 @@ async def _send_rest(sock: trio.socket.SocketType, data: bytes, sent: int) -> No
         raise trio.BrokenResourceError(str(exc)) from exc
 
 
-async def _wait_answers(begun: list[Answer | Pending | bytes]) -> None:
+async def _wait_answers(begun: list[Answer | Pending | bytes | int]) -> None:
     # its own frame, so no loop variable keeps a request alive after its answer
     for item in begun:
         if type(item) is Pending and not item.done.is_set():
             await item.done.wait()
 
 
-def _render(entries: list[Answer | Pending | bytes], n: int, heads: list[Pending] | None, close: bool) -> bytes:
-    """The first ``n`` answers owed, as bytes; ``close`` marks the last one."""
-    if n == 1 and heads is None:                   # the usual case: one request per read
+def _render(entries: list[Answer | Pending | bytes | int], n: int, heads: list[Pending] | None,
+            close: bool) -> bytes:
+    """The first ``n`` entries owed (the ints among them mark where a read's
+    requests end), as bytes; ``close`` marks the last answer."""
+    if n == 2 and heads is None:                   # the usual case: one request per read
         entry = entries[0]
         if type(entry) is bytes:
             return entry
         return render_response(entry.result() if type(entry) is Pending else entry, close)  # type: ignore[arg-type]
     out: list[bytes] = []
     last = n - 1
-    for i in range(n):
+    while last >= 0 and type(entries[last]) is int:
+        last -= 1
+    for i in range(last + 1):
         entry = entries[i]
+        if type(entry) is int:
+            continue
         if type(entry) is bytes:
             out.append(entry)
             continue
@@ -151,14 +157,14 @@ class _Owed:
     Connection: close, an error's answer, 100 Continue, the pipelining
     bound, the end of the connection; and on other streams (TLS, in-memory).
     """
-    __slots__ = ("entries", "sizes", "heads", "fd", "sock", "session", "nursery", "held", "closed", "writer")
+    __slots__ = ("entries", "heads", "fd", "sock", "session", "nursery", "held", "closed", "writer")
 
     def __init__(self, fd: int, sock: trio.socket.SocketType | None, session: Session,
                  nursery: Callable[[], trio.Nursery]) -> None:
-        self.entries: list[Answer | Pending | bytes] = []
-        # requests per read, oldest first: a read's answers leave together,
-        # in one write, when all of them are ready
-        self.sizes: list[int] = []
+        # answers owed, oldest first, each read's followed by an int: a
+        # read's answers leave together, in one write, when all are ready
+        # (an int, not a list of sizes: one list less per connection)
+        self.entries: list[Answer | Pending | bytes | int] = []
         self.heads: list[Pending] | None = None   # HEAD requests answered later (a cluster node's GET)
         self.fd = fd
         self.sock = sock
@@ -179,24 +185,17 @@ class _Owed:
         first, in one write; what the socket does not take goes to a writer task."""
         entries = self.entries
         n = 0
-        groups = 0
-        for size in self.sizes:
-            end = n + size
-            i = n
-            while i < end:
-                entry = entries[i]
-                if type(entry) is Pending and not entry.done.is_set():
-                    break
-                i += 1
-            if i < end:
+        i = 0
+        for entry in entries:
+            i += 1
+            if type(entry) is int:
+                n = i
+            elif type(entry) is Pending and not entry.done.is_set():
                 break
-            n = end
-            groups += 1
         if not n:
             return
         payload = _render(entries, n, self.heads, False)
         del entries[:n]
-        del self.sizes[:groups]
         try:
             sent = os.write(self.fd, payload)
         except BlockingIOError:
@@ -239,7 +238,6 @@ class _Owed:
                 await self.writer.wait()
             payload = _render(entries, len(entries), self.heads, close)
             entries.clear()
-            self.sizes.clear()
             self.heads = None
             if payload:
                 await _send(stream, self.sock, self.fd, payload)
@@ -267,7 +265,7 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
     owed = _Owed(fd, sock, session, services.connection_nursery)
     entries = owed.entries
     # a commit writes the answers itself only on a plain socket (see _Owed)
-    on_done = owed.answered if sock is not None else None     # one bound method per connection
+    on_done = owed if sock is not None else None
     wait_readable = trio.lowlevel.wait_readable
     read = os.read
     # https with a verified client certificate: the identity of every request on it
@@ -312,7 +310,7 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
             except HTTPParseError as exc:
                 error = exc
             if count:
-                owed.sizes.append(count)
+                entries.append(count)        # where this read's requests end
                 if close or error is not None or state == REQUEST or on_done is None:
                     # the task answers: the last answer closes, an error's
                     # answer follows, the pipelining bound, another stream
