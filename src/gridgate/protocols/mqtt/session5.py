@@ -65,6 +65,7 @@ from gridgate.protocols.mqtt.v5 import (
     CLIENT_IDENTIFIER_NOT_VALID,
     IMPLEMENTATION_SPECIFIC_ERROR,
     KEEP_ALIVE_TIMEOUT,
+    NO_PROPERTIES,
     NO_SUBSCRIPTION_EXISTED,
     NOT_AUTHORIZED,
     PACKET_IDENTIFIER_NOT_FOUND,
@@ -443,6 +444,9 @@ class MQTT5Connection(MQTTConnection):
         reject_over_limit = limits.readings_limited and limits.config.mqtt5_on_limit == "reject"
         unpaid: list[Record] = []      # under "reject": QoS 0 readings, which only a pause can charge
         unpaid_bytes = 0
+        client_id, telemetry, protocol = self.client_id, self.telemetry_topic, self.protocol
+        validate_into = self.svc.validate_into
+        plain_ok = client_id is not None and self.allowed_topics is None and not reject_over_limit
         for ev in events:
             if type(ev) is Publish5:
                 if self.client_id is None:
@@ -463,7 +467,20 @@ class MQTT5Connection(MQTTConnection):
                         acks.append(codec5.encode_pubrec(ev.packet_id, SUCCESS, None, self.client_max_packet))
                         continue      # a redelivery of readings already held: stored once
                 stored = 0
-                if ev.topic == self.response_topic:
+                if plain_ok and ev.properties is NO_PROPERTIES and (ev.topic == telemetry or ev.topic == "telemetry"):
+                    # the common reading (no properties, the device's own topic, no ACL or quota to
+                    # judge): what _take and puback_reason do, without their calls per PUBLISH
+                    payload = ev.payload
+                    n_before, r_before = len(rejections), len(records)
+                    taken = validate_into(payload, "json" if not payload or payload[0] in _JSON_FIRST else "msgpack",
+                                          protocol, client_id, publish_ns, records, rejections)
+                    self._next_ns = publish_ns + taken + 1
+                    stored = len(records) - r_before
+                    if len(rejections) == n_before:
+                        code, text = SUCCESS, None
+                    else:
+                        code, text = puback_reason(stored, rejections[n_before:])
+                elif ev.topic == self.response_topic:
                     # a command's answer, not a reading: acked in order with the readings before it
                     code, text = self._command_ack(ev)
                 else:
@@ -488,7 +505,8 @@ class MQTT5Connection(MQTTConnection):
                     spans.append((len(acks), ev.qos, ev.packet_id, len(records) - stored, len(records)))
                 if ev.qos == 1:
                     qos1_acks += 1
-                    acks.append(codec5.encode_puback(ev.packet_id, code, self._reason_props(text),
+                    acks.append(codec5.encode_puback(ev.packet_id, code,
+                                                     None if text is None else self._reason_props(text),
                                                      self.client_max_packet))
                 elif ev.qos == 2:
                     if code < 0x80:
