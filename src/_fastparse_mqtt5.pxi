@@ -1484,3 +1484,75 @@ def mqtt5_decode_properties(buf, pos, end, packet):
 def mqtt5_encode_properties(props, packet):
     """Property Length and the properties of ``props`` for ``packet``, or ValueError/TypeError."""
     return _m5_encode_properties(props, _m5_packet_type(packet), False)
+
+
+# -- the 5.0 session's run of plain readings (twin: gridgate.protocols.mqtt.codec5_py.take_publishes5) --
+
+def take_publishes5(list events, Py_ssize_t start, object telemetry_topic, object validate_into, str protocol,
+                    object client_id, object next_ns, object clock, Py_ssize_t max_qos1, list records,
+                    list rejections, list acks, object spans):
+    """See the twin, gridgate.protocols.mqtt.codec5_py.take_publishes5:
+    compiled as 3.1.1's take_publishes is, because the session's Python loop
+    over each read's publishes was a measurable share of the CPU per
+    reading."""
+    cdef Py_ssize_t i = start, n = len(events), qos1 = 0, n_before, r_before, size
+    cdef object ev, payload, topic, now, publish_ns, first = 0
+    cdef long qos, pid
+    cdef Py_buffer *view
+    cdef unsigned char c
+    cdef unsigned char *q
+    cdef bytes ack
+    if spans is not None and type(spans) is not list:
+        raise TypeError("spans must be a list or None")
+    if start < 0:
+        raise IndexError("start must not be negative")     # events[i] below is unchecked
+    while i < n:
+        ev = events[i]
+        if type(ev) is not _m5_Publish5:
+            break
+        if (<object>ev).properties is not _m5_NO_PROPERTIES or (<object>ev).retain:
+            break
+        qos = (<object>ev).qos
+        if qos != 0 and qos != 1:
+            break
+        topic = (<object>ev).topic
+        if not (topic == telemetry_topic or topic == "telemetry"):
+            break
+        if qos:
+            if qos1 >= max_qos1:
+                break
+            qos1 += 1
+        now = clock()
+        publish_ns = now if now > next_ns else next_ns
+        if first == 0:
+            first = publish_ns
+        i += 1
+        payload = (<object>ev).payload
+        if type(payload) is memoryview:             # what the codec gives: a slice of the read
+            view = PyMemoryView_GET_BUFFER(payload)
+            size = view.len
+            c = (<unsigned char *>view.buf)[0] if size > 0 else 0
+        else:                                       # bytes (a packet that spanned reads), or any buffer
+            size = len(payload)
+            c = payload[0] if size > 0 else 0
+        n_before = len(rejections)
+        r_before = len(records)
+        next_ns = publish_ns + validate_into(payload, "json" if size == 0 or _mq_JSON_FIRST[c] else "msgpack",
+                                             protocol, client_id, publish_ns, records, rejections) + 1
+        if not qos:
+            continue
+        if len(rejections) != n_before:
+            return i, next_ns, first, ((<object>ev).packet_id, r_before, n_before)
+        pid = (<object>ev).packet_id
+        if pid < 0 or pid > 0xFFFF:
+            raise ValueError(f"packet id {pid} out of range")
+        if spans is not None and len(records) != r_before:
+            (<list>spans).append((len(acks), 1, (<object>ev).packet_id, r_before, len(records)))
+        ack = PyBytes_FromStringAndSize(NULL, 4)
+        q = <unsigned char *>PyBytes_AS_STRING(ack)
+        q[0] = 0x40
+        q[1] = 2
+        q[2] = <unsigned char>(pid >> 8)
+        q[3] = <unsigned char>(pid & 0xFF)
+        acks.append(ack)
+    return i, next_ns, first, None

@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
+from gridgate.ingest.records import Record, Rejection
 from gridgate.protocols.mqtt.events import PingReq
 from gridgate.protocols.mqtt.events5 import (
     Auth,
@@ -69,6 +70,7 @@ from gridgate.protocols.mqtt.v5 import (
     DISCONNECT,
     MALFORMED_PACKET,
     MAX_VBI,
+    NO_PROPERTIES,
     PACKET_TOO_LARGE,
     PINGREQ,
     PINGRESP,
@@ -100,7 +102,7 @@ from gridgate.protocols.mqtt.v5 import (
 __all__ = [
     "MQTT5Codec", "MAX_PACKET_BYTES", "encode_connack", "encode_publish", "encode_puback", "encode_pubrec",
     "encode_pubrel", "encode_pubcomp", "encode_suback", "encode_unsuback", "encode_pingresp",
-    "encode_disconnect", "encode_auth",
+    "encode_disconnect", "encode_auth", "take_publishes5",
 ]
 
 MAX_PACKET_BYTES = MAX_VBI + 5
@@ -666,3 +668,71 @@ def encode_publish(topic: str, payload: bytes | bytearray | memoryview, qos: int
     out += head
     out += body
     return bytes(out)
+
+
+# -- the 5.0 session's per-PUBLISH step for plain readings ----------------------
+
+# Bytes a JSON document can start with; anything else is MessagePack (3.1.1's
+# rule, codec_py.take_publishes: a plain PUBLISH has no Content Type to say).
+_JSON_FIRST = frozenset(b'{["-0123456789tfn \t\r\n')
+
+
+def take_publishes5(events: list[Event5], start: int, telemetry_topic: str | None,
+                    validate_into: Callable[..., int], protocol: str, client_id: str | None, next_ns: int,
+                    clock: Callable[[], int], max_qos1: int, records: list[Record], rejections: list[Rejection],
+                    acks: list[bytes], spans: list[tuple[int, int, int, int, int]] | None,
+                    ) -> tuple[int, int, int, tuple[int, int, int] | None]:
+    """What an MQTT 5.0 session does with a run of plain readings of one
+    read, from events[start]: consecutive ``Publish5`` events with no
+    properties (``NO_PROPERTIES`` itself), not retained, QoS 0 or 1, on the
+    device's telemetry topic or plain "telemetry". It stops before any
+    other event (the session's own loop handles it) and before a QoS 1
+    publish once ``max_qos1`` QoS 1 publishes were taken (what Receive
+    Maximum still allows: the caller refuses the next one).
+
+    Each publish's payload (JSON or MessagePack by its first byte) is
+    validated into ``records`` and ``rejections`` with a receive time from
+    ``clock`` (ns) later than ``next_ns`` and than the last publish's
+    readings. A QoS 1 publish that gave no rejection is acknowledged: its
+    PUBACK 0x00 (4 bytes, no properties) is appended to ``acks`` and, when
+    ``spans`` is a list and it stored records, (its index in ``acks``, 1, its
+    packet id, its records' start and end in ``records``) to ``spans``, so a
+    refusal by the external sink can turn that ack into 0x83. A QoS 1
+    publish that gave rejections is the last one taken and is NOT
+    acknowledged: the caller picks its reason code (``puback_reason``).
+    A QoS 0 one has no answer: its rejections do not stop the run.
+
+    Returns (the index it stopped at, the next ``next_ns``, the first
+    publish's receive time or 0, ``rejected``): ``rejected`` is None, or
+    for that last unacknowledged QoS 1 publish (its packet id,
+    len(records) and len(rejections) before it).
+    """
+    if start < 0:
+        raise IndexError("start must not be negative")
+    i, n, first, qos1 = start, len(events), 0, 0
+    while i < n:
+        ev = events[i]
+        if (type(ev) is not Publish5 or ev.properties is not NO_PROPERTIES or ev.retain or ev.qos == 2
+                or (ev.topic != telemetry_topic and ev.topic != "telemetry")):
+            break
+        if ev.qos:
+            if qos1 >= max_qos1:
+                break
+            qos1 += 1
+        now = clock()
+        publish_ns = now if now > next_ns else next_ns
+        if not first:
+            first = publish_ns
+        i += 1
+        payload = ev.payload
+        n_before, r_before = len(rejections), len(records)
+        next_ns = publish_ns + validate_into(payload, "json" if not payload or payload[0] in _JSON_FIRST else "msgpack",
+                                             protocol, client_id, publish_ns, records, rejections) + 1
+        if not ev.qos:
+            continue
+        if len(rejections) != n_before:
+            return i, next_ns, first, (ev.packet_id, r_before, n_before)
+        if spans is not None and len(records) != r_before:
+            spans.append((len(acks), 1, ev.packet_id, r_before, len(records)))
+        acks.append(bytes((PUBACK << 4, 2, ev.packet_id >> 8, ev.packet_id & 0xFF)))
+    return i, next_ns, first, None

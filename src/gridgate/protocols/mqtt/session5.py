@@ -447,58 +447,93 @@ class MQTT5Connection(MQTTConnection):
         client_id, telemetry, protocol = self.client_id, self.telemetry_topic, self.protocol
         validate_into = self.svc.validate_into
         plain_ok = client_id is not None and self.allowed_topics is None and not reject_over_limit
-        for ev in events:
+        i, n = 0, len(events)
+        while i < n:
+            ev = events[i]
+            i += 1
             if type(ev) is Publish5:
                 if self.client_id is None:
                     continue      # cannot happen: the codec takes nothing before CONNECT
-                if ev.retain:
-                    # Retain Available is 0: the client may not set RETAIN (MQTT-3.2.2-14); DISCONNECT 0x9A (3.3.1.3)
-                    self._disconnect(RETAIN_NOT_SUPPORTED, "retained messages are not supported")
-                    self.session.close_reason = "protocol error: retain_not_supported"
-                    keep_open = False
-                    break
-                now = time.time_ns()
-                publish_ns = now if now > self._next_ns else self._next_ns
-                received_ns = received_ns or publish_ns
-                if ev.qos == 2:
-                    if self.qos2_unreleased is None:
-                        self.qos2_unreleased = set()
-                    if ev.packet_id in self.qos2_unreleased:
-                        acks.append(codec5.encode_pubrec(ev.packet_id, SUCCESS, None, self.client_max_packet))
-                        continue      # a redelivery of readings already held: stored once
-                stored = 0
-                if plain_ok and ev.properties is NO_PROPERTIES and (ev.topic == telemetry or ev.topic == "telemetry"):
-                    # the common reading (no properties, the device's own topic, no ACL or quota to
-                    # judge): what _take and puback_reason do, without their calls per PUBLISH
-                    payload = ev.payload
-                    n_before, r_before = len(rejections), len(records)
-                    taken = validate_into(payload, "json" if not payload or payload[0] in _JSON_FIRST else "msgpack",
-                                          protocol, client_id, publish_ns, records, rejections)
-                    self._next_ns = publish_ns + taken + 1
-                    stored = len(records) - r_before
-                    if len(rejections) == n_before:
-                        code, text = SUCCESS, None
-                    else:
+                rejected: tuple[int, int, int] | None = None
+                stored, code = 0, SUCCESS
+                text: str | None = None
+                if (plain_ok and ev.properties is NO_PROPERTIES and ev.qos != 2 and not ev.retain
+                        and (ev.topic == telemetry or ev.topic == "telemetry")
+                        and (room := self.receive_maximum - self.inflight - qos1_acks
+                             - len(self.qos2_unreleased or ())) >= 0):
+                    # the common readings (no properties, the device's own topic, no ACL or quota to
+                    # judge): the run of them taken in one compiled call, as 3.1.1's take_publishes does;
+                    # each 0x00 PUBACK and its span for _sink_refused appended there. It stops before a
+                    # QoS 1 publish over what Receive Maximum still allows (below: DISCONNECT 0x93) and
+                    # after one whose payload had rejections (below: its reason code).
+                    if self.ack_durable and spans is None:
+                        spans = []
+                    a_before = len(acks)
+                    stop, self._next_ns, first_ns, rejected = codec5.take_publishes5(
+                        events, i - 1, telemetry, validate_into, protocol, client_id, self._next_ns, time.time_ns,
+                        room, records, rejections, acks, spans)
+                    if stop >= i:
+                        received_ns = received_ns or first_ns
+                        qos1_acks += len(acks) - a_before
+                        i = stop
+                        if rejected is None:
+                            continue
+                        ev = events[i - 1]
+                        assert type(ev) is Publish5
+                        _, r_before, n_before = rejected
+                        stored = len(records) - r_before
                         code, text = puback_reason(stored, rejections[n_before:])
-                elif ev.topic == self.response_topic:
-                    # a command's answer, not a reading: acked in order with the readings before it
-                    code, text = self._command_ack(ev)
-                else:
-                    n_before, r_before = len(rejections), len(records)
-                    stored = self._take(ev, publish_ns, records, rejections)
-                    code, text = puback_reason(stored, rejections[n_before:])
-                    if stored and reject_over_limit and not ev.qos:
-                        unpaid.extend(records[r_before:])
-                        unpaid_bytes += len(ev.payload)
-                    elif stored and reject_over_limit:
-                        charge = limits.refuse_over_quota(records[r_before:], self.protocol, self.client_id,
-                                                          len(ev.payload))
-                        if charge.wait > 0:
-                            # counted, not dead-lettered (a flood must not fill the store); the device keeps
-                            # the reading and may send it again
-                            del records[r_before:]
-                            del rejections[n_before:]
-                            code, text = QUOTA_EXCEEDED, f"quota_exceeded: {charge.name.lstrip('_')}"
+                if rejected is None:      # else: a plain reading with rejections, its PUBACK below
+                    if ev.retain:
+                        # Retain Available is 0: the client may not set RETAIN (MQTT-3.2.2-14);
+                        # DISCONNECT 0x9A (3.3.1.3)
+                        self._disconnect(RETAIN_NOT_SUPPORTED, "retained messages are not supported")
+                        self.session.close_reason = "protocol error: retain_not_supported"
+                        keep_open = False
+                        break
+                    now = time.time_ns()
+                    publish_ns = now if now > self._next_ns else self._next_ns
+                    received_ns = received_ns or publish_ns
+                    if ev.qos == 2:
+                        if self.qos2_unreleased is None:
+                            self.qos2_unreleased = set()
+                        if ev.packet_id in self.qos2_unreleased:
+                            acks.append(codec5.encode_pubrec(ev.packet_id, SUCCESS, None, self.client_max_packet))
+                            continue      # a redelivery of readings already held: stored once
+                    stored = 0
+                    if plain_ok and ev.properties is NO_PROPERTIES and (ev.topic == telemetry
+                                                                         or ev.topic == "telemetry"):
+                        # the common reading (no properties, the device's own topic, no ACL or quota to
+                        # judge): what _take and puback_reason do, without their calls per PUBLISH
+                        payload = ev.payload
+                        n_before, r_before = len(rejections), len(records)
+                        fmt = "json" if not payload or payload[0] in _JSON_FIRST else "msgpack"
+                        taken = validate_into(payload, fmt, protocol, client_id, publish_ns, records, rejections)
+                        self._next_ns = publish_ns + taken + 1
+                        stored = len(records) - r_before
+                        if len(rejections) == n_before:
+                            code, text = SUCCESS, None
+                        else:
+                            code, text = puback_reason(stored, rejections[n_before:])
+                    elif ev.topic == self.response_topic:
+                        # a command's answer, not a reading: acked in order with the readings before it
+                        code, text = self._command_ack(ev)
+                    else:
+                        n_before, r_before = len(rejections), len(records)
+                        stored = self._take(ev, publish_ns, records, rejections)
+                        code, text = puback_reason(stored, rejections[n_before:])
+                        if stored and reject_over_limit and not ev.qos:
+                            unpaid.extend(records[r_before:])
+                            unpaid_bytes += len(ev.payload)
+                        elif stored and reject_over_limit:
+                            charge = limits.refuse_over_quota(records[r_before:], self.protocol, self.client_id,
+                                                              len(ev.payload))
+                            if charge.wait > 0:
+                                # counted, not dead-lettered (a flood must not fill the store); the device keeps
+                                # the reading and may send it again
+                                del records[r_before:]
+                                del rejections[n_before:]
+                                code, text = QUOTA_EXCEEDED, f"quota_exceeded: {charge.name.lstrip('_')}"
                 if stored and code == SUCCESS and ev.qos and self.ack_durable:
                     if spans is None:
                         spans = []
