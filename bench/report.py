@@ -570,8 +570,7 @@ def _profiles(scenarios: dict, out: Path) -> list[str]:
             prof = r.get("profile")
             if not prof:
                 continue
-            driver = r.get("driver") or f"QoS {r.get('qos')}"
-            what = f"{scen['scenario']} {driver} {r['contender']}"
+            what = f"{scen['scenario']} {targets.load_label(r)}"
             svg, ss = Path(prof["flamegraph_svg"]), Path(prof["speedscope_json"])
             svg_rel, ss_rel = os.path.relpath(svg, out), os.path.relpath(ss, out)
             total, top = profile_top(ss)

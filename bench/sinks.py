@@ -98,7 +98,7 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                 # the gateway's own CPU (user+sys from /proc, every thread) per acked reading
                 cpu_s = server.cpu_seconds() - cpu_before
                 sink_cpu_s = procs.cpu_seconds(sink_pid) - sink_cpu_before if sink_pid else None
-                server.finish_profile()
+                profiled = server.finish_profile()
                 started = time.monotonic()
                 pending = _readyz(server).get("sink", {}).get("pending", 0)
                 left = pending
@@ -114,6 +114,8 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                        "latency_ms": {k: result["latency_ms"][k] for k in ("p50", "p99", "p99.9", "max")},
                        "pending_at_end": pending, "drain_s": round(time.monotonic() - started, 2) if pending else 0.0,
                        "peak_rss_kb": server.peak_rss_kb()}
+                if profiled:
+                    run["profile"] = profiled     # round 0's run, sampled while counted
             finally:
                 server.stop()
                 if external is not None:

@@ -74,3 +74,16 @@ def test_memory_targets_are_measured_above_the_floor() -> None:
 def test_mosquitto_missing_is_not_judged() -> None:
     found = targets.rows({"mqtt": {"skipped": {"mosquitto": "not installed"}, "summary": {}, "runs": []}})
     assert [r.ok for r in found] == [None]
+
+
+def test_a_short_target_without_its_own_load_profiled_says_which_load_was(tmp_path: Path) -> None:
+    prof = _speedscope(tmp_path / "p.speedscope.json", [["serve", "_telemetry"]] * 3 + [["serve"]])
+    pipelines = {"runs": [{"driver": "loadgen", "contender": "fast", "profiled": True,
+                           "profile": {"speedscope_json": str(prof)}}],
+                 "summary": {"wrk-64": {"fast": {"readings_per_s": 10.0, "cpu_us_per_reading": 50.0},
+                                        "reference": {"readings_per_s": 9.0, "cpu_us_per_reading": 60.0},
+                                        "fast_vs_reference": 10 / 9}}}
+    row = targets.rows({"pipelines": pipelines})[0]
+    assert row.ok is False and row.measured == "1.11x; server CPU 50 vs 60 µs/reading (1.20x per CPU-µs)"
+    assert row.bottleneck.endswith("(profiled under loadgen fast)")
+    assert row.bottleneck.startswith("`_telemetry (gridgate/_telemetry.py)` 75% own")
