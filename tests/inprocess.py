@@ -48,6 +48,19 @@ async def read_exactly(stream: trio.abc.Stream, n: int) -> bytes:
     return buf
 
 
+class Clock:
+    """Deterministic ns for the take_publishes tests: a fixed start, then
+    +`step` per call."""
+
+    def __init__(self, start: int = 1_000, step: int = 0) -> None:
+        self.now, self.step = start, step
+
+    def __call__(self) -> int:
+        now = self.now
+        self.now += self.step
+        return now
+
+
 async def read_packet(stream: trio.abc.Stream) -> bytes:
     """One whole MQTT packet: fixed header, remaining length, body."""
     head = await read_exactly(stream, 1)

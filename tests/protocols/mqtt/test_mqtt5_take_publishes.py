@@ -20,6 +20,7 @@ from gridgate.protocols.mqtt import codec5_py as _mqtt5_py
 from gridgate.protocols.mqtt.events import PingReq
 from gridgate.protocols.mqtt.events5 import Publish5, PubRel5
 from gridgate.protocols.mqtt.v5 import NO_PROPERTIES, Properties
+from inprocess import Clock
 
 TOPIC = "devices/m1/telemetry"
 READING = b'{"temperature": 21.5, "location": "sh/fa"}'
@@ -29,18 +30,6 @@ ALL_BAD = b'[{"x": "bad"}]'
 
 def pub(payload=READING, qos=1, pid=1, topic=TOPIC, retain=False, props=NO_PROPERTIES):
     return Publish5(topic, payload, qos, pid, retain, False, props)
-
-
-class Clock:
-    """Deterministic ns: a fixed start, then +`step` per call."""
-
-    def __init__(self, start: int = 1_000, step: int = 0) -> None:
-        self.now, self.step = start, step
-
-    def __call__(self) -> int:
-        now = self.now
-        self.now += self.step
-        return now
 
 
 def run(impl, events, start=0, next_ns=0, clock=None, max_qos1=100, with_spans=True, validator_impl=_payload_py):

@@ -17,22 +17,11 @@ from gridgate.ingest.records import Rejection
 from gridgate.ingest.rules import PayloadRules
 from gridgate.protocols.mqtt import codec_py as _mqtt_py
 from gridgate.protocols.mqtt.events import PingReq, Publish, PubRel
+from inprocess import Clock
 
 TOPIC = "devices/m1/telemetry"
 READING = b'{"temperature": 21.5, "location": "sh/fa"}'
 BATCH = b'[{"x": 1}, {"x": 2}, {"x": "bad"}]'
-
-
-class Clock:
-    """Deterministic ns: a fixed start, then +`step` per call."""
-
-    def __init__(self, start: int = 1_000, step: int = 0) -> None:
-        self.now, self.step = start, step
-
-    def __call__(self) -> int:
-        now = self.now
-        self.now += self.step
-        return now
 
 
 def run(impl, events, start=0, next_ns=0, clock=None, qos2=None, validator_impl=_payload_py):
