@@ -501,21 +501,7 @@ class MQTT5Connection(MQTTConnection):
                             acks.append(codec5.encode_pubrec(ev.packet_id, SUCCESS, None, self.client_max_packet))
                             continue      # a redelivery of readings already held: stored once
                     stored = 0
-                    if plain_ok and ev.properties is NO_PROPERTIES and (ev.topic == telemetry
-                                                                         or ev.topic == "telemetry"):
-                        # the common reading (no properties, the device's own topic, no ACL or quota to
-                        # judge): what _take and puback_reason do, without their calls per PUBLISH
-                        payload = ev.payload
-                        n_before, r_before = len(rejections), len(records)
-                        fmt = "json" if not payload or payload[0] in _JSON_FIRST else "msgpack"
-                        taken = validate_into(payload, fmt, protocol, client_id, publish_ns, records, rejections)
-                        self._next_ns = publish_ns + taken + 1
-                        stored = len(records) - r_before
-                        if len(rejections) == n_before:
-                            code, text = SUCCESS, None
-                        else:
-                            code, text = puback_reason(stored, rejections[n_before:])
-                    elif ev.topic == self.response_topic:
+                    if ev.topic == self.response_topic:
                         # a command's answer, not a reading: acked in order with the readings before it
                         code, text = self._command_ack(ev)
                     else:
