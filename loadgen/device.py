@@ -105,7 +105,7 @@ class Device:
     # -- shared -------------------------------------------------------------------
 
     async def sender(self, stream: Any, schedule: Schedule | None, deadline: float) -> None:
-        opts, stats = self.opts, self.stats
+        opts = self.opts
         window = opts.inflight
         # A full window waits for an ack or the deadline. Not a cancel scope
         # per wait (entering and leaving one cost more CPU than the window's
@@ -129,26 +129,37 @@ class Device:
                     with trio.move_on_at(deadline):
                         await self.ack_event.wait()
                 continue
-            dues: list[float] = []
-            if self.replay:
-                dues, self.replay = self.replay[:free], self.replay[free:]
-                stats.replayed += len(dues) * opts.batch
-            if schedule is None:  # closed loop: as fast as the window allows
-                dues.extend([now] * (free - len(dues)))
-            else:
-                while len(dues) < free and schedule.next_due() <= now:
-                    due = schedule.advance()
-                    if now - due > 0.01:
-                        stats.behind += opts.batch
-                    dues.append(due)
-                if not dues:
-                    with trio.move_on_at(min(schedule.next_due(), deadline)):
-                        await trio.sleep_forever()
-                    continue
+            dues = self.take_dues(schedule, free, now)
+            if not dues:                # open loop, nothing due yet
+                assert schedule is not None
+                with trio.move_on_at(min(schedule.next_due(), deadline)):
+                    await trio.sleep_forever()
+                continue
             await self.send(stream, dues)
             self.last_send = now
             if not self.windowed:
                 await trio.lowlevel.checkpoint()
+
+    def take_dues(self, schedule: Schedule | None, free: int, now: float) -> list[float]:
+        """The intended send times of up to ``free`` readings to send now:
+        what a drop left owed first, then in closed loop (no ``schedule``) now
+        for the rest of the window, in open loop the readings that fell due
+        (counted in ``behind`` when more than 10 ms late). Shared by ``sender``
+        and the mux (loadgen/mqtt_mux.py)."""
+        opts, stats = self.opts, self.stats
+        dues: list[float] = []
+        if self.replay:
+            dues, self.replay = self.replay[:free], self.replay[free:]
+            stats.replayed += len(dues) * opts.batch
+        if schedule is None:  # closed loop: as fast as the window allows
+            dues.extend([now] * (free - len(dues)))
+        else:
+            while len(dues) < free and schedule.next_due() <= now:
+                due = schedule.advance()
+                if now - due > 0.01:
+                    stats.behind += opts.batch
+                dues.append(due)
+        return dues
 
     async def _wake_at(self, deadline: float) -> None:
         await trio.sleep_until(deadline)

@@ -218,21 +218,12 @@ class Mux:
         free = window - len(dev.inflight) if dev.windowed else window
         if free <= 0:
             return
-        dues: list[float] = []
-        if dev.replay:
-            dues, dev.replay = dev.replay[:free], dev.replay[free:]
-            stats.replayed += len(dues) * opts.batch
         schedule = dev.schedule
+        dues = dev.take_dues(schedule, free, now)
         if schedule is None:
-            dues.extend([now] * (free - len(dues)))
             if not dev.windowed:
                 self.hungry.add(dev)
         else:
-            while len(dues) < free and schedule.next_due() <= now:
-                due = schedule.advance()
-                if now - due > 0.01:
-                    stats.behind += opts.batch
-                dues.append(due)
             if len(dues) < free:
                 # the window has room: wake at the next due (once per due)
                 due = schedule.next_due()
