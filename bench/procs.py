@@ -395,13 +395,7 @@ def loadgen(protocol: str, target: tuple[str, int], duration: float, **opts) -> 
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_json = f.name
     cmd = [str(BIN / "gridgate-loadgen"), protocol, "--target", f"{target[0]}:{target[1]}",
-           "--duration", str(duration), "--json", out_json]
-    for key, value in opts.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            cmd.append(flag)
-        elif value is not None and value is not False:  # 0 is a value (--qos 0), not "off"
-            cmd += [flag, str(value)]
+           "--duration", str(duration), "--json", out_json, *loadgen_flags(opts)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 4 + 120)
     if proc.returncode != 0:
         raise RuntimeError(f"loadgen failed: {proc.stderr[-2000:]}")
@@ -409,6 +403,24 @@ def loadgen(protocol: str, target: tuple[str, int], duration: float, **opts) -> 
     os.unlink(out_json)
     result.pop("histogram", None)
     return result
+
+
+def loadgen_flags(opts: dict) -> list[str]:
+    """gridgate-loadgen's command-line flags for keyword options: True is the
+    bare flag, False its ``--no-`` form (``mux=False`` is ``--no-mux``: the
+    CLI's on-by-default switches are ``BooleanOptionalAction``; dropping it
+    would silently keep the default), None leaves the option out, and 0 is
+    a value (``--qos 0``)."""
+    flags: list[str] = []
+    for key, value in opts.items():
+        name = key.replace("_", "-")
+        if value is True:
+            flags.append("--" + name)
+        elif value is False:
+            flags.append("--no-" + name)
+        elif value is not None:
+            flags += ["--" + name, str(value)]
+    return flags
 
 
 def wrk(target: tuple[str, int], duration: float, connections: int, threads: int = 1,

@@ -103,3 +103,21 @@ def test_all_names_every_missing_module_at_once(tmp_path):
     # 'all' profiles by default: py-spy is named too where it is not installed
     assert "missing matplotlib, uvicorn, httptools, uvloop" in out.stderr
     assert out.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_loadgen_flags_are_what_the_loadgen_cli_parses() -> None:
+    """The bench's keyword options become flags gridgate-loadgen's own
+    parser reads back as the same settings: 0 is a value, None is left out,
+    True is a switch and False its ``--no-`` form (dropped, ``mux=False``
+    would silently keep the mux)."""
+    from loadgen.cli import build_parser
+
+    flags = procs.loadgen_flags({"devices": 3, "inflight": 2, "qos": 0, "mqtt_version": None, "mux": False,
+                                 "reconnect": False, "idle": True})
+    assert "--mqtt-version" not in flags
+    args = build_parser().parse_args(["mqtt", "--target", "127.0.0.1:1883", "--duration", "1", *flags])
+    assert (args.devices, args.inflight, args.qos, args.mux, args.reconnect, args.idle) == (3, 2, 0, False, False,
+                                                                                          True)
+    default = build_parser().parse_args(["mqtt", "--target", "127.0.0.1:1883", "--duration", "1",
+                                         *procs.loadgen_flags({"devices": 3})])
+    assert (default.mux, default.reconnect, default.idle) == (True, True, False)
