@@ -17,6 +17,7 @@ import trio.testing
 
 import gridgate
 from gridgate.config import HTTPConfig, SinkConfig
+from gridgate.connections import fdwait
 from inprocess import READING, GatedSink, make_config, post, read_response
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
@@ -140,4 +141,29 @@ async def test_a_commit_after_its_connection_reset_writes_nothing_to_a_new_one(t
     assert buf == b""
     assert sum(len(b) for b in sink.batches) == 1
     await second.aclose()
+    await listener.aclose()
+
+
+async def test_an_idle_connection_parks_under_the_fdwait_object(tmp_path, nursery):
+    # every object on an idle connection's parked stack is RSS times the
+    # number of connections: the engine's own frame is the last coroutine,
+    # then fdwait's wait object (no trio wait_readable frames, issue 24)
+    gateway, sink = await _gateway(tmp_path, nursery)
+    sink.gate.set()
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    client, _ = await _connect(gateway, nursery, listener)
+    buf = bytearray()
+    await client.send_all(post())
+    assert (await read_response(client, buf))[0] == 202
+    await trio.testing.wait_all_tasks_blocked()
+    [task] = [t for t in nursery.child_tasks if t.name.endswith("handle_http")]
+    names, coro = [], task.coro
+    while hasattr(coro, "cr_code"):
+        names.append(coro.cr_code.co_qualname)
+        coro = coro.cr_await
+    assert names[-1] == "serve_fast_http"
+    assert type(coro) is fdwait._ReadableWait
+    await client.send_all(post())                    # and it wakes for the next request
+    assert (await read_response(client, buf))[0] == 202
+    await client.aclose()
     await listener.aclose()
