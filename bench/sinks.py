@@ -12,10 +12,17 @@ batch the sink is too slow for (write_timeout_s) goes pending and is
 replayed, so the report gives the records still pending at the end and the
 time the replayer needed to drain them - throughput that only looks good
 because it piles up in the spool would show there.
+
+CPU per acked reading, from /proc: the gateway (every thread), of which the
+JetStream sink's asyncio loop thread (named ``gridgate-nats-*`` by
+gridgate.asyncio_thread), and the sink's own server (influxd, nats-server).
+
+``BENCH_SINKS=spool,nats python -m bench sinks`` runs only the kinds named.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -35,6 +42,45 @@ KINDS = ("spool", "influxdb", "nats", "nats-batch")
 # format's best case, which is the case it is meant for.
 BATCH_SUBJECT = "telemetry.{region}"
 BATCH_READINGS_PER_MESSAGE = 500
+# BENCH_SINKS=spool,nats runs only those kinds (not GRIDGATE_*: gridgate reads
+# those as its config). Keep spool among them: the ratios are to the spool of the same run.
+KINDS_ENV = "BENCH_SINKS"
+
+
+def _kinds() -> tuple[str, ...]:
+    chosen = os.environ.get(KINDS_ENV, "").strip()
+    if not chosen:
+        return KINDS
+    kinds = tuple(k.strip() for k in chosen.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"{KINDS_ENV}: unknown sink kind(s) {unknown}; known: {', '.join(KINDS)}")
+    return kinds
+
+
+# the OS name gridgate.asyncio_thread gives the JetStream sink's asyncio loop
+# thread ("gridgate-nats-<stream>", cut to the kernel's 15 bytes)
+SINK_THREAD_PREFIX = "gridgate-nats"
+
+
+def _thread_cpu_seconds(pid: int, prefix: str) -> float:
+    """User + system CPU of the threads of ``pid`` whose kernel name starts with ``prefix``."""
+    total = 0.0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:         # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        if name.startswith(prefix):
+            fields = stat.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _readyz(server: procs.Server) -> dict:
@@ -76,8 +122,9 @@ def _external(kind: str, work: Path):
 
 def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> dict:
     results: dict = {"scenario": "sinks", "duration_s": duration, "rounds": rounds, "runs": [], "skipped": []}
+    kinds = _kinds()
     for rnd in range(rounds):
-        for kind in KINDS:
+        for kind in kinds:
             work = Path(tempfile.mkdtemp(prefix=f"gridgate-bench-{kind}-"))
             external, env = _external(kind, work)
             if env is None:
@@ -90,6 +137,7 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                 if profile and rnd == 0:
                     server.profile(out / "profiles", f"sinks-{kind}", duration)
                 cpu_before = server.cpu_seconds()
+                loop_cpu_before = _thread_cpu_seconds(server.pid, SINK_THREAD_PREFIX)
                 # the sink's own server (influxd, nats-server) shares the cores too
                 sink_pid = getattr(getattr(external, "proc", None), "pid", None)
                 sink_cpu_before = procs.cpu_seconds(sink_pid) if sink_pid else 0.0
@@ -97,6 +145,8 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                                        qos=1, procs=2)
                 # the gateway's own CPU (user+sys from /proc, every thread) per acked reading
                 cpu_s = server.cpu_seconds() - cpu_before
+                # of which the JetStream sink's asyncio loop thread (0 for the other sinks)
+                loop_cpu_s = _thread_cpu_seconds(server.pid, SINK_THREAD_PREFIX) - loop_cpu_before
                 sink_cpu_s = procs.cpu_seconds(sink_pid) - sink_cpu_before if sink_pid else None
                 profiled = server.finish_profile()
                 started = time.monotonic()
@@ -109,6 +159,8 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                        "acked": result["acked"], "errors": result["errors"],
                        "server_cpu_us_per_reading": (round(cpu_s * 1e6 / result["acked"], 1)
                                                      if result["acked"] else None),
+                       "sink_loop_cpu_us_per_reading": (round(loop_cpu_s * 1e6 / result["acked"], 1)
+                                                        if result["acked"] and loop_cpu_s else None),
                        "sink_server_cpu_us_per_reading": (round(sink_cpu_s * 1e6 / result["acked"], 1)
                                                           if result["acked"] and sink_cpu_s is not None else None),
                        "latency_ms": {k: result["latency_ms"][k] for k in ("p50", "p99", "p99.9", "max")},
@@ -123,6 +175,8 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
             results["runs"].append(run)
             log(f"  round {rnd + 1}/{rounds} {kind:10s} {run['readings_per_s']:>10,.0f} readings/s  "
                 f"p99 {run['latency_ms']['p99']} ms  gateway {run['server_cpu_us_per_reading']} CPU-us/reading  "
+                + (f"(its sink loop thread {run['sink_loop_cpu_us_per_reading']})  "
+                   if run["sink_loop_cpu_us_per_reading"] is not None else "")
                 + (f"{kind.split('-')[0]} server {run['sink_server_cpu_us_per_reading']}  "
                    if run["sink_server_cpu_us_per_reading"] is not None else "") +
                 f"pending at end {run['pending_at_end']}")
@@ -132,13 +186,17 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in mine),
                "server_cpu_us_per_reading": round(statistics.median(r["server_cpu_us_per_reading"] or 0.0
                                                                     for r in mine), 1),
+               "sink_loop_cpu_us_per_reading": (
+                   round(statistics.median(loops), 1)
+                   if (loops := [r["sink_loop_cpu_us_per_reading"] for r in mine
+                                 if r["sink_loop_cpu_us_per_reading"] is not None]) else None),
                "sink_server_cpu_us_per_reading": (
                    round(statistics.median(cpus), 1)
                    if (cpus := [r["sink_server_cpu_us_per_reading"] for r in mine
                                 if r["sink_server_cpu_us_per_reading"] is not None]) else None),
                "pending_at_end": max(r["pending_at_end"] for r in mine),
                "drain_s": max(r["drain_s"] for r in mine)}
-        for kind in KINDS if (mine := [r for r in results["runs"] if r["kind"] == kind])}
+        for kind in kinds if (mine := [r for r in results["runs"] if r["kind"] == kind])}
     summary = results["summary"]
     spool = summary.get("spool", {}).get("readings_per_s")
     for kind, row in summary.items():
@@ -146,6 +204,6 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
         row["ratio_to_spool"] = round(row["readings_per_s"] / spool, 2) if spool else None
         if kind != "spool" and spool:
             log(f"  {kind}: {row['readings_per_s']:,.0f} readings/s, {row['ratio_to_spool']:.2f}x the spool's "
-                f"{spool:,.0f} (medians), gateway {row['server_cpu_us_per_reading']} CPU-us/reading, its server "
-                f"{row['sink_server_cpu_us_per_reading']}")
+                f"{spool:,.0f} (medians), gateway {row['server_cpu_us_per_reading']} CPU-us/reading (its sink loop "
+                f"thread {row['sink_loop_cpu_us_per_reading']}), its server {row['sink_server_cpu_us_per_reading']}")
     return results
