@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 
@@ -9,6 +10,7 @@ import httpx
 import msgspec
 import pytest
 import trio
+from hypothesis import given, settings, strategies as st
 from jetstream_reader import in_asyncio, stream_info, stream_messages, stream_raw
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -89,6 +91,22 @@ def test_subject_template_renders_sanitized_tokens():
     for r in records(200):
         tokens = t.render(r).split(".")
         assert len(tokens) == 3 and all(tok and not set(tok) & set(" \t.*>") for tok in tokens)
+
+
+_token_text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=140)
+
+
+@settings(max_examples=300, deadline=None)
+@given(template=st.sampled_from([TEMPLATE, "gw.{protocol}.{site}.{zone}.x", "flat", "x.{device_id}",
+                                 "t.{region}.$lit-1:a.{region}"]),
+       device_id=_token_text, protocol=_token_text,
+       tags=st.dictionaries(st.sampled_from(["region", "site", "zone", "other"]), _token_text, max_size=4))
+def test_compiled_subject_render_agrees_with_the_walk_over_the_parts(template, device_id, protocol, tags):
+    """Each template's render is generated code (one expression): it gives what the
+    plain walk over the template's parts gives, for any device id, protocol and tags."""
+    t = SubjectTemplate(template)
+    r = Record(device_id=device_id, ts_ns=1, received_ns=1, protocol=protocol, fields={"v": 1.0}, tags=tags)
+    assert t.render(r) == t.render_parts(r)
 
 
 @pytest.mark.parametrize("bad", [
@@ -222,6 +240,21 @@ async def test_10000_records_land_as_10000_messages(server):
         assert r == expected and mid == msg_id(expected)
         assert subject == SubjectTemplate(TEMPLATE).render(expected)
     assert {s.split(".")[1] for s, _, _ in msgs} == {"eu-west", "ap_east", "us_east", "_"}
+
+
+@needs_nats
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names in /proc are Linux's")
+async def test_the_loop_thread_has_a_kernel_name_of_its_own(server):
+    """The sink's asyncio loop thread is named for the kernel (15 bytes of
+    gridgate-nats-<stream>), so /proc (and bench sinks) can tell its CPU from the Trio thread's."""
+    async with NATSSink(servers=[server.url], stream=STREAM, subject=TEMPLATE) as sink:
+        assert _kernel_thread_name(sink._thread.native_id) == f"gridgate-nats-{STREAM}"[:15]
+        assert not _kernel_thread_name(threading.get_native_id()).startswith("gridgate-nats")  # only that thread
+
+
+def _kernel_thread_name(tid: int) -> str:
+    with open(f"/proc/self/task/{tid}/comm") as f:
+        return f.read().strip()
 
 
 @needs_nats

