@@ -47,7 +47,6 @@ async def device(index: int, host: str, port: int, inflight: int, deadline: floa
     template = codec.encode_publish(f"devices/{client_id}/telemetry", payload, 1, 1)
     cut = len(template) - len(payload) - 2
     head, tail = template[:cut], template[cut + 2:]
-    frame_head = client_frame(OP_BINARY, template)[:-len(template)]     # the length is the same for every id
     try:
         with trio.fail_after(CONNECT_TIMEOUT_S):
             stream = RawSocketStream.take(await trio.open_tcp_stream(host, port))
@@ -77,7 +76,8 @@ async def device(index: int, host: str, port: int, inflight: int, deadline: floa
                 parts: list[bytes] = []
                 for _ in range(window):
                     pending.add(next_pid)
-                    parts += (frame_head, head, next_pid.to_bytes(2, "big"), tail)
+                    # each frame masked with its own key (RFC 6455 5.3), so no header is reused
+                    parts.append(client_frame(OP_BINARY, head + next_pid.to_bytes(2, "big") + tail))
                     next_pid = next_pid % 65535 + 1
                 totals.sent += window
                 await stream.send_all(b"".join(parts))
