@@ -17,11 +17,12 @@ end. Connecting (with CONNACK refusals, backoff and reconnects, replay of
 what a drop left owed) stays in one small task per device, which sleeps
 while the mux runs its connection and wakes only when it ends.
 
-Used for ``mqtt`` without ``--tls`` (``DeviceOptions.mux``); TLS needs a
+Used for ``mqtt`` without ``--tls`` and for ``ws`` (``DeviceOptions.mux``;
+the ws device is ``loadgen.ws_mux.WsMuxDevice``); TLS needs a
 per-connection ``SSLObject`` whose reads and writes are not one syscall, and
-http and ws keep their own per-device drivers (ws through this mux was
-tried: no gain, 6.2-7.6 against 5.6-7.8 us per reading at 20 x 10 and 28-32
-both ways at 500 x 1, so its per-device tasks stayed).
+http keeps its per-device driver. The mux asks a device only for its
+frames (``_frames``), what a read means (``take_read``: acks counted,
+answers owed), a keepalive (``ping_bytes``) and its ``goodbye``.
 
 Measured on 2 shared cores (load 6-8), --procs 2, QoS 1, CPU per acked
 reading once every device had connected: 1,000 x 1 against mosquitto 26 us
@@ -51,8 +52,8 @@ _PINGREQ = b"\xc0\x00"
 _MAX_EVENTS = 1024
 
 
-class MuxDevice(MqttDevice):
-    """An ``MqttDevice`` whose connection the ``Mux`` runs."""
+class MuxSlot:
+    """What the ``Mux`` keeps on each device it runs (a mixin before the device's kind)."""
 
     sock: socket.socket | None = None
     schedule: Schedule | None = None
@@ -60,10 +61,32 @@ class MuxDevice(MqttDevice):
     clean = False
     out = b""                       # bytes the kernel did not take yet (bounded by the window)
     wake_at: float | None = None    # the open-loop due this device sits in the mux's heap for
+    pong_due: float | None = None   # a keepalive's answer is owed by then (ws; MQTT's is not awaited)
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.done = trio.Event()
+
+
+class MuxDevice(MuxSlot, MqttDevice):
+    """An ``MqttDevice`` whose connection the ``Mux`` runs."""
+
+    def take_read(self, data: bytes, now: float) -> bytes:
+        """Count the PUBACKs of one read; nothing to answer."""
+        if len(data) == 4 and data[0] == 0x40 and data[1] == 2 and not self._buf:
+            # the fleet shape's usual read: one whole PUBACK, counted without
+            # take_acks' general pass (a third of the loadgen's Python time)
+            due = self.inflight.pop((data[2] << 8) | data[3], None)
+            if due is not None:
+                batch = self.opts.batch
+                self.stats.acked += batch
+                self.stats.histogram.record_value(min(max(int((now - due) * 1e6), 1), 60_000_000), batch)
+        else:
+            self.take_acks(data, now)
+        return b""
+
+    def ping_bytes(self, now: float) -> bytes:
+        return _PINGREQ
 
 
 class Mux:
@@ -95,14 +118,17 @@ class Mux:
         dev.done = trio.Event()
         if self.draining or self.finished:
             # connected after the deadline: nothing to send, end it politely
-            self._goodbye(sock)
+            self._goodbye(dev, sock)
             sock.close()
             return True
         fd = sock.fileno()
         self.devices[fd] = dev
         self.epoll.register(fd, _IN)
-        dev.last_send = trio.current_time()
-        self._fill(dev, dev.last_send)
+        dev.last_send = now = trio.current_time()
+        dev.pong_due = None
+        self._take(dev, b"", now)       # what came with the handshake (a ws command)
+        if dev.sock is not None:
+            self._fill(dev, now)
         if self._wait is not None:
             self._wait.cancel()
         try:
@@ -186,20 +212,23 @@ class Mux:
         if not data:
             self._drop(dev)
             return
-        if len(data) == 4 and data[0] == 0x40 and data[1] == 2 and not dev._buf:
-            # the fleet shape's usual read: one whole PUBACK, counted without
-            # take_acks' general pass (a third of the loadgen's Python time)
-            due = dev.inflight.pop((data[2] << 8) | data[3], None)
-            if due is not None:
-                batch = dev.opts.batch
-                self.stats.acked += batch
-                self.stats.histogram.record_value(min(max(int((now - due) * 1e6), 1), 60_000_000), batch)
-        else:
-            dev.take_acks(data, now)
+        if not self._take(dev, data, now):
+            return
         if not self.draining:
             self._fill(dev, now)
         elif self._finished(dev):
             self._end(dev)
+
+    def _take(self, dev: MuxDevice, data: bytes, now: float) -> bool:
+        """``dev``'s read taken and its answers written; False if that ended the connection."""
+        try:
+            answers = dev.take_read(data, now)
+        except ConnectionError:         # the server closed it (a ws close frame)
+            self._drop(dev)
+            return False
+        if answers:
+            self._write(dev, answers)
+        return dev.sock is not None
 
     @staticmethod
     def _finished(dev: MuxDevice) -> bool:
@@ -271,14 +300,16 @@ class Mux:
 
     def _ping(self, now: float) -> None:
         for dev in list(self.devices.values()):
-            if now - dev.last_send >= self.ping_interval:
+            if dev.pong_due is not None and now > dev.pong_due:
+                self._drop(dev)         # no answer to the last keepalive: the connection is dead
+            elif now - dev.last_send >= self.ping_interval:
                 dev.last_send = now
-                self._write(dev, _PINGREQ)
+                self._write(dev, dev.ping_bytes(now))
 
     @staticmethod
-    def _goodbye(sock: socket.socket) -> None:
+    def _goodbye(dev: MuxDevice, sock: socket.socket) -> None:
         try:
-            sock.send(MqttDevice.goodbye)
+            sock.send(dev.goodbye)
         except OSError:
             pass
 
@@ -301,7 +332,7 @@ class Mux:
     def _end(self, dev: MuxDevice) -> None:
         """The run is over for ``dev``: DISCONNECT (if the kernel takes it now) and close."""
         if dev.sock is not None and not dev.out:
-            self._goodbye(dev.sock)
+            self._goodbye(dev, dev.sock)
         self._forget(dev)
         dev.clean = True
         dev.done.set()

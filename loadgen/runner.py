@@ -18,6 +18,7 @@ from loadgen.mqtt_device import MqttDevice
 from loadgen.mqtt_mux import Mux, MuxDevice, drive_muxed
 from loadgen.stats import Stats
 from loadgen.ws_device import WsDevice
+from loadgen.ws_mux import WsMuxDevice
 
 __all__ = ["RunPlan", "run_share", "run_device", "SelfCheck", "DEVICE_KINDS", "process_cpu_s", "uses_mux"]
 
@@ -83,8 +84,8 @@ async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float
     """Run device ``index`` of the kind ``opts.protocol`` names until ``deadline``
     (its connections served by ``mux`` when there is one)."""
     if mux is not None:
-        await drive_muxed(MuxDevice(index, opts, stats, local_address), mux, start, deadline,
-                          rng or random.Random(index))
+        muxed = (WsMuxDevice if opts.protocol == "ws" else MuxDevice)(index, opts, stats, local_address)
+        await drive_muxed(muxed, mux, start, deadline, rng or random.Random(index))  # type: ignore[arg-type]
         return
     device = DEVICE_KINDS[opts.protocol](index, opts, stats, local_address)
     await drive(device, start, deadline, rng or random.Random(index))
@@ -92,9 +93,11 @@ async def run_device(index: int, opts: DeviceOptions, stats: Stats, start: float
 
 def uses_mux(opts: DeviceOptions) -> bool:
     """Whether one task serves this process's devices (``loadgen.mqtt_mux``):
-    plain-TCP MQTT over real sockets (a test that puts an in-memory server
-    behind ``Device.open_stream`` keeps the per-device tasks)."""
-    return opts.protocol == "mqtt" and opts.mux and not opts.tls and MqttDevice.open_stream is open_tcp
+    plain-TCP MQTT and WebSocket over real sockets (a test that puts an
+    in-memory server behind ``Device.open_stream`` keeps the per-device tasks)."""
+    kind = DEVICE_KINDS.get(opts.protocol)
+    return (opts.protocol in ("mqtt", "ws") and opts.mux and not opts.tls and kind is not None
+            and kind.open_stream is open_tcp)
 
 
 async def _steady_window(plan: RunPlan, stats: Stats, deadline: float) -> None:

@@ -9,46 +9,54 @@ A downlink ``{"command": {"id", ...}}`` is answered with
 ``{"command_ack": id}`` and counted.
 
 The WebSocket client is this module, on the device's own raw socket, the
-way ``mqtt_device`` drives MQTT: the upgrade request written by hand and
-its 101 checked (status and ``Sec-WebSocket-Accept``), each window of
-frames in one write (headers per seq width made once), a read of nothing
-but error-free acks matched and its seqs taken by one regular expression
-each (C), anything else parsed frame by frame, the acks of a read recorded
-together. trio-websocket, used before, spent over 100 us of CPU per
-reading in its reader task and message channel, far more than the gateway
-it measured.
+way ``mqtt_device`` drives MQTT: the upgrade request and its 101 go
+through wsproto's sans-IO handshake (status, ``Upgrade``, ``Connection``
+and ``Sec-WebSocket-Accept`` checked there), then frames are written and
+read on the socket directly: each window of frames in one write, a read of
+nothing but error-free acks matched and its seqs taken by one regular
+expression each (C), anything else parsed frame by frame, the acks of a
+read recorded together. trio-websocket, used before, spent over 100 us of
+CPU per reading in its reader task and message channel, and wsproto's
+per-message events would cost more than the gateway spends on a reading:
+the load generator must not be what it measures.
 
-Frames are masked with the all-zero key. RFC 6455 wants a fresh,
-unpredictable key per frame so that a browser's script cannot steer the
-bytes a proxy sees; a load generator is not that script, the gateway
-unmasks every frame the same way whatever the key, and a zero key lets
-each frame be built from bytes encoded once.
+Every frame is masked with its own key from ``os.urandom`` (RFC 6455
+5.3: fresh and unpredictable per frame, so that the bytes on the wire are
+not chosen by whoever chose the payload). The keys come in bulk (one
+``os.urandom`` call per 1,024 frames), and a window's frames are masked
+together: the unmasked window and its mask stream (each frame's key
+repeated over its key field and payload, zeros over the rest of its
+header) are XORed as two integers, one C-level pass for the whole write.
 """
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
 import itertools
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable
 from urllib.parse import quote
 
 import msgspec
 import trio
+from wsproto import ConnectionType
+from wsproto.events import AcceptConnection, RejectConnection, Request
+from wsproto.handshake import H11Handshake
+from wsproto.utilities import RemoteProtocolError
 
 from loadgen.device import READING, Device, DeviceOptions
 from loadgen.mqtt_device import RawSocketStream  # the one driver of a raw socket (see connect)
 from loadgen.stats import Stats
 
-__all__ = ["WsDevice", "build_envelope", "client_frame", "handshake", "parse_frames"]
+__all__ = ["WsDevice", "MaskKeys", "build_envelope", "client_frame", "handshake", "mask", "parse_frames"]
 
 _RECEIVE_BYTES = 65536
 _MAX_HEAD_BYTES = 16384              # of the server's handshake answer
 _MAX_FRAME_BYTES = 1 << 20           # of one frame from the server
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_ZERO_MASK = b"\x00\x00\x00\x00"
+_MAX_DIGITS_KEPT = 4096             # text seqs' digits kept for the acks' check (a window's at least)
+_KEY_POOL_KEYS = 1024                # masking keys drawn from os.urandom per call
+_ZERO_KEY = b"\x00\x00\x00\x00"     # the key field of an unmasked template (the mask stream fills it)
 _NONES = itertools.repeat(None)
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -84,18 +92,59 @@ def build_envelope(readings: list[dict[str, object]], fmt: str) -> tuple[bytes, 
     return whole[:cut - (4 if fmt == "msgpack" else 1)], whole[cut:]
 
 
+class MaskKeys:
+    """Masking keys from ``os.urandom``, drawn in bulk: ``take(n)`` is ``4 n``
+    bytes never handed out before, n keys. One per process (``KEYS``)."""
+
+    __slots__ = ("_pool", "_pos")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._pos = 0
+
+    def take(self, n: int) -> bytes:
+        need, pos = 4 * n, self._pos
+        if pos + need > len(self._pool):
+            self._pool, pos = os.urandom(4 * max(_KEY_POOL_KEYS, n)), 0
+        self._pos = pos + need
+        return self._pool[pos:pos + need]
+
+
+KEYS = MaskKeys()
+
+
 def _frame_head(opcode: int, n: int) -> bytes:
-    """A final client frame's header for an ``n``-byte payload, masked with the zero key."""
+    """A final masked client frame's header for an ``n``-byte payload, up to
+    (not including) its 4-byte masking key."""
     if n <= 125:
-        return bytes((0x80 | opcode, 0x80 | n)) + _ZERO_MASK
+        return bytes((0x80 | opcode, 0x80 | n))
     if n <= 0xFFFF:
-        return bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big") + _ZERO_MASK
-    return bytes((0x80 | opcode, 0xFF)) + n.to_bytes(8, "big") + _ZERO_MASK
+        return bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
+    return bytes((0x80 | opcode, 0xFF)) + n.to_bytes(8, "big")
+
+
+def mask(unmasked: bytes, stream: bytes) -> bytes:
+    """``unmasked`` XOR ``stream`` (of the same length), as two integers: one
+    C-level pass however many frames the bytes hold."""
+    n = len(unmasked)
+    return (int.from_bytes(unmasked, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+
+
+@functools.cache
+def _layout(opcode: int, n: int) -> tuple[bytes, bytes, int, int]:
+    """How a frame of an ``n``-byte payload is built and masked: its header
+    up to the key with the zero key after it (the unmasked frame is that,
+    then the payload), zeros as long as that header (the mask stream's start),
+    the repeats of the key that cover the key field and the payload, and
+    that span (the key XOR the zero key is the key: the field fills itself)."""
+    head = _frame_head(opcode, n)
+    return head + _ZERO_KEY, bytes(len(head)), (n + 7) // 4, n + 4
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One final client frame (zero mask: the payload goes out as it is)."""
-    return _frame_head(opcode, len(payload)) + payload
+    """One final client frame, masked with a fresh key."""
+    pre, zeros, reps, span = _layout(opcode, len(payload))
+    return mask(pre + payload, zeros + (KEYS.take(1) * reps)[:span])
 
 
 def parse_frames(buf: bytes | bytearray) -> tuple[list[tuple[int, bytes]], bytes | bytearray]:
@@ -137,36 +186,33 @@ def _acks_pattern(batch: int) -> re.Pattern[bytes]:
     return re.compile(rb'\x81[\x00-\x7d]\{"ack":(\d+),"accepted":%d,"rejected":0,"errors":\[\]\}' % batch)
 
 
-def _accept_token(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
-
-
 async def handshake(stream: trio.abc.Stream | RawSocketStream, host_header: str, resource: str,
                     subprotocol: str | None = None) -> bytes:
-    """The WebSocket upgrade on ``stream`` (ConnectionError if refused or
-    wrong); returns the bytes that came after the 101's head."""
-    key = base64.b64encode(os.urandom(16))
-    offer = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
-    await stream.send_all(
-        f"GET {resource} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n".encode())
+    """The WebSocket upgrade on ``stream``, by wsproto's client handshake
+    (ConnectionError if refused or wrong); returns the bytes that came after
+    the 101's head (frames the server sent at once)."""
+    hs = H11Handshake(ConnectionType.CLIENT)
+    await stream.send_all(hs.send(Request(host=host_header, target=resource,
+                                          subprotocols=[subprotocol] if subprotocol else [])))
     answer = b""
-    while b"\r\n\r\n" not in answer:
+    while (end := answer.find(b"\r\n\r\n")) < 0:
         if len(answer) > _MAX_HEAD_BYTES:
             raise ConnectionError("WebSocket handshake failed: the answer's head is too long")
         chunk = await stream.receive_some(_RECEIVE_BYTES)
         if not chunk:
             raise ConnectionError("WebSocket handshake failed: closed before the answer")
         answer += chunk
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    status_line, *lines = head.split(b"\r\n")
-    parts = status_line.split(b" ", 2)
-    if len(parts) < 2 or parts[1] != b"101":
-        raise ConnectionError(f"WebSocket handshake failed: {status_line.decode('latin-1')!r}")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines)}
-    if headers.get(b"sec-websocket-accept") != _accept_token(key):
-        raise ConnectionError("WebSocket handshake failed: wrong Sec-WebSocket-Accept")
-    return bytes(rest)
+    try:
+        # the head only: what follows a 101 is frames, which are this module's
+        hs.receive_data(answer[:end + 4])
+    except RemoteProtocolError as exc:
+        raise ConnectionError(f"WebSocket handshake failed: {exc}") from None
+    for event in hs.events():
+        if isinstance(event, AcceptConnection):
+            return answer[end + 4:]
+        if isinstance(event, RejectConnection):
+            raise ConnectionError(f"WebSocket handshake refused: HTTP {event.status_code}")
+    raise ConnectionError("WebSocket handshake failed: no answer in the head")
 
 
 class WsDevice(Device):
@@ -180,16 +226,23 @@ class WsDevice(Device):
         head, tail = build_envelope([READING] * opts.batch, opts.payload)
         self.binary = opts.payload == "msgpack"
         self.head, self.tail = head, tail
-        if self.binary:
-            # the seq is always 4 bytes: the frame header is the same for every message
-            self.frame_head = _frame_head(OP_BINARY, len(head) + 4 + len(tail)) + head
-        else:
-            # a text frame's header depends on the seq's width: one per width, made on first use
-            self.fixed = len(head) + len(tail)
-            self.text_heads: dict[int, bytes] = {}
+        # A frame's layout (its unmasked start up to the seq, the zeros and key
+        # repeats of its mask stream) by the seq's width: the binary seq is
+        # always 4 bytes, a text one's digits vary. Made on first use.
+        self.opcode = OP_BINARY if self.binary else OP_TEXT
+        self.layouts: dict[int, tuple[bytes, bytes, int, int]] = {}
         self.next_seq = 1
         self.inflight: dict[int, float] = {}        # seq -> intended send time
-        self._buf = b""                              # what the handshake read beyond the 101
+        self._buf = b""                              # what the handshake or the last read left unparsed
+        self._acks = _acks_pattern(opts.batch).findall
+        # an ack frame's length less its seq's digits
+        self._ack_fixed = len(b'\x81_{"ack":,"accepted":%d,"rejected":0,"errors":[]}' % opts.batch)
+        self._ack_tail = b',"accepted":%d,"rejected":0,"errors":[]}' % opts.batch
+        self._ack_runs: dict[int, tuple[bytes, bytes]] = {}   # seq width -> (head, tail + next head)
+        # the digits of the text seqs sent from _digits_first on, so that a read of
+        # acks is checked against the digits the frames were built with
+        self._digits: list[bytes] = []
+        self._digits_first = 1
         self._pong: trio.Event | None = None
         # One writer at a time (the sender; rarely the reader's command acks and
         # pongs, or the pinger): a flag, not a trio.Lock, whose acquire is a
@@ -236,27 +289,44 @@ class WsDevice(Device):
                 self._send_done.set()
                 self._send_done = None
 
+    def _layout(self, width: int) -> tuple[bytes, bytes, bytes, int, int]:
+        """The layout of this device's frames whose seq is ``width`` bytes:
+        the unmasked frame's start up to the seq, what joins one frame's seq
+        to the next one's (the tail, then the next start), and the mask
+        stream's zeros, key repeats and span (see ``_layout``)."""
+        pre, zeros, reps, span = _layout(self.opcode, len(self.head) + width + len(self.tail))
+        pre += self.head
+        layout = self.layouts[width] = (pre, self.tail + pre, zeros, reps, span)
+        return layout
+
     def _frames(self, dues: list[float]) -> bytes:
-        inflight, seq = self.inflight, self.next_seq
-        parts: list[bytes] = []
+        seq, n = self.next_seq, len(dues)
+        seqs = range(seq, seq + n)
+        self.inflight.update(zip(seqs, dues, strict=True))
+        self.next_seq = seq + n
+        keys = KEYS.take(n)
         if self.binary:
-            frame_head, tail = self.frame_head, self.tail
-            for due in dues:
-                inflight[seq] = due
-                parts += (frame_head, seq.to_bytes(4, "big"), tail)
-                seq += 1
+            digits = [s.to_bytes(4, "big") for s in seqs]
         else:
-            heads, tail = self.text_heads, self.tail
-            for due in dues:
-                inflight[seq] = due
-                digits = b"%d" % seq
-                head = heads.get(len(digits))
-                if head is None:
-                    head = heads[len(digits)] = _frame_head(OP_TEXT, self.fixed + len(digits)) + self.head
-                parts += (head, digits, tail)
-                seq += 1
-        self.next_seq = seq
-        return b"".join(parts)
+            digits = [b"%d" % s for s in seqs]
+            sent = self._digits
+            if len(sent) > 4 * _MAX_DIGITS_KEPT:
+                # a connection dropped or acks went the slow way: keep what may still be in flight
+                del sent[:-_MAX_DIGITS_KEPT]
+                self._digits_first = seq - len(sent)
+            sent += digits
+            if len(digits[0]) != len(digits[-1]):
+                # the window crosses a power of ten: two frame lengths, one frame at a time
+                return b"".join(self._frame(s, keys[4 * i:4 * i + 4]) for i, s in enumerate(digits))
+        pre, joint, zeros, reps, span = self.layouts.get(len(digits[0])) or self._layout(len(digits[0]))
+        # the window unmasked, and its mask stream: each frame's header zeros, then its key over its key
+        # field and payload
+        return mask(pre + joint.join(digits) + self.tail,
+                    zeros + zeros.join([(keys[j:j + 4] * reps)[:span] for j in range(0, 4 * n, 4)]))
+
+    def _frame(self, digits: bytes, key: bytes) -> bytes:
+        pre, _, zeros, reps, span = self.layouts.get(len(digits)) or self._layout(len(digits))
+        return mask(pre + digits + self.tail, zeros + (key * reps)[:span])
 
     async def send(self, stream: trio.abc.Stream | RawSocketStream, dues: list[float]) -> None:
         frames = self._frames(dues)
@@ -264,30 +334,64 @@ class WsDevice(Device):
         await self._send(stream, frames)
 
     async def reader(self, stream: trio.abc.Stream | RawSocketStream) -> None:
-        buf: bytes | bytearray
-        buf, self._buf = self._buf, b""
-        batch = self.opts.batch
-        acks = _acks_pattern(batch).findall
-        # an ack's length less its seq's digits
-        fixed = len(b'\x81_{"ack":,"accepted":%d,"rejected":0,"errors":[]}' % batch)
+        if self._buf:
+            answers = self.take_read(b"", trio.current_time())
+            if answers:
+                await self._send(stream, answers)
         while True:
-            if buf:
-                seqs = acks(buf)
-                if seqs and len(seqs) * fixed + sum(map(len, seqs)) == len(buf):
-                    # the usual read: nothing but whole JSON acks of a full batch, no errors, read in C
-                    self._acked(list(map(int, seqs)), batch)
-                    buf = b""
-                else:
-                    frames, buf = parse_frames(buf)
-                    if frames:
-                        await self._handle(stream, frames)
             data = await stream.receive_some(_RECEIVE_BYTES)
             if not data:
                 raise ConnectionError("WebSocket closed by the server (no close frame)")
-            buf = buf + data if buf else data
+            answers = self.take_read(data, trio.current_time())
+            if answers:
+                await self._send(stream, answers)
 
-    async def _handle(self, stream: trio.abc.Stream | RawSocketStream, frames: list[tuple[int, bytes]]) -> None:
-        """The frames of one read: acks recorded together, commands answered."""
+    def take_read(self, data: bytes, now: float) -> bytes:
+        """One read from the server (after what the last one left): its acks
+        counted and recorded as of ``now``; returns the frames it asks for
+        (command acks, pongs), b"" when none. ConnectionError on a close frame."""
+        buf = self._buf + data if self._buf else data
+        if not buf:
+            return b""
+        inflight = self.inflight
+        if inflight:
+            # The usual read: error-free acks of the oldest envelopes in flight,
+            # in order (the gateway acks in order), so the read can only be one
+            # byte string, built and compared whole: no per-ack parsing. In
+            # flight are the seqs up to next_seq, the oldest first (if one is
+            # missing, the comparison fails and the read is parsed).
+            first = self.next_seq - len(inflight)
+            at, sent = first - self._digits_first, self._digits
+            if at >= 0 and len(sent) > at:
+                width = len(sent[at])
+                k, rest = divmod(len(buf), self._ack_fixed + width)
+                if not rest and k <= len(sent) - at and len(sent[at + k - 1]) == width:
+                    head, joint = self._ack_runs.get(width) or self._ack_run(width)
+                    if buf == head + joint.join(sent[at:at + k]) + self._ack_tail:
+                        self._buf = b""
+                        del sent[:at + k]
+                        self._digits_first = first + k
+                        self._acked(range(first, first + k), self.opts.batch, now)
+                        return b""
+        seqs = self._acks(buf)
+        if seqs and len(seqs) * self._ack_fixed + sum(map(len, seqs)) == len(buf):
+            # the usual read: nothing but whole JSON acks of a full batch, no errors, read in C
+            self._buf = b""
+            self._acked(list(map(int, seqs)), self.opts.batch, now)
+            return b""
+        frames, self._buf = parse_frames(buf)
+        return self._take_frames(frames, now) if frames else b""
+
+    def _ack_run(self, width: int) -> tuple[bytes, bytes]:
+        """How a read of acks of ``width``-digit seqs looks: each ack is the
+        head, the seq and the ack's tail; between two acks the tail joins
+        the next head."""
+        head = b'\x81%c{"ack":' % (self._ack_fixed + width - 2)
+        run = self._ack_runs[width] = (head, self._ack_tail + head)
+        return run
+
+    def _take_frames(self, frames: list[tuple[int, bytes]], now: float) -> bytes:
+        """The frames of one read: acks recorded together; returns the answers (commands, pings) owed."""
         stats, inflight = self.stats, self.inflight
         dues: list[tuple[float, int]] = []
         answers = []
@@ -317,22 +421,26 @@ class WsDevice(Device):
             elif opcode == OP_PING:
                 answers.append(client_frame(OP_PONG, payload))
             elif opcode == OP_PONG:
-                if self._pong is not None:
-                    self._pong.set()
+                self.got_pong()
             elif opcode == OP_CLOSE:
+                if dues:            # popped from the window: acked, not owed again
+                    self._record(dues, now)
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                 raise ConnectionError(f"WebSocket closed by the server: {code} {payload[2:].decode(errors='replace')}")
         if dues:
-            self._record(dues, trio.current_time())
-        if answers:
-            await self._send(stream, b"".join(answers))
+            self._record(dues, now)
+        return b"".join(answers)
 
-    def _acked(self, seqs: list[int], batch: int) -> None:
+    def got_pong(self) -> None:
+        if self._pong is not None:
+            self._pong.set()
+
+    def _acked(self, seqs: Iterable[int], batch: int, now: float) -> None:
         """The acks of a read of nothing but acks that each accept ``batch`` readings."""
         dues = [due for due in map(self.inflight.pop, seqs, _NONES) if due is not None]
         if not dues:
             return
-        now, stats = trio.current_time(), self.stats
+        stats = self.stats
         first = dues[0]
         # closed loop: a window sent at once shares one intended time
         groups = ((first, len(dues)),) if dues.count(first) == len(dues) else Counter(dues).items()

@@ -790,15 +790,15 @@ async def test_http_non_2xx_answers_are_errors(tmp_path, engine):
     assert stored["records"] == 0
 
 
-@pytest.mark.parametrize("payload", ["json", "msgpack"])
-async def test_ws_devices_against_gridgate_acked_equals_spool(tmp_path, payload):
+@pytest.mark.parametrize("payload, mux", [("json", "--mux"), ("msgpack", "--mux"), ("json", "--no-mux")])
+async def test_ws_devices_against_gridgate_acked_equals_spool(tmp_path, payload, mux):
     # two of the devices have a config: the gateway pushes it as an UPDATE_CONFIG
     # command on connect, and the loadgen must answer each with a command_ack
     devices = tmp_path / "devices.json"
     devices.write_text(json.dumps({"loadgen-000000": {"report_interval_s": 5}, "loadgen-000049": {"x": 1}}))
     async with gridgate_process(tmp_path / "data", env=gridgate_env(GRIDGATE_DOWNLINK_DEVICES_FILE=str(devices))) as gw:
         result = await run_loadgen(tmp_path, "ws", "ws", "--target", f"127.0.0.1:{gw.ws[1]}", "--devices", "50",
-                                   "--inflight", "4", "--batch", "3", "--payload", payload, "--duration", "3")
+                                   "--inflight", "4", "--batch", "3", "--payload", payload, "--duration", "3", mux)
         acknowledged = await trio.to_thread.run_sync(gw.metric, 'gridgate_commands_acknowledged_total{protocol="ws"}')
         assert acknowledged == 2
     assert result["protocol"] == "ws" and result["peak_connected"] == 50

@@ -46,12 +46,14 @@ async def mosquitto_factory(tmp_path, nursery):
             await broker.wait()
 
 
-def test_the_mux_serves_plain_tcp_mqtt_only():
+def test_the_mux_serves_plain_tcp_mqtt_and_ws():
     base = DeviceOptions(host="127.0.0.1", port=1)
     assert uses_mux(base)
     assert not uses_mux(DeviceOptions(host="127.0.0.1", port=1, tls=True))
     assert not uses_mux(DeviceOptions(host="127.0.0.1", port=1, mux=False))
-    assert not uses_mux(DeviceOptions(host="127.0.0.1", port=1, protocol="ws"))
+    assert uses_mux(DeviceOptions(host="127.0.0.1", port=1, protocol="ws"))
+    assert not uses_mux(DeviceOptions(host="127.0.0.1", port=1, protocol="ws", mux=False))
+    assert not uses_mux(DeviceOptions(host="127.0.0.1", port=1, protocol="http"))
 
 
 async def test_fleet_shape_against_gridgate_every_acked_reading_is_stored(tmp_path):
