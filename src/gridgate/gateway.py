@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - depends on the Trio release
 
 from gridgate import hotpath
 from gridgate.config import Config, ConfigError, parse_address
+from gridgate.connections import ready_loop
 from gridgate.connections.manager import ConnManager, Session
 from gridgate.ingest.durable_timeouts import DurableTimeouts
 from gridgate.ingest.pipeline import Pipeline, WorkItem
@@ -425,6 +426,11 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.conns.run_reaper)
                 await nursery.start(self.pipeline.run)
+                if ready_loop.AVAILABLE:
+                    # started before any connection and stopped after them all
+                    # (the nursery's cancel comes after the graceful drain)
+                    self.services.ready_loop = ready_loop.ReadyLoop(self.services.poll_durable)
+                    await nursery.start(self.services.ready_loop.run)
                 await nursery.start(self.durable_timeouts.run)
                 if self.forwarder is not None:
                     await nursery.start(self.forwarder.run_replayer)

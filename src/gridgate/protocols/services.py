@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from gridgate.config import Config
     from gridgate.connections.manager import ConnManager, Session
+    from gridgate.connections.ready_loop import ReadyLoop
     from gridgate.errors import MQTTProtocolError
     from gridgate.ingest.durable_timeouts import DurableTimeouts
     from gridgate.ingest.pipeline import Pipeline
@@ -85,6 +86,10 @@ class Services:
     # The other gateways (gridgate.cluster), set once the node has joined;
     # None on a lone gateway.
     cluster: ClusterView | None = None
+    # The task that reads every ready plain-TCP MQTT 3.1.1 socket inline
+    # (gridgate.connections.ready_loop), set while the gateway serves; None:
+    # each session waits on its own socket.
+    ready_loop: ReadyLoop | None = None
     # The validator's bound methods, looked up once (sessions call them per read).
     validate: Callable[..., Any] = field(init=False)
     validate_into: Callable[..., int] = field(init=False)

@@ -21,7 +21,7 @@ import trio.testing
 
 import gridgate
 from gridgate.config import MQTTConfig, SinkConfig
-from gridgate.connections import fdwait
+from gridgate.connections import ready_loop
 from inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_closed
 from mqtt_frames import gen_connack, gen_connect, gen_puback, gen_publish
 
@@ -77,7 +77,8 @@ async def test_an_idle_connection_is_one_task_without_a_nursery(tmp_path, pair):
 async def test_an_idle_socket_connection_waits_under_two_frames(tmp_path):
     # every frame on an idle connection's parked stack is RSS times the
     # number of connections: the gateway's wrapper, the session's read loop,
-    # and the wait object of connections.fdwait (no trio wait frames)
+    # and the park object of connections.ready_loop, which owns the socket
+    # meanwhile (no trio wait frames)
     async with serving(make_config(tmp_path), MemorySink(), 20) as (gateway, nursery):
         client, _ = await connect(gateway, nursery, "socket", "meter-1")
         await trio.testing.wait_all_tasks_blocked()
@@ -87,7 +88,7 @@ async def test_an_idle_socket_connection_waits_under_two_frames(tmp_path):
             names.append(coro.cr_code.co_qualname)
             coro = coro.cr_await
         assert names == ["Gateway._serve_connection", "MQTTConnection.run"]
-        assert type(coro) is fdwait._ReadableWait
+        assert type(coro) is ready_loop._Park
         await client.aclose()
 
 

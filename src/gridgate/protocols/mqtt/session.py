@@ -6,6 +6,12 @@ into the pipeline, one write for the immediate answers (CONNACK, SUBACK,
 PINGRESP, PUBCOMP). PUBACK/PUBREC go out once the batch holding the reading
 is durable: the batcher writes them to the socket itself (see ``_write``);
 only what the socket does not take waits for a writer task, started then.
+
+On a plain TCP socket, once CONNECT is done, the reads are made by the
+gateway's ready loop (gridgate.connections.ready_loop) while the task is
+parked in it: ``on_ready`` runs the read's synchronous part
+(``_handle_now``) inline, and only what has to wait (a full queue, a
+quota's pause, a close) wakes the task (``_finish``).
 """
 from __future__ import annotations
 
@@ -165,12 +171,31 @@ class MQTTConnection:
                     return
             keep_reading = await self._handle_head(head)
             head = None             # the CONNECT's bytes would stay for the connection's life
+            # The ready loop runs _handle_now: a subclass with a _handle of
+            # its own (MQTT 5.0) keeps this task's read loop.
+            ready_loop = self.svc.ready_loop if fd >= 0 and type(self)._handle is MQTTConnection._handle else None
             while keep_reading:
                 if self.out is not None and self.out.size > max_outgoing:
                     # The client does not read its acks: stop reading it.
                     session.paused = True
                     await self.out.wait_sent()
                     session.paused = False
+                if ready_loop is not None and self.client_id is not None:   # CONNECT done (it may await)
+                    if ready_loop.closed:
+                        ready_loop = None
+                        drained = True
+                        continue
+                    # The ready loop reads the socket and runs _handle_now for
+                    # every read it can finish without waiting; this task
+                    # wakes only for what has to wait (see on_ready).
+                    got = await ready_loop.park(self)
+                    if got is False:
+                        break
+                    if type(got) is _Tail:
+                        if not await self._finish(got):
+                            break
+                        poll_durable()
+                    continue
                 if receive_some is None:
                     # Straight to the socket: SocketStream.receive_some and
                     # the trio socket's helpers would add four frames to every
@@ -290,7 +315,59 @@ class MQTTConnection:
 
     async def _handle(self, events: list[Event], nbytes: int = 0) -> bool:
         """Act on the events of one read (``nbytes`` long). False: close the connection."""
-        out: list[bytes] = []
+        if events and type(events[0]) is Connect:     # the codec lets CONNECT be the first packet only
+            answer = await self._connect(events[0])
+            if self.client_id is None:
+                self._write(answer)
+                return False
+            done = self._handle_now(events, nbytes, 1, answer)
+        else:
+            done = self._handle_now(events, nbytes)
+        if type(done) is _Tail:
+            return await self._finish(done)
+        return done is True
+
+    # -- the ready loop's fast path ---------------------------------------------
+
+    def ready_fd(self) -> int:
+        return self._fd
+
+    def on_ready(self, now: float) -> object:
+        """One read, run by the ready loop (gridgate.connections.ready_loop)
+        while this connection's task is parked in it: what run's loop does
+        per read, up to what has to wait. None: done, stay parked; False:
+        close (close_reason set); True: the task checks its outgoing bytes
+        first; a _Tail: the task finishes the read (_finish)."""
+        out = self.out
+        if out is not None and out.size > self.svc.config.mqtt.max_outgoing_bytes:
+            return True             # the client does not read its acks: the task stops reading it
+        try:
+            data = os.read(self._fd, self.svc.config.mqtt.receive_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:       # reset by the peer
+            session = self.session
+            session.close_reason = session.close_reason or f"connection lost: {exc.strerror}"
+            return False
+        if not data:
+            session = self.session
+            session.close_reason = session.close_reason or "client closed"
+            return False
+        self.session.last_seen = now
+        try:
+            events = self.codec.feed(data)
+        except MQTTProtocolError as exc:
+            self._protocol_error(exc)
+            return False
+        done = self._handle_now(events, len(data))
+        return None if done is True else done
+
+    def _handle_now(self, events: list[Event], nbytes: int, i: int = 0,
+                    answer: bytes | None = None) -> bool | _Tail:
+        """The part of _handle that never waits, from events[i] on (after a
+        CONNECT, whose ``answer`` goes out first). True/False: keep the
+        connection open or not; a _Tail: what is left needs to wait."""
+        out: list[bytes] = [] if answer is None else [answer]
         records: list[Record] = []
         rejections: list[Rejection] = []
         durable_pubacks: list[int] = []
@@ -298,7 +375,7 @@ class MQTTConnection:
         keep_open = True
         received_ns = 0
         validate_into = self.svc.validate_into
-        i, n_events = 0, len(events)
+        n_events = len(events)
         while i < n_events:
             ev = events[i]
             if type(ev) is Publish:
@@ -334,11 +411,7 @@ class MQTTConnection:
             elif type(ev) is PingReq:
                 out.append(_mqtt.encode_pingresp())
             elif type(ev) is Connect:
-                answer = await self._connect(ev)
-                out.append(answer)
-                if self.client_id is None:
-                    keep_open = False
-                    break
+                raise RuntimeError("CONNECT after the first packet")    # the codec refuses it
             elif type(ev) is Subscribe:
                 command_topic = self.command_topic
                 codes = [min(qos, 1) if topic == command_topic else 0x80 for topic, qos in ev.topics]
@@ -389,21 +462,38 @@ class MQTTConnection:
             else:
                 item = WorkItem(records, rejections, self.protocol, received_ns or time.time_ns())
             svc = self.svc
-            pipeline = svc.pipeline
-            if not pipeline.try_submit(item):
-                try:
-                    await pipeline.submit(item, self.session)
-                except BaseException:
-                    # Not queued (e.g. shutdown): never acked, so nothing owed.
-                    if acks:
-                        self.pending -= 1
-                    raise
-            limits = svc.limits
-            if records and limits.readings_limited:
-                # Over a quota, what arrived is kept and acked as usual; the
-                # next read waits (TCP backpressure slows the device).
-                await limits.pause(self.session, records, self.protocol, self.client_id, nbytes)
+            try:
+                queued = svc.pipeline.try_submit(item)
+            except BaseException:
+                # Not queued (shutdown): never acked, so nothing owed.
+                if acks:
+                    self.pending -= 1
+                raise
+            if not queued:
+                return _Tail(item, records, nbytes, keep_open)
+            if records and svc.limits.readings_limited:
+                return _Tail(None, records, nbytes, keep_open)
         return keep_open
+
+    async def _finish(self, tail: _Tail) -> bool:
+        """What _handle_now left to wait for: the queue's room
+        (backpressure), then a quota's pause. False: close the connection."""
+        item = tail.item
+        if item is not None:
+            try:
+                await self.svc.pipeline.submit(item, self.session)
+            except BaseException:
+                # Not queued (e.g. shutdown): never acked, so nothing owed.
+                if item.on_durable is not None:
+                    self.pending -= 1
+                raise
+        records = tail.records
+        limits = self.svc.limits
+        if records and limits.readings_limited:
+            # Over a quota, what arrived is kept and acked as usual; the
+            # next read waits (TCP backpressure slows the device).
+            await limits.pause(self.session, records, self.protocol, self.client_id, tail.nbytes)
+        return tail.keep_open
 
     async def _connect(self, ev: Connect) -> bytes:
         client_id = ev.client_id
@@ -600,6 +690,19 @@ class MQTTConnection:
         if self.out is not None:
             with trio.move_on_after(FLUSH_TIMEOUT_S):
                 await self.out.wait_sent()
+
+
+class _Tail:
+    """The rest of a read that has to wait (made only then): its item when
+    the pipeline's queue was full, its readings when a quota applies."""
+
+    __slots__ = ("item", "records", "nbytes", "keep_open")
+
+    def __init__(self, item: WorkItem | None, records: list[Record], nbytes: int, keep_open: bool) -> None:
+        self.item = item
+        self.records = records
+        self.nbytes = nbytes
+        self.keep_open = keep_open
 
 
 def _connect_level(head: bytes, max_packet_bytes: int) -> int | None:
