@@ -302,7 +302,7 @@ class WsDevice(Device):
     def _frames(self, dues: list[float]) -> bytes:
         seq, n = self.next_seq, len(dues)
         seqs = range(seq, seq + n)
-        self.inflight.update(zip(seqs, dues, strict=True))
+        self.inflight.update(zip(seqs, dues, strict=False))       # as long as each other
         self.next_seq = seq + n
         keys = KEYS.take(n)
         if self.binary:
@@ -437,9 +437,11 @@ class WsDevice(Device):
 
     def _acked(self, seqs: Iterable[int], batch: int, now: float) -> None:
         """The acks of a read of nothing but acks that each accept ``batch`` readings."""
-        dues = [due for due in map(self.inflight.pop, seqs, _NONES) if due is not None]
-        if not dues:
-            return
+        dues = list(map(self.inflight.pop, seqs, _NONES))
+        if None in dues:            # an ack of nothing in flight (a duplicate): not counted
+            dues = [due for due in dues if due is not None]
+            if not dues:
+                return
         stats = self.stats
         first = dues[0]
         # closed loop: a window sent at once shares one intended time
