@@ -231,3 +231,72 @@ async def test_a_pass_serves_at_most_max_events_then_lets_other_tasks_run():
     for client, conn in conns:
         client.close()
         conn.sock.close()
+
+
+async def test_a_fast_path_that_cancels_its_own_parked_task_does_not_break_the_loop():
+    """A fast path may close its own connection (a write that finds the peer
+    gone cancels the session) and still return something to hand back: the
+    cancel has already woken the task, so the loop must not wake it again,
+    and it goes on serving the others."""
+    loop = ReadyLoop()
+    (a_client, a_conn), (b_client, b_conn) = pairs(2)
+    b_results: list = []
+    a_cancelled = []
+
+    class Closing(Conn):
+        def on_ready(self, now: float) -> object:
+            super().on_ready(now)
+            scope.cancel()           # as session.close from inside the fast path
+            return "handed back after the close"
+
+    closing = Closing(a_conn.sock)
+
+    async def a_task() -> None:
+        nonlocal scope
+        with trio.CancelScope() as scope:
+            await loop.park(closing)
+        a_cancelled.append(scope.cancelled_caught)
+
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(loop.run)
+        nursery.start_soon(a_task)
+        nursery.start_soon(park_until_handed, loop, b_conn, b_results)
+        await trio.testing.wait_all_tasks_blocked()
+        a_client.send(b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        assert a_cancelled == [True] and len(loop) == 1
+        b_client.send(b"still served!")
+        with trio.fail_after(5):
+            while not b_results:
+                await trio.sleep(0.01)
+        assert b_results == [b"still served!"]
+        nursery.cancel_scope.cancel()
+    for client, conn in ((a_client, a_conn), (b_client, b_conn)):
+        client.close()
+        conn.sock.close()
+
+
+async def test_a_failing_durable_poll_is_logged_and_the_loop_serves_on(caplog):
+    calls = []
+
+    def poll_durable():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("poll bug")
+
+    loop = ReadyLoop(poll_durable)
+    [(client, conn)] = pairs(1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(loop.run)
+        client.send(b"one")
+        with trio.fail_after(5):
+            while not calls:
+                await trio.lowlevel.checkpoint()
+        client.send(b"two!")
+        assert await loop.park(conn) == b"onetwo!"
+        assert not loop.closed and len(calls) == 2
+        nursery.cancel_scope.cancel()
+    assert "poll bug" in caplog.text
+    client.close()
+    conn.sock.close()

@@ -166,7 +166,12 @@ class ReadyLoop:
                     events = poll(0, max_events)
                     if events:
                         self._serve(events)
-                        self._poll_durable()
+                        try:
+                            self._poll_durable()
+                        except Exception:
+                            # a bug there must not stop every connection's reads
+                            # (a session calling it would have lost only itself)
+                            log.exception("poll_durable failed in the ready loop")
                     if len(events) < max_events:
                         break
                     # more may be ready: let the batcher and others run first
@@ -200,6 +205,12 @@ class ReadyLoop:
                 result: Any = _Value(got)
             except Exception as exc:        # that connection's, raised in its own task
                 result = _Error(exc)
-            self._unpark(fd, park)
+            if not self._unpark(fd, park):
+                # the fast path closed its own connection (a write that found
+                # the peer gone): the cancel has already woken the task, and
+                # waking it twice would break the loop for every connection
+                if type(result) is _Error:
+                    log.error("fast path of a connection closed meanwhile failed", exc_info=result.error)
+                continue
             self.handed_back += 1
             _reschedule(park.task, result)
