@@ -287,15 +287,17 @@ async def test_a_failing_durable_poll_is_logged_and_the_loop_serves_on(caplog):
 
     loop = ReadyLoop(poll_durable)
     [(client, conn)] = pairs(1)
+    results: list = []
     async with trio.open_nursery() as nursery:
         await nursery.start(loop.run)
+        nursery.start_soon(park_until_handed, loop, conn, results)
+        await trio.testing.wait_all_tasks_blocked()
         client.send(b"one")
-        with trio.fail_after(5):
-            while not calls:
-                await trio.lowlevel.checkpoint()
+        await trio.testing.wait_all_tasks_blocked()
+        assert calls == [1] and not loop.closed
         client.send(b"two!")
-        assert await loop.park(conn) == b"onetwo!"
-        assert not loop.closed and len(calls) == 2
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == [b"onetwo!"] and len(calls) == 2
         nursery.cancel_scope.cancel()
     assert "poll bug" in caplog.text
     client.close()
