@@ -802,3 +802,44 @@ def test_an_ack_cut_by_a_read_waits_whole_for_the_next_read():
         nc = asyncio.run(feed([wire[:cut], wire[cut:]]))
         assert [[d for _, d, _ in batch] for batch in got] == [[ack % 0], [ack % i for i in (1, 2, 3)]], cut
         assert not nc._ps.buf
+
+
+def test_plain_acks_go_over_as_write_key_and_index_the_rest_as_before():
+    """With the plain-ack pattern set, each ``{"stream":"<ours>", "seq":N}`` ack of the
+    sink's reply prefix goes to on_plain as (key, index); an ack in any other form (a
+    duplicate, another stream's, a size on the line that is not its body's, another
+    prefix) goes to on_acks whole, and an ack cut by the read waits for the next read."""
+    import asyncio
+
+    from gridgate.sinks.nats import _Client
+
+    plain: list[list[tuple[bytes, ...]]] = []
+    other: list[list[tuple[bytes, bytes, bytes | None]]] = []
+
+    async def feed(chunks):
+        nc = _Client()
+        nc.take_acks(7, other.append, plain=(b"_INBOX.x.", "S", plain.append))
+        for chunk in chunks:
+            await nc._ps.parse(chunk)
+        return nc
+
+    def msg(subject: bytes, body: bytes, size: int | None = None) -> bytes:
+        return b"MSG %b 7  %d\r\n%b\r\n" % (subject, len(body) if size is None else size, body)
+
+    ok = b'{"stream":"S", "seq":%d}'
+    dup = b'{"stream":"S", "seq":3, "duplicate": true}'
+    theirs = b'{"stream":"T", "seq":4}'
+    wire = [msg(b"_INBOX.x.12.0.1", ok % 1), msg(b"_INBOX.x.12.1.2", ok % 2), msg(b"_INBOX.x.12.2.1", dup),
+            msg(b"_INBOX.x.12.3.1", ok % 55), msg(b"_INBOX.x.12.4.1", theirs),
+            # the size on the line says more than the plain body: read as the line says (7 bytes on)
+            msg(b"_INBOX.x.12.5.1", ok % 6 + b"\r\nabcde", len(ok % 6) + 7),
+            msg(b"_INBOX.y.12.6.1", ok % 7), msg(b"_INBOX.x.13.0.1", ok % 8)]
+    data = b"".join(wire)
+    cut = len(data) - len(wire[-1]) + 20            # the last one cut in its line
+    nc = asyncio.run(feed([data[:cut], data[cut:]]))
+    assert [p for batch in plain for p in batch] == [(b"12", b"0"), (b"12", b"1"), (b"12", b"3"), (b"13", b"0")]
+    assert [[s for s, _, _ in batch] for batch in other] == [
+        [b"_INBOX.x.12.2.1", b"_INBOX.x.12.4.1", b"_INBOX.x.12.5.1", b"_INBOX.y.12.6.1"]]
+    assert [d for batch in other for _, d, _ in batch] == [dup, theirs, ok % 6 + b"\r\nabcde", ok % 7]
+    assert len(plain) == 2 and plain[1] == [(b"13", b"0")]      # the cut one came with the next read
+    assert not nc._ps.buf

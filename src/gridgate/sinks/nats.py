@@ -387,6 +387,13 @@ class _Parser(Parser):
     whatever else comes (a status message with headers, PING, INFO, -ERR,
     a reply to the JetStream API, a message cut by the read) goes to
     nats-py's own parse from there on, as before.
+
+    Most acks are the plain ``{"stream":"<ours>", "seq":N}`` of a message
+    stored once. Given the pattern of those (``take_acks(plain=...)``), the
+    parser matches each such ack, line and body, with that one regex and
+    hands over only its write key and message index, to ``on_plain``:
+    a third of the Python work of the split-and-convert per ack (which the
+    others, a duplicate, an error, still take).
     """
 
     nc: _Client
@@ -399,8 +406,19 @@ class _Parser(Parser):
         if self.state == AWAITING_CONTROL_LINE and on_acks is not None:
             sid, end, pos = nc.ack_sid_bytes, len(buf), 0
             acks: list[tuple[bytes, bytes, bytes | None]] = []
+            plain: list[tuple[bytes | Any, ...]] = []
+            plain_match = nc.plain_match
             waiting = False                      # an ack at the head is cut: wait for the rest
-            while buf.startswith(b"MSG ", pos):
+            while True:
+                if plain_match is not None:
+                    m = plain_match(buf, pos)
+                    # the size on the line must be the body's (else it is no plain ack: see below)
+                    if m is not None and int(m[3]) == m.end() - m.end(3) - 4:
+                        plain.append(m.group(1, 2))
+                        pos = m.end()
+                        continue
+                if not buf.startswith(b"MSG ", pos):
+                    break
                 eol = buf.find(b"\r\n", pos)
                 if eol < 0:
                     waiting = True               # nats-py would wait for the line's end too
@@ -422,7 +440,10 @@ class _Parser(Parser):
                 pos = stop + 2
             if pos:
                 del buf[:pos]
-                on_acks(acks)
+                if plain:
+                    nc.on_plain(plain)           # type: ignore[misc]  # set with plain_match
+                if acks:
+                    on_acks(acks)
             if waiting:
                 return
         await super().parse()
@@ -443,14 +464,30 @@ class _Client(NATSClient):
     ack_sid = -1
     ack_sid_bytes = b""
     on_acks: Callable[[list[tuple[bytes, bytes, bytes | None]]], None] | None = None
+    plain_match: Callable[[bytearray, int], re.Match[bytes] | None] | None = None
+    on_plain: Callable[[list[tuple[bytes | Any, ...]]], None] | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self._ps = _Parser(self)
 
-    def take_acks(self, sid: int, on_acks: Callable[[list[tuple[bytes, bytes, bytes | None]]], None]) -> None:
-        """Hand the messages of subscription ``sid`` to ``on_acks``: (subject, body, header bytes or None) each."""
+    def take_acks(self, sid: int, on_acks: Callable[[list[tuple[bytes, bytes, bytes | None]]], None],
+                  plain: tuple[bytes, str, Callable[[list[tuple[bytes | Any, ...]]], None]] | None = None) -> None:
+        """Hand the messages of subscription ``sid`` to ``on_acks``: (subject, body, header bytes or None) each.
+
+        ``plain``: (reply prefix, stream, on_plain). The plain acks of that
+        stream on ``<reply prefix><key>.<index>.<attempt>`` go to ``on_plain``
+        instead, as (key, index) digit strings each.
+        """
         self.ack_sid, self.ack_sid_bytes, self.on_acks = sid, b"%d" % sid, on_acks
+        if plain is None:
+            self.plain_match = self.on_plain = None
+            return
+        prefix, stream, self.on_plain = plain
+        # group 3 is the size on the line, checked against the body the pattern took
+        self.plain_match = re.compile(
+            b"MSG " + re.escape(prefix) + rb"(\d+)\.(\d+)\.\d+ " + self.ack_sid_bytes + rb" +(\d+)\r\n"
+            + re.escape(b'{"stream":%b, "seq":' % msgspec.json.encode(stream)) + rb"\d+\}\r\n").match
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes) -> None:
@@ -531,12 +568,22 @@ class _Window:
         # attempt. Values are ours (msg-ids, counts) or, for a trace context,
         # the device's with CR and LF made spaces as nats-py does.
         self.headers: list[bytes] = []
+        # Each message's size (header block and body) and the HPUB frame of
+        # its first publish, made with the message: most messages are
+        # published once, and a run of them then goes out as a list slice.
+        self.sizes: list[int] = []
+        self.first: list[bytes] = []
         self.records = records
         if records is None:                     # the batched format: every message made by write()
             self.n = len(items)
-            tail = sink._header_tail
+            tail, prefix = sink._header_tail, self.reply_prefix
             self.headers = [_header_block(mid, tail, None if readings is None else readings[i], None)
                             for i, (_, _, mid) in enumerate(items)]
+            for i, ((subject, payload, _), hdr) in enumerate(zip(items, self.headers, strict=True)):
+                size = len(hdr) + len(payload)
+                self.sizes.append(size)
+                self.first.append(b"HPUB %b %b%d.1 %d %d\r\n%b%b\r\n" % (subject.encode(), prefix, i, len(hdr), size,
+                                                                          hdr, payload))
         else:
             # One reading per message: made here, _BUILD_CHUNK at a time as
             # they are first published, so the first messages are on the wire
@@ -555,7 +602,9 @@ class _Window:
         self.plain_ack = b'{"stream":%b, "seq":' % msgspec.json.encode(sink.stream)
         self.next = 0                           # first message never published
         self.retries: list[tuple[float, int]] = []              # heap of (not before, index)
-        self.sent: deque[tuple[float, int, int, int]] = deque()  # (ack due, index, attempt, epoch), in send order
+        # (ack due, first index, end index, attempt, epoch), in send order: a
+        # run of messages published together (their first publish), or one retry
+        self.sent: deque[tuple[float, int, int, int, int]] = deque()
         self.last_error: dict[int, BaseException] = {}
         self.failure: int | None = None          # index of a message that failed for good
         self.starved = False                    # waiting for a slot another write holds
@@ -565,14 +614,22 @@ class _Window:
 
     def _build(self, upto: int) -> None:
         """Make the one-reading messages up to index ``upto`` (subject, body, msg-id, header block)."""
-        records, items, headers = self.records, self.items, self.headers
+        records, items, headers, sizes, first = self.records, self.items, self.headers, self.sizes, self.first
         assert records is not None
-        render, tail = self.sink.template.render, self.sink._header_tail
-        for r in records[self.built:upto]:
+        render, tail, prefix = self.sink.template.render, self.sink._header_tail, self.reply_prefix
+        index = self.built
+        for r in records[index:upto]:
             mid = msg_id(r)
-            items.append((render(r), encode_record(r), mid))
-            headers.append(b"NATS/1.0\r\nNats-Msg-Id: %b%b" % (mid.encode(), tail) if r.traceparent is None
-                           else _header_block(mid, tail, None, r))
+            subject, payload = render(r), encode_record(r)
+            items.append((subject, payload, mid))
+            hdr = (b"NATS/1.0\r\nNats-Msg-Id: %b%b" % (mid.encode(), tail) if r.traceparent is None
+                   else _header_block(mid, tail, None, r))
+            headers.append(hdr)
+            size = len(hdr) + len(payload)
+            sizes.append(size)
+            first.append(b"HPUB %b %b%d.1 %d %d\r\n%b%b\r\n" % (subject.encode(), prefix, index, len(hdr), size,
+                                                                 hdr, payload))
+            index += 1
         self.built = max(self.built, upto)
 
     async def run(self) -> int:
@@ -620,18 +677,23 @@ class _Window:
     def _expire(self, now: float) -> None:
         """Fail the publishes whose ack is overdue, or that were sent before a disconnect."""
         sent, epoch = self.sent, self.sink._connection_epoch
+        outstanding, attempts = self.outstanding, self.attempts
         while sent:
-            due, index, attempt, sent_epoch = sent[0]
-            if not self.outstanding[index] or attempt != self.attempts[index]:
-                sent.popleft()                  # acked, or failed and retried since
-            elif sent_epoch != epoch:
-                sent.popleft()
-                self._attempt_failed(index, attempt, _Disconnected())
+            due, lo, hi, attempt, sent_epoch = sent[0]
+            why: BaseException
+            if sent_epoch != epoch:
+                why = _Disconnected()
             elif due <= now:
-                sent.popleft()
-                self._attempt_failed(index, attempt, nats.errors.TimeoutError())
+                why = nats.errors.TimeoutError()
             else:
+                # An entry whose messages were all acked stays until its due
+                # time (one wake then, for nothing): checking each entry's
+                # messages after every read would cost a pass per ack.
                 break
+            sent.popleft()
+            for index in range(lo, hi):
+                if outstanding[index] and attempts[index] == attempt:   # else acked, or retried since
+                    self._attempt_failed(index, attempt, why)
 
     async def _fill(self) -> None:
         """Publish retries that are due, then new messages, while the sink has free slots.
@@ -667,9 +729,29 @@ class _Window:
                 from_retries = False
             else:
                 break
-            if sink._free_slots <= 0:
+            free = sink._free_slots
+            if free <= 0:
                 self.starved = sink._starving = True
                 break
+            if not from_retries and closed is None and connected:
+                # First publishes of the next messages, as many as the window
+                # and this chunk take, in one step: their frames were made
+                # with them, and they share one entry in ``sent``.
+                lo = self.next
+                hi = min(self.n, lo + free, lo + _BUILD_CHUNK - len(frames))
+                if hi > self.built:
+                    self._build(min(self.n, max(hi, lo + _BUILD_CHUNK)))
+                if max(self.sizes[lo:hi]) <= max_payload:      # else one at a time, below
+                    count = hi - lo
+                    self.next = hi
+                    self.attempts[lo:hi] = [1] * count
+                    self.outstanding[lo:hi] = b"\x01" * count
+                    self.inflight += count
+                    sink._free_slots = free - count
+                    sink.publishes += count
+                    self.sent.append((now + ack_timeout, lo, hi, 1, sink._connection_epoch))
+                    frames += self.first[lo:hi]
+                    continue
             if from_retries:
                 index = heapq.heappop(retries)[1]
                 sink.retries += 1
@@ -685,7 +767,7 @@ class _Window:
             self.inflight += 1
             sink._free_slots -= 1
             sink.publishes += 1
-            self.sent.append((now + ack_timeout, index, attempt, sink._connection_epoch))
+            self.sent.append((now + ack_timeout, index, index + 1, attempt, sink._connection_epoch))
             hdr = headers[index]
             size = len(hdr) + len(payload)
             if closed is not None:
@@ -1017,7 +1099,8 @@ class NATSSink:
             self._inbox_len = len(self._inbox) + 1
             # no callback: _Client hands this subscription's messages to _on_acks itself
             sub = await nc.subscribe(self._inbox + ".>")
-            nc.take_acks(sub._id, self._on_acks)
+            nc.take_acks(sub._id, self._on_acks, plain=((self._inbox + ".").encode(), self.stream,
+                                                        self._on_plain_acks))
             await self._ensure_stream(deadline)
         except BaseException:
             self._nc = self._js = None
@@ -1202,6 +1285,34 @@ class NATSSink:
             except ValueError:           # not a reply subject of ours: nothing waits for it
                 last_key, window = b"", None
                 log.debug("nats sink: unexpected reply subject %r", subject)
+        for w in touched:
+            w.settle()
+
+    def _on_plain_acks(self, acks: list[tuple[bytes | Any, ...]]) -> None:
+        """Plain acks (the message stored, not a duplicate) of one read, as (write key, index) digits."""
+        windows = self._windows
+        touched: list[_Window] = []
+        last_key: bytes = b""
+        window: _Window | None = None
+        acked = outstanding = bytearray()      # the window's, while its acks come in a row
+        n = 0
+        for key, index in acks:
+            if key != last_key:
+                last_key, window = key, windows.get(int(key))
+                if window is None:       # late acks of a finished write: their records are stored
+                    continue
+                if window not in touched:
+                    touched.append(window)
+                acked, outstanding, n = window.acked, window.outstanding, window.n
+            elif window is None:
+                continue
+            i = int(index)
+            if 0 <= i < n and not acked[i]:          # else a later ack of a message already acked
+                acked[i] = 1
+                window.n_acked += 1
+                if outstanding[i]:
+                    outstanding[i] = 0
+                    window.freed += 1
         for w in touched:
             w.settle()
 
