@@ -12,13 +12,18 @@ The WebSocket client is this module, on the device's own raw socket, the
 way ``mqtt_device`` drives MQTT: the upgrade request and its 101 go
 through wsproto's sans-IO handshake (status, ``Upgrade``, ``Connection``
 and ``Sec-WebSocket-Accept`` checked there), then frames are written and
-read on the socket directly: each window of frames in one write, a read of
-nothing but error-free acks matched and its seqs taken by one regular
-expression each (C), anything else parsed frame by frame, the acks of a
-read recorded together. trio-websocket, used before, spent over 100 us of
-CPU per reading in its reader task and message channel, and wsproto's
-per-message events would cost more than the gateway spends on a reading:
-the load generator must not be what it measures.
+read on the socket directly: each window of frames in one write; a read
+of error-free acks of the oldest envelopes in flight, in order (what the
+gateway sends), compared whole with the bytes those acks must be (built
+from the digits the frames were built with); else, a read of nothing but
+such acks in any order matched by one regular expression (C); anything
+else parsed frame by frame; the acks of a read recorded together.
+trio-websocket, used before, spent over 100 us of CPU per reading in its
+reader task and message channel, and wsproto's per-message events would
+cost more than the gateway spends on a reading: the load generator must
+not be what it measures. By default the devices' sockets are served by
+one task per process (``ws_mux``, ``mqtt_mux.Mux``); ``--no-mux`` gives
+each device a reader and a sender task (``reader``, ``Device.sender``).
 
 Every frame is masked with its own key from ``os.urandom`` (RFC 6455
 5.3: fresh and unpredictable per frame, so that the bytes on the wire are
