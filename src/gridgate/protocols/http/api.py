@@ -40,6 +40,9 @@ _FORMATS = {
     "application/x-ndjson": "ndjson", "application/ndjson": "ndjson", "application/jsonl": "ndjson",
     "application/msgpack": "msgpack", "application/x-msgpack": "msgpack", "application/vnd.msgpack": "msgpack",
 }
+# Content-Type header values as sent -> _FORMATS' format (bounded: only
+# accepted values up to 64 characters are kept, at most 256 of them)
+_FORMAT_OF: dict[str, str] = {}
 # RFC 9110 9.1: the methods the gateway serves on some resource, and the
 # others it knows of. A known method a resource does not allow gets 405 with
 # Allow; a method the gateway does not recognize at all, or one it serves on
@@ -171,6 +174,9 @@ class Done:
             if then is not None:
                 self.then = None
                 then.answered()
+
+    # the pipeline's on_durable: the Done itself, no bound method per request
+    __call__ = set
 
     async def wait(self) -> None:
         """A checkpoint, as trio.Event.wait is, whether or not it blocks."""
@@ -333,9 +339,12 @@ async def begin_authenticated(services: Services, request: RequestView, engine: 
 
 def _route(svc: Services, req: RequestView, engine: str, authenticated: bool,
            identity: Identity | None) -> Answer | Pending | NeedsAuth:
-    path = req.target.split("?", 1)[0]
+    path = req.target
+    if "?" in path:
+        path = path.split("?", 1)[0]
     if path == "/v1/telemetry":
-        _allow(req, "POST")
+        if req.method != "POST":
+            _allow(req, "POST")
         if svc.auth is not None and not authenticated:
             return NEEDS_AUTH           # before the body is even looked at
         return _telemetry(svc, req, engine, identity)
@@ -445,12 +454,18 @@ def _telemetry(svc: Services, req: RequestView, engine: str, identity: Identity 
     cfg = svc.config.http
     if not req.has_length:
         raise HttpError(411, "length_required", "send Content-Length or Transfer-Encoding: chunked")
-    ctype = req.content_type.split(";", 1)[0].strip().lower()
-    fmt = _FORMATS.get(ctype)
+    raw_type = req.content_type
+    fmt = _FORMAT_OF.get(raw_type)       # a client sends the same header every time
     if fmt is None:
-        raise HttpError(415, "unsupported_media_type",
-                        f"Content-Type {ctype!r}; use application/json, application/x-ndjson or application/msgpack")
-    body = _decompress(req.body, req.content_encoding.strip().lower(), cfg.max_body_bytes)
+        ctype = raw_type.split(";", 1)[0].strip().lower()
+        fmt = _FORMATS.get(ctype)
+        if fmt is None:
+            raise HttpError(415, "unsupported_media_type", f"Content-Type {ctype!r}; use application/json, "
+                            "application/x-ndjson or application/msgpack")
+        if len(_FORMAT_OF) < 256 and len(raw_type) <= 64:
+            _FORMAT_OF[raw_type] = fmt
+    encoding = req.content_encoding
+    body = _decompress(req.body, encoding.strip().lower(), cfg.max_body_bytes) if encoding else req.body
     received_ns = time.time_ns()
     validator = svc.std_validator if engine == "std" else svc.validator
     records, rejections = validator.validate(body, fmt, "http", None, received_ns)
@@ -465,7 +480,7 @@ def _telemetry(svc: Services, req: RequestView, engine: str, identity: Identity 
             raise HttpError(429, "rate_limited", f"over the limit {charge.name!r}; retry later",
                             [(b"retry-after", b"%d" % max(1, math.ceil(charge.wait)))])
     done = Done()
-    item = WorkItem(records, rejections, "http", received_ns, done.set)
+    item = WorkItem(records, rejections, "http", received_ns, done)
     if not svc.pipeline.try_submit(item):
         raise HttpError(503, "overloaded", "the ingest pipeline is full; retry later", [(b"retry-after", b"1")])
     pending = Pending(done, records, rejections)
