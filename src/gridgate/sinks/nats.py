@@ -99,6 +99,7 @@ Trio and asyncio
 from __future__ import annotations
 
 import asyncio
+import binascii
 import functools
 import hashlib
 import heapq
@@ -282,6 +283,18 @@ def msg_id(record: Record) -> str:
     h = _blake2b_96.copy()
     h.update(_id_encoder.encode((record.device_id, record.ts_ns, record.fields, record.tags)))
     return f"{sanitize_token(record.device_id)}:{record.ts_ns}:{h.hexdigest()}"
+
+
+@functools.lru_cache(maxsize=65536)
+def _token_bytes(device_id: str) -> bytes:
+    return sanitize_token(device_id).encode()
+
+
+def _msg_id_bytes(record: Record) -> bytes:
+    """:func:`msg_id` as bytes, made as bytes (the publish path's twin; a test holds them equal)."""
+    h = _blake2b_96.copy()
+    h.update(_id_encoder.encode((record.device_id, record.ts_ns, record.fields, record.tags)))
+    return b"%b:%d:%b" % (_token_bytes(record.device_id), record.ts_ns, binascii.hexlify(h.digest()))
 
 
 def encode_record(record: Record) -> bytes:
@@ -613,24 +626,44 @@ class _Window:
     # -- driven by run() ---------------------------------------------------------------
 
     def _build(self, upto: int) -> None:
-        """Make the one-reading messages up to index ``upto`` (subject, body, msg-id, header block)."""
-        records, items, headers, sizes, first = self.records, self.items, self.headers, self.sizes, self.first
+        """Make the one-reading messages up to index ``upto``: each one's size and first-publish frame.
+
+        The rest (subject, msg-id, header block) is only wanted again for a
+        retry or a failure, and :meth:`_message` makes it again then.
+        """
+        records, sizes, first = self.records, self.sizes, self.first
         assert records is not None
         render, tail, prefix = self.sink.template.render, self.sink._header_tail, self.reply_prefix
+        plain_header = len(b"NATS/1.0\r\nNats-Msg-Id: ") + len(tail)
         index = self.built
         for r in records[index:upto]:
-            mid = msg_id(r)
-            subject, payload = render(r), encode_record(r)
-            items.append((subject, payload, mid))
-            hdr = (b"NATS/1.0\r\nNats-Msg-Id: %b%b" % (mid.encode(), tail) if r.traceparent is None
-                   else _header_block(mid, tail, None, r))
-            headers.append(hdr)
-            size = len(hdr) + len(payload)
+            mid = _msg_id_bytes(r)
+            payload = encode_record(r)
+            if r.traceparent is None:
+                # the header block written into the frame in the same step
+                hlen = plain_header + len(mid)
+                size = hlen + len(payload)
+                frame = b"HPUB %b %b%d.1 %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %b%b%b\r\n" % (
+                    render(r).encode(), prefix, index, hlen, size, mid, tail, payload)
+            else:
+                hdr = _header_block(mid.decode(), tail, None, r)
+                size = len(hdr) + len(payload)
+                frame = b"HPUB %b %b%d.1 %d %d\r\n%b%b\r\n" % (render(r).encode(), prefix, index, len(hdr), size,
+                                                                hdr, payload)
             sizes.append(size)
-            first.append(b"HPUB %b %b%d.1 %d %d\r\n%b%b\r\n" % (subject.encode(), prefix, index, len(hdr), size,
-                                                                 hdr, payload))
+            first.append(frame)
             index += 1
         self.built = max(self.built, upto)
+
+    def _message(self, index: int) -> tuple[str, bytes, str, bytes]:
+        """Message ``index``'s subject, body, msg-id and header block (for a retry or a failure)."""
+        records = self.records
+        if records is None:
+            subject, payload, mid = self.items[index]
+            return subject, payload, mid, self.headers[index]
+        r = records[index]
+        mid = msg_id(r)
+        return self.sink.template.render(r), encode_record(r), mid, _header_block(mid, self.sink._header_tail, None, r)
 
     async def run(self) -> int:
         """Publish every message; the number of readings in those JetStream called duplicates.
@@ -704,7 +737,7 @@ class _Window:
         The checks it would make are made here (closed, draining, too big,
         reconnect buffer full), with the same errors.
         """
-        sink, loop, items, retries, headers = self.sink, self.loop, self.items, self.retries, self.headers
+        sink, loop, retries = self.sink, self.loop, self.retries
         ack_timeout = sink.ack_timeout_s
         prefix = self.reply_prefix
         self.starved = False
@@ -760,7 +793,7 @@ class _Window:
                 self.next += 1
                 if index >= self.built:
                     self._build(min(self.n, index + _BUILD_CHUNK))
-            subject, payload, _ = items[index]
+            subject, payload, _, hdr = self._message(index)
             attempt = self.attempts[index] + 1
             self.attempts[index] = attempt
             self.outstanding[index] = 1
@@ -768,7 +801,6 @@ class _Window:
             sink._free_slots -= 1
             sink.publishes += 1
             self.sent.append((now + ack_timeout, index, index + 1, attempt, sink._connection_epoch))
-            hdr = headers[index]
             size = len(hdr) + len(payload)
             if closed is not None:
                 self._attempt_failed(index, attempt, closed)
@@ -886,9 +918,7 @@ class _Window:
         return next(i for i in range(self.n) if not self.acked[i])
 
     def _failed(self, index: int) -> _PublishFailed:
-        if index >= self.built:                 # never published (the deadline came first)
-            self._build(index + 1)
-        subject, _, mid = self.items[index]
+        subject, _, mid, _ = self._message(index)
         return _PublishFailed(subject, mid, self.last_error.get(index), self.attempts[index])
 
 
