@@ -178,8 +178,16 @@ class Mux:
                 wake = min(next_ping, drain_until if self.draining else self.deadline)
                 if timers:
                     wake = min(wake, timers[0][0])
+                # One cancel scope for as many waits as come before ``wake``: a
+                # scope per wait (made, entered, left) cost more than a read of
+                # acks when only a few devices are ready at each wake-up
                 with trio.move_on_at(wake) as self._wait:
-                    await trio.lowlevel.wait_readable(self.epoll.fileno())
+                    while True:
+                        await trio.lowlevel.wait_readable(self.epoll.fileno())
+                        now = trio.current_time()
+                        self._poll(now)
+                        if self.hungry or (self.draining and not self.devices) or (timers and timers[0][0] < wake):
+                            break       # what the loop above does now: fill, end, or wait less
                 self._wait = None
         finally:
             self.finished = True
