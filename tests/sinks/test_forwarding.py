@@ -228,3 +228,77 @@ def test_version_1_spool_is_upgraded_in_place(tmp_path):
 # The gateway-level cases (a full spool with the sink down answers 503 and
 # loses nothing; a record the sink can never take is dead-lettered
 # sink_refused) run on both HTTP engines in tests/protocols/http/test_http_sinks.py.
+
+
+# -- a batch's dead letters go to the spool while the sink takes its records ------------------
+
+class SlowSink(ScriptedSink):
+    """Takes ``delay`` seconds per write."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def write(self, batch: Sequence[Record]) -> None:
+        await trio.sleep(self.delay)
+        await super().write(batch)
+
+
+class SlowDeadLetters(MemoryPendingStore):
+    """Commits dead letters in ``delay`` seconds, noting when; raises ``error`` instead, if set."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.error: Exception | None = None
+        self.dead_written_at: list[float] = []
+
+    async def write_batch(self, records, dead, pending=False, on_commit=None) -> None:
+        if dead:
+            await trio.sleep(self.delay)
+            if self.error is not None:
+                raise self.error
+            self.dead_written_at.append(trio.current_time())
+        await super().write_batch(records, dead, pending, on_commit)
+
+
+def _dead(n: int) -> list[tuple[str, int, Rejection]]:
+    return [("mqtt", 5_000 + i, Rejection(reason="invalid_json", device_id=f"m-{i}", raw=b"{", detail="bad"))
+            for i in range(n)]
+
+
+async def test_dead_letters_are_committed_while_the_sink_writes(autojump_clock):
+    sink, store = SlowSink(delay=1.0), SlowDeadLetters(delay=0.5)
+    fwd = _forwarder(sink, store)
+    records, dead = [_record(i) for i in range(10)], _dead(3)
+    start = trio.current_time()
+    await fwd.write(records, dead)
+    # durable once the slower of the two is: 1.0 s, not 1.0 + 0.5 one after the other
+    assert trio.current_time() - start == 1.0
+    assert store.dead_written_at == [start + 0.5]
+    assert sink.records == records and store.dead == dead and store.pending == []
+
+
+async def test_sink_down_with_dead_letters_keeps_records_pending_and_each_dead_letter_once(autojump_clock):
+    sink, store = SlowSink(delay=0.2), SlowDeadLetters(delay=0.5)
+    sink.down = True
+    fwd = _forwarder(sink, store)
+    records, dead = [_record(i) for i in range(10)], _dead(3)
+    await fwd.write(records, dead)
+    assert store.pending == records and store.dead == dead and sink.records == []
+    assert fwd.pending == 10
+
+
+async def test_a_dead_letter_write_that_fails_raises_after_the_sink_write(autojump_clock):
+    from gridgate.sinks.base import SinkFullError
+
+    sink, store = SlowSink(delay=1.0), SlowDeadLetters(delay=0.1)
+    store.error = SinkFullError("spool full")
+    fwd = _forwarder(sink, store)
+    records = [_record(i) for i in range(10)]
+    start = trio.current_time()
+    with pytest.raises(SinkFullError):
+        await fwd.write(records, _dead(2))
+    # the sink write was not cut short by it (its records are in, a retry de-duplicates)
+    assert trio.current_time() - start == 1.0 and sink.records == records
+    assert store.dead == [] and store.pending == []

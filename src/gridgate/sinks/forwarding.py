@@ -196,9 +196,16 @@ class Forwarder:
             given = records
             records = list(records)
             refused: list[tuple[str, int, Rejection]] = []
-            ok = await self._try_sink(records, refused)
+            if dead:
+                # The batch's dead letters go to the spool while the sink
+                # takes its records, not after: one commit less in the wait
+                # of every batch that had a rejection.
+                ok = await self._sink_and_dead_letters(records, refused, dead)
+                dead = []
+            else:
+                ok = await self._try_sink(records, refused)
             if refused:
-                dead = [*dead, *refused]
+                dead = refused
                 taken = {id(r) for r in records}
                 why = {(rejection.device_id, received_ns): rejection.detail for _, received_ns, rejection in refused}
                 for r in given:
@@ -214,6 +221,29 @@ class Forwarder:
             self.pending += len(records)
             self.metrics.pending_records.set(self.pending)
             self._pending_added.set()
+
+    async def _sink_and_dead_letters(self, records: list[Record], refused: list[tuple[str, int, Rejection]],
+                                     dead: list[tuple[str, int, Rejection]]) -> bool:
+        """:meth:`_try_sink` while ``dead`` is committed to the spool; both done when it returns.
+
+        Raises what the dead-letter write raised (SinkFullError: the pipeline
+        holds back and writes the whole batch again, which the sinks take
+        idempotently), after the sink write is over.
+        """
+        failed: list[Exception] = []
+
+        async def write_dead() -> None:
+            try:
+                await self.spool.write_batch([], dead)
+            except Exception as exc:        # raised below, in the writer's own task
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_dead)
+            ok = await self._try_sink(records, refused)
+        if failed:
+            raise failed[0]
+        return ok
 
     async def _try_sink(self, records: list[Record], refused: list[tuple[str, int, Rejection]]) -> bool:
         """Write to the sink; False: not written (keep it pending).
