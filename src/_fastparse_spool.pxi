@@ -29,13 +29,21 @@
 
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset, strncpy
+from libc.string cimport memchr, memset, strncpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
-from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_CheckExact
+from cpython.dict cimport PyDict_Next
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
 
 import os as _sw_os
 import sqlite3 as _sw_sqlite3
+
+import msgspec as _sw_msgspec
+
+from gridgate.ingest.records import Record as _sw_Record
 
 cdef extern from *:
     """
@@ -70,6 +78,12 @@ cdef extern from *:
     ssize_t write(int, const void *, size_t) nogil
     ssize_t read(int, void *, size_t) nogil
     int close(int) nogil
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
 
 # The SQLite C API functions used, as pointers looked up once (_sw_load).
 ctypedef int (*_sw_open_v2_t)(const char *, gg_sqlite3 **, int, const char *) noexcept nogil
@@ -490,11 +504,7 @@ cdef class SpoolWriter:
         them. Values: str (TEXT), bytes (BLOB), int (INTEGER) or None.
         ``measure``: also report the spool's used bytes (see finish).
         """
-        if self._busy:
-            raise RuntimeError("the spool writer is still writing the previous batch")
-        if not self.thread_started:
-            raise RuntimeError("the spool writer is closed")
-        cdef _sw_state *st = self.st
+        self._check_idle()
         cdef Py_ssize_t nrec = len(records), nrej = len(rejections)
         cdef Py_ssize_t ncells = nrec * _SW_RECORD_COLUMNS + nrej * _SW_REJECTION_COLUMNS
         cdef _sw_cell *cells = <_sw_cell *>malloc((ncells if ncells else 1) * sizeof(_sw_cell))
@@ -507,7 +517,45 @@ cdef class SpoolWriter:
             free(cells)
             raise
         # tuples: the caller may change its lists, the cells point into the rows
-        self.refs = (tuple(records), tuple(rejections))
+        self._hand_over(cells, nrec, nrej, pending, measure, (tuple(records), tuple(rejections)))
+
+    def start_records(self, list records, list rejections, bint pending=False, bint measure=False):
+        """As ``start``, from the Records themselves (gridgate.ingest.records.Record)
+        instead of their rows: the rows gridgate.storage.spool.record_rows would
+        make, byte for byte, without a tuple and two encoder calls per
+        reading. Each reading's fields (and tags) are encoded by msgspec in one
+        call per batch, as a JSON array the cells then point into; a reading
+        whose tags hold the very same keys and values as the reading before
+        it (a copy of the validator's per-location tags, a device's run of
+        readings) shares that reading's encoding. ``rejections``: rows, as for
+        ``start``.
+        """
+        self._check_idle()
+        cdef Py_ssize_t nrec = len(records), nrej = len(rejections)
+        cdef Py_ssize_t ncells = nrec * _SW_RECORD_COLUMNS + nrej * _SW_REJECTION_COLUMNS
+        cdef _sw_cell *cells = <_sw_cell *>malloc((ncells if ncells else 1) * sizeof(_sw_cell))
+        if cells == NULL:
+            raise MemoryError()
+        cdef tuple recs = tuple(records)
+        cdef object encoded
+        try:
+            encoded = _sw_fill_records(cells, recs)
+            _sw_fill(cells + nrec * _SW_RECORD_COLUMNS, rejections, _SW_REJECTION_COLUMNS)
+        except BaseException:
+            free(cells)
+            raise
+        self._hand_over(cells, nrec, nrej, pending, measure, (recs, encoded, tuple(rejections)))
+
+    cdef _check_idle(self):
+        if self._busy:
+            raise RuntimeError("the spool writer is still writing the previous batch")
+        if not self.thread_started:
+            raise RuntimeError("the spool writer is closed")
+
+    cdef _hand_over(self, _sw_cell *cells, Py_ssize_t nrec, Py_ssize_t nrej, bint pending, bint measure,
+                    object refs):
+        cdef _sw_state *st = self.st
+        self.refs = refs
         pthread_mutex_lock(&st.mu)
         st.cells = cells
         st.n_records = nrec
@@ -602,38 +650,238 @@ cdef class SpoolWriter:
             self.st = NULL
 
 
+cdef int _sw_set(_sw_cell *cell, object v, Py_ssize_t r, int c) except -1:
+    """One cell from a value: str (TEXT), bytes (BLOB), int (INTEGER) or None."""
+    cdef Py_ssize_t n
+    cdef int overflow
+    cell.p = NULL
+    cell.n = 0
+    if v is None:
+        cell.kind = _SW_NULL
+    elif PyUnicode_CheckExact(v):
+        cell.kind = _SW_TEXT
+        cell.p = PyUnicode_AsUTF8AndSize(v, &n)
+        cell.n = n
+    elif PyBytes_CheckExact(v):
+        cell.kind = _SW_BLOB
+        cell.p = PyBytes_AS_STRING(v)
+        cell.n = PyBytes_GET_SIZE(v)
+    elif PyLong_CheckExact(v):
+        cell.kind = _SW_INT
+        # not PyLong_AsLongLong: it converts a multi-digit int (every ns
+        # timestamp) through a byte array
+        cell.i = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if overflow:
+            raise OverflowError("int too big to convert")
+    else:
+        raise TypeError(f"row {r} column {c}: {type(v).__name__} is not str, bytes, int or None")
+    if cell.n > 0x7FFFFFFF:
+        raise ValueError(f"row {r} column {c}: value too large for SQLite")
+    return 0
+
+
 cdef int _sw_fill(_sw_cell *cells, list rows, int columns) except -1:
-    cdef Py_ssize_t r = 0, n
+    cdef Py_ssize_t r = 0
     cdef int c
     cdef tuple row
-    cdef object v
-    cdef _sw_cell *cell
     for obj in rows:
         row = <tuple?>obj
         if len(row) != columns:
             raise ValueError(f"row {r} has {len(row)} values, not {columns}")
         for c in range(columns):
-            v = row[c]
-            cell = &cells[r * columns + c]
-            cell.p = NULL
-            cell.n = 0
-            if v is None:
-                cell.kind = _SW_NULL
-            elif PyUnicode_CheckExact(v):
-                cell.kind = _SW_TEXT
-                cell.p = PyUnicode_AsUTF8AndSize(v, &n)
-                cell.n = n
-            elif PyBytes_CheckExact(v):
-                cell.kind = _SW_BLOB
-                cell.p = PyBytes_AS_STRING(v)
-                cell.n = PyBytes_GET_SIZE(v)
-            elif PyLong_CheckExact(v):
-                cell.kind = _SW_INT
-                cell.i = PyLong_AsLongLong(v)
-            else:
-                raise TypeError(f"row {r} column {c}: {type(v).__name__} is not str, bytes, int or None")
-            if cell.n > 0x7FFFFFFF:
-                raise ValueError(f"row {r} column {c}: value too large for SQLite")
+            _sw_set(&cells[r * columns + c], row[c], r, c)
         r += 1
     return 0
 
+
+# Record's fields in the records table's column order (_ROW_COLUMNS of
+# gridgate.storage.spool); where each lives in a Record (its member
+# descriptors' offsets), read at the first batch.
+cdef tuple _SW_RECORD_FIELDS = ("device_id", "ts_ns", "received_ns", "protocol", "fields", "tags", "traceparent",
+                                "tracestate")
+cdef Py_ssize_t _sw_record_offsets[8]
+cdef bint _sw_record_offsets_known = False
+cdef object _sw_record_type = _sw_Record
+cdef bytes _SW_NO_TAGS = b"{}"
+cdef object _sw_json_encode = _sw_msgspec.json.Encoder().encode
+
+
+cdef int _sw_find_record_offsets() except -1:
+    global _sw_record_offsets_known
+    member_descriptor = type(_sw_record_type.__dict__["device_id"])
+    for c, name in enumerate(_SW_RECORD_FIELDS):
+        descr = _sw_record_type.__dict__[name]
+        if type(descr) is not member_descriptor:        # not a msgspec Struct's slot: cannot happen
+            raise TypeError(f"Record.{name} is not a member descriptor")
+        _sw_record_offsets[c] = (<PyMemberDescrObject *><PyObject *>descr).d_member.offset
+    _sw_record_offsets_known = True
+    return 0
+
+
+cdef inline object _sw_field(object rec, int c, list keep):
+    """Record field c (of _SW_RECORD_FIELDS). Read from its slot for a
+    Record; for anything else by getattr, the value then also kept in
+    ``keep`` (a property may make a new object the cells would outlive)."""
+    cdef PyObject *v
+    if type(rec) is _sw_record_type:
+        v = (<PyObject **>((<char *><PyObject *>rec) + _sw_record_offsets[c]))[0]
+        if v != NULL:
+            return <object>v
+    value = getattr(rec, <str>_SW_RECORD_FIELDS[c])
+    keep.append(value)
+    return value
+
+
+cdef bint _sw_same_items(object a, object b):
+    """True when the dicts a and b hold the very same key and value objects
+    in the same order (so they encode alike); False when unsure."""
+    if a is b:
+        return True
+    if type(a) is not dict or type(b) is not dict or len(<dict>a) != len(<dict>b):
+        return False
+    cdef Py_ssize_t i = 0, j = 0
+    cdef PyObject *ka
+    cdef PyObject *va
+    cdef PyObject *kb
+    cdef PyObject *vb
+    while PyDict_Next(a, &i, &ka, &va):
+        if not PyDict_Next(b, &j, &kb, &vb) or ka != kb or va != vb:
+            return False
+    return True
+
+
+# the bytes _sw_split must look at; every other byte is skipped by one table lookup
+cdef unsigned char _sw_json_special[256]
+
+
+cdef void _sw_init_json_special() noexcept:
+    cdef const char *chars = b'"\\{}[],'
+    cdef int i
+    memset(_sw_json_special, 0, 256)
+    for i in range(7):
+        _sw_json_special[<unsigned char>chars[i]] = 1
+
+
+_sw_init_json_special()
+
+
+cdef inline Py_ssize_t _sw_string_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) noexcept:
+    """Just past the closing quote of the JSON string whose contents start at i."""
+    cdef const unsigned char *q
+    cdef Py_ssize_t j
+    while i < end:
+        q = <const unsigned char *>memchr(p + i, b'"', end - i)
+        if q == NULL:
+            return end
+        j = q - p
+        i = j + 1
+        # escaped when an odd number of backslashes stands before it
+        while j > 0 and p[j - 1] == b'\\':
+            j -= 1
+        if ((i - 1) - j) % 2 == 0:
+            return i
+    return end
+
+
+cdef int _sw_split(bytes encoded, Py_ssize_t *starts, Py_ssize_t count) except -1:
+    """The start of each of the count elements of a JSON array as msgspec
+    writes it (no whitespace), and its end (starts[count]: one past a comma).
+    Commas inside strings and nested values are skipped."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(encoded)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(encoded), i = 1, k = 0, depth = 0, end = n - 1
+    cdef unsigned char ch
+    if n < 2 or p[0] != b'[' or p[end] != b']':
+        raise ValueError("not a JSON array")
+    starts[0] = 1
+    while i < end:
+        ch = p[i]
+        i += 1
+        if not _sw_json_special[ch]:
+            continue
+        if ch == b'"':
+            i = _sw_string_end(p, i, end)
+        elif ch == b',':
+            if depth == 0:
+                k += 1
+                if k >= count:
+                    raise ValueError("more JSON array elements than readings")
+                starts[k] = i
+        elif ch == b'{' or ch == b'[':
+            depth += 1
+        else:
+            depth -= 1
+    if k != count - 1:
+        raise ValueError("fewer JSON array elements than readings")
+    starts[count] = n           # the closing bracket stands where a comma would
+    return 0
+
+
+cdef object _sw_fill_records(_sw_cell *cells, tuple records):
+    """The cells of the records' rows (as record_rows makes them); returns
+    what they point into that the records do not hold (the encodings)."""
+    cdef Py_ssize_t nrec = len(records), r, k, ntags = 0
+    if not nrec:
+        return None
+    if not _sw_record_offsets_known:
+        _sw_find_record_offsets()
+    cdef int c
+    cdef object rec, tags, prev_tags = None
+    cdef _sw_cell *row
+    cdef list fields = PyList_New(nrec)
+    cdef list distinct_tags = []
+    cdef list keep = []
+    # per reading: its tags' element in distinct_tags, or -1 for "{}"
+    cdef Py_ssize_t *tag_of = <Py_ssize_t *>malloc(nrec * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *starts = <Py_ssize_t *>malloc((nrec + 1) * sizeof(Py_ssize_t))
+    cdef bytes fields_json, tags_json = None
+    try:
+        if tag_of == NULL or starts == NULL:
+            raise MemoryError()
+        for r in range(nrec):
+            rec = records[r]
+            row = cells + r * _SW_RECORD_COLUMNS
+            _sw_set(&row[0], _sw_field(rec, 0, keep), r, 0)
+            _sw_set(&row[1], _sw_field(rec, 1, keep), r, 1)
+            _sw_set(&row[2], _sw_field(rec, 2, keep), r, 2)
+            _sw_set(&row[3], _sw_field(rec, 3, keep), r, 3)
+            _sw_set(&row[6], _sw_field(rec, 6, keep), r, 6)
+            _sw_set(&row[7], _sw_field(rec, 7, keep), r, 7)
+            v = _sw_field(rec, 4, keep)
+            Py_INCREF(v)
+            PyList_SET_ITEM(fields, r, v)
+            tags = _sw_field(rec, 5, keep)
+            if not tags:
+                tag_of[r] = -1
+            elif ntags and _sw_same_items(tags, prev_tags):
+                tag_of[r] = ntags - 1
+            else:
+                distinct_tags.append(tags)
+                tag_of[r] = ntags
+                ntags += 1
+                prev_tags = tags
+        fields_json = _sw_json_encode(fields)
+        _sw_split(fields_json, starts, nrec)
+        for r in range(nrec):
+            row = cells + r * _SW_RECORD_COLUMNS + 4
+            row.kind = _SW_BLOB
+            row.p = PyBytes_AS_STRING(fields_json) + starts[r]
+            row.n = starts[r + 1] - 1 - starts[r]
+        if ntags:
+            tags_json = _sw_json_encode(distinct_tags)
+            _sw_split(tags_json, starts, ntags)
+        for r in range(nrec):
+            row = cells + r * _SW_RECORD_COLUMNS + 5
+            row.kind = _SW_BLOB
+            k = tag_of[r]
+            if k < 0:
+                row.p = PyBytes_AS_STRING(_SW_NO_TAGS)
+                row.n = 2
+            else:
+                row.p = PyBytes_AS_STRING(tags_json) + starts[k]
+                row.n = starts[k + 1] - 1 - starts[k]
+            if row.n > 0x7FFFFFFF or (row - 1).n > 0x7FFFFFFF:
+                raise ValueError(f"row {r}: value too large for SQLite")
+    finally:
+        free(tag_of)
+        free(starts)
+    return (fields_json, tags_json, keep)

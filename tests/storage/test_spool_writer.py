@@ -4,12 +4,14 @@ the same, roll a failed batch back whole, and refuse writes at max_bytes."""
 from __future__ import annotations
 
 import _sqlite3
+import os
 import select
 import sqlite3
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gridgate import _fastparse  # the compiled variant: fail loudly if it is not built
 from gridgate.ingest.records import Record, Rejection
@@ -279,4 +281,104 @@ def test_compiled_writer_needs_a_wal_spool_and_a_loaded_sqlite(tmp_path):
     with pytest.raises(ValueError, match="'insert_rejections' must be SQL with 8 parameters"):
         _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path),
                                {**statements, "insert_rejections": statements["count_records"]})
+    spool.close()
+
+
+# -- start_records: the rows record_rows makes, built in C ---------------------------------
+
+_INT64 = st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1)
+# keys and values the JSON splitter must not be fooled by: quotes, backslashes, commas, brackets
+_TEXT = st.text(alphabet=st.sampled_from('ab,"\\{}[]:ü✓ \u2028'), max_size=6)
+_FIELDS = st.dictionaries(_TEXT, st.one_of(_INT64, st.floats(allow_nan=False, allow_infinity=False)), max_size=4)
+_TAGS = st.dictionaries(_TEXT, _TEXT, max_size=3)
+
+
+@st.composite
+def _records(draw) -> list[Record]:
+    """Records whose tags are often a copy of the previous one's (as the
+    validator's per-location tags are) or the very same dict."""
+    records: list[Record] = []
+    for _ in range(draw(st.integers(min_value=1, max_value=40))):
+        how = draw(st.sampled_from(["new", "copy", "same"])) if records else "new"
+        tags = draw(_TAGS) if how == "new" else (records[-1].tags.copy() if how == "copy" else records[-1].tags)
+        records.append(Record(device_id=draw(_TEXT), ts_ns=draw(_INT64), received_ns=draw(_INT64),
+                              protocol=draw(st.sampled_from(["mqtt", "http"])), fields=draw(_FIELDS), tags=tags,
+                              traceparent=draw(st.none() | _TEXT), tracestate=draw(st.none() | _TEXT)))
+    return records
+
+
+def _raw_rows(path) -> list[tuple]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT device_id, typeof(device_id), ts_ns, received_ns, protocol, fields, typeof(fields), "
+                          "tags, typeof(tags), traceparent, tracestate FROM records ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+@settings(max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(_records(), min_size=1, max_size=3))
+def test_start_records_stores_what_record_rows_makes_byte_for_byte(tmp_path_factory, batches):
+    stored = []
+    for how in ("rows", "records"):
+        spool = Spool(tmp_path_factory.mktemp(how))
+        writer = _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path), spool.writer_statements())
+        try:
+            for records in batches:
+                if how == "rows":
+                    writer.start(record_rows(records), [])
+                else:
+                    writer.start_records(records, [])
+                wait_done(writer)
+                writer.finish()
+        finally:
+            writer.close()
+        stored.append(_raw_rows(spool.path))
+        spool.close()
+    assert stored[0] == stored[1]
+    assert len(stored[1]) == sum(map(len, batches))
+
+
+class _OtherRecord(Record):
+    """Not a Record itself: read by getattr, not from the slots."""
+
+
+def test_start_records_takes_rejection_rows_and_any_record_subclass(tmp_path):
+    spool = Spool(tmp_path)
+    writer = _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path), spool.writer_statements())
+    plain = [record(0), record(1)]
+    other = _OtherRecord(device_id="sub", ts_ns=1, received_ns=2, protocol="ws", fields={"a": 1.5}, tags={})
+    writer.start_records([*plain, other], rejection_rows([rejection(0), rejection(1)]))
+    wait_done(writer)
+    writer.finish()
+    writer.close()
+    stats = spool.stats()
+    assert (stats["records"], stats["rejected"]) == (3, 2)
+    assert [r["device_id"] for r in spool.iter_records()] == ["meter-0", "meter-1", "sub"]
+    assert [r["tags"] for r in spool.iter_records()] == [plain[0].tags, plain[1].tags, {}]
+    spool.close()
+
+
+def test_start_records_refuses_bad_values_without_handing_anything_over(tmp_path):
+    spool = Spool(tmp_path)
+    writer = _fastparse.SpoolWriter(_sqlite3.__file__, str(spool.path), spool.writer_statements())
+    good = record(0)
+    with pytest.raises(OverflowError, match="int too big to convert"):
+        writer.start_records([good, Record(device_id="a", ts_ns=2 ** 63, received_ns=0, protocol="mqtt", fields={},
+                                           tags={})], [])
+    with pytest.raises(TypeError, match="row 1 column 2: float is not str, bytes, int or None"):
+        writer.start_records([good, Record(device_id="a", ts_ns=1, received_ns=0.5, protocol="mqtt",  # type: ignore[arg-type]
+                                           fields={}, tags={})], [])
+    with pytest.raises(TypeError):      # a field value msgspec cannot encode
+        writer.start_records([Record(device_id="a", ts_ns=1, received_ns=0, protocol="mqtt",
+                                     fields={"a": object()}, tags={})], [])  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="row 0 has 2 values, not 8"):
+        writer.start_records([good], [("a", 1)])
+    assert not writer.busy
+    writer.start_records([], [])                      # an empty batch is still a transaction
+    wait_done(writer)
+    writer.finish()
+    writer.close()
+    assert spool.stats()["records"] == 0
     spool.close()
