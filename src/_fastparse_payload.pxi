@@ -10,6 +10,7 @@
 from libc.math cimport floor, isfinite
 from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetDefault
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.object cimport PyObject
 
 import math as _pl_math
@@ -68,8 +69,6 @@ cdef struct _pl_Scan:
     Py_ssize_t count
     bint kept
     PyObject* infos[_PL_KEYS_KEPT]
-cdef object _pl_INT64_MIN = -(2 ** 63)
-cdef object _pl_INT64_MAX = 2 ** 63 - 1
 cdef int _pl_MAX_DEPTH = 64
 cdef Py_ssize_t _pl_LOCATION_CACHE = 1024     # distinct locations remembered; then forgotten all at once
 cdef dict _pl_FORMAT_NAMES = {"json": "JSON", "msgpack": "MessagePack"}
@@ -170,10 +169,18 @@ cdef class _pl_Rule:
         # Doubles when the comparison is exact in double precision, else
         # Python's exact int/float comparison (what the twin does).
         cdef double d
-        if type(value) is float or -9007199254740992 <= value <= 9007199254740992:
+        cdef long long v
+        cdef int overflow = 0
+        if type(value) is float:
             d = value
-            return (self.has_min and d < self.min) or (self.has_max and d > self.max)
-        return (self.has_min and value < self.min_obj) or (self.has_max and value > self.max_obj)
+        else:
+            # an int: exact in a double up to 2**53 (two object comparisons
+            # with constants cost more than this conversion)
+            v = PyLong_AsLongLongAndOverflow(value, &overflow)
+            if overflow or v < -9007199254740992 or v > 9007199254740992:
+                return (self.has_min and value < self.min_obj) or (self.has_max and value > self.max_obj)
+            d = <double>v
+        return (self.has_min and d < self.min) or (self.has_max and d > self.max)
 
 
 cdef bint _pl_starts_array(object payload) except -1:
@@ -405,7 +412,8 @@ cdef class Validator:
             value, key, scale = <object>ns, "timestamp_ns", 1
         else:
             # as the twin: +1 ns per batch item keeps readings distinct points
-            return received_ns + index
+            # (the first item shares received_ns's int: one allocation less)
+            return received_ns if index == 0 else received_ns + index
         if type(value) is not int:
             raise _pl_Reject("bad_timestamp", key, f"{key} must be an integer")
         limit = 9223372036854775807 // scale
@@ -477,6 +485,7 @@ cdef class Validator:
         cdef object unit
         cdef _pl_Rule rule = None
         cdef PyObject* found
+        cdef int overflow = 0
         if info == NULL or type(<object>info) is _pl_Reserved:
             if type(name) is not str or not _pl_name_ok(<str>name, 64):
                 raise _pl_Reject("bad_type", label, "invalid field name")
@@ -492,7 +501,8 @@ cdef class Validator:
         elif info != <PyObject*>_pl_KEY_PLAIN and info != <PyObject*>_pl_KEY_TEMPERATURE:
             rule = <_pl_Rule>info
         if vtype is int:
-            if value < _pl_INT64_MIN or value > _pl_INT64_MAX:
+            PyLong_AsLongLongAndOverflow(value, &overflow)      # not two object comparisons
+            if overflow:
                 raise _pl_Reject("out_of_range", label, "integer outside the 64-bit range")
         elif vtype is float:
             if not isfinite(<double>value):

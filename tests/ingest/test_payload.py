@@ -489,3 +489,23 @@ def test_every_reason_code_is_produced_by_a_test():
     # the validator's codes by test_each_reason_code (too_large also by
     # test_payload_and_batch_limits), the session's and the sink's by END_TO_END
     assert {r[2] for r in REJECTIONS} | END_TO_END.keys() == set(REASONS)
+
+
+@pytest.mark.parametrize("value, kept", [
+    (2**63 - 1, True), (2**63, False), (-(2**63), True), (-(2**63) - 1, False)])
+def test_an_integer_is_kept_exactly_up_to_the_64_bit_range(payload_impl, value, kept):
+    v = payload_impl.Validator(PayloadRules(fields={"x": FieldRule(integer=True)}))
+    records, rejections = judge(v, {"x": value}, "m")
+    if kept:
+        assert records[0].fields == {"x": value} and type(records[0].fields["x"]) is int
+    else:
+        assert rejections[0].reason == "out_of_range" and rejections[0].detail == "integer outside the 64-bit range"
+
+
+@pytest.mark.parametrize("value, inside", [
+    (2**60, True), (2**60 + 1, False), (2**53 + 1, True), (-10, True), (-11, False), (2**64, False)])
+def test_an_integer_rule_compares_exactly_past_what_a_double_holds(payload_impl, value, inside):
+    # 2**60 + 1 is 2**60 as a double: the bound must be judged on the int itself
+    v = payload_impl.Validator(PayloadRules(fields={"x": FieldRule(integer=True, min=-10, max=2**60)}))
+    records, rejections = judge(v, {"x": value}, "m")
+    assert (records[0].fields["x"] == value) if inside else (rejections[0].reason == "out_of_range")

@@ -218,7 +218,7 @@ class Pipeline:
                 while queue and size < limit:
                     item = queue.popleft()
                     items.append(item)
-                    size += item.size
+                    size += len(item.records) + len(item.rejections)       # not the size property: a call
                 # Wait for company only after a lull: back-to-back writes need
                 # no delay, the items that arrived during a write are the batch.
                 idle = trio.current_time() - self._last_flush_end >= self.batch_max_delay_s
@@ -229,7 +229,7 @@ class Pipeline:
                             if queue:
                                 item = queue.popleft()
                                 items.append(item)
-                                size += item.size
+                                size += len(item.records) + len(item.rejections)
                             elif self._closed:
                                 break
                             else:
