@@ -171,9 +171,11 @@ class MQTTConnection:
                     return
             keep_reading = await self._handle_head(head)
             head = None             # the CONNECT's bytes would stay for the connection's life
-            # The ready loop runs _handle_now: a subclass with a _handle of
-            # its own (MQTT 5.0) keeps this task's read loop.
-            ready_loop = self.svc.ready_loop if fd >= 0 and type(self)._handle is MQTTConnection._handle else None
+            # The ready loop reads the socket's fd itself: a plain TCP socket
+            # only (TLS and WebSocket streams keep this task's read loop).
+            # Every session class (3.1.1 and 5.0) splits a read into
+            # _handle_now, which the loop runs, and _finish.
+            ready_loop = self.svc.ready_loop if fd >= 0 else None
             while keep_reading:
                 if self.out is not None and self.out.size > max_outgoing:
                     # The client does not read its acks: stop reading it.
@@ -483,9 +485,8 @@ class MQTTConnection:
             try:
                 await self.svc.pipeline.submit(item, self.session)
             except BaseException:
-                # Not queued (e.g. shutdown): never acked, so nothing owed.
                 if item.on_durable is not None:
-                    self.pending -= 1
+                    self._unqueued(tail.inflight)
                 raise
         records = tail.records
         limits = self.svc.limits
@@ -494,6 +495,12 @@ class MQTTConnection:
             # next read waits (TCP backpressure slows the device).
             await limits.pause(self.session, records, self.protocol, self.client_id, tail.nbytes)
         return tail.keep_open
+
+    def _unqueued(self, inflight: int) -> None:
+        """An item with acks owed was not queued after all (e.g. shutdown):
+        never acked, so nothing owed. ``inflight``: its QoS 1 acks (MQTT
+        5.0 counts them against Receive Maximum)."""
+        self.pending -= 1
 
     async def _connect(self, ev: Connect) -> bytes:
         client_id = ev.client_id
@@ -694,15 +701,19 @@ class MQTTConnection:
 
 class _Tail:
     """The rest of a read that has to wait (made only then): its item when
-    the pipeline's queue was full, its readings when a quota applies."""
+    the pipeline's queue was full, the readings (and their bytes) a quota's
+    pause is over when one applies, and the item's QoS 1 acks (``inflight``,
+    MQTT 5.0's Receive Maximum count, undone if it is never queued)."""
 
-    __slots__ = ("item", "records", "nbytes", "keep_open")
+    __slots__ = ("item", "records", "nbytes", "keep_open", "inflight")
 
-    def __init__(self, item: WorkItem | None, records: list[Record], nbytes: int, keep_open: bool) -> None:
+    def __init__(self, item: WorkItem | None, records: list[Record], nbytes: int, keep_open: bool,
+                 inflight: int = 0) -> None:
         self.item = item
         self.records = records
         self.nbytes = nbytes
         self.keep_open = keep_open
+        self.inflight = inflight
 
 
 def _connect_level(head: bytes, max_packet_bytes: int) -> int | None:

@@ -8,8 +8,9 @@ a PUBACK/PUBREC per reading that says what became of it (0x00 only once
 durable, 0x99 with the rejection's reason code as Reason String, 0x90, 0x87),
 Receive Maximum, the decoder chosen by Payload Format Indicator / Content
 Type, and a DISCONNECT with a reason before the server closes. The read
-loop, authentication, takeover, acks on durable and downlink are the 3.1.1
-session's, shared by inheritance.
+loop (on a plain TCP socket, the gateway's ready loop running
+``_handle_now``), authentication, takeover, acks on durable and downlink are
+the 3.1.1 session's, shared by inheritance.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ from gridgate.protocols.mqtt.session import (
     CONNACK_SERVER_UNAVAILABLE,
     MQTTConnection,
     _connect_level,
+    _Tail,
 )
 from gridgate.protocols.mqtt.session_store import SessionStore, StoredSession
 from gridgate.protocols.mqtt.v5 import (
@@ -428,7 +430,25 @@ class MQTT5Connection(MQTTConnection):
 
     async def _handle(self, events: list[Event5], nbytes: int = 0) -> bool:  # type: ignore[override]
         """Act on the events of one read. False: close the connection."""
-        out: list[bytes] = []
+        if events and type(events[0]) is Connect5:    # the codec lets CONNECT be the first packet only
+            answer = await self._connect5(events[0])
+            if self.client_id is None:
+                self._write(answer)
+                return False
+            done = self._handle_now(events, nbytes, 1, answer)
+        else:
+            done = self._handle_now(events, nbytes)
+        if type(done) is _Tail:
+            return await self._finish(done)
+        return done is True
+
+    def _handle_now(self, events: list[Event5], nbytes: int, i: int = 0,  # type: ignore[override]
+                    answer: bytes | None = None) -> bool | _Tail:
+        """The part of _handle that never waits, from events[i] on (after a
+        CONNECT, whose ``answer`` goes out first); the ready loop runs it
+        (MQTTConnection.on_ready). True/False: keep the connection open or
+        not; a _Tail: what is left needs to wait (_finish)."""
+        out: list[bytes] = [] if answer is None else [answer]
         records: list[Record] = []
         rejections: list[Rejection] = []
         acks: list[bytes] = []
@@ -447,7 +467,7 @@ class MQTT5Connection(MQTTConnection):
         client_id, telemetry, protocol = self.client_id, self.telemetry_topic, self.protocol
         validate_into = self.svc.validate_into
         plain_ok = client_id is not None and self.allowed_topics is None and not reject_over_limit
-        i, n = 0, len(events)
+        n = len(events)
         while i < n:
             ev = events[i]
             i += 1
@@ -550,10 +570,7 @@ class MQTT5Connection(MQTTConnection):
             elif type(ev) is PingReq:
                 out.append(codec5.encode_pingresp())
             elif type(ev) is Connect5:
-                out.append(await self._connect5(ev))
-                if self.client_id is None:
-                    keep_open = False
-                    break
+                raise RuntimeError("CONNECT after the first packet")    # the codec refuses it
             elif type(ev) is Subscribe5:
                 out.append(self._subscribe(ev))
             elif type(ev) is Unsubscribe5:
@@ -595,23 +612,26 @@ class MQTT5Connection(MQTTConnection):
             if ack_bytes:
                 self.pending += 1
                 self.inflight += qos1_acks
-            pipeline = self.svc.pipeline
-            if not pipeline.try_submit(item):
-                try:
-                    await pipeline.submit(item, self.session)
-                except BaseException:
-                    if ack_bytes:
-                        self.pending -= 1
-                        self.inflight -= qos1_acks
-                    raise
-            if reject_over_limit:
-                if unpaid:
-                    await limits.pause(self.session, unpaid, self.protocol, self.client_id, unpaid_bytes)
-            elif limits.readings_limited and records:
-                # Over a quota, what arrived is kept and acked as usual; the
-                # next read waits (TCP backpressure slows the device).
-                await limits.pause(self.session, records, self.protocol, self.client_id, nbytes)
+            try:
+                queued = self.svc.pipeline.try_submit(item)
+            except BaseException:
+                if ack_bytes:
+                    self._unqueued(qos1_acks)
+                raise
+            if not queued or limits.readings_limited:
+                # What has to wait: the queue's room, then a quota's pause (the
+                # next read waits: TCP backpressure slows the device). Under
+                # "reject" the pause is over the QoS 0 readings only, the
+                # others were charged or refused (0x97) above.
+                paused = unpaid if reject_over_limit else records
+                if not queued or paused:
+                    return _Tail(None if queued else item, paused, unpaid_bytes if reject_over_limit else nbytes,
+                                 keep_open, qos1_acks)
         return keep_open
+
+    def _unqueued(self, inflight: int) -> None:
+        self.pending -= 1
+        self.inflight -= inflight       # no longer unacknowledged: Receive Maximum's count
 
     def _command_ack(self, ev: Publish5) -> tuple[int, str | None]:
         """A PUBLISH to the Response Topic: its Correlation Data (else its
