@@ -86,7 +86,7 @@ class Services:
     # The other gateways (gridgate.cluster), set once the node has joined;
     # None on a lone gateway.
     cluster: ClusterView | None = None
-    # The task that reads every ready plain-TCP MQTT 3.1.1 socket inline
+    # The task that reads every ready plain-TCP MQTT socket (3.1.1 and 5.0) inline
     # (gridgate.connections.ready_loop), set while the gateway serves; None:
     # each session waits on its own socket.
     ready_loop: ReadyLoop | None = None
