@@ -71,6 +71,8 @@ cdef struct _pl_Scan:
     PyObject* infos[_PL_KEYS_KEPT]
 cdef int _pl_MAX_DEPTH = 64
 cdef Py_ssize_t _pl_LOCATION_CACHE = 1024     # distinct locations remembered; then forgotten all at once
+# the tags of every reading without location or tags (shared: Record.tags is read-only)
+cdef dict _pl_NO_TAGS = {}
 cdef dict _pl_FORMAT_NAMES = {"json": "JSON", "msgpack": "MessagePack"}
 
 
@@ -560,14 +562,18 @@ cdef class Validator:
         cdef object location, given
         cdef list parts
         cdef Py_ssize_t i
+        cdef bint shared = False
         if present & _PL_HAS_LOCATION:
             found = PyDict_GetItemWithError(item, "location")
         if found != NULL and type(<object>found) is str:
             known = PyDict_GetItemWithError(self.location_tags, <object>found)
         if known != NULL:
             # a device reports from the same place every time: its location
-            # is split and checked once (the twin does it each time)
-            tags = (<dict>known).copy()
+            # is split and checked once (the twin does it each time), and its
+            # readings share the one dict (Record.tags is read-only: see
+            # Record), copied only to add the reading's own tags
+            tags = <dict>known
+            shared = True
         elif found != NULL:
             tags = {}
             location = <object>found
@@ -585,9 +591,11 @@ cdef class Validator:
                 tags[self.levels[i]] = parts[i]
             if len(self.location_tags) >= _pl_LOCATION_CACHE:
                 self.location_tags.clear()
-            self.location_tags[location] = tags.copy()
+            self.location_tags[location] = tags
+            shared = True
         else:
-            tags = {}
+            tags = _pl_NO_TAGS
+            shared = True
         found = NULL
         if present & _PL_HAS_TAGS:
             found = PyDict_GetItemWithError(item, "tags")
@@ -595,6 +603,8 @@ cdef class Validator:
             given = <object>found
             if type(given) is not dict:
                 raise _pl_Reject("bad_tag", "tags", "tags must be an object of strings")
+            if shared and given:
+                tags = tags.copy()
             for key, value in (<dict>given).items():
                 label = f"tags.{key}"
                 if type(key) is not str or not _pl_name_ok(<str>key, self.max_tag_key_length):

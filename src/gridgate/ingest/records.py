@@ -43,6 +43,13 @@ class Record(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):
     ``traceparent`` and ``tracestate``: the W3C Trace Context the device sent
     with it (MQTT 5 User Properties), None when it sent none; encoded only
     when set (omit_defaults), so a record without them encodes as before.
+
+    ``fields`` and ``tags`` are read-only once the record is made: the
+    compiled validator hands every reading of one location the same tags
+    dict (and every reading without tags one empty dict), so a sink that
+    needs other tags builds a new dict (``{**record.tags, ...}``) and never
+    changes the one it got. tests/ingest/test_record_contract.py holds every
+    module of gridgate to this.
     """
 
     device_id: str
