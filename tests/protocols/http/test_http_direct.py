@@ -17,7 +17,7 @@ import trio.testing
 
 import gridgate
 from gridgate.config import HTTPConfig, SinkConfig
-from gridgate.connections import fdwait
+from gridgate.connections import ready_loop
 from inprocess import READING, GatedSink, make_config, post, read_response
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
@@ -144,12 +144,14 @@ async def test_a_commit_after_its_connection_reset_writes_nothing_to_a_new_one(t
     await listener.aclose()
 
 
-async def test_an_idle_connection_parks_under_the_fdwait_object(tmp_path, nursery):
+async def test_an_idle_connection_parks_in_the_ready_loop_which_answers_its_requests(tmp_path, nursery):
     # every object on an idle connection's parked stack is RSS times the
     # number of connections: the engine's own frame is the last coroutine,
-    # then fdwait's wait object (no trio wait_readable frames, issue 24)
+    # then the ready loop's park object (no trio wait frames); and the loop,
+    # not the task, reads and begins the plain requests (issue 24)
     gateway, sink = await _gateway(tmp_path, nursery)
     sink.gate.set()
+    loop = gateway.services.ready_loop
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     client, _ = await _connect(gateway, nursery, listener)
     buf = bytearray()
@@ -162,8 +164,19 @@ async def test_an_idle_connection_parks_under_the_fdwait_object(tmp_path, nurser
         names.append(coro.cr_code.co_qualname)
         coro = coro.cr_await
     assert names[-1] == "serve_fast_http"
-    assert type(coro) is fdwait._ReadableWait
-    await client.send_all(post())                    # and it wakes for the next request
+    assert type(coro) is ready_loop._Park and len(loop) == 1
+    served, handed_back = loop.served, loop.handed_back
+    await client.send_all(post() + HEALTHZ)          # two requests in one read, both begun by the loop
     assert (await read_response(client, buf))[0] == 202
+    assert (await read_response(client, buf))[0] == 200
+    assert loop.served > served and loop.handed_back == handed_back
+    # what has to wait goes back to the task: a head in two parts (its timeout)
+    await client.send_all(post()[:20])
+    await trio.testing.wait_all_tasks_blocked()
+    assert loop.handed_back - handed_back == 1 and len(loop) == 0
+    await client.send_all(post()[20:])
+    assert (await read_response(client, buf))[0] == 202
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(loop) == 1                            # parked again
     await client.aclose()
     await listener.aclose()

@@ -6,7 +6,11 @@ receive buffer; the compiled validator decodes them with msgspec; response
 heads are prebuilt bytes. All requests found in one read are begun
 together, so a pipelined burst shares one group commit and its answers
 leave, in order, in one send; on a TCP socket the commit that makes them
-durable writes them, without waking the connection's task (see _Owed).
+durable writes them, without waking the connection's task (see _Owed);
+and there an idle connection is parked in the gateway's ready loop, which
+reads it and begins its requests (_Owed.on_ready), so a keep-alive request
+costs neither an epoll_ctl nor a scheduler step: the task wakes only for
+what has to wait.
 Behaviour (statuses, bodies, timeouts) is the std engine's: the same
 tests run against both.
 """
@@ -21,11 +25,13 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from gridgate.connections.fdwait import wait_readable as _wait_readable
+from gridgate.connections.ready_loop import RESUME as ready_loop_resume
 from gridgate.errors import HTTPParseError
 from gridgate.protocols.http.api import Answer, Done, HttpError, NeedsAuth, Pending, begin_authenticated, begin_request
 from gridgate.protocols.http.parser import parser as _parser
 
 if TYPE_CHECKING:
+    from gridgate._fastparse import HTTPRequestParser
     from gridgate.connections.manager import Session
     from gridgate.protocols.services import Services
 
@@ -44,6 +50,7 @@ _WHOLE_BODY_MAX = 128
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE = b"connection: close\r\n"
 _MAX_PIPELINED = 64          # requests begun per read before their answers go out
+_REQUEST, _HEAD_ONLY = _parser.REQUEST, _parser.HEAD
 _READ_SIZE = 65536
 
 
@@ -172,10 +179,11 @@ class _Owed:
     Connection: close, an error's answer, 100 Continue, the pipelining
     bound, the end of the connection; and on other streams (TLS, in-memory).
     """
-    __slots__ = ("entries", "heads", "fd", "sock", "session", "nursery", "held", "closed", "writer")
+    __slots__ = ("entries", "heads", "fd", "sock", "session", "nursery", "held", "closed", "writer", "parser",
+                 "services")
 
     def __init__(self, fd: int, sock: trio.socket.SocketType | None, session: Session,
-                 nursery: Callable[[], trio.Nursery]) -> None:
+                 nursery: Callable[[], trio.Nursery], parser: HTTPRequestParser, services: Services) -> None:
         # answers owed, oldest first, each read's followed by an int: a
         # read's answers leave together, in one write, when all are ready
         # (an int, not a list of sizes: one list less per connection)
@@ -189,6 +197,8 @@ class _Owed:
         self.closed = False        # the connection ended: its fd may be another socket's now
         # set while a task writes what the socket did not take at once
         self.writer: trio.Event | None = None
+        self.parser = parser
+        self.services = services
 
     def answered(self) -> None:
         """A Done's ``then``: a request owed here is answered."""
@@ -239,6 +249,43 @@ class _Owed:
         if not (self.held or self.closed):
             self.write_ready()              # what became ready meanwhile
 
+    def ready_fd(self) -> int:
+        return self.fd
+
+    def on_ready(self, now: float) -> object:
+        """One read, run by the ready loop (gridgate.connections.ready_loop)
+        while the connection's task is parked there, idle between requests:
+        what the task's loop does per read, as long as nothing has to wait.
+        None: every request of the read is begun (its answers leave with
+        the commit), stay parked. Else, for the task: b"" (the client's end
+        of sending), an OSError (reset), or _begin_read's result for a read
+        that needs the task (Connection: close, an error's answer, a partial
+        request and its timeout, 100 Continue, authentication, the
+        pipelining bound), whose requests are begun but not yet marked."""
+        try:
+            data = os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            return exc
+        if not data:
+            return data
+        self.session.last_seen = now
+        parser = self.parser
+        parser.feed(data)
+        got = _begin_read(self, parser, self.services, self)
+        state, count, close, error, auth = got
+        if close or auth or error is not None or state == _REQUEST or state == _HEAD_ONLY or parser.buffered:
+            return got
+        if count:
+            entries = self.entries
+            entries.append(count)        # where this read's requests end
+            if self.writer is None:
+                first = entries[0]
+                if type(first) is not Pending or first.done.is_set():
+                    self.write_ready()   # an answer ready at once (a GET)
+        return None
+
     async def finish(self, stream: trio.abc.Stream, services: Services, close: bool) -> None:
         """The task writes every answer owed (waiting for each), after what a
         writer task is still sending; ``close`` marks the last one."""
@@ -260,6 +307,45 @@ class _Owed:
             self.held = False
 
 
+def _owe(owed: _Owed, parser: HTTPRequestParser, started: Answer | Pending, on_done: _Owed | None) -> bool:
+    """Add a begun request's answer to what ``owed`` owes; True: it closes."""
+    if parser.method == "HEAD" and type(started) is not Pending:
+        # RFC 9110 9.3.2: GET's answer without its body, rendered now
+        owed.entries.append(_head_only(started, not parser.keep_alive))
+    else:
+        if type(started) is Pending:
+            if parser.method == "HEAD":
+                owed.heads = (owed.heads or []) + [started]
+            if on_done is not None and type(started.done) is Done and parser.keep_alive:
+                started.done.then = on_done
+        owed.entries.append(started)
+    return not parser.keep_alive
+
+
+def _begin_read(owed: _Owed, parser: HTTPRequestParser, services: Services,
+                on_done: _Owed | None) -> tuple[int, int, bool, HTTPParseError | None, bool]:
+    """Begin every request the parser holds, up to what has to wait:
+    (the parser's state, requests begun, the last one closes, the parse
+    error met, the current request needs authentication first)."""
+    state = 0
+    count = 0
+    try:
+        while len(owed.entries) < _MAX_PIPELINED:
+            state = parser.next()
+            if state != _REQUEST:
+                break
+            started = begin_request(services, parser, "fast")
+            if type(started) is NeedsAuth:
+                # the parser keeps this request while the check waits: nothing else reads it
+                return state, count, False, None, True
+            count += 1
+            if _owe(owed, parser, started, on_done):
+                return state, count, True, None, False
+    except HTTPParseError as exc:
+        return state, count, False, exc, False
+    return state, count, False, None, False
+
+
 async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: Session) -> None:
     # What an idle connection holds is kept small (issue 24: RSS per
     # connection): one frame (reads are inlined, no closures), no cancel
@@ -269,7 +355,7 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
     cfg = services.config.http
     http = _parser
     parser = http.HTTPRequestParser(cfg.max_header_bytes, cfg.max_body_bytes)
-    REQUEST, HEAD = http.REQUEST, http.HEAD
+    HEAD = http.HEAD
     sock: trio.socket.SocketType | None = None
     fd = -1
     if isinstance(stream, trio.SocketStream):
@@ -277,10 +363,15 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
         # (TLS, WebSocket, in-memory) go through the Stream API.
         sock = stream.socket
         fd = sock.fileno()
-    owed = _Owed(fd, sock, session, services.connection_nursery)
+    owed = _Owed(fd, sock, session, services.connection_nursery, parser, services)
     entries = owed.entries
     # a commit writes the answers itself only on a plain socket (see _Owed)
     on_done = owed if sock is not None else None
+    # On a plain socket, an idle connection is parked in the gateway's ready
+    # loop, which reads it and begins its requests (_Owed.on_ready): no
+    # epoll_ctl and no scheduler step per request; this task wakes only for
+    # what has to wait.
+    ready_loop = services.ready_loop if sock is not None else None
     # fdwait's: a parked connection holds one 48-byte object, not trio's five
     # frames and abort closure, and a wake-up runs through fewer frames
     wait_readable = _wait_readable
@@ -294,44 +385,30 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
     deadline = inf               # for the head or body now arriving; inf while idle
     phase = 0                    # 0 idle (the reaper watches), 1 head arriving, 2 body arriving
     continued = False            # 100 Continue sent for the current request
-    started: Answer | Pending | NeedsAuth | None
+    # a read the ready loop took and began, handed to this task to finish
+    handed: tuple[int, int, bool, HTTPParseError | None, bool] | None = None
+    got: object
     data: bytes | bytearray | None
     try:
         while True:
-            close = False
-            error: HTTPParseError | None = None
-            state = 0
-            count = 0                # requests begun from this read
-            try:
-                while len(entries) < _MAX_PIPELINED:
-                    state = parser.next()
-                    if state != REQUEST:
-                        break
-                    started = begin_request(services, parser, "fast")
-                    if type(started) is NeedsAuth:
-                        # the parser keeps this request while the check waits: nothing else reads it
-                        started = await begin_authenticated(services, parser, "fast", session.remote, certificate)
-                    count += 1
-                    if parser.method == "HEAD" and type(started) is not Pending:
-                        # RFC 9110 9.3.2: GET's answer without its body, rendered now
-                        entries.append(_head_only(started, not parser.keep_alive))
-                    else:
-                        if type(started) is Pending:
-                            if parser.method == "HEAD":
-                                owed.heads = (owed.heads or []) + [started]
-                            if on_done is not None and type(started.done) is Done and parser.keep_alive:
-                                started.done.then = on_done
-                        entries.append(started)
-                    started = None
-                    continued = False
-                    if not parser.keep_alive:
-                        close = True
-                        break
-            except HTTPParseError as exc:
-                error = exc
+            if handed is None:
+                state, count, close, error, auth = _begin_read(owed, parser, services, on_done)
+            else:
+                state, count, close, error, auth = handed
+                handed = None
+            while auth:
+                started = await begin_authenticated(services, parser, "fast", session.remote, certificate)
+                count += 1
+                close = _owe(owed, parser, started, on_done)
+                del started              # nothing of a begun request stays in this frame
+                if close:
+                    break
+                state, begun, close, error, auth = _begin_read(owed, parser, services, on_done)
+                count += begun
             if count:
+                continued = False
                 entries.append(count)        # where this read's requests end
-                if close or error is not None or state == REQUEST or on_done is None:
+                if close or error is not None or state == _REQUEST or on_done is None:
                     # the task answers: the last answer closes, an error's
                     # answer follows, the pipelining bound, another stream
                     await owed.finish(stream, services, close)
@@ -354,7 +431,7 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
                 return
             if close:
                 return
-            if state == REQUEST:         # the pipelining bound: answered, now go on parsing
+            if state == _REQUEST:        # the pipelining bound: answered, now go on parsing
                 continue
             # slowloris: a head must arrive within header_timeout_s of its first
             # byte, a body within body_timeout_s of its head
@@ -383,15 +460,31 @@ async def serve_fast_http(stream: trio.abc.Stream, services: Services, session: 
                         with trio.move_on_at(deadline):
                             data = await stream.receive_some(_READ_SIZE)
                 elif deadline == inf:
-                    # Wait first, then read: the next request of a client with one
-                    # in flight is sent only after it got our answer, so a read
-                    # right away would nearly always be a wasted EAGAIN syscall.
-                    while data is None:
-                        await wait_readable(fd)
-                        try:
-                            data = read(fd, _READ_SIZE)
-                        except BlockingIOError:
-                            pass
+                    if ready_loop is not None and not ready_loop.closed:
+                        got = await ready_loop.park(owed)
+                        if type(got) is tuple:
+                            # a read the loop began but could not finish: as
+                            # after a read of this task's (phase 0 -> 1)
+                            handed = got
+                            phase = 1
+                            deadline = session.last_seen + cfg.header_timeout_s
+                            continue
+                        if isinstance(got, OSError):
+                            raise got
+                        if got is ready_loop_resume:
+                            ready_loop = None    # the loop stopped: read as before
+                            continue
+                        data = got               # type: ignore[assignment]  # b"": the client's end of sending
+                    else:
+                        # Wait first, then read: the next request of a client with one
+                        # in flight is sent only after it got our answer, so a read
+                        # right away would nearly always be a wasted EAGAIN syscall.
+                        while data is None:
+                            await wait_readable(fd)
+                            try:
+                                data = read(fd, _READ_SIZE)
+                            except BlockingIOError:
+                                pass
                 else:
                     with trio.move_on_at(deadline):
                         while data is None:
