@@ -17,7 +17,7 @@ import trio.testing
 
 import gridgate
 from gridgate.config import HTTPConfig, SinkConfig
-from gridgate.connections import ready_loop
+from gridgate.connections import fdwait, ready_loop
 from inprocess import READING, GatedSink, make_config, post, read_response
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
@@ -178,5 +178,31 @@ async def test_an_idle_connection_parks_in_the_ready_loop_which_answers_its_requ
     assert (await read_response(client, buf))[0] == 202
     await trio.testing.wait_all_tasks_blocked()
     assert len(loop) == 1                            # parked again
+    await client.aclose()
+    await listener.aclose()
+
+
+async def test_without_the_ready_loop_an_idle_connection_parks_under_the_fdwait_object(tmp_path, nursery):
+    # where the loop is unavailable (another IO manager) or stopped, the task
+    # waits and reads itself, under fdwait's one wait object
+    gateway, sink = await _gateway(tmp_path, nursery)
+    sink.gate.set()
+    gateway.services.ready_loop = None
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    client, _ = await _connect(gateway, nursery, listener)
+    buf = bytearray()
+    await client.send_all(post())
+    assert (await read_response(client, buf))[0] == 202
+    await trio.testing.wait_all_tasks_blocked()
+    [task] = [t for t in nursery.child_tasks if t.name.endswith("handle_http")]
+    names, coro = [], task.coro
+    while hasattr(coro, "cr_code"):
+        names.append(coro.cr_code.co_qualname)
+        coro = coro.cr_await
+    assert names[-1] == "serve_fast_http"
+    assert type(coro) is fdwait._ReadableWait
+    await client.send_all(post() + HEALTHZ)
+    assert (await read_response(client, buf))[0] == 202
+    assert (await read_response(client, buf))[0] == 200
     await client.aclose()
     await listener.aclose()
