@@ -2,7 +2,8 @@
 library trio-websocket and the ``websockets``-free tests build on) as the
 reference: every input is fed whole and one byte at a time, and hypothesis
 checks the decoder and wsproto agree on generated frame streams and on
-arbitrary bytes."""
+arbitrary bytes. Every test runs with the compiled unmasking and with its
+pure-Python twin (``unmask_impl``)."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,9 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.frame_protocol import FrameDecoder as WsprotoFrameDecoder
 
+from gridgate import _fastparse
+from gridgate.protocols import wsmask_py
+from gridgate.protocols.websocket import frames
 from gridgate.protocols.websocket.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -27,6 +31,13 @@ from gridgate.protocols.websocket.frames import (
 )
 
 BIG = 1 << 24
+
+
+@pytest.fixture(autouse=True, params=[_fastparse, wsmask_py], ids=["c", "py"])
+def unmask_impl(request, monkeypatch):
+    """The decoder's unmasking, compiled and the twin (frames picks one at import)."""
+    monkeypatch.setattr(frames, "_unmask", request.param.ws_unmask)
+    return request.param
 
 
 def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | None = None, rsv: int = 0,
@@ -153,7 +164,8 @@ def test_empty_fragments_hold_nothing():
 
 @pytest.mark.parametrize("size", [1, 3, 4, 5, 125, 126, 2047, 2048, 2049, 2050, 65535, 65536, 100_003])
 def test_unmasking_on_both_sides_of_the_small_payload_path(size):
-    # payloads up to 2048 bytes are unmasked as one integer XOR, longer ones through XOR tables
+    # the twin unmasks payloads up to 2048 bytes as one integer XOR, longer ones through XOR tables; the
+    # compiled one 8 bytes at a time, then the last 0-7 bytes one by one
     payload = os.urandom(size)
     assert FrameDecoder(BIG).feed(client_frame(OP_BINARY, payload)) == [(OP_BINARY, payload)]
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import codecs
 from typing import Final
 
+from gridgate.protocols.wsmask import wsmask
+
 __all__ = [
     "OP_CONTINUATION", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
     "CLOSE_PROTOCOL_ERROR", "CLOSE_INVALID_PAYLOAD", "CLOSE_TOO_BIG", "CLOSE_NO_STATUS",
@@ -62,23 +64,9 @@ class WebSocketError(Exception):
         self.events: list[tuple[int, bytes]] = []
 
 
-_XOR_TABLES = [bytes(a ^ b for a in range(256)) for b in range(256)]
-_SMALL_PAYLOAD = 2048
-
-
-def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
-    n = len(payload)
-    if not n:
-        return b""
-    if n <= _SMALL_PAYLOAD:
-        # one XOR of two integers (the key repeated, cut to n bytes by the AND): no Python loop per byte
-        key = int.from_bytes(mask * ((n >> 2) + 1), "little") & ((1 << (n << 3)) - 1)
-        return (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
-    # long payloads: every 4th byte through a 256-byte XOR table, four C-level passes
-    data = bytearray(payload)
-    for i in range(4):
-        data[i::4] = data[i::4].translate(_XOR_TABLES[mask[i]])
-    return bytes(data)
+# Compiled (src/_fastparse_ws.pxi) unless the twins run (gridgate.hotpath): every client frame's
+# payload goes through it.
+_unmask = wsmask.ws_unmask
 
 
 class FrameDecoder:
