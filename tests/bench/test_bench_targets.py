@@ -87,3 +87,23 @@ def test_a_short_target_without_its_own_load_profiled_says_which_load_was(tmp_pa
     assert row.ok is False and row.measured == "1.11x; server CPU 50 vs 60 µs/reading (1.20x per CPU-µs)"
     assert row.bottleneck.endswith("(profiled under loadgen fast)")
     assert row.bottleneck.startswith("`_telemetry (gridgate/_telemetry.py)` 75% own")
+
+
+def test_the_ws_loadgen_is_judged_once_connected_else_on_the_whole_run() -> None:
+    def ws(**loadgen: float) -> dict:
+        return {"devices": 20, "inflight": 10, "ratios": {"ws_vs_mqtt": 1.5},
+                "per_protocol": {"ws": {"server_cpu_us_per_reading": 15.0, **loadgen}}}
+
+    def row(scen: dict):
+        return next(r for r in targets.rows({"ws": scen}) if r.target.startswith("gridgate-loadgen ws"))
+
+    # the connects push the whole run's figure over the budget; the steady one is judged
+    steady = row(ws(loadgen_cpu_us_per_reading=5.6, loadgen_cpu_us_per_reading_steady=4.8))
+    assert steady.ok is True and steady.measured == "4.8 µs" and "(20 x 10, connected)" in steady.target
+    server = next(r for r in targets.rows({"ws": ws(loadgen_cpu_us_per_reading=5.6,
+                                                    loadgen_cpu_us_per_reading_steady=4.8)})
+                  if r.target.startswith("/v1/ws"))
+    assert server.ok is True and server.loadgen == "4.8 µs"
+    whole = row(ws(loadgen_cpu_us_per_reading=5.6))
+    assert whole.ok is False and whole.measured == "5.6 µs" and "(20 x 10, whole run)" in whole.target
+    assert "loadgen/ws_device.py" in whole.bottleneck
