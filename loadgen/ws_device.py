@@ -36,10 +36,12 @@ Before, the window and its mask stream were XORed as two Python integers:
 building the stream (a key repeated per frame) and the two big-integer
 conversions cost about 0.75 us per reading, a quarter of the rest: a
 window of 10 frames of 178 bytes 7.2 us then, 0.3 us now (thread CPU,
-best of 9). Against one gateway on 2 shared cores (load average 6-7),
-4 alternating rounds of 8 s, ``loadgen_cpu_us_per_reading_steady``:
+best of 9). Against one gateway on 2 shared cores, 4 alternating rounds
+of 8 s, ``loadgen_cpu_us_per_reading_steady``: at load average 6-7,
 5.1-5.8 against 6.0-6.3 us at 20 devices x 10 in flight, 4.3-4.8 against
-5.0-5.8 at 100 x 10.
+5.0-5.8 at 100 x 10; on a quieter box (3x the readings per second),
+3.9-4.7 against 4.8-5.7 at 20 x 10, 3.5-4.7 against 3.9-6.1 at 100 x 10
+(0.4-1.4 us less in each pair).
 """
 from __future__ import annotations
 
