@@ -315,10 +315,17 @@ class MQTTConnection:
 
     # -- events -------------------------------------------------------------
 
+    # The codec's CONNECT event and the coroutine that answers it: MQTT 5.0's
+    # session sets its own, and shares _handle.
+    _connect_event: type = Connect
+
+    async def _answer_connect(self, ev: Connect) -> bytes:
+        return await self._connect(ev)
+
     async def _handle(self, events: list[Event], nbytes: int = 0) -> bool:
         """Act on the events of one read (``nbytes`` long). False: close the connection."""
-        if events and type(events[0]) is Connect:     # the codec lets CONNECT be the first packet only
-            answer = await self._connect(events[0])
+        if events and type(events[0]) is self._connect_event:     # the codec lets CONNECT be the first packet only
+            answer = await self._answer_connect(events[0])  # type: ignore[arg-type]  # the first event is a CONNECT
             if self.client_id is None:
                 self._write(answer)
                 return False

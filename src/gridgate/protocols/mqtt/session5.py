@@ -367,6 +367,11 @@ class MQTT5Connection(MQTTConnection):
         v5_code = BANNED if "banned" in reason else _REFUSALS[code]
         return codec5.encode_connack(False, v5_code, self._reason_props(reason, always=True), self.client_max_packet)
 
+    _connect_event = Connect5
+
+    async def _answer_connect(self, ev: Connect5) -> bytes:  # type: ignore[override]
+        return await self._connect5(ev)
+
     async def _connect5(self, ev: Connect5) -> bytes:
         props = ev.properties
         if props.request_problem_information == 0:
@@ -427,20 +432,6 @@ class MQTT5Connection(MQTTConnection):
         return codec5.encode_connack(self.resumed is not None, SUCCESS, props, self.client_max_packet)
 
     # -- events -----------------------------------------------------------------
-
-    async def _handle(self, events: list[Event5], nbytes: int = 0) -> bool:  # type: ignore[override]
-        """Act on the events of one read. False: close the connection."""
-        if events and type(events[0]) is Connect5:    # the codec lets CONNECT be the first packet only
-            answer = await self._connect5(events[0])
-            if self.client_id is None:
-                self._write(answer)
-                return False
-            done = self._handle_now(events, nbytes, 1, answer)
-        else:
-            done = self._handle_now(events, nbytes)
-        if type(done) is _Tail:
-            return await self._finish(done)
-        return done is True
 
     def _handle_now(self, events: list[Event5], nbytes: int, i: int = 0,  # type: ignore[override]
                     answer: bytes | None = None) -> bool | _Tail:
