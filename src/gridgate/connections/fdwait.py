@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["wait_readable", "SHALLOW"]
+__all__ = ["wait_readable", "SHALLOW", "Parked"]
 
 # trio's internals this module mirrors; None (and SHALLOW False) where
 # they are not as expected
@@ -55,10 +55,31 @@ _current_task = trio.lowlevel.current_task
 _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
 
 
-class _ReadableWait:
-    """One park of one task on one fd: ``await`` drives it as an iterator
-    (``__next__`` registers and yields trio's park message, ``send``
-    receives the wake-up outcome) and trio calls it to abort the wait."""
+class Parked:
+    """A one-object park of the awaiting task: ``await`` drives it as an
+    iterator (a subclass's ``__next__`` registers and returns trio's
+    ``WaitTaskRescheduled`` with itself as the abort function, ``send``
+    receives the wake-up outcome), so the parked stack holds this object
+    instead of trio's frames and abort closure. Awaited once."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return self         # type: ignore[return-value]
+
+    def send(self, result: Any) -> Any:
+        # trio sends the outcome it was rescheduled with: a value, or an
+        # Error (notify_closing, a failed registration, a cancel)
+        raise StopIteration(result.unwrap())
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if val is None:
+            raise typ
+        raise val
+
+
+class _ReadableWait(Parked):
+    """One park of one task on one fd; trio calls it to abort the wait."""
 
     # Two slots: 48 bytes (a third would round up to 64). Awaited once, by
     # ``await wait_readable(fd)`` only, so it keeps no "already parked" flag.
@@ -68,9 +89,6 @@ class _ReadableWait:
         self._io = io
         self._fd = fd
 
-    def __await__(self) -> Generator[Any, Any, None]:
-        return self         # type: ignore[return-value]
-
     def __next__(self) -> Any:
         io = self._io
         waiters = io._registered[self._fd]
@@ -79,16 +97,6 @@ class _ReadableWait:
         waiters.read_task = _current_task()
         io._update_registrations(self._fd)
         return _WaitTaskRescheduled(self)
-
-    def send(self, result: Any) -> Any:
-        # trio sends the outcome it was rescheduled with: None on readiness,
-        # an Error for notify_closing, a failed registration or a cancel
-        raise StopIteration(result.unwrap())
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        if val is None:
-            raise typ
-        raise val
 
     def __call__(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
         # trio's abort for _epoll_wait: drop the registration, then let the

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import select
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import outcome
@@ -74,9 +74,9 @@ class ReadyConnection(Protocol):
         returns it). An exception is raised in the connection's task."""
 
 
-class _Park:
-    """One park of one connection's task while the loop owns its fd.
-    ``await`` drives it as an iterator and trio calls it to abort."""
+class _Park(fdwait.Parked):
+    """One park of one connection's task while the loop owns its fd; trio
+    calls it to abort."""
 
     __slots__ = ("_loop", "conn", "task")
 
@@ -84,9 +84,6 @@ class _Park:
         self._loop = loop
         self.conn = conn
         self.task: Any = None
-
-    def __await__(self) -> Generator[Any, Any, object]:
-        return self         # type: ignore[return-value]
 
     def __next__(self) -> Any:
         loop = self._loop
@@ -102,14 +99,6 @@ class _Park:
         self.task = _current_task()
         loop._parked[fd] = self
         return fdwait._WaitTaskRescheduled(self)
-
-    def send(self, result: Any) -> Any:
-        raise StopIteration(result.unwrap())
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        if val is None:
-            raise typ
-        raise val
 
     def __call__(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
         # cancelled while parked: the fd leaves the loop, then the
