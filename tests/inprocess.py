@@ -3,11 +3,13 @@ configs, custom sinks that record or hold back writes, and raw MQTT/HTTP
 exchanges over in-memory streams."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
 
+import gridgate
 from gridgate.config import Config, HTTPConfig, MQTTConfig, ServiceConfig, SpoolConfig, WebSocketConfig
 from gridgate.ingest.records import Record
 from mqtt_frames import gen_connack, gen_connect
@@ -79,6 +81,17 @@ async def wait_closed(stream: trio.abc.Stream) -> None:
     """Return when the server closed its end."""
     while await stream.receive_some(1024):
         pass
+
+
+@asynccontextmanager
+async def serving(config: Config, sink=None, timeout: float = 20) -> AsyncIterator[tuple]:
+    """A gateway, and a nursery for its connection handlers; graceful stop at the end."""
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as gateway_nursery:
+            gateway = await gateway_nursery.start(gridgate.serve, config, sink)
+            async with trio.open_nursery() as nursery:
+                yield gateway, nursery
+            gateway.stop()
 
 
 async def connect_memory(gateway, nursery, client_id: str, keepalive: int = 0):

@@ -13,18 +13,15 @@ waits for the event it needs.
 """
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-
 import pytest
 import trio
 import trio.testing
 
-import gridgate
 from gridgate.config import InfluxDBConfig, LimitsConfig, MQTTConfig, PipelineConfig, SinkConfig
 from gridgate.connections import ready_loop
 from gridgate.protocols.mqtt.session5 import MQTT5Connection
 from influxproc import InfluxProcess
-from inprocess import GatedSink, MemorySink, make_config, read_packet, wait_closed
+from inprocess import GatedSink, MemorySink, make_config, read_packet, serving, wait_closed
 from mqtt5_frames import (
     REASON_STRING,
     connect5,
@@ -42,17 +39,6 @@ pytestmark = pytest.mark.skipif(not ready_loop.AVAILABLE, reason="needs trio's e
 
 def reason(text: str) -> bytes:
     return props(prop_str(REASON_STRING, text))
-
-
-@asynccontextmanager
-async def serving(config, sink=None, timeout: float = 20):
-    """A gateway, and a nursery for its connection handlers; graceful stop at the end."""
-    with trio.fail_after(timeout):
-        async with trio.open_nursery() as gateway_nursery:
-            gateway = await gateway_nursery.start(gridgate.serve, config, sink)
-            async with trio.open_nursery() as nursery:
-                yield gateway, nursery
-            gateway.stop()
 
 
 async def connect(gateway, nursery, client_id: str) -> trio.SocketStream:

@@ -12,30 +12,17 @@ bounded by fail_after and waits for the event it needs.
 from __future__ import annotations
 
 import json
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
 
-import gridgate
 from gridgate.config import LimitsConfig, PipelineConfig, SinkConfig
 from gridgate.connections import ready_loop
-from inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_closed
+from inprocess import GatedSink, MemorySink, make_config, read_exactly, serving, wait_closed
 from mqtt_frames import gen_connack, gen_connect, gen_packet, gen_puback, gen_publish
 
 pytestmark = pytest.mark.skipif(not ready_loop.AVAILABLE, reason="needs trio's epoll IO manager")
-
-
-@asynccontextmanager
-async def serving(config, sink, timeout: float = 20):
-    """A gateway, and a nursery for its connection handlers; graceful stop at the end."""
-    with trio.fail_after(timeout):
-        async with trio.open_nursery() as gateway_nursery:
-            gateway = await gateway_nursery.start(gridgate.serve, config, sink)
-            async with trio.open_nursery() as nursery:
-                yield gateway, nursery
-            gateway.stop()
 
 
 async def connect(gateway, nursery, client_id: str) -> trio.SocketStream:

@@ -13,16 +13,14 @@ it needs (a sink entered, a socket readable, all tasks blocked).
 from __future__ import annotations
 
 import socket
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
 
-import gridgate
 from gridgate.config import MQTTConfig, SinkConfig
 from gridgate.connections import ready_loop
-from inprocess import GatedSink, MemorySink, make_config, read_exactly, wait_closed
+from inprocess import GatedSink, MemorySink, make_config, read_exactly, serving, wait_closed
 from mqtt_frames import gen_connack, gen_connect, gen_puback, gen_publish
 
 
@@ -32,17 +30,6 @@ def socket_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
 
 
 PAIRS = {"socket": socket_pair, "memory": trio.testing.memory_stream_pair}
-
-
-@asynccontextmanager
-async def serving(config, sink, timeout: float):
-    """A gateway, and a nursery for its connection handlers; graceful stop at the end."""
-    with trio.fail_after(timeout):
-        async with trio.open_nursery() as gateway_nursery:
-            gateway = await gateway_nursery.start(gridgate.serve, config, sink)
-            async with trio.open_nursery() as nursery:
-                yield gateway, nursery
-            gateway.stop()
 
 
 async def connect(gateway, nursery, pair: str, client_id: str):
