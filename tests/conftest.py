@@ -15,6 +15,7 @@ from binaries import require
 from gridgate import _fastparse
 from gridgate.ingest import validator_py as _payload_py
 from gridgate.protocols.mqtt import codec_py as _mqtt_py
+from influxproc import InfluxProcess
 from inprocess import make_config
 
 
@@ -51,6 +52,16 @@ async def start_gateway(nursery, tmp_path):
 def influxd_binary() -> str:
     """influxd's path: skipped without it on a developer's machine, failed in CI."""
     return require("influxd")
+
+
+@pytest.fixture
+def influx(tmp_path, influxd_binary):
+    """A real influxd of the test's own, on a free loopback port (a test
+    module may define its own ``influx`` with another scope)."""
+    proc = InfluxProcess(tmp_path / "influx")
+    proc.start()
+    yield proc
+    proc.kill()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import trio.testing
 from gridgate.config import InfluxDBConfig, LimitsConfig, MQTTConfig, PipelineConfig, SinkConfig
 from gridgate.connections import ready_loop
 from gridgate.protocols.mqtt.session5 import MQTT5Connection
-from influxproc import InfluxProcess
 from inprocess import GatedSink, MemorySink, make_config, read_packet, serving, wait_closed
 from mqtt5_frames import (
     REASON_STRING,
@@ -261,14 +260,6 @@ async def test_takeover_and_graceful_stop_of_parked_v5_connections_send_their_di
         for c in (second, other):
             assert await read_packet(c) == disconnect5(0x8B)         # server shutting down
             await wait_closed(c)
-
-
-@pytest.fixture
-def influx(tmp_path, influxd_binary):
-    proc = InfluxProcess(tmp_path / "influx")
-    proc.start()
-    yield proc
-    proc.kill()
 
 
 async def test_a_reading_the_sink_refuses_gets_0x83_on_the_loop(tmp_path, influx):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 
-import pytest
 import trio
 
 import gridgate
@@ -19,7 +18,6 @@ from gridgate.ingest.records import Record
 from gridgate.observability.metrics import Metrics
 from gridgate.sinks.forwarding import Forwarder, sink_refusal, sink_refused_any
 from gridgate.storage.spool import Spool
-from influxproc import InfluxProcess
 from inprocess import make_config, read_packet
 from mqtt5_frames import REASON_STRING, connect5, prop_str, props, puback5, pubcomp5, publish5, pubrec5, pubrel5
 
@@ -27,14 +25,6 @@ REFUSED = ('sink_refused: influxdb: record 0 of the batch cannot be written to I
            'field key "time" is reserved by InfluxDB')
 
 
-
-
-@pytest.fixture
-def influx(tmp_path, influxd_binary):
-    proc = InfluxProcess(tmp_path / "influx")
-    proc.start()
-    yield proc
-    proc.kill()
 
 
 async def test_a_reading_the_sink_refuses_gets_0x83_and_is_dead_lettered(tmp_path, influx):
