@@ -93,7 +93,7 @@ test-asan: asan-build
 # inputs go to build/fuzz/TARGET/, failures to build/fuzz/artifacts/; the
 # committed seeds in fuzz/corpus/TARGET/ are only read.
 SECONDS      ?= 60
-FUZZ_TARGETS := mqtt mqtt5 http validator proxy
+FUZZ_TARGETS := mqtt mqtt5 http validator proxy wsmask
 FUZZ_STAMP   := $(VENV)/.fuzz-installed
 
 # the [fuzz] extra's packages, without reinstalling (and rebuilding) gridgate itself

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -189,11 +190,39 @@ def mqtt5_seeds() -> list[tuple[int, bytes]]:
     return seeds
 
 
-def write(target: str, seeds: list[tuple[int, bytes]]) -> int:
+def wsmask_seeds() -> list[tuple[int, bytes] | tuple[int, bytes, int]]:
+    """fuzz/targets.py check_wsmask's layouts. Unmasking (config bit 0 clear): a key
+    and a payload of the lengths tests/protocols/websocket/test_wsmask.py tries
+    (each side of the 8-byte steps and of the twin's 2048-byte switch, and a
+    200-byte reading), as every kind of buffer and as the decoder's two slices
+    (bit 5), and keys of other lengths (bit 2). Masking windows (bit 0): one
+    frame, the load generator's window of 10 frames of 178 bytes, short and
+    empty payloads; then arguments to refuse (bit 2)."""
+    key = bytes.fromhex("37fa213d")
+    seeds: list[tuple[int, bytes] | tuple[int, bytes, int]] = []
+    lengths = [*range(0, 18), 63, 64, 65, 200, 2047, 2048, 2049, 4000]
+    for i, n in enumerate(lengths):
+        payload = bytes((7 * j + n) & 0xFF for j in range(n))
+        seeds.append(((i % 4) << 3 | (32 if i % 5 == 0 else 0), key + payload))
+    seeds += [(4, b"\x01\x02\x03" + b"Hello"), (4, b"")]
+    for key_at, payload_bytes, count in ((2, 5, 1), (6, 172, 10), (0, 0, 3), (14, 3, 2), (4, 9, 4), (2, 12, 10)):
+        # the seed byte picks key_at
+        frame = bytes(key_at + 4) + b"p" * payload_bytes
+        stream = bytes([payload_bytes]) + frame * count + bytes(range(4 * count))
+        seeds.append((1 | (count % 4) << 3, stream, key_at))
+    seeds += [(1 | 4, bytes([frame_bytes & 0xFF, (key_at * 8) & 0xFF, cut]) + rest)
+              for frame_bytes, key_at, cut, rest in ((5, 2, 128, b"a" * 10 + b"k" * 8), (5, -1, 128, b"a" * 18),
+                                                    (11, 2, 187, b"\x81\x85\0\0\0\0Hello" + key), (0, 0, 0, b""),
+                                                    (-5, 0, 200, b"a" * 20))]
+    return seeds
+
+
+def write(target: str, seeds: Sequence[tuple[int, bytes] | tuple[int, bytes, int]]) -> int:
+    """Each seed as (config, payload[, seed byte]); without one the seed byte is the payload's length."""
     folder = ROOT / "fuzz" / "corpus" / target
     folder.mkdir(parents=True, exist_ok=True)
-    for config, payload in seeds:
-        data = bytes([config, len(payload) & 0xFF]) + payload
+    for config, payload, *cut_seed in seeds:
+        data = bytes([config, cut_seed[0] if cut_seed else len(payload) & 0xFF]) + payload
         (folder / hashlib.sha1(data).hexdigest()).write_bytes(data)
     return len(seeds)
 
@@ -215,7 +244,8 @@ def main() -> None:
     write("validator", validator_seeds())
     write("proxy", proxy_seeds())
     write("mqtt5", mqtt5_seeds())
-    for target in ("mqtt", "http", "validator", "proxy", "mqtt5"):
+    write("wsmask", wsmask_seeds())
+    for target in ("mqtt", "http", "validator", "proxy", "mqtt5", "wsmask"):
         print(target, len(list((ROOT / "fuzz" / "corpus" / target).iterdir())))
 
 

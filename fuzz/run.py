@@ -2,7 +2,7 @@
 
     python fuzz/run.py TARGET [libFuzzer options] [corpus dirs]
 
-TARGET is one of fuzz/targets.py's ``TARGETS`` (mqtt, mqtt5, http, validator, proxy); the
+TARGET is one of fuzz/targets.py's ``TARGETS`` (mqtt, mqtt5, http, validator, proxy, wsmask); the
 rest goes to libFuzzer as it is (``make fuzz`` passes -max_total_time, a
 scratch corpus in build/fuzz/ that new inputs go to, then the committed seeds
 in fuzz/corpus/TARGET/, which libFuzzer only reads).
@@ -11,9 +11,11 @@ Coverage: the pure-Python twins are instrumented (atheris.instrument_imports),
 so an input that takes a new branch of the reference codec is kept. The
 compiled module has no coverage instrumentation (gcc cannot emit libFuzzer's),
 but its code follows its twin's branch for branch, so the twin's coverage
-steers the search through both. Under ``make fuzz`` the compiled module is the
-AddressSanitizer/UBSan build of ``make test-asan``, so an overread found on the
-way aborts the run with the sanitizer's report.
+steers the search through both. The fuzzer runs the normal build (libFuzzer's
+hooks and gcc's libasan cannot share a process); ``make fuzz`` then replays
+every input it kept under the AddressSanitizer/UBSan build of ``make
+test-asan`` (fuzz/replay.py), where an overread aborts with the sanitizer's
+report.
 
 A disagreement raises fuzz.targets.Disagreement, a crash of either side its
 own exception: libFuzzer writes the input to build/fuzz/artifacts/ and
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 with atheris.instrument_imports(include=["gridgate.protocols.mqtt.codec_py", "gridgate.protocols.mqtt.codec5_py",
                                          "gridgate.protocols.mqtt.v5", "gridgate.protocols.http.parser_py",
                                          "gridgate.ingest.validator_py", "gridgate.protocols.proxy_protocol",
-                                         "targets"]):
+                                         "gridgate.protocols.wsmask_py", "targets"]):
     import targets
 
 

@@ -15,7 +15,9 @@ reading the fuzzer's neighbouring bytes.
 
 Only the codecs' own error classes may escape a parser (MQTTProtocolError,
 of which the 5.0 codec's MQTT5Error is one, HTTPParseError,
-ProxyProtocolError); the validator never raises. The PROXY
+ProxyProtocolError); the validator never raises; the WebSocket masking
+refuses bad arguments with ValueError or TypeError, the same class from both
+sides (compared as ``outcome``s). The PROXY
 protocol parser has no compiled side: its target checks that whole, chunked
 and byte-wise feeds agree and that a peeking shell never reads past the header. Anything else escapes these
 functions as it is: a crash to the fuzzer, a failure to pytest.
@@ -31,6 +33,7 @@ from gridgate import _fastparse
 from gridgate.errors import HTTPParseError, MQTTProtocolError
 from gridgate.ingest import validator_py
 from gridgate.ingest.rules import PayloadRules
+from gridgate.protocols import wsmask_py
 from gridgate.protocols.http import parser_py
 from gridgate.protocols.mqtt import codec5_py, codec_py, v5
 from gridgate.protocols.mqtt.codec5 import compiled_codec5
@@ -44,7 +47,7 @@ from gridgate.protocols.proxy_protocol import (
 )
 
 __all__ = ["Disagreement", "TARGETS", "check_mqtt", "check_mqtt5", "check_http", "check_validator", "check_proxy",
-           "split_input"]
+           "check_wsmask", "split_input"]
 
 
 class Disagreement(AssertionError):
@@ -465,10 +468,91 @@ def check_proxy(data: bytes) -> None:
         raise Disagreement(f"proxy: consumed {consumed} bytes of a {result.length}-byte header, on {data!r}")
 
 
+# -- WebSocket masking ---------------------------------------------------------------------------
+# Every client frame's payload goes through ws_unmask, and the load generator's
+# windows of frames through ws_mask_frames; the release build has Cython's
+# bounds checks off and walks 8 bytes at a time, so the lengths around the
+# word boundaries and the arguments it must refuse matter most.
+
+
+def mask_reference(data: bytes, key: bytes) -> bytes:
+    """The byte-by-byte definition (RFC 6455 5.3), for the inputs both implementations accept."""
+    return bytes(b ^ key[i & 3] for i, b in enumerate(data))
+
+
+def as_buffer(data: bytes, kind: int, offset: int) -> bytes | bytearray | memoryview:
+    """``data`` as bytes, a bytearray, or a memoryview that starts ``offset`` bytes
+    into a buffer and ends at its end (an overread still leaves the allocation)."""
+    if kind == 1:
+        return bytearray(data)
+    if kind >= 2:
+        return memoryview(bytes(offset) + data)[offset:]
+    return data
+
+
+def check_wsmask_unmask(config: int, seed: int, stream: bytes) -> object:
+    """Config bit 2: the key is ``seed % 9`` bytes (4 or not), else 4; bits 3-4: the
+    kind of buffer; bit 5: key and payload as the decoder passes them, two
+    slices of one frame (``buf[pos + head:start]``, ``buf[start:stop]``)."""
+    key_len = seed % 9 if config & 4 else 4
+    key, payload = bytes(bytearray(stream[:key_len])), bytes(bytearray(stream[key_len:]))
+    kind, offset = (config >> 3) & 3, seed & 7
+    if config & 32:
+        frame = bytes(offset) + key + payload
+        args: tuple[object, object] = (frame[offset + len(key):], frame[offset:offset + len(key)])
+    else:
+        args = (as_buffer(payload, kind, offset), as_buffer(key, 3 - kind, offset))
+    compiled = outcome(lambda: _fastparse.ws_unmask(*args))
+    agree("ws_unmask", compiled, outcome(lambda: wsmask_py.ws_unmask(*args)), stream)
+    if len(key) == 4:
+        agree("ws_unmask against the byte-by-byte reference", compiled, mask_reference(payload, key), stream)
+    elif compiled is not ValueError:
+        raise Disagreement(f"ws_unmask: a {len(key)}-byte key gave {compiled!r}, not a ValueError")
+    return compiled
+
+
+def check_wsmask_frames(config: int, seed: int, stream: bytes) -> object:
+    """Config bit 2 clear: well-formed arguments (key_at ``seed % 16``, payload
+    bytes the stream's first byte, as many frames as the rest holds, then their
+    keys); set: arbitrary ones (frame_bytes and key_at from the stream's first
+    two bytes, signed, the window cut at the third), to be refused alike."""
+    kind, offset = (config >> 3) & 3, seed & 7
+    head, rest = stream[:3], stream[3:]
+    if config & 4:
+        frame_bytes = int.from_bytes(head[:1] or b"\0", "big", signed=True)
+        key_at = int.from_bytes(head[1:2] or b"\0", "big", signed=True) // 8
+        cut = head[2] * len(rest) // 255 if len(head) > 2 else 0
+        window, keys = rest[:cut], rest[cut:]
+    else:
+        key_at = seed % 16
+        frame_bytes = key_at + 4 + (head[0] if head else 0)
+        count = len(stream[1:]) // (frame_bytes + 4)
+        window = stream[1:1 + count * frame_bytes]
+        keys = stream[1 + count * frame_bytes:1 + count * (frame_bytes + 4)]
+    window, keys = bytes(bytearray(window)), bytes(bytearray(keys))
+    args = (as_buffer(window, kind, offset), frame_bytes, key_at, as_buffer(keys, 3 - kind, offset))
+    compiled = outcome(lambda: _fastparse.ws_mask_frames(*args))
+    agree("ws_mask_frames", compiled, outcome(lambda: wsmask_py.ws_mask_frames(*args)), stream)
+    if not config & 4 and compiled != b"".join(
+            window[i:i + key_at] + mask_reference(window[i + key_at:i + frame_bytes], keys[j:j + 4])
+            for i, j in zip(range(0, len(window), frame_bytes), range(0, len(keys), 4), strict=True)):
+        raise Disagreement(f"ws_mask_frames: {compiled!r} is not the byte-by-byte masking of {stream!r}")
+    return compiled
+
+
+def check_wsmask(data: bytes) -> None:
+    """Config bit 0 clear: ws_unmask; set: ws_mask_frames (each its own layout
+    above). Compiled and twin must give the same bytes, or refuse with the same
+    error class, and what they accept must be the byte-by-byte masking."""
+    config, seed, stream = split_input(data)
+    (check_wsmask_frames if config & 1 else check_wsmask_unmask)(config, seed, stream)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "mqtt": check_mqtt,
     "mqtt5": check_mqtt5,
     "http": check_http,
     "validator": check_validator,
     "proxy": check_proxy,
+    "wsmask": check_wsmask,
 }

@@ -30,7 +30,7 @@ CORPUS = sorted((target, path) for target in TARGETS for path in (FUZZ / "corpus
 
 
 def test_every_target_has_a_seed_corpus():
-    assert {target for target, _ in CORPUS} == set(TARGETS) == {"mqtt", "mqtt5", "http", "validator", "proxy"}
+    assert {target for target, _ in CORPUS} == set(TARGETS) == {"mqtt", "mqtt5", "http", "validator", "proxy", "wsmask"}
 
 
 @pytest.mark.parametrize("target, path", CORPUS, ids=[f"{t}-{p.name[:12]}" for t, p in CORPUS])
