@@ -21,6 +21,7 @@ import msgspec
 from gridgate import _fastparse
 from gridgate.ingest import validator_py as _payload_py
 from gridgate.ingest.rules import PayloadRules
+from gridgate.protocols import wsmask_py as _wsmask_py
 from gridgate.protocols.mqtt import codec5_py as _mqtt5_py, codec_py as _mqtt_py, v5
 from gridgate.protocols.mqtt.codec5 import compiled_codec5
 from gridgate.protocols.mqtt.events import PUBACK
@@ -154,6 +155,13 @@ def cases() -> list[tuple[str, int, Callable[[object], Callable[[], object]]]]:
             return lambda: v.validate(raw, fmt, "mqtt", None, now)
         return make
 
+    # a client frame of a 200-byte payload (7-bit length, key, payload), cut as FrameDecoder.feed cuts it
+    frame = b"\x81\xc8" + bytes.fromhex("37fa213d") + bytes(range(200))
+
+    def unmask(impl):
+        ws_unmask = impl.ws_unmask
+        return lambda: ws_unmask(frame[6:206], frame[2:6])
+
     return [
         (f"MQTT decode PUBLISH QoS 1 ({len(payload)} B JSON, {n1} per 64 KiB read), per packet", n1, decode(chunk1)),
         (f"MQTT decode PUBLISH QoS 0 ({n0} per 64 KiB read), per packet", n0, decode(chunk0)),
@@ -165,6 +173,7 @@ def cases() -> list[tuple[str, int, Callable[[object], Callable[[], object]]]]:
         ("validate the DESIGN section 3 sample reading, JSON", 1, validate(payload, "json")),
         ("validate the sample reading, MessagePack", 1, validate(sample_mp, "msgpack")),
         ("validate a JSON batch of 100 readings, per reading", 100, validate(batch, "json")),
+        ("WebSocket unmask a 200 B frame payload (the decoder's two slices)", 1, unmask),
     ]
 
 
@@ -174,6 +183,8 @@ def run(quick: bool = False) -> list[dict]:
     for name, units, make in cases():
         if name.startswith("MQTT 5"):
             twins: tuple[object, object] = (_mqtt5_py, compiled_codec5(_fastparse))
+        elif name.startswith("WebSocket"):
+            twins = (_wsmask_py, _fastparse)
         else:
             twins = (_mqtt_py if name.startswith("MQTT") else _payload_py, _fastparse)
         py_ns, c_ns = best_ns_pair(make(twins[0]), make(twins[1]), units, repeats, min_time)
