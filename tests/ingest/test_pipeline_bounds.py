@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from gridgate.ingest.pipeline import Pipeline, WorkItem
-from gridgate.ingest.records import Record
+from gridgate.ingest.records import Record, Rejection
 from gridgate.observability.metrics import Metrics
 
 
@@ -141,3 +141,27 @@ async def test_after_a_lull_the_batcher_waits_for_company_and_wakes_for_each_arr
         assert written == [3, 2]
         await pipeline.close_input()
         await pipeline.wait_finished()
+
+
+async def test_rejections_count_toward_the_queued_readings_and_the_batch(autojump_clock):
+    """An item's size is its readings and its rejections (each a dead letter to
+    write): both fill queue_max_records, and both fill batch_max_records."""
+    batches: list[tuple[int, int]] = []
+
+    async def write(records, dead, on_commit=None):
+        batches.append((len(records), len(dead)))
+
+    def rejected(n: int) -> WorkItem:
+        return WorkItem([], [Rejection(reason="malformed", device_id="meter-1") for _ in range(n)], "mqtt", 0)
+
+    pipeline = Pipeline(write, batch_max_records=8, batch_max_delay_s=0, queue_max_items=100,
+                        queue_max_records=10, metrics=Metrics())
+    assert pipeline.try_submit(rejected(6))
+    assert pipeline.try_submit(item(2))
+    assert not pipeline.try_submit(rejected(3))          # 6 + 2 + 3 > 10
+    assert pipeline.try_submit(WorkItem(item(1).records, [Rejection(reason="malformed")], "mqtt", 0))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pipeline.run)
+        await pipeline.close_input()
+        await pipeline.wait_finished()
+    assert batches == [(2, 6), (1, 1)]                   # 8 fill the first batch

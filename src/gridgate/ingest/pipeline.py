@@ -49,7 +49,15 @@ class Pausable(Protocol):
 
 
 class WorkItem:
-    __slots__ = ("records", "rejections", "protocol", "received_ns", "on_durable")
+    """One read's readings and rejections, and what to run once they are durable.
+
+    ``records`` and ``rejections`` are complete when the item is made: no
+    session adds to them afterwards (each builds them for the read, then
+    makes the item; the pipeline, the gateway's hard stop and the answers
+    only read them). ``size``, their count, is taken once here: the
+    queue's bound and the batcher read it per item.
+    """
+    __slots__ = ("records", "rejections", "protocol", "received_ns", "on_durable", "size")
 
     def __init__(self, records: Sequence[Record], rejections: Sequence[Rejection], protocol: str,
                  received_ns: int, on_durable: Callable[[], None] | None = None) -> None:
@@ -58,10 +66,7 @@ class WorkItem:
         self.protocol = protocol
         self.received_ns = received_ns
         self.on_durable = on_durable
-
-    @property
-    def size(self) -> int:
-        return len(self.records) + len(self.rejections)
+        self.size = len(records) + len(rejections)
 
 
 class Pipeline:
@@ -123,7 +128,7 @@ class Pipeline:
             raise trio.ClosedResourceError("the pipeline takes no more items")
         # _has_room and _put written out: this runs once per socket read,
         # and under the fleet shape once per reading
-        size = len(item.records) + len(item.rejections)
+        size = item.size
         queue = self._queue
         if len(queue) >= self.queue_max_items:
             return False
@@ -218,7 +223,7 @@ class Pipeline:
                 while queue and size < limit:
                     item = queue.popleft()
                     items.append(item)
-                    size += len(item.records) + len(item.rejections)       # not the size property: a call
+                    size += item.size
                 # Wait for company only after a lull: back-to-back writes need
                 # no delay, the items that arrived during a write are the batch.
                 idle = trio.current_time() - self._last_flush_end >= self.batch_max_delay_s
@@ -229,7 +234,7 @@ class Pipeline:
                             if queue:
                                 item = queue.popleft()
                                 items.append(item)
-                                size += len(item.records) + len(item.rejections)
+                                size += item.size
                             elif self._closed:
                                 break
                             else:
