@@ -45,3 +45,34 @@ async def test_late_requests_expire_at_their_own_deadline_and_done_ones_are_forg
     await trio.testing.wait_all_tasks_blocked()     # a sweep due at this very time has run
     assert len(timeouts) == 0
     assert not any(p.expired for p in stream)
+
+
+def test_a_later_run_measures_deadlines_on_its_own_clock():
+    """add() reads the clock of the run its run() task belongs to; once that
+    run is over, another run's adds (before and after its run() starts) use
+    that run's clock, not the finished one's."""
+    timeouts = DurableTimeouts(30)
+
+    async def first() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(timeouts.run)
+            await trio.sleep(5)
+            nursery.cancel_scope.cancel()
+
+    async def second() -> None:
+        trio.lowlevel.current_clock().jump(1000)          # this run's clock is far from the first's
+        early = pending()
+        timeouts.add(early)                               # before this run's run() starts
+        async with trio.open_nursery() as nursery:
+            await nursery.start(timeouts.run)
+            await trio.sleep(10)
+            late = pending()
+            timeouts.add(late)
+            await early.done.wait()
+            assert trio.current_time() == 1030 and early.expired and not late.done.is_set()
+            await late.done.wait()
+            assert trio.current_time() == 1040
+            nursery.cancel_scope.cancel()
+
+    trio.run(first, clock=trio.testing.MockClock(autojump_threshold=0))
+    trio.run(second, clock=trio.testing.MockClock(autojump_threshold=0))

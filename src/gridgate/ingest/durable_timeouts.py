@@ -10,6 +10,7 @@ task that wakes for the oldest do the same for all of them.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -38,27 +39,35 @@ class DurableTimeouts:
         self.timeout_s = timeout_s
         self._waiting: deque[tuple[float, _Expirable]] = deque()
         self._added = trio.Event()
+        # add() runs once per HTTP telemetry request: while run() runs, it reads
+        # the run's clock itself (a MockClock in tests), without the two
+        # wrappers of trio.current_time() (about 270 -> 110 ns here)
+        self._now: Callable[[], float] = trio.current_time
 
     def __len__(self) -> int:
         return len(self._waiting)
 
     def add(self, pending: _Expirable) -> None:
         """Expire ``pending`` (``expire()`` sets its ``done``) unless it is done within the timeout."""
-        self._waiting.append((trio.current_time() + self.timeout_s, pending))
+        self._waiting.append((self._now() + self.timeout_s, pending))
         if len(self._waiting) == 1:
             self._added.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._now = trio.lowlevel.current_clock().current_time
         task_status.started()
         waiting = self._waiting
-        while True:
-            now = trio.current_time()
-            while waiting and (waiting[0][1].done.is_set() or waiting[0][0] <= now):
-                _, pending = waiting.popleft()
-                if not pending.done.is_set():
-                    pending.expire()
-            if not waiting:
-                self._added = trio.Event()
-                await self._added.wait()
-                continue
-            await trio.sleep_until(min(waiting[0][0], now + self.SWEEP_S))
+        try:
+            while True:
+                now = trio.current_time()
+                while waiting and (waiting[0][1].done.is_set() or waiting[0][0] <= now):
+                    _, pending = waiting.popleft()
+                    if not pending.done.is_set():
+                        pending.expire()
+                if not waiting:
+                    self._added = trio.Event()
+                    await self._added.wait()
+                    continue
+                await trio.sleep_until(min(waiting[0][0], now + self.SWEEP_S))
+        finally:
+            self._now = trio.current_time       # not a finished run's clock
