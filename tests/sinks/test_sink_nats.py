@@ -392,6 +392,68 @@ async def test_write_publishes_each_record_once_and_waits_for_every_ack(server):
     assert [mid for _, mid, _ in msgs] == [msg_id(r) for r in batch]   # in order, each once
 
 
+def watch_reply_subjects(sink):
+    """Record the reply subject of every publish the sink hands its client."""
+    nc, replies = sink._nc, []
+    send = nc._send_command
+
+    async def recording(cmd, *args, **kwargs):
+        replies.extend(re.findall(rb"HPUB \S+ (\S+) \d+ \d+\r\n", cmd))
+        return await send(cmd, *args, **kwargs)
+    nc._send_command = recording
+    return replies
+
+
+@needs_nats
+async def test_publishes_reuse_the_windows_reply_subjects(server):
+    # One reply subject per slot of the window, each reused once its ack is in
+    # (nats-server then routes the acks from its subject cache), not one per publish.
+    batch = records(500)
+    async with NATSSink(servers=[server.url], stream=STREAM, subject=TEMPLATE, max_inflight=8) as sink:
+        replies = watch_reply_subjects(sink)
+        await sink.write(batch)
+        await sink.write(batch)                    # every one a duplicate
+        assert (sink.published, sink.publishes, sink.duplicates, sink.retries) == (1000, 1000, 500, 0)
+        assert len(replies) == 1000
+        assert set(replies) == {b"%s.%d" % (sink._inbox.encode(), i) for i in range(8)}
+        assert sink._slot_owner == {} and sink._free_slots == 8 and sink._slot_seq == 8
+    msgs = await in_thread(stream_messages, [server.url])
+    assert [mid for _, mid, _ in msgs] == [msg_id(r) for r in batch]
+
+
+@needs_nats
+async def test_a_publish_with_a_late_ack_retires_its_slot(server):
+    # The plain acks of the first reads are held back 100 ms on the sink's
+    # loop, far past ack_timeout_s (20 ms): those publishes are retried on new
+    # slots, and their late acks, on the retired slots, still count for their
+    # own message and never for another. The write ends with every record
+    # stored once, the window whole, and no slot left owned.
+    batch = records(2000)
+    async with NATSSink(servers=[server.url], stream=STREAM, subject=TEMPLATE, max_inflight=32,
+                        ack_timeout_s=0.02, write_timeout_s=60) as sink:
+        replies = watch_reply_subjects(sink)
+        nc, held = sink._nc, [0]
+        on_plain = nc.on_plain
+
+        def late(slots):
+            if held[0] < 3:
+                held[0] += 1
+                sink._loop.call_later(0.1, on_plain, slots)
+            else:
+                on_plain(slots)
+        nc.on_plain = late
+        await sink.write(batch)
+        assert held[0] == 3
+        assert sink.published == 2000 and sink.retries > 0 and sink.publishes == 2000 + sink.retries
+        # slots were retired, new numbers took their place (and were published on)
+        inbox = sink._inbox.encode()
+        assert sink._slot_seq > 32 and b"%s.32" % inbox in replies
+        assert set(replies) <= {b"%s.%d" % (inbox, i) for i in range(sink._slot_seq)}
+        assert sink._slot_owner == {} and sink._free_slots == 32
+    msgs = await in_thread(stream_messages, [server.url])
+    assert sorted(mid for _, mid, _ in msgs) == sorted(msg_id(r) for r in batch)
+
+
 @needs_nats
 async def test_large_write_under_a_small_window(server):
     batch = records(20_000)
@@ -816,11 +878,12 @@ def test_an_ack_cut_by_a_read_waits_whole_for_the_next_read():
         assert not nc._ps.buf
 
 
-def test_plain_acks_go_over_as_write_key_and_index_the_rest_as_before():
+def test_plain_acks_go_over_as_their_slot_the_rest_as_before():
     """With the plain-ack pattern set, each ``{"stream":"<ours>", "seq":N}`` ack of the
-    sink's reply prefix goes to on_plain as (key, index); an ack in any other form (a
+    sink's reply prefix goes to on_plain as its slot's digits; an ack in any other form (a
     duplicate, another stream's, a size on the line that is not its body's, another
-    prefix) goes to on_acks whole, and an ack cut by the read waits for the next read."""
+    prefix, a subject of more tokens) goes to on_acks whole, and an ack cut by the read
+    waits for the next read."""
     import asyncio
 
     from gridgate.sinks.nats import _Client
@@ -841,17 +904,17 @@ def test_plain_acks_go_over_as_write_key_and_index_the_rest_as_before():
     ok = b'{"stream":"S", "seq":%d}'
     dup = b'{"stream":"S", "seq":3, "duplicate": true}'
     theirs = b'{"stream":"T", "seq":4}'
-    wire = [msg(b"_INBOX.x.12.0.1", ok % 1), msg(b"_INBOX.x.12.1.2", ok % 2), msg(b"_INBOX.x.12.2.1", dup),
-            msg(b"_INBOX.x.12.3.1", ok % 55), msg(b"_INBOX.x.12.4.1", theirs),
+    wire = [msg(b"_INBOX.x.0", ok % 1), msg(b"_INBOX.x.511", ok % 2), msg(b"_INBOX.x.2", dup),
+            msg(b"_INBOX.x.3", ok % 55), msg(b"_INBOX.x.4", theirs),
             # the size on the line says more than the plain body: read as the line says (7 bytes on)
-            msg(b"_INBOX.x.12.5.1", ok % 6 + b"\r\nabcde", len(ok % 6) + 7),
-            msg(b"_INBOX.y.12.6.1", ok % 7), msg(b"_INBOX.x.13.0.1", ok % 8)]
+            msg(b"_INBOX.x.5", ok % 6 + b"\r\nabcde", len(ok % 6) + 7),
+            msg(b"_INBOX.y.6", ok % 7), msg(b"_INBOX.x.7.1", ok % 9), msg(b"_INBOX.x.513", ok % 8)]
     data = b"".join(wire)
-    cut = len(data) - len(wire[-1]) + 20            # the last one cut in its line
+    cut = len(data) - len(wire[-1]) + 15            # the last one cut in its line
     nc = asyncio.run(feed([data[:cut], data[cut:]]))
-    assert [p for batch in plain for p in batch] == [(b"12", b"0"), (b"12", b"1"), (b"12", b"3"), (b"13", b"0")]
+    assert [p for batch in plain for p in batch] == [b"0", b"511", b"3", b"513"]
     assert [[s for s, _, _ in batch] for batch in other] == [
-        [b"_INBOX.x.12.2.1", b"_INBOX.x.12.4.1", b"_INBOX.x.12.5.1", b"_INBOX.y.12.6.1"]]
-    assert [d for batch in other for _, d, _ in batch] == [dup, theirs, ok % 6 + b"\r\nabcde", ok % 7]
-    assert len(plain) == 2 and plain[1] == [(b"13", b"0")]      # the cut one came with the next read
+        [b"_INBOX.x.2", b"_INBOX.x.4", b"_INBOX.x.5", b"_INBOX.y.6", b"_INBOX.x.7.1"]]
+    assert [d for batch in other for _, d, _ in batch] == [dup, theirs, ok % 6 + b"\r\nabcde", ok % 7, ok % 9]
+    assert len(plain) == 2 and plain[1] == [b"513"]      # the cut one came with the next read
     assert not nc._ps.buf
