@@ -130,8 +130,10 @@ from nats.aio.client import Client as NATSClient
 from nats.js.api import StorageType, StreamConfig
 from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
+from gridgate import hotpath
 from gridgate.asyncio_thread import AsyncioThread, LoopClosed
 from gridgate.ingest.records import Record
+from gridgate.sinks import nats_acks_py
 
 __all__ = ["NATSSink", "SinkWriteError", "SinkOpenError", "SubjectTemplate", "sanitize_token", "msg_id",
            "encode_record", "decode_record", "subject_covers", "batch_msg_id", "encode_records", "decode_records",
@@ -401,6 +403,12 @@ class _WrongStream(Exception):
         return f"acked by stream {self.got!r}, not {self.want!r}"
 
 
+# The scan of a read's plain acks: compiled (src/_fastparse_nats.pxi), or its
+# twin when the extension is not loaded (or was built before it had the scan).
+_scan_plain_acks: Callable[[bytearray, int, bytes, bytes, bytes, list[bytes]], int] = (
+    getattr(hotpath.fastparse, "nats_scan_plain_acks", None) or nats_acks_py.scan_plain_acks)
+
+
 class _Parser(Parser):
     """nats-py's protocol parser, reading the acks at the head of a read in one pass.
 
@@ -415,11 +423,11 @@ class _Parser(Parser):
     nats-py's own parse from there on, as before.
 
     Most acks are the plain ``{"stream":"<ours>", "seq":N}`` of a message
-    stored once. Given the pattern of those (``take_acks(plain=...)``), the
-    parser matches each such ack, line and body, with that one regex and
-    hands over only its reply slot, to ``on_plain``:
-    a third of the Python work of the split-and-convert per ack (which the
-    others, a duplicate, an error, still take).
+    stored once. Given the form of those (``take_acks(plain=...)``), the
+    parser takes each run of them, line and body, in one call of
+    ``_scan_plain_acks`` (compiled, or its twin ``nats_acks_py``) and hands
+    over only their reply slots, to ``on_plain``; the others (a duplicate,
+    an error) still take the split-and-convert per ack.
     """
 
     nc: _Client
@@ -432,17 +440,13 @@ class _Parser(Parser):
         if self.state == AWAITING_CONTROL_LINE and on_acks is not None:
             sid, end, pos = nc.ack_sid_bytes, len(buf), 0
             acks: list[tuple[bytes, bytes, bytes | None]] = []
-            plain: list[bytes | Any] = []
-            plain_match = nc.plain_match
+            plain: list[bytes] = []
+            plain_form = nc.plain_form
             waiting = False                      # an ack at the head is cut: wait for the rest
             while True:
-                if plain_match is not None:
-                    m = plain_match(buf, pos)
-                    # the size on the line must be the body's (else it is no plain ack: see below)
-                    if m is not None and int(m[2]) == m.end() - m.end(2) - 4:
-                        plain.append(m[1])
-                        pos = m.end()
-                        continue
+                if plain_form is not None:
+                    # a run of plain acks; what stops it is read below
+                    pos = _scan_plain_acks(buf, pos, plain_form[0], sid, plain_form[1], plain)
                 if not buf.startswith(b"MSG ", pos):
                     break
                 eol = buf.find(b"\r\n", pos)
@@ -467,7 +471,7 @@ class _Parser(Parser):
             if pos:
                 del buf[:pos]
                 if plain:
-                    nc.on_plain(plain)           # type: ignore[misc]  # set with plain_match
+                    nc.on_plain(plain)           # type: ignore[misc]  # set with plain_form
                 if acks:
                     on_acks(acks)
             if waiting:
@@ -490,15 +494,16 @@ class _Client(NATSClient):
     ack_sid = -1
     ack_sid_bytes = b""
     on_acks: Callable[[list[tuple[bytes, bytes, bytes | None]]], None] | None = None
-    plain_match: Callable[[bytearray, int], re.Match[bytes] | None] | None = None
-    on_plain: Callable[[list[bytes | Any]], None] | None = None
+    # (reply prefix, ack body up to the sequence number) of the plain acks
+    plain_form: tuple[bytes, bytes] | None = None
+    on_plain: Callable[[list[bytes]], None] | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self._ps = _Parser(self)
 
     def take_acks(self, sid: int, on_acks: Callable[[list[tuple[bytes, bytes, bytes | None]]], None],
-                  plain: tuple[bytes, str, Callable[[list[bytes | Any]], None]] | None = None) -> None:
+                  plain: tuple[bytes, str, Callable[[list[bytes]], None]] | None = None) -> None:
         """Hand the messages of subscription ``sid`` to ``on_acks``: (subject, body, header bytes or None) each.
 
         ``plain``: (reply prefix, stream, on_plain). The plain acks of that
@@ -507,13 +512,10 @@ class _Client(NATSClient):
         """
         self.ack_sid, self.ack_sid_bytes, self.on_acks = sid, b"%d" % sid, on_acks
         if plain is None:
-            self.plain_match = self.on_plain = None
+            self.plain_form = self.on_plain = None
             return
         prefix, stream, self.on_plain = plain
-        # group 2 is the size on the line, checked against the body the pattern took
-        self.plain_match = re.compile(
-            b"MSG " + re.escape(prefix) + rb"(\d+) " + self.ack_sid_bytes + rb" +(\d+)\r\n"
-            + re.escape(b'{"stream":%b, "seq":' % msgspec.json.encode(stream)) + rb"\d+\}\r\n").match
+        self.plain_form = (prefix, b'{"stream":%b, "seq":' % msgspec.json.encode(stream))
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes) -> None:
@@ -1414,7 +1416,7 @@ class NATSSink:
         for w in touched:
             w.settle()
 
-    def _on_plain_acks(self, slots: list[bytes | Any]) -> None:
+    def _on_plain_acks(self, slots: list[bytes]) -> None:
         """Plain acks (the message stored, not a duplicate) of one read, as the digits of their slots."""
         owners, free = self._slot_owner, self._slot_free
         touched: list[_Window] = []
