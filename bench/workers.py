@@ -14,6 +14,21 @@ Two measurements, each ratio from one run:
 - Capacity: 15,000 idle MQTT connections per worker (1 worker: 15k; 2:
   30,000, more than one process's 20,000 open files), RSS per connection of
   the whole tree; the aim: 2 workers within 10% of one worker's.
+
+What the second worker's extra CPU per reading is made of (2026-12-05, 8 s
+runs alternating, the 2 cores busy with other engineers' work, load 5-8):
+not the cluster mode (supervisor and private nats-server 0.00 us per reading,
+the worker's NATS thread 0.01-0.06, prometheus-client's multiprocess values
+about 0.05 by py-spy), and not the smaller group commits of a worker that
+serves half the devices (one gateway at 50 devices x 10, about 240 readings
+per batch as a worker's, costs what it costs at 100 x 10, about 500: 6.48,
+6.03, 7.22 against 6.82, 5.88, 7.05 us). Two independent lone gateways side
+by side, each under its own load generator of 50 x 10, cost what 2 workers
+cost (6 rounds: median 7.9 against 7.7 us, round by round 0.86-1.07x; one
+gateway at 100 x 10 in the same rounds: median 6.4): the excess is two busy
+gateway processes sharing two cores with the load generator (py-spy sees
+their time in epoll_wait grow: woken, waiting for a core), not work a
+worker repeats.
 """
 from __future__ import annotations
 
