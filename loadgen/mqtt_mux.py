@@ -120,7 +120,9 @@ class MuxSlot:
     out = b""                       # bytes the kernel did not take yet (bounded by the window)
     wake_at: float | None = None    # the open-loop due this device sits in the mux's heap for
     pong_due: float | None = None   # a keepalive's answer is owed by then (ws; MQTT's is not awaited)
-    tally: LatencyTally | None = None   # MQTT: the mux's, where its acks' latencies go (not ws's)
+    # MQTT QoS 1, not --idle: the mux's, where its acks' latencies go (None: ws,
+    # QoS 0 and idle devices, which never take the fleet shape's fast paths)
+    tally: LatencyTally | None = None
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -206,8 +208,8 @@ class Mux:
             sock.close()
             return True
         fd = sock.fileno()
-        if isinstance(dev, MuxDevice):
-            dev.tally = self.tally
+        if isinstance(dev, MuxDevice) and dev.windowed and not dev.opts.idle:
+            dev.tally = self.tally      # and with it _poll's and _fill's fast paths
         self.devices[fd] = dev
         self.epoll.register(fd, _IN)
         dev.last_send = now = trio.current_time()
@@ -411,7 +413,7 @@ class Mux:
         if free <= 0:
             return
         schedule = dev.schedule
-        if schedule is None and dev.tally is not None and dev.windowed and not dev.replay:
+        if schedule is None and dev.tally is not None and not dev.replay:
             # closed-loop QoS 1 with nothing owed: the window's free slots, intended now
             stats.sent += free * opts.batch
             dev.last_send = now
