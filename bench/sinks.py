@@ -18,18 +18,32 @@ JetStream sink's asyncio loop thread (named ``gridgate-nats-*`` by
 gridgate.asyncio_thread), and the sink's own server (influxd, nats-server).
 
 ``BENCH_SINKS=spool,nats python -m bench sinks`` runs only the kinds named.
+
+With ``nats`` among the kinds, each round also measures nats-server's own
+floor: a raw-socket publisher (:func:`nats_server_floor`) stores messages
+shaped as the sink's (MessagePack body of one loadgen reading, the
+``Nats-Msg-Id`` and ``Nats-Expected-Stream`` headers, one subject per device,
+a window of 512 publishes whose acks come back on 512 reused reply subjects,
+128 per write) in a fresh ``nats-server -js`` with no gateway running, and
+reports the server's CPU per stored message. That is what JetStream costs per
+reading on this machine whatever the gateway does; the report puts it next
+to the sink's own row.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import msgspec
 
 from bench import procs
 
@@ -83,6 +97,108 @@ def _thread_cpu_seconds(pid: int, prefix: str) -> float:
     return total
 
 
+FLOOR_MESSAGES = 60_000
+FLOOR_WINDOW = 512
+FLOOR_PER_WRITE = 128
+FLOOR_DEVICES = 100
+
+
+def _floor_frames(count: int, inbox: bytes) -> list[bytes]:
+    """HPUB frames shaped as the sink's one-reading messages (bench may not import gridgate.sinks)."""
+    now = time.time_ns()
+    frames = []
+    for i in range(count):
+        device = f"lg-{i % FLOOR_DEVICES:06d}"
+        record = {"device_id": device, "ts_ns": now + i, "received_ns": now + i, "protocol": "mqtt",
+                  "fields": {"temperature": 21.5, "battery_mv": 3700, "humidity": 40.0},
+                  "tags": {"region": "loadgen", "site": "site-a"}}
+        body = msgspec.msgpack.encode(record)
+        digest = hashlib.blake2b(body, digest_size=12).hexdigest()
+        header = (b"NATS/1.0\r\nNats-Msg-Id: %s:%d:%s\r\nNats-Expected-Stream: TELEMETRY\r\n\r\n"
+                  % (device.encode(), now + i, digest.encode()))
+        frames.append(b"HPUB telemetry.loadgen.%s %s.%d %d %d\r\n%s%s\r\n" % (
+            device.encode(), inbox, i % FLOOR_WINDOW, len(header), len(header) + len(body), header, body))
+    return frames
+
+
+class _RawNats:
+    """A bare NATS connection: CONNECT, one inbox subscription, MSG parsing (acks only)."""
+
+    def __init__(self, port: int, inbox: bytes) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true,'
+                          b'"protocol":1}\r\nSUB %s.> 1\r\nPING\r\n' % inbox)
+        while b"PONG\r\n" not in self.buf:
+            self._fill()
+        self.buf.clear()
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise EOFError("nats-server closed the connection")
+        self.buf += data
+
+    def messages(self) -> list[bytes]:
+        """Wait for a read; the bodies of the whole messages in the buffer (PINGs answered)."""
+        self._fill()
+        buf, pos, bodies = self.buf, 0, []
+        while (eol := buf.find(b"\r\n", pos)) >= 0:
+            line = bytes(buf[pos:eol])
+            if line.startswith((b"MSG ", b"HMSG ")):
+                end = eol + 2 + int(line.split()[-1])
+                if end + 2 > len(buf):
+                    break
+                bodies.append(bytes(buf[eol + 2:end]))
+                pos = end + 2
+            else:
+                if line == b"PING":
+                    self.sock.sendall(b"PONG\r\n")
+                elif line.startswith(b"-ERR"):
+                    raise RuntimeError(f"nats-server: {line.decode(errors='replace')}")
+                pos = eol + 2
+        del buf[:pos]
+        return bodies
+
+
+def nats_server_floor(work: Path, messages: int = FLOOR_MESSAGES) -> dict:
+    """nats-server's CPU per stored message from a raw-socket publisher (the module docstring)."""
+    from natsproc import NatsServer
+    server = NatsServer(work / "nats-floor").start()
+    try:
+        inbox = b"_INBOX.floor"
+        conn = _RawNats(server.port, inbox)
+        config = {"name": "TELEMETRY", "subjects": ["telemetry.*.*"], "num_replicas": 1, "storage": "file",
+                  "duplicate_window": 120 * 10**9}
+        data = json.dumps(config).encode()
+        conn.sock.sendall(b"PUB $JS.API.STREAM.CREATE.TELEMETRY %s.api %d\r\n%s\r\n" % (inbox, len(data), data))
+        while not (bodies := conn.messages()):
+            pass
+        if b'"error"' in bodies[0]:
+            raise RuntimeError(f"nats-server refused the stream: {bodies[0].decode(errors='replace')}")
+        frames = _floor_frames(messages, inbox)
+        cpu_before, started = procs.cpu_seconds(server.proc.pid), time.perf_counter()
+        sent = acked = 0
+        while acked < messages:
+            # a bounded window, as the sink: at most FLOOR_WINDOW publishes unacked
+            while sent < messages and sent - acked + FLOOR_PER_WRITE <= FLOOR_WINDOW:
+                chunk = frames[sent:sent + FLOOR_PER_WRITE]
+                conn.sock.sendall(b"".join(chunk))
+                sent += len(chunk)
+            for body in conn.messages():
+                if b'"error"' in body or not body.startswith(b'{"stream":"TELEMETRY"'):
+                    raise RuntimeError(f"nats-server did not store a message: {body.decode(errors='replace')}")
+                acked += 1
+        elapsed = time.perf_counter() - started
+        cpu_s = procs.cpu_seconds(server.proc.pid) - cpu_before
+        conn.sock.close()
+        return {"messages": messages, "server_cpu_us_per_message": round(cpu_s * 1e6 / messages, 2),
+                "messages_per_s": round(messages / elapsed)}
+    finally:
+        server.stop()
+
+
 def _readyz(server: procs.Server) -> dict:
     host, port = server.addresses["http"]
     try:
@@ -123,7 +239,13 @@ def _external(kind: str, work: Path):
 def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> dict:
     results: dict = {"scenario": "sinks", "duration_s": duration, "rounds": rounds, "runs": [], "skipped": []}
     kinds = _kinds()
+    floors: list[dict] = []
     for rnd in range(rounds):
+        if "nats" in kinds and shutil.which("nats-server") is not None:
+            floor = nats_server_floor(Path(tempfile.mkdtemp(prefix="gridgate-bench-nats-floor-")))
+            floors.append(floor)
+            log(f"  round {rnd + 1}/{rounds} nats-server floor (raw publisher, no gateway): "
+                f"{floor['server_cpu_us_per_message']} CPU-us/message at {floor['messages_per_s']:,} messages/s")
         for kind in kinds:
             work = Path(tempfile.mkdtemp(prefix=f"gridgate-bench-{kind}-"))
             external, env = _external(kind, work)
@@ -198,6 +320,11 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                "drain_s": max(r["drain_s"] for r in mine)}
         for kind in kinds if (mine := [r for r in results["runs"] if r["kind"] == kind])}
     summary = results["summary"]
+    if floors:
+        results["nats_server_floor"] = floors
+        if "nats" in summary:
+            summary["nats"]["nats_server_floor_us_per_message"] = round(statistics.median(
+                f["server_cpu_us_per_message"] for f in floors), 2)
     spool = summary.get("spool", {}).get("readings_per_s")
     for kind, row in summary.items():
         # each sink's median next to the spool's, both from this run
@@ -205,5 +332,7 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
         if kind != "spool" and spool:
             log(f"  {kind}: {row['readings_per_s']:,.0f} readings/s, {row['ratio_to_spool']:.2f}x the spool's "
                 f"{spool:,.0f} (medians), gateway {row['server_cpu_us_per_reading']} CPU-us/reading (its sink loop "
-                f"thread {row['sink_loop_cpu_us_per_reading']}), its server {row['sink_server_cpu_us_per_reading']}")
+                f"thread {row['sink_loop_cpu_us_per_reading']}), its server {row['sink_server_cpu_us_per_reading']}"
+                + (f" (its floor from a raw publisher {row['nats_server_floor_us_per_message']})"
+                   if "nats_server_floor_us_per_message" in row else ""))
     return results
