@@ -133,7 +133,7 @@ from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 from gridgate import hotpath
 from gridgate.asyncio_thread import AsyncioThread, LoopClosed
 from gridgate.ingest.records import Record
-from gridgate.sinks import nats_acks_py
+from gridgate.sinks import nats_acks_py, nats_frames_py
 
 __all__ = ["NATSSink", "SinkWriteError", "SinkOpenError", "SubjectTemplate", "sanitize_token", "msg_id",
            "encode_record", "decode_record", "subject_covers", "batch_msg_id", "encode_records", "decode_records",
@@ -409,6 +409,11 @@ _scan_plain_acks: Callable[[bytearray, int, bytes, bytes, bytes, list[bytes]], i
     getattr(hotpath.fastparse, "nats_scan_plain_acks", None) or nats_acks_py.scan_plain_acks)
 
 
+# The build of one-reading messages: compiled (src/_fastparse_nats.pxi), or its twin.
+_build_frames: Callable[..., int] = (
+    getattr(hotpath.fastparse, "nats_build_frames", None) or nats_frames_py.build_frames)
+
+
 class _Parser(Parser):
     """nats-py's protocol parser, reading the acks at the head of a read in one pass.
 
@@ -660,33 +665,26 @@ class _Window:
         head_of = self.sink._heads
         if len(head_of) > _MAX_HEADS:          # bounded: a fleet's subjects, not every subject ever seen
             head_of.clear()
-        plain_header = len(b"NATS/1.0\r\nNats-Msg-Id: ") + len(tail)
-        # _msg_id_bytes and encode_record inlined, their callables bound once:
-        # 0.1-0.2 us of each reading's 2.5 here
-        id_encode, encode, blake = _id_encoder.encode, _payload_encoder.encode, _blake2b_96.copy
-        hexlify, token = binascii.hexlify, _token_bytes
-        for r in records[self.built:upto]:
-            h = blake()
-            device_id, ts_ns = r.device_id, r.ts_ns
-            h.update(id_encode((device_id, ts_ns, r.fields, r.tags)))
-            mid = b"%b:%d:%b" % (token(device_id), ts_ns, hexlify(h.digest()))
-            payload = encode(r)
-            if r.traceparent is None:
-                # the header block written into the frame in the same step
-                hlen = plain_header + len(mid)
-                size = hlen + len(payload)
-                after = b" %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %b%b%b\r\n" % (hlen, size, mid, tail, payload)
-            else:
+        index = self.built
+        while index < upto:
+            # every record without a trace context in one call (compiled, or its twin)
+            index = _build_frames(records, index, upto, render, head_of, prefix, tail, _id_encoder.encode,
+                                  _payload_encoder.encode, _blake2b_96.copy, _token_bytes, sizes, heads, tails)
+            if index < upto:
+                # a trace context (or a ts_ns beyond int64): its header block the long way
+                r = records[index]
+                mid = _msg_id_bytes(r)
+                payload = encode_record(r)
                 hdr = _header_block(mid.decode(), tail, None, r)
                 size = len(hdr) + len(payload)
-                after = b" %d %d\r\n%b%b\r\n" % (len(hdr), size, hdr, payload)
-            sizes.append(size)
-            subject = render(r)
-            head = head_of.get(subject)
-            if head is None:
-                head = head_of[subject] = b"HPUB %b %b" % (subject.encode(), prefix)
-            heads.append(head)
-            tails.append(after)
+                sizes.append(size)
+                subject = render(r)
+                head = head_of.get(subject)
+                if head is None:
+                    head = head_of[subject] = b"HPUB %b %b" % (subject.encode(), prefix)
+                heads.append(head)
+                tails.append(b" %d %d\r\n%b%b\r\n" % (len(hdr), size, hdr, payload))
+                index += 1
         self.built = max(self.built, upto)
 
     def _message(self, index: int) -> tuple[str, bytes, str, bytes]:
