@@ -66,7 +66,8 @@ ASAN_TESTS    := tests/protocols/mqtt/test_mqtt_codec.py tests/protocols/mqtt/te
                  tests/ingest/test_payload.py tests/ingest/test_payload_hypothesis.py tests/test_fuzz_corpus.py \
                  tests/ingest/test_payload_fuzz_regressions.py tests/test_hotpath_truncations.py \
                  tests/protocols/mqtt/test_mqtt5_take_publishes.py tests/storage/test_spool_writer.py \
-                 tests/protocols/websocket/test_wsmask.py tests/protocols/websocket/test_frames.py
+                 tests/protocols/websocket/test_wsmask.py tests/protocols/websocket/test_frames.py \
+                 tests/sinks/test_nats_acks.py tests/sinks/test_nats_frames.py
 
 asan-build: $(STAMP)
 	$(LOCK) env CC=$(SAN_CC) CFLAGS="$(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \

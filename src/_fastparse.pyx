@@ -5,7 +5,8 @@ Why compiled: every byte a device sends goes through these functions, and in
 CPython the per-byte and per-field loops of a protocol decoder and a payload
 validator cost 10-50x what they cost in C. Everything here has a pure-Python
 twin (gridgate.protocols.mqtt.codec_py, codec5_py, gridgate.ingest.validator_py,
-gridgate.protocols.http.parser_py, gridgate.protocols.wsmask_py; the spool
+gridgate.protocols.http.parser_py, gridgate.protocols.wsmask_py,
+gridgate.sinks.nats_acks_py, gridgate.sinks.nats_frames_py; the spool
 writer's rows are storage.spool.record_rows') that is the reference; the
 test suite runs against both and checks they agree on arbitrary input.
 
