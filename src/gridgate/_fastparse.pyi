@@ -54,7 +54,7 @@ class MQTT5Codec:
 def take_publishes5(events: list[Event5], start: int, telemetry_topic: str | None,
                     validate_into: Callable[..., int], protocol: str, client_id: str | None, next_ns: int,
                     clock: Callable[[], int], max_qos1: int, records: list[Record], rejections: list[Rejection],
-                    acks: list[bytes], spans: list[tuple[int, int, int, int, int]] | None,
+                    acks: bytearray, spans: list[tuple[int, int, int, int, int]] | None,
                     ) -> tuple[int, int, int, tuple[int, int, int] | None]: ...
 def mqtt5_encode_connack(session_present: bool, reason_code: int = 0, properties: Properties | None = None,
                          max_packet_size: int | None = None) -> bytes: ...

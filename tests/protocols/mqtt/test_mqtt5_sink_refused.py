@@ -18,7 +18,7 @@ from gridgate.ingest.records import Record
 from gridgate.observability.metrics import Metrics
 from gridgate.sinks.forwarding import Forwarder, sink_refusal, sink_refused_any
 from gridgate.storage.spool import Spool
-from inprocess import make_config, read_packet
+from inprocess import MemorySink, make_config, read_packet, serving
 from mqtt5_frames import REASON_STRING, connect5, prop_str, props, puback5, pubcomp5, publish5, pubrec5, pubrel5
 
 REFUSED = ('sink_refused: influxdb: record 0 of the batch cannot be written to InfluxDB: '
@@ -102,3 +102,61 @@ async def test_refusals_are_told_for_the_write_just_made_and_for_those_records_o
     assert len(spool.dead) == 2
     await forwarder.write([_record(4)], [])                      # the next write: the acks of the last ran
     assert sink_refusal(bad) is None and sink_refusal(also_bad) is None
+
+
+class _TakesAllButTime(MemorySink):
+    """A custom sink that keeps what it is given but refuses for good a record with a field named
+    ``time`` (as _RefusesTime), so the forwarder dead-letters that one and writes the rest again."""
+
+    async def write(self, batch) -> None:
+        await _RefusesTime().write(batch)
+        await super().write(batch)
+
+
+async def test_0x83_in_a_read_of_many_publishes_replaces_only_the_refused_acks(tmp_path):
+    """One read: plain readings (the compiled step's PUBACKs), one with properties and a QoS 2 one (the
+    session's own), a batch acked 0x00 with a Reason String: each refused PUBLISH's ack becomes 0x83
+    in place, whatever the lengths of the acks around it; the rest keep their bytes, in order."""
+    refused = props(prop_str(REASON_STRING, 'sink_refused: custom: field "time" is reserved'))
+    one_bad = props(prop_str(REASON_STRING, "1 of 2 items rejected, first bad_type: n"))
+    sink = _TakesAllButTime()
+    async with serving(make_config(tmp_path), sink) as (gateway, nursery):
+        a, b = trio.socket.socketpair()
+        client = trio.SocketStream(a)
+        nursery.start_soon(gateway.handle_mqtt, trio.SocketStream(b))
+        await client.send_all(connect5("meter-1"))
+        assert (await read_packet(client))[3] == 0x00
+        await client.send_all(b"".join([
+            publish5("telemetry", b'{"n": 1}', qos=1, mid=1),
+            publish5("telemetry", b'{"time": 2, "n": 2}', qos=1, mid=2),
+            publish5("telemetry", b'{"time": 3, "n": 3}', qos=1, mid=3, properties=props(b"\x01\x01")),
+            publish5("telemetry", b'[{"n": 4}, {"n": "bad"}]', qos=1, mid=4),
+            publish5("telemetry", b'{"time": 5, "n": 5}', qos=2, mid=5),
+            publish5("telemetry", b'{"n": 6}', qos=1, mid=6),
+            publish5("telemetry", b'[{"time": 7, "n": 7}, {"n": "bad"}]', qos=1, mid=7),
+            publish5("telemetry", b'{"n": 8}', qos=1, mid=8),
+        ]))
+        answers = [await read_packet(client) for _ in range(8)]
+        assert answers == [puback5(1), puback5(2, 0x83, refused), puback5(3, 0x83, refused), puback5(4, 0, one_bad),
+                           pubrec5(5, 0x83, refused), puback5(6), puback5(7, 0x83, refused), puback5(8)]
+        await client.send_all(pubrel5(5))                    # the failed PUBREC ended the exchange: not held
+        assert await read_packet(client) == pubcomp5(5, 0x92)
+        await client.aclose()
+    assert sorted(r.fields["n"] for batch in sink.batches for r in batch) == [1, 4, 6, 8]
+
+
+async def test_behind_the_spool_alone_no_read_keeps_spans_for_0x83(tmp_path):
+    """The spool refuses no single reading: a session behind it keeps no spans (no tuple per
+    reading); behind an external sink it does."""
+    for sink, refusable in ((None, False), (MemorySink(), True)):
+        async with serving(make_config(tmp_path / str(refusable)), sink) as (gateway, nursery):
+            a, b = trio.socket.socketpair()
+            client = trio.SocketStream(a)
+            nursery.start_soon(gateway.handle_mqtt, trio.SocketStream(b))
+            await client.send_all(connect5("meter-1"))
+            assert (await read_packet(client))[3] == 0x00
+            await client.send_all(publish5("telemetry", b'{"n": 1}', qos=1, mid=1))
+            assert await read_packet(client) == puback5(1)
+            conns = [p.conn for p in gateway.services.ready_loop._parked.values()]
+            assert [c.refusable for c in conns] == [refusable]
+            await client.aclose()

@@ -680,7 +680,7 @@ _JSON_FIRST = frozenset(b'{["-0123456789tfn \t\r\n')
 def take_publishes5(events: list[Event5], start: int, telemetry_topic: str | None,
                     validate_into: Callable[..., int], protocol: str, client_id: str | None, next_ns: int,
                     clock: Callable[[], int], max_qos1: int, records: list[Record], rejections: list[Rejection],
-                    acks: list[bytes], spans: list[tuple[int, int, int, int, int]] | None,
+                    acks: bytearray, spans: list[tuple[int, int, int, int, int]] | None,
                     ) -> tuple[int, int, int, tuple[int, int, int] | None]:
     """What an MQTT 5.0 session does with a run of plain readings of one
     read, from events[start]: consecutive ``Publish5`` events with no
@@ -694,10 +694,11 @@ def take_publishes5(events: list[Event5], start: int, telemetry_topic: str | Non
     validated into ``records`` and ``rejections`` with a receive time from
     ``clock`` (ns) later than ``next_ns`` and than the last publish's
     readings. A QoS 1 publish that gave no rejection is acknowledged: its
-    PUBACK 0x00 (4 bytes, no properties) is appended to ``acks`` and, when
-    ``spans`` is a list and it stored records, (its index in ``acks``, 1, its
-    packet id, its records' start and end in ``records``) to ``spans``, so a
-    refusal by the external sink can turn that ack into 0x83. A QoS 1
+    PUBACK 0x00 (4 bytes, no properties: 3.4.2.1 lets both go) is appended
+    to ``acks``, the bytes of the read's acks so far, and, when ``spans`` is
+    a list and it stored records, (its offset in ``acks``, 1, its packet id,
+    its records' start and end in ``records``) to ``spans``, so a refusal by
+    the external sink can turn that ack into 0x83. A QoS 1
     publish that gave rejections is the last one taken and is NOT
     acknowledged: the caller picks its reason code (``puback_reason``).
     A QoS 0 one has no answer: its rejections do not stop the run.
@@ -709,6 +710,8 @@ def take_publishes5(events: list[Event5], start: int, telemetry_topic: str | Non
     """
     if start < 0:
         raise IndexError("start must not be negative")
+    if not isinstance(acks, bytearray):
+        raise TypeError("acks must be a bytearray")
     i, n, first, qos1 = start, len(events), 0, 0
     while i < n:
         ev = events[i]
@@ -734,5 +737,5 @@ def take_publishes5(events: list[Event5], start: int, telemetry_topic: str | Non
             return i, next_ns, first, (ev.packet_id, r_before, n_before)
         if spans is not None and len(records) != r_before:
             spans.append((len(acks), 1, ev.packet_id, r_before, len(records)))
-        acks.append(bytes((PUBACK << 4, 2, ev.packet_id >> 8, ev.packet_id & 0xFF)))
+        acks += bytes((PUBACK << 4, 2, ev.packet_id >> 8, ev.packet_id & 0xFF))
     return i, next_ns, first, None

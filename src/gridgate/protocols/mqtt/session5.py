@@ -19,7 +19,7 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -99,6 +99,8 @@ __all__ = ["MQTT5Connection", "VersionedMQTTConnection", "serve_mqtt_stream", "p
            "close_code", "trace_context", "response_topic", "refuse_at_accept", "ACCEPT_REFUSALS"]
 
 log = logging.getLogger("gridgate.mqtt")
+
+_take_publishes5 = codec5.take_publishes5
 
 # The 3.1.1 session's refusals (its CONNACK codes) as 5.0 reason codes.
 _REFUSALS = {
@@ -220,11 +222,24 @@ def close_code(reason: str | None) -> int | None:
     return None
 
 
+def _packet_end(data: bytes, offset: int) -> int:
+    """Where the packet at ``offset`` in ``data`` ends: after its first byte,
+    its Remaining Length (a Variable Byte Integer, 1.5.5) and that many bytes."""
+    i, length, shift = offset + 1, 0, 0
+    while True:
+        byte = data[i]
+        length |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            return i + length
+        shift += 7
+
+
 class MQTT5Connection(MQTTConnection):
     """One MQTT 5.0 client connection (TCP, TLS or WebSocket)."""
 
     __slots__ = ("problem_info", "client_max_packet", "client_receive_maximum", "receive_maximum", "inflight",
-                 "goodbye", "session_expiry", "resumed", "response_topic")
+                 "goodbye", "session_expiry", "resumed", "response_topic", "refusable")
 
     def __init__(self, stream: trio.abc.Stream, services: Services, session: Session,
                  protocol: str = "mqtt") -> None:
@@ -248,6 +263,10 @@ class MQTT5Connection(MQTTConnection):
         self.resumed: StoredSession | None = None     # the stored session this CONNECT resumes
         # where the device answers its commands (their Response Topic): set at CONNECT
         self.response_topic = ""
+        # Whether a reading acked on durable may be refused for good by the sink (an external one,
+        # behind store-and-forward: gridgate.sinks.forwarding; the spool refuses none): only then
+        # does a read keep its acks' spans for 0x83 (_sink_refused).
+        self.refusable = self.ack_durable and services.sink_status().get("kind", "spool") != "spool"
 
     async def run(self, head: bytes | None = None) -> None:
         try:
@@ -442,10 +461,11 @@ class MQTT5Connection(MQTTConnection):
         out: list[bytes] = [] if answer is None else [answer]
         records: list[Record] = []
         rejections: list[Rejection] = []
-        acks: list[bytes] = []
-        # 0x00 acks that wait for durable: (index in acks, qos, packet id, its records' span), so that
-        # a reading the external sink refuses gets 0x83 instead (_sink_refused)
-        spans: list[tuple[int, int, int, int, int]] | None = None
+        acks = bytearray()          # the read's PUBACKs/PUBRECs, in order, as they go out
+        # 0x00 acks that wait for durable: (offset in acks, qos, packet id, its records' span), so that
+        # a reading the external sink refuses gets 0x83 instead (_sink_refused); only behind a sink
+        # that can refuse one
+        spans: list[tuple[int, int, int, int, int]] | None = [] if self.refusable else None
         qos1_acks = 0
         received_ns = 0
         keep_open = True
@@ -453,7 +473,8 @@ class MQTT5Connection(MQTTConnection):
         # Over a quota a QoS 1/2 reading is refused with 0x97 instead of the
         # connection being paused (QoS 0 has no answer to carry it: paused).
         reject_over_limit = limits.readings_limited and limits.config.mqtt5_on_limit == "reject"
-        unpaid: list[Record] = []      # under "reject": QoS 0 readings, which only a pause can charge
+        # under "reject": QoS 0 readings, which only a pause can charge (no list made otherwise)
+        unpaid: list[Record] | None = [] if reject_over_limit else None
         unpaid_bytes = 0
         client_id, telemetry, protocol = self.client_id, self.telemetry_topic, self.protocol
         validate_into = self.svc.validate_into
@@ -463,29 +484,25 @@ class MQTT5Connection(MQTTConnection):
             ev = events[i]
             i += 1
             if type(ev) is Publish5:
-                if self.client_id is None:
-                    continue      # cannot happen: the codec takes nothing before CONNECT
                 rejected: tuple[int, int, int] | None = None
                 stored, code = 0, SUCCESS
                 text: str | None = None
-                if (plain_ok and ev.properties is NO_PROPERTIES and ev.qos != 2 and not ev.retain
-                        and (ev.topic == telemetry or ev.topic == "telemetry")
+                if (plain_ok and ev.properties is NO_PROPERTIES
                         and (room := self.receive_maximum - self.inflight - qos1_acks
                              - len(self.qos2_unreleased or ())) >= 0):
                     # the common readings (no properties, the device's own topic, no ACL or quota to
                     # judge): the run of them taken in one compiled call, as 3.1.1's take_publishes does;
-                    # each 0x00 PUBACK and its span for _sink_refused appended there. It stops before a
-                    # QoS 1 publish over what Receive Maximum still allows (below: DISCONNECT 0x93) and
-                    # after one whose payload had rejections (below: its reason code).
-                    if self.ack_durable and spans is None:
-                        spans = []
+                    # each 0x00 PUBACK (4 bytes) and its span for _sink_refused appended there. It takes
+                    # nothing if this one is not plain after all (retained, QoS 2, another topic: below),
+                    # stops before a QoS 1 publish over what Receive Maximum still allows (below:
+                    # DISCONNECT 0x93) and after one whose payload had rejections (below: its reason code).
                     a_before = len(acks)
-                    stop, self._next_ns, first_ns, rejected = codec5.take_publishes5(
+                    stop, self._next_ns, first_ns, rejected = _take_publishes5(
                         events, i - 1, telemetry, validate_into, protocol, client_id, self._next_ns, time.time_ns,
                         room, records, rejections, acks, spans)
                     if stop >= i:
                         received_ns = received_ns or first_ns
-                        qos1_acks += len(acks) - a_before
+                        qos1_acks += (len(acks) - a_before) >> 2
                         i = stop
                         if rejected is None:
                             continue
@@ -495,6 +512,8 @@ class MQTT5Connection(MQTTConnection):
                         stored = len(records) - r_before
                         code, text = puback_reason(stored, rejections[n_before:])
                 if rejected is None:      # else: a plain reading with rejections, its PUBACK below
+                    if self.client_id is None:
+                        continue      # cannot happen: the codec takes nothing before CONNECT
                     if ev.retain:
                         # Retain Available is 0: the client may not set RETAIN (MQTT-3.2.2-14);
                         # DISCONNECT 0x9A (3.3.1.3)
@@ -509,7 +528,7 @@ class MQTT5Connection(MQTTConnection):
                         if self.qos2_unreleased is None:
                             self.qos2_unreleased = set()
                         if ev.packet_id in self.qos2_unreleased:
-                            acks.append(codec5.encode_pubrec(ev.packet_id, SUCCESS, None, self.client_max_packet))
+                            acks += codec5.encode_pubrec(ev.packet_id, SUCCESS, None, self.client_max_packet)
                             continue      # a redelivery of readings already held: stored once
                     stored = 0
                     if ev.topic == self.response_topic:
@@ -519,7 +538,7 @@ class MQTT5Connection(MQTTConnection):
                         n_before, r_before = len(rejections), len(records)
                         stored = self._take(ev, publish_ns, records, rejections)
                         code, text = puback_reason(stored, rejections[n_before:])
-                        if stored and reject_over_limit and not ev.qos:
+                        if stored and unpaid is not None and not ev.qos:
                             unpaid.extend(records[r_before:])
                             unpaid_bytes += len(ev.payload)
                         elif stored and reject_over_limit:
@@ -531,21 +550,17 @@ class MQTT5Connection(MQTTConnection):
                                 del records[r_before:]
                                 del rejections[n_before:]
                                 code, text = QUOTA_EXCEEDED, f"quota_exceeded: {charge.name.lstrip('_')}"
-                if stored and code == SUCCESS and ev.qos and self.ack_durable:
-                    if spans is None:
-                        spans = []
+                if stored and code == SUCCESS and ev.qos and spans is not None:
                     spans.append((len(acks), ev.qos, ev.packet_id, len(records) - stored, len(records)))
                 if ev.qos == 1:
                     qos1_acks += 1
-                    acks.append(codec5.encode_puback(ev.packet_id, code,
-                                                     None if text is None else self._reason_props(text),
-                                                     self.client_max_packet))
+                    acks += codec5.encode_puback(ev.packet_id, code, None if text is None else self._reason_props(text),
+                                                 self.client_max_packet)
                 elif ev.qos == 2:
                     if code < 0x80:
                         # held until PUBREL; a failed PUBREC ends the exchange (4.3.3)
                         self.qos2_unreleased.add(ev.packet_id)      # type: ignore[union-attr]
-                    acks.append(codec5.encode_pubrec(ev.packet_id, code, self._reason_props(text),
-                                                     self.client_max_packet))
+                    acks += codec5.encode_pubrec(ev.packet_id, code, self._reason_props(text), self.client_max_packet)
                 if self.inflight + qos1_acks + len(self.qos2_unreleased or ()) > self.receive_maximum:
                     self._disconnect(RECEIVE_MAXIMUM_EXCEEDED,
                                      f"more than Receive Maximum {self.receive_maximum} publishes unacknowledged")
@@ -590,7 +605,7 @@ class MQTT5Connection(MQTTConnection):
                 out.append(codec5.encode_pubrel(ev.packet_id, PACKET_IDENTIFIER_NOT_FOUND))
             elif type(ev) is Auth:
                 pass  # the codec lets AUTH through only after a CONNECT with a method, which is refused
-        ack_bytes = b"".join(acks)
+        ack_bytes = bytes(acks) if acks else b""
         if ack_bytes and not self.ack_durable:
             out.append(ack_bytes)
             ack_bytes = b""
@@ -598,8 +613,11 @@ class MQTT5Connection(MQTTConnection):
         if out:
             self._write(b"".join(out) if len(out) > 1 else out[0])
         if records or rejections or ack_bytes:
-            item = WorkItem(records, rejections, self.protocol, received_ns or time.time_ns(),
-                            self._on_durable5(ack_bytes, qos1_acks, acks, spans, records) if ack_bytes else None)
+            # a partial, not a closure: one object per read (see _acks_durable)
+            on_durable = None if not ack_bytes else (
+                partial(self._acks_durable5, ack_bytes, qos1_acks) if not spans
+                else partial(self._acks_refusable, ack_bytes, qos1_acks, spans, records))
+            item = WorkItem(records, rejections, self.protocol, received_ns or time.time_ns(), on_durable)
             if ack_bytes:
                 self.pending += 1
                 self.inflight += qos1_acks
@@ -614,7 +632,7 @@ class MQTT5Connection(MQTTConnection):
                 # next read waits: TCP backpressure slows the device). Under
                 # "reject" the pause is over the QoS 0 readings only, the
                 # others were charged or refused (0x97) above.
-                paused = unpaid if reject_over_limit else records
+                paused = records if unpaid is None else unpaid
                 if not queued or paused:
                     return _Tail(None if queued else item, paused, unpaid_bytes if reject_over_limit else nbytes,
                                  keep_open, qos1_acks)
@@ -708,27 +726,32 @@ class MQTT5Connection(MQTTConnection):
 
     # -- output ---------------------------------------------------------------
 
-    def _on_durable5(self, acks: bytes, qos1_acks: int, each: list[bytes],
-                     spans: list[tuple[int, int, int, int, int]] | None, records: list[Record]) -> Callable[[], None]:
-        def on_durable() -> None:
-            self.pending -= 1
-            self.inflight -= qos1_acks
-            if spans is not None and sink_refused_any():
-                self._write(self._sink_refused(acks, each, spans, records))
-            else:
-                self._write(acks)
-            if not self.pending and self.acks_done is not None:
-                self.acks_done.set()
-        return on_durable
+    def _acks_durable5(self, acks: bytes, qos1_acks: int) -> None:
+        """A read's item is durable: send its acks, which are no longer
+        unacknowledged for Receive Maximum."""
+        self.pending -= 1
+        self.inflight -= qos1_acks
+        self._write(acks)
+        if not self.pending and self.acks_done is not None:
+            self.acks_done.set()
 
-    def _sink_refused(self, acks: bytes, each: list[bytes], spans: list[tuple[int, int, int, int, int]],
-                      records: list[Record]) -> bytes:
+    def _acks_refusable(self, acks: bytes, qos1_acks: int, spans: list[tuple[int, int, int, int, int]],
+                        records: list[Record]) -> None:
+        """As _acks_durable5, behind an external sink: a PUBLISH whose every
+        reading it refused in the write just made gets 0x83 instead."""
+        if sink_refused_any():
+            acks = self._sink_refused(acks, spans, records)
+        self._acks_durable5(acks, qos1_acks)
+
+    def _sink_refused(self, acks: bytes, spans: list[tuple[int, int, int, int, int]], records: list[Record]) -> bytes:
         """The acks with 0x83 Implementation specific error for each PUBLISH
         whose every reading the external sink refused in the write just
         made (dead-lettered ``sink_refused``); a batch with some readings in
-        the sink keeps its 0x00."""
-        changed = False
-        for i, qos, packet_id, start, end in spans:
+        the sink keeps its 0x00. ``spans``: each 0x00 ack's offset in
+        ``acks``, in order."""
+        parts: list[bytes] = []
+        at = 0
+        for offset, qos, packet_id, start, end in spans:
             why = [sink_refusal(records[j]) for j in range(start, end)]
             if why[0] is None or None in why:
                 continue
@@ -736,15 +759,21 @@ class MQTT5Connection(MQTTConnection):
             if len(why) > 1:
                 text += f" ({len(why)} of {len(why)} items refused)"
             props = self._reason_props(text)
+            parts.append(acks[at:offset])
             if qos == 1:
-                each[i] = codec5.encode_puback(packet_id, IMPLEMENTATION_SPECIFIC_ERROR, props, self.client_max_packet)
+                parts.append(codec5.encode_puback(packet_id, IMPLEMENTATION_SPECIFIC_ERROR, props,
+                                                  self.client_max_packet))
             else:
                 # a failed PUBREC ends the exchange (4.3.3): no PUBREL follows
                 if self.qos2_unreleased is not None:
                     self.qos2_unreleased.discard(packet_id)
-                each[i] = codec5.encode_pubrec(packet_id, IMPLEMENTATION_SPECIFIC_ERROR, props, self.client_max_packet)
-            changed = True
-        return b"".join(each) if changed else acks
+                parts.append(codec5.encode_pubrec(packet_id, IMPLEMENTATION_SPECIFIC_ERROR, props,
+                                                  self.client_max_packet))
+            at = _packet_end(acks, offset)
+        if not parts:
+            return acks
+        parts.append(acks[at:])
+        return b"".join(parts)
 
     def _downlink_settings(self) -> DownlinkSettings:
         """The client's Receive Maximum bounds its commands: the outbox holds
