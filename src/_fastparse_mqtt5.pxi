@@ -841,7 +841,14 @@ cdef class MQTT5Codec:
                 self._topic = topic
         if qos:
             pid = self._packet_id(p, &pos, end)
-        props = _m5_properties(p, &pos, end, _M5_PUBLISH, &seen)
+        if pos < end and p[pos] == 0:
+            # an empty property block, as most devices send: what _m5_properties gives for it, without the call
+            pos += 1
+            props = _m5_NO_PROPERTIES
+            seen.subscription_ids = False
+            seen.topic_alias = -1
+        else:
+            props = _m5_properties(p, &pos, end, _M5_PUBLISH, &seen)
         if seen.subscription_ids:
             raise _m5_Error(_M5_PROTOCOL_ERROR, "Subscription Identifier in a client's PUBLISH (MQTT-3.3.4-6)")
         if n and not _m5_topic_name(p + at, n):
