@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one scenario failing must not lose the others' results
             failed[name] = f"{type(exc).__name__}: {exc}"
             print(f"{name} FAILED: {failed[name]}", file=sys.stderr, flush=True)
+        finally:
+            procs.discard_all()              # the scenario's servers' data, counted by now
         results["failed"] = failed
         # after every scenario, so a later failure or ^C keeps what was measured
         (args.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -122,6 +122,7 @@ def _one(name: str, qos: int, duration: float, profile_dir: Path | None, version
         # QoS 1: every acknowledged reading must be in the spool; QoS 0: what
         # was stored of what the load generator wrote.
         run_["spool_matches"] = spooled == (result["acked"] if qos else result["sent"])
+        procs.discard(server.data_dir)
     return run_
 
 

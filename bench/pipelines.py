@@ -145,6 +145,7 @@ def _one(name: str, driver: str, opts: dict, duration: float, profile_dir: Path 
         run_["profile"] = profile_files
     if name in GRIDGATE:
         run_["spool_records"] = procs.spool_records(server.data_dir)
+        procs.discard(server.data_dir)
     if driver.startswith("wrk"):
         run_["connections"] = opts["connections"]
         readings = run_["answered"] - run_["non2xx"]

@@ -4,6 +4,7 @@ httptools reference app, the bare Trio floor app, gridgate-loadgen and wrk;
 plus RSS and py-spy."""
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -257,9 +258,41 @@ def speedscope_to_collapsed(src: Path, collapsed: Path) -> dict[str, int]:
     return counts
 
 
+# Data directories of the servers a run starts: a gateway's spool holds about
+# 200 MB after a few seconds of load, and bench all starts about a hundred, so
+# each is removed once its run is counted (discard), the rest when the scenario
+# ends (discard_all) or the process exits.
+_SCRATCH: set[Path] = set()
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new temporary directory that :func:`discard` or :func:`discard_all` (at the latest, exit) removes."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    _SCRATCH.add(path)
+    return path
+
+
+def discard(path: Path | None) -> None:
+    """Remove a directory :func:`scratch_dir` made (or one inside it); any other path is left alone."""
+    if path is None:
+        return
+    owner = next((d for d in _SCRATCH if path == d or d in path.parents), None)
+    if owner is not None:
+        shutil.rmtree(owner, ignore_errors=True)
+        _SCRATCH.discard(owner)
+
+
+def discard_all() -> None:
+    for path in list(_SCRATCH):
+        discard(path)
+
+
+atexit.register(discard_all)
+
+
 def gridgate(engine: str = "fast", mqtt: bool = False, extra_env: dict[str, str] | None = None,
              data_dir: Path | None = None) -> Server:
-    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="gridgate-bench-"))
+    data_dir = data_dir or scratch_dir("gridgate-bench-")
     cmd = [str(BIN / "gridgate"), "serve", "--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0" if mqtt else "",
            "--ws", "", "--http-engine", engine, "--data-dir", str(data_dir)]
     env = {"ENVIRONMENT": "bench", "SERVICE_NAME": "gridgate-bench", **(extra_env or {})}
@@ -275,7 +308,7 @@ def gridgate_workers(workers: int, data_dir: Path | None = None, ready_timeout: 
         server = gridgate(mqtt=True, data_dir=data_dir)
         server.tree = True
         return server
-    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="gridgate-bench-"))
+    data_dir = data_dir or scratch_dir("gridgate-bench-")
     cmd = [str(BIN / "gridgate"), "serve", "--workers", str(workers), "--http", "127.0.0.1:0",
            "--mqtt", "127.0.0.1:0", "--ws", "", "--data-dir", str(data_dir)]
     server = Server(f"gridgate-w{workers}", cmd, {"ENVIRONMENT": "bench", "SERVICE_NAME": "gridgate-bench"},

@@ -38,7 +38,6 @@ import shutil
 import socket
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -242,12 +241,14 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
     floors: list[dict] = []
     for rnd in range(rounds):
         if "nats" in kinds and shutil.which("nats-server") is not None:
-            floor = nats_server_floor(Path(tempfile.mkdtemp(prefix="gridgate-bench-nats-floor-")))
+            floor_dir = procs.scratch_dir("gridgate-bench-nats-floor-")
+            floor = nats_server_floor(floor_dir)
+            procs.discard(floor_dir)
             floors.append(floor)
             log(f"  round {rnd + 1}/{rounds} nats-server floor (raw publisher, no gateway): "
                 f"{floor['server_cpu_us_per_message']} CPU-us/message at {floor['messages_per_s']:,} messages/s")
         for kind in kinds:
-            work = Path(tempfile.mkdtemp(prefix=f"gridgate-bench-{kind}-"))
+            work = procs.scratch_dir(f"gridgate-bench-{kind}-")
             external, env = _external(kind, work)
             if env is None:
                 if rnd == 0:
@@ -294,6 +295,7 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                 server.stop()
                 if external is not None:
                     external.stop()
+                procs.discard(work)
             results["runs"].append(run)
             log(f"  round {rnd + 1}/{rounds} {kind:10s} {run['readings_per_s']:>10,.0f} readings/s  "
                 f"p99 {run['latency_ms']['p99']} ms  gateway {run['server_cpu_us_per_reading']} CPU-us/reading  "

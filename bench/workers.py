@@ -103,6 +103,7 @@ def _qos1(name: str, duration: float) -> dict:
         spooled = procs.spool_records(server.data_dir)
         run_["spool_records"] = spooled
         run_["spool_matches"] = spooled >= acked        # every acked reading stored (resends may add more)
+        procs.discard(server.data_dir)
     return run_
 
 

@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +46,7 @@ Log = Callable[[str], None]
 def start_gateway(src: Path | None = None) -> procs.Server:
     """A gateway with all three listeners; ``src``: run the gridgate package
     found there instead (the baseline of a before/after run)."""
-    data_dir = Path(tempfile.mkdtemp(prefix="gridgate-bench-ws-"))
+    data_dir = procs.scratch_dir("gridgate-bench-ws-")
     cmd = [str(procs.BIN / "gridgate"), "serve", "--mqtt", "127.0.0.1:0", "--http", "127.0.0.1:0",
            "--ws", "127.0.0.1:0", "--data-dir", str(data_dir)]
     env = {"ENVIRONMENT": "bench", "SERVICE_NAME": "gridgate-bench"}
