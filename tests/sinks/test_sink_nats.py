@@ -360,16 +360,25 @@ async def wait_for_free_window(sink, timeout=5.0):
             await trio.sleep(0.01)
 
 
-def watch_window(sink):
-    """Wrap the client's write buffer (asyncio side: the sink hands it each fill's
-    publishes at once) to record the most slots ever taken at once."""
-    nc, peak = sink._nc, [0]
+def tap_sends(sink, see):
+    """Wrap the client's write buffer (asyncio side: the sink hands it each
+    fill's publishes at once) so ``see`` is shown every command first."""
+    nc = sink._nc
     send = nc._send_command
 
-    async def counting(*args, **kwargs):
+    async def tapped(cmd, *args, **kwargs):
+        see(cmd)
+        return await send(cmd, *args, **kwargs)
+    nc._send_command = tapped
+
+
+def watch_window(sink):
+    """Record the most slots of the window ever taken at once."""
+    peak = [0]
+
+    def see(_cmd):
         peak[0] = max(peak[0], sink.max_inflight - sink._free_slots)
-        return await send(*args, **kwargs)
-    nc._send_command = counting
+    tap_sends(sink, see)
     return peak
 
 
@@ -394,13 +403,8 @@ async def test_write_publishes_each_record_once_and_waits_for_every_ack(server):
 
 def watch_reply_subjects(sink):
     """Record the reply subject of every publish the sink hands its client."""
-    nc, replies = sink._nc, []
-    send = nc._send_command
-
-    async def recording(cmd, *args, **kwargs):
-        replies.extend(re.findall(rb"HPUB \S+ (\S+) \d+ \d+\r\n", cmd))
-        return await send(cmd, *args, **kwargs)
-    nc._send_command = recording
+    replies: list[bytes] = []
+    tap_sends(sink, lambda cmd: replies.extend(re.findall(rb"HPUB \S+ (\S+) \d+ \d+\r\n", cmd)))
     return replies
 
 
