@@ -107,3 +107,22 @@ def test_the_ws_loadgen_is_judged_once_connected_else_on_the_whole_run() -> None
     whole = row(ws(loadgen_cpu_us_per_reading=5.6))
     assert whole.ok is False and whole.measured == "5.6 µs" and "(20 x 10, whole run)" in whole.target
     assert "loadgen/ws_device.py" in whole.bottleneck
+
+
+def _sinks_scenario(floor: float) -> dict:
+    return {"scenario": "sinks", "runs": [], "summary": {
+        "spool": {"readings_per_s": 100_000.0, "server_cpu_us_per_reading": 5.6},
+        "nats": {"readings_per_s": 35_000.0, "server_cpu_us_per_reading": 11.0,
+                 "sink_server_cpu_us_per_reading": 10.3, "nats_server_floor_us_per_message": floor}}}
+
+
+def test_a_short_jetstream_target_names_nats_server_when_it_costs_more_than_the_spool_path() -> None:
+    [row] = [r for r in targets.rows({"sinks": _sinks_scenario(9.3)}) if r.target.startswith("JetStream")]
+    assert row.ok is False
+    assert row.measured == ("0.35x; gateway CPU 11.0 µs/reading, nats-server 10.3 (its floor, from a raw "
+                            "publisher: 9.3); the spool path's gateway CPU 5.6")
+    assert row.bottleneck.startswith("nats-server's own CPU per stored message (9.3 µs) is more than the "
+                                     "spool path's whole gateway CPU (5.6)")
+    # a nats-server cheaper than the spool path: the gateway's profile is what is named
+    [row] = [r for r in targets.rows({"sinks": _sinks_scenario(2.0)}) if r.target.startswith("JetStream")]
+    assert row.ok is False and not row.bottleneck.startswith("nats-server")
