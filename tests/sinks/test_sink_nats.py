@@ -157,18 +157,6 @@ def test_msg_id_is_deterministic_and_content_addressed():
     assert len({msg_id(r) for r in records(5000)}) == 5000
 
 
-@settings(max_examples=300, deadline=None)
-@given(device_id=_token_text, ts_ns=st.integers(min_value=0, max_value=2**63 - 1),
-       fields=st.dictionaries(st.text(max_size=8), st.one_of(st.floats(allow_nan=False), st.integers(-2**63, 2**63 - 1),
-                                                             st.booleans(), st.text(max_size=8)), max_size=4),
-       tags=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3))
-def test_the_publish_paths_msg_id_bytes_are_msg_id(device_id, ts_ns, fields, tags):
-    """The bytes the publish path writes as Nats-Msg-Id are msg_id's, for any reading."""
-    from gridgate.sinks.nats import _msg_id_bytes
-    r = Record(device_id=device_id, ts_ns=ts_ns, received_ns=1, protocol="mqtt", fields=fields, tags=tags)
-    assert _msg_id_bytes(r) == msg_id(r).encode()
-
-
 def test_payload_is_msgpack_of_the_record():
     r = rec(fields={"temperature_mc": -40000, "humidity": 55.5})
     data = encode_record(r)

@@ -109,7 +109,6 @@ Trio and asyncio
 from __future__ import annotations
 
 import asyncio
-import binascii
 import functools
 import hashlib
 import heapq
@@ -303,13 +302,6 @@ def msg_id(record: Record) -> str:
 @functools.lru_cache(maxsize=65536)
 def _token_bytes(device_id: str) -> bytes:
     return sanitize_token(device_id).encode()
-
-
-def _msg_id_bytes(record: Record) -> bytes:
-    """:func:`msg_id` as bytes, made as bytes (the publish path's twin; a test holds them equal)."""
-    h = _blake2b_96.copy()
-    h.update(_id_encoder.encode((record.device_id, record.ts_ns, record.fields, record.tags)))
-    return b"%b:%d:%b" % (_token_bytes(record.device_id), record.ts_ns, binascii.hexlify(h.digest()))
 
 
 def encode_record(record: Record) -> bytes:
@@ -671,14 +663,10 @@ class _Window:
             index = _build_frames(records, index, upto, render, head_of, prefix, tail, _id_encoder.encode,
                                   _payload_encoder.encode, _blake2b_96.copy, _token_bytes, sizes, heads, tails)
             if index < upto:
-                # a trace context (or a ts_ns beyond int64): its header block the long way
-                r = records[index]
-                mid = _msg_id_bytes(r)
-                payload = encode_record(r)
-                hdr = _header_block(mid.decode(), tail, None, r)
+                # a trace context (or a ts_ns beyond int64): the message the long way, as a retry makes it
+                subject, payload, _, hdr = self._message(index)
                 size = len(hdr) + len(payload)
                 sizes.append(size)
-                subject = render(r)
                 head = head_of.get(subject)
                 if head is None:
                     head = head_of[subject] = b"HPUB %b %b" % (subject.encode(), prefix)
