@@ -196,6 +196,13 @@ class NatsServer:
             raise RuntimeError(f"/jsz on {self.name}: HTTP {status}")
         return json.loads(body)
 
+    def client_connections(self) -> int:
+        """How many clients the node holds (``num_connections`` of its ``/connz``)."""
+        status, body = _http_get(f"http://{HOST}:{self.http_port}/connz")
+        if status != 200:
+            raise RuntimeError(f"/connz on {self.name}: HTTP {status}")
+        return int(json.loads(body)["num_connections"])
+
     def __enter__(self) -> NatsServer:
         return self
 
