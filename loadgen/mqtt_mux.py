@@ -263,7 +263,7 @@ class Mux:
                     if not dev.out and dev.sock is not None:
                         self._fill(dev, now)
                 self._poll(now)
-                if self.hungry or (self.draining and not self.devices):
+                if self._can_send_more() or (self.draining and not self.devices):
                     # more to send now, or the last device just ended: no waiting
                     await trio.lowlevel.checkpoint()
                     continue
@@ -278,7 +278,8 @@ class Mux:
                         await trio.lowlevel.wait_readable(self.epoll.fileno())
                         now = trio.current_time()
                         self._poll(now)
-                        if self.hungry or (self.draining and not self.devices) or (timers and timers[0][0] < wake):
+                        if (self._can_send_more() or (self.draining and not self.devices)
+                                or (timers and timers[0][0] < wake)):
                             break       # what the loop above does now: fill, end, or wait less
                 self._wait = None
         finally:
@@ -287,6 +288,19 @@ class Mux:
                 self._forget(dev)
             self.epoll.close()
             self.tally.flush(self.stats.histogram)
+
+    def _can_send_more(self) -> bool:
+        """Whether a closed-loop QoS 0 device can be sent more now. One whose
+        socket is full keeps the rest in ``out`` and waits for EPOLLOUT: with
+        every one so, passing over them again and again (a checkpoint and an
+        empty ``epoll.poll`` each time) spun the process at a full core while
+        the server was the one behind, and took that core from the server it
+        measures (QoS 0 against gridgate: 7.1 us of the loadgen's CPU per
+        reading, against the server's 3.9). The mux waits on epoll instead."""
+        for dev in self.hungry:
+            if not dev.out:
+                return True
+        return False
 
     def _poll(self, now: float) -> None:
         devices, stats, rbuf = self.devices, self.stats, self._rbuf

@@ -7,6 +7,7 @@ packet), against a real TCP acker in this process."""
 from __future__ import annotations
 
 import random
+import socket
 from functools import partial
 
 import pytest
@@ -14,7 +15,7 @@ import trio
 from hypothesis import given, settings, strategies as st
 
 from loadgen.device import DeviceOptions
-from loadgen.mqtt_mux import LatencyTally
+from loadgen.mqtt_mux import LatencyTally, Mux
 from loadgen.runner import RunPlan, SelfCheck, run_share
 from loadgen.stats import HIGHEST_US, Stats, new_histogram
 
@@ -123,3 +124,51 @@ async def test_every_ack_is_counted_once_however_it_arrives(inflight):
     assert stats.sent == stats.acked == log["publishes"] > 20 * 8
     assert stats.histogram.get_total_count() == stats.acked
     assert stats.histogram.get_value_at_percentile(50) >= 1
+
+
+async def _connack_then_deaf(stream: trio.SocketStream) -> None:
+    """Answer the CONNECT, then never read again: the client's socket fills."""
+    await stream.receive_some(65536)
+    await stream.send_all(b"\x20\x02\x00\x00")
+    await trio.sleep_forever()
+
+
+async def test_qos0_with_every_socket_full_the_mux_waits_instead_of_spinning(monkeypatch):
+    """Closed-loop QoS 0 against a server that stopped reading: once every
+    device's socket is full, the mux waits on epoll (woken by its timers)
+    rather than passing over the full sockets without end."""
+    polls = 0
+    real_poll = Mux._poll
+
+    def counting_poll(self, now):
+        nonlocal polls
+        polls += 1
+        real_poll(self, now)
+
+    real_run_connection = Mux.run_connection
+
+    async def small_buffers(self, dev, stream):
+        # a few KiB to fill rather than loopback's megabytes: full within a few passes
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return await real_run_connection(self, dev, stream)
+
+    monkeypatch.setattr(Mux, "_poll", counting_poll)
+    monkeypatch.setattr(Mux, "run_connection", small_buffers)
+    async with trio.open_nursery() as nursery:
+        listener = trio.socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # accepted sockets inherit it
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, _connack_then_deaf, [trio.SocketListener(listener)])
+        stats, check = Stats(), SelfCheck()
+        opts = DeviceOptions(host="127.0.0.1", port=port, qos=0, inflight=10, drain_timeout=0.5)
+        await run_share(RunPlan(device=opts, first=0, count=5, duration=1.5), stats, check)
+        nursery.cancel_scope.cancel()
+    assert stats.connects == 5 and stats.errors == 0
+    assert stats.sent > 0
+    # Filling five sockets of a few KiB at 10 readings a pass takes a few
+    # dozen passes, and the mux's timers (the latency flush every 0.25 s,
+    # keepalive pings, the deadline) a dozen more wake-ups in 1.5 s. Spinning
+    # over full sockets was tens of thousands of passes in the same time.
+    assert polls < 500, polls
