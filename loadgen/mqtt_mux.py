@@ -123,6 +123,8 @@ class MuxSlot:
     # MQTT QoS 1, not --idle: the mux's, where its acks' latencies go (None: ws,
     # QoS 0 and idle devices, which never take the fleet shape's fast paths)
     tally: LatencyTally | None = None
+    # the mux's tally for every device it runs (ws tallies its acks there: no fast path of _poll's)
+    latencies: LatencyTally | None = None
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -210,6 +212,7 @@ class Mux:
         fd = sock.fileno()
         if isinstance(dev, MuxDevice) and dev.windowed and not dev.opts.idle:
             dev.tally = self.tally      # and with it _poll's and _fill's fast paths
+        dev.latencies = self.tally      # ws: where take_read tallies its acks' latencies
         self.devices[fd] = dev
         self.epoll.register(fd, _IN)
         dev.last_send = now = trio.current_time()
