@@ -407,9 +407,25 @@ class WsDevice(Device):
             k, rest = divmod(len(buf), self._ack_fixed + width)
             if not rest and k <= owed and len(b"%d" % (first + k - 1)) == width:
                 fmt = self._ack_reads.get((width, k)) or self._ack_read(width, k)
-                if buf == fmt % tuple(range(first, first + k)):
+                seqs = range(first, first + k)
+                if buf == fmt % tuple(seqs):
                     self._buf = b""
-                    self._acked(range(first, first + k), self.opts.batch, now)
+                    dues = list(map(inflight.pop, seqs, _NONES))
+                    due = dues[0]
+                    if due is not None and dues.count(due) == k:
+                        # closed loop: the acks of one window sent at once, one
+                        # intended time; _acked and _latency in line (a Python
+                        # call is a tenth of a read's Python time at one ack per read)
+                        count = k * self.opts.batch
+                        self.stats.acked += count
+                        us = min(max(int((now - due) * 1e6), 1), 60_000_000)
+                        if self.latencies is not None:
+                            self.latencies.add(us, count)
+                        else:
+                            self.stats.histogram.record_value(us, count)
+                        self.ack_event.set()
+                    else:
+                        self._count(dues, self.opts.batch, now)
                     return b""
         seqs = self._acks(buf)
         if seqs and len(seqs) * self._ack_fixed + sum(map(len, seqs)) == len(buf):
@@ -477,7 +493,11 @@ class WsDevice(Device):
 
     def _acked(self, seqs: Iterable[int], batch: int, now: float) -> None:
         """The acks of a read of nothing but acks that each accept ``batch`` readings."""
-        dues = list(map(self.inflight.pop, seqs, _NONES))
+        self._count(list(map(self.inflight.pop, seqs, _NONES)), batch, now)
+
+    def _count(self, dues: list[float | None], batch: int, now: float) -> None:
+        """Count the acks whose intended times were ``dues`` (None: an ack of
+        nothing in flight), ``batch`` readings each, and record their latencies."""
         if None in dues:            # an ack of nothing in flight (a duplicate): not counted
             dues = [due for due in dues if due is not None]
             if not dues:
