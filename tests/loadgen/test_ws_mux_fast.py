@@ -169,3 +169,13 @@ def test_a_read_that_is_almost_the_acks_owed_is_parsed():
     # a pong of the ack's length, then the ack: counted once, the pong noted
     assert dev.take_read(encode_frame(OP_PONG, b"x" * 48) + _ack(1, 3), 2.0) == b""
     assert dev.stats.acked == 3 and not dev.inflight
+
+
+def test_a_percent_sign_in_the_envelope_is_sent_as_it_is():
+    """The window's format escapes the envelope's bytes: a ``%`` in them
+    (a reading's text, a length byte) reaches the wire unchanged."""
+    dev = WsDevice(0, DeviceOptions(host="127.0.0.1", port=1, protocol="ws"), Stats(), None)
+    dev.tail = b',"note":"100%d %s %%"' + dev.tail
+    texts = [p for op, p in FrameDecoder(1 << 20).feed(dev._frames([1.0] * 5)) if op == OP_TEXT]
+    assert [json.loads(t)["seq"] for t in texts] == [1, 2, 3, 4, 5]
+    assert {json.loads(t)["note"] for t in texts} == {"100%d %s %%"}
