@@ -13,7 +13,7 @@ a number from another run.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def _profiled(runs: Iterable[dict], match: Callable[[dict], bool]) -> str:
 
 def _with_bottleneck(row: Row, runs: Iterable[dict], match: Callable[[dict], bool]) -> Row:
     if row.ok is False:
-        return Row(row.issue, row.target, row.measured, row.ok, row.loadgen, _profiled(runs, match))
+        return replace(row, bottleneck=_profiled(runs, match))
     return row
 
 
@@ -214,9 +214,9 @@ def _sinks(scen: dict[str, Any]) -> list[Row]:
     # function in gridgate's profile
     own = floor if floor is not None else server
     if row.ok is False and own is not None and spool_cpu is not None and own >= spool_cpu:
-        row = Row(row.issue, row.target, row.measured, row.ok, row.loadgen,
-                  f"nats-server's own CPU per stored message ({own:.1f} µs) is more than the spool path's whole "
-                  f"gateway CPU ({spool_cpu:.1f}), on the same cores; in gridgate: {row.bottleneck}")
+        row = replace(row, bottleneck=f"nats-server's own CPU per stored message ({own:.1f} µs) is more than "
+                                     f"the spool path's whole gateway CPU ({spool_cpu:.1f}), on the same cores; "
+                                     f"in gridgate: {row.bottleneck}")
     return [row]
 
 
@@ -232,7 +232,7 @@ def _ws(scen: dict[str, Any]) -> list[Row]:
         lg = _us(_loadgen_us(per.get(proto, {})))
         row = Row("#24", f"{what} server CPU per reading <= 2x MQTT's", _x(r), r <= 2, lg)
         if not row.ok and prof:
-            row = Row(row.issue, row.target, row.measured, row.ok, row.loadgen, top_function(prof["speedscope_json"]))
+            row = replace(row, bottleneck=top_function(prof["speedscope_json"]))
         out.append(row)
     ws = per.get("ws", {})
     lg = _loadgen_us(ws)
