@@ -28,6 +28,13 @@ a window of 512 publishes whose acks come back on 512 reused reply subjects,
 reports the server's CPU per stored message. That is what JetStream costs per
 reading on this machine whatever the gateway does; the report puts it next
 to the sink's own row.
+
+From that floor and the load generator's own CPU per reading in the nats runs
+(both share this machine's cores with the gateway) the summary gives the
+machine's ceiling for one reading per message: the rate at which those two
+alone would take every core the bench may use, that is with a gateway that
+cost nothing (:func:`machine_ceiling`). A ceiling below the target's 0.8x the
+spool means no gateway can meet the target on this machine.
 """
 from __future__ import annotations
 
@@ -198,6 +205,22 @@ def nats_server_floor(work: Path, messages: int = FLOOR_MESSAGES) -> dict:
         server.stop()
 
 
+def machine_ceiling(cores: int, floor_us: float | None, loadgen_us: float | None) -> float | None:
+    """Readings/s at which nats-server at its floor plus the load generator use ``cores`` whole cores.
+
+    CPU adds up across processes on shared cores, so no gateway, however
+    cheap, gets one-reading-per-message JetStream past this on this machine.
+    """
+    if not floor_us or loadgen_us is None or cores <= 0:
+        return None
+    return cores * 1e6 / (floor_us + loadgen_us)
+
+
+def _cores() -> int:
+    """The cores this bench (and the servers it starts, which inherit its affinity) may run on."""
+    return len(os.sched_getaffinity(0))
+
+
 def _readyz(server: procs.Server) -> dict:
     host, port = server.addresses["http"]
     try:
@@ -280,6 +303,9 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                     left = _readyz(server)["sink"]["pending"]
                 run = {"kind": kind, "round": rnd, "readings_per_s": result["readings_per_s"],
                        "acked": result["acked"], "errors": result["errors"],
+                       # once every device is connected when the load generator says (the lower figure)
+                       "loadgen_cpu_us_per_reading": (result.get("loadgen_cpu_us_per_reading_steady")
+                                                      or result.get("loadgen_cpu_us_per_reading")),
                        "server_cpu_us_per_reading": (round(cpu_s * 1e6 / result["acked"], 1)
                                                      if result["acked"] else None),
                        "sink_loop_cpu_us_per_reading": (round(loop_cpu_s * 1e6 / result["acked"], 1)
@@ -318,6 +344,10 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
                    round(statistics.median(cpus), 1)
                    if (cpus := [r["sink_server_cpu_us_per_reading"] for r in mine
                                 if r["sink_server_cpu_us_per_reading"] is not None]) else None),
+               "loadgen_cpu_us_per_reading": (
+                   round(statistics.median(lgs), 1)
+                   if (lgs := [r["loadgen_cpu_us_per_reading"] for r in mine
+                               if r.get("loadgen_cpu_us_per_reading") is not None]) else None),
                "pending_at_end": max(r["pending_at_end"] for r in mine),
                "drain_s": max(r["drain_s"] for r in mine)}
         for kind in kinds if (mine := [r for r in results["runs"] if r["kind"] == kind])}
@@ -328,6 +358,18 @@ def run(duration: float, rounds: int, out: Path, profile: bool, log=print) -> di
             summary["nats"]["nats_server_floor_us_per_message"] = round(statistics.median(
                 f["server_cpu_us_per_message"] for f in floors), 2)
     spool = summary.get("spool", {}).get("readings_per_s")
+    if "nats_server_floor_us_per_message" in summary.get("nats", {}):
+        nats = summary["nats"]
+        ceiling = machine_ceiling(_cores(), nats["nats_server_floor_us_per_message"],
+                                  nats["loadgen_cpu_us_per_reading"])
+        if ceiling is not None:
+            nats["machine_cores"] = _cores()
+            nats["machine_ceiling_readings_per_s"] = round(ceiling)
+            nats["machine_ceiling_ratio_to_spool"] = round(ceiling / spool, 2) if spool else None
+            log(f"  nats: this machine's ceiling for one reading per message: {ceiling:,.0f} readings/s "
+                f"({_cores()} cores / (nats-server's floor {nats['nats_server_floor_us_per_message']} + the load "
+                f"generator's {nats['loadgen_cpu_us_per_reading']} CPU-us per reading), with a gateway that "
+                f"cost nothing)" + (f", {ceiling / spool:.2f}x the spool" if spool else ""))
     for kind, row in summary.items():
         # each sink's median next to the spool's, both from this run
         row["ratio_to_spool"] = round(row["readings_per_s"] / spool, 2) if spool else None

@@ -207,13 +207,24 @@ def _sinks(scen: dict[str, Any]) -> list[Row]:
         "" if server is None else f", nats-server {server:.1f}") + (
         "" if floor is None else f" (its floor, from a raw publisher: {floor:.1f})") + (
         "" if spool_cpu is None else f"; the spool path's gateway CPU {spool_cpu:.1f}")
+    ceiling, cores = per.get("machine_ceiling_ratio_to_spool"), per.get("machine_cores")
+    if ceiling is not None:
+        text += f"; this machine's ceiling {ceiling:.2f}x"
     row = _with_bottleneck(Row("#24", "JetStream sink (one reading per message) >= 0.8x the spool's rate", text,
-                               r >= 0.8), scen.get("runs", []), lambda run: run.get("kind") == "nats")
+                               r >= 0.8, loadgen=_us(per.get("loadgen_cpu_us_per_reading"))),
+                           scen.get("runs", []), lambda run: run.get("kind") == "nats")
     # nats-server shares the cores: when storing a message alone costs it more
     # than the spool's whole path costs the gateway, that is the limit, not a
     # function in gridgate's profile
     own = floor if floor is not None else server
-    if row.ok is False and own is not None and spool_cpu is not None and own >= spool_cpu:
+    if row.ok is False and ceiling is not None and ceiling < 0.8:
+        # not reachable here by any gateway: say so before naming a function
+        row = replace(row, bottleneck=(
+            f"this machine: nats-server at its floor ({floor:.1f} µs per message) and the load generator "
+            f"({per['loadgen_cpu_us_per_reading']:.1f} µs per reading) alone fill its {cores} cores at "
+            f"{per['machine_ceiling_readings_per_s']:,} readings/s, {ceiling:.2f}x the spool, with a gateway "
+            f"that cost nothing; in gridgate: {row.bottleneck}"))
+    elif row.ok is False and own is not None and spool_cpu is not None and own >= spool_cpu:
         row = replace(row, bottleneck=f"nats-server's own CPU per stored message ({own:.1f} µs) is more than "
                                      f"the spool path's whole gateway CPU ({spool_cpu:.1f}), on the same cores; "
                                      f"in gridgate: {row.bottleneck}")

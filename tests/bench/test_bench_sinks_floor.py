@@ -49,3 +49,12 @@ def test_floor_stores_every_message_and_reports_the_servers_cpu(tmp_path):
     assert result["messages"] == 3000
     assert result["server_cpu_us_per_message"] >= 0 and result["messages_per_s"] > 0
     assert set(result) == {"messages", "server_cpu_us_per_message", "messages_per_s"}
+
+
+def test_machine_ceiling_is_the_cores_over_the_floor_and_the_load_generator():
+    # 2 cores, 7.2 + 3.8 µs per reading: 2e6 / 11 readings/s
+    assert sinks.machine_ceiling(2, 7.2, 3.8) == pytest.approx(181_818.18, rel=1e-6)
+    assert sinks.machine_ceiling(8, 7.2, 0.8) == pytest.approx(1e6)
+    # without a floor or the load generator's figure there is no ceiling to give
+    assert sinks.machine_ceiling(2, None, 3.8) is None
+    assert sinks.machine_ceiling(2, 7.2, None) is None

@@ -126,3 +126,20 @@ def test_a_short_jetstream_target_names_nats_server_when_it_costs_more_than_the_
     # a nats-server cheaper than the spool path: the gateway's profile is what is named
     [row] = [r for r in targets.rows({"sinks": _sinks_scenario(2.0)}) if r.target.startswith("JetStream")]
     assert row.ok is False and not row.bottleneck.startswith("nats-server")
+
+
+def test_a_jetstream_target_above_this_machines_ceiling_says_so() -> None:
+    """nats-server's floor plus the load generator fill the cores below 0.8x the spool: no gateway meets it here."""
+    scen = _sinks_scenario(7.2)
+    scen["summary"]["nats"] |= {"loadgen_cpu_us_per_reading": 3.8, "machine_cores": 2,
+                                "machine_ceiling_readings_per_s": 181_818, "machine_ceiling_ratio_to_spool": 0.7}
+    [row] = [r for r in targets.rows({"sinks": scen}) if r.target.startswith("JetStream")]
+    assert row.ok is False and row.loadgen == "3.8 µs"
+    assert row.measured.endswith("; this machine's ceiling 0.70x")
+    assert row.bottleneck.startswith("this machine: nats-server at its floor (7.2 µs per message) and the load "
+                                     "generator (3.8 µs per reading) alone fill its 2 cores at 181,818 readings/s, "
+                                     "0.70x the spool, with a gateway that cost nothing; in gridgate: ")
+    # a ceiling above the target: the machine is not what is named
+    scen["summary"]["nats"]["machine_ceiling_ratio_to_spool"] = 1.4
+    [row] = [r for r in targets.rows({"sinks": scen}) if r.target.startswith("JetStream")]
+    assert row.ok is False and not row.bottleneck.startswith("this machine")
