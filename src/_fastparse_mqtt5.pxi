@@ -1159,37 +1159,12 @@ cdef int _m5_put_property(bytearray out, int ident, str name, int t, object valu
 cdef unsigned long long _m5_CHECKED = 0
 for _m5_i in (0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A, 0x21, 0x27, 0x0B, 0x23, 0x08):
     _m5_CHECKED |= 1ULL << _m5_i
-# A Properties' fields are read where its type's member descriptors say they
-# are (what CPython's member_get does, without an attribute look-up per
-# field): every ack the session sends goes through the 27 fields, and 27
-# getattr() calls were most of an ack's cost. Used only for an object of
-# exactly that type, and only if each field is a plain object slot (checked
-# here at import); otherwise, and for an empty slot, the encoder reads by name.
-cdef extern from "Python.h":
-    ctypedef struct PyMemberDef:
-        int type
-        Py_ssize_t offset
-    ctypedef struct PyMemberDescrObject:
-        PyMemberDef* d_member
-    enum:
-        T_OBJECT_EX
-
+# A Properties' fields are read by slot (_slot_offsets in _fastparse_mqtt.pxi):
+# every ack the session sends goes through the 27 fields, and 27 getattr()
+# calls were most of an ack's cost.
 cdef Py_ssize_t[64] _m5_FIELD_OFFSET
-
-
-cdef bint _m5_init_offsets():
-    cdef Py_ssize_t k
-    cdef object descr
-    member = type(type.__dict__["__dictoffset__"])   # the member descriptor type
-    for k in range(_m5_NSPECS):
-        descr = _m5_Properties.__dict__.get(_m5_PROP_ATTR[_m5_SPEC_IDENT[k]])
-        if type(descr) is not member or (<PyMemberDescrObject*>descr).d_member.type != T_OBJECT_EX:
-            return False
-        _m5_FIELD_OFFSET[k] = (<PyMemberDescrObject*>descr).d_member.offset
-    return True
-
-
-cdef bint _m5_FIELDS_BY_OFFSET = _m5_init_offsets()
+cdef bint _m5_FIELDS_BY_OFFSET = _slot_offsets(
+    _m5_Properties, tuple([_m5_PROP_ATTR[_m5_SPEC_IDENT[_m5_k]] for _m5_k in range(_m5_NSPECS)]), _m5_FIELD_OFFSET)
 
 
 cdef bytes _m5_encode_properties(object props, int packet, bint drop):
@@ -1516,29 +1491,12 @@ cdef tuple _m5_PUB_NAMES = ("topic", "payload", "qos", "packet_id", "retain", "p
 cdef Py_ssize_t[6] _m5_PUB_OFFSET
 
 
-cdef bint _m5_init_publish_offsets():
-    cdef Py_ssize_t k
-    cdef object descr
-    member = type(type.__dict__["__dictoffset__"])   # the member descriptor type
-    for k in range(_M5_PUB_NFIELDS):
-        descr = _m5_Publish5.__dict__.get(_m5_PUB_NAMES[k])
-        if type(descr) is not member or (<PyMemberDescrObject*>descr).d_member.type != T_OBJECT_EX:
-            return False
-        _m5_PUB_OFFSET[k] = (<PyMemberDescrObject*>descr).d_member.offset
-    return True
-
-
-cdef bint _m5_PUBLISH_BY_OFFSET = _m5_init_publish_offsets()
+cdef bint _m5_PUBLISH_BY_OFFSET = _slot_offsets(_m5_Publish5, _m5_PUB_NAMES, _m5_PUB_OFFSET)
 
 
 cdef inline object _m5_pub_field(object ev, int k):
     """Field k of ``ev``, exactly a Publish5."""
-    cdef PyObject* slot
-    if _m5_PUBLISH_BY_OFFSET:
-        slot = (<PyObject**>((<char*><PyObject*>ev) + _m5_PUB_OFFSET[k]))[0]
-        if slot != NULL:
-            return <object>slot
-    return getattr(ev, _m5_PUB_NAMES[k])
+    return _slot_field(ev, _m5_PUBLISH_BY_OFFSET, _m5_PUB_OFFSET, _m5_PUB_NAMES, k)
 
 
 def take_publishes5(list events, Py_ssize_t start, object telemetry_topic, object validate_into, str protocol,
