@@ -55,6 +55,8 @@ def test_machine_ceiling_is_the_cores_over_the_floor_and_the_load_generator():
     # 2 cores, 7.2 + 3.8 µs per reading: 2e6 / 11 readings/s
     assert sinks.machine_ceiling(2, 7.2, 3.8) == pytest.approx(181_818.18, rel=1e-6)
     assert sinks.machine_ceiling(8, 7.2, 0.8) == pytest.approx(1e6)
+    # the gateway's own share, when given, counts as well
+    assert sinks.machine_ceiling(2, 6.9, 2.5, 4.3) == pytest.approx(2e6 / 13.7)
     # without a floor or the load generator's figure there is no ceiling to give
     assert sinks.machine_ceiling(2, None, 3.8) is None
     assert sinks.machine_ceiling(2, 7.2, None) is None

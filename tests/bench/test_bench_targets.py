@@ -143,3 +143,22 @@ def test_a_jetstream_target_above_this_machines_ceiling_says_so() -> None:
     scen["summary"]["nats"]["machine_ceiling_ratio_to_spool"] = 1.4
     [row] = [r for r in targets.rows({"sinks": scen}) if r.target.startswith("JetStream")]
     assert row.ok is False and not row.bottleneck.startswith("this machine")
+
+
+def test_a_jetstream_target_a_free_publisher_could_not_meet_names_the_machine() -> None:
+    """Above the zero-gateway ceiling, but under it once the gateway's other threads count: the publisher is not it."""
+    scen = _sinks_scenario(6.9)
+    scen["summary"]["nats"] |= {"loadgen_cpu_us_per_reading": 2.5, "machine_cores": 2,
+                                "machine_ceiling_readings_per_s": 212_766, "machine_ceiling_ratio_to_spool": 0.8,
+                                "publisher_free_ceiling_readings_per_s": 146_000,
+                                "publisher_free_ceiling_ratio_to_spool": 0.55}
+    [row] = [r for r in targets.rows({"sinks": scen}) if r.target.startswith("JetStream")]
+    assert row.ok is False
+    assert row.measured.endswith("; this machine's ceiling 0.80x (0.55x with a publisher that cost nothing)")
+    assert row.bottleneck.startswith("this machine: with a JetStream publisher that cost nothing, nats-server at "
+                                     "its floor, the load generator and the gateway's other threads fill its 2 "
+                                     "cores at 146,000 readings/s, 0.55x the spool; in gridgate: ")
+    # both ceilings above the target: the gateway's profile, not the machine
+    scen["summary"]["nats"]["publisher_free_ceiling_ratio_to_spool"] = 0.9
+    [row] = [r for r in targets.rows({"sinks": scen}) if r.target.startswith("JetStream")]
+    assert not row.bottleneck.startswith("this machine")
