@@ -128,12 +128,17 @@ def test_a_short_jetstream_target_names_nats_server_when_it_costs_more_than_the_
     assert row.ok is False and not row.bottleneck.startswith("nats-server")
 
 
+def _jetstream_row(scen: dict) -> targets.Row:
+    [row] = [r for r in targets.rows({"sinks": scen}) if r.target.startswith("JetStream")]
+    return row
+
+
 def test_a_jetstream_target_above_this_machines_ceiling_says_so() -> None:
     """nats-server's floor plus the load generator fill the cores below 0.8x the spool: no gateway meets it here."""
     scen = _sinks_scenario(7.2)
     scen["summary"]["nats"] |= {"loadgen_cpu_us_per_reading": 3.8, "machine_cores": 2,
                                 "machine_ceiling_readings_per_s": 181_818, "machine_ceiling_ratio_to_spool": 0.7}
-    [row] = [r for r in targets.rows({"sinks": scen}) if r.target.startswith("JetStream")]
+    row = _jetstream_row(scen)
     assert row.ok is False and row.loadgen == "3.8 µs"
     assert row.measured.endswith("; this machine's ceiling 0.70x")
     assert row.bottleneck.startswith("this machine: nats-server at its floor (7.2 µs per message) and the load "
@@ -141,7 +146,7 @@ def test_a_jetstream_target_above_this_machines_ceiling_says_so() -> None:
                                      "0.70x the spool, with a gateway that cost nothing; in gridgate: ")
     # a ceiling above the target: the machine is not what is named
     scen["summary"]["nats"]["machine_ceiling_ratio_to_spool"] = 1.4
-    [row] = [r for r in targets.rows({"sinks": scen}) if r.target.startswith("JetStream")]
+    row = _jetstream_row(scen)
     assert row.ok is False and not row.bottleneck.startswith("this machine")
 
 
@@ -152,7 +157,7 @@ def test_a_jetstream_target_a_free_publisher_could_not_meet_names_the_machine() 
                                 "machine_ceiling_readings_per_s": 212_766, "machine_ceiling_ratio_to_spool": 0.8,
                                 "publisher_free_ceiling_readings_per_s": 146_000,
                                 "publisher_free_ceiling_ratio_to_spool": 0.55}
-    [row] = [r for r in targets.rows({"sinks": scen}) if r.target.startswith("JetStream")]
+    row = _jetstream_row(scen)
     assert row.ok is False
     assert row.measured.endswith("; this machine's ceiling 0.80x (0.55x with a publisher that cost nothing)")
     assert row.bottleneck.startswith("this machine: with a JetStream publisher that cost nothing, nats-server at "
@@ -160,5 +165,5 @@ def test_a_jetstream_target_a_free_publisher_could_not_meet_names_the_machine() 
                                      "cores at 146,000 readings/s, 0.55x the spool; in gridgate: ")
     # both ceilings above the target: the gateway's profile, not the machine
     scen["summary"]["nats"]["publisher_free_ceiling_ratio_to_spool"] = 0.9
-    [row] = [r for r in targets.rows({"sinks": scen}) if r.target.startswith("JetStream")]
+    row = _jetstream_row(scen)
     assert not row.bottleneck.startswith("this machine")
