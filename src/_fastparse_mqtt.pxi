@@ -774,10 +774,13 @@ cdef extern from "Python.h":
         T_OBJECT_EX
 
 
-cdef bint _slot_offsets(object cls, tuple names, Py_ssize_t *out):
-    """Each named field's offset in ``cls`` into ``out``; False if one is not a plain object slot."""
+cdef bint _slot_offsets(object cls, tuple names, Py_ssize_t *out, Py_ssize_t capacity):
+    """Each named field's offset in ``cls`` into ``out`` (room for ``capacity``);
+    False if one is not a plain object slot, or there are more names than room."""
     cdef Py_ssize_t k
     cdef object descr
+    if len(names) > capacity:
+        return False
     member = type(type.__dict__["__dictoffset__"])   # the member descriptor type
     for k in range(len(names)):
         descr = cls.__dict__.get(names[k])
@@ -805,7 +808,7 @@ cdef enum:
 
 cdef tuple _mq_PUB_NAMES = ("topic", "payload", "qos", "packet_id")
 cdef Py_ssize_t[4] _mq_PUB_OFFSET
-cdef bint _mq_PUBLISH_BY_OFFSET = _slot_offsets(_mq_Publish, _mq_PUB_NAMES, _mq_PUB_OFFSET)
+cdef bint _mq_PUBLISH_BY_OFFSET = _slot_offsets(_mq_Publish, _mq_PUB_NAMES, _mq_PUB_OFFSET, 4)
 
 
 cdef inline object _mq_pub_field(object ev, int k):

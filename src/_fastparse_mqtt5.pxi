@@ -1164,7 +1164,7 @@ for _m5_i in (0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A, 0x21, 0x27, 0x0B, 
 # calls were most of an ack's cost.
 cdef Py_ssize_t[64] _m5_FIELD_OFFSET
 cdef bint _m5_FIELDS_BY_OFFSET = _slot_offsets(
-    _m5_Properties, tuple([_m5_PROP_ATTR[_m5_SPEC_IDENT[_m5_k]] for _m5_k in range(_m5_NSPECS)]), _m5_FIELD_OFFSET)
+    _m5_Properties, tuple([_m5_PROP_ATTR[_m5_SPEC_IDENT[_m5_k]] for _m5_k in range(_m5_NSPECS)]), _m5_FIELD_OFFSET, 64)
 
 
 cdef bytes _m5_encode_properties(object props, int packet, bint drop):
@@ -1491,7 +1491,7 @@ cdef tuple _m5_PUB_NAMES = ("topic", "payload", "qos", "packet_id", "retain", "p
 cdef Py_ssize_t[6] _m5_PUB_OFFSET
 
 
-cdef bint _m5_PUBLISH_BY_OFFSET = _slot_offsets(_m5_Publish5, _m5_PUB_NAMES, _m5_PUB_OFFSET)
+cdef bint _m5_PUBLISH_BY_OFFSET = _slot_offsets(_m5_Publish5, _m5_PUB_NAMES, _m5_PUB_OFFSET, 6)
 
 
 cdef inline object _m5_pub_field(object ev, int k):
