@@ -50,9 +50,12 @@ def gateway(start_gateway, tmp_path, engine, jwt_key):
         auth.setdefault("ban_s", LONG)
         gw = await start_gateway(
             # the spool commits on a thread: meanwhile the autojump clock leaps to the next
-            # deadline, and a 30 s durable timeout would answer 503 (tests/autojump.py)
+            # deadline, and a 30 s durable timeout would answer 503 (tests/autojump.py).
+            # Likewise the 30 s WebSocket ping: one that reaches a trio-websocket client
+            # while it closes is answered with a Pong that wsproto refuses in LOCAL_CLOSING,
+            # failing the client's reader (seen once in CI)
             http=HTTPConfig(listen="127.0.0.1:0", engine=engine, durable_timeout_s=LONG),
-            websocket=WebSocketConfig(listen="127.0.0.1:0"),
+            websocket=WebSocketConfig(listen="127.0.0.1:0", ping_interval_s=LONG),
             connections=ConnectionsConfig(idle_timeout_s=LONG, reap_interval_s=LONG / 10),
             auth=AuthConfig(password_file=str(tmp_path / "passwd"), jwt_keys_file=str(tmp_path / "keys.json"),
                             acl_file=str(tmp_path / "acl"), **auth))
