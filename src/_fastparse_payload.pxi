@@ -83,7 +83,10 @@ class _pl_Malformed(Exception):
 class _pl_Reject(Exception):
     def __init__(self, reason, field, detail):
         self.reason = reason
-        self.field = field
+        # a str or None, whatever the payload's key was: a msgpack map's key may
+        # be a number (a float one made the dead letter's row unwritable and
+        # held the whole pipeline), and a field is text in every answer and row
+        self.field = field if field is None or type(field) is str else str(field)
         self.detail = detail
 
 

@@ -179,6 +179,21 @@ def test_non_finite_numbers_from_msgpack_are_rejected(v):
             reason="bad_type", field="x", index=0, device_id="m", raw=raw, detail="value must be a finite number")])
 
 
+@pytest.mark.parametrize("key, field", [(1.5, "1.5"), (float("nan"), "nan"), (7, "7"), (b"x", "b'x'"),
+                                        (True, "True"), (None, None)])
+def test_a_msgpack_key_that_is_not_a_string_is_named_by_a_string(v, key, field):
+    """A msgpack map's key may be a number, bytes, a bool or nil: its rejection's
+    field is text, or none for nil (a float one was a float field, which the spool
+    could not write as a dead letter, and the pipeline retried that batch for ever)."""
+    raw = msgspec.msgpack.encode({key: 1, "temperature": 20.0})
+    [rejection] = v.validate(raw, "msgpack", "mqtt", "m", NOW)[1]
+    assert (rejection.reason, rejection.field, rejection.detail) == ("bad_type", field, "invalid field name")
+    # inside metrics, as before: the name is part of the label
+    raw = msgspec.msgpack.encode({"metrics": {key: 1}})
+    [rejection] = v.validate(raw, "msgpack", "mqtt", "m", NOW)[1]
+    assert rejection.field == f"metrics.{key}"
+
+
 @pytest.mark.parametrize("raw", [b"NaN", b'{"x": NaN}', b'{"x": Infinity}', b'{"x": 1e400}', b"{", b"",
                                  b'"\\ud800"', b"\xef\xbb\xbf{}", b'{"x": 1}x', b"\xff"])
 def test_undecodable_json_is_malformed(v, raw):

@@ -48,8 +48,12 @@ class _Malformed(Exception):
 
 
 class _Reject(Exception):
-    def __init__(self, reason: str, field: str | None, detail: str) -> None:
-        self.reason, self.field, self.detail = reason, field, detail
+    def __init__(self, reason: str, field: object, detail: str) -> None:
+        # a str or None, whatever the payload's key was: a msgpack map's key may
+        # be a number (a float one made the dead letter's row unwritable and
+        # held the whole pipeline), and a field is text in every answer and row
+        self.reason, self.detail = reason, detail
+        self.field: str | None = field if field is None or type(field) is str else str(field)
 
 
 def _no_constants(name: str) -> Any:

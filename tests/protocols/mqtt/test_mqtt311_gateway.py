@@ -197,6 +197,27 @@ def test_an_acknowledged_packet_id_is_free_for_a_new_reading(tmp_path):
     assert sorted(r["fields"]["humidity"] for r in spool_export(gw.data_dir)) == [1, 2, 3, 4, 5]
 
 
+def test_a_msgpack_reading_keyed_by_a_number_is_dead_lettered_and_holds_nothing_up(tmp_path):
+    # A MessagePack map may have a float key. Its rejection named that float as the
+    # field, which no spool row can hold: the batch failed, was retried for ever,
+    # and no device was acknowledged again (found by the validator fuzz target).
+    import msgspec
+
+    gw = GatewayProcess(tmp_path / "data")
+    try:
+        c = connected(gw, "m-float-key")
+        c.send(gen_publish("telemetry", qos=1, mid=1, payload=msgspec.msgpack.encode({float("nan"): 1, 1.5: 2})))
+        assert c.recv_exactly(4) == gen_puback(1)
+        other = connected(gw, "m-after-float")
+        other.send(gen_publish("telemetry", qos=1, mid=2, payload=READING))
+        assert other.recv_exactly(4) == gen_puback(2)
+    finally:
+        assert gw.stop() == 0
+    assert [r["device_id"] for r in spool_export(gw.data_dir)] == ["m-after-float"]
+    [dead] = spool_export(gw.data_dir, rejected=True)
+    assert (dead["reason"], dead["field"], dead["device_id"]) == ("bad_type", "nan", "m-float-key")
+
+
 @pytest.mark.parametrize("mid", [1, 4242, 65535])
 def test_an_unsolicited_pubrec_is_answered_with_pubrel_of_the_same_packet_id(gateway, mid):
     # MQTT-4.3.3-1: the PUBREC's receiver sends PUBREL with the packet id it got. gridgate never
