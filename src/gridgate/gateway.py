@@ -235,6 +235,8 @@ class Gateway:
         self._tls_streams: dict[Session, trio.SSLStream[Any]] = {}
         self.metrics = metrics
         self.spool = spool
+        # a record the spool can never store is kept as a sink_refused dead letter: count it as such
+        spool.on_refused = lambda protocol: metrics.readings_rejected.labels(protocol, "sink_refused").inc()
         self.addresses: dict[str, tuple[str, int]] = {}
         _, fd_limit = raise_open_file_limit()
         self.max_connections = effective_max_connections(config.connections.max_connections, fd_limit)

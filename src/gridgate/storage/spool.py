@@ -17,6 +17,7 @@ columns of records and pending).
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -29,11 +30,14 @@ import trio
 
 from gridgate.ingest.records import Record, Rejection
 from gridgate.sinks.base import SinkFullError
+from gridgate.storage.unwritable import Mended, mend
 
 if TYPE_CHECKING:
     from gridgate._fastparse import SpoolWriter
 
 __all__ = ["Spool", "SpoolSink", "SPOOL_FILE"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -377,6 +381,10 @@ class SpoolSink:
         self._in_flight = False
         self._on_commit: Callable[[], None] | None = None
         self._outcome: BaseException | None = None
+        # Called with a record's protocol for each record the spool could
+        # never store and kept as a sink_refused dead letter (the gateway
+        # counts them as rejected).
+        self.on_refused: Callable[[str], None] | None = None
 
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], *, fsync: bool = False, max_bytes: int = 0,
@@ -403,11 +411,29 @@ class SpoolSink:
         ``on_commit``: called once the batch is committed, possibly before this
         returns: by ``poll()`` in whichever task sees the commit first. Not
         called when the write fails.
+
+        A failed write whose batch holds rows the spool can never store
+        (gridgate.storage.unwritable) is written once more without them: such
+        records as ``sink_refused`` dead letters, such dead letters with their
+        values made text. Any other failure is raised, for the caller to retry.
         """
         if not records and not dead:
             if on_commit is not None:
                 on_commit()
             return
+        try:
+            await self._write_batch(records, dead, pending, on_commit)
+        except SinkFullError:
+            raise
+        except Exception as exc:       # Cancelled is not an Exception: it passes
+            mended = mend(records, dead)
+            if mended is None:
+                raise                  # not the rows': an outage, retried by the caller
+            self._report_mended(mended, exc)
+            await self._write_batch(mended.records, mended.dead, pending, on_commit)
+
+    async def _write_batch(self, records: Sequence[Record], dead: Sequence[tuple[str, int, Rejection]],
+                           pending: bool, on_commit: Callable[[], None] | None) -> None:
         try:
             if self._writer is None:
                 self._full = await self._run(self._write_then_check, records, dead, pending)
@@ -418,6 +444,16 @@ class SpoolSink:
         except SinkFullError:
             self._full = True
             raise
+
+    def _report_mended(self, mended: Mended, exc: Exception) -> None:
+        """Log (and count, through ``on_refused``) the rows a failed write was mended of."""
+        log.error("spool write failed (%s: %s) on %d rows it can never store, written again without them: "
+                  "%d records kept as sink_refused dead letters, %d dead letters stored with their values made "
+                  "text; first: %s", type(exc).__name__, exc, len(mended.faults), len(mended.refused),
+                  mended.made_storable, mended.faults[0])
+        if self.on_refused is not None:
+            for record in mended.refused:
+                self.on_refused(record.protocol if type(record.protocol) is str else "unknown")
 
     def poll(self) -> None:
         """Finish the compiled write in flight if its thread is done with it.
