@@ -28,6 +28,10 @@ from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy
+from cpython.long cimport PyLong_FromLongLong
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+
+import time as _mq_time
 
 # Plain Python imports, bound once as module globals: both implementations
 # raise the same exception class and build the same event classes.
@@ -818,6 +822,17 @@ cdef inline object _mq_pub_field(object ev, int k):
 
 # -- the session's per-PUBLISH step (twin: gridgate.protocols.mqtt.codec_py.take_publishes) ------
 
+# time.time_ns, which the sessions pass as the clock: read in C instead
+# (the same clock_gettime(CLOCK_REALTIME)) without a Python call per PUBLISH
+cdef object _mq_time_ns = _mq_time.time_ns
+
+
+cdef inline object _mq_wall_ns():
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return PyLong_FromLongLong(<long long>ts.tv_sec * 1000000000 + ts.tv_nsec)
+
+
 cdef bint _mq_JSON_FIRST[256]
 for _c in range(256):
     _mq_JSON_FIRST[_c] = bytes([_c]) in b'{["-0123456789tfn \t\r\n'
@@ -835,6 +850,8 @@ def take_publishes(list events, Py_ssize_t start, str telemetry_topic, object va
     cdef Py_ssize_t size
     cdef Py_buffer *view
     cdef unsigned char c
+    cdef Validator validator = _pl_bound_validator(validate_into)
+    cdef bint wall_clock = clock is _mq_time_ns
     while i < n:
         ev = events[i]
         if type(ev) is not _mq_Publish:
@@ -842,7 +859,7 @@ def take_publishes(list events, Py_ssize_t start, str telemetry_topic, object va
         qos = _mq_pub_field(ev, _MQ_PUB_QOS)
         if qos == 2 and qos2_unreleased is None:
             break
-        now = clock()
+        now = _mq_wall_ns() if wall_clock else clock()
         publish_ns = now if now > next_ns else next_ns
         if first == 0:
             first = publish_ns
@@ -864,7 +881,8 @@ def take_publishes(list events, Py_ssize_t start, str telemetry_topic, object va
                 size = len(payload)
                 c = payload[0] if size else 0
             fmt = "json" if not size or _mq_JSON_FIRST[c] else "msgpack"
-            next_ns = publish_ns + validate_into(payload, fmt, protocol, client_id, publish_ns, records, rejections) + 1
+            next_ns = publish_ns + _pl_validate_into(validator, validate_into, payload, fmt, protocol, client_id,
+                                                     publish_ns, records, rejections) + 1
         else:
             rejections.append(_mq_Rejection(
                 reason="bad_topic", field="topic", index=None, device_id=client_id,

@@ -1513,6 +1513,8 @@ def take_publishes5(list events, Py_ssize_t start, object telemetry_topic, objec
     cdef Py_buffer *view
     cdef unsigned char c
     cdef unsigned char *q
+    cdef Validator validator = _pl_bound_validator(validate_into)
+    cdef bint wall_clock = clock is _mq_time_ns
     if spans is not None and type(spans) is not list:
         raise TypeError("spans must be a list or None")
     if start < 0:
@@ -1535,7 +1537,7 @@ def take_publishes5(list events, Py_ssize_t start, object telemetry_topic, objec
             if qos1 >= max_qos1:
                 break
             qos1 += 1
-        now = clock()
+        now = _mq_wall_ns() if wall_clock else clock()
         publish_ns = now if now > next_ns else next_ns
         if first == 0:
             first = publish_ns
@@ -1550,8 +1552,9 @@ def take_publishes5(list events, Py_ssize_t start, object telemetry_topic, objec
             c = payload[0] if size > 0 else 0
         n_before = len(rejections)
         r_before = len(records)
-        next_ns = publish_ns + validate_into(payload, "json" if size == 0 or _mq_JSON_FIRST[c] else "msgpack",
-                                             protocol, client_id, publish_ns, records, rejections) + 1
+        next_ns = publish_ns + _pl_validate_into(validator, validate_into, payload,
+                                                 "json" if size == 0 or _mq_JSON_FIRST[c] else "msgpack",
+                                                 protocol, client_id, publish_ns, records, rejections) + 1
         if not qos:
             continue
         packet_id = _m5_pub_field(ev, _M5_PUB_PACKET_ID)

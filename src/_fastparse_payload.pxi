@@ -37,6 +37,31 @@ cdef enum:
     _PL_KEYS_KEPT = 16
 
 
+cdef Validator _pl_bound_validator(object validate_into):
+    """The compiled Validator whose own validate_into this is, else None.
+
+    The MQTT sessions' per-PUBLISH loops (take_publishes, take_publishes5)
+    are given the bound method; with it they call Validator._validate
+    straight from C, without a Python call's argument packing per reading.
+    Anything else (the pure-Python twin, a wrapper) is called as given."""
+    owner = getattr(validate_into, "__self__", None)
+    if type(owner) is Validator and validate_into == (<Validator>owner).validate_into:
+        return <Validator>owner
+    return None
+
+
+cdef inline Py_ssize_t _pl_validate_into(Validator validator, object validate_into, object payload, str fmt,
+                                         str protocol, object device_id, object received_ns, list records,
+                                         list rejections) except -1:
+    """validate_into(...)'s count, by the C call when ``validator`` is its owner."""
+    cdef Py_ssize_t before
+    if validator is None:
+        return validate_into(payload, fmt, protocol, device_id, received_ns, records, rejections)
+    before = len(records) + len(rejections)
+    validator._validate(payload, fmt, protocol, device_id, received_ns, records, rejections)
+    return len(records) + len(rejections) - before
+
+
 cdef class _pl_Reserved:
     """key_info's value for a reserved key (not a metric at the top level):
     its bit in _pl_Scan.present, so absent keys cost no lookup."""

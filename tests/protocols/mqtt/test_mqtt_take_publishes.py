@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 
 import msgspec
 import pytest
@@ -114,3 +115,33 @@ def test_both_implementations_agree(events, start, next_ns, step, with_set, held
         result = run(impl, events, start, next_ns, Clock(1_000, step), qos2, validator_impl)
         out.append((result, qos2))
     assert all(o == out[0] for o in out[1:])
+
+
+def test_the_wall_clock_read_in_c_gives_increasing_receive_times_within_the_call(impl):
+    """time.time_ns, which the sessions pass, the compiled loop reads itself:
+    still the wall clock, and still one ns apart at least per reading."""
+    events = [Publish(TOPIC, READING, 0, 0, False, False) for _ in range(50)]
+    before = time.time_ns()
+    (stop, next_ns, first), records, *_ = run(impl, events, clock=time.time_ns, validator_impl=_fastparse)
+    after = time.time_ns()
+    stamps = [r.received_ns for r in records]
+    assert stop == 50 and len(stamps) == 50 and stamps[0] == first
+    assert before <= first and stamps[-1] < next_ns <= after + 50
+    assert all(a < b for a, b in itertools.pairwise(stamps))
+
+
+@pytest.mark.parametrize("validator_impl", [_payload_py, _fastparse], ids=["py-validator", "c-validator"])
+def test_a_validate_into_that_is_not_the_validators_own_is_called_as_given(impl, validator_impl):
+    """The compiled loop calls a compiled Validator's _validate directly only
+    for its own bound validate_into; a wrapper (say, one that counts) is called."""
+    validator = validator_impl.Validator(PayloadRules())
+    calls = []
+
+    def counting(*args):
+        calls.append(args[1])
+        return validator.validate_into(*args)
+
+    records, rejections = [], []
+    events = [Publish(TOPIC, READING, 0, 0, False, False), Publish(TOPIC, b"\x81\xa1x\x01", 0, 0, False, False)]
+    impl.take_publishes(events, 0, TOPIC, counting, "mqtt", "m1", 0, Clock(), None, records, rejections, [], [])
+    assert calls == ["json", "msgpack"] and len(records) == 2 and not rejections
