@@ -167,12 +167,18 @@ cdef bint _pl_tag_value_ok(object value, Py_ssize_t max_len):
 
 cdef int _pl_check_depth(object obj, int depth) except -1:
     cdef object v
+    cdef Py_ssize_t pos = 0
+    cdef PyObject *key
+    cdef PyObject *value
     if depth > _pl_MAX_DEPTH:
         raise _pl_Malformed("nested too deeply")
     if type(obj) is dict:
-        for v in (<dict>obj).values():
-            if type(v) is dict or type(v) is list:
-                _pl_check_depth(v, depth + 1)
+        # PyDict_Next, not a for loop: Cython's dict iteration re-checks the
+        # dict's size and kind per item, a measurable share of a small
+        # reading's judging; the dicts here are not changed while walked
+        while PyDict_Next(obj, &pos, &key, &value):
+            if type(<object>value) is dict or type(<object>value) is list:
+                _pl_check_depth(<object>value, depth + 1)
     elif type(obj) is list:
         for v in <list>obj:
             if type(v) is dict or type(v) is list:
@@ -392,12 +398,14 @@ cdef class Validator:
 
     cdef int _scan(self, dict item, _pl_Scan *scan) except -1:
         cdef PyObject* info
-        cdef Py_ssize_t i = 0
+        cdef Py_ssize_t i = 0, pos = 0
+        cdef PyObject *key
+        cdef PyObject *value
         scan.present = 0
         scan.count = 0
         scan.kept = len(item) <= _PL_KEYS_KEPT
-        for key in item:
-            info = PyDict_GetItemWithError(self.key_info, key)
+        while PyDict_Next(item, &pos, &key, &value):      # see _pl_check_depth
+            info = PyDict_GetItemWithError(self.key_info, <object>key)
             if scan.kept:
                 scan.infos[i] = info
                 i += 1
@@ -465,6 +473,9 @@ cdef class Validator:
         cdef PyObject* info
         cdef dict fields = {}
         cdef set top_names = None
+        cdef Py_ssize_t pos = 0
+        cdef PyObject *k
+        cdef PyObject *v
         if scan.present & _PL_HAS_METRICS:
             found = PyDict_GetItemWithError(item, "metrics")
         if found != NULL:
@@ -480,7 +491,9 @@ cdef class Validator:
         if metrics:
             top_names = set()
         i = 0
-        for key, value in item.items():
+        while PyDict_Next(item, &pos, &k, &v):            # see _pl_check_depth
+            key = <object>k
+            value = <object>v
             if scan.kept:
                 info = scan.infos[i]
                 i += 1
