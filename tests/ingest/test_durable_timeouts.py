@@ -76,3 +76,18 @@ def test_a_later_run_measures_deadlines_on_its_own_clock():
 
     trio.run(first, clock=trio.testing.MockClock(autojump_threshold=0))
     trio.run(second, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_an_answered_request_lets_go_of_its_readings():
+    """A done request stays in the deque until the next sweep: its records
+    (and rejections) must go when its answer is made, not then."""
+    from gridgate.ingest.records import Record, Rejection
+    records = [Record(device_id="m1", ts_ns=1, received_ns=1, protocol="http", fields={"x": 1}, tags={})]
+    rejections = [Rejection(reason="out_of_range", field="x", index=1, device_id="m1", detail="too big")]
+    done = trio.Event()
+    request = Pending(done, records, rejections)
+    done.set()
+    answer = request.result()
+    assert answer[0] == 202 and b'"accepted":1' in answer[1] and b'"out_of_range"' in answer[1]
+    assert not request.records and not request.rejections
+    assert request.result() is answer           # asked again: the same answer

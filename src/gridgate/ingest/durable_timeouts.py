@@ -31,9 +31,12 @@ class _Expirable(Protocol):
 
 class DurableTimeouts:
     # Done entries leave the deque when the sweeper next wakes; waking at
-    # least this often keeps them (and the records they hold) from piling up
-    # for the whole timeout.
-    SWEEP_S = 0.1
+    # least this often keeps them from piling up for the whole timeout. Each
+    # holds its tuple, Pending and Done until then: at 0.1 s, under wrk with
+    # 1,000 connections (about 50k requests/s), that was some 5,000 answered
+    # requests, about 2 KiB of RSS per connection; at 0.02 s it is a fifth,
+    # for 50 wake-ups a second while requests wait.
+    SWEEP_S = 0.02
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
