@@ -37,17 +37,31 @@ cdef enum:
     _PL_KEYS_KEPT = 16
 
 
+# the last validate_into _pl_bound_validator looked at, and its answer:
+# the sessions pass the one bound method Services made, read after read
+cdef object _pl_bound_seen = None
+cdef Validator _pl_bound_owner = None
+
+
 cdef Validator _pl_bound_validator(object validate_into):
     """The compiled Validator whose own validate_into this is, else None.
 
     The MQTT sessions' per-PUBLISH loops (take_publishes, take_publishes5)
     are given the bound method; with it they call Validator._validate
     straight from C, without a Python call's argument packing per reading.
-    Anything else (the pure-Python twin, a wrapper) is called as given."""
+    Anything else (the pure-Python twin, a wrapper) is called as given.
+    Looked up once per bound method, not per read: a read of the fleet
+    shape carries one PUBLISH, which the lookup would cost more than it saves."""
+    global _pl_bound_seen, _pl_bound_owner
+    if validate_into is _pl_bound_seen:
+        return _pl_bound_owner
     owner = getattr(validate_into, "__self__", None)
+    found = None
     if type(owner) is Validator and validate_into == (<Validator>owner).validate_into:
-        return <Validator>owner
-    return None
+        found = owner
+    _pl_bound_seen = validate_into
+    _pl_bound_owner = found
+    return found
 
 
 cdef inline Py_ssize_t _pl_validate_into(Validator validator, object validate_into, object payload, str fmt,
