@@ -76,12 +76,24 @@ def test_record_fault_names_the_column_and_why(bad, fault):
     (dict(reason=None), "reason: NULL in a NOT NULL column"),
     (dict(index=-2 ** 63 - 1), "index: an integer beyond 64 bits"),
     (dict(detail="\udcff"), "detail: text that is not valid UTF-8"),
-    (dict(raw=object()), "raw: a object"),
+    (dict(raw=object()), "raw: a object, not bytes"),
+    (dict(raw=2_558_741_755), "raw: a int, not bytes"),     # bytes() of it: 2.5 GB of zeros
+    (dict(raw="text"), "raw: a str, not bytes"),
     (dict(received_ns=None), "received_ns: NULL in a NOT NULL column"),
 ])
 def test_rejection_fault_names_the_column_and_why(bad, fault):
     assert rejection_fault(*letter()) is None
     assert rejection_fault(*letter(**bad)).startswith(fault)
+
+
+def test_a_dead_letter_is_made_storable_without_turning_an_int_into_zero_bytes():
+    mended = mend([], [letter(raw=2_558_741_755, detail="d" * (2 << 20))])
+    (_, _, made), = mended.dead
+    assert made.raw == b"2558741755"
+    assert made.detail.startswith("d" * 1000) and len(made.detail) < (1 << 20) + 200
+    assert made.detail.endswith("[stored with its values made text: raw: a int, not bytes; detail cut to its "
+                                "first 1048576 characters]")
+    assert rejection_fault("http", 7, made) is None
 
 
 def test_a_batch_of_storable_rows_is_not_mended():
@@ -200,12 +212,20 @@ async def test_a_gateway_keeps_acking_after_a_reading_the_spool_cannot_store(tmp
     config = make_config(tmp_path)
     async with serving(config) as (gateway, _):
         acked: list[str] = []
+        both = trio.Event()
+
+        def ack(name: str):
+            def on_durable() -> None:
+                acked.append(name)
+                if len(acked) == 2:
+                    both.set()
+            return on_durable
+
         bad = record(1, fields={1.5: object()})
-        await gateway.pipeline.submit(WorkItem([record(0), bad], [], "mqtt", 1, lambda: acked.append("first")))
-        await gateway.pipeline.submit(WorkItem([record(2)], [], "http", 2, lambda: acked.append("second")))
+        await gateway.pipeline.submit(WorkItem([record(0), bad], [], "mqtt", 1, ack("first")))
+        await gateway.pipeline.submit(WorkItem([record(2)], [], "http", 2, ack("second")))
         with trio.fail_after(10):
-            while len(acked) < 2:
-                await trio.sleep(0.01)
+            await both.wait()
         assert acked == ["first", "second"]
         sample = gateway.metrics.registry.get_sample_value
         assert sample("gridgate_readings_rejected_total", {"protocol": "mqtt", "reason": "sink_refused"}) == 1

@@ -7,7 +7,7 @@ schema says NOT NULL, text that is not UTF-8 - would fail every retry and hold
 every reader of the gateway for ever. After a write fails, :func:`mend` looks
 for such rows, in pure Python and only then (the hot path pays nothing), by
 the rules both batch writers bind by (the compiled ``_sw_set``: str, bytes,
-int in 64 bits or None, at most 2**31 - 1 bytes; and the schema's NOT NULL
+int in 64 bits or None; SQLite's length limit; and the schema's NOT NULL
 columns). A record found so becomes a ``sink_refused`` dead letter carrying
 what could be told of it; a dead letter found so is kept with its values made
 storable (text for what is not). When it finds nothing, the failure was not
@@ -25,7 +25,11 @@ from gridgate.ingest.records import Record, Rejection
 
 __all__ = ["Mended", "mend", "record_fault", "rejection_fault"]
 
-_MAX_CELL_BYTES = 0x7FFFFFFF        # SQLite's (and the compiled writer's) limit for one value
+# SQLite's default SQLITE_MAX_LENGTH: a longer value is refused ("string or blob
+# too big") before the compiled writer's own 2**31 - 1 would be reached
+_MAX_CELL_BYTES = 1_000_000_000
+# what a dead letter made storable keeps of a raw value or detail over that
+_KEPT_BYTES = 1 << 20
 _INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
 # Per column of a row, in spool._ROW_COLUMNS / _REJECTION_COLUMNS order: may it be NULL?
 _RECORD_NULLABLE = (False, False, False, False, False, False, True, True)
@@ -44,13 +48,13 @@ def _cell_fault(value: object, nullable: bool) -> str | None:
     if kind is int:
         return None if _INT64_MIN <= value <= _INT64_MAX else "an integer beyond 64 bits"  # type: ignore[operator]
     if kind is bytes:
-        return None if len(value) <= _MAX_CELL_BYTES else "more than 2 GiB"  # type: ignore[arg-type]
+        return None if len(value) <= _MAX_CELL_BYTES else "more than SQLite's 10**9 bytes"  # type: ignore[arg-type]
     if kind is str:
         try:
             size = len(value.encode())  # type: ignore[attr-defined]
         except UnicodeEncodeError:
             return "text that is not valid UTF-8 (a lone surrogate)"
-        return None if size <= _MAX_CELL_BYTES else "more than 2 GiB"
+        return None if size <= _MAX_CELL_BYTES else "more than SQLite's 10**9 bytes"
     # exact types only, as the compiled writer binds: a bool or a str subclass is refused there
     return f"a {kind.__name__}"
 
@@ -73,14 +77,22 @@ def record_fault(record: Record) -> str | None:
     return None
 
 
+def _raw_bytes(raw: object) -> bytes | None:
+    """A dead letter's raw value as the spool stores it, or None if it is not
+    bytes or a buffer of them. Never bytes() of anything else: bytes(n) of an
+    int n is n zero bytes (spool.rejection_rows would allocate them)."""
+    if type(raw) is bytes:
+        return raw
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        return bytes(raw)
+    return None
+
+
 def rejection_fault(protocol: object, received_ns: object, rejection: Rejection) -> str | None:
     """Why the spool cannot store this dead letter, or None if it can."""
-    raw = rejection.raw
-    if type(raw) is not bytes:
-        try:
-            raw = bytes(raw)            # as spool.rejection_rows does
-        except Exception:
-            return f"raw: a {type(raw).__name__}"
+    raw = _raw_bytes(rejection.raw)
+    if raw is None:
+        return f"raw: a {type(rejection.raw).__name__}, not bytes"
     values = (received_ns, protocol, rejection.reason, rejection.field, rejection.index, rejection.device_id,
               rejection.detail, raw)
     for column, (value, nullable) in enumerate(zip(values, _REJECTION_NULLABLE, strict=True)):
@@ -91,12 +103,13 @@ def rejection_fault(protocol: object, received_ns: object, rejection: Rejection)
 
 
 def _text(value: object) -> str:
-    """Storable text for any value: what it says, any lone surrogate escaped."""
+    """Storable text for any value: what it says (its first _KEPT_BYTES
+    characters), any lone surrogate escaped."""
     try:
         text = value if type(value) is str else str(value)
     except Exception:
         text = f"<a {type(value).__name__} that cannot be shown>"
-    return text.encode("utf-8", "backslashreplace").decode()
+    return text[:_KEPT_BYTES].encode("utf-8", "backslashreplace").decode()
 
 
 def _int64(value: object) -> int | None:
@@ -105,18 +118,21 @@ def _int64(value: object) -> int | None:
 
 def _storable(protocol: object, received_ns: object, r: Rejection, fault: str) -> tuple[str, int, Rejection]:
     """The dead letter with every value made one the spool stores."""
-    raw: object = r.raw
-    if type(raw) is not bytes:
-        try:
-            raw = bytes(raw)                      # type: ignore[call-overload]
-        except Exception:
-            raw = _text(raw).encode()
+    raw = _raw_bytes(r.raw)
+    if raw is None:
+        raw = _text(r.raw).encode()
+    note = f"stored with its values made text: {fault}"
+    if len(raw) > _MAX_CELL_BYTES:
+        raw = raw[:_KEPT_BYTES]
+        note += f"; raw cut to its first {_KEPT_BYTES} bytes"
+    detail = _text(r.detail)
+    if type(r.detail) is str and len(r.detail) > _KEPT_BYTES:
+        note += f"; detail cut to its first {_KEPT_BYTES} characters"
     when = _int64(received_ns)
-    detail = f"{_text(r.detail)} [stored with its values made text: {fault}]"
     return (_text(protocol), time.time_ns() if when is None else when,
             Rejection(reason=_text(r.reason), field=None if r.field is None else _text(r.field),
                       index=_int64(r.index), device_id=None if r.device_id is None else _text(r.device_id),
-                      raw=raw[:_MAX_CELL_BYTES], detail=detail))  # type: ignore[index]
+                      raw=raw, detail=f"{detail} [{note}]"))
 
 
 def _refused(record: Record, fault: str) -> tuple[str, int, Rejection]:
