@@ -447,7 +447,7 @@ class SpoolSink:
 
     def _report_mended(self, mended: Mended, exc: Exception) -> None:
         """Log (and count, through ``on_refused``) the rows a failed write was mended of."""
-        log.error("spool write failed (%s: %s) on %d rows it can never store, written again without them: "
+        log.error("spool write failed (%s: %s) on %d rows it can never store, written again with them mended: "
                   "%d records kept as sink_refused dead letters, %d dead letters stored with their values made "
                   "text; first: %s", type(exc).__name__, exc, len(mended.faults), len(mended.refused),
                   mended.made_storable, mended.faults[0])
