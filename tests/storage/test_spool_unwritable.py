@@ -9,6 +9,7 @@ from __future__ import annotations
 import _sqlite3
 import base64
 import select
+import sqlite3
 
 import pytest
 import trio
@@ -94,6 +95,22 @@ def test_a_dead_letter_is_made_storable_without_turning_an_int_into_zero_bytes()
     assert made.detail.endswith("[stored with its values made text: raw: a int, not bytes; detail cut to its "
                                 "first 1048576 characters]")
     assert rejection_fault("http", 7, made) is None
+
+
+def test_the_rules_name_the_spools_columns_and_its_not_null_ones():
+    """unwritable cannot import the spool (the spool imports it): its copies of
+    the column order and of which columns are NOT NULL must match the schema."""
+    from gridgate.storage import spool, unwritable
+    assert unwritable._RECORD_COLUMNS == spool._ROW_COLUMNS
+    assert unwritable._REJECTION_COLUMNS == tuple("index" if c == "idx" else c for c in spool._REJECTION_COLUMNS)
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(spool._SCHEMA)
+    for table, columns, nullable in (("records", spool._ROW_COLUMNS, unwritable._RECORD_NULLABLE),
+                                     ("pending", spool._ROW_COLUMNS, unwritable._RECORD_NULLABLE),
+                                     ("rejections", spool._REJECTION_COLUMNS, unwritable._REJECTION_NULLABLE)):
+        notnull = {name: bool(nn) for _, name, _, nn, *_ in conn.execute(f"PRAGMA table_info({table})")}
+        assert tuple(not notnull[c] for c in columns) == nullable, table
+    conn.close()
 
 
 def test_a_batch_of_storable_rows_is_not_mended():

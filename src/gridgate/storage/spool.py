@@ -413,9 +413,9 @@ class SpoolSink:
         called when the write fails.
 
         A failed write whose batch holds rows the spool can never store
-        (gridgate.storage.unwritable) is written once more without them: such
-        records as ``sink_refused`` dead letters, such dead letters with their
-        values made text. Any other failure is raised, for the caller to retry.
+        (gridgate.storage.unwritable) is written once more with them mended:
+        such records as ``sink_refused`` dead letters, such dead letters with
+        their values made text. Any other failure is raised, for the caller to retry.
         """
         if not records and not dead:
             if on_commit is not None:
