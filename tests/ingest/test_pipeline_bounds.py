@@ -117,6 +117,99 @@ async def test_items_are_bounded_and_a_closed_input_refuses_waiting_and_new_subm
     assert pipeline.take_unwritten() == []
 
 
+class _Steps(trio.abc.Instrument):
+    """How many times each named task has run a step."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, int] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task.name] = self.steps.get(task.name, 0) + 1
+
+
+async def test_waiting_readers_are_queued_in_their_order_and_only_those_that_fit_are_woken(autojump_clock):
+    """A batch taken queues the waiting readers' items first come first
+    served while they fit, and wakes just their tasks: the one that does not
+    fit yet is not woken to find the queue full (the whole herd was)."""
+    written: list[list[int]] = []
+    gate = trio.Event()
+
+    async def write(records, dead, on_commit=None):
+        written.append([r.ts_ns for r in records])
+        await gate.wait()
+
+    def tagged(first: int, n: int) -> WorkItem:
+        return WorkItem([Record(device_id="meter-1", ts_ns=first + i, received_ns=0, protocol="mqtt",
+                                fields={"x": i}, tags={}) for i in range(n)], [], "mqtt", 0)
+
+    pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=100,
+                        queue_max_records=10, metrics=Metrics())
+    assert pipeline.try_submit(tagged(0, 10))
+    queued_in: list[str] = []
+    steps = _Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with trio.open_nursery() as nursery:
+            async def reader(name: str, first: int, n: int) -> None:
+                await pipeline.submit(tagged(first, n))
+                queued_in.append(name)
+
+            for name, first, n in (("a", 100, 3), ("b", 200, 3), ("c", 300, 3), ("d", 400, 5)):
+                nursery.start_soon(reader, name, first, n, name=name)
+                await trio.testing.wait_all_tasks_blocked()    # in line in this order
+            assert queued_in == [] and pipeline.queued() == 1
+            d_steps = steps.steps["d"]
+            nursery.start_soon(pipeline.run)
+            await trio.testing.wait_all_tasks_blocked()
+            # the batcher took the 10 (its write waits on the gate): a, b and c fit (9), d (14) does not
+            assert written == [list(range(10))]
+            # (woken in whatever order trio runs them; queued in theirs: the second batch below)
+            assert sorted(queued_in) == ["a", "b", "c"] and pipeline.queued() == 3
+            assert steps.steps["d"] == d_steps               # d was not woken for nothing
+            gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(queued_in) == ["a", "b", "c", "d"]
+            await pipeline.close_input()
+            await pipeline.wait_finished()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert written == [list(range(10)), [100, 101, 102, 200, 201, 202, 300, 301, 302], [400, 401, 402, 403, 404]]
+
+
+async def test_a_reader_cancelled_while_waiting_queues_nothing_and_the_next_takes_its_place(autojump_clock):
+    written: list[int] = []
+
+    async def write(records, dead, on_commit=None):
+        written.append(len(records))
+
+    pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=100,
+                        queue_max_records=10, metrics=Metrics())
+    assert pipeline.try_submit(item(10))
+    outcomes: list[str] = []
+    async with trio.open_nursery() as nursery:
+        async def reader(name: str, n: int, scope: trio.CancelScope) -> None:
+            with scope:
+                await pipeline.submit(item(n))
+                outcomes.append(f"{name} queued")
+                return
+            outcomes.append(f"{name} cancelled")
+
+        first, second = trio.CancelScope(), trio.CancelScope()
+        nursery.start_soon(reader, "first", 3, first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(reader, "second", 4, second)
+        await trio.testing.wait_all_tasks_blocked()
+        first.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcomes == ["first cancelled"]
+        nursery.start_soon(pipeline.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcomes == ["first cancelled", "second queued"]
+        await pipeline.close_input()
+        await pipeline.wait_finished()
+    assert written == [10, 4]              # the cancelled reader's 3 were never queued
+
+
 async def test_after_a_lull_the_batcher_waits_for_company_and_wakes_for_each_arrival(autojump_clock):
     written: list[int] = []
 
