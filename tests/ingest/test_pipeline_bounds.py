@@ -18,6 +18,16 @@ def item(n: int) -> WorkItem:
     return WorkItem(records, [], "mqtt", 0)
 
 
+def recording(**bounds: int) -> tuple[Pipeline, list[int]]:
+    """A pipeline (no batch timer) whose write records each batch's record count."""
+    written: list[int] = []
+
+    async def write(records, dead, on_commit=None):
+        written.append(len(records))
+
+    return Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, metrics=Metrics(), **bounds), written
+
+
 async def test_queued_readings_are_bounded_and_an_empty_queue_takes_a_big_item(autojump_clock):
     written: list[int] = []
     gate = trio.Event()
@@ -83,13 +93,7 @@ async def test_items_are_acked_once_at_commit_and_a_failing_ack_costs_only_its_o
 
 
 async def test_items_are_bounded_and_a_closed_input_refuses_waiting_and_new_submitters(autojump_clock):
-    written: list[int] = []
-
-    async def write(records, dead, on_commit=None):
-        written.append(len(records))
-
-    pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=2,
-                        queue_max_records=1000, metrics=Metrics())
+    pipeline, written = recording(queue_max_items=2, queue_max_records=1000)
     assert pipeline.try_submit(item(1))
     assert pipeline.try_submit(item(1))
     assert not pipeline.try_submit(item(1))             # 2 items queued: full in items, not readings
@@ -177,13 +181,7 @@ async def test_waiting_readers_are_queued_in_their_order_and_only_those_that_fit
 
 
 async def test_a_reader_cancelled_while_waiting_queues_nothing_and_the_next_takes_its_place(autojump_clock):
-    written: list[int] = []
-
-    async def write(records, dead, on_commit=None):
-        written.append(len(records))
-
-    pipeline = Pipeline(write, batch_max_records=1000, batch_max_delay_s=0, queue_max_items=100,
-                        queue_max_records=10, metrics=Metrics())
+    pipeline, written = recording(queue_max_items=100, queue_max_records=10)
     assert pipeline.try_submit(item(10))
     outcomes: list[str] = []
     async with trio.open_nursery() as nursery:
